@@ -1,0 +1,32 @@
+// Exact multi-head attention (no cache): the kernel every tier is built on.
+//
+// out_i = sum_j softmax_j(scale * q_i . k_j) v_j over the keys row i sees:
+//   causal:      j <= i
+//   non-causal:  j < prefix_length for rows i < prefix_length (the prefix is
+//                a bidirectional block of its own), every j otherwise; with
+//                prefix_length 0 this is plain bidirectional attention.
+// Query head h reads kv head h / (H / Hkv) (GQA/MQA).
+#pragma once
+
+#include <optional>
+
+#include "attention_echo/tensor.hpp"
+#include "attention_echo/thread_pool.hpp"
+
+namespace attention_echo {
+
+struct AttentionOptions {
+  std::optional<float> scale;  // default 1/sqrt(D)
+  bool causal = true;
+  int prefix_length = 0;       // only matters when causal == false
+};
+
+// Validates shapes and values (std::invalid_argument naming the argument).
+void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+               const MutableHeadsView& out, const AttentionOptions& options, ThreadPool& pool);
+
+// Name of the SIMD code path the kernels dispatch to on this CPU
+// ("avx512", "avx2", "scalar").
+const char* attention_isa();
+
+}  // namespace attention_echo

@@ -1,0 +1,110 @@
+// AttentionEchoCache: attention with cross-request reuse of the prefix block.
+//
+// attention_with_echo computes out = attention(q, k, v) for every row. Rows
+// i < prefix_length depend on the prefix alone; those are what a cache entry
+// lets a later call reuse, best tier first (DESIGN.md section 2):
+//   exact  - same prefix_tokens (and k fingerprint): copy the cached rows;
+//   sparse - similar semantic key: recompute only the cached kept tiles;
+//   dense  - similar semantic key: cached logits + first-order Taylor step.
+// Every sparse/dense hit is checked by the verification guard before it is
+// served; a hit above max_error is recomputed exactly and replaces the entry.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "attention_echo/config.hpp"
+#include "attention_echo/tensor.hpp"
+
+namespace attention_echo {
+
+enum class Tier { kNone, kExact, kSparse, kDense };
+std::string_view to_string(Tier tier);
+
+// Row-major [rows, dim] matrix of float32 (prefix embeddings).
+struct MatrixView {
+  const float* data = nullptr;
+  int rows = 0;
+  int cols = 0;
+};
+
+// Everything attention_with_echo takes besides q, k, v and out.
+struct EchoRequest {
+  int prefix_length = 0;
+  MatrixView prefix_embeddings;              // required when prefix_length > 0
+  int layer_id = 0;
+  std::optional<float> scale;                // default 1/sqrt(D)
+  bool causal = true;
+  std::span<const std::int32_t> prefix_tokens;  // empty: no exact tier
+  std::string_view name_space;               // entries never cross namespaces
+};
+
+struct EchoResult {
+  bool echo_hit = false;        // any tier served the prefix rows
+  double similarity = 0.0;      // of the best candidate looked at (1 for exact)
+  int layer_id = 0;
+  int tokens_echoed = 0;        // prefix rows served from the cache
+  int tokens_computed = 0;      // rows computed exactly
+  Tier tier = Tier::kNone;
+  double estimated_error = 0.0; // guard's measured relative L2 (0 exact/miss)
+  bool rejected = false;        // a hit the guard refused
+  double kept_fraction = 1.0;   // sparse hits: kept tiles / causal prefix tiles
+  // "full" (miss or rejected), "echo" (sparse/dense), "exact".
+  std::string_view compute_mode() const;
+};
+
+struct CacheStats {
+  std::uint64_t lookups = 0;
+  std::uint64_t hits_exact = 0;
+  std::uint64_t hits_sparse = 0;
+  std::uint64_t hits_dense = 0;
+  std::uint64_t misses = 0;      // includes rejected hits
+  std::uint64_t rejected = 0;
+  std::uint64_t evictions = 0;
+  std::uint64_t entries = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t tokens_echoed = 0;
+  std::uint64_t tokens_computed = 0;
+  double flops_saved = 0.0;      // attention FLOPs not spent (guard cost deducted)
+  std::uint64_t hits() const { return hits_exact + hits_sparse + hits_dense; }
+  double hit_rate() const { return lookups ? double(hits()) / double(lookups) : 0.0; }
+};
+
+class AttentionEchoCache {
+ public:
+  explicit AttentionEchoCache(EchoConfig config = {});
+  ~AttentionEchoCache();
+  AttentionEchoCache(const AttentionEchoCache&) = delete;
+  AttentionEchoCache& operator=(const AttentionEchoCache&) = delete;
+
+  // q: [H, T, D], k/v: [Hkv, T, D] (any strides, see tensor.hpp), out like q.
+  // Throws std::invalid_argument naming the argument on bad input, before
+  // touching the cache or out.
+  EchoResult attention_with_echo(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+                                 const MutableHeadsView& out, const EchoRequest& request);
+
+  // L2-normalised R * mean_pool(embeddings), R a fixed-seed projection: the
+  // same bytes on every run and machine. Throws on bad embeddings.
+  std::vector<float> compute_semantic_key(const MatrixView& embeddings) const;
+
+  CacheStats stats() const;  // consistent snapshot
+  std::size_t size() const;
+  void clear();              // drops entries and zeroes stats
+  const EchoConfig& config() const;
+
+  // Snapshot: versioned, checksummed; save writes a temp file and renames it.
+  // load replaces the cache's entries, or throws and leaves them as they were.
+  void save(const std::string& path) const;
+  void load(const std::string& path);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace attention_echo

@@ -1,0 +1,49 @@
+// EchoConfig: every knob of the cache, with the seed package's names and
+// defaults first and ours after. validate() throws std::invalid_argument whose
+// message starts with the offending field's name.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+namespace attention_echo {
+
+enum class EvictionPolicy { kLru, kLfu };
+
+// Which approximate tier a miss prepares and a similar-prefix hit serves.
+// The exact tier (identical prefix_tokens) is always on; kExact turns the
+// approximate tiers off entirely.
+enum class EchoMode { kExact, kSparse, kDense };
+
+std::string_view to_string(EvictionPolicy policy);
+std::string_view to_string(EchoMode mode);
+// Parse "lru"/"lfu" and "exact"/"sparse"/"dense"; throws naming `field`.
+EvictionPolicy parse_eviction_policy(std::string_view text);
+EchoMode parse_echo_mode(std::string_view text);
+
+struct EchoConfig {
+  // --- the seed's fields (AttentionEcho 0.1.0) ---
+  long long capacity = 1000;          // max entries
+  double similarity_threshold = 0.85; // cosine similarity needed for an echo hit
+  long long max_prefix_length = 2048; // longer prefixes cache their first rows only
+  double adjustment_strength = 0.1;   // alpha of the dense tier's Taylor step
+  bool enable_jacobian = true;        // dense tier: apply the Taylor step at all
+  long long hash_dim = 128;           // semantic key dimension
+  EvictionPolicy eviction_policy = EvictionPolicy::kLru;
+  bool per_layer = false;             // layer id is part of the key space
+
+  // --- ours ---
+  long long max_bytes = 1LL << 30;    // hard limit on stored bytes (keys+payloads)
+  EchoMode mode = EchoMode::kSparse;
+  double max_error = 0.05;            // guard: relative L2 error; inf = off
+  long long verify_rows = 8;          // guard: exact rows checked per head
+  double length_tolerance = 0.1;      // |p - p_c| <= tol * p_c for an echo hit
+  long long threads = 0;              // 0 = all hardware threads
+  double sparse_mass = 0.98;          // sparse tier: attention mass the kept tiles cover
+  long long block_size = 64;          // sparse tier tile edge: 32 or 64
+
+  void validate() const;
+};
+
+}  // namespace attention_echo

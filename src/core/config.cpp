@@ -1,0 +1,58 @@
+#include "attention_echo/config.hpp"
+
+#include <cmath>
+#include <stdexcept>
+
+namespace attention_echo {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+}  // namespace
+
+std::string_view to_string(EvictionPolicy policy) {
+  return policy == EvictionPolicy::kLru ? "lru" : "lfu";
+}
+
+std::string_view to_string(EchoMode mode) {
+  switch (mode) {
+    case EchoMode::kExact: return "exact";
+    case EchoMode::kSparse: return "sparse";
+    case EchoMode::kDense: return "dense";
+  }
+  return "?";
+}
+
+EvictionPolicy parse_eviction_policy(std::string_view text) {
+  if (text == "lru") return EvictionPolicy::kLru;
+  if (text == "lfu") return EvictionPolicy::kLfu;
+  fail("eviction_policy must be 'lru' or 'lfu', got '" + std::string(text) + "'");
+}
+
+EchoMode parse_echo_mode(std::string_view text) {
+  if (text == "exact") return EchoMode::kExact;
+  if (text == "sparse") return EchoMode::kSparse;
+  if (text == "dense") return EchoMode::kDense;
+  fail("mode must be 'exact', 'sparse' or 'dense', got '" + std::string(text) + "'");
+}
+
+// Messages of the seed's fields are the seed's texts, word for word.
+void EchoConfig::validate() const {
+  if (capacity <= 0) fail("capacity must be positive");
+  if (!(similarity_threshold >= 0.0 && similarity_threshold <= 1.0))
+    fail("similarity_threshold must be between 0 and 1");
+  if (max_prefix_length <= 0) fail("max_prefix_length must be positive");
+  if (!std::isfinite(adjustment_strength) || adjustment_strength < 0.0)
+    fail("adjustment_strength must be non-negative");
+  if (hash_dim <= 0) fail("hash_dim must be positive");
+  if (max_bytes <= 0) fail("max_bytes must be positive");
+  if (std::isnan(max_error) || max_error < 0.0) fail("max_error must be non-negative (inf disables the guard)");
+  if (verify_rows < 1) fail("verify_rows must be at least 1");
+  if (!(length_tolerance >= 0.0 && length_tolerance <= 1.0))
+    fail("length_tolerance must be between 0 and 1");
+  if (threads < 0) fail("threads must be non-negative (0 = all hardware threads)");
+  if (!(sparse_mass > 0.0 && sparse_mass <= 1.0)) fail("sparse_mass must be in (0, 1]");
+  if (block_size != 32 && block_size != 64) fail("block_size must be 32 or 64");
+}
+
+}  // namespace attention_echo

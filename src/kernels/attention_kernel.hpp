@@ -1,0 +1,76 @@
+// The one tiled online-softmax attention kernel (FlashAttention-style, never a
+// T x T buffer) and the three ways the library drives it: every key tile a row
+// sees (exact), a stored list of kept key tiles (sparse echo), and single rows
+// (the verification guard). Key tiles are always aligned at token 0, and a
+// row's result does not depend on which other rows share its query block, so
+// the same row computed by any entry point is bit-identical.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "attention_echo/tensor.hpp"
+#include "attention_echo/thread_pool.hpp"
+
+namespace attention_echo::kernels {
+
+struct AttentionProblem {
+  HeadsView q;           // [H, T, D]
+  HeadsView k;           // [Hkv, T, D]
+  HeadsView v;           // [Hkv, T, D]
+  MutableHeadsView out;  // [H, T, D]
+  float scale = 1.0f;
+  bool causal = true;
+  int prefix_length = 0;  // see attention.hpp for the non-causal mask
+
+  // One past the last key row i attends to.
+  int key_end(int i) const {
+    if (causal) return i + 1;
+    return i < prefix_length ? prefix_length : q.tokens;
+  }
+  int kv_head(int h) const { return h / (q.heads / k.heads); }
+};
+
+// Mean attention mass of query tile I on key tile J over the prefix block,
+// per query head: mass[(h * tiles + I) * tiles + J], rows of a tile averaged.
+// A row's masses sum to 1, so each (h, I) row of tiles sums to 1 too.
+struct TileMass {
+  int block = 64;
+  int tiles = 0;
+  std::vector<float> mass;
+};
+
+// Kept key tiles per (query head, query tile) of the prefix block, ascending,
+// in CSR form: tiles of (h, I) are cols[offsets[h*tiles+I] .. offsets[h*tiles+I+1]).
+struct TileSet {
+  int block = 64;
+  int tiles = 0;
+  int heads = 0;
+  std::vector<std::uint32_t> offsets;
+  std::vector<std::uint16_t> cols;
+};
+
+// Exact rows [row_begin, row_end) of every head into problem.out. When mass is
+// non-null, also fills it for the prefix block rows [0, prefix) with tiles of
+// mass->block (row_begin must be 0 and the kernel's tiles are mass->block).
+void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
+                TileMass* mass = nullptr, int prefix = 0);
+
+// Prefix rows [0, rows) of every head, each attending only to its kept key
+// tiles (clipped to the row's own key range).
+void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool);
+
+// Exact outputs for the given rows of every head: result[(h * rows.size() + r) * D + d].
+// Bit-identical to what exact_rows writes for those rows.
+void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result,
+                   ThreadPool& pool);
+
+// Kept tiles: per (h, I) the fewest key tiles covering >= keep_mass of the
+// tile row's mass, always with tile 0 (the sink) and the diagonal tile I.
+TileSet select_tiles(const TileMass& mass, int heads, double keep_mass);
+
+// SIMD path chosen at runtime for this CPU.
+const char* isa_name();
+
+}  // namespace attention_echo::kernels
