@@ -1,0 +1,73 @@
+#include "core/validate.hpp"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "attention_echo/cache.hpp"
+
+namespace attention_echo {
+namespace {
+
+[[noreturn]] void fail(std::string_view name, const std::string& what) {
+  throw std::invalid_argument(std::string(name) + ": " + what);
+}
+
+std::string shape(const BasicHeadsView<const float>& v) {
+  return "[" + std::to_string(v.heads) + ", " + std::to_string(v.tokens) + ", " +
+         std::to_string(v.dim) + "]";
+}
+
+void require_data(std::string_view name, const HeadsView& v) {
+  if (v.heads < 1 || v.tokens < 1 || v.dim < 1)
+    fail(name, "every dimension must be >= 1, got " + shape(v));
+  if (v.data == nullptr) fail(name, "data is null");
+}
+
+void require_finite(std::string_view name, const HeadsView& v) {
+  for (int h = 0; h < v.heads; ++h)
+    for (int t = 0; t < v.tokens; ++t) {
+      const float* row = v.row(h, t);
+      for (int d = 0; d < v.dim; ++d)
+        if (!std::isfinite(row[d]))
+          fail(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) +
+                         ", " + std::to_string(d) + "]");
+    }
+}
+
+}  // namespace
+
+void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+                               const MutableHeadsView& out, int prefix_length) {
+  require_data("query", q);
+  require_data("key", k);
+  require_data("value", v);
+  require_data("out", as_const(out));
+  if (k.dim != q.dim) fail("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
+  if (k.tokens != q.tokens)
+    fail("key", "token count " + std::to_string(k.tokens) + " != query's " + std::to_string(q.tokens));
+  if (q.heads % k.heads != 0)
+    fail("key", std::to_string(k.heads) + " kv heads do not divide " + std::to_string(q.heads) + " query heads");
+  if (v.heads != k.heads || v.tokens != k.tokens || v.dim != k.dim)
+    fail("value", "shape " + shape(v) + " != key's " + shape(k));
+  if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
+    fail("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
+  if (prefix_length < 0 || prefix_length > q.tokens)
+    fail("prefix_length", "must be in [0, " + std::to_string(q.tokens) + "], got " + std::to_string(prefix_length));
+  require_finite("query", q);
+  require_finite("key", k);
+  require_finite("value", v);
+}
+
+void validate_matrix(std::string_view name, const MatrixView& m) {
+  if (m.data == nullptr || m.rows < 1 || m.cols < 1)
+    fail(name, "must be a non-empty [rows, cols] matrix");
+  for (long long i = 0; i < static_cast<long long>(m.rows) * m.cols; ++i)
+    if (!std::isfinite(m.data[i])) fail(name, "contains NaN or Inf");
+}
+
+void validate_scale(float scale) {
+  if (!std::isfinite(scale) || scale <= 0.0f) fail("scale", "must be finite and positive");
+}
+
+}  // namespace attention_echo
