@@ -1,0 +1,198 @@
+// A small fp32 inference engine for Llama-architecture decoders (RMSNorm,
+// interleaved-pair RoPE, GQA, SwiGLU) whose attention runs one of three ways:
+// exact attention, exact reuse of a stored prompt prefix's K/V (what vLLM and
+// SGLang do), or AttentionEchoCache in every layer.
+//
+// Loads llama2.c checkpoints (legacy v0 .bin) and GGUF v2/v3 files (F32/F16,
+// llama architecture). Bad files throw std::runtime_error naming the file and
+// what is wrong; bad arguments throw std::invalid_argument naming the argument.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "attention_echo/cache.hpp"
+#include "attention_echo/thread_pool.hpp"
+
+namespace attention_echo::llama {
+
+struct ModelConfig {
+  int dim = 0;         // embedding width
+  int hidden_dim = 0;  // SwiGLU width
+  int n_layers = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int vocab_size = 0;
+  int seq_len = 0;     // trained context length
+  float rope_theta = 10000.0f;
+  float norm_eps = 1e-5f;
+
+  int head_dim() const { return dim / n_heads; }
+  int kv_dim() const { return n_kv_heads * head_dim(); }
+  // Throws std::runtime_error if the numbers cannot describe a model.
+  void validate() const;
+};
+
+// Weights as the checkpoint stores them: row-major [out, in] matrices, Q/K
+// rows laid out for RoPE on adjacent pairs (llama2.c and GGUF "norm" RoPE).
+struct Weights {
+  ModelConfig config;
+  std::vector<float> token_embedding;  // [vocab, dim]
+  struct Layer {
+    std::vector<float> attn_norm;  // [dim]
+    std::vector<float> wq;         // [dim, dim]
+    std::vector<float> wk;         // [kv_dim, dim]
+    std::vector<float> wv;         // [kv_dim, dim]
+    std::vector<float> wo;         // [dim, dim]
+    std::vector<float> ffn_norm;   // [dim]
+    std::vector<float> w_gate;     // [hidden, dim]  (llama2.c w1)
+    std::vector<float> w_down;     // [dim, hidden]  (llama2.c w2)
+    std::vector<float> w_up;       // [hidden, dim]  (llama2.c w3)
+  };
+  std::vector<Layer> layers;
+  std::vector<float> final_norm;  // [dim]
+  std::vector<float> classifier;  // [vocab, dim]; empty: tied to token_embedding
+};
+
+Weights load_llama2c(const std::string& path);
+Weights load_gguf(const std::string& path);
+// Picks the format from the file's first bytes.
+Weights load_weights(const std::string& path);
+
+// llama2.c tokenizer.bin: sentencepiece-style BPE that merges the adjacent
+// pair with the highest vocabulary score until none is left, bytes that no
+// piece covers fall back to <0xXX> tokens.
+class Tokenizer {
+ public:
+  static constexpr int kBos = 1;
+  static constexpr int kEos = 2;
+
+  Tokenizer(const std::string& path, int vocab_size);
+
+  struct EncodeOptions {
+    bool bos = true;
+    bool eos = false;
+    bool dummy_prefix = true;  // llama2.c prepends " " to non-empty text
+  };
+  std::vector<int> encode(std::string_view text, const EncodeOptions& options) const;
+  std::vector<int> encode(std::string_view text) const { return encode(text, EncodeOptions{}); }
+  // Text of `token` following `previous` (the leading space after BOS is dropped).
+  std::string decode(int previous, int token) const;
+  int vocab_size() const { return static_cast<int>(pieces_.size()); }
+
+ private:
+  int lookup(std::string_view piece) const;
+
+  std::vector<std::string> pieces_;
+  std::vector<float> scores_;
+  std::vector<std::pair<std::string_view, int>> sorted_;  // piece -> id, for lookup
+  int byte_token_[256];                                    // -1: no token for that byte
+};
+
+// Weights repacked for the engine's GEMM.
+class Model {
+ public:
+  explicit Model(const Weights& weights);
+  ~Model();
+  Model(Model&&) noexcept;
+  const ModelConfig& config() const;
+
+ private:
+  friend class Engine;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Per-layer K and V of a sequence's first `length` tokens, token-major
+// [length, kv_dim] per layer (K already rotated).
+struct KVState {
+  int length = 0;
+  std::vector<std::vector<float>> k, v;
+  // The first `tokens` rows of this state.
+  KVState prefix(int tokens) const;
+  std::size_t bytes() const;
+};
+
+// How a forward call computes attention for its rows.
+struct AttentionRoute {
+  // Non-null: every layer goes through cache->attention_with_echo with
+  // layer_id = layer index. Requires the call to start at row 0.
+  AttentionEchoCache* cache = nullptr;
+  int prefix_length = 0;                  // rows the cache may echo
+  std::span<const std::int32_t> prefix_tokens;  // enables the exact tier
+  std::string_view name_space;
+};
+
+// Wall time split the way DESIGN.md section 9 reports it.
+struct Timers {
+  double attention_s = 0.0;  // attention kernels and cache calls
+  double total_s = 0.0;      // whole forward calls
+};
+
+// Per-call result of a forward over rows [t0, t1).
+struct ForwardResult {
+  std::vector<float> hidden;   // final-normed hidden states of the rows kept, [rows, dim]
+  std::vector<float> logits;   // [rows, vocab] of the rows kept
+  std::vector<EchoResult> echo;  // one per layer when the route used a cache
+};
+
+class Engine {
+ public:
+  Engine(const Model& model, ThreadPool& pool);
+
+  const ModelConfig& config() const;
+
+  // The primitive everything else is made of: hidden rows x [t1 - t0, dim]
+  // of positions [t0, t1) through layer `layer`, attending to the layer's K/V
+  // of positions [0, t1); kv gains this layer's K/V of rows [t0, t1).
+  // Returns the echo metadata when the route uses a cache.
+  EchoResult layer_forward(int layer, float* x, int t0, int t1, KVState& kv,
+                           const AttentionRoute& route);
+
+  // Appends tokens to the sequence whose K/V is in kv (kv.length tokens so
+  // far) and returns the final hidden state and logits of the last
+  // `keep_rows` new rows (all of them when keep_rows < 0).
+  ForwardResult forward(std::span<const int> tokens, KVState& kv, const AttentionRoute& route,
+                        int keep_rows = 1);
+
+  Timers& timers() { return timers_; }
+
+ private:
+  const Model::Impl& m_;
+  ThreadPool& pool_;
+  Timers timers_;
+};
+
+// Exact prefix reuse: K/V of earlier prompts keyed by their tokens. A new
+// prompt reuses the longest leading run of tokens any stored prompt shares.
+class PrefixStore {
+ public:
+  explicit PrefixStore(std::size_t max_bytes = std::size_t{1} << 30);
+  struct Match {
+    const KVState* kv = nullptr;
+    int length = 0;  // shared leading tokens
+  };
+  Match longest_match(std::span<const int> tokens);
+  // Stores the first kv.length tokens' K/V; evicts least recently used
+  // entries beyond max_bytes.
+  void insert(std::span<const int> tokens, KVState kv);
+  std::size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::vector<int> tokens;
+    KVState kv;
+    std::uint64_t last_use = 0;
+    std::size_t bytes = 0;
+  };
+  std::vector<Entry> entries_;
+  std::size_t max_bytes_;
+  std::size_t bytes_ = 0;
+  std::uint64_t clock_ = 0;
+};
+
+}  // namespace attention_echo::llama

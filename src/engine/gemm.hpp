@@ -1,0 +1,37 @@
+// The engine's matrix multiply: y[m, n] (+)= x[m, k] * W[n, k]^T with W
+// packed once at load into column panels, so the inner loop streams one
+// contiguous panel and broadcasts x. Projections and the MLP are ~24*T*d^2 of
+// a prefill's FLOPs (DESIGN.md section 9); this is where that time goes.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "attention_echo/thread_pool.hpp"
+
+namespace attention_echo::llama {
+
+enum class GemmIsa { kScalar, kAvx2, kAvx512 };
+
+// Best code path this CPU runs.
+GemmIsa best_gemm_isa();
+const char* to_string(GemmIsa isa);
+
+// W [rows, cols] row-major, stored as ceil(rows / panel) panels of
+// [cols, panel] floats (zero-padded past the last row).
+struct PackedMatrix {
+  int rows = 0;
+  int cols = 0;
+  int panel = 0;
+  GemmIsa isa = GemmIsa::kScalar;
+  std::vector<float> data;
+};
+
+PackedMatrix pack(const float* w, int rows, int cols, GemmIsa isa = best_gemm_isa());
+
+// y[i, j] = (accumulate ? y[i, j] : 0) + sum_c x[i, c] * W[j, c] for i < m,
+// j < w.rows; x rows are ldx floats apart, y rows ldy.
+void gemm(const float* x, std::size_t ldx, int m, const PackedMatrix& w, float* y, std::size_t ldy,
+          bool accumulate, ThreadPool& pool);
+
+}  // namespace attention_echo::llama

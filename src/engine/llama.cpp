@@ -1,0 +1,291 @@
+// The forward pass. Activations are token-major [rows, width] buffers, so a
+// fused QKV projection's output is already the [T, H, D] layout the
+// attention views want (HeadsView::token_major with a wider token stride).
+#include "attention_echo/llama.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+
+#include "attention_echo/attention.hpp"
+#include "engine/gemm.hpp"
+#include "kernels/attention_kernel.hpp"
+
+namespace attention_echo::llama {
+
+struct Model::Impl {
+  ModelConfig config;
+  std::vector<float> token_embedding;  // [vocab, dim], for row lookup
+  struct Layer {
+    std::vector<float> attn_norm, ffn_norm;
+    PackedMatrix wqkv;     // [dim + 2 kv_dim, dim]: q, k, v rows stacked
+    PackedMatrix wo;       // [dim, dim]
+    PackedMatrix gate_up;  // [2 hidden, dim]: gate rows then up rows
+    PackedMatrix down;     // [dim, hidden]
+  };
+  std::vector<Layer> layers;
+  std::vector<float> final_norm;
+  PackedMatrix classifier;  // [vocab, dim]
+  std::vector<float> rope_cos, rope_sin;  // [seq_len, head_dim / 2]
+};
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::vector<float> stack(std::initializer_list<const std::vector<float>*> parts) {
+  std::vector<float> out;
+  for (const auto* p : parts) out.insert(out.end(), p->begin(), p->end());
+  return out;
+}
+
+void check_size(const std::vector<float>& v, std::size_t n, const char* name) {
+  if (v.size() != n)
+    throw std::invalid_argument(std::string("weights: ") + name + " has " + std::to_string(v.size()) +
+                                " values, expected " + std::to_string(n));
+}
+
+void rmsnorm(const float* x, const float* gain, float* out, int rows, int dim, float eps) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + static_cast<std::size_t>(r) * dim;
+    float* o = out + static_cast<std::size_t>(r) * dim;
+    float ss = 0.0f;
+    for (int i = 0; i < dim; ++i) ss += xr[i] * xr[i];
+    const float s = 1.0f / std::sqrt(ss / dim + eps);
+    for (int i = 0; i < dim; ++i) o[i] = xr[i] * s * gain[i];
+  }
+}
+
+// llama2.c RoPE: rotate each adjacent pair (2i, 2i+1) of a head by pos * theta^(-2i/D).
+void rope(float* row, int heads, int head_dim, const float* cos, const float* sin) {
+  for (int h = 0; h < heads; ++h) {
+    float* v = row + h * head_dim;
+    for (int i = 0; i < head_dim / 2; ++i) {
+      const float a = v[2 * i], b = v[2 * i + 1];
+      v[2 * i] = a * cos[i] - b * sin[i];
+      v[2 * i + 1] = a * sin[i] + b * cos[i];
+    }
+  }
+}
+
+}  // namespace
+
+Model::Model(const Weights& w) : impl_(std::make_unique<Impl>()) {
+  const ModelConfig& c = w.config;
+  c.validate();
+  const std::size_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), V = c.vocab_size;
+  check_size(w.token_embedding, V * d, "token_embedding");
+  check_size(w.final_norm, d, "final_norm");
+  if (!w.classifier.empty()) check_size(w.classifier, V * d, "classifier");
+  if (w.layers.size() != static_cast<std::size_t>(c.n_layers)) throw std::invalid_argument("weights: layer count does not match config");
+  Impl& m = *impl_;
+  m.config = c;
+  m.token_embedding = w.token_embedding;
+  m.final_norm = w.final_norm;
+  m.classifier = pack(w.classifier.empty() ? w.token_embedding.data() : w.classifier.data(), c.vocab_size, c.dim);
+  for (const auto& l : w.layers) {
+    check_size(l.attn_norm, d, "attn_norm");
+    check_size(l.ffn_norm, d, "ffn_norm");
+    check_size(l.wq, d * d, "wq");
+    check_size(l.wk, kv * d, "wk");
+    check_size(l.wv, kv * d, "wv");
+    check_size(l.wo, d * d, "wo");
+    check_size(l.w_gate, h * d, "w_gate");
+    check_size(l.w_up, h * d, "w_up");
+    check_size(l.w_down, d * h, "w_down");
+    Impl::Layer p;
+    p.attn_norm = l.attn_norm;
+    p.ffn_norm = l.ffn_norm;
+    p.wqkv = pack(stack({&l.wq, &l.wk, &l.wv}).data(), c.dim + 2 * c.kv_dim(), c.dim);
+    p.wo = pack(l.wo.data(), c.dim, c.dim);
+    p.gate_up = pack(stack({&l.w_gate, &l.w_up}).data(), 2 * c.hidden_dim, c.dim);
+    p.down = pack(l.w_down.data(), c.dim, c.hidden_dim);
+    m.layers.push_back(std::move(p));
+  }
+  // Angles in double: at position 4096 a float product is already ~1e-4 rad off.
+  const int half = c.head_dim() / 2;
+  m.rope_cos.resize(static_cast<std::size_t>(c.seq_len) * half);
+  m.rope_sin.resize(m.rope_cos.size());
+  for (int pos = 0; pos < c.seq_len; ++pos)
+    for (int i = 0; i < half; ++i) {
+      const double angle = pos * std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim());
+      m.rope_cos[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::cos(angle));
+      m.rope_sin[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::sin(angle));
+    }
+}
+
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+const ModelConfig& Model::config() const { return impl_->config; }
+
+KVState KVState::prefix(int tokens) const {
+  if (tokens < 0 || tokens > length) throw std::invalid_argument("tokens: prefix longer than the state");
+  KVState out;
+  out.length = tokens;
+  for (std::size_t l = 0; l < k.size(); ++l) {
+    const std::size_t n = k[l].size() / std::max(length, 1) * tokens;
+    out.k.emplace_back(k[l].begin(), k[l].begin() + n);
+    out.v.emplace_back(v[l].begin(), v[l].begin() + n);
+  }
+  return out;
+}
+
+std::size_t KVState::bytes() const {
+  std::size_t n = 0;
+  for (std::size_t l = 0; l < k.size(); ++l) n += (k[l].size() + v[l].size()) * sizeof(float);
+  return n;
+}
+
+Engine::Engine(const Model& model, ThreadPool& pool) : m_(*model.impl_), pool_(pool) {}
+
+const ModelConfig& Engine::config() const { return m_.config; }
+
+EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& kv, const AttentionRoute& route) {
+  const ModelConfig& c = m_.config;
+  const Model::Impl::Layer& w = m_.layers.at(layer);
+  const int n = t1 - t0, dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2;
+  const int qkv_width = dim + 2 * kvd;
+  if (n <= 0 || t0 < 0 || t1 > c.seq_len) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
+  if (kv.k.size() != static_cast<std::size_t>(c.n_layers)) {
+    kv.k.resize(c.n_layers);
+    kv.v.resize(c.n_layers);
+  }
+  std::vector<float>& K = kv.k[layer];
+  std::vector<float>& V = kv.v[layer];
+  if (K.size() < static_cast<std::size_t>(t0) * kvd) throw std::invalid_argument("kv: missing rows before t0");
+  K.resize(static_cast<std::size_t>(t1) * kvd);
+  V.resize(static_cast<std::size_t>(t1) * kvd);
+
+  // Attention block. xb (the normed layer input) doubles as the prefix
+  // embeddings the cache keys on: it is exactly what Q/K/V are made from.
+  std::vector<float> xb(static_cast<std::size_t>(n) * dim);
+  rmsnorm(x, w.attn_norm.data(), xb.data(), n, dim, c.norm_eps);
+  // q rows sit at their absolute position so the kernel's causal mask
+  // (key_end = row + 1) holds for rows that start at t0 > 0.
+  std::vector<float> qkv(static_cast<std::size_t>(t1) * qkv_width);
+  float* rows = qkv.data() + static_cast<std::size_t>(t0) * qkv_width;
+  gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool_);
+  for (int i = 0; i < n; ++i) {
+    float* r = rows + static_cast<std::size_t>(i) * qkv_width;
+    const float* cs = m_.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
+    const float* sn = m_.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
+    rope(r, c.n_heads, hd, cs, sn);
+    rope(r + dim, c.n_kv_heads, hd, cs, sn);
+    std::copy(r + dim, r + dim + kvd, K.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
+    std::copy(r + dim + kvd, r + qkv_width, V.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
+  }
+
+  std::vector<float> att(static_cast<std::size_t>(t1) * dim);
+  const HeadsView q{qkv.data(), c.n_heads, t1, hd, hd, qkv_width};
+  const HeadsView k = HeadsView::token_major(K.data(), c.n_kv_heads, t1, hd);
+  const HeadsView v = HeadsView::token_major(V.data(), c.n_kv_heads, t1, hd);
+  const MutableHeadsView out = MutableHeadsView::token_major(att.data(), c.n_heads, t1, hd);
+  EchoResult echo;
+  const auto start = Clock::now();
+  if (route.cache) {
+    if (t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (t0 == 0)");
+    EchoRequest request;
+    request.prefix_length = route.prefix_length;
+    request.prefix_embeddings = {xb.data(), route.prefix_length, dim};
+    request.layer_id = layer;
+    request.prefix_tokens = route.prefix_tokens;
+    request.name_space = route.name_space;
+    echo = route.cache->attention_with_echo(q, k, v, out, request);
+  } else if (t0 == 0) {
+    attention(q, k, v, out, AttentionOptions{}, pool_);
+  } else {
+    kernels::AttentionProblem problem{q, k, v, out, 1.0f / std::sqrt(static_cast<float>(hd))};
+    kernels::exact_rows(problem, t0, t1, pool_);
+  }
+  timers_.attention_s += seconds_since(start);
+  gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool_);
+
+  // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
+  rmsnorm(x, w.ffn_norm.data(), xb.data(), n, dim, c.norm_eps);
+  const int hidden = c.hidden_dim;
+  std::vector<float> gu(static_cast<std::size_t>(n) * 2 * hidden);
+  gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool_);
+  for (int i = 0; i < n; ++i) {
+    float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
+    const float* u = g + hidden;
+    for (int j = 0; j < hidden; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+  }
+  gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool_);
+  return echo;
+}
+
+ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const AttentionRoute& route, int keep_rows) {
+  const ModelConfig& c = m_.config;
+  const int n = static_cast<int>(tokens.size());
+  const int t0 = kv.length, t1 = t0 + n;
+  if (n == 0) throw std::invalid_argument("tokens: empty");
+  if (t1 > c.seq_len)
+    throw std::invalid_argument("tokens: " + std::to_string(t1) + " positions exceed the model's context of " +
+                                std::to_string(c.seq_len));
+  if (route.prefix_length < 0 || route.prefix_length > n)
+    throw std::invalid_argument("route: prefix_length must be in [0, tokens]");
+  for (int t : tokens)
+    if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is out of range");
+  const auto start = Clock::now();
+  std::vector<float> x(static_cast<std::size_t>(n) * c.dim);
+  for (int i = 0; i < n; ++i)
+    std::copy_n(m_.token_embedding.begin() + static_cast<std::ptrdiff_t>(tokens[i]) * c.dim, c.dim,
+                x.begin() + static_cast<std::ptrdiff_t>(i) * c.dim);
+  ForwardResult result;
+  for (int l = 0; l < c.n_layers; ++l) {
+    EchoResult echo = layer_forward(l, x.data(), t0, t1, kv, route);
+    if (route.cache) result.echo.push_back(echo);
+  }
+  kv.length = t1;
+  const int keep = keep_rows < 0 ? n : std::min(keep_rows, n);
+  result.hidden.resize(static_cast<std::size_t>(keep) * c.dim);
+  rmsnorm(x.data() + static_cast<std::size_t>(n - keep) * c.dim, m_.final_norm.data(), result.hidden.data(), keep,
+          c.dim, c.norm_eps);
+  result.logits.resize(static_cast<std::size_t>(keep) * c.vocab_size);
+  gemm(result.hidden.data(), c.dim, keep, m_.classifier, result.logits.data(), c.vocab_size, false, pool_);
+  timers_.total_s += seconds_since(start);
+  return result;
+}
+
+PrefixStore::PrefixStore(std::size_t max_bytes) : max_bytes_(max_bytes) {}
+
+PrefixStore::Match PrefixStore::longest_match(std::span<const int> tokens) {
+  Match best;
+  Entry* hit = nullptr;
+  for (auto& e : entries_) {
+    const std::size_t n = std::min(e.tokens.size(), tokens.size());
+    const int shared = static_cast<int>(std::mismatch(e.tokens.begin(), e.tokens.begin() + n, tokens.begin()).first -
+                                        e.tokens.begin());
+    if (shared > best.length) {
+      best = {&e.kv, shared};
+      hit = &e;
+    }
+  }
+  if (hit) hit->last_use = ++clock_;
+  return best;
+}
+
+void PrefixStore::insert(std::span<const int> tokens, KVState kv) {
+  if (static_cast<std::size_t>(kv.length) > tokens.size()) throw std::invalid_argument("kv: longer than tokens");
+  Entry e;
+  e.tokens.assign(tokens.begin(), tokens.begin() + kv.length);
+  e.bytes = kv.bytes() + e.tokens.size() * sizeof(int);
+  e.kv = std::move(kv);
+  e.last_use = ++clock_;
+  if (e.bytes > max_bytes_) return;
+  bytes_ += e.bytes;
+  entries_.push_back(std::move(e));
+  while (bytes_ > max_bytes_) {
+    auto lru = std::min_element(entries_.begin(), entries_.end(),
+                                [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; });
+    bytes_ -= lru->bytes;
+    entries_.erase(lru);
+  }
+}
+
+}  // namespace attention_echo::llama

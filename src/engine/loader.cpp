@@ -1,0 +1,400 @@
+// Checkpoint loaders: llama2.c legacy .bin and GGUF. Both read the whole file
+// and check every size against it before copying a byte, so a truncated or
+// inconsistent file is a std::runtime_error, never a read past the end.
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <variant>
+
+#include "attention_echo/llama.hpp"
+
+namespace attention_echo::llama {
+namespace {
+
+[[noreturn]] void bad_file(const std::string& path, const std::string& what) {
+  throw std::runtime_error(path + ": " + what);
+}
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error(path + ": cannot open file");
+  const auto size = static_cast<std::size_t>(in.tellg());
+  std::vector<char> bytes(size);
+  in.seekg(0);
+  if (!in.read(bytes.data(), static_cast<std::streamsize>(size))) bad_file(path, "read failed");
+  return bytes;
+}
+
+// Bounds-checked little-endian reader over a file's bytes.
+class Reader {
+ public:
+  Reader(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {}
+
+  template <typename T>
+  T get(const char* what) {
+    T value;
+    std::memcpy(&value, take(sizeof(T), what), sizeof(T));
+    return value;
+  }
+  const char* take(std::size_t n, const char* what) {
+    if (n > bytes_.size() - pos_) bad_file(path_, std::string("truncated file (reading ") + what + ")");
+    const char* p = bytes_.data() + pos_;
+    pos_ += n;
+    return p;
+  }
+  std::size_t pos() const { return pos_; }
+  void seek(std::size_t pos) {
+    if (pos > bytes_.size()) bad_file(path_, "truncated file (data section)");
+    pos_ = pos;
+  }
+  std::size_t size() const { return bytes_.size(); }
+
+ private:
+  const std::vector<char>& bytes_;
+  const std::string& path_;
+  std::size_t pos_ = 0;
+};
+
+std::vector<float> read_floats(Reader& r, std::size_t count, const char* what) {
+  std::vector<float> out(count);
+  std::memcpy(out.data(), r.take(count * sizeof(float), what), count * sizeof(float));
+  return out;
+}
+
+// ---- llama2.c -------------------------------------------------------------
+
+Weights parse_llama2c(const std::vector<char>& bytes, const std::string& path) {
+  Reader r(bytes, path);
+  std::int32_t header[7];
+  for (auto& h : header) h = r.get<std::int32_t>("header");
+  if (std::memcmp(bytes.data(), "ak42", 4) == 0 || header[0] == 0x616b3432)
+    bad_file(path, "llama2.c versioned export (magic ak42) is not supported; export with --version 0");
+  Weights w;
+  ModelConfig& c = w.config;
+  c.dim = header[0];
+  c.hidden_dim = header[1];
+  c.n_layers = header[2];
+  c.n_heads = header[3];
+  c.n_kv_heads = header[4];
+  const bool shared = header[5] > 0;
+  c.vocab_size = header[5] == std::numeric_limits<std::int32_t>::min() ? 0 : std::abs(header[5]);
+  c.seq_len = header[6];
+  try {
+    c.validate();
+  } catch (const std::runtime_error& e) {
+    bad_file(path, std::string("inconsistent llama2.c header: ") + e.what());
+  }
+  // Expected size in floats, computed in 64 bits before anything is read.
+  const std::uint64_t d = c.dim, h = c.hidden_dim, L = c.n_layers, V = c.vocab_size,
+                      kv = c.kv_dim(), S = c.seq_len, hd = c.head_dim();
+  const std::uint64_t floats = V * d + L * (2 * d + d * d * 2 + kv * d * 2 + h * d * 3) + d +
+                               S * hd + (shared ? 0 : V * d);
+  const std::uint64_t expected = 7 * 4 + floats * 4;
+  if (bytes.size() != expected)
+    bad_file(path, "file is " + std::to_string(bytes.size()) + " bytes but its header (dim " +
+                       std::to_string(d) + ", hidden " + std::to_string(h) + ", layers " +
+                       std::to_string(L) + ", vocab " + std::to_string(V) + ", seq_len " +
+                       std::to_string(S) + ") needs " + std::to_string(expected));
+
+  w.token_embedding = read_floats(r, V * d, "token_embedding");
+  w.layers.resize(L);
+  // llama2.c groups each tensor kind over all layers.
+  auto per_layer = [&](std::vector<float> Weights::Layer::*field, std::uint64_t n, const char* what) {
+    for (auto& layer : w.layers) layer.*field = read_floats(r, n, what);
+  };
+  per_layer(&Weights::Layer::attn_norm, d, "rms_att_weight");
+  per_layer(&Weights::Layer::wq, d * d, "wq");
+  per_layer(&Weights::Layer::wk, kv * d, "wk");
+  per_layer(&Weights::Layer::wv, kv * d, "wv");
+  per_layer(&Weights::Layer::wo, d * d, "wo");
+  per_layer(&Weights::Layer::ffn_norm, d, "rms_ffn_weight");
+  per_layer(&Weights::Layer::w_gate, h * d, "w1");
+  per_layer(&Weights::Layer::w_down, d * h, "w2");
+  per_layer(&Weights::Layer::w_up, h * d, "w3");
+  w.final_norm = read_floats(r, d, "rms_final_weight");
+  r.take(S * hd * sizeof(float), "freq_cis");  // RoPE tables: recomputed, not read
+  if (!shared) w.classifier = read_floats(r, V * d, "wcls");
+  return w;
+}
+
+// ---- GGUF -----------------------------------------------------------------
+
+enum GgufType : std::uint32_t {
+  kU8 = 0, kI8, kU16, kI16, kU32, kI32, kF32, kBool, kString, kArray, kU64, kI64, kF64
+};
+constexpr std::uint32_t kGgmlF32 = 0, kGgmlF16 = 1;
+
+// Metadata values the loader reads; everything else is skipped.
+using GgufValue = std::variant<std::monostate, std::uint64_t, std::int64_t, double, std::string>;
+
+std::string read_string(Reader& r) {
+  const auto n = r.get<std::uint64_t>("string length");
+  return std::string(r.take(n, "string"), n);
+}
+
+std::size_t scalar_size(std::uint32_t type, const std::string& path) {
+  switch (type) {
+    case kU8: case kI8: case kBool: return 1;
+    case kU16: case kI16: return 2;
+    case kU32: case kI32: case kF32: return 4;
+    case kU64: case kI64: case kF64: return 8;
+    default: bad_file(path, "unknown GGUF metadata type " + std::to_string(type));
+  }
+}
+
+GgufValue read_value(Reader& r, std::uint32_t type, const std::string& path) {
+  switch (type) {
+    case kU8: return std::uint64_t{r.get<std::uint8_t>("u8")};
+    case kI8: return std::int64_t{r.get<std::int8_t>("i8")};
+    case kU16: return std::uint64_t{r.get<std::uint16_t>("u16")};
+    case kI16: return std::int64_t{r.get<std::int16_t>("i16")};
+    case kU32: return std::uint64_t{r.get<std::uint32_t>("u32")};
+    case kI32: return std::int64_t{r.get<std::int32_t>("i32")};
+    case kU64: return r.get<std::uint64_t>("u64");
+    case kI64: return r.get<std::int64_t>("i64");
+    case kF32: return double{r.get<float>("f32")};
+    case kF64: return r.get<double>("f64");
+    case kBool: return std::uint64_t{r.get<std::uint8_t>("bool")};
+    case kString: return read_string(r);
+    case kArray: {
+      const auto elem = r.get<std::uint32_t>("array type");
+      const auto n = r.get<std::uint64_t>("array length");
+      if (elem == kString) {
+        for (std::uint64_t i = 0; i < n; ++i) read_string(r);
+      } else if (elem == kArray) {
+        bad_file(path, "nested GGUF arrays are not supported");
+      } else {
+        const std::size_t size = scalar_size(elem, path);
+        if (n > (r.size() - r.pos()) / size) bad_file(path, "truncated file (metadata array)");
+        r.take(n * size, "array");
+      }
+      return std::monostate{};
+    }
+    default: bad_file(path, "unknown GGUF metadata type " + std::to_string(type));
+  }
+}
+
+float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  float value;
+  if (exp == 0) {
+    value = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
+  } else if (exp == 31) {
+    value = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    const std::uint32_t bits = ((exp + 112) << 23) | (mant << 13);
+    std::memcpy(&value, &bits, 4);
+  }
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  bits |= sign;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+struct GgufTensor {
+  std::vector<std::uint64_t> dims;  // ggml order: dims[0] is the contiguous one
+  std::uint32_t type = 0;
+  std::uint64_t offset = 0;
+};
+
+class GgufFile {
+ public:
+  GgufFile(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {
+    Reader r(bytes, path);
+    if (bytes.size() < 4 || std::memcmp(bytes.data(), "GGUF", 4) != 0) bad_file(path, "not a GGUF file (bad magic)");
+    r.take(4, "magic");
+    const auto version = r.get<std::uint32_t>("version");
+    if (version != 2 && version != 3)
+      bad_file(path, "unsupported GGUF version " + std::to_string(version) + " (need 2 or 3)");
+    const auto n_tensors = r.get<std::uint64_t>("tensor count");
+    const auto n_kv = r.get<std::uint64_t>("metadata count");
+    // Every entry takes at least 12 bytes: a count above that is a lie.
+    if (n_tensors > bytes.size() / 12 || n_kv > bytes.size() / 12) bad_file(path, "implausible GGUF counts");
+    for (std::uint64_t i = 0; i < n_kv; ++i) {
+      std::string key = read_string(r);
+      const auto type = r.get<std::uint32_t>("metadata type");
+      meta_[std::move(key)] = read_value(r, type, path);
+    }
+    for (std::uint64_t i = 0; i < n_tensors; ++i) {
+      std::string name = read_string(r);
+      GgufTensor t;
+      const auto n_dims = r.get<std::uint32_t>("tensor rank");
+      if (n_dims < 1 || n_dims > 4) bad_file(path, "tensor " + name + " has rank " + std::to_string(n_dims));
+      for (std::uint32_t d = 0; d < n_dims; ++d) t.dims.push_back(r.get<std::uint64_t>("tensor dims"));
+      t.type = r.get<std::uint32_t>("tensor type");
+      t.offset = r.get<std::uint64_t>("tensor offset");
+      if (!tensors_.emplace(name, std::move(t)).second) bad_file(path, "duplicate tensor " + name);
+    }
+    const std::uint64_t align = uint_or("general.alignment", 32);
+    if (align == 0 || (align & (align - 1)) != 0) bad_file(path, "general.alignment must be a power of two");
+    data_ = (r.pos() + align - 1) / align * align;
+    if (data_ > bytes.size()) bad_file(path, "truncated file (no tensor data)");
+  }
+
+  std::uint64_t uint_or(const std::string& key, std::uint64_t fallback) const {
+    auto it = meta_.find(key);
+    if (it == meta_.end()) return fallback;
+    if (auto* u = std::get_if<std::uint64_t>(&it->second)) return *u;
+    if (auto* i = std::get_if<std::int64_t>(&it->second); i && *i >= 0) return static_cast<std::uint64_t>(*i);
+    bad_file(path_, "metadata " + key + " must be a non-negative integer");
+  }
+  std::uint64_t uint_required(const std::string& key) const {
+    if (!meta_.count(key)) bad_file(path_, "missing metadata " + key);
+    return uint_or(key, 0);
+  }
+  double float_or(const std::string& key, double fallback) const {
+    auto it = meta_.find(key);
+    if (it == meta_.end()) return fallback;
+    if (auto* f = std::get_if<double>(&it->second)) return *f;
+    bad_file(path_, "metadata " + key + " must be a float");
+  }
+  std::string string_or(const std::string& key, const std::string& fallback) const {
+    auto it = meta_.find(key);
+    if (it == meta_.end()) return fallback;
+    if (auto* s = std::get_if<std::string>(&it->second)) return *s;
+    bad_file(path_, "metadata " + key + " must be a string");
+  }
+  bool has_tensor(const std::string& name) const { return tensors_.count(name) != 0; }
+  const GgufTensor* find(const std::string& name) const {
+    auto it = tensors_.find(name);
+    return it == tensors_.end() ? nullptr : &it->second;
+  }
+
+  // The tensor as fp32, after checking its shape is [rows, cols] (cols contiguous).
+  std::vector<float> matrix(const std::string& name, std::uint64_t rows, std::uint64_t cols) const {
+    const GgufTensor* t = find(name);
+    if (!t) bad_file(path_, "missing tensor " + name);
+    std::vector<std::uint64_t> want = {cols};
+    if (rows != 1 || t->dims.size() > 1) want.push_back(rows);
+    if (t->dims != want)
+      bad_file(path_, "tensor " + name + " has shape " + shape(t->dims) + ", expected " + shape(want));
+    const std::uint64_t n = rows * cols;
+    std::size_t elem;
+    if (t->type == kGgmlF32) elem = 4;
+    else if (t->type == kGgmlF16) elem = 2;
+    else bad_file(path_, "tensor " + name + " has ggml type " + std::to_string(t->type) + "; only F32 and F16 are supported");
+    if (t->offset > bytes_.size() - data_ || n * elem > bytes_.size() - data_ - t->offset)
+      bad_file(path_, "truncated file (tensor " + name + " runs past the end)");
+    const char* src = bytes_.data() + data_ + t->offset;
+    std::vector<float> out(n);
+    if (elem == 4) {
+      std::memcpy(out.data(), src, n * 4);
+    } else {
+      for (std::uint64_t i = 0; i < n; ++i) {
+        std::uint16_t h;
+        std::memcpy(&h, src + 2 * i, 2);
+        out[i] = half_to_float(h);
+      }
+    }
+    return out;
+  }
+
+ private:
+  static std::string shape(const std::vector<std::uint64_t>& dims) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+    return s + "] (ggml order)";
+  }
+
+  const std::vector<char>& bytes_;
+  const std::string& path_;
+  std::map<std::string, GgufValue> meta_;
+  std::map<std::string, GgufTensor> tensors_;
+  std::size_t data_ = 0;
+};
+
+int checked_int(std::uint64_t value, const std::string& key, const std::string& path) {
+  if (value > static_cast<std::uint64_t>(std::numeric_limits<int>::max()))
+    bad_file(path, "metadata " + key + " is too large");
+  return static_cast<int>(value);
+}
+
+Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
+  const GgufFile f(bytes, path);
+  const std::string arch = f.string_or("general.architecture", "");
+  if (arch != "llama") bad_file(path, "general.architecture is '" + arch + "', only 'llama' is supported");
+  Weights w;
+  ModelConfig& c = w.config;
+  auto get = [&](const char* key) { return checked_int(f.uint_required(key), key, path); };
+  c.dim = get("llama.embedding_length");
+  c.n_layers = get("llama.block_count");
+  c.n_heads = get("llama.attention.head_count");
+  c.n_kv_heads = checked_int(f.uint_or("llama.attention.head_count_kv", c.n_heads),
+                             "llama.attention.head_count_kv", path);
+  c.hidden_dim = get("llama.feed_forward_length");
+  c.seq_len = get("llama.context_length");
+  c.rope_theta = static_cast<float>(f.float_or("llama.rope.freq_base", 10000.0));
+  c.norm_eps = static_cast<float>(f.float_or("llama.attention.layer_norm_rms_epsilon", 1e-5));
+  const GgufTensor* embd = f.find("token_embd.weight");
+  if (!embd) bad_file(path, "missing tensor token_embd.weight");
+  if (embd->dims.size() != 2) bad_file(path, "token_embd.weight must be 2-D");
+  c.vocab_size = checked_int(embd->dims[1], "token_embd.weight rows", path);
+  if (c.n_heads > 0 && c.dim % c.n_heads == 0 &&
+      f.uint_or("llama.rope.dimension_count", static_cast<std::uint64_t>(c.head_dim())) !=
+          static_cast<std::uint64_t>(c.head_dim()))
+    bad_file(path, "llama.rope.dimension_count must equal the head dimension (partial RoPE is not supported)");
+  if (!(c.rope_theta > 0.0f) || !(c.norm_eps > 0.0f)) bad_file(path, "rope freq_base and rms epsilon must be positive");
+  try {
+    c.validate();
+  } catch (const std::runtime_error& e) {
+    bad_file(path, std::string("inconsistent GGUF hyperparameters: ") + e.what());
+  }
+
+  const std::uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim();
+  w.token_embedding = f.matrix("token_embd.weight", c.vocab_size, d);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string b = "blk." + std::to_string(l) + ".";
+    Weights::Layer layer;
+    layer.attn_norm = f.matrix(b + "attn_norm.weight", 1, d);
+    layer.wq = f.matrix(b + "attn_q.weight", d, d);
+    layer.wk = f.matrix(b + "attn_k.weight", kv, d);
+    layer.wv = f.matrix(b + "attn_v.weight", kv, d);
+    layer.wo = f.matrix(b + "attn_output.weight", d, d);
+    layer.ffn_norm = f.matrix(b + "ffn_norm.weight", 1, d);
+    layer.w_gate = f.matrix(b + "ffn_gate.weight", h, d);
+    layer.w_down = f.matrix(b + "ffn_down.weight", d, h);
+    layer.w_up = f.matrix(b + "ffn_up.weight", h, d);
+    w.layers.push_back(std::move(layer));
+  }
+  w.final_norm = f.matrix("output_norm.weight", 1, d);
+  if (f.has_tensor("output.weight")) w.classifier = f.matrix("output.weight", c.vocab_size, d);
+  return w;
+}
+
+}  // namespace
+
+void ModelConfig::validate() const {
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw std::runtime_error(what);
+  };
+  need(dim > 0 && hidden_dim > 0 && n_layers > 0 && n_heads > 0 && n_kv_heads > 0 && vocab_size > 0 &&
+           seq_len > 0,
+       "every dimension must be positive (dim " + std::to_string(dim) + ", hidden " +
+           std::to_string(hidden_dim) + ", layers " + std::to_string(n_layers) + ", heads " +
+           std::to_string(n_heads) + ", kv heads " + std::to_string(n_kv_heads) + ", vocab " +
+           std::to_string(vocab_size) + ", seq_len " + std::to_string(seq_len) + ")");
+  need(dim % n_heads == 0, "dim must be a multiple of n_heads");
+  need(head_dim() % 2 == 0, "head dimension must be even for RoPE");
+  need(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+  // Keeps every tensor below 2^31 elements and every product in range.
+  constexpr long long kMax = 1LL << 20;
+  need(dim <= kMax && hidden_dim <= kMax && vocab_size <= kMax && seq_len <= kMax && n_layers <= 4096,
+       "dimensions are implausibly large");
+}
+
+Weights load_llama2c(const std::string& path) { return parse_llama2c(read_file(path), path); }
+
+Weights load_gguf(const std::string& path) { return parse_gguf(read_file(path), path); }
+
+Weights load_weights(const std::string& path) {
+  const std::vector<char> bytes = read_file(path);
+  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0) return parse_gguf(bytes, path);
+  return parse_llama2c(bytes, path);
+}
+
+}  // namespace attention_echo::llama

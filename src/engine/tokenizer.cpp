@@ -1,0 +1,140 @@
+// llama2.c tokenizer: same pieces, same merge order as run.c's encode(), but
+// the merges come from a heap instead of a rescan, so encoding a long
+// document is O(n log n) rather than O(n^2).
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <queue>
+#include <stdexcept>
+
+#include "attention_echo/llama.hpp"
+
+namespace attention_echo::llama {
+
+Tokenizer::Tokenizer(const std::string& path, int vocab_size) {
+  if (vocab_size <= 0) throw std::invalid_argument("vocab_size must be positive");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open tokenizer");
+  auto fail = [&](const std::string& what) { throw std::runtime_error(path + ": " + what); };
+  std::int32_t max_len = 0;
+  if (!in.read(reinterpret_cast<char*>(&max_len), 4) || max_len <= 0) fail("bad tokenizer header");
+  pieces_.resize(vocab_size);
+  scores_.resize(vocab_size);
+  for (int i = 0; i < vocab_size; ++i) {
+    std::int32_t len = 0;
+    if (!in.read(reinterpret_cast<char*>(&scores_[i]), 4) || !in.read(reinterpret_cast<char*>(&len), 4))
+      fail("truncated tokenizer (token " + std::to_string(i) + " of " + std::to_string(vocab_size) + ")");
+    if (len < 0 || len > max_len) fail("token " + std::to_string(i) + " has bad length " + std::to_string(len));
+    pieces_[i].resize(len);
+    if (!in.read(pieces_[i].data(), len)) fail("truncated tokenizer (token " + std::to_string(i) + ")");
+  }
+  if (in.peek() != std::char_traits<char>::eof())
+    fail("tokenizer has more than the model's " + std::to_string(vocab_size) + " tokens");
+  // Sorted for binary search; stable so a duplicated piece resolves to its first id.
+  for (int i = 0; i < vocab_size; ++i) sorted_.emplace_back(pieces_[i], i);
+  std::stable_sort(sorted_.begin(), sorted_.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (int b = 0; b < 256; ++b) {
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "<0x%02X>", b);
+    int id = lookup(hex);
+    if (id < 0) id = lookup(std::string(1, static_cast<char>(b)));
+    byte_token_[b] = id;
+  }
+}
+
+int Tokenizer::lookup(std::string_view piece) const {
+  auto it = std::lower_bound(sorted_.begin(), sorted_.end(), piece,
+                             [](const auto& e, std::string_view p) { return e.first < p; });
+  return it != sorted_.end() && it->first == piece ? it->second : -1;
+}
+
+std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
+  // Symbols as a doubly linked list over the initial code points.
+  struct Symbol {
+    int token;
+    int prev, next;
+    std::size_t begin, end;  // byte range in `source`
+  };
+  std::string source;
+  if (options.dummy_prefix && !text.empty()) source = " ";
+  source += text;
+  std::vector<Symbol> symbols;
+  for (std::size_t i = 0; i < source.size();) {
+    // One UTF-8 code point: a lead byte and up to three continuation bytes.
+    std::size_t n = 1;
+    while (n < 4 && i + n < source.size() && (static_cast<unsigned char>(source[i + n]) & 0xC0) == 0x80) ++n;
+    const int id = lookup(std::string_view(source).substr(i, n));
+    if (id >= 0) {
+      symbols.push_back({id, 0, 0, i, i + n});
+    } else {
+      for (std::size_t b = i; b < i + n; ++b) {
+        const int byte_id = byte_token_[static_cast<unsigned char>(source[b])];
+        if (byte_id < 0)
+          throw std::invalid_argument("text: byte " + std::to_string(static_cast<unsigned char>(source[b])) +
+                                      " has no token in this vocabulary");
+        symbols.push_back({byte_id, 0, 0, b, b + 1});
+      }
+    }
+    i += n;
+  }
+  const int n = static_cast<int>(symbols.size());
+  for (int i = 0; i < n; ++i) {
+    symbols[i].prev = i - 1;
+    symbols[i].next = i + 1 < n ? i + 1 : -1;
+  }
+
+  // Candidate merges, best score first, leftmost first on ties (run.c's
+  // order). An entry is stale once either symbol merged with something else.
+  struct Pair {
+    float score;
+    std::size_t begin;  // of the left symbol: the tie-break
+    int left, right, token;
+    std::size_t left_end, right_end;
+    bool operator<(const Pair& o) const { return score != o.score ? score < o.score : begin > o.begin; }
+  };
+  std::priority_queue<Pair> heap;
+  std::vector<bool> dead(n, false);
+  auto consider = [&](int left) {
+    if (left < 0 || symbols[left].next < 0) return;
+    const Symbol& a = symbols[left];
+    const Symbol& b = symbols[a.next];
+    const int id = lookup(std::string_view(source).substr(a.begin, b.end - a.begin));
+    if (id >= 0) heap.push({scores_[id], a.begin, left, a.next, id, a.end, b.end});
+  };
+  for (int i = 0; i < n; ++i) consider(i);
+  while (!heap.empty()) {
+    const Pair p = heap.top();
+    heap.pop();
+    Symbol& a = symbols[p.left];
+    const Symbol& b = symbols[p.right];
+    if (dead[p.left] || dead[p.right] || a.next != p.right || a.end != p.left_end || b.end != p.right_end)
+      continue;
+    a.token = p.token;
+    a.end = b.end;
+    a.next = b.next;
+    if (b.next >= 0) symbols[b.next].prev = p.left;
+    dead[p.right] = true;
+    consider(a.prev);
+    consider(p.left);
+  }
+
+  std::vector<int> tokens;
+  if (options.bos) tokens.push_back(kBos);
+  for (int i = n > 0 ? 0 : -1; i >= 0; i = symbols[i].next) tokens.push_back(symbols[i].token);
+  if (options.eos) tokens.push_back(kEos);
+  return tokens;
+}
+
+std::string Tokenizer::decode(int previous, int token) const {
+  if (token < 0 || token >= vocab_size()) throw std::invalid_argument("token: id " + std::to_string(token) + " is out of range");
+  std::string_view piece = pieces_[token];
+  if (previous == kBos && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
+  unsigned byte = 0;
+  if (piece.size() == 6 && std::sscanf(std::string(piece).c_str(), "<0x%02X>", &byte) == 1)
+    return std::string(1, static_cast<char>(byte));
+  return std::string(piece);
+}
+
+}  // namespace attention_echo::llama

@@ -1,0 +1,352 @@
+// Engine tests on a real checkpoint (shared/data/aidreams260K): the llama2.c
+// loader and tokenizer, a GGUF copy of the same weights written here, bad
+// files, and the three attention routes agreeing with each other.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_echo/llama.hpp"
+#include "engine/gemm.hpp"
+
+namespace ae = attention_echo;
+namespace llama = attention_echo::llama;
+
+namespace {
+
+const std::string kModel = std::string(AE_SHARED_DIR) + "/data/aidreams260K/aidreams260K.bin";
+const std::string kTokenizer = std::string(AE_SHARED_DIR) + "/data/aidreams260K/tok512.bin";
+
+std::string temp_path(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("ae_engine_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  return (dir / name).string();
+}
+
+std::vector<char> read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void write_bytes(const std::string& path, const std::vector<char>& bytes) {
+  // A fresh file each time: truncating one in place makes ext4 flush it.
+  std::filesystem::remove(path);
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::vector<float> all_logits(const llama::Model& model, const std::vector<int>& tokens) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  llama::KVState kv;
+  return engine.forward(tokens, kv, {}, -1).logits;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0.0;
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  return m;
+}
+
+// ---- a minimal GGUF writer (the layout llama.cpp's convert script emits) ----
+
+std::uint16_t float_to_half(float f) {
+  std::uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const std::uint32_t sign = (x >> 16) & 0x8000u;
+  const int exp = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
+  std::uint32_t mant = x & 0x7fffffu;
+  if (exp <= 0) return static_cast<std::uint16_t>(sign);  // flush tiny values to zero
+  if (exp >= 31) return static_cast<std::uint16_t>(sign | 0x7c00u);
+  std::uint32_t h = sign | (static_cast<std::uint32_t>(exp) << 10) | (mant >> 13);
+  const std::uint32_t rest = mant & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // round to nearest even
+  return static_cast<std::uint16_t>(h);
+}
+
+class GgufWriter {
+ public:
+  void u32(std::uint32_t v) { raw(&v, 4); }
+  void u64(std::uint64_t v) { raw(&v, 8); }
+  void str(const std::string& s) {
+    u64(s.size());
+    raw(s.data(), s.size());
+  }
+  void kv_u32(const std::string& key, std::uint32_t v) {
+    str(key);
+    u32(4);
+    u32(v);
+  }
+  void kv_f32(const std::string& key, float v) {
+    str(key);
+    u32(6);
+    raw(&v, 4);
+  }
+  void kv_str(const std::string& key, const std::string& v) {
+    str(key);
+    u32(8);
+    str(v);
+  }
+  void raw(const void* p, std::size_t n) {
+    const char* c = static_cast<const char*>(p);
+    bytes.insert(bytes.end(), c, c + n);
+  }
+  std::vector<char> bytes;
+};
+
+struct Tensor {
+  std::string name;
+  std::vector<std::uint64_t> dims;  // ggml order
+  const std::vector<float>* data;
+};
+
+std::vector<char> write_gguf(const llama::Weights& w, bool f16) {
+  const llama::ModelConfig& c = w.config;
+  std::vector<Tensor> tensors = {{"token_embd.weight", {std::uint64_t(c.dim), std::uint64_t(c.vocab_size)}, &w.token_embedding}};
+  const std::uint64_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim();
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string b = "blk." + std::to_string(l) + ".";
+    const auto& L = w.layers[l];
+    tensors.push_back({b + "attn_norm.weight", {d}, &L.attn_norm});
+    tensors.push_back({b + "attn_q.weight", {d, d}, &L.wq});
+    tensors.push_back({b + "attn_k.weight", {d, kv}, &L.wk});
+    tensors.push_back({b + "attn_v.weight", {d, kv}, &L.wv});
+    tensors.push_back({b + "attn_output.weight", {d, d}, &L.wo});
+    tensors.push_back({b + "ffn_norm.weight", {d}, &L.ffn_norm});
+    tensors.push_back({b + "ffn_gate.weight", {d, h}, &L.w_gate});
+    tensors.push_back({b + "ffn_up.weight", {d, h}, &L.w_up});
+    tensors.push_back({b + "ffn_down.weight", {h, d}, &L.w_down});
+  }
+  tensors.push_back({"output_norm.weight", {d}, &w.final_norm});
+  GgufWriter g;
+  g.raw("GGUF", 4);
+  g.u32(3);
+  g.u64(tensors.size());
+  g.u64(9);
+  g.kv_str("general.architecture", "llama");
+  g.kv_u32("llama.embedding_length", c.dim);
+  g.kv_u32("llama.block_count", c.n_layers);
+  g.kv_u32("llama.attention.head_count", c.n_heads);
+  g.kv_u32("llama.attention.head_count_kv", c.n_kv_heads);
+  g.kv_u32("llama.feed_forward_length", c.hidden_dim);
+  g.kv_u32("llama.context_length", c.seq_len);
+  g.kv_f32("llama.rope.freq_base", 10000.0f);
+  g.kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+  std::uint64_t offset = 0;
+  // Norm vectors stay F32 as llama.cpp's converter keeps them.
+  auto elem = [&](const Tensor& t) { return f16 && t.dims.size() == 2 ? 2u : 4u; };
+  for (const auto& t : tensors) {
+    g.str(t.name);
+    g.u32(static_cast<std::uint32_t>(t.dims.size()));
+    for (auto dim : t.dims) g.u64(dim);
+    g.u32(elem(t) == 2 ? 1 : 0);
+    g.u64(offset);
+    offset += (t.data->size() * elem(t) + 31) / 32 * 32;
+  }
+  g.bytes.resize((g.bytes.size() + 31) / 32 * 32, 0);
+  for (const auto& t : tensors) {
+    const std::size_t start = g.bytes.size();
+    for (float v : *t.data) {
+      if (elem(t) == 2) {
+        const std::uint16_t half = float_to_half(v);
+        g.raw(&half, 2);
+      } else {
+        g.raw(&v, 4);
+      }
+    }
+    g.bytes.resize(start + (g.bytes.size() - start + 31) / 32 * 32, 0);
+  }
+  return g.bytes;
+}
+
+const std::vector<int> kProbe = {1, 34, 300, 5, 77, 411, 13, 256, 2, 99, 140, 7, 450, 61, 3, 222};
+
+}  // namespace
+
+TEST(EngineLlama2c, GreedyFromBosIsTheKnownText) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const llama::Tokenizer tok(kTokenizer, model.config().vocab_size);
+  EXPECT_EQ(model.config().dim, 64);
+  EXPECT_EQ(model.config().n_layers, 4);
+  EXPECT_EQ(model.config().vocab_size, 512);
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  llama::KVState kv;
+  std::vector<int> tokens = {llama::Tokenizer::kBos};
+  std::string text;
+  auto r = engine.forward(tokens, kv, {});
+  for (int step = 0; step < 24; ++step) {
+    const int next = static_cast<int>(std::max_element(r.logits.begin(), r.logits.end()) - r.logits.begin());
+    text += tok.decode(tokens.back(), next);
+    tokens.push_back(next);
+    r = engine.forward(std::span<const int>(&tokens.back(), 1), kv, {});
+  }
+  EXPECT_EQ(text.rfind("\"Echoes of vectors unfold, a gentle hum of precision,", 0), 0u) << text;
+}
+
+TEST(EngineTokenizer, RoundTripsAndFallsBackToBytes) {
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const std::string text = "Echoes of vectors unfold, a gentle hum of precision. Zürich \x01!";
+  const auto ids = tok.encode(text);
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids[0], llama::Tokenizer::kBos);
+  EXPECT_LT(ids.size(), text.size());  // merges happened
+  std::string back;
+  for (std::size_t i = 1; i < ids.size(); ++i) back += tok.decode(ids[i - 1], ids[i]);
+  EXPECT_EQ(back, text);
+  // "\x01" has no piece: its byte token is <0x01> = id 4 in llama2.c vocabularies.
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 4), ids.end());
+  EXPECT_EQ(tok.encode("", {false, false, true}), std::vector<int>{});
+  EXPECT_THROW(tok.decode(1, 512), std::invalid_argument);
+}
+
+TEST(EngineGguf, SameWeightsGiveTheSameLogits) {
+  const llama::Weights w = llama::load_llama2c(kModel);
+  const std::string f32 = temp_path("model_f32.gguf"), f16 = temp_path("model_f16.gguf");
+  write_bytes(f32, write_gguf(w, false));
+  write_bytes(f16, write_gguf(w, true));
+  const auto reference = all_logits(llama::Model(w), kProbe);
+  const llama::Weights g = llama::load_weights(f32);
+  EXPECT_EQ(g.config.dim, w.config.dim);
+  EXPECT_EQ(g.config.vocab_size, w.config.vocab_size);
+  EXPECT_EQ(max_abs_diff(all_logits(llama::Model(g), kProbe), reference), 0.0);
+  // F16 storage rounds every weight by <= 2^-11 relative: logits move a little.
+  EXPECT_LT(max_abs_diff(all_logits(llama::Model(llama::load_gguf(f16)), kProbe), reference), 0.05);
+}
+
+TEST(EngineBadFiles, TruncatedOrInconsistentFilesThrow) {
+  const std::vector<char> good = read_bytes(kModel);
+  const std::string path = temp_path("bad.bin");
+  for (std::size_t cut : {std::size_t{0}, std::size_t{3}, std::size_t{27}, std::size_t{28}, good.size() / 2, good.size() - 4}) {
+    write_bytes(path, std::vector<char>(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(cut)));
+    EXPECT_THROW(llama::load_weights(path), std::runtime_error) << "cut at " << cut;
+  }
+  std::vector<char> bad = good;
+  const std::int32_t heads = 3;  // 64 is not a multiple of 3
+  std::memcpy(bad.data() + 12, &heads, 4);
+  write_bytes(path, bad);
+  EXPECT_THROW(llama::load_weights(path), std::runtime_error);
+  bad = good;
+  const std::int32_t layers = 5;  // the file holds 4
+  std::memcpy(bad.data() + 8, &layers, 4);
+  write_bytes(path, bad);
+  EXPECT_THROW(llama::load_weights(path), std::runtime_error);
+  EXPECT_THROW(llama::load_weights(temp_path("does_not_exist.bin")), std::runtime_error);
+  EXPECT_THROW(llama::Tokenizer(kModel, 512), std::runtime_error);  // not a tokenizer
+}
+
+TEST(EngineBadFiles, EveryTruncatedGgufThrows) {
+  const std::vector<char> good = write_gguf(llama::load_llama2c(kModel), true);
+  const std::string path = temp_path("bad.gguf");
+  // Every cut inside the header and tensor table, then a spread over the data.
+  for (std::size_t cut = 0; cut < good.size(); cut += cut < 4096 ? 1 : 9973) {
+    write_bytes(path, std::vector<char>(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(cut)));
+    EXPECT_THROW(llama::load_gguf(path), std::runtime_error) << "cut at " << cut;
+  }
+  std::vector<char> bad = good;
+  bad[0] = 'X';
+  write_bytes(path, bad);
+  EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
+  bad = good;
+  bad[4] = 9;  // version 9
+  write_bytes(path, bad);
+  EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
+  // A tensor count far beyond what the file holds.
+  bad = good;
+  const std::uint64_t huge = 1ULL << 60;
+  std::memcpy(bad.data() + 8, &huge, 8);
+  write_bytes(path, bad);
+  EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
+}
+
+TEST(EngineGemm, EveryIsaMatchesANaiveProduct) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  ae::ThreadPool pool(2);
+  std::vector<llama::GemmIsa> isas = {llama::GemmIsa::kScalar};
+  if (llama::best_gemm_isa() != llama::GemmIsa::kScalar) isas.push_back(llama::GemmIsa::kAvx2);
+  if (llama::best_gemm_isa() == llama::GemmIsa::kAvx512) isas.push_back(llama::GemmIsa::kAvx512);
+  for (auto [m, n, k] : {std::tuple{1, 5, 3}, std::tuple{7, 33, 64}, std::tuple{101, 70, 29}}) {
+    std::vector<float> x(m * k), w(n * k), y0(m * n);
+    for (auto& v : x) v = dist(rng);
+    for (auto& v : w) v = dist(rng);
+    for (auto& v : y0) v = dist(rng);
+    for (auto isa : isas) {
+      const auto packed = llama::pack(w.data(), n, k, isa);
+      std::vector<float> y = y0;
+      llama::gemm(x.data(), k, m, packed, y.data(), n, true, pool);
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double want = y0[i * n + j];
+          for (int c = 0; c < k; ++c) want += double(x[i * k + c]) * w[j * k + c];
+          ASSERT_NEAR(y[i * n + j], want, 1e-4 * (1 + std::fabs(want))) << llama::to_string(isa) << " " << m << "x" << n;
+        }
+    }
+  }
+}
+
+TEST(EngineRoutes, ChunkedAndPrefixReuseMatchAFullForward) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const auto full = all_logits(model, kProbe);
+  const int V = model.config().vocab_size, T = static_cast<int>(kProbe.size());
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  // Rows [0, 5), then [5, T): the second call attends to cached K/V.
+  llama::KVState kv;
+  engine.forward(std::span<const int>(kProbe).first(5), kv, {});
+  const auto tail = engine.forward(std::span<const int>(kProbe).subspan(5), kv, {}, -1).logits;
+  EXPECT_LT(max_abs_diff(tail, std::vector<float>(full.begin() + 5 * V, full.end())), 1e-4);
+  // A stored prompt shares the first 9 tokens with the probe.
+  llama::PrefixStore store;
+  std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
+  other.push_back(42);
+  llama::KVState okv;
+  engine.forward(other, okv, {});
+  store.insert(other, okv);
+  const auto match = store.longest_match(kProbe);
+  ASSERT_EQ(match.length, 9);
+  llama::KVState reused = match.kv->prefix(match.length);
+  const auto last = engine.forward(std::span<const int>(kProbe).subspan(9), reused, {}).logits;
+  EXPECT_LT(max_abs_diff(last, std::vector<float>(full.end() - V, full.end())), 1e-4);
+  EXPECT_GT(engine.timers().attention_s, 0.0);
+  EXPECT_GE(engine.timers().total_s, engine.timers().attention_s);
+}
+
+TEST(EngineRoutes, EchoCacheMissAndExactHitMatchThePlainPath) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const auto full = all_logits(model, kProbe);
+  const int V = model.config().vocab_size, L = model.config().n_layers;
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  ae::EchoConfig config;
+  config.per_layer = true;
+  config.threads = 1;
+  ae::AttentionEchoCache cache(config);
+  const int p = 10;
+  llama::AttentionRoute route{&cache, p, std::span<const int>(kProbe).first(p), "test"};
+  for (int call = 0; call < 2; ++call) {
+    llama::KVState kv;
+    const auto r = engine.forward(kProbe, kv, route);
+    ASSERT_EQ(static_cast<int>(r.echo.size()), L);
+    for (const auto& e : r.echo) EXPECT_EQ(e.tier, call == 0 ? ae::Tier::kNone : ae::Tier::kExact);
+    EXPECT_LT(max_abs_diff(r.logits, std::vector<float>(full.end() - V, full.end())), 1e-4);
+  }
+  EXPECT_EQ(cache.stats().hits_exact, static_cast<std::uint64_t>(L));
+}
+
+TEST(EngineRoutes, BadArgumentsThrowInvalidArgument) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  ae::ThreadPool pool(1);
+  llama::Engine engine(model, pool);
+  llama::KVState kv;
+  EXPECT_THROW(engine.forward(std::vector<int>{1, 512}, kv, {}), std::invalid_argument);
+  EXPECT_THROW(engine.forward(std::vector<int>{}, kv, {}), std::invalid_argument);
+  EXPECT_THROW(engine.forward(std::vector<int>(129, 1), kv, {}), std::invalid_argument);
+  EXPECT_EQ(kv.length, 0);
+}
