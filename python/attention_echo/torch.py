@@ -1,0 +1,350 @@
+"""PyTorch attention layers with AttentionEcho support (the seed's two modules).
+
+IMPORTANT: AttentionEcho is an INFERENCE-ONLY optimization. The echo path runs
+in C++ and does not propagate gradients; use these layers under
+``torch.no_grad()`` / ``torch.inference_mode()``. A ``UserWarning`` is issued
+once per module when they are called with gradients enabled.
+
+CPU float32 tensors reach the C++ core without copies (DLPack): each sequence
+of a batch is passed as a strided (heads, tokens, head_dim) view of the
+(B, T, heads * head_dim) projection, and the output is written in place into
+the (B, T, hidden) result. Other dtypes/devices are converted to CPU float32
+and back.
+
+Differences from the seed, on purpose:
+
+* Attention is causal by default (``causal=True``) on every path, also for
+  ``prefix_length == 0`` and batches (the seed silently switched to
+  bidirectional attention there). Pass ``causal=False`` for encoders.
+* Batches go through the cache sequence by sequence (the seed fell back to
+  plain attention for batch > 1).
+* ``EchoMultiHeadAttention`` uses one cache for all heads (the core handles
+  heads together) instead of one cache per head.
+* An explicit ``attn_mask`` / ``attention_mask`` uses PyTorch's
+  ``scaled_dot_product_attention`` with that mask (as the seed's standard
+  path did), not the cache.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._cache import AttentionEchoCache
+from ._config import EchoConfig
+
+__all__ = ["EchoAttention", "EchoMultiHeadAttention", "echo_attention"]
+
+_GRAD_WARNING = (
+    "{name} is inference-only. Gradients will not flow through the echo path. "
+    "Use torch.no_grad() for inference."
+)
+
+
+def _make_config(config: Optional[EchoConfig], cache_capacity: Optional[int]) -> EchoConfig:
+    if config is None:
+        config = EchoConfig()
+    elif not isinstance(config, EchoConfig):
+        raise TypeError(f"config must be an EchoConfig or None, got {type(config).__name__}")
+    if cache_capacity is not None:
+        config = replace(config, capacity=cache_capacity)
+    return config
+
+
+def _merge_meta(metas: List[Dict[str, Any]]) -> Dict[str, Any]:
+    if len(metas) == 1:
+        return metas[0]
+    hits = [m["echo_hit"] for m in metas]
+    return {
+        "echo_hit": all(hits),
+        "tokens_echoed": sum(m["tokens_echoed"] for m in metas),
+        "tokens_computed": sum(m["tokens_computed"] for m in metas),
+        "compute_mode": "echo" if all(hits) else ("partial_echo" if any(hits) else "full"),
+        "per_sequence": metas,
+    }
+
+
+def echo_attention(
+    cache: AttentionEchoCache,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_length: int,
+    prefix_embeddings=None,
+    *,
+    layer_id: int = 0,
+    scale: Optional[float] = None,
+    causal: bool = True,
+    prefix_tokens=None,
+    namespace: str = "",
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """Batched echo attention on head-split tensors, through ``cache``.
+
+    ``query`` is (B, H, T, D) and ``key``/``value`` (B, Hkv, T, D), any
+    strides with a contiguous last dimension (e.g. the transposed view of a
+    (B, T, H*D) projection). ``prefix_embeddings``: (B, P, E), or (P, E)
+    shared by all sequences; ``prefix_tokens``: (B, P) or (P,). Returns the
+    output as (B, T, H, D) (token-major, the layout an output projection
+    wants) in ``query``'s dtype and device, and the metadata (the core's dict
+    for B == 1, a summary with ``per_sequence`` otherwise).
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            "query, key and value must be (B, H, T, D) tensors, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, heads, tokens, dim = query.shape
+    dtype, device = query.dtype, query.device
+
+    def prep(x):
+        x = x.detach()
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            x = x.to(device="cpu", dtype=torch.float32)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    q, k, v = prep(query), prep(key), prep(value)
+    direct = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(-1) == 1
+    result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=torch.float32)
+    emb_batched = prefix_embeddings is not None and getattr(prefix_embeddings, "ndim", 0) == 3
+    tok_batched = prefix_tokens is not None and getattr(prefix_tokens, "ndim", None) == 2
+    if isinstance(prefix_tokens, (list, tuple)) and prefix_tokens and hasattr(prefix_tokens[0], "__len__"):
+        tok_batched = True
+    metas = []
+    for b in range(batch):
+        metas.append(
+            cache._run(
+                q[b],
+                k[b],
+                v[b],
+                result[b].transpose(0, 1),  # (H, T, D) view of the token-major output
+                prefix_length,
+                prefix_embeddings[b] if emb_batched else prefix_embeddings,
+                layer_id,
+                scale,
+                causal,
+                prefix_tokens[b] if tok_batched else prefix_tokens,
+                namespace,
+            )
+        )
+    if out is not None and not direct:
+        out.copy_(result)
+        result = out
+    elif result.dtype != dtype or result.device != device:
+        result = result.to(device=device, dtype=dtype)
+    return result, _merge_meta(metas)
+
+
+class _EchoBase(nn.Module):
+    def _warn_if_grad(self, *tensors: torch.Tensor) -> None:
+        if self._warned_grad or not torch.is_grad_enabled():
+            return
+        if any(t.requires_grad for t in tensors):
+            warnings.warn(_GRAD_WARNING.format(name=type(self).__name__), UserWarning, stacklevel=3)
+            self._warned_grad = True
+
+
+class EchoAttention(_EchoBase):
+    """Scaled dot-product attention with AttentionEcho caching (no projections).
+
+    Drop-in for the seed's ``EchoAttention``: ``query``/``key``/``value`` are
+    (B, T, hidden_dim) (or (T, hidden_dim)); ``num_heads`` splits the hidden
+    dimension into heads (default 1: one head over ``hidden_dim``, the seed's
+    behaviour, scale ``hidden_dim ** -0.5``); keys/values with fewer columns
+    give grouped-query attention.
+
+    WARNING: inference-only; the echo path breaks gradient flow.
+
+    Example:
+        >>> attention = EchoAttention(hidden_dim=768, num_heads=12, cache_capacity=1000)
+        >>> with torch.no_grad():
+        ...     output, meta = attention(query=q, key=k, value=v, prefix_length=10)
+        >>> attention.cache.stats["hits"]
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 768,
+        config: Optional[EchoConfig] = None,
+        layer_id: int = 0,
+        num_heads: int = 1,
+        cache_capacity: Optional[int] = None,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_dim <= 0 or num_heads <= 0 or hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be a positive multiple of num_heads ({num_heads})")
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.config = _make_config(config, cache_capacity)
+        self.layer_id = layer_id
+        self.causal = causal
+        self.cache = AttentionEchoCache(self.config)
+        self.scale = self.head_dim**-0.5
+        self._warned_grad = False
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        prefix_length: int = 0,
+        prefix_embeddings: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        *,
+        prefix_tokens=None,
+        namespace: str = "",
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Returns ``(output, metadata)``; output shaped like ``query``.
+
+        ``prefix_embeddings`` default to ``query[:, :prefix_length]`` (as in
+        the seed); (B, P, E) or (P, E)."""
+        squeeze = query.dim() == 2
+        if squeeze:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError(
+                f"query, key and value must be (B, T, hidden) or (T, hidden), got {tuple(query.shape)}"
+            )
+        if query.shape[-1] != self.hidden_dim:
+            raise ValueError(f"query: last dimension {query.shape[-1]} != hidden_dim {self.hidden_dim}")
+        if key.shape[-1] % self.head_dim != 0:
+            raise ValueError(f"key: last dimension {key.shape[-1]} is not a multiple of head_dim {self.head_dim}")
+        batch, tokens, _ = query.shape
+        hd = self.head_dim
+        q = query.view(batch, tokens, -1, hd).transpose(1, 2)
+        k = key.reshape(batch, key.shape[1], -1, hd).transpose(1, 2)
+        v = value.reshape(batch, value.shape[1], -1, hd).transpose(1, 2)
+
+        if attn_mask is not None:
+            out = _sdpa(q, k, v, attn_mask, self.scale, causal=False)
+            meta: Dict[str, Any] = {"echo_hit": False, "compute_mode": "standard", "tokens_computed": tokens}
+        else:
+            self._warn_if_grad(query, key, value)
+            if prefix_embeddings is None and prefix_length > 0:
+                prefix_embeddings = query[:, :prefix_length]
+            out, meta = echo_attention(
+                self.cache, q, k, v, prefix_length, prefix_embeddings, layer_id=self.layer_id,
+                scale=self.scale, causal=self.causal, prefix_tokens=prefix_tokens, namespace=namespace,
+            )
+        out = out.reshape(batch, tokens, self.hidden_dim)
+        return (out[0] if squeeze else out), meta
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def extra_repr(self) -> str:
+        return f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, layer_id={self.layer_id}, causal={self.causal}"
+
+
+def _sdpa(q, k, v, mask, scale, causal, dropout_p=0.0):
+    """PyTorch SDPA on (B, H, T, D) with GQA; returns (B, T, H, D)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+class EchoMultiHeadAttention(_EchoBase):
+    """Multi-head self-attention (q/k/v/out projections) with AttentionEcho.
+
+    The seed's module: ``forward(hidden_states, prefix_length, attention_mask,
+    use_echo)`` returns ``(output, metadata)``. The attention of every head
+    runs in one C++ call per sequence; the projections stay in PyTorch.
+    ``prefix_embeddings`` default to ``hidden_states[:, :prefix_length]`` (the
+    seed's choice).
+
+    WARNING: inference-only; the echo path breaks gradient flow.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int = 768,
+        num_heads: int = 12,
+        config: Optional[EchoConfig] = None,
+        layer_id: int = 0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        cache_capacity: Optional[int] = None,
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if hidden_dim % num_heads != 0:
+            raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.config = _make_config(config, cache_capacity)
+        self.layer_id = layer_id
+        self.causal = causal
+        self.q_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self._cache = AttentionEchoCache(self.config)
+        self.scale = self.head_dim**-0.5
+        self._warned_grad = False
+
+    @property
+    def cache(self) -> AttentionEchoCache:
+        return self._cache
+
+    def get_stats(self) -> Dict[str, Any]:
+        """The seed's summary (hits, misses, total_lookups, hit_rate,
+        ops_saved, num_heads) plus the cache's full stats."""
+        stats = dict(self._cache.stats)
+        stats["num_heads"] = self.num_heads
+        return stats
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        prefix_length: int = 0,
+        attention_mask: Optional[torch.Tensor] = None,
+        use_echo: bool = True,
+        *,
+        prefix_embeddings=None,
+        prefix_tokens=None,
+        namespace: str = "",
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"hidden_states must be (B, T, {self.hidden_dim}), got {tuple(hidden_states.shape)}"
+            )
+        batch, tokens, _ = hidden_states.shape
+        shape = (batch, tokens, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+
+        if not use_echo or attention_mask is not None:
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = _sdpa(q, k, v, attention_mask, self.scale, self.causal, dropout_p)
+            meta: Dict[str, Any] = {"echo_hit": False, "compute_mode": "standard", "tokens_computed": tokens}
+        else:
+            self._warn_if_grad(q, k, v)
+            if prefix_embeddings is None and prefix_length > 0:
+                prefix_embeddings = hidden_states[:, :prefix_length]
+            out, meta = echo_attention(
+                self._cache, q, k, v, prefix_length, prefix_embeddings, layer_id=self.layer_id,
+                scale=self.scale, causal=self.causal, prefix_tokens=prefix_tokens, namespace=namespace,
+            )
+        out = self.out_proj(out.reshape(batch, tokens, self.hidden_dim))
+        return out, meta
+
+    def extra_repr(self) -> str:
+        return f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, layer_id={self.layer_id}, causal={self.causal}"

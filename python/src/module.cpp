@@ -1,0 +1,240 @@
+// attention_echo._core: the nanobind layer over the C++ library.
+//
+// Kept deliberately thin. Arrays arrive as float32 CPU ndarrays (NumPy via
+// the buffer protocol / DLPack, PyTorch via DLPack) whose last dimension is
+// contiguous; they are handed to the core as HeadsView with their own strides,
+// so no copy is made. The pure-Python wrapper (attention_echo/_cache.py) does
+// the type and dtype conversions and allocates the output; this file only maps
+// shapes and strides, releases the GIL around C++ work and turns results into
+// Python objects. std::invalid_argument from the core becomes ValueError
+// (nanobind's default translation).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <climits>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention_echo/attention.hpp"
+#include "attention_echo/cache.hpp"
+#include "attention_echo/config.hpp"
+#include "attention_echo/tensor.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace ae = attention_echo;
+
+namespace {
+
+// Any strides; the wrapper guarantees dtype float32, CPU and a unit last stride.
+using InArray = nb::ndarray<const float, nb::device::cpu>;
+using OutArray = nb::ndarray<float, nb::device::cpu>;
+using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Tokens = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+[[noreturn]] void fail(const char* name, const std::string& what) {
+  throw std::invalid_argument(std::string(name) + ": " + what);
+}
+
+int to_int(std::size_t n, const char* name) {
+  if (n > static_cast<std::size_t>(INT_MAX)) fail(name, "dimension too large");
+  return static_cast<int>(n);
+}
+
+// (T, D) is one head; (H, T, D) is H heads. Strides are in elements.
+template <typename T, typename Array>
+ae::BasicHeadsView<T> heads_view(const Array& a, const char* name) {
+  if (a.ndim() != 2 && a.ndim() != 3)
+    fail(name, "must have shape (T, D) or (H, T, D), got ndim " + std::to_string(a.ndim()));
+  const std::size_t nd = a.ndim();
+  if (a.shape(nd - 1) > 1 && a.stride(nd - 1) != 1)
+    fail(name, "last dimension must be contiguous (stride 1)");
+  ae::BasicHeadsView<T> view;
+  view.data = static_cast<T*>(a.data());
+  view.dim = to_int(a.shape(nd - 1), name);
+  view.tokens = to_int(a.shape(nd - 2), name);
+  view.token_stride = static_cast<std::ptrdiff_t>(a.stride(nd - 2));
+  if (nd == 3) {
+    view.heads = to_int(a.shape(0), name);
+    view.head_stride = static_cast<std::ptrdiff_t>(a.stride(0));
+  } else {
+    view.heads = 1;
+    view.head_stride = view.token_stride * view.tokens;
+  }
+  return view;
+}
+
+ae::MatrixView matrix_view(const std::optional<Matrix>& m, const char* name) {
+  if (!m) return {};
+  return {m->data(), to_int(m->shape(0), name), to_int(m->shape(1), name)};
+}
+
+nb::dict result_dict(const ae::EchoResult& r) {
+  nb::dict d;
+  d["echo_hit"] = r.echo_hit;
+  d["similarity"] = r.similarity;
+  d["layer_id"] = r.layer_id;
+  d["tokens_echoed"] = r.tokens_echoed;
+  d["tokens_computed"] = r.tokens_computed;
+  d["compute_mode"] = std::string(r.compute_mode());
+  d["tier"] = std::string(ae::to_string(r.tier));
+  d["estimated_error"] = r.estimated_error;
+  d["rejected"] = r.rejected;
+  d["kept_fraction"] = r.kept_fraction;
+  return d;
+}
+
+nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
+  nb::dict d;
+  // The seed's keys first ...
+  d["hits"] = s.hits();
+  d["misses"] = s.misses;
+  d["total_lookups"] = s.lookups;
+  d["hit_rate"] = s.hit_rate();
+  d["cache_size"] = s.entries;
+  d["capacity"] = config.capacity;
+  // (the seed counted "ops_saved"; ours is the attention FLOPs not spent)
+  d["ops_saved"] = static_cast<long long>(s.flops_saved);
+  // ... then ours.
+  d["hits_exact"] = s.hits_exact;
+  d["hits_sparse"] = s.hits_sparse;
+  d["hits_dense"] = s.hits_dense;
+  d["rejected"] = s.rejected;
+  d["evictions"] = s.evictions;
+  d["bytes"] = s.bytes;
+  d["max_bytes"] = config.max_bytes;
+  d["tokens_echoed"] = s.tokens_echoed;
+  d["tokens_computed"] = s.tokens_computed;
+  d["flops_saved"] = s.flops_saved;
+  return d;
+}
+
+nb::ndarray<nb::numpy, float, nb::ndim<1>> to_numpy(std::vector<float>&& v) {
+  auto* owned = new std::vector<float>(std::move(v));
+  nb::capsule deleter(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {owned->size()}, deleter);
+}
+
+// One pool (all hardware threads) for module-level attention(); never
+// destroyed, so interpreter shutdown never waits on its workers.
+ae::ThreadPool& shared_pool() {
+  static ae::ThreadPool* pool = new ae::ThreadPool(0);
+  return *pool;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "C++ core of attention_echo (use the attention_echo package, not this module)";
+  m.attr("__version__") = AE_VERSION;
+
+  // ---- EchoConfig: plain fields; the Python dataclass EchoConfig fills one. ----
+  nb::class_<ae::EchoConfig>(m, "EchoConfig")
+      .def(nb::init<>())
+      .def_rw("capacity", &ae::EchoConfig::capacity)
+      .def_rw("similarity_threshold", &ae::EchoConfig::similarity_threshold)
+      .def_rw("max_prefix_length", &ae::EchoConfig::max_prefix_length)
+      .def_rw("adjustment_strength", &ae::EchoConfig::adjustment_strength)
+      .def_rw("enable_jacobian", &ae::EchoConfig::enable_jacobian)
+      .def_rw("hash_dim", &ae::EchoConfig::hash_dim)
+      .def_prop_rw(
+          "eviction_policy",
+          [](const ae::EchoConfig& c) { return std::string(ae::to_string(c.eviction_policy)); },
+          [](ae::EchoConfig& c, const std::string& s) { c.eviction_policy = ae::parse_eviction_policy(s); })
+      .def_rw("per_layer", &ae::EchoConfig::per_layer)
+      .def_rw("max_bytes", &ae::EchoConfig::max_bytes)
+      .def_prop_rw(
+          "mode", [](const ae::EchoConfig& c) { return std::string(ae::to_string(c.mode)); },
+          [](ae::EchoConfig& c, const std::string& s) { c.mode = ae::parse_echo_mode(s); })
+      .def_rw("max_error", &ae::EchoConfig::max_error)
+      .def_rw("verify_rows", &ae::EchoConfig::verify_rows)
+      .def_rw("length_tolerance", &ae::EchoConfig::length_tolerance)
+      .def_rw("threads", &ae::EchoConfig::threads)
+      .def_rw("sparse_mass", &ae::EchoConfig::sparse_mass)
+      .def_rw("block_size", &ae::EchoConfig::block_size)
+      .def("validate", &ae::EchoConfig::validate);
+
+  // ---- AttentionEchoCache ----
+  nb::class_<ae::AttentionEchoCache>(m, "AttentionEchoCache")
+      .def(nb::init<ae::EchoConfig>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def(
+          "attention_with_echo",
+          [](ae::AttentionEchoCache& self, InArray q, InArray k, InArray v, OutArray out,
+             int prefix_length, std::optional<Matrix> prefix_embeddings, int layer_id,
+             std::optional<float> scale, bool causal, std::optional<Tokens> prefix_tokens,
+             const std::string& name_space) {
+            const auto qv = heads_view<const float>(q, "query");
+            const auto kv = heads_view<const float>(k, "key");
+            const auto vv = heads_view<const float>(v, "value");
+            const auto ov = heads_view<float>(out, "out");
+            ae::EchoRequest req;
+            req.prefix_length = prefix_length;
+            req.prefix_embeddings = matrix_view(prefix_embeddings, "prefix_embeddings");
+            req.layer_id = layer_id;
+            req.scale = scale;
+            req.causal = causal;
+            if (prefix_tokens)
+              req.prefix_tokens = std::span<const std::int32_t>(prefix_tokens->data(), prefix_tokens->shape(0));
+            req.name_space = name_space;
+            ae::EchoResult r;
+            {
+              nb::gil_scoped_release release;
+              r = self.attention_with_echo(qv, kv, vv, ov, req);
+            }
+            return result_dict(r);
+          },
+          "query"_a.noconvert(), "key"_a.noconvert(), "value"_a.noconvert(), "out"_a.noconvert(),
+          "prefix_length"_a, "prefix_embeddings"_a.noconvert().none(), "layer_id"_a,
+          "scale"_a.none(), "causal"_a, "prefix_tokens"_a.noconvert().none(), "namespace"_a)
+      .def(
+          "compute_semantic_key",
+          [](const ae::AttentionEchoCache& self, Matrix emb) {
+            const ae::MatrixView view = matrix_view(emb, "embeddings");
+            std::vector<float> key;
+            {
+              nb::gil_scoped_release release;
+              key = self.compute_semantic_key(view);
+            }
+            return to_numpy(std::move(key));
+          },
+          "embeddings"_a.noconvert())
+      .def("stats", [](const ae::AttentionEchoCache& self) { return stats_dict(self.stats(), self.config()); })
+      .def("size", &ae::AttentionEchoCache::size)
+      .def("clear", &ae::AttentionEchoCache::clear, nb::call_guard<nb::gil_scoped_release>())
+      .def("config", &ae::AttentionEchoCache::config)
+      .def("save", &ae::AttentionEchoCache::save, "path"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("load", &ae::AttentionEchoCache::load, "path"_a, nb::call_guard<nb::gil_scoped_release>());
+
+  // ---- plain exact attention (no cache): the baseline the examples compare with ----
+  m.def(
+      "attention",
+      [](InArray q, InArray k, InArray v, OutArray out, std::optional<float> scale, bool causal,
+         int prefix_length) {
+        const auto qv = heads_view<const float>(q, "query");
+        const auto kv = heads_view<const float>(k, "key");
+        const auto vv = heads_view<const float>(v, "value");
+        const auto ov = heads_view<float>(out, "out");
+        ae::AttentionOptions opt;
+        opt.scale = scale;
+        opt.causal = causal;
+        opt.prefix_length = prefix_length;
+        nb::gil_scoped_release release;
+        ae::attention(qv, kv, vv, ov, opt, shared_pool());
+      },
+      "query"_a.noconvert(), "key"_a.noconvert(), "value"_a.noconvert(), "out"_a.noconvert(),
+      "scale"_a.none(), "causal"_a, "prefix_length"_a);
+
+  m.def("attention_isa", &ae::attention_isa);
+
+  // Test hook: the address nanobind hands to C++ for an array, to check that
+  // contiguous float32 inputs cross without a copy.
+  m.def("_data_address", [](InArray a) { return reinterpret_cast<std::uintptr_t>(a.data()); },
+        "array"_a.noconvert());
+}
