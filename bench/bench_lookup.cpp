@@ -1,0 +1,174 @@
+// SemanticIndex lookup latency (p50/p99 per query) and HNSW recall@1, with
+// exact brute force at the same sizes as the baseline.
+//
+// Keys: dim 128, unit norm, clustered (one cluster per kClusterSize entries,
+// each key = normalise(centre + N(0, kSpread^2 I)), fixed seed). Queries are
+// fresh keys from the same clusters, so the true neighbour is a near tie
+// among its cluster: the hard case for recall, not a copy of an entry.
+//
+//   bench_lookup                             # 1e3, 1e5, 1e6; prints a summary table
+//   bench_lookup --benchmark_filter=/100000  # one size
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "index/hnsw.hpp"
+#include "index/semantic_index.hpp"
+
+namespace {
+
+using attention_echo::index::SemanticIndex;
+namespace detail = attention_echo::index::detail;
+
+constexpr int kDim = 128;
+constexpr int kClusterSize = 50;
+constexpr float kSpread = 0.05f;  // key-to-centre similarity ~0.87, key-to-key ~0.76
+constexpr int kQueries = 1000;
+constexpr int kTopK = 4;
+
+void normalise(float* v) {
+  double norm = 0;
+  for (int i = 0; i < kDim; ++i) norm += double(v[i]) * v[i];
+  const auto inv = float(1.0 / std::sqrt(norm));
+  for (int i = 0; i < kDim; ++i) v[i] *= inv;
+}
+
+std::vector<float> random_centres(std::size_t count, std::mt19937_64& rng) {
+  std::normal_distribution<float> gauss;
+  std::vector<float> centres(count * kDim);
+  for (auto& x : centres) x = gauss(rng);
+  for (std::size_t c = 0; c < count; ++c) normalise(&centres[c * kDim]);
+  return centres;
+}
+
+// n keys, each normalise(random centre + noise).
+std::vector<float> clustered_keys(std::size_t n, const std::vector<float>& centres,
+                                  std::mt19937_64& rng) {
+  std::normal_distribution<float> gauss;
+  std::uniform_int_distribution<std::size_t> pick(0, centres.size() / kDim - 1);
+  std::vector<float> keys(n * kDim);
+  for (std::size_t i = 0; i < n; ++i) {
+    const float* centre = &centres[pick(rng) * kDim];
+    for (int d = 0; d < kDim; ++d) keys[i * kDim + d] = centre[d] + kSpread * gauss(rng);
+    normalise(&keys[i * kDim]);
+  }
+  return keys;
+}
+
+// One data set per size, built once and shared by both benchmarks.
+struct DataSet {
+  std::vector<float> queries;
+  std::unique_ptr<SemanticIndex> flat, hnsw;
+  std::vector<std::uint64_t> truth;  // exact top-1 id per query
+  double hnsw_build_s = 0;
+};
+
+DataSet& data_set(std::size_t n) {
+  static std::map<std::size_t, DataSet> sets;
+  auto [it, fresh] = sets.try_emplace(n);
+  DataSet& ds = it->second;
+  if (!fresh) return ds;
+
+  std::mt19937_64 rng(42);
+  const auto centres = random_centres(std::max<std::size_t>(1, n / kClusterSize), rng);
+  const std::vector<float> keys = clustered_keys(n, centres, rng);
+  ds.queries = clustered_keys(kQueries, centres, rng);
+
+  // Brute force: a threshold no size reaches.
+  detail::IndexTuning tuning = detail::index_tuning();
+  const detail::IndexTuning saved = tuning;
+  tuning.hnsw_threshold = SIZE_MAX;
+  detail::set_index_tuning(tuning);
+  ds.flat = std::make_unique<SemanticIndex>(kDim);
+  detail::set_index_tuning(saved);
+  ds.hnsw = std::make_unique<SemanticIndex>(kDim);
+
+  const auto start = std::chrono::steady_clock::now();
+  for (std::size_t i = 0; i < n; ++i) ds.hnsw->add(i, {&keys[i * kDim], kDim});
+  ds.hnsw_build_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (std::size_t i = 0; i < n; ++i) ds.flat->add(i, {&keys[i * kDim], kDim});
+
+  for (int q = 0; q < kQueries; ++q)
+    ds.truth.push_back(ds.flat->search({&ds.queries[q * kDim], kDim}, 1, -1.0f).at(0).id);
+  return ds;
+}
+
+struct Summary {
+  double p50_us = 0, p99_us = 0, recall = 0, build_s = 0;
+};
+std::map<std::size_t, Summary> flat_summary, hnsw_summary;
+
+// Times one search per iteration, query i % kQueries; reports p50/p99 and recall@1.
+void run_lookups(benchmark::State& state, const SemanticIndex& index, const DataSet& ds,
+                 Summary& summary) {
+  std::vector<double> us;
+  std::size_t q = 0, hits = 0;
+  for (auto _ : state) {
+    const float* query = &ds.queries[q * kDim];
+    const auto start = std::chrono::steady_clock::now();
+    auto found = index.search({query, kDim}, kTopK, -1.0f);
+    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() -
+                                                           start)
+                     .count());
+    benchmark::DoNotOptimize(found);
+    hits += !found.empty() && found[0].id == ds.truth[q];
+    q = (q + 1) % kQueries;
+  }
+  std::sort(us.begin(), us.end());
+  summary.p50_us = us[us.size() / 2];
+  summary.p99_us = us[std::min(us.size() - 1, us.size() * 99 / 100)];
+  summary.recall = double(hits) / double(us.size());
+  state.counters["p50_us"] = summary.p50_us;
+  state.counters["p99_us"] = summary.p99_us;
+  state.counters["recall@1"] = summary.recall;
+}
+
+void BM_BruteForce(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const DataSet& ds = data_set(n);
+  run_lookups(state, *ds.flat, ds, flat_summary[n]);
+}
+
+void BM_Index(benchmark::State& state) {
+  const auto n = static_cast<std::size_t>(state.range(0));
+  const DataSet& ds = data_set(n);
+  run_lookups(state, *ds.hnsw, ds, hnsw_summary[n]);
+  hnsw_summary[n].build_s = ds.hnsw_build_s;
+  state.counters["build_s"] = ds.hnsw_build_s;
+}
+
+// Fixed iteration counts: every query once (brute force at 1e6: the first 200).
+BENCHMARK(BM_BruteForce)->Arg(1000)->Iterations(kQueries)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Index)->Arg(1000)->Iterations(kQueries)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_BruteForce)->Arg(100000)->Iterations(kQueries)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Index)->Arg(100000)->Iterations(kQueries)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_BruteForce)->Arg(1000000)->Iterations(200)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Index)->Arg(1000000)->Iterations(kQueries)->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+
+  std::printf("\n%10s %14s %14s %14s %14s %9s %9s %9s\n", "entries", "brute p50 us",
+              "brute p99 us", "index p50 us", "index p99 us", "p50 x", "recall@1", "build s");
+  for (const auto& [n, index] : hnsw_summary) {
+    const auto flat = flat_summary.find(n);
+    if (flat == flat_summary.end()) continue;
+    std::printf("%10zu %14.1f %14.1f %14.1f %14.1f %9.1f %9.3f %9.1f\n", n, flat->second.p50_us,
+                flat->second.p99_us, index.p50_us, index.p99_us,
+                flat->second.p50_us / index.p50_us, index.recall, index.build_s);
+  }
+  return 0;
+}
