@@ -58,3 +58,6 @@ class EchoConfig:
                 ) from None
         core.validate()
         return core
+
+
+del _D  # no _core instance may outlive the interpreter's shutdown (nanobind checks)

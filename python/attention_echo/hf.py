@@ -1,0 +1,231 @@
+"""Hugging Face transformers integration: the attention implementation "echo".
+
+Importing this module registers ``"echo"`` with transformers'
+``AttentionInterface`` (and the matching mask function), so a Llama-family
+model runs its attention through AttentionEcho::
+
+    import attention_echo.hf as echo_hf
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="echo")
+    # or: model.set_attn_implementation("echo"); or LlamaForCausalLM(config) with
+    #     config._attn_implementation = "echo"
+    echo_hf.enable(model, EchoConfig(capacity=256))      # optional: choose the config
+
+    with torch.no_grad(), echo_hf.echo_context(prefix_length=128, prefix_tokens=ids[0, :128]):
+        logits = model(ids).logits
+    echo_hf.stats(model)                                  # hits/misses summed over layers
+
+How the request maps onto the cache:
+
+* **One cache per attention layer** (``module.layer_idx``), attached to the
+  attention module; ``enable()`` sets their config (default: ``EchoConfig()``).
+* **Prefix length**: from ``echo_context(prefix_length=...)`` or the forward
+  kwarg ``echo_prefix_length=`` (transformers passes extra kwargs down to the
+  attention function). If neither is set, the prefix is ``len(prefix_tokens)``
+  when tokens are given, else the whole prompt.
+* **Prefix embeddings** (the semantic key): the mean over prefix positions of
+  the layer's own keys (after RoPE), flattened over kv heads: one
+  (1, Hkv * head_dim) row. Hidden states are not visible to an attention
+  function; the keys are, they depend on the prefix's content and positions
+  through this layer's weights, and mean-pooling them is exactly what the key
+  computation does anyway (so passing the mean costs no accuracy).
+* **Prefix tokens** (exact tier): ``echo_context(prefix_tokens=...)`` or
+  ``echo_prefix_tokens=``; (P,) shared by the batch or (B, P).
+* **Namespace**: ``echo_context(namespace=...)`` / ``echo_namespace=``.
+
+Falls back to transformers' own SDPA attention (same result as
+``attn_implementation="sdpa"``) when the cache cannot serve the call: an
+explicit attention mask (padding), decode steps or chunks whose query length
+differs from the key length (KV cache), dropout, softcapping, sliding windows,
+attention sinks, non-causal layers, and calls that need gradients (the echo
+path is inference-only; a UserWarning says so once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ._cache import AttentionEchoCache
+from ._config import EchoConfig
+from .torch import echo_attention
+
+__all__ = ["register", "enable", "echo_context", "caches", "stats", "clear", "last_meta", "NAME"]
+
+NAME = "echo"
+
+_CONTEXT: contextvars.ContextVar[Dict[str, Any]] = contextvars.ContextVar("attention_echo_hf", default={})
+_LOCK = threading.Lock()
+_warned_grad = False
+
+
+def register(name: str = NAME) -> None:
+    """Register the echo attention function (and SDPA's mask builder, so
+    padding masks still reach it) under ``name``. Idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, echo_attention_forward)
+    try:  # transformers >= 4.53 builds masks per implementation
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionMaskInterface.register(name, sdpa_mask)
+    except ImportError:
+        pass
+
+
+@contextlib.contextmanager
+def echo_context(
+    prefix_length: Optional[int] = None,
+    prefix_tokens=None,
+    namespace: Optional[str] = None,
+) -> Iterator[None]:
+    """Per-call echo parameters for every layer run inside the block
+    (thread- and asyncio-local)."""
+    values = dict(_CONTEXT.get())
+    if prefix_length is not None:
+        values["prefix_length"] = prefix_length
+    if prefix_tokens is not None:
+        values["prefix_tokens"] = prefix_tokens
+    if namespace is not None:
+        values["namespace"] = namespace
+    token = _CONTEXT.set(values)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _attention_modules(model: torch.nn.Module) -> List[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+
+def enable(model: torch.nn.Module, config: Optional[EchoConfig] = None, set_implementation: bool = True):
+    """Give every attention layer of ``model`` a fresh cache with ``config``
+    and (by default) switch the model to ``attn_implementation="echo"``."""
+    config = config or EchoConfig()
+    for module in _attention_modules(model):
+        module._echo_cache = AttentionEchoCache(config)
+    if set_implementation:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(NAME)
+        else:  # older transformers
+            model.config._attn_implementation = NAME
+    return model
+
+
+def _cache_of(module: torch.nn.Module) -> AttentionEchoCache:
+    cache = getattr(module, "_echo_cache", None)
+    if cache is None:
+        with _LOCK:
+            cache = getattr(module, "_echo_cache", None)
+            if cache is None:
+                cache = module._echo_cache = AttentionEchoCache(EchoConfig())
+    return cache
+
+
+def caches(model: torch.nn.Module) -> Dict[int, AttentionEchoCache]:
+    """The per-layer caches created so far, by layer index."""
+    return {m.layer_idx: m._echo_cache for m in _attention_modules(model) if getattr(m, "_echo_cache", None)}
+
+
+def stats(model: torch.nn.Module) -> Dict[str, Any]:
+    """Stats summed over the layers' caches (hit_rate recomputed)."""
+    total: Dict[str, Any] = {}
+    for cache in caches(model).values():
+        for key, value in cache.stats.items():
+            if key != "hit_rate":
+                total[key] = total.get(key, 0) + value
+    lookups = total.get("total_lookups", 0)
+    total["hit_rate"] = total.get("hits", 0) / lookups if lookups else 0.0
+    total["layers"] = len(caches(model))
+    return total
+
+
+def clear(model: torch.nn.Module) -> None:
+    for cache in caches(model).values():
+        cache.clear()
+
+
+def last_meta(model: torch.nn.Module) -> Dict[int, Dict[str, Any]]:
+    """Metadata of each layer's most recent echo call (for inspection)."""
+    return {m.layer_idx: m._echo_last_meta for m in _attention_modules(model) if hasattr(m, "_echo_last_meta")}
+
+
+def _can_echo(module, query, key, attention_mask, dropout, kwargs) -> bool:
+    if attention_mask is not None or dropout > 0.0:
+        return False
+    if query.shape[2] != key.shape[2]:  # decode step / chunked prefill against a KV cache
+        return False
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        return False
+    for name in ("softcap", "sliding_window", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        global _warned_grad
+        if not _warned_grad:
+            warnings.warn(
+                "attention_echo.hf: the echo attention is inference-only; with gradients enabled it "
+                "falls back to SDPA. Use torch.no_grad() or torch.inference_mode() for inference.",
+                UserWarning,
+                stacklevel=4,
+            )
+            _warned_grad = True
+        return False
+    return True
+
+
+def echo_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+):
+    """transformers attention function: query (B, H, T, D), key/value
+    (B, Hkv, T, D); returns ((B, T, H, D) output, None)."""
+    ctx = _CONTEXT.get()
+    prefix_length = kwargs.pop("echo_prefix_length", ctx.get("prefix_length"))
+    prefix_tokens = kwargs.pop("echo_prefix_tokens", ctx.get("prefix_tokens"))
+    namespace = kwargs.pop("echo_namespace", ctx.get("namespace", ""))
+
+    if not _can_echo(module, query, key, attention_mask, dropout, kwargs):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    tokens = query.shape[2]
+    if prefix_length is None:
+        prefix_length = len(prefix_tokens[0] if getattr(prefix_tokens, "ndim", 1) == 2 else prefix_tokens) \
+            if prefix_tokens is not None else tokens
+    prefix_length = min(int(prefix_length), tokens)
+    embeddings = None
+    if prefix_length > 0:
+        # (B, Hkv, P, D) -> mean over P -> (B, 1, Hkv * D): one embedding row per sequence.
+        embeddings = key[:, :, :prefix_length].detach().float().mean(dim=2).reshape(key.shape[0], 1, -1)
+    out, meta = echo_attention(
+        _cache_of(module),
+        query,
+        key,
+        value,
+        prefix_length,
+        embeddings,
+        layer_id=getattr(module, "layer_idx", 0) or 0,
+        scale=scaling,
+        causal=True,
+        prefix_tokens=prefix_tokens,
+        namespace=namespace,
+    )
+    module._echo_last_meta = meta
+    return out, None
+
+
+register()
