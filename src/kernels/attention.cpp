@@ -1,0 +1,22 @@
+// The public exact attention(): validate, then every row through the kernel.
+#include "attention_echo/attention.hpp"
+
+#include <cmath>
+
+#include "core/validate.hpp"
+#include "kernels/attention_kernel.hpp"
+
+namespace attention_echo {
+
+void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
+               const AttentionOptions& options, ThreadPool& pool) {
+  validate_attention_inputs(q, k, v, out, options.prefix_length);
+  if (options.scale) validate_scale(*options.scale);
+  const float scale = options.scale.value_or(1.0f / std::sqrt(static_cast<float>(q.dim)));
+  const kernels::AttentionProblem problem{q, k, v, out, scale, options.causal, options.prefix_length};
+  kernels::exact_rows(problem, 0, q.tokens, pool);
+}
+
+const char* attention_isa() { return kernels::isa_name(); }
+
+}  // namespace attention_echo

@@ -1,0 +1,262 @@
+// The three entry points of the tile loop: they only decide which rows go
+// together into a RowBlock (rows of one kv head, at most kMaxRows) and which
+// key chunks each block walks; the per-ISA tile loop does all the math.
+#include "kernels/attention_kernel.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/isa.hpp"
+#include "kernels/row_block.hpp"
+
+namespace attention_echo::kernels {
+namespace {
+
+constexpr float kLog2e = 1.44269504088896340736f;
+// Query tokens per task when no tile mass is recorded: dozens of tasks per
+// head at long T keep threads balanced under the causal mask's uneven work.
+constexpr int kTaskTokens = 64;
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+[[noreturn]] void fail(const char* name, const std::string& what) {
+  throw std::invalid_argument(std::string(name) + ": " + what);
+}
+
+using BlockFn = void (*)(const RowBlock&);
+
+BlockFn block_function() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return run_block_avx512;
+    case Isa::kAvx2: return run_block_avx2;
+    case Isa::kScalar: break;
+  }
+  return run_block_scalar;
+}
+
+// One query row to compute and where its output goes.
+struct Row {
+  int head;
+  int token;
+  float* out;
+};
+
+// Per-thread buffers, reused across calls.
+struct Workspace {
+  std::vector<float> scratch;
+  std::vector<Row> rows;
+  std::vector<KeyChunk> chunks;
+  std::vector<float> log;
+  std::vector<double> mass;
+
+  float* aligned_scratch(int dim) {
+    scratch.resize(scratch_floats(dim) + 16);
+    const auto misalign = reinterpret_cast<std::uintptr_t>(scratch.data()) % 64;
+    return scratch.data() + (64 - misalign) % 64 / sizeof(float);
+  }
+};
+
+Workspace& workspace() {
+  thread_local Workspace w;
+  return w;
+}
+
+// A block for rows that all read one kv head; chunks are set by the caller.
+RowBlock make_block(const AttentionProblem& p, std::span<const Row> rows, Workspace& w) {
+  RowBlock b;
+  b.rows = static_cast<int>(rows.size());
+  b.dim = p.q.dim;
+  for (int r = 0; r < b.rows; ++r) {
+    b.q[r] = p.q.row(rows[r].head, rows[r].token);
+    b.out[r] = rows[r].out;
+    b.key_end[r] = p.key_end(rows[r].token);
+  }
+  const int kv = p.kv_head(rows[0].head);
+  b.k = p.k.row(kv, 0);
+  b.v = p.v.row(kv, 0);
+  b.k_stride = p.k.token_stride;
+  b.v_stride = p.v.token_stride;
+  b.logit_scale = p.scale * kLog2e;
+  b.scratch = w.aligned_scratch(b.dim);
+  return b;
+}
+
+int key_limit(const RowBlock& b) { return *std::max_element(b.key_end, b.key_end + b.rows); }
+
+void run(RowBlock& b, const std::vector<KeyChunk>& chunks, BlockFn fn) {
+  b.chunks = chunks.data();
+  b.chunk_count = static_cast<int>(chunks.size());
+  fn(b);
+}
+
+// Every chunk of keys [begin, end).
+void add_chunks(int begin, int end, std::vector<KeyChunk>& chunks) {
+  for (int c = begin; c < end; c += kChunk) chunks.push_back({c, std::min(c + kChunk, end)});
+}
+
+// Logs a block's per-chunk softmax statistics into w.log.
+void attach_log(RowBlock& b, std::size_t chunks, Workspace& w) {
+  const std::size_t stride = padded(b.rows);
+  w.log.resize(2 * (chunks + 1) * stride);
+  float* p = w.log.data();
+  b.log = {p, p + chunks * stride, p + 2 * chunks * stride, p + (2 * chunks + 1) * stride};
+}
+
+// Adds each prefix row's final softmax mass per key tile to
+// table[(head - head0) * tiles + J]: a chunk's partial sum, taken relative
+// to the running max of its time, rescaled to the row's final max and sum.
+void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, const TileMass& mass,
+                   int head0, double* table) {
+  const int stride = padded(b.rows);
+  for (int r = 0; r < b.rows; ++r) {
+    if (rows[r].token >= prefix) continue;
+    double* row_mass = table + static_cast<std::size_t>(rows[r].head - head0) * mass.tiles;
+    const double max = b.log.row_max[r], sum = b.log.row_sum[r];
+    for (int c = 0; c < b.chunk_count && b.chunks[c].begin < prefix; ++c)
+      row_mass[b.chunks[c].begin / mass.block] +=
+          b.log.chunk_sum[c * stride + r] * std::exp2(b.log.chunk_max[c * stride + r] - max) / sum;
+  }
+}
+
+void check_row_range(const AttentionProblem& p, int row_begin, int row_end) {
+  if (row_begin < 0 || row_begin > row_end) fail("row_begin", "must be in [0, row_end]");
+  if (row_end > p.q.tokens) fail("row_end", "must be <= T = " + std::to_string(p.q.tokens));
+}
+
+void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int row_end, int prefix) {
+  if (mass.block <= 0 || mass.block % kChunk != 0)
+    fail("mass", "block must be a positive multiple of " + std::to_string(kChunk));
+  if (row_begin != 0) fail("row_begin", "must be 0 when recording tile mass");
+  if (prefix < 0 || prefix > row_end) fail("prefix", "must be in [0, row_end]");
+  if (!p.causal && p.prefix_length != prefix)
+    fail("prefix", "must equal the problem's prefix_length for non-causal tile mass");
+  mass.tiles = ceil_div(prefix, mass.block);
+  mass.mass.assign(static_cast<std::size_t>(p.q.heads) * mass.tiles * mass.tiles, 0.0f);
+}
+
+// Query tokens [t0, t1) of the heads of kv head kv, in blocks of kMaxRows
+// rows (token-major, so a block's rows share their key range), over every key
+// chunk below the block's key limit. With mass, [t0, t1) is tile t0 / block.
+void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mass, int prefix, BlockFn fn) {
+  Workspace& w = workspace();
+  const int group = p.q.heads / p.k.heads;
+  const int head0 = kv * group;
+  w.rows.clear();
+  for (int t = t0; t < t1; ++t)
+    for (int h = head0; h < head0 + group; ++h) w.rows.push_back({h, t, p.out.row(h, t)});
+  const bool log = mass != nullptr && t0 < prefix;
+  if (log) w.mass.assign(static_cast<std::size_t>(group) * mass->tiles, 0.0);
+
+  for (std::size_t first = 0; first < w.rows.size(); first += kMaxRows) {
+    const auto rows = std::span<const Row>(w.rows).subspan(first, std::min<std::size_t>(kMaxRows, w.rows.size() - first));
+    RowBlock b = make_block(p, rows, w);
+    w.chunks.clear();
+    add_chunks(0, key_limit(b), w.chunks);
+    if (log) attach_log(b, w.chunks.size(), w);
+    run(b, w.chunks, fn);
+    if (log) add_tile_mass(b, rows, prefix, *mass, head0, w.mass.data());
+  }
+  if (!log) return;
+  // The tile's mean over its prefix rows.
+  const int tile = t0 / mass->block;
+  const double rows_in_tile = std::min(t1, prefix) - t0;
+  for (int h = 0; h < group; ++h)
+    for (int j = 0; j < mass->tiles; ++j)
+      mass->mass[(static_cast<std::size_t>(head0 + h) * mass->tiles + tile) * mass->tiles + j] =
+          static_cast<float>(w.mass[static_cast<std::size_t>(h) * mass->tiles + j] / rows_in_tile);
+}
+
+void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
+  if (kept.block <= 0 || kept.block % kChunk != 0)
+    fail("kept", "block must be a positive multiple of " + std::to_string(kChunk));
+  if (kept.heads != p.q.heads) fail("kept", "heads != the problem's query heads");
+  if (kept.offsets.size() != static_cast<std::size_t>(kept.heads) * kept.tiles + 1 ||
+      kept.offsets.back() != kept.cols.size())
+    fail("kept", "offsets do not match heads * tiles and cols");
+  for (auto col : kept.cols)
+    if (col >= kept.tiles) fail("kept", "tile index out of range");
+  if (rows < 0 || rows > p.q.tokens || rows > kept.tiles * kept.block)
+    fail("rows", "must be in [0, min(T, tiles * block)]");
+}
+
+}  // namespace
+
+void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool, TileMass* mass,
+                int prefix) {
+  check_row_range(problem, row_begin, row_end);
+  if (mass != nullptr) prepare_mass(problem, *mass, row_begin, row_end, prefix);
+  if (row_begin == row_end) return;
+  const int span = mass != nullptr ? mass->block : kTaskTokens;
+  const int spans = ceil_div(row_end - row_begin, span);
+  const int kv_heads = problem.k.heads;
+  const BlockFn fn = block_function();
+  pool.parallel_for(static_cast<std::size_t>(spans) * kv_heads, [&](std::size_t i) {
+    // Later query tokens see more keys under the causal mask: hand them out first.
+    const int t0 = row_begin + (spans - 1 - static_cast<int>(i) / kv_heads) * span;
+    exact_task(problem, static_cast<int>(i) % kv_heads, t0, std::min(t0 + span, row_end), mass, prefix, fn);
+  });
+}
+
+void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool) {
+  check_tile_set(problem, rows, kept);
+  const int heads = problem.q.heads;
+  const int tiles = ceil_div(rows, kept.block);
+  const BlockFn fn = block_function();
+  // Kept tiles differ per head, so a block holds one head's rows of one tile.
+  pool.parallel_for(static_cast<std::size_t>(tiles) * heads, [&](std::size_t i) {
+    const int tile = tiles - 1 - static_cast<int>(i) / heads;
+    const int h = static_cast<int>(i) % heads;
+    const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + tile;
+    const int end = std::min((tile + 1) * kept.block, rows);
+    Workspace& w = workspace();
+    for (int t0 = tile * kept.block; t0 < end; t0 += kMaxRows) {
+      w.rows.clear();
+      for (int t = t0; t < std::min(t0 + kMaxRows, end); ++t) w.rows.push_back({h, t, problem.out.row(h, t)});
+      RowBlock b = make_block(problem, w.rows, w);
+      const int limit = key_limit(b);
+      w.chunks.clear();
+      for (auto k = kept.offsets[slot]; k < kept.offsets[slot + 1]; ++k)
+        add_chunks(kept.cols[k] * kept.block, std::min((kept.cols[k] + 1) * kept.block, limit), w.chunks);
+      run(b, w.chunks, fn);
+    }
+  });
+}
+
+void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result, ThreadPool& pool) {
+  for (int t : rows)
+    if (t < 0 || t >= problem.q.tokens) fail("rows", "row " + std::to_string(t) + " outside [0, T)");
+  if (rows.empty()) return;
+  // Rows sorted by token share their key ranges best within a block.
+  std::vector<int> order(rows.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return rows[a] < rows[b]; });
+
+  const int n = static_cast<int>(rows.size());
+  const int group = problem.q.heads / problem.k.heads;
+  const int kv_heads = problem.k.heads;
+  const int per_kv = n * group;
+  // Small blocks when there are few rows, so every thread gets some.
+  const int per_block = std::clamp(ceil_div(per_kv * kv_heads, pool.size()), 1, kMaxRows);
+  const int blocks = ceil_div(per_kv, per_block);
+  const BlockFn fn = block_function();
+  pool.parallel_for(static_cast<std::size_t>(kv_heads) * blocks, [&](std::size_t i) {
+    const int kv = static_cast<int>(i) / blocks;
+    const int first = static_cast<int>(i) % blocks * per_block;
+    Workspace& w = workspace();
+    w.rows.clear();
+    for (int f = first; f < std::min(first + per_block, per_kv); ++f) {
+      const int r = order[f / group], h = kv * group + f % group;
+      w.rows.push_back({h, rows[r], result + (static_cast<std::size_t>(h) * n + r) * problem.q.dim});
+    }
+    RowBlock b = make_block(problem, w.rows, w);
+    w.chunks.clear();
+    add_chunks(0, key_limit(b), w.chunks);
+    run(b, w.chunks, fn);
+  });
+}
+
+}  // namespace attention_echo::kernels

@@ -1,0 +1,271 @@
+// The tiled online-softmax loop over one RowBlock, written once against a
+// small SIMD interface V and compiled per ISA: tile_loop_<isa>.cpp includes
+// this header after its `#pragma GCC target`, so everything here is compiled
+// for that ISA. It lives in an anonymous namespace and uses no std templates:
+// an inline function compiled for AVX-512 must never be the copy the linker
+// keeps for the scalar path.
+//
+// Layout (R = padded(rows); a vector holds W rows or W dims):
+//   qt[d][r]   query r times logit_scale, transposed
+//   s[j][r]    scores, then probabilities, of the chunk's key j
+//   acc[r][d]  unnormalised output
+// Scores run down the rows, so the row max, the exp and the row sum are
+// vertical vector operations, and each row's arithmetic is the same whatever
+// lane or block it lands in: that is what makes rows bit-identical across
+// entry points and thread counts.
+//
+// Per row and chunk, in log2 units (s_j = log2(e) * scale * q.k_j):
+//   m' = max(m, max_j s_j)      alpha = 2^(m - m')
+//   p_j = 2^(s_j - m')          l' = alpha * l + sum_j p_j
+//   acc' = alpha * acc + sum_j p_j v_j
+// and out = acc / l after the last chunk. A key a row may not see gets
+// s = -inf, so p = 0 exactly; a chunk a row cannot see at all leaves its
+// m, l and acc bit for bit unchanged (alpha = 2^0 = 1 exactly).
+#pragma once
+
+#include "kernels/row_block.hpp"
+
+namespace attention_echo::kernels {
+namespace {
+
+constexpr float kNegInf = -__builtin_inff();
+
+// 2^x for x <= 0: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f from
+// Cephes' exp2f minimax polynomial (relative error ~2e-7), 2^n put into the
+// exponent. Exactly 1 at x = 0; exactly 0 below -125, where a term is under
+// 2^-125 of the row's largest and cannot move its sums.
+template <class V>
+typename V::reg exp2(typename V::reg x) {
+  using Reg = typename V::reg;
+  const Reg xc = V::max(x, V::set1(-125.0f));
+  const Reg n = V::round(xc);
+  const Reg f = V::sub(xc, n);
+  Reg p = V::set1(1.535336188319500e-4f);
+  p = V::mul_add(p, f, V::set1(1.339887440266574e-3f));
+  p = V::mul_add(p, f, V::set1(9.618437357674640e-3f));
+  p = V::mul_add(p, f, V::set1(5.550332471162809e-2f));
+  p = V::mul_add(p, f, V::set1(2.402264791363012e-1f));
+  p = V::mul_add(p, f, V::set1(6.931472028550421e-1f));
+  p = V::mul_add(p, f, V::set1(1.0f));
+  return V::zero_below(V::pow2_scale(p, n), x, -125.0f);
+}
+
+template <class V>
+class TileLoop {
+  using Reg = typename V::reg;
+  static constexpr int W = V::W;
+
+ public:
+  explicit TileLoop(const RowBlock& block)
+      : b_(block), rows_(padded(block.rows)), dim_(block.dim), dpad_(padded(block.dim)) {
+    float* p = block.scratch;
+    qt_ = p, p += dim_ * rows_;
+    s_ = p, p += kChunk * rows_;
+    acc_ = p, p += rows_ * dpad_;
+    max_ = p, p += rows_;
+    sum_ = p, p += rows_;
+    alpha_ = p, p += rows_;
+    key_end_ = p, p += rows_;
+    vpad_ = p;
+  }
+
+  void run() {
+    load_queries();
+    for (int c = 0; c < b_.chunk_count; ++c) {
+      scores(b_.chunks[c]);
+      softmax(b_.chunks[c], c);
+      accumulate(b_.chunks[c]);
+    }
+    finish();
+  }
+
+ private:
+  // qt = logit_scale * q^T (pad rows zero), empty softmax state per row.
+  void load_queries() {
+    min_key_end_ = 3.0e38f;
+    for (int r = 0; r < rows_; ++r) {
+      const bool real = r < b_.rows;
+      for (int d = 0; d < dim_; ++d) qt_[d * rows_ + r] = real ? b_.q[r][d] * b_.logit_scale : 0.0f;
+      // Pad rows never get masked; their results are never read.
+      key_end_[r] = real ? static_cast<float>(b_.key_end[r]) : 3.0e38f;
+      if (key_end_[r] < min_key_end_) min_key_end_ = key_end_[r];
+      max_[r] = kNegInf;
+      sum_[r] = 0.0f;
+    }
+    for (int i = 0; i < rows_ * dpad_; ++i) acc_[i] = 0.0f;
+  }
+
+  // s[j][r] = sum_d qt[d][r] * k_j[d], RV row vectors x NK keys at a time.
+  template <int RV, int NK>
+  void score_tile(int rv, const float* k0, int j) {
+    Reg a[RV][NK];
+    const float* key[NK];
+#pragma GCC unroll 16
+    for (int n = 0; n < NK; ++n) {
+      key[n] = k0 + (j + n) * b_.k_stride;
+#pragma GCC unroll 16
+      for (int i = 0; i < RV; ++i) a[i][n] = V::zero();
+    }
+    for (int d = 0; d < dim_; ++d) {
+      const float* qd = qt_ + d * rows_ + rv * W;
+      Reg q[RV];
+#pragma GCC unroll 16
+      for (int i = 0; i < RV; ++i) q[i] = V::load(qd + i * W);
+#pragma GCC unroll 16
+      for (int n = 0; n < NK; ++n) {
+        const Reg kd = V::set1(key[n][d]);
+#pragma GCC unroll 16
+        for (int i = 0; i < RV; ++i) a[i][n] = V::mul_add(q[i], kd, a[i][n]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int n = 0; n < NK; ++n)
+#pragma GCC unroll 16
+      for (int i = 0; i < RV; ++i) V::store(s_ + (j + n) * rows_ + (rv + i) * W, a[i][n]);
+  }
+
+  template <int RV>
+  void score_rows(int rv, const float* k0, int keys) {
+    constexpr int NK = V::kAcc / RV;
+    int j = 0;
+    for (; j + NK <= keys; j += NK) score_tile<RV, NK>(rv, k0, j);
+    for (; j < keys; ++j) score_tile<RV, 1>(rv, k0, j);
+  }
+
+  void scores(const KeyChunk& chunk) {
+    const float* k0 = b_.k + chunk.begin * b_.k_stride;
+    const int keys = chunk.end - chunk.begin;
+    const int vectors = rows_ / W;
+    int rv = 0;
+    for (; rv + V::kScoreRows <= vectors; rv += V::kScoreRows) score_rows<V::kScoreRows>(rv, k0, keys);
+    for (; rv < vectors; ++rv) score_rows<1>(rv, k0, keys);
+  }
+
+  // Masks keys past each row's key_end, updates m and l, turns scores into
+  // probabilities and leaves each row's alpha for accumulate().
+  void softmax(const KeyChunk& chunk, int c) {
+    const int keys = chunk.end - chunk.begin;
+    const bool mask = static_cast<float>(chunk.end) > min_key_end_;
+    for (int r = 0; r < rows_; r += W) {
+      const Reg m_old = V::load(max_ + r);
+      Reg m = m_old;
+      if (mask) {
+        const Reg key_end = V::load(key_end_ + r);
+        for (int j = 0; j < keys; ++j) {
+          float* s = s_ + j * rows_ + r;
+          const Reg x = V::keep_below(V::load(s), key_end, static_cast<float>(chunk.begin + j));
+          V::store(s, x);
+          m = V::max(m, x);
+        }
+      } else {
+        for (int j = 0; j < keys; ++j) m = V::max(m, V::load(s_ + j * rows_ + r));
+      }
+      // A row that has seen no key yet keeps m = -inf; 0 stands in for it so
+      // that 2^(-inf - 0) = 0 rather than NaN.
+      const Reg m_ref = V::finite_or_zero(m);
+      const Reg alpha = exp2<V>(V::sub(m_old, m_ref));
+      Reg total = V::zero();
+      for (int j = 0; j < keys; ++j) {
+        float* s = s_ + j * rows_ + r;
+        const Reg p = exp2<V>(V::sub(V::load(s), m_ref));
+        V::store(s, p);
+        total = V::add(total, p);
+      }
+      V::store(max_ + r, m);
+      V::store(alpha_ + r, alpha);
+      V::store(sum_ + r, V::mul_add(V::load(sum_ + r), alpha, total));
+      if (b_.log.chunk_sum != nullptr) {
+        V::store(b_.log.chunk_sum + c * rows_ + r, total);
+        V::store(b_.log.chunk_max + c * rows_ + r, m_ref);
+      }
+    }
+  }
+
+  // acc[r] = alpha_r * acc[r] + sum_j p_rj v_j for MR rows x SW dim vectors.
+  template <int MR, int SW>
+  void value_tile(int r, int dv, const float* v0, long v_stride, int keys) {
+    Reg a[MR][SW];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const Reg alpha = V::set1(alpha_[r + i]);
+#pragma GCC unroll 16
+      for (int s = 0; s < SW; ++s) a[i][s] = V::mul(V::load(acc_ + (r + i) * dpad_ + (dv + s) * W), alpha);
+    }
+    for (int j = 0; j < keys; ++j) {
+      const float* vj = v0 + j * v_stride + dv * W;
+      Reg p[MR];
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) p[i] = V::set1(s_[j * rows_ + r + i]);
+#pragma GCC unroll 16
+      for (int s = 0; s < SW; ++s) {
+        const Reg x = V::load(vj + s * W);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) a[i][s] = V::mul_add(p[i], x, a[i][s]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+      for (int s = 0; s < SW; ++s) V::store(acc_ + (r + i) * dpad_ + (dv + s) * W, a[i][s]);
+  }
+
+  template <int SW>
+  void value_strip(int dv, const float* v0, long v_stride, int keys) {
+    constexpr int MR = V::kAcc / SW > 12 ? 12 : V::kAcc / SW;
+    int r = 0;
+    for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys);
+    for (; r < b_.rows; ++r) value_tile<1, SW>(r, dv, v0, v_stride, keys);
+  }
+
+  void accumulate(const KeyChunk& chunk) {
+    const int keys = chunk.end - chunk.begin;
+    const float* v0 = b_.v + chunk.begin * b_.v_stride;
+    long v_stride = b_.v_stride;
+    if (dim_ % W != 0) {
+      // Whole vectors only: copy the chunk's values into zero-padded rows.
+      for (int j = 0; j < keys; ++j)
+        for (int d = 0; d < dpad_; ++d) vpad_[j * dpad_ + d] = d < dim_ ? v0[j * v_stride + d] : 0.0f;
+      v0 = vpad_;
+      v_stride = dpad_;
+    }
+    const int vectors = (dim_ + W - 1) / W;
+    for (int dv = 0; dv < vectors; dv += V::kValueStrip) {
+      switch (vectors - dv < V::kValueStrip ? vectors - dv : V::kValueStrip) {
+        case 1: value_strip<1>(dv, v0, v_stride, keys); break;
+        case 2: value_strip<2>(dv, v0, v_stride, keys); break;
+        case 3: value_strip<3>(dv, v0, v_stride, keys); break;
+        case 4: value_strip<4>(dv, v0, v_stride, keys); break;
+        case 5: value_strip<5>(dv, v0, v_stride, keys); break;
+        case 6: value_strip<6>(dv, v0, v_stride, keys); break;
+        case 7: value_strip<7>(dv, v0, v_stride, keys); break;
+        default: value_strip<8>(dv, v0, v_stride, keys); break;
+      }
+    }
+  }
+
+  // out = acc / l; a row that saw no key at all (l = 0) gets zeros.
+  void finish() {
+    for (int r = 0; r < b_.rows; ++r) {
+      const float l = sum_[r];
+      const Reg inv = V::set1(l > 0.0f ? 1.0f / l : 0.0f);
+      const float* acc = acc_ + r * dpad_;
+      float* out = b_.out[r];
+      int d = 0;
+      for (; d + W <= dim_; d += W) V::store(out + d, V::mul(V::load(acc + d), inv));
+      if (d < dim_) V::store_n(out + d, V::mul(V::load(acc + d), inv), dim_ - d);
+    }
+    if (b_.log.row_max != nullptr)
+      for (int r = 0; r < b_.rows; ++r) {
+        b_.log.row_max[r] = max_[r] == kNegInf ? 0.0f : max_[r];
+        b_.log.row_sum[r] = sum_[r];
+      }
+  }
+
+  const RowBlock& b_;
+  const int rows_, dim_, dpad_;
+  float min_key_end_ = 0.0f;
+  float *qt_, *s_, *acc_, *max_, *sum_, *alpha_, *key_end_, *vpad_;
+};
+
+}  // namespace
+}  // namespace attention_echo::kernels
