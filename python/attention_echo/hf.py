@@ -130,7 +130,7 @@ def _cache_of(module: torch.nn.Module) -> AttentionEchoCache:
 
 def caches(model: torch.nn.Module) -> Dict[int, AttentionEchoCache]:
     """The per-layer caches created so far, by layer index."""
-    return {m.layer_idx: m._echo_cache for m in _attention_modules(model) if getattr(m, "_echo_cache", None)}
+    return {m.layer_idx: m._echo_cache for m in _attention_modules(model) if getattr(m, "_echo_cache", None) is not None}
 
 
 def stats(model: torch.nn.Module) -> Dict[str, Any]:
