@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything the build, the tests and the benchmarks need, from
+# Debian's packages and PyPI only. Idempotent; sourced by the other scripts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pkg in g++ cmake ninja-build libgtest-dev libbenchmark-dev python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# One virtual environment for the Python package, its tests and the tools.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# The CPU build of PyTorch: a wheel on disk where these machines carry one,
+# else PyPI's CPU index is not reachable, so plain PyPI (a CUDA build).
+TORCH_WHEEL=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || true)
+.venv/bin/pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q "${TORCH_WHEEL:-torch}"
+fi
+.venv/bin/pip install -q numpy pytest "transformers>=4.48" matplotlib \
+  "scikit-build-core>=0.10" "nanobind>=2.0" cmake ninja

