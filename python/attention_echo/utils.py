@@ -1,11 +1,11 @@
 """Small vector helpers the seed exported (``cosine_similarity``, ``normalize``,
-``mean_pool``). They are NumPy one-liners: not on any hot path."""
+``mean_pool``, ``softmax``). They are NumPy one-liners: not on any hot path."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cosine_similarity", "normalize", "mean_pool"]
+__all__ = ["cosine_similarity", "normalize", "mean_pool", "softmax"]
 
 
 def cosine_similarity(a, b) -> float:
@@ -33,3 +33,10 @@ def normalize(x, axis: int = -1, eps: float = 1e-12):
 def mean_pool(x, axis: int = 0):
     """Mean over ``axis`` (the token axis by default)."""
     return np.asarray(x).mean(axis=axis)
+
+
+def softmax(x, axis: int = -1):
+    """Numerically stable softmax along ``axis``."""
+    x = np.asarray(x, dtype=np.float64) if np.asarray(x).dtype.kind != "f" else np.asarray(x)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)

@@ -226,3 +226,13 @@ def test_utils():
     n = normalize(np.array([3.0, 4.0]))
     np.testing.assert_allclose(n, [0.6, 0.8])
     np.testing.assert_array_equal(normalize(np.zeros(3)), np.zeros(3))
+
+
+def test_seed_module_paths():
+    from attention_echo.cache import AttentionEchoCache as C
+    from attention_echo.config import EchoConfig as E
+    from attention_echo.utils import mean_pool, softmax
+
+    assert C is AttentionEchoCache and E is EchoConfig
+    np.testing.assert_allclose(softmax(np.array([0.0, 0.0])), [0.5, 0.5])
+    np.testing.assert_allclose(mean_pool(np.array([[1.0, 2.0], [3.0, 4.0]])), [2.0, 3.0])
