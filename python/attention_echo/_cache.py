@@ -11,6 +11,7 @@ as ValueError naming the argument.
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import sys
@@ -250,12 +251,17 @@ class AttentionEchoCache:
         self._impl.clear()
 
     def save(self, path) -> None:
-        """Write a versioned, checksummed snapshot (temp file + rename)."""
+        """Write a versioned, checksummed snapshot (temp file + rename);
+        RuntimeError if it cannot be written."""
         self._impl.save(os.fspath(path))
 
     def load(self, path) -> None:
-        """Replace the entries with a snapshot's; on error the cache is unchanged."""
-        self._impl.load(os.fspath(path))
+        """Replace the entries with a snapshot's. A missing file raises
+        FileNotFoundError, a corrupt one RuntimeError; the cache is then unchanged."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "no such snapshot file", path)
+        self._impl.load(path)
 
     def __len__(self) -> int:
         return self._impl.size()

@@ -198,11 +198,14 @@ def test_loading_a_corrupt_snapshot_fails_and_keeps_the_cache(tmp_path, make_qkv
     cache.attention_with_echo(q, k, v, 64, make_emb())
     bad = tmp_path / "bad.snap"
     bad.write_bytes(b"not a snapshot at all" * 10)
-    with pytest.raises((ValueError, RuntimeError, OSError)):
+    with pytest.raises(RuntimeError, match="corrupt"):
         cache.load(bad)
-    with pytest.raises((ValueError, RuntimeError, OSError)):
+    with pytest.raises(FileNotFoundError):
         cache.load(tmp_path / "missing.snap")
+    with pytest.raises(RuntimeError):
+        cache.save(tmp_path / "no-such-dir" / "x.snap")
     assert len(cache) == 1
+    assert cache.attention_with_echo(q, k, v, 64, make_emb())[1]["echo_hit"]
 
 
 def test_plain_attention_matches_reference(make_qkv, reference):
