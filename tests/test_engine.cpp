@@ -2,6 +2,7 @@
 // loader and tokenizer, a GGUF copy of the same weights written here, bad
 // files, and the three attention routes agreeing with each other.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_echo/bench.hpp"
 #include "attention_echo/llama.hpp"
 #include "engine/gemm.hpp"
 
@@ -22,11 +24,20 @@ namespace {
 const std::string kModel = std::string(AE_SHARED_DIR) + "/data/aidreams260K/aidreams260K.bin";
 const std::string kTokenizer = std::string(AE_SHARED_DIR) + "/data/aidreams260K/tok512.bin";
 
-std::string temp_path(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("ae_engine_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
+std::filesystem::path temp_dir() {
+  return std::filesystem::temp_directory_path() / ("ae_engine_" + std::to_string(::getpid()));
 }
+
+std::string temp_path(const std::string& name) {
+  std::filesystem::create_directories(temp_dir());
+  return (temp_dir() / name).string();
+}
+
+// Removes this process's scratch files after the last test.
+struct TempCleanup : ::testing::Environment {
+  void TearDown() override { std::filesystem::remove_all(temp_dir()); }
+};
+[[maybe_unused]] auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new TempCleanup);
 
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -349,4 +360,79 @@ TEST(EngineRoutes, BadArgumentsThrowInvalidArgument) {
   EXPECT_THROW(engine.forward(std::vector<int>{}, kv, {}), std::invalid_argument);
   EXPECT_THROW(engine.forward(std::vector<int>(129, 1), kv, {}), std::invalid_argument);
   EXPECT_EQ(kv.length, 0);
+}
+
+namespace {
+
+// Held-out text in the bench's layout: code files and one prose document.
+std::string synthetic_heldout() {
+  std::string text;
+  for (int f = 0; f < 6; ++f) {
+    text += "#### FILE: Lib/module" + std::to_string(f) + ".py ####\n";
+    for (int i = 0; i < 260; ++i)
+      text += "    value_" + std::to_string(i % 17) + " = compute(" + std::to_string(i * (f + 3) % 101) +
+              ")  # step " + std::to_string(i) + " of the module\n";
+  }
+  text += "#### FILE: pydoc_topics/dreams ####\n";
+  for (int i = 0; i < 80; ++i) text += "Echoes of vectors unfold, a gentle hum of precision, line " + std::to_string(i) + ".\n";
+  return text;
+}
+
+}  // namespace
+
+TEST(EngineScenarios, DeterministicAndWithinTheContext) {
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const std::string heldout = synthetic_heldout();
+  for (const auto& name : llama::scenario_names()) {
+    const auto a = llama::make_scenario(name, heldout, tok, 128, 12, 5);
+    const auto b = llama::make_scenario(name, heldout, tok, 128, 12, 5);
+    ASSERT_EQ(a.requests.size(), 12u) << name;
+    for (std::size_t i = 0; i < a.requests.size(); ++i) {
+      const auto& r = a.requests[i];
+      EXPECT_EQ(r.tokens, b.requests[i].tokens) << name;
+      EXPECT_GT(r.prefix_length, 0) << name;
+      EXPECT_LT(r.prefix_length, static_cast<int>(r.tokens.size())) << name;
+      EXPECT_FALSE(r.continuation.empty()) << name;
+      EXPECT_LE(r.tokens.size() + r.continuation.size(), 128u) << name;
+    }
+    // Shared context is shared tokens: some two requests agree on a long prefix.
+    std::size_t longest = 0;
+    for (std::size_t i = 0; i < a.requests.size(); ++i)
+      for (std::size_t j = i + 1; j < a.requests.size(); ++j) {
+        const auto& x = a.requests[i].tokens;
+        const auto& y = a.requests[j].tokens;
+        const std::size_t n = std::min(x.size(), y.size());
+        longest = std::max<std::size_t>(longest, std::mismatch(x.begin(), x.begin() + n, y.begin()).first - x.begin());
+      }
+    if (name != "near-dup") EXPECT_GT(longest, 40u) << name;
+  }
+  EXPECT_THROW(llama::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(llama::make_scenario("rag", "no sections here", tok, 128, 4, 1), std::invalid_argument);
+}
+
+TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const auto scenario = llama::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
+  llama::BenchOptions options;
+  options.threads = 2;
+  int calls = 0;
+  const auto report = llama::run_scenario(model, scenario, options, [&](int done, int total) {
+    EXPECT_EQ(done, ++calls);
+    EXPECT_EQ(total, 8);
+  });
+  ASSERT_EQ(report.modes.size(), 3u);
+  for (const auto& m : report.modes) {
+    EXPECT_EQ(m.requests, 8);
+    EXPECT_NEAR(m.exact + m.partial + m.sparse + m.dense + m.miss, 8.0, 1e-9) << m.name;
+    EXPECT_GT(m.prefill_s, 0.0);
+    EXPECT_LE(m.attention_s, m.prefill_s);
+  }
+  const auto& exact = report.modes[1];
+  EXPECT_EQ(exact.hidden_rel_err_max, 0.0);  // same kernels, same rows: bit-identical
+  EXPECT_EQ(exact.top1_agree, 8);
+  EXPECT_LT(exact.tokens_computed, exact.tokens_total);  // 3 system prompts over 8 requests
+  EXPECT_NE(llama::format_report(report).find("exact-prefix"), std::string::npos);
+  EXPECT_NE(llama::reports_to_json({report}, "\"k\": 1").find("\"scenarios\": [{\"scenario\": \"chatbot\""),
+            std::string::npos);
 }

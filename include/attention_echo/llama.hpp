@@ -137,9 +137,11 @@ struct Timers {
 struct ForwardResult {
   std::vector<float> hidden;   // final-normed hidden states of the rows kept, [rows, dim]
   std::vector<float> logits;   // [rows, vocab] of the rows kept
-  std::vector<EchoResult> echo;  // one per layer when the route used a cache
+  std::vector<EchoResult> echo;      // one per layer when the route used a cache
+  std::vector<double> attention_s;   // per layer
 };
 
+// Not thread-safe: one Engine per thread (they may share a Model and a pool).
 class Engine {
  public:
   Engine(const Model& model, ThreadPool& pool);
@@ -165,6 +167,7 @@ class Engine {
   const Model::Impl& m_;
   ThreadPool& pool_;
   Timers timers_;
+  std::vector<float> xb_, qkv_, att_, gu_;  // scratch, reused across calls
 };
 
 // Exact prefix reuse: K/V of earlier prompts keyed by their tokens. A new

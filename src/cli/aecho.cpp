@@ -3,6 +3,7 @@
 //   aecho logits   --model M [--tokenizer T] --tokens 1,2,3 --out FILE [--threads N]
 //   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] ...
 #include <algorithm>
+#include <filesystem>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -11,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "attention_echo/attention.hpp"
+#include "attention_echo/bench.hpp"
 #include "attention_echo/llama.hpp"
 
 namespace ae = attention_echo;
@@ -22,7 +25,13 @@ constexpr const char* kUsage =
     "usage:\n"
     "  aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]\n"
     "  aecho logits --model M [--tokenizer T] --tokens 1,2,3 --out FILE [--threads N]\n"
-    "      writes raw float32 logits [tokens, vocab]\n";
+    "      writes raw float32 logits [tokens, vocab]\n"
+    "  aecho bench --scenario chatbot|rag|code|near-dup|all [--model M] [--tokenizer T]\n"
+    "      [--heldout FILE] [--mode exact|sparse|dense] [--requests N] [--context N]\n"
+    "      [--seed N] [--threads N] [--json FILE]\n"
+    "      serves every request with no reuse, exact prefix reuse and AttentionEcho;\n"
+    "      the model defaults to the bundled models/echo-llama-6m/model.bin, the\n"
+    "      tokenizer and held-out text to tokenizer.bin and heldout.txt beside it\n";
 
 struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -123,6 +132,88 @@ int cmd_logits(int argc, char** argv) {
   return 0;
 }
 
+// The bundled model, looked for above the working directory and above the
+// executable (a build directory inside the repository).
+std::string bundled_model() {
+  const std::filesystem::path rel = "models/echo-llama-6m/model.bin";
+  std::vector<std::filesystem::path> starts = {std::filesystem::current_path()};
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) starts.push_back(exe.parent_path());
+  for (auto dir : starts)
+    for (int up = 0; up < 4 && !dir.empty(); ++up, dir = dir.parent_path())
+      if (std::filesystem::exists(dir / rel)) return (dir / rel).string();
+  throw UsageError("no --model given and the bundled " + rel.string() + " was not found");
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open");
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+void progress_bar(const std::string& label, int done, int total) {
+  constexpr int kWidth = 30;
+  const int filled = done * kWidth / total;
+  std::fprintf(stderr, "\r  %-9s [%s%s] %d/%d", label.c_str(), std::string(filled, '#').c_str(),
+               std::string(kWidth - filled, '.').c_str(), done, total);
+  if (done == total) std::fputc('\n', stderr);
+}
+
+int cmd_bench(int argc, char** argv) {
+  const auto flags = parse_flags(argc, argv, {"scenario", "model", "tokenizer", "heldout", "mode", "requests",
+                                              "context", "seed", "threads", "json"});
+  const std::string scenario = required(flags, "scenario");
+  std::vector<std::string> names = llama::scenario_names();
+  if (scenario != "all") {
+    if (std::find(names.begin(), names.end(), scenario) == names.end())
+      throw UsageError("--scenario must be chatbot, rag, code, near-dup or all, got '" + scenario + "'");
+    names = {scenario};
+  }
+  llama::BenchOptions options;
+  try {
+    options.mode = ae::parse_echo_mode(flags.count("mode") ? flags.at("mode") : "sparse");
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string("--") + e.what());
+  }
+  options.threads = int_flag(flags, "threads", 0, 0);
+  const int requests = int_flag(flags, "requests", 16, 1);
+  const int seed = int_flag(flags, "seed", 1, 0);
+  const std::string model_path = flags.count("model") ? flags.at("model") : bundled_model();
+  const auto dir = std::filesystem::path(model_path).parent_path();
+  const std::string tok_path = flags.count("tokenizer") ? flags.at("tokenizer") : (dir / "tokenizer.bin").string();
+  const std::string held_path = flags.count("heldout") ? flags.at("heldout") : (dir / "heldout.txt").string();
+
+  const llama::Model model(llama::load_weights(model_path));
+  const llama::Tokenizer tokenizer(tok_path, model.config().vocab_size);
+  const std::string heldout = read_text(held_path);
+  const int context = int_flag(flags, "context", std::min(model.config().seq_len, 3072), 64);
+  if (context > model.config().seq_len)
+    throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
+  std::fprintf(stderr, "aecho bench: %s (dim %d, %d layers, context %d), mode %s, %d requests/scenario\n",
+               model_path.c_str(), model.config().dim, model.config().n_layers, context,
+               std::string(ae::to_string(options.mode)).c_str(), requests);
+
+  std::vector<llama::ScenarioReport> reports;
+  for (const auto& name : names) {
+    const llama::Scenario s = llama::make_scenario(name, heldout, tokenizer, context, requests, seed);
+    reports.push_back(llama::run_scenario(model, s, options, [&](int done, int total) { progress_bar(name, done, total); }));
+    std::cout << llama::format_report(reports.back()) << "\n" << std::flush;
+  }
+  if (flags.count("json")) {
+    const ae::ThreadPool probe(options.threads);
+    const std::string meta = "\"model\": " + llama::json_string(model_path) + ", \"mode\": " +
+                             llama::json_string(ae::to_string(options.mode)) + ", \"context\": " +
+                             std::to_string(context) + ", \"seed\": " + std::to_string(seed) +
+                             ", \"threads\": " + std::to_string(probe.size()) +
+                             ", \"attention_isa\": " + llama::json_string(ae::attention_isa());
+    std::ofstream out(flags.at("json"));
+    out << llama::reports_to_json(reports, meta);
+    if (!out) throw std::runtime_error(flags.at("json") + ": write failed");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -134,6 +225,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "generate") return cmd_generate(argc, argv);
     if (command == "logits") return cmd_logits(argc, argv);
+    if (command == "bench") return cmd_bench(argc, argv);
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "aecho: " << e.what() << "\n" << kUsage;

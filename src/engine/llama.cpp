@@ -34,6 +34,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Scratch buffers only grow: a prefill allocates once, not once per layer.
+std::vector<float>& grow(std::vector<float>& buffer, std::size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer;
+}
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -163,11 +169,11 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
 
   // Attention block. xb (the normed layer input) doubles as the prefix
   // embeddings the cache keys on: it is exactly what Q/K/V are made from.
-  std::vector<float> xb(static_cast<std::size_t>(n) * dim);
+  std::vector<float>& xb = grow(xb_, static_cast<std::size_t>(n) * dim);
   rmsnorm(x, w.attn_norm.data(), xb.data(), n, dim, c.norm_eps);
   // q rows sit at their absolute position so the kernel's causal mask
   // (key_end = row + 1) holds for rows that start at t0 > 0.
-  std::vector<float> qkv(static_cast<std::size_t>(t1) * qkv_width);
+  std::vector<float>& qkv = grow(qkv_, static_cast<std::size_t>(t1) * qkv_width);
   float* rows = qkv.data() + static_cast<std::size_t>(t0) * qkv_width;
   gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool_);
   for (int i = 0; i < n; ++i) {
@@ -180,7 +186,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
     std::copy(r + dim + kvd, r + qkv_width, V.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
   }
 
-  std::vector<float> att(static_cast<std::size_t>(t1) * dim);
+  std::vector<float>& att = grow(att_, static_cast<std::size_t>(t1) * dim);
   const HeadsView q{qkv.data(), c.n_heads, t1, hd, hd, qkv_width};
   const HeadsView k = HeadsView::token_major(K.data(), c.n_kv_heads, t1, hd);
   const HeadsView v = HeadsView::token_major(V.data(), c.n_kv_heads, t1, hd);
@@ -208,7 +214,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
   rmsnorm(x, w.ffn_norm.data(), xb.data(), n, dim, c.norm_eps);
   const int hidden = c.hidden_dim;
-  std::vector<float> gu(static_cast<std::size_t>(n) * 2 * hidden);
+  std::vector<float>& gu = grow(gu_, static_cast<std::size_t>(n) * 2 * hidden);
   gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool_);
   for (int i = 0; i < n; ++i) {
     float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
@@ -238,7 +244,9 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
                 x.begin() + static_cast<std::ptrdiff_t>(i) * c.dim);
   ForwardResult result;
   for (int l = 0; l < c.n_layers; ++l) {
+    const double before = timers_.attention_s;
     EchoResult echo = layer_forward(l, x.data(), t0, t1, kv, route);
+    result.attention_s.push_back(timers_.attention_s - before);
     if (route.cache) result.echo.push_back(echo);
   }
   kv.length = t1;

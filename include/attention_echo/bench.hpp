@@ -1,0 +1,97 @@
+// Scenario workloads and the three-way serving benchmark behind `aecho bench`.
+//
+// A scenario is a deterministic list of requests built from real held-out
+// text. Every request is served three ways in the same run, one after the
+// other: no reuse, exact prefix reuse (vLLM/SGLang: skip the longest stored
+// token prefix), and AttentionEcho (exact prefix reuse when the stored prefix
+// covers the whole shared context, otherwise every layer through
+// AttentionEchoCache, whichever the measured cost model says is cheaper).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "attention_echo/config.hpp"
+#include "attention_echo/llama.hpp"
+
+namespace attention_echo::llama {
+
+struct ScenarioRequest {
+  std::vector<int> tokens;        // the prompt
+  int prefix_length = 0;          // the shared context the application declares
+  std::vector<int> continuation;  // real text that follows: perplexity reference
+};
+
+struct Scenario {
+  std::string name;
+  std::string description;
+  std::vector<ScenarioRequest> requests;
+};
+
+// "chatbot", "rag", "code", "near-dup".
+const std::vector<std::string>& scenario_names();
+
+// Builds `requests` requests of at most `context` tokens (prompt plus
+// continuation) from held-out text laid out as "#### FILE: name ####"
+// sections. The same arguments give the same tokens on every machine.
+Scenario make_scenario(std::string_view name, std::string_view heldout, const Tokenizer& tokenizer,
+                       int context, int requests, std::uint64_t seed);
+
+struct BenchOptions {
+  EchoMode mode = EchoMode::kSparse;
+  int threads = 0;  // 0 = all hardware threads
+};
+
+// One serving strategy's totals over a scenario.
+struct ModeReport {
+  std::string name;               // "none", "exact-prefix", "echo"
+  int requests = 0;
+  double prefill_s = 0.0;         // sum of times to first token
+  double attention_s = 0.0;       // the attention part of prefill_s
+  long long tokens_computed = 0;  // prompt rows run through the layers
+  long long tokens_total = 0;
+  // Reuse by tier, in requests (sums to `requests`): the stored prefix
+  // covered the shared context (exact) or part of it (partial); a request
+  // routed through the cache adds 1/layers per layer to its layer's tier.
+  double exact = 0, partial = 0, sparse = 0, dense = 0, miss = 0, rejected = 0;
+  int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
+  double kept_fraction_sum = 0.0;         // over sparse layer hits
+  long long sparse_layer_hits = 0;
+  // Attention seconds of cache-routed layers by tier, and of the same layers
+  // in the no-reuse run: how much of the kept fraction turns into time.
+  double sparse_layer_s = 0, sparse_layer_base_s = 0;
+  double dense_layer_s = 0, dense_layer_base_s = 0;
+  double miss_layer_s = 0, miss_layer_base_s = 0;
+  // Fidelity against the no-reuse run of the same request.
+  double hidden_rel_err_sum = 0.0, hidden_rel_err_max = 0.0;
+  int top1_agree = 0;
+  double kl_sum = 0.0;
+  double nll_sum = 0.0;  // continuation negative log-likelihood, nats
+  long long nll_tokens = 0;
+};
+
+struct ScenarioReport {
+  std::string scenario;
+  std::string description;
+  int mean_prompt_tokens = 0;
+  int mean_prefix_tokens = 0;
+  std::vector<ModeReport> modes;  // none, exact-prefix, echo
+};
+
+// Called after each request with (done, total).
+using Progress = std::function<void(int, int)>;
+
+ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const BenchOptions& options,
+                            const Progress& progress);
+
+// The human table for one scenario.
+std::string format_report(const ScenarioReport& report);
+// Every report as one JSON document; `meta` is a ready JSON object body
+// ("\"key\": value, ...") describing the run.
+std::string json_string(std::string_view text);  // quoted and escaped
+std::string reports_to_json(const std::vector<ScenarioReport>& reports, const std::string& meta);
+
+}  // namespace attention_echo::llama

@@ -1,0 +1,371 @@
+// The three-way serving benchmark. Each request is served by every mode back
+// to back, so the modes see the same machine state; only forward() calls on
+// the prompt are timed (time to first token). The continuation that scores
+// perplexity runs after the clock stops.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <sstream>
+
+#include "attention_echo/bench.hpp"
+
+namespace attention_echo::llama {
+namespace {
+
+// One served request.
+struct Served {
+  double prefill_s = 0.0, attention_s = 0.0;
+  int reused = 0;  // leading prompt tokens taken from the prefix store
+  std::vector<float> hidden, logits;  // last prompt row
+  std::vector<EchoResult> echo;       // per layer, cache route only
+  std::vector<double> layer_attention_s;
+  KVState kv;                         // the prompt's K/V
+  double nll = 0.0;
+  int nll_tokens = 0;
+};
+
+std::vector<double> log_softmax(const std::vector<float>& logits) {
+  const double max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float l : logits) sum += std::exp(l - max);
+  std::vector<double> out(logits.size());
+  const double log_z = max + std::log(sum);
+  for (std::size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - log_z;
+  return out;
+}
+
+int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
+
+// Serves rows [kv.length, T) of the prompt, then scores the continuation.
+Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const AttentionRoute& route) {
+  Served s;
+  s.reused = kv.length;
+  engine.timers() = {};
+  ForwardResult f = engine.forward(std::span<const int>(r.tokens).subspan(kv.length), kv, route);
+  s.prefill_s = engine.timers().total_s;
+  s.attention_s = engine.timers().attention_s;
+  s.hidden = std::move(f.hidden);
+  s.logits = std::move(f.logits);
+  s.echo = std::move(f.echo);
+  s.layer_attention_s = std::move(f.attention_s);
+  s.kv = kv;
+  // Continuation token i is predicted by the row before it.
+  s.nll = -log_softmax(s.logits)[r.continuation[0]];
+  const std::size_t rest = std::min<std::size_t>(r.continuation.size() - 1,
+                                                 static_cast<std::size_t>(engine.config().seq_len - kv.length));
+  if (rest > 0) {
+    const ForwardResult c = engine.forward(std::span<const int>(r.continuation).first(rest), kv, {}, -1);
+    const int V = engine.config().vocab_size;
+    for (std::size_t i = 0; i < rest; ++i) {
+      const std::vector<float> row(c.logits.begin() + static_cast<std::ptrdiff_t>(i * V),
+                                   c.logits.begin() + static_cast<std::ptrdiff_t>((i + 1) * V));
+      s.nll -= log_softmax(row)[r.continuation[i + 1]];
+    }
+  }
+  s.nll_tokens = static_cast<int>(rest + 1);
+  return s;
+}
+
+// Prices the two ways echo mode can serve a request whose stored prefix stops
+// short of the shared context. Seconds per prompt row (projections, MLP) and
+// per causal (row, key) pair (attention) are fitted on the no-reuse runs; the
+// cost of a cache-routed prefix block relative to exact attention is learned
+// from the cache-routed requests themselves (misses, guard rejections and
+// sparse hits together), starting from DESIGN.md's expected kept fraction.
+class CostModel {
+ public:
+  void observe(int rows, double total_s, double attention_s) {
+    rows_ += rows;
+    pairs_ += pairs(0, rows);
+    linear_s_ += total_s - attention_s;
+    attention_s_ += attention_s;
+  }
+  void observe_echo(int T, int p, double attention_s) {
+    const double block = per_pair() * pairs(0, p);
+    if (block <= 0) return;
+    echo_factor_sum_ += std::clamp((attention_s - per_pair() * pairs(p, T)) / block, 0.0, 3.0);
+    ++echo_requests_;
+  }
+  // Skip the L stored rows, compute [L, T) exactly.
+  double skip(int T, int L) const { return per_row() * (T - L) + per_pair() * pairs(L, T); }
+  // Every row through the layers, the prefix block through the cache.
+  double echo(int T, int p) const {
+    const double factor = echo_requests_ ? echo_factor_sum_ / echo_requests_ : 0.6;
+    return per_row() * T + per_pair() * (pairs(p, T) + factor * pairs(0, p));
+  }
+
+ private:
+  static double pairs(int a, int b) { return (double(b) * (b + 1) - double(a) * (a + 1)) / 2; }
+  double per_row() const { return rows_ > 0 ? linear_s_ / rows_ : 1.0; }
+  double per_pair() const { return pairs_ > 0 ? attention_s_ / pairs_ : 1.0; }
+  double rows_ = 0, pairs_ = 0, linear_s_ = 0, attention_s_ = 0;
+  double echo_factor_sum_ = 0;
+  int echo_requests_ = 0;
+};
+
+void add_fidelity(ModeReport& m, const Served& base, const Served& s) {
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < base.hidden.size(); ++i) {
+    diff += (double(s.hidden[i]) - base.hidden[i]) * (double(s.hidden[i]) - base.hidden[i]);
+    norm += double(base.hidden[i]) * base.hidden[i];
+  }
+  const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+  m.hidden_rel_err_sum += rel;
+  m.hidden_rel_err_max = std::max(m.hidden_rel_err_max, rel);
+  m.top1_agree += argmax(base.logits) == argmax(s.logits);
+  const auto p = log_softmax(base.logits), q = log_softmax(s.logits);
+  double kl = 0.0;
+  for (std::size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
+  m.kl_sum += std::max(kl, 0.0);
+}
+
+void add_timing(ModeReport& m, const ScenarioRequest& r, const Served& s) {
+  ++m.requests;
+  m.prefill_s += s.prefill_s;
+  m.attention_s += s.attention_s;
+  m.tokens_total += static_cast<long long>(r.tokens.size());
+  m.tokens_computed += static_cast<long long>(r.tokens.size()) - s.reused;
+  m.nll_sum += s.nll;
+  m.nll_tokens += s.nll_tokens;
+}
+
+void add_prefix_tier(ModeReport& m, const ScenarioRequest& r, int reused) {
+  if (reused >= r.prefix_length && r.prefix_length > 0) m.exact += 1;
+  else if (reused > 0) m.partial += 1;
+  else m.miss += 1;
+}
+
+// Per-layer tiers of a cache-routed request, and what each tier's layers
+// cost next to the same layers of the no-reuse run.
+void add_echo_tiers(ModeReport& m, const Served& base, const Served& s) {
+  const double w = 1.0 / static_cast<double>(s.echo.size());
+  for (std::size_t l = 0; l < s.echo.size(); ++l) {
+    const EchoResult& e = s.echo[l];
+    if (e.rejected) m.rejected += w;
+    switch (e.tier) {
+      case Tier::kExact: m.exact += w; break;
+      case Tier::kSparse:
+        m.sparse += w;
+        m.kept_fraction_sum += e.kept_fraction;
+        ++m.sparse_layer_hits;
+        m.sparse_layer_s += s.layer_attention_s[l];
+        m.sparse_layer_base_s += base.layer_attention_s[l];
+        break;
+      case Tier::kDense:
+        m.dense += w;
+        m.dense_layer_s += s.layer_attention_s[l];
+        m.dense_layer_base_s += base.layer_attention_s[l];
+        break;
+      case Tier::kNone:
+        m.miss += w;
+        m.miss_layer_s += s.layer_attention_s[l];
+        m.miss_layer_base_s += base.layer_attention_s[l];
+        break;
+    }
+  }
+}
+
+bool every_layer_exact(const Served& s) {
+  return std::all_of(s.echo.begin(), s.echo.end(),
+                     [](const EchoResult& e) { return e.tier == Tier::kNone || e.tier == Tier::kExact; });
+}
+
+double percent(double part, double whole) { return whole > 0 ? 100.0 * part / whole : 0.0; }
+
+std::string fmt(const char* format, double value) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, format, value);
+  return buf;
+}
+
+std::string json_ratio(double a, double b) { return b > 0 ? fmt("%.6g", a / b) : std::string("null"); }
+
+double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
+
+}  // namespace
+
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) out += fmt("\\u%04x", static_cast<unsigned char>(c));
+    else out += c;
+  }
+  return out + "\"";
+}
+
+ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const BenchOptions& options,
+                            const Progress& progress) {
+  const ModelConfig& c = model.config();
+  ThreadPool pool(options.threads);
+  Engine engine(model, pool);
+  EchoConfig config;
+  config.per_layer = true;
+  config.mode = options.mode;
+  config.threads = options.threads;
+  config.max_prefix_length = c.seq_len;
+  AttentionEchoCache cache(config);
+  PrefixStore exact_store, echo_store;
+  CostModel cost;
+
+  ScenarioReport report;
+  report.scenario = scenario.name;
+  report.description = scenario.description;
+  report.modes.resize(3);
+  report.modes[0].name = "none";
+  report.modes[1].name = "exact-prefix";
+  report.modes[2].name = "echo";
+  ModeReport& none = report.modes[0];
+  ModeReport& exact = report.modes[1];
+  ModeReport& echo = report.modes[2];
+  {  // Warm-up (thread pool, page faults), not measured.
+    KVState kv;
+    engine.forward(std::span<const int>(scenario.requests.front().tokens).first(1), kv, {});
+  }
+  const int total = static_cast<int>(scenario.requests.size());
+  long long prompt_tokens = 0, prefix_tokens = 0;
+  for (int i = 0; i < total; ++i) {
+    const ScenarioRequest& r = scenario.requests[i];
+    const int T = static_cast<int>(r.tokens.size()), p = r.prefix_length;
+    if (r.continuation.empty() || p < 0 || p >= T) throw std::invalid_argument("scenario: request " + std::to_string(i) +
+                                                                     " needs a continuation and a prefix shorter than the prompt");
+    prompt_tokens += T;
+    prefix_tokens += p;
+
+    const Served base = serve(engine, r, {}, {});
+    add_timing(none, r, base);
+    add_fidelity(none, base, base);
+    none.miss += 1;
+    cost.observe(T, base.prefill_s, base.attention_s);
+
+    // Exact prefix reuse: at least the last row is computed (its logits).
+    {
+      const auto match = exact_store.longest_match(r.tokens);
+      const int L = std::min(match.length, T - 1);
+      const Served s = serve(engine, r, L > 0 ? match.kv->prefix(L) : KVState{}, {});
+      add_timing(exact, r, s);
+      add_fidelity(exact, base, s);
+      add_prefix_tier(exact, r, L);
+      exact_store.insert(r.tokens, s.kv);
+    }
+
+    // AttentionEcho: skip a stored prefix that covers the shared context, or
+    // one that is cheaper to extend than echoing; else every layer through
+    // the cache.
+    {
+      const auto match = echo_store.longest_match(r.tokens);
+      const int L = std::min(match.length, T - 1);
+      const bool skip = L >= p || cost.skip(T, L) <= cost.echo(T, p);
+      const std::vector<int> prefix(r.tokens.begin(), r.tokens.begin() + p);
+      const AttentionRoute route{&cache, p, prefix, scenario.name};
+      Served s = skip ? serve(engine, r, L > 0 ? match.kv->prefix(L) : KVState{}, {})
+                      : serve(engine, r, {}, route);
+      add_timing(echo, r, s);
+      add_fidelity(echo, base, s);
+      if (skip) {
+        ++echo.routed_skip;
+        add_prefix_tier(echo, r, L);
+      } else {
+        ++echo.routed_cache;
+        add_echo_tiers(echo, base, s);
+        cost.observe_echo(T, p, s.attention_s);
+      }
+      // Only exact K/V may seed later exact reuse: an echoed layer's output
+      // is approximate, and so is every K/V after it.
+      if (skip || every_layer_exact(s)) echo_store.insert(r.tokens, std::move(s.kv));
+    }
+    if (progress) progress(i + 1, total);
+  }
+  report.mean_prompt_tokens = static_cast<int>(prompt_tokens / total);
+  report.mean_prefix_tokens = static_cast<int>(prefix_tokens / total);
+  return report;
+}
+
+std::string format_report(const ScenarioReport& r) {
+  std::ostringstream out;
+  const ModeReport& base = r.modes[0];
+  const int n = base.requests;
+  out << "== " << r.scenario << ": " << r.description << "\n   " << n << " requests, prompt " << r.mean_prompt_tokens
+      << " tokens on average, shared context " << r.mean_prefix_tokens << "\n";
+  char line[256];
+  auto row = [&](const char* label, auto cell) {
+    std::snprintf(line, sizeof line, "  %-28s", label);
+    out << line;
+    for (const ModeReport& m : r.modes) {
+      std::snprintf(line, sizeof line, " %18s", cell(m).c_str());
+      out << line;
+    }
+    out << "\n";
+  };
+  row("", [](const ModeReport& m) { return m.name; });
+  row("prefill (TTFT) ms/request", [&](const ModeReport& m) { return fmt("%.1f", 1e3 * m.prefill_s / n); });
+  row("  speedup", [&](const ModeReport& m) { return fmt("%.2fx", base.prefill_s / m.prefill_s); });
+  row("attention ms/request", [&](const ModeReport& m) { return fmt("%.1f", 1e3 * m.attention_s / n); });
+  row("  speedup", [&](const ModeReport& m) { return fmt("%.2fx", base.attention_s / m.attention_s); });
+  row("attention share of prefill", [](const ModeReport& m) { return fmt("%.0f%%", percent(m.attention_s, m.prefill_s)); });
+  row("prompt rows computed", [](const ModeReport& m) { return fmt("%.0f%%", percent(m.tokens_computed, m.tokens_total)); });
+  row("hits: exact", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.exact, n)); });
+  row("      partial prefix", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.partial, n)); });
+  row("      sparse", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.sparse, n)); });
+  row("      dense", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.dense, n)); });
+  row("      miss (incl. rejected)", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.miss, n)); });
+  row("      rejected by the guard", [&](const ModeReport& m) { return fmt("%.0f%%", percent(m.rejected, n)); });
+  row("routes skip / cache", [](const ModeReport& m) {
+    return m.name == "echo" ? std::to_string(m.routed_skip) + " / " + std::to_string(m.routed_cache) : std::string("-");
+  });
+  row("kept fraction (sparse hits)", [](const ModeReport& m) {
+    return m.sparse_layer_hits ? fmt("%.2f", m.kept_fraction_sum / m.sparse_layer_hits) : std::string("-");
+  });
+  auto ratio = [](double a, double b) { return b > 0 ? fmt("%.2fx", a / b) : std::string("-"); };
+  row("sparse-hit layers: attn speedup", [&](const ModeReport& m) { return ratio(m.sparse_layer_base_s, m.sparse_layer_s); });
+  row("dense-hit layers: attn speedup", [&](const ModeReport& m) { return ratio(m.dense_layer_base_s, m.dense_layer_s); });
+  row("missed layers: attn speedup", [&](const ModeReport& m) { return ratio(m.miss_layer_base_s, m.miss_layer_s); });
+  row("hidden rel. error mean", [&](const ModeReport& m) { return fmt("%.2e", m.hidden_rel_err_sum / n); });
+  row("hidden rel. error max", [](const ModeReport& m) { return fmt("%.2e", m.hidden_rel_err_max); });
+  row("next-token top-1 agreement", [&](const ModeReport& m) { return fmt("%.1f%%", percent(m.top1_agree, n)); });
+  row("next-token KL mean (nats)", [&](const ModeReport& m) { return fmt("%.2e", m.kl_sum / n); });
+  row("continuation perplexity", [](const ModeReport& m) { return fmt("%.4f", ppl(m)); });
+  row("  change vs none", [&](const ModeReport& m) { return fmt("%+.3f%%", 100.0 * (ppl(m) / ppl(base) - 1.0)); });
+  return out.str();
+}
+
+std::string reports_to_json(const std::vector<ScenarioReport>& reports, const std::string& meta) {
+  std::ostringstream out;
+  out << "{" << meta << (meta.empty() ? "" : ", ") << "\"scenarios\": [";
+  for (std::size_t i = 0; i < reports.size(); ++i) {
+    const ScenarioReport& r = reports[i];
+    const ModeReport& base = r.modes[0];
+    out << (i ? ", " : "") << "{\"scenario\": " << json_string(r.scenario)
+        << ", \"description\": " << json_string(r.description) << ", \"requests\": " << base.requests
+        << ", \"mean_prompt_tokens\": " << r.mean_prompt_tokens << ", \"mean_prefix_tokens\": " << r.mean_prefix_tokens
+        << ", \"modes\": {";
+    for (std::size_t j = 0; j < r.modes.size(); ++j) {
+      const ModeReport& m = r.modes[j];
+      const double n = m.requests;
+      out << (j ? ", " : "") << json_string(m.name) << ": {"
+          << "\"prefill_ms_mean\": " << 1e3 * m.prefill_s / n << ", \"prefill_speedup\": " << base.prefill_s / m.prefill_s
+          << ", \"attention_ms_mean\": " << 1e3 * m.attention_s / n
+          << ", \"attention_speedup\": " << base.attention_s / m.attention_s
+          << ", \"attention_share\": " << m.attention_s / m.prefill_s
+          << ", \"rows_computed_fraction\": " << double(m.tokens_computed) / m.tokens_total
+          << ", \"hit_rate\": {\"exact\": " << m.exact / n << ", \"partial\": " << m.partial / n
+          << ", \"sparse\": " << m.sparse / n << ", \"dense\": " << m.dense / n << ", \"miss\": " << m.miss / n
+          << ", \"rejected\": " << m.rejected / n << "}"
+          << ", \"routed_skip\": " << m.routed_skip << ", \"routed_cache\": " << m.routed_cache
+          << ", \"kept_fraction\": "
+          << (m.sparse_layer_hits ? fmt("%.6g", m.kept_fraction_sum / m.sparse_layer_hits) : std::string("null"))
+          << ", \"layer_attention_speedup\": {\"sparse\": " << json_ratio(m.sparse_layer_base_s, m.sparse_layer_s)
+          << ", \"dense\": " << json_ratio(m.dense_layer_base_s, m.dense_layer_s)
+          << ", \"miss\": " << json_ratio(m.miss_layer_base_s, m.miss_layer_s) << "}"
+          << ", \"hidden_rel_error_mean\": " << m.hidden_rel_err_sum / n
+          << ", \"hidden_rel_error_max\": " << m.hidden_rel_err_max << ", \"top1_agreement\": " << m.top1_agree / n
+          << ", \"kl_mean\": " << m.kl_sum / n << ", \"perplexity\": " << ppl(m)
+          << ", \"perplexity_change\": " << ppl(m) / ppl(base) - 1.0 << "}";
+    }
+    out << "}}";
+  }
+  out << "]}\n";
+  return out.str();
+}
+
+}  // namespace attention_echo::llama

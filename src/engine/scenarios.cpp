@@ -1,0 +1,306 @@
+// Scenario workloads from held-out text. Prompts are concatenations of
+// separately tokenised segments (lines, passages), so a segment two requests
+// share is the same token run in both, whatever surrounds it: shared context
+// is shared tokens, as in a real application that caches its prompt pieces.
+//
+// Randomness is std::mt19937_64's raw output (fixed by the standard), never a
+// <random> distribution (implementation-defined), so every platform builds
+// the same requests.
+#include <algorithm>
+#include <random>
+#include <stdexcept>
+
+#include "attention_echo/bench.hpp"
+
+namespace attention_echo::llama {
+namespace {
+
+struct Document {
+  std::string name;
+  std::vector<std::string> lines;  // each with its '\n'
+  bool prose = false;              // documentation rather than code
+};
+
+std::vector<Document> split_documents(std::string_view text) {
+  std::vector<Document> docs;
+  const std::string_view marker = "#### FILE: ";
+  std::size_t pos = 0;
+  while (pos < text.size()) {
+    std::size_t end = text.find('\n', pos);
+    end = end == std::string_view::npos ? text.size() : end + 1;
+    const std::string_view line = text.substr(pos, end - pos);
+    if (line.rfind(marker, 0) == 0) {
+      Document d;
+      d.name = std::string(line.substr(marker.size(), line.find(" ####") - marker.size()));
+      d.prose = d.name.rfind("pydoc_topics/", 0) == 0 || d.name.ends_with(".txt");
+      docs.push_back(std::move(d));
+    } else if (!docs.empty()) {
+      docs.back().lines.emplace_back(line);
+    }
+    pos = end;
+  }
+  // Tiny files make no context; keep documents with some substance.
+  std::erase_if(docs, [](const Document& d) { return d.lines.size() < 40; });
+  if (docs.empty()) throw std::invalid_argument("heldout: no '#### FILE: name ####' sections of 40+ lines");
+  return docs;
+}
+
+class Builder {
+ public:
+  Builder(std::string_view heldout, const Tokenizer& tokenizer, int context, std::uint64_t seed)
+      : docs_(split_documents(heldout)), tok_(tokenizer), rng_(seed) {
+    // Room for the continuation: 1/8 of the context, at most 64 tokens.
+    continuation_ = std::clamp(context / 8, 4, 64);
+    budget_ = context - continuation_;
+  }
+
+  std::uint64_t pick(std::uint64_t n) { return rng_() % n; }
+  bool chance(int percent) { return pick(100) < static_cast<std::uint64_t>(percent); }
+
+  std::vector<int> encode(std::string_view text) const {
+    return tok_.encode(text, {.bos = false, .eos = false, .dummy_prefix = false});
+  }
+
+  // Lines of `doc` from `first` until `max_tokens` would be exceeded.
+  std::vector<int> lines(const Document& doc, std::size_t first, int max_tokens, std::size_t* next = nullptr) const {
+    std::vector<int> out;
+    std::size_t i = first;
+    for (; i < doc.lines.size(); ++i) {
+      const auto t = encode(doc.lines[i]);
+      if (static_cast<int>(out.size() + t.size()) > max_tokens) break;
+      out.insert(out.end(), t.begin(), t.end());
+    }
+    if (next) *next = i;
+    return out;
+  }
+
+  // The first n tokens of the text from line `first` on (fewer at the end).
+  std::vector<int> text_after(const Document& doc, std::size_t first, int n) const {
+    std::vector<int> out;
+    for (std::size_t i = first; i < doc.lines.size() && static_cast<int>(out.size()) < n; ++i) {
+      const auto t = encode(doc.lines[i]);
+      out.insert(out.end(), t.begin(), t.end());
+    }
+    out.resize(std::min<std::size_t>(out.size(), n));
+    return out;
+  }
+
+  // A document (prose first when asked) with at least `min_lines` lines,
+  // never one in `used`.
+  const Document& document(bool prefer_prose, std::size_t min_lines, std::vector<const Document*>& used) {
+    std::vector<const Document*> pool;
+    for (int pass = 0; pass < 2 && pool.empty(); ++pass)
+      for (const auto& d : docs_)
+        if ((pass == 1 || d.prose == prefer_prose) && d.lines.size() >= min_lines &&
+            std::find(used.begin(), used.end(), &d) == used.end())
+          pool.push_back(&d);
+    if (pool.empty()) pool.push_back(&docs_[pick(docs_.size())]);  // small corpus: reuse
+    used.push_back(pool[pick(pool.size())]);
+    return *used.back();
+  }
+
+  // A short real question-like line (a comment, docstring or statement of
+  // 20-100 bytes) and the real text after it, as the reference continuation.
+  std::pair<std::vector<int>, std::vector<int>> question() {
+    for (int attempt = 0; attempt < 100000; ++attempt) {
+      const Document& d = docs_[pick(docs_.size())];
+      const std::size_t i = pick(d.lines.size() - 8);
+      std::string line = d.lines[i];
+      const auto start = line.find_first_not_of(" \t#");
+      if (start == std::string::npos || line.size() - start < 20 || line.size() - start > 100) continue;
+      std::vector<int> cont = text_after(d, i + 1, continuation_);
+      if (static_cast<int>(cont.size()) < continuation_ / 2) continue;
+      return {encode(line.substr(start)), std::move(cont)};
+    }
+    throw std::invalid_argument("heldout: no line of 20-100 bytes followed by text to use as a question");
+  }
+
+  const std::vector<Document>& docs() const { return docs_; }
+  int budget() const { return budget_; }
+  int continuation() const { return continuation_; }
+
+ private:
+  std::vector<Document> docs_;
+  const Tokenizer& tok_;
+  std::mt19937_64 rng_;
+  int budget_ = 0;
+  int continuation_ = 0;
+};
+
+void append(std::vector<int>& out, const std::vector<int>& part) { out.insert(out.end(), part.begin(), part.end()); }
+
+// Trims a prompt that outgrew the budget (tiny contexts only) from the end;
+// at least one row after the prefix stays.
+ScenarioRequest finish(std::vector<int> prompt, int prefix, std::vector<int> continuation, int budget) {
+  if (static_cast<int>(prompt.size()) > budget) prompt.resize(budget);
+  const int p = std::min(prefix, static_cast<int>(prompt.size()) - 1);
+  return {std::move(prompt), p, std::move(continuation)};
+}
+
+// A few long system prompts (documentation as the assistant's reference),
+// many short user turns.
+Scenario chatbot(Builder& b, int requests) {
+  Scenario s{"chatbot", "3 long system prompts (documentation), short user turns", {}};
+  std::vector<std::vector<int>> systems;
+  std::vector<const Document*> used;
+  for (int i = 0; i < 3; ++i) {
+    std::vector<int> sys = b.encode("System: You are a Python assistant. Use the reference below.\n\n");
+    const int want = b.budget() * (60 + static_cast<int>(b.pick(20))) / 100;
+    append(sys, b.lines(b.document(true, 40, used), 0, want - static_cast<int>(sys.size())));
+    systems.push_back(std::move(sys));
+  }
+  for (int r = 0; r < requests; ++r) {
+    std::vector<int> prompt = systems[b.pick(systems.size())];
+    const int prefix = static_cast<int>(prompt.size());
+    auto [q, cont] = b.question();
+    append(prompt, b.encode("\n\nUser: "));
+    append(prompt, q);
+    append(prompt, b.encode("Assistant:"));
+    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+  }
+  return s;
+}
+
+// Retrieved passages shared across questions: the same four, reordered, or
+// with one swapped for another passage.
+Scenario rag(Builder& b, int requests) {
+  Scenario s{"rag", "4 retrieved passages per question from 2 topics; 25% reordered, 25% one passage swapped", {}};
+  const int passage_tokens = b.budget() / 5;
+  std::vector<std::vector<int>> passages;  // topic t: base 6t..6t+3, alternates 6t+4, 6t+5
+  std::vector<const Document*> used;
+  for (int i = 0; i < 12; ++i) {
+    const Document& d = b.document(false, 60, used);
+    std::vector<int> p = b.encode("[" + d.name + "]\n");
+    append(p, b.lines(d, b.pick(d.lines.size() / 2), passage_tokens - static_cast<int>(p.size())));
+    append(p, b.encode("\n"));
+    passages.push_back(std::move(p));
+  }
+  for (int r = 0; r < requests; ++r) {
+    const int topic = static_cast<int>(b.pick(2));
+    std::vector<int> chosen = {6 * topic, 6 * topic + 1, 6 * topic + 2, 6 * topic + 3};
+    const int variant = static_cast<int>(b.pick(4));
+    if (variant == 0) {
+      for (std::size_t i = chosen.size() - 1; i > 0; --i) std::swap(chosen[i], chosen[b.pick(i + 1)]);
+    } else if (variant == 1) {
+      chosen[b.pick(4)] = 6 * topic + 4 + static_cast<int>(b.pick(2));
+    }
+    std::vector<int> prompt = b.encode("Answer the question using these passages.\n\n");
+    for (int c : chosen) append(prompt, passages[c]);
+    const int prefix = static_cast<int>(prompt.size());
+    auto [q, cont] = b.question();
+    append(prompt, b.encode("Question: "));
+    append(prompt, q);
+    append(prompt, b.encode("Answer:"));
+    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+  }
+  return s;
+}
+
+// A shared file context with one small edit somewhere (a changed number, an
+// inserted line, a deleted line) or none; the prompt ends at the cursor.
+Scenario code(Builder& b, int requests) {
+  Scenario s{"code", "2 source files; each request edits one line (number, insert, delete) or none", {}};
+  struct File {
+    const Document* doc;
+    std::size_t first;
+  };
+  std::vector<File> files;
+  std::vector<const Document*> used;
+  for (int i = 0; i < 2; ++i) {
+    const Document& d = b.document(false, 200, used);
+    files.push_back({&d, b.pick(d.lines.size() / 4)});
+  }
+  for (int r = 0; r < requests; ++r) {
+    const File& f = files[b.pick(files.size())];
+    // Context lines (up to 85% of the budget), then the cursor line.
+    std::size_t end = 0;
+    b.lines(*f.doc, f.first, b.budget() * 85 / 100, &end);
+    std::vector<std::string> ctx(f.doc->lines.begin() + static_cast<std::ptrdiff_t>(f.first),
+                                 f.doc->lines.begin() + static_cast<std::ptrdiff_t>(end));
+    if (ctx.size() < 2) throw std::invalid_argument("heldout: source file too short for the code scenario");
+    const std::size_t at = b.pick(ctx.size());
+    switch (b.pick(4)) {
+      case 0: {  // change (or add) a number
+        std::string& line = ctx[at];
+        const auto digit = line.find_first_of("0123456789");
+        if (digit == std::string::npos) line.insert(line.size() - 1, "  # 1");
+        else line[digit] = static_cast<char>('0' + (line[digit] - '0' + 1 + b.pick(8)) % 10);
+        break;
+      }
+      case 1:
+        ctx.insert(ctx.begin() + static_cast<std::ptrdiff_t>(at), "    # TODO: handle the empty case\n");
+        break;
+      case 2:
+        ctx.erase(ctx.begin() + static_cast<std::ptrdiff_t>(at));
+        break;
+      default:
+        break;  // unchanged file
+    }
+    std::vector<int> prompt;
+    for (const auto& line : ctx) append(prompt, b.encode(line));
+    const int prefix = static_cast<int>(prompt.size());
+    // The cursor: the next line's first half is typed, its rest and the
+    // lines after are the continuation.
+    std::vector<int> cursor = end < f.doc->lines.size() ? b.encode(f.doc->lines[end]) : std::vector<int>{};
+    const std::size_t typed = cursor.size() / 2;
+    append(prompt, std::vector<int>(cursor.begin(), cursor.begin() + static_cast<std::ptrdiff_t>(typed)));
+    std::vector<int> cont(cursor.begin() + static_cast<std::ptrdiff_t>(typed), cursor.end());
+    append(cont, b.text_after(*f.doc, end + 1, b.continuation()));
+    cont.resize(std::min<std::size_t>(cont.size(), b.continuation()));
+    if (cont.empty()) cont = b.question().second;
+    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+  }
+  return s;
+}
+
+// One shared document under a header whose name, number and date change:
+// prefixes that differ in a few tokens, right at the start.
+Scenario near_dup(Builder& b, int requests) {
+  Scenario s{"near-dup", "2 shared documents under a header differing in a name, a number, a date", {}};
+  static const char* kNames[] = {"Alice Martin", "Bob Chen", "Carla Diaz", "Dmitri Ivanov", "Emeka Obi",
+                                 "Fatima Khan", "Goran Petrov", "Hana Sato"};
+  std::vector<std::vector<int>> bodies;
+  std::vector<const Document*> used;
+  for (int i = 0; i < 2; ++i) {
+    const Document& d = b.document(i == 0, 60, used);
+    bodies.push_back(b.lines(d, 0, b.budget() * 80 / 100));
+  }
+  for (int r = 0; r < requests; ++r) {
+    char header[160];
+    std::snprintf(header, sizeof header, "# Review by %s, ticket #%d, filed 2024-%02d-%02d\n\n",
+                  kNames[b.pick(8)], 1000 + static_cast<int>(b.pick(9000)), 1 + static_cast<int>(b.pick(12)),
+                  1 + static_cast<int>(b.pick(28)));
+    std::vector<int> prompt = b.encode(header);
+    append(prompt, bodies[b.pick(bodies.size())]);
+    const int prefix = static_cast<int>(prompt.size());
+    auto [q, cont] = b.question();
+    append(prompt, b.encode("\n# Question: "));
+    append(prompt, q);
+    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+  }
+  return s;
+}
+
+}  // namespace
+
+const std::vector<std::string>& scenario_names() {
+  static const std::vector<std::string> names = {"chatbot", "rag", "code", "near-dup"};
+  return names;
+}
+
+Scenario make_scenario(std::string_view name, std::string_view heldout, const Tokenizer& tokenizer, int context,
+                       int requests, std::uint64_t seed) {
+  if (context < 64) throw std::invalid_argument("context: need at least 64 tokens");
+  if (requests < 1) throw std::invalid_argument("requests: must be positive");
+  // Each scenario draws from its own stream: adding one does not move another.
+  std::uint64_t stream = seed;
+  for (char c : name) stream = stream * 131 + static_cast<unsigned char>(c);
+  Builder b(heldout, tokenizer, context, stream);
+  if (name == "chatbot") return chatbot(b, requests);
+  if (name == "rag") return rag(b, requests);
+  if (name == "code") return code(b, requests);
+  if (name == "near-dup") return near_dup(b, requests);
+  throw std::invalid_argument("scenario: unknown '" + std::string(name) + "' (chatbot, rag, code, near-dup)");
+}
+
+}  // namespace attention_echo::llama
