@@ -10,7 +10,14 @@ L2 against float64 attention of B (all rows, and the prefix rows alone);
 times are the median of --repeat runs. Attention only: an engine's end-to-end
 gain is smaller (DESIGN.md section 9).
 
-    python examples/benchmark.py [--tokens 2048] [--prefix 0.9] [--repeat 5]
+Second part, when models/echo-llama-6m and transformers are present: the same
+comparison per layer on the attention inputs of the project's small TRAINED
+model (8 layers, 4 heads / 2 kv heads, head_dim 64) for a held-out document A
+and a near-duplicate B (A's most frequent identifier renamed, different
+continuation): kept fraction, speed-up over C++ exact attention of the same
+layer, guard verdict and measured error.
+
+    python examples/benchmark.py [--tokens 2048] [--prefix 0.9] [--repeat 3] [--no-model]
 """
 
 import argparse
@@ -43,11 +50,71 @@ def median_ms(fn, repeat, setup=None, budget_s=2.0):
     return statistics.median(times)
 
 
+def trained_model(T, P, repeat):
+    """Per-layer tiers on the attention inputs of the trained echo-llama-6m."""
+    import os
+
+    try:
+        import _llama2c
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as err:
+        print(f"\n(trained-model part skipped: {err})")
+        return
+    if not os.path.exists(_llama2c.DEFAULT_MODEL):
+        print("\n(trained-model part skipped: models/echo-llama-6m not found)")
+        return
+    model = _llama2c.load_llama2c()
+    docs = _llama2c.heldout_documents(min_bytes=4 * T)
+    text_a = docs[0][1]
+    text_b = _llama2c.rename_identifier(text_a[:P]) + docs[1][1]
+    ids_a = torch.tensor([_llama2c.encode(text_a)[:T]])
+    ids_b = torch.tensor([_llama2c.encode(text_b)[:T]])
+    changed = int((ids_a[0, :P] != ids_b[0, :P]).sum())
+    layers_a = _llama2c.capture_qkv(model, ids_a)
+    layers_b = _llama2c.capture_qkv(model, ids_b)
+    print(f"\ntrained model echo-llama-6m: {docs[0][0]}, T={T}, prefix={P}, B differs from A in {changed} "
+          f"prefix tokens; per layer, median of {repeat}; error: relative L2 vs C++ exact")
+    print(f"{'layer':>5} {'exact ms':>9} {'tier':>7} {'kept':>5} {'hit ms':>7} {'speed-up':>8} "
+          f"{'est.err':>8} {'err all':>9} {'err prefix':>10} {'exact-tier ms':>13}")
+    for layer, ((qa, ka, va), (qb, kb, vb)) in enumerate(zip(layers_a, layers_b)):
+        emb_a = va[:, :P].mean(axis=1).reshape(1, -1)  # as attention_echo.hf does
+        emb_b = vb[:, :P].mean(axis=1).reshape(1, -1)
+        ref = attention(qb, kb, vb)
+        exact_ms = median_ms(lambda: attention(qb, kb, vb), repeat)
+        cache = AttentionEchoCache()
+        state = {"rejected": True}
+
+        def fill():
+            if state["rejected"]:
+                cache.clear()
+                cache.attention_with_echo(qa, ka, va, P, emb_a)
+
+        def hit():
+            out, state["meta"] = cache.attention_with_echo(qb, kb, vb, P, emb_b)
+            state["rejected"] = state["meta"]["rejected"]
+            return out
+
+        fill()
+        out = hit()
+        meta = state["meta"]
+        hit_ms = median_ms(hit, repeat, fill)
+        tok = ids_b[0, :P].numpy()
+        exact_cache = AttentionEchoCache(EchoConfig(mode="exact"))
+        exact_cache.attention_with_echo(qb, kb, vb, P, emb_b, prefix_tokens=tok)
+        tier_ms = median_ms(lambda: exact_cache.attention_with_echo(qb, kb, vb, P, emb_b, prefix_tokens=tok), repeat)
+        tier = meta["tier"] + ("(rej)" if meta["rejected"] else "")
+        print(f"{layer:5d} {exact_ms:9.2f} {tier:>7} {meta['kept_fraction']:5.2f} {hit_ms:7.2f} "
+              f"{exact_ms / hit_ms:7.2f}x {meta['estimated_error']:8.4f} {rel_error(out, ref):9.2e} "
+              f"{rel_error(out[:, :P], ref[:, :P]):10.2e} {tier_ms:13.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prefix", type=float, default=0.9, help="prefix share of the tokens")
-    ap.add_argument("--repeat", type=int, default=5, help="max timed runs per method")
+    ap.add_argument("--repeat", type=int, default=3, help="max timed runs per method")
+    ap.add_argument("--no-model", action="store_true", help="skip the trained-model part")
     args = ap.parse_args()
     T = args.tokens
     P = int(T * args.prefix)
@@ -133,6 +200,8 @@ def main():
     print(f"{'method':38} {'ms':>8} {'vs C++ exact':>12} {'err all':>9} {'err prefix':>10}  note")
     for name, ms, err, err_p, note in rows:
         print(f"{name:38} {ms:8.2f} {base / ms:11.2f}x {err:9.2e} {err_p:10.2e}  {note}")
+    if not args.no_model:
+        trained_model(T, P, args.repeat)
 
 
 if __name__ == "__main__":
