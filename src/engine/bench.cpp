@@ -72,6 +72,9 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const Attenti
 // cost of a cache-routed prefix block relative to exact attention is learned
 // from the cache-routed requests themselves (misses, guard rejections and
 // sparse hits together), starting from DESIGN.md's expected kept fraction.
+// Requests that found no candidate at all are left out: they are the price of
+// filling the cache, and counting them would stop the router from ever
+// trying echo again after the first cold request.
 class CostModel {
  public:
   void observe(int rows, double total_s, double attention_s) {
@@ -268,7 +271,9 @@ ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const 
       } else {
         ++echo.routed_cache;
         add_echo_tiers(echo, base, s);
-        cost.observe_echo(T, p, s.attention_s);
+        const bool candidate = std::any_of(s.echo.begin(), s.echo.end(),
+                                           [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
+        if (candidate) cost.observe_echo(T, p, s.attention_s);
       }
       // Only exact K/V may seed later exact reuse: an echoed layer's output
       // is approximate, and so is every K/V after it.

@@ -3,9 +3,12 @@
 // attention views want (HeadsView::token_major with a wider token stride).
 #include "attention_echo/llama.hpp"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <stdexcept>
 
 #include "attention_echo/attention.hpp"
@@ -33,6 +36,15 @@ struct Model::Impl {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Row-wise work (norms, RoPE, SwiGLU) in chunks over the pool: fn(r0, r1).
+void for_rows(ThreadPool& pool, int n, const std::function<void(int, int)>& fn) {
+  constexpr int kChunk = 64;
+  pool.parallel_for(static_cast<std::size_t>((n + kChunk - 1) / kChunk), [&](std::size_t c) {
+    const int r0 = static_cast<int>(c) * kChunk;
+    fn(r0, std::min(n, r0 + kChunk));
+  });
+}
 
 // Scratch buffers only grow: a prefill allocates once, not once per layer.
 std::vector<float>& grow(std::vector<float>& buffer, std::size_t size) {
@@ -65,6 +77,38 @@ void rmsnorm(const float* x, const float* gain, float* out, int rows, int dim, f
     const float s = 1.0f / std::sqrt(ss / dim + eps);
     for (int i = 0; i < dim; ++i) o[i] = xr[i] * s * gain[i];
   }
+}
+
+// g = silu(g) * u over one row. libm's expf per element was 10% of a
+// prefill, so AVX-512 CPUs take Cephes' expf polynomial (~1 ulp), 16 lanes
+// at a time; the rest of the row and other CPUs use std::exp.
+__attribute__((target("avx512f"))) int swiglu_avx512(float* g, const float* u, int n) {
+  const __m512 lo = _mm512_set1_ps(-87.0f), hi = _mm512_set1_ps(88.0f), one = _mm512_set1_ps(1.0f);
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + j);
+    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), lo), hi);
+    // exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 in two parts.
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), one);
+    const __m512 e = _mm512_scalef_ps(p, k);
+    _mm512_storeu_ps(g + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + j)));
+  }
+  return j;
+}
+
+void swiglu(float* g, const float* u, int n) {
+  static const bool avx512 = best_gemm_isa() == GemmIsa::kAvx512;
+  for (int j = avx512 ? swiglu_avx512(g, u, n) : 0; j < n; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
 }
 
 // llama2.c RoPE: rotate each adjacent pair (2i, 2i+1) of a head by pos * theta^(-2i/D).
@@ -157,6 +201,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   const int n = t1 - t0, dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2;
   const int qkv_width = dim + 2 * kvd;
   if (n <= 0 || t0 < 0 || t1 > c.seq_len) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
+  if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (t0 == 0)");
   if (kv.k.size() != static_cast<std::size_t>(c.n_layers)) {
     kv.k.resize(c.n_layers);
     kv.v.resize(c.n_layers);
@@ -170,21 +215,25 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   // Attention block. xb (the normed layer input) doubles as the prefix
   // embeddings the cache keys on: it is exactly what Q/K/V are made from.
   std::vector<float>& xb = grow(xb_, static_cast<std::size_t>(n) * dim);
-  rmsnorm(x, w.attn_norm.data(), xb.data(), n, dim, c.norm_eps);
+  for_rows(pool_, n, [&](int r0, int r1) {
+    rmsnorm(x + std::size_t(r0) * dim, w.attn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
+  });
   // q rows sit at their absolute position so the kernel's causal mask
   // (key_end = row + 1) holds for rows that start at t0 > 0.
   std::vector<float>& qkv = grow(qkv_, static_cast<std::size_t>(t1) * qkv_width);
   float* rows = qkv.data() + static_cast<std::size_t>(t0) * qkv_width;
   gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool_);
-  for (int i = 0; i < n; ++i) {
-    float* r = rows + static_cast<std::size_t>(i) * qkv_width;
-    const float* cs = m_.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
-    const float* sn = m_.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
-    rope(r, c.n_heads, hd, cs, sn);
-    rope(r + dim, c.n_kv_heads, hd, cs, sn);
-    std::copy(r + dim, r + dim + kvd, K.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
-    std::copy(r + dim + kvd, r + qkv_width, V.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
-  }
+  for_rows(pool_, n, [&](int r0, int r1) {
+    for (int i = r0; i < r1; ++i) {
+      float* r = rows + static_cast<std::size_t>(i) * qkv_width;
+      const float* cs = m_.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
+      const float* sn = m_.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
+      rope(r, c.n_heads, hd, cs, sn);
+      rope(r + dim, c.n_kv_heads, hd, cs, sn);
+      std::copy(r + dim, r + dim + kvd, K.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
+      std::copy(r + dim + kvd, r + qkv_width, V.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
+    }
+  });
 
   std::vector<float>& att = grow(att_, static_cast<std::size_t>(t1) * dim);
   const HeadsView q{qkv.data(), c.n_heads, t1, hd, hd, qkv_width};
@@ -194,7 +243,6 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   EchoResult echo;
   const auto start = Clock::now();
   if (route.cache) {
-    if (t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (t0 == 0)");
     EchoRequest request;
     request.prefix_length = route.prefix_length;
     request.prefix_embeddings = {xb.data(), route.prefix_length, dim};
@@ -212,15 +260,18 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool_);
 
   // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
-  rmsnorm(x, w.ffn_norm.data(), xb.data(), n, dim, c.norm_eps);
+  for_rows(pool_, n, [&](int r0, int r1) {
+    rmsnorm(x + std::size_t(r0) * dim, w.ffn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
+  });
   const int hidden = c.hidden_dim;
   std::vector<float>& gu = grow(gu_, static_cast<std::size_t>(n) * 2 * hidden);
   gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool_);
-  for (int i = 0; i < n; ++i) {
-    float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
-    const float* u = g + hidden;
-    for (int j = 0; j < hidden; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-  }
+  for_rows(pool_, n, [&](int r0, int r1) {
+    for (int i = r0; i < r1; ++i) {
+      float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
+      swiglu(g, g + hidden, hidden);
+    }
+  });
   gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool_);
   return echo;
 }
@@ -235,6 +286,7 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
                                 std::to_string(c.seq_len));
   if (route.prefix_length < 0 || route.prefix_length > n)
     throw std::invalid_argument("route: prefix_length must be in [0, tokens]");
+  if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (kv must be empty)");
   for (int t : tokens)
     if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is out of range");
   const auto start = Clock::now();
