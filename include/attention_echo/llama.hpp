@@ -120,7 +120,9 @@ struct KVState {
 // How a forward call computes attention for its rows.
 struct AttentionRoute {
   // Non-null: every layer goes through cache->attention_with_echo with
-  // layer_id = layer index. Requires the call to start at row 0.
+  // layer_id = layer index and prefix_embeddings = that layer's input after
+  // its attention RMSNorm (what Q/K/V are projected from) over the prefix
+  // rows. Requires the call to start at row 0. Null: exact attention.
   AttentionEchoCache* cache = nullptr;
   int prefix_length = 0;                  // rows the cache may echo
   std::span<const std::int32_t> prefix_tokens;  // enables the exact tier
@@ -133,7 +135,7 @@ struct Timers {
   double total_s = 0.0;      // whole forward calls
 };
 
-// Per-call result of a forward over rows [t0, t1).
+// What a forward call over rows [t0, t1) returns.
 struct ForwardResult {
   std::vector<float> hidden;   // final-normed hidden states of the rows kept, [rows, dim]
   std::vector<float> logits;   // [rows, vocab] of the rows kept
@@ -149,11 +151,17 @@ class Engine {
   const ModelConfig& config() const;
 
   // The primitive everything else is made of: hidden rows x [t1 - t0, dim]
-  // of positions [t0, t1) through layer `layer`, attending to the layer's K/V
-  // of positions [0, t1); kv gains this layer's K/V of rows [t0, t1).
+  // of positions [t0, t1) through layer `layer` (x is updated in place),
+  // attending to the layer's K/V of positions [0, t1); kv's layer gains the
+  // K/V of rows [t0, t1) (its rows [0, t0) may come from any source: a
+  // stored prefix, another request). kv.length is the caller's to advance.
   // Returns the echo metadata when the route uses a cache.
   EchoResult layer_forward(int layer, float* x, int t0, int t1, KVState& kv,
                            const AttentionRoute& route);
+  // Token embeddings [tokens, dim]: the input of layer 0.
+  std::vector<float> embed(std::span<const int> tokens) const;
+  // Final RMSNorm and classifier of `rows` hidden rows into result.hidden/logits.
+  void head(const float* x, int rows, ForwardResult& result);
 
   // Appends tokens to the sequence whose K/V is in kv (kv.length tokens so
   // far) and returns the final hidden state and logits of the last
@@ -179,6 +187,7 @@ class PrefixStore {
     const KVState* kv = nullptr;
     int length = 0;  // shared leading tokens
   };
+  // match.kv stays valid until the next insert.
   Match longest_match(std::span<const int> tokens);
   // Stores the first kv.length tokens' K/V; evicts least recently used
   // entries beyond max_bytes.

@@ -1,6 +1,6 @@
 // aecho: run the engine from the command line.
 //   aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]
-//   aecho logits   --model M [--tokenizer T] --tokens 1,2,3 --out FILE [--threads N]
+//   aecho logits   --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE
 //   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] ...
 #include <algorithm>
 #include <filesystem>
@@ -24,7 +24,7 @@ namespace {
 constexpr const char* kUsage =
     "usage:\n"
     "  aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]\n"
-    "  aecho logits --model M [--tokenizer T] --tokens 1,2,3 --out FILE [--threads N]\n"
+    "  aecho logits --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE [--threads N]\n"
     "      writes raw float32 logits [tokens, vocab]\n"
     "  aecho bench --scenario chatbot|rag|code|near-dup|all [--model M] [--tokenizer T]\n"
     "      [--heldout FILE] [--mode exact|sparse|dense] [--requests N] [--context N]\n"
@@ -117,10 +117,14 @@ int cmd_generate(int argc, char** argv) {
 }
 
 int cmd_logits(int argc, char** argv) {
-  const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "tokens", "out", "threads"});
+  const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "tokens", "prompt", "out", "threads"});
+  if (flags.count("tokens") == flags.count("prompt")) throw UsageError("give either --tokens or --prompt");
+  if (flags.count("prompt") && !flags.count("tokenizer")) throw UsageError("--prompt needs --tokenizer");
   const llama::Model model(llama::load_weights(required(flags, "model")));
-  if (flags.count("tokenizer")) llama::Tokenizer(flags.at("tokenizer"), model.config().vocab_size);  // validates it
-  const std::vector<int> tokens = parse_tokens(required(flags, "tokens"));
+  const std::vector<int> tokens =
+      flags.count("tokens")
+          ? parse_tokens(flags.at("tokens"))
+          : llama::Tokenizer(flags.at("tokenizer"), model.config().vocab_size).encode(flags.at("prompt"));
   const std::string out_path = required(flags, "out");
   ae::ThreadPool pool(int_flag(flags, "threads", 0, 0));
   llama::Engine engine(model, pool);

@@ -197,90 +197,120 @@ std::string json_string(std::string_view s) {
   return out + "\"";
 }
 
+namespace {
+
+// One scenario's serving state: an engine, the exact-prefix store of the
+// exact-prefix mode, and the cache, store and router of echo mode.
+class Bench {
+ public:
+  Bench(const Model& model, const Scenario& scenario, const BenchOptions& options)
+      : pool_(options.threads), engine_(model, pool_), cache_(cache_config(model, options)), name_(scenario.name) {
+    report_.scenario = scenario.name;
+    report_.description = scenario.description;
+    report_.modes.resize(3);
+    report_.modes[0].name = "none";
+    report_.modes[1].name = "exact-prefix";
+    report_.modes[2].name = "echo";
+    KVState kv;  // warm-up (thread pool, page faults), not measured
+    engine_.forward(std::span<const int>(scenario.requests.front().tokens).first(1), kv, {});
+  }
+
+  void request(const ScenarioRequest& r) {
+    const Served base = serve(engine_, r, {}, {});
+    add_timing(report_.modes[0], r, base);
+    add_fidelity(report_.modes[0], base, base);
+    report_.modes[0].miss += 1;
+    cost_.observe(static_cast<int>(r.tokens.size()), base.prefill_s, base.attention_s);
+    exact_prefix(r, base);
+    echo(r, base);
+  }
+
+  ScenarioReport& report() { return report_; }
+
+ private:
+  static EchoConfig cache_config(const Model& model, const BenchOptions& options) {
+    EchoConfig config;
+    config.per_layer = true;
+    config.mode = options.mode;
+    config.threads = options.threads;
+    config.max_prefix_length = model.config().seq_len;
+    return config;
+  }
+
+  // The stored prefix shared with r, leaving at least the last row (its
+  // logits) to compute.
+  static std::pair<KVState, int> reuse(PrefixStore& store, const ScenarioRequest& r) {
+    const auto match = store.longest_match(r.tokens);
+    const int L = std::min(match.length, static_cast<int>(r.tokens.size()) - 1);
+    return {L > 0 ? match.kv->prefix(L) : KVState{}, L};
+  }
+
+  // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
+  void exact_prefix(const ScenarioRequest& r, const Served& base) {
+    ModeReport& m = report_.modes[1];
+    auto [kv, L] = reuse(exact_store_, r);
+    Served s = serve(engine_, r, std::move(kv), {});
+    add_timing(m, r, s);
+    add_fidelity(m, base, s);
+    add_prefix_tier(m, r, L);
+    exact_store_.insert(r.tokens, std::move(s.kv));
+  }
+
+  // AttentionEcho: skip a stored prefix that covers the shared context, or
+  // one the cost model says is cheaper to extend than echoing; otherwise
+  // every layer goes through the cache.
+  void echo(const ScenarioRequest& r, const Served& base) {
+    ModeReport& m = report_.modes[2];
+    const int T = static_cast<int>(r.tokens.size()), p = r.prefix_length;
+    auto [kv, L] = reuse(echo_store_, r);
+    const bool skip = L >= p || cost_.skip(T, L) <= cost_.echo(T, p);
+    const std::vector<int> prefix(r.tokens.begin(), r.tokens.begin() + p);
+    Served s = skip ? serve(engine_, r, std::move(kv), {}) : serve(engine_, r, {}, {&cache_, p, prefix, name_});
+    add_timing(m, r, s);
+    add_fidelity(m, base, s);
+    if (skip) {
+      ++m.routed_skip;
+      add_prefix_tier(m, r, L);
+    } else {
+      ++m.routed_cache;
+      add_echo_tiers(m, base, s);
+      const bool candidate = std::any_of(s.echo.begin(), s.echo.end(),
+                                         [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
+      if (candidate) cost_.observe_echo(T, p, s.attention_s);
+    }
+    // Only exact K/V may seed later exact reuse: an echoed layer's output
+    // is approximate, and so is every K/V after it.
+    if (skip || every_layer_exact(s)) echo_store_.insert(r.tokens, std::move(s.kv));
+  }
+
+  ThreadPool pool_;
+  Engine engine_;
+  AttentionEchoCache cache_;
+  std::string name_;
+  PrefixStore exact_store_{kStoreBytes}, echo_store_{kStoreBytes};
+  CostModel cost_;
+  ScenarioReport report_;
+  static constexpr std::size_t kStoreBytes = std::size_t{512} << 20;
+};
+
+}  // namespace
+
 ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const BenchOptions& options,
                             const Progress& progress) {
-  const ModelConfig& c = model.config();
-  ThreadPool pool(options.threads);
-  Engine engine(model, pool);
-  EchoConfig config;
-  config.per_layer = true;
-  config.mode = options.mode;
-  config.threads = options.threads;
-  config.max_prefix_length = c.seq_len;
-  AttentionEchoCache cache(config);
-  PrefixStore exact_store, echo_store;
-  CostModel cost;
-
-  ScenarioReport report;
-  report.scenario = scenario.name;
-  report.description = scenario.description;
-  report.modes.resize(3);
-  report.modes[0].name = "none";
-  report.modes[1].name = "exact-prefix";
-  report.modes[2].name = "echo";
-  ModeReport& none = report.modes[0];
-  ModeReport& exact = report.modes[1];
-  ModeReport& echo = report.modes[2];
-  {  // Warm-up (thread pool, page faults), not measured.
-    KVState kv;
-    engine.forward(std::span<const int>(scenario.requests.front().tokens).first(1), kv, {});
-  }
-  const int total = static_cast<int>(scenario.requests.size());
+  if (scenario.requests.empty()) throw std::invalid_argument("scenario: no requests");
+  for (const ScenarioRequest& r : scenario.requests)
+    if (r.continuation.empty() || r.prefix_length < 0 || r.prefix_length >= static_cast<int>(r.tokens.size()))
+      throw std::invalid_argument("scenario: every request needs a continuation and a prefix shorter than its prompt");
+  Bench bench(model, scenario, options);
   long long prompt_tokens = 0, prefix_tokens = 0;
+  const int total = static_cast<int>(scenario.requests.size());
   for (int i = 0; i < total; ++i) {
-    const ScenarioRequest& r = scenario.requests[i];
-    const int T = static_cast<int>(r.tokens.size()), p = r.prefix_length;
-    if (r.continuation.empty() || p < 0 || p >= T) throw std::invalid_argument("scenario: request " + std::to_string(i) +
-                                                                     " needs a continuation and a prefix shorter than the prompt");
-    prompt_tokens += T;
-    prefix_tokens += p;
-
-    const Served base = serve(engine, r, {}, {});
-    add_timing(none, r, base);
-    add_fidelity(none, base, base);
-    none.miss += 1;
-    cost.observe(T, base.prefill_s, base.attention_s);
-
-    // Exact prefix reuse: at least the last row is computed (its logits).
-    {
-      const auto match = exact_store.longest_match(r.tokens);
-      const int L = std::min(match.length, T - 1);
-      const Served s = serve(engine, r, L > 0 ? match.kv->prefix(L) : KVState{}, {});
-      add_timing(exact, r, s);
-      add_fidelity(exact, base, s);
-      add_prefix_tier(exact, r, L);
-      exact_store.insert(r.tokens, s.kv);
-    }
-
-    // AttentionEcho: skip a stored prefix that covers the shared context, or
-    // one that is cheaper to extend than echoing; else every layer through
-    // the cache.
-    {
-      const auto match = echo_store.longest_match(r.tokens);
-      const int L = std::min(match.length, T - 1);
-      const bool skip = L >= p || cost.skip(T, L) <= cost.echo(T, p);
-      const std::vector<int> prefix(r.tokens.begin(), r.tokens.begin() + p);
-      const AttentionRoute route{&cache, p, prefix, scenario.name};
-      Served s = skip ? serve(engine, r, L > 0 ? match.kv->prefix(L) : KVState{}, {})
-                      : serve(engine, r, {}, route);
-      add_timing(echo, r, s);
-      add_fidelity(echo, base, s);
-      if (skip) {
-        ++echo.routed_skip;
-        add_prefix_tier(echo, r, L);
-      } else {
-        ++echo.routed_cache;
-        add_echo_tiers(echo, base, s);
-        const bool candidate = std::any_of(s.echo.begin(), s.echo.end(),
-                                           [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
-        if (candidate) cost.observe_echo(T, p, s.attention_s);
-      }
-      // Only exact K/V may seed later exact reuse: an echoed layer's output
-      // is approximate, and so is every K/V after it.
-      if (skip || every_layer_exact(s)) echo_store.insert(r.tokens, std::move(s.kv));
-    }
+    bench.request(scenario.requests[i]);
+    prompt_tokens += static_cast<long long>(scenario.requests[i].tokens.size());
+    prefix_tokens += scenario.requests[i].prefix_length;
     if (progress) progress(i + 1, total);
   }
+  ScenarioReport& report = bench.report();
   report.mean_prompt_tokens = static_cast<int>(prompt_tokens / total);
   report.mean_prefix_tokens = static_cast<int>(prefix_tokens / total);
   return report;

@@ -276,6 +276,26 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   return echo;
 }
 
+std::vector<float> Engine::embed(std::span<const int> tokens) const {
+  const ModelConfig& c = m_.config;
+  std::vector<float> x(tokens.size() * c.dim);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      throw std::invalid_argument("tokens: id " + std::to_string(tokens[i]) + " is out of range");
+    std::copy_n(m_.token_embedding.begin() + static_cast<std::ptrdiff_t>(tokens[i]) * c.dim, c.dim,
+                x.begin() + static_cast<std::ptrdiff_t>(i * c.dim));
+  }
+  return x;
+}
+
+void Engine::head(const float* x, int rows, ForwardResult& result) {
+  const ModelConfig& c = m_.config;
+  result.hidden.resize(static_cast<std::size_t>(rows) * c.dim);
+  rmsnorm(x, m_.final_norm.data(), result.hidden.data(), rows, c.dim, c.norm_eps);
+  result.logits.resize(static_cast<std::size_t>(rows) * c.vocab_size);
+  gemm(result.hidden.data(), c.dim, rows, m_.classifier, result.logits.data(), c.vocab_size, false, pool_);
+}
+
 ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const AttentionRoute& route, int keep_rows) {
   const ModelConfig& c = m_.config;
   const int n = static_cast<int>(tokens.size());
@@ -287,13 +307,8 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
   if (route.prefix_length < 0 || route.prefix_length > n)
     throw std::invalid_argument("route: prefix_length must be in [0, tokens]");
   if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (kv must be empty)");
-  for (int t : tokens)
-    if (t < 0 || t >= c.vocab_size) throw std::invalid_argument("tokens: id " + std::to_string(t) + " is out of range");
   const auto start = Clock::now();
-  std::vector<float> x(static_cast<std::size_t>(n) * c.dim);
-  for (int i = 0; i < n; ++i)
-    std::copy_n(m_.token_embedding.begin() + static_cast<std::ptrdiff_t>(tokens[i]) * c.dim, c.dim,
-                x.begin() + static_cast<std::ptrdiff_t>(i) * c.dim);
+  std::vector<float> x = embed(tokens);
   ForwardResult result;
   for (int l = 0; l < c.n_layers; ++l) {
     const double before = timers_.attention_s;
@@ -303,11 +318,7 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
   }
   kv.length = t1;
   const int keep = keep_rows < 0 ? n : std::min(keep_rows, n);
-  result.hidden.resize(static_cast<std::size_t>(keep) * c.dim);
-  rmsnorm(x.data() + static_cast<std::size_t>(n - keep) * c.dim, m_.final_norm.data(), result.hidden.data(), keep,
-          c.dim, c.norm_eps);
-  result.logits.resize(static_cast<std::size_t>(keep) * c.vocab_size);
-  gemm(result.hidden.data(), c.dim, keep, m_.classifier, result.logits.data(), c.vocab_size, false, pool_);
+  head(x.data() + static_cast<std::size_t>(n - keep) * c.dim, keep, result);
   timers_.total_s += seconds_since(start);
   return result;
 }

@@ -314,6 +314,9 @@ int checked_int(std::uint64_t value, const std::string& key, const std::string& 
   return static_cast<int>(value);
 }
 
+// GGUF llama tensors load unchanged: llama.cpp's converter already permuted
+// HF's half-split Q/K rows for RoPE on adjacent pairs (GGML_ROPE_TYPE_NORM),
+// the layout llama2.c uses too.
 Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
   const GgufFile f(bytes, path);
   const std::string arch = f.string_or("general.architecture", "");
