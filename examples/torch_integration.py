@@ -8,6 +8,11 @@
 3. If transformers is installed: a tiny Llama built from a config (random
    weights, no download) with ``attn_implementation="echo"``; logits compared
    with stock SDPA on a miss and on a hit, and greedy generation.
+4. If models/echo-llama-6m is there too: the project's small TRAINED model
+   through ``attn_implementation="echo"`` end to end: a held-out document,
+   then a near-duplicate (an identifier renamed): logits error and next-token
+   agreement against stock SDPA, and forward time (the whole model, not only
+   attention).
 """
 
 import time
@@ -98,6 +103,62 @@ def hugging_face():
     print(f"  stats over layers: hits {s['hits']} (exact {s['hits_exact']}), misses {s['misses']}")
 
 
+def trained_model(T=1024, P=896):
+    import os
+
+    try:
+        import _llama2c
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    if not os.path.exists(_llama2c.DEFAULT_MODEL):
+        print("\n== trained model: models/echo-llama-6m not found, skipped ==")
+        return
+    import attention_echo.hf as echo_hf
+
+    model = _llama2c.load_llama2c()
+    docs = _llama2c.heldout_documents(min_bytes=4 * T)
+    a = torch.tensor([_llama2c.encode(docs[0][1])[:T]])
+    b = torch.tensor([_llama2c.encode(_llama2c.rename_identifier(docs[0][1][:P]) + docs[1][1])[:T]])
+    print(f"\n== trained echo-llama-6m (8 layers, dim 256), {docs[0][0]}: T={T}, prefix {P}, "
+          f"near-duplicate differs in {int((a[0, :P] != b[0, :P]).sum())} prefix tokens ==")
+    def median_ms(fn, n=3):
+        times = sorted(timed(fn)[1] for _ in range(n))
+        return times[n // 2]
+
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        model(a)  # warm-up
+        ref = model(b).logits
+        sdpa_ms = median_ms(lambda: model(b))
+        echo_hf.enable(model)
+        with echo_hf.echo_context(prefix_length=P):
+            # every call a miss: C++ exact attention (+ storing the entry)
+            miss_ms = median_ms(lambda: (echo_hf.clear(model), model(b)))
+            echo_hf.clear(model)
+            model(a)  # fills the per-layer caches with A
+            logits = model(b).logits  # B served from A's entries
+            metas = echo_hf.last_meta(model)
+            hit_ms = median_ms(lambda: model(b))  # (B's own entries may serve these repeats)
+            echo_hf.clear(model)
+            with echo_hf.echo_context(prefix_tokens=b[0, :P]):
+                model(b)
+                exact_ms = median_ms(lambda: model(b))
+    tiers = [m["tier"] + ("(rej)" if m["rejected"] else "") for _, m in sorted(metas.items())]
+    kept = [round(m["kept_fraction"], 2) for _, m in sorted(metas.items())]
+    agree = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    agree_suffix = (logits[0, P:].argmax(-1) == ref[0, P:].argmax(-1)).float().mean().item()
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[0, :-1], b[0, 1:]).item()
+    print(f"  tiers per layer {tiers}")
+    print(f"  kept fraction   {kept}")
+    print(f"  next-token agreement with SDPA: {agree:.4f} (suffix rows {agree_suffix:.4f}); "
+          f"max |logits diff| {(logits - ref).abs().max().item():.3f}; "
+          f"loss {nll(logits):.4f} vs {nll(ref):.4f} nats/token")
+    print(f"  forward of the whole model, median ms: stock SDPA {sdpa_ms:.0f}, "
+          f"echo miss (C++ exact attention) {miss_ms:.0f}, echo hit {hit_ms:.0f}, exact tier (same ids) {exact_ms:.0f}")
+
+
 if __name__ == "__main__":
     seed_modules()
     hugging_face()
+    trained_model()
