@@ -19,7 +19,7 @@ namespace {
 constexpr float kLog2e = 1.44269504088896340736f;
 // Query tokens per task when no tile mass is recorded: dozens of tasks per
 // head at long T keep threads balanced under the causal mask's uneven work.
-constexpr int kTaskTokens = 64;
+constexpr int kTaskTokens = 128;
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -93,17 +93,26 @@ void run(RowBlock& b, const std::vector<KeyChunk>& chunks, BlockFn fn) {
   fn(b);
 }
 
-// Every chunk of keys [begin, end).
+// Keys [begin, end) as chunks, cut at multiples of kChunk. A range that
+// continues the last chunk extends it, so kept tiles that are neighbours run
+// as one chunk, and with every tile kept the chunks are exact_rows' own.
 void add_chunks(int begin, int end, std::vector<KeyChunk>& chunks) {
-  for (int c = begin; c < end; c += kChunk) chunks.push_back({c, std::min(c + kChunk, end)});
+  while (begin < end) {
+    const int stop = std::min((begin / kChunk + 1) * kChunk, end);
+    if (!chunks.empty() && chunks.back().end == begin && begin % kChunk != 0)
+      chunks.back().end = stop;
+    else
+      chunks.push_back({begin, stop});
+    begin = stop;
+  }
 }
 
 // Logs a block's per-chunk softmax statistics into w.log.
 void attach_log(RowBlock& b, std::size_t chunks, Workspace& w) {
-  const std::size_t stride = padded(b.rows);
-  w.log.resize(2 * (chunks + 1) * stride);
+  const std::size_t stride = row_stride(b.rows), segments = chunks * (kChunk / kSegment);
+  w.log.resize((segments + chunks + 2) * stride);
   float* p = w.log.data();
-  b.log = {p, p + chunks * stride, p + 2 * chunks * stride, p + (2 * chunks + 1) * stride};
+  b.log = {p, p + segments * stride, p + (segments + chunks) * stride, p + (segments + chunks + 1) * stride};
 }
 
 // Adds each prefix row's final softmax mass per key tile to
@@ -111,14 +120,16 @@ void attach_log(RowBlock& b, std::size_t chunks, Workspace& w) {
 // to the running max of its time, rescaled to the row's final max and sum.
 void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, const TileMass& mass,
                    int head0, double* table) {
-  const int stride = padded(b.rows);
+  const int stride = row_stride(b.rows);
   for (int r = 0; r < b.rows; ++r) {
     if (rows[r].token >= prefix) continue;
     double* row_mass = table + static_cast<std::size_t>(rows[r].head - head0) * mass.tiles;
     const double max = b.log.row_max[r], sum = b.log.row_sum[r];
-    for (int c = 0; c < b.chunk_count && b.chunks[c].begin < prefix; ++c)
-      row_mass[b.chunks[c].begin / mass.block] +=
-          b.log.chunk_sum[c * stride + r] * std::exp2(b.log.chunk_max[c * stride + r] - max) / sum;
+    for (int c = 0; c < b.chunk_count; ++c) {
+      const double scale = std::exp2(b.log.chunk_max[c * stride + r] - max) / sum;
+      for (int g = 0, key = b.chunks[c].begin; key < std::min(b.chunks[c].end, prefix); ++g, key += kSegment)
+        row_mass[key / mass.block] += b.log.segment_sum[(c * (kChunk / kSegment) + g) * stride + r] * scale;
+    }
   }
 }
 
@@ -128,8 +139,8 @@ void check_row_range(const AttentionProblem& p, int row_begin, int row_end) {
 }
 
 void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int row_end, int prefix) {
-  if (mass.block <= 0 || mass.block % kChunk != 0)
-    fail("mass", "block must be a positive multiple of " + std::to_string(kChunk));
+  if (mass.block <= 0 || mass.block % kSegment != 0)
+    fail("mass", "block must be a positive multiple of " + std::to_string(kSegment));
   if (row_begin != 0) fail("row_begin", "must be 0 when recording tile mass");
   if (prefix < 0 || prefix > row_end) fail("prefix", "must be in [0, row_end]");
   if (!p.causal && p.prefix_length != prefix)
@@ -171,8 +182,8 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
 }
 
 void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
-  if (kept.block <= 0 || kept.block % kChunk != 0)
-    fail("kept", "block must be a positive multiple of " + std::to_string(kChunk));
+  if (kept.block <= 0 || kept.block % kSegment != 0)
+    fail("kept", "block must be a positive multiple of " + std::to_string(kSegment));
   if (kept.heads != p.q.heads) fail("kept", "heads != the problem's query heads");
   if (kept.offsets.size() != static_cast<std::size_t>(kept.heads) * kept.tiles + 1 ||
       kept.offsets.back() != kept.cols.size())

@@ -9,28 +9,35 @@
 
 namespace attention_echo::kernels {
 
-// Keys per online-softmax step. Chunks start at multiples of kChunk counted
-// from token 0, whatever the caller's tiles, so every entry point feeds a row
-// the same partial sums in the same order. Sparse tiles are whole chunks.
-inline constexpr int kChunk = 32;
+// Key ranges come in segments of kSegment keys counted from token 0: tiles
+// (tile mass, sparse support) are whole segments. The loop takes up to
+// kChunk keys per online-softmax step, never across a multiple of kChunk, so
+// every entry point feeds a row the same steps in the same order: a row's
+// last chunk may be cut short, which only drops keys the row cannot see.
+inline constexpr int kSegment = 32;
+inline constexpr int kChunk = 2 * kSegment;
 // Rows per block: bounds the scratch (and keeps it near L1/L2).
-inline constexpr int kMaxRows = 64;
+inline constexpr int kMaxRows = 128;
 
 // Scratch rows are padded to a multiple of the widest vector (16 floats), so
 // one layout serves every ISA.
 constexpr int padded(int n) { return (n + 15) & ~15; }
+constexpr int row_stride(int rows) { return padded(rows) + 16; }
+constexpr int dim_stride(int dim) { return padded(dim) + 16; }
 
 struct KeyChunk {
-  int begin = 0;  // a multiple of kChunk
-  int end = 0;    // <= begin + kChunk
+  int begin = 0;  // a multiple of kSegment
+  int end = 0;    // at most the next multiple of kChunk
 };
 
-// Optional per-chunk softmax statistics, for tile mass: row r's chunk c had
-// partial sum chunk_sum[c * stride + r] relative to running max
-// chunk_max[c * stride + r]; row_max/row_sum are the row's final max and
-// normaliser. Maxima are in log2 units (logits times log2(e)).
+// Optional per-chunk softmax statistics, for tile mass: row r's softmax
+// terms over segment g of chunk c (keys [begin + g kSegment, ...)) sum to
+// segment_sum[(c * kChunk / kSegment + g) * stride + r], relative to the
+// chunk's running max chunk_max[c * stride + r]; row_max/row_sum are the
+// row's final max and normaliser. Maxima are in log2 units (logits times
+// log2(e)).
 struct SoftmaxLog {
-  float* chunk_sum = nullptr;
+  float* segment_sum = nullptr;
   float* chunk_max = nullptr;
   float* row_max = nullptr;
   float* row_sum = nullptr;
@@ -56,8 +63,8 @@ struct RowBlock {
 inline std::size_t scratch_floats(int dim) {
   // q^T [dim][rows], scores [kChunk][rows], acc [rows][padded dim], max,
   // sum, alpha and key_end per row, and a chunk of values [kChunk][padded dim].
-  return static_cast<std::size_t>(kMaxRows) * (dim + kChunk + padded(dim) + 4) +
-         static_cast<std::size_t>(kChunk) * padded(dim);
+  return static_cast<std::size_t>(row_stride(kMaxRows)) * (dim + kChunk + dim_stride(dim) + 4) +
+         static_cast<std::size_t>(kChunk) * dim_stride(dim);
 }
 
 // The tile loop, compiled once per ISA (tile_loop_*.cpp).

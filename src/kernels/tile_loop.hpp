@@ -54,10 +54,11 @@ template <class V>
 class TileLoop {
   using Reg = typename V::reg;
   static constexpr int W = V::W;
+  static constexpr int kChains = 4;
 
  public:
   explicit TileLoop(const RowBlock& block)
-      : b_(block), rows_(padded(block.rows)), dim_(block.dim), dpad_(padded(block.dim)) {
+      : b_(block), rows_(row_stride(block.rows)), lanes_(padded(block.rows)), dim_(block.dim), dpad_(dim_stride(block.dim)) {
     float* p = block.scratch;
     qt_ = p, p += dim_ * rows_;
     s_ = p, p += kChunk * rows_;
@@ -83,7 +84,7 @@ class TileLoop {
   // qt = logit_scale * q^T (pad rows zero), empty softmax state per row.
   void load_queries() {
     min_key_end_ = 3.0e38f;
-    for (int r = 0; r < rows_; ++r) {
+    for (int r = 0; r < lanes_; ++r) {
       const bool real = r < b_.rows;
       for (int d = 0; d < dim_; ++d) qt_[d * rows_ + r] = real ? b_.q[r][d] * b_.logit_scale : 0.0f;
       // Pad rows never get masked; their results are never read.
@@ -126,7 +127,8 @@ class TileLoop {
 
   template <int RV>
   void score_rows(int rv, const float* k0, int keys) {
-    constexpr int NK = V::kAcc / RV;
+    constexpr int NK = V::kScoreKeys;
+    static_assert(kChunk % NK == 0, "full chunks take whole micro-tiles");
     int j = 0;
     for (; j + NK <= keys; j += NK) score_tile<RV, NK>(rv, k0, j);
     for (; j < keys; ++j) score_tile<RV, 1>(rv, k0, j);
@@ -135,49 +137,65 @@ class TileLoop {
   void scores(const KeyChunk& chunk) {
     const float* k0 = b_.k + chunk.begin * b_.k_stride;
     const int keys = chunk.end - chunk.begin;
-    const int vectors = rows_ / W;
+    const int vectors = lanes_ / W;
     int rv = 0;
     for (; rv + V::kScoreRows <= vectors; rv += V::kScoreRows) score_rows<V::kScoreRows>(rv, k0, keys);
     for (; rv < vectors; ++rv) score_rows<1>(rv, k0, keys);
   }
 
   // Masks keys past each row's key_end, updates m and l, turns scores into
-  // probabilities and leaves each row's alpha for accumulate().
+  // probabilities and leaves each row's alpha for accumulate(). Max and sums
+  // run as kChains independent chains (key j in chain j % kChains) to hide
+  // their latency, sums one segment at a time (tile mass logs them). Keys a
+  // row cannot see add exact zeros, so its sums do not depend on how far its
+  // block's chunk reaches.
   void softmax(const KeyChunk& chunk, int c) {
     const int keys = chunk.end - chunk.begin;
     const bool mask = static_cast<float>(chunk.end) > min_key_end_;
-    for (int r = 0; r < rows_; r += W) {
+    for (int r = 0; r < lanes_; r += W) {
+      if (mask) mask_keys(chunk, r);
       const Reg m_old = V::load(max_ + r);
-      Reg m = m_old;
-      if (mask) {
-        const Reg key_end = V::load(key_end_ + r);
-        for (int j = 0; j < keys; ++j) {
-          float* s = s_ + j * rows_ + r;
-          const Reg x = V::keep_below(V::load(s), key_end, static_cast<float>(chunk.begin + j));
-          V::store(s, x);
-          m = V::max(m, x);
-        }
-      } else {
-        for (int j = 0; j < keys; ++j) m = V::max(m, V::load(s_ + j * rows_ + r));
-      }
+      Reg m_chain[kChains] = {m_old, m_old, m_old, m_old};
+      for (int j = 0; j < keys; ++j) m_chain[j % kChains] = V::max(m_chain[j % kChains], V::load(s_ + j * rows_ + r));
+      const Reg m = V::max(V::max(m_chain[0], m_chain[1]), V::max(m_chain[2], m_chain[3]));
       // A row that has seen no key yet keeps m = -inf; 0 stands in for it so
       // that 2^(-inf - 0) = 0 rather than NaN.
       const Reg m_ref = V::finite_or_zero(m);
       const Reg alpha = exp2<V>(V::sub(m_old, m_ref));
       Reg total = V::zero();
-      for (int j = 0; j < keys; ++j) {
-        float* s = s_ + j * rows_ + r;
-        const Reg p = exp2<V>(V::sub(V::load(s), m_ref));
-        V::store(s, p);
-        total = V::add(total, p);
+      for (int g = 0; g < kChunk / kSegment; ++g) {
+        const Reg segment = exponentiate(g * kSegment, keys, r, m_ref);
+        total = V::add(total, segment);
+        if (b_.log.segment_sum != nullptr)
+          V::store(b_.log.segment_sum + (c * (kChunk / kSegment) + g) * rows_ + r, segment);
       }
       V::store(max_ + r, m);
       V::store(alpha_ + r, alpha);
       V::store(sum_ + r, V::mul_add(V::load(sum_ + r), alpha, total));
-      if (b_.log.chunk_sum != nullptr) {
-        V::store(b_.log.chunk_sum + c * rows_ + r, total);
-        V::store(b_.log.chunk_max + c * rows_ + r, m_ref);
-      }
+      if (b_.log.chunk_max != nullptr) V::store(b_.log.chunk_max + c * rows_ + r, m_ref);
+    }
+  }
+
+  // p = 2^(s - m_ref) in place for keys [first, min(first + kSegment, keys));
+  // returns their sum.
+  Reg exponentiate(int first, int keys, int r, Reg m_ref) {
+    Reg chain[kChains] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    const int last = first + kSegment < keys ? first + kSegment : keys;
+    for (int j = first; j < last; ++j) {
+      float* s = s_ + j * rows_ + r;
+      const Reg p = exp2<V>(V::sub(V::load(s), m_ref));
+      V::store(s, p);
+      chain[j % kChains] = V::add(chain[j % kChains], p);
+    }
+    return V::add(V::add(chain[0], chain[1]), V::add(chain[2], chain[3]));
+  }
+
+  // s = -inf where the key is at or past the row's key_end.
+  void mask_keys(const KeyChunk& chunk, int r) {
+    const Reg key_end = V::load(key_end_ + r);
+    for (int j = 0; j < chunk.end - chunk.begin; ++j) {
+      float* s = s_ + j * rows_ + r;
+      V::store(s, V::keep_below(V::load(s), key_end, static_cast<float>(chunk.begin + j)));
     }
   }
 
@@ -209,12 +227,16 @@ class TileLoop {
       for (int s = 0; s < SW; ++s) V::store(acc_ + (r + i) * dpad_ + (dv + s) * W, a[i][s]);
   }
 
+  // Rows [r, rows) in tiles of MR rows, the rest in smaller tiles.
+  template <int MR, int SW>
+  void value_rows(int r, const float* v0, long v_stride, int dv, int keys) {
+    for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys);
+    if constexpr (MR > 1) value_rows<MR / 2, SW>(r, v0, v_stride, dv, keys);
+  }
+
   template <int SW>
   void value_strip(int dv, const float* v0, long v_stride, int keys) {
-    constexpr int MR = V::kAcc / SW > 12 ? 12 : V::kAcc / SW;
-    int r = 0;
-    for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys);
-    for (; r < b_.rows; ++r) value_tile<1, SW>(r, dv, v0, v_stride, keys);
+    value_rows<V::kValueAcc / SW, SW>(0, v0, v_stride, dv, keys);
   }
 
   void accumulate(const KeyChunk& chunk) {
@@ -262,7 +284,7 @@ class TileLoop {
   }
 
   const RowBlock& b_;
-  const int rows_, dim_, dpad_;
+  const int rows_, lanes_, dim_, dpad_;
   float min_key_end_ = 0.0f;
   float *qt_, *s_, *acc_, *max_, *sum_, *alpha_, *key_end_, *vpad_;
 };

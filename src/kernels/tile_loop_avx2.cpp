@@ -15,9 +15,10 @@ namespace {
 struct Avx2 {
   using reg = __m256;
   static constexpr int W = 8;
-  static constexpr int kAcc = 12;
-  static constexpr int kScoreRows = 3;
-  static constexpr int kValueStrip = 4;
+  static constexpr int kScoreRows = 2;   // row vectors x keys per score micro-tile
+  static constexpr int kScoreKeys = 4;
+  static constexpr int kValueAcc = 12;    // accumulators per value micro-tile,
+  static constexpr int kValueStrip = 4;   // of this many dim vectors per row
 
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }

@@ -19,9 +19,10 @@ namespace {
 struct Avx512 {
   using reg = __m512;
   static constexpr int W = 16;
-  static constexpr int kAcc = 24;        // accumulators a micro-tile may hold
-  static constexpr int kScoreRows = 4;   // row vectors per score micro-tile
-  static constexpr int kValueStrip = 8;  // dim vectors per value micro-tile
+  static constexpr int kScoreRows = 4;   // row vectors x keys per score micro-tile
+  static constexpr int kScoreKeys = 4;
+  static constexpr int kValueAcc = 16;    // accumulators per value micro-tile,
+  static constexpr int kValueStrip = 4;   // of this many dim vectors per row
 
   static reg zero() { return _mm512_setzero_ps(); }
   static reg set1(float x) { return _mm512_set1_ps(x); }

@@ -9,9 +9,10 @@ namespace {
 struct Scalar {
   using reg = float;
   static constexpr int W = 1;
-  static constexpr int kAcc = 8;
-  static constexpr int kScoreRows = 4;
-  static constexpr int kValueStrip = 8;
+  static constexpr int kScoreRows = 4;   // row vectors x keys per score micro-tile
+  static constexpr int kScoreKeys = 2;
+  static constexpr int kValueAcc = 8;    // accumulators per value micro-tile,
+  static constexpr int kValueStrip = 8;   // of this many dim vectors per row
 
   static reg zero() { return 0.0f; }
   static reg set1(float x) { return x; }
