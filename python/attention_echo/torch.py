@@ -218,7 +218,7 @@ class EchoAttention(_EchoBase):
             raise ValueError(f"key: last dimension {key.shape[-1]} is not a multiple of head_dim {self.head_dim}")
         batch, tokens, _ = query.shape
         hd = self.head_dim
-        q = query.view(batch, tokens, -1, hd).transpose(1, 2)
+        q = query.reshape(batch, tokens, -1, hd).transpose(1, 2)
         k = key.reshape(batch, key.shape[1], -1, hd).transpose(1, 2)
         v = value.reshape(batch, value.shape[1], -1, hd).transpose(1, 2)
 

@@ -140,3 +140,13 @@ def test_echo_attention_writes_strided_float32_views_without_copies():
     assert result is out
     ref = F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_non_contiguous_query():
+    attention = EchoAttention(hidden_dim=32, num_heads=2)
+    base = torch.randn(1, 32, 24)
+    q = base.transpose(1, 2)  # (1, 24, 32), non-contiguous
+    k, v = torch.randn(1, 24, 32), torch.randn(1, 24, 32)
+    with torch.no_grad():
+        out, _ = attention(q, k, v, prefix_length=8)
+    torch.testing.assert_close(out, sdpa_heads(q.contiguous(), k, v, 2), atol=2e-5, rtol=1e-4)
