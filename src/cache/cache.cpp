@@ -46,19 +46,36 @@ double block_flops(int heads, int dim, int rows, bool causal) {
 }
 
 // Cheap and exact: any change to k's prefix rows changes it (with
-// overwhelming probability). Same tokens with other weights is a miss.
+// overwhelming probability), so same tokens with other weights is a miss.
+// Four independent multiply-xorshift lanes keep the loop at memory speed
+// instead of one long dependency chain.
 std::uint64_t fingerprint(const HeadsView& k, int prefix) {
-  std::uint64_t h = 0x243f6a8885a308d3ULL;
+  constexpr std::uint64_t kMul = 0x9fb21c651e98df25ULL;
+  std::uint64_t lane[4] = {0x243f6a8885a308d3ULL, 0x13198a2e03707344ULL, 0xa4093822299f31d0ULL,
+                           0x082efa98ec4e6c89ULL};
+  auto mix = [&](std::uint64_t& h, std::uint64_t word) {
+    h = (h ^ word) * kMul;
+    h ^= h >> 32;
+  };
   for (int kh = 0; kh < k.heads; ++kh)
     for (int t = 0; t < prefix; ++t) {
-      const float* row = k.row(kh, t);
-      for (int d = 0; d < k.dim; ++d) {
-        std::uint32_t bits;
-        std::memcpy(&bits, row + d, sizeof bits);
-        h = (h ^ bits) * 0x100000001b3ULL;
-        h ^= h >> 29;
+      const auto* bytes = reinterpret_cast<const unsigned char*>(k.row(kh, t));
+      const std::size_t n = sizeof(float) * static_cast<std::size_t>(k.dim);
+      std::size_t i = 0;
+      for (; i + 32 <= n; i += 32)
+        for (int l = 0; l < 4; ++l) {
+          std::uint64_t word;
+          std::memcpy(&word, bytes + i + 8 * l, 8);
+          mix(lane[l], word);
+        }
+      for (; i + 4 <= n; i += 4) {
+        std::uint32_t word;
+        std::memcpy(&word, bytes + i, 4);
+        mix(lane[0], word);
       }
     }
+  std::uint64_t h = lane[0];
+  for (int l = 1; l < 4; ++l) mix(h, lane[l]);
   return h;
 }
 

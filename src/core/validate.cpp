@@ -1,6 +1,8 @@
 #include "core/validate.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -24,14 +26,28 @@ void require_data(std::string_view name, const HeadsView& v) {
   if (v.data == nullptr) fail(name, "data is null");
 }
 
+// A float is NaN or Inf exactly when its exponent bits are all ones. Testing
+// the bits (no branches, no libm) lets the compiler vectorise the scan, which
+// matters: on an exact-tier hit this scan is a large share of the call.
+bool row_is_finite(const float* row, int n) {
+  std::uint32_t bad = 0;
+  for (int d = 0; d < n; ++d) {
+    std::uint32_t bits;
+    std::memcpy(&bits, row + d, sizeof bits);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 void require_finite(std::string_view name, const HeadsView& v) {
   for (int h = 0; h < v.heads; ++h)
     for (int t = 0; t < v.tokens; ++t) {
       const float* row = v.row(h, t);
+      if (row_is_finite(row, v.dim)) continue;
       for (int d = 0; d < v.dim; ++d)
         if (!std::isfinite(row[d]))
-          fail(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) +
-                         ", " + std::to_string(d) + "]");
+          fail(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) + ", " +
+                         std::to_string(d) + "]");
     }
 }
 
