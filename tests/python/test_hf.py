@@ -110,3 +110,18 @@ def test_gradients_fall_back_with_a_warning(model, ids):
     out.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     model.zero_grad()
+
+
+def test_from_pretrained_with_attn_implementation_echo(model, ids, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="echo").eval()
+    assert loaded.config._attn_implementation == "echo"
+    want = logits_with(model, "eager", ids)
+    with torch.no_grad(), echo_hf.echo_context(prefix_length=48, namespace="tenant-a"):
+        first = loaded(ids).logits
+        second = loaded(ids).logits
+    assert (first - want).abs().max().item() < 1e-5
+    assert all(m["echo_hit"] for m in echo_hf.last_meta(loaded).values())
+    assert (second - want).abs().max().item() < 1e-3
+    echo_hf.clear(loaded)
+    assert echo_hf.stats(loaded)["total_lookups"] == 0
