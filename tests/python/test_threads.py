@@ -66,4 +66,5 @@ def test_gil_is_released_during_cpp_work():
     # With the GIL held for the whole C++ call this loop would stall; released,
     # it keeps ticking at a good fraction of its free-running rate.
     assert total > 0.05, "attention too fast to measure on this machine"
-    assert ticks > 0.2 * total / 0.0011, (ticks, total)
+    # (Held, it would tick about once per call: 3 or 4 times.)
+    assert ticks > max(12, 0.05 * total / 0.0011), (ticks, total)
