@@ -75,25 +75,29 @@ class TileLoop {
     for (int c = 0; c < b_.chunk_count; ++c) {
       scores(b_.chunks[c]);
       softmax(b_.chunks[c], c);
-      accumulate(b_.chunks[c]);
+      accumulate(b_.chunks[c], c == 0);
     }
     finish();
   }
 
  private:
   // qt = logit_scale * q^T (pad rows zero), empty softmax state per row.
+  // Whole W x W blocks go through V::transpose; the rest element by element.
   void load_queries() {
+    const int full_rows = b_.rows / W * W, full_dims = dim_ / W * W;
+    for (int r = 0; r < full_rows; r += W)
+      for (int d = 0; d < full_dims; d += W) V::transpose(b_.q + r, d, b_.logit_scale, qt_ + d * rows_ + r, rows_);
+    for (int r = 0; r < lanes_; ++r)
+      for (int d = r < full_rows ? full_dims : 0; d < dim_; ++d)
+        qt_[d * rows_ + r] = r < b_.rows ? b_.q[r][d] * b_.logit_scale : 0.0f;
     min_key_end_ = 3.0e38f;
     for (int r = 0; r < lanes_; ++r) {
-      const bool real = r < b_.rows;
-      for (int d = 0; d < dim_; ++d) qt_[d * rows_ + r] = real ? b_.q[r][d] * b_.logit_scale : 0.0f;
       // Pad rows never get masked; their results are never read.
-      key_end_[r] = real ? static_cast<float>(b_.key_end[r]) : 3.0e38f;
+      key_end_[r] = r < b_.rows ? static_cast<float>(b_.key_end[r]) : 3.0e38f;
       if (key_end_[r] < min_key_end_) min_key_end_ = key_end_[r];
       max_[r] = kNegInf;
       sum_[r] = 0.0f;
     }
-    for (int i = 0; i < rows_ * dpad_; ++i) acc_[i] = 0.0f;
   }
 
   // s[j][r] = sum_d qt[d][r] * k_j[d], RV row vectors x NK keys at a time.
@@ -199,15 +203,17 @@ class TileLoop {
     }
   }
 
-  // acc[r] = alpha_r * acc[r] + sum_j p_rj v_j for MR rows x SW dim vectors.
+  // acc[r] = alpha_r * acc[r] + sum_j p_rj v_j for MR rows x SW dim vectors;
+  // the first chunk starts from acc = 0 (its alpha is 0) without reading it.
   template <int MR, int SW>
-  void value_tile(int r, int dv, const float* v0, long v_stride, int keys) {
+  void value_tile(int r, int dv, const float* v0, long v_stride, int keys, bool first) {
     Reg a[MR][SW];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const Reg alpha = V::set1(alpha_[r + i]);
 #pragma GCC unroll 16
-      for (int s = 0; s < SW; ++s) a[i][s] = V::mul(V::load(acc_ + (r + i) * dpad_ + (dv + s) * W), alpha);
+      for (int s = 0; s < SW; ++s)
+        a[i][s] = first ? V::zero() : V::mul(V::load(acc_ + (r + i) * dpad_ + (dv + s) * W), alpha);
     }
     for (int j = 0; j < keys; ++j) {
       const float* vj = v0 + j * v_stride + dv * W;
@@ -229,17 +235,17 @@ class TileLoop {
 
   // Rows [r, rows) in tiles of MR rows, the rest in smaller tiles.
   template <int MR, int SW>
-  void value_rows(int r, const float* v0, long v_stride, int dv, int keys) {
-    for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys);
-    if constexpr (MR > 1) value_rows<MR / 2, SW>(r, v0, v_stride, dv, keys);
+  void value_rows(int r, const float* v0, long v_stride, int dv, int keys, bool first) {
+    for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys, first);
+    if constexpr (MR > 1) value_rows<MR / 2, SW>(r, v0, v_stride, dv, keys, first);
   }
 
   template <int SW>
-  void value_strip(int dv, const float* v0, long v_stride, int keys) {
-    value_rows<V::kValueAcc / SW, SW>(0, v0, v_stride, dv, keys);
+  void value_strip(int dv, const float* v0, long v_stride, int keys, bool first) {
+    value_rows<V::kValueAcc / SW, SW>(0, v0, v_stride, dv, keys, first);
   }
 
-  void accumulate(const KeyChunk& chunk) {
+  void accumulate(const KeyChunk& chunk, bool first) {
     const int keys = chunk.end - chunk.begin;
     const float* v0 = b_.v + chunk.begin * b_.v_stride;
     long v_stride = b_.v_stride;
@@ -253,14 +259,14 @@ class TileLoop {
     const int vectors = (dim_ + W - 1) / W;
     for (int dv = 0; dv < vectors; dv += V::kValueStrip) {
       switch (vectors - dv < V::kValueStrip ? vectors - dv : V::kValueStrip) {
-        case 1: value_strip<1>(dv, v0, v_stride, keys); break;
-        case 2: value_strip<2>(dv, v0, v_stride, keys); break;
-        case 3: value_strip<3>(dv, v0, v_stride, keys); break;
-        case 4: value_strip<4>(dv, v0, v_stride, keys); break;
-        case 5: value_strip<5>(dv, v0, v_stride, keys); break;
-        case 6: value_strip<6>(dv, v0, v_stride, keys); break;
-        case 7: value_strip<7>(dv, v0, v_stride, keys); break;
-        default: value_strip<8>(dv, v0, v_stride, keys); break;
+        case 1: value_strip<1>(dv, v0, v_stride, keys, first); break;
+        case 2: value_strip<2>(dv, v0, v_stride, keys, first); break;
+        case 3: value_strip<3>(dv, v0, v_stride, keys, first); break;
+        case 4: value_strip<4>(dv, v0, v_stride, keys, first); break;
+        case 5: value_strip<5>(dv, v0, v_stride, keys, first); break;
+        case 6: value_strip<6>(dv, v0, v_stride, keys, first); break;
+        case 7: value_strip<7>(dv, v0, v_stride, keys, first); break;
+        default: value_strip<8>(dv, v0, v_stride, keys, first); break;
       }
     }
   }
@@ -268,10 +274,13 @@ class TileLoop {
   // out = acc / l; a row that saw no key at all (l = 0) gets zeros.
   void finish() {
     for (int r = 0; r < b_.rows; ++r) {
-      const float l = sum_[r];
-      const Reg inv = V::set1(l > 0.0f ? 1.0f / l : 0.0f);
-      const float* acc = acc_ + r * dpad_;
       float* out = b_.out[r];
+      if (!(sum_[r] > 0.0f)) {
+        for (int d = 0; d < dim_; ++d) out[d] = 0.0f;
+        continue;
+      }
+      const Reg inv = V::set1(1.0f / sum_[r]);
+      const float* acc = acc_ + r * dpad_;
       int d = 0;
       for (; d + W <= dim_; d += W) V::store(out + d, V::mul(V::load(acc + d), inv));
       if (d < dim_) V::store_n(out + d, V::mul(V::load(acc + d), inv), dim_ - d);

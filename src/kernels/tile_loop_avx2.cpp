@@ -49,6 +49,26 @@ struct Avx2 {
   static reg finite_or_zero(reg m) {
     return _mm256_andnot_ps(_mm256_cmp_ps(m, set1(-__builtin_inff()), _CMP_EQ_OQ), m);
   }
+  // dst[k * stride + i] = scale * rows[i][d + k] for an 8 x 8 block: pairs
+  // interleaved, then 4 x 4 blocks within 128-bit lanes, then lanes swapped.
+  static void transpose(const float* const* rows, int d, float scale, float* dst, long stride) {
+    reg a[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) a[i] = mul(load(rows[i] + d), set1(scale));
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int k = 0; k < 4; ++k) {
+      store(dst + k * stride, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+      store(dst + (k + 4) * stride, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+    }
+  }
 };
 
 }  // namespace

@@ -47,6 +47,33 @@ struct Avx512 {
   static reg finite_or_zero(reg m) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, set1(-__builtin_inff()), _CMP_EQ_OQ), m, zero());
   }
+  // dst[k * stride + i] = scale * rows[i][d + k] for a 16 x 16 block: pairs
+  // of rows interleaved, then pairs of pairs, then 128-bit lanes regrouped
+  // twice. After step 2, u[4i + k] holds, in lane L, column 4L + k of rows
+  // 4i .. 4i + 3.
+  static void transpose(const float* const* rows, int d, float scale, float* dst, long stride) {
+    reg a[16], t[16], u[16];
+    for (int i = 0; i < 16; ++i) a[i] = mul(load(rows[i] + d), set1(scale));
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+      for (int k = 0; k < 2; ++k) {
+        const __m512d lo = _mm512_castps_pd(t[i + k]), hi = _mm512_castps_pd(t[i + k + 2]);
+        u[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+        u[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+      }
+    for (int k = 0; k < 4; ++k) {
+      const reg even = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), odd = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+      const reg even2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+      const reg odd2 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+      store(dst + k * stride, _mm512_shuffle_f32x4(even, even2, 0x88));
+      store(dst + (8 + k) * stride, _mm512_shuffle_f32x4(even, even2, 0xdd));
+      store(dst + (4 + k) * stride, _mm512_shuffle_f32x4(odd, odd2, 0x88));
+      store(dst + (12 + k) * stride, _mm512_shuffle_f32x4(odd, odd2, 0xdd));
+    }
+  }
 };
 
 }  // namespace
