@@ -329,6 +329,27 @@ TEST(EngineRoutes, ChunkedAndPrefixReuseMatchAFullForward) {
   EXPECT_GE(engine.timers().total_s, engine.timers().attention_s);
 }
 
+// embed -> layer_forward per layer -> head is forward(), row range by row
+// range: the primitive a K/V-reusing tier is built from.
+TEST(EngineRoutes, LayerPrimitiveComposesToForward) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const auto full = all_logits(model, kProbe);
+  const auto& c = model.config();
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  llama::KVState kv;
+  const int split = 7, T = static_cast<int>(kProbe.size());
+  for (auto [t0, t1] : {std::pair{0, split}, std::pair{split, T}}) {
+    std::vector<float> x = engine.embed(std::span<const int>(kProbe).subspan(t0, t1 - t0));
+    for (int l = 0; l < c.n_layers; ++l) engine.layer_forward(l, x.data(), t0, t1, kv, {});
+    kv.length = t1;
+    llama::ForwardResult r;
+    engine.head(x.data(), t1 - t0, r);
+    EXPECT_LT(max_abs_diff(r.logits, std::vector<float>(full.begin() + t0 * c.vocab_size,
+                                                         full.begin() + t1 * c.vocab_size)), 1e-4);
+  }
+}
+
 TEST(EngineRoutes, EchoCacheMissAndExactHitMatchThePlainPath) {
   const llama::Model model(llama::load_llama2c(kModel));
   const auto full = all_logits(model, kProbe);

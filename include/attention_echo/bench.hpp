@@ -65,6 +65,13 @@ struct ModeReport {
   double sparse_layer_s = 0, sparse_layer_base_s = 0;
   double dense_layer_s = 0, dense_layer_base_s = 0;
   double miss_layer_s = 0, miss_layer_base_s = 0;
+  // Cache-routed requests per layer: which layers echo and which the guard
+  // refuses, and the guard's measured error of the hits it served.
+  struct Layer {
+    int sparse = 0, dense = 0, exact = 0, miss = 0, rejected = 0;
+    double served_error_sum = 0.0;  // estimated_error of sparse/dense hits
+  };
+  std::vector<Layer> layers;
   // Fidelity against the no-reuse run of the same request.
   double hidden_rel_err_sum = 0.0, hidden_rel_err_max = 0.0;
   int top1_agree = 0;

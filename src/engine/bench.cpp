@@ -142,13 +142,23 @@ void add_prefix_tier(ModeReport& m, const ScenarioRequest& r, int reused) {
 // cost next to the same layers of the no-reuse run.
 void add_echo_tiers(ModeReport& m, const Served& base, const Served& s) {
   const double w = 1.0 / static_cast<double>(s.echo.size());
+  m.layers.resize(s.echo.size());
   for (std::size_t l = 0; l < s.echo.size(); ++l) {
     const EchoResult& e = s.echo[l];
-    if (e.rejected) m.rejected += w;
+    ModeReport::Layer& layer = m.layers[l];
+    if (e.rejected) {
+      m.rejected += w;
+      ++layer.rejected;
+    }
+    if (e.tier == Tier::kSparse || e.tier == Tier::kDense) layer.served_error_sum += e.estimated_error;
     switch (e.tier) {
-      case Tier::kExact: m.exact += w; break;
+      case Tier::kExact:
+        m.exact += w;
+        ++layer.exact;
+        break;
       case Tier::kSparse:
         m.sparse += w;
+        ++layer.sparse;
         m.kept_fraction_sum += e.kept_fraction;
         ++m.sparse_layer_hits;
         m.sparse_layer_s += s.layer_attention_s[l];
@@ -156,11 +166,13 @@ void add_echo_tiers(ModeReport& m, const Served& base, const Served& s) {
         break;
       case Tier::kDense:
         m.dense += w;
+        ++layer.dense;
         m.dense_layer_s += s.layer_attention_s[l];
         m.dense_layer_base_s += base.layer_attention_s[l];
         break;
       case Tier::kNone:
         m.miss += w;
+        ++layer.miss;
         m.miss_layer_s += s.layer_attention_s[l];
         m.miss_layer_base_s += base.layer_attention_s[l];
         break;
@@ -182,6 +194,20 @@ std::string fmt(const char* format, double value) {
 }
 
 std::string json_ratio(double a, double b) { return b > 0 ? fmt("%.6g", a / b) : std::string("null"); }
+
+// Per-layer tiers of cache-routed requests, layer 0 first.
+std::string layers_json(const std::vector<ModeReport::Layer>& layers) {
+  std::ostringstream out;
+  out << "[";
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const auto& x = layers[l];
+    const int served = x.sparse + x.dense;
+    out << (l ? ", " : "") << "{\"sparse\": " << x.sparse << ", \"dense\": " << x.dense << ", \"exact\": " << x.exact
+        << ", \"miss\": " << x.miss << ", \"rejected\": " << x.rejected << ", \"served_error_mean\": "
+        << (served ? fmt("%.6g", x.served_error_sum / served) : std::string("null")) << "}";
+  }
+  return out.str() + "]";
+}
 
 double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
 
@@ -392,6 +418,7 @@ std::string reports_to_json(const std::vector<ScenarioReport>& reports, const st
           << ", \"layer_attention_speedup\": {\"sparse\": " << json_ratio(m.sparse_layer_base_s, m.sparse_layer_s)
           << ", \"dense\": " << json_ratio(m.dense_layer_base_s, m.dense_layer_s)
           << ", \"miss\": " << json_ratio(m.miss_layer_base_s, m.miss_layer_s) << "}"
+          << ", \"layers\": " << layers_json(m.layers)
           << ", \"hidden_rel_error_mean\": " << m.hidden_rel_err_sum / n
           << ", \"hidden_rel_error_max\": " << m.hidden_rel_err_max << ", \"top1_agreement\": " << m.top1_agree / n
           << ", \"kl_mean\": " << m.kl_sum / n << ", \"perplexity\": " << ppl(m)
