@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <unordered_map>
 #include <vector>
@@ -19,9 +20,9 @@ namespace attention_echo::index::detail {
 float dot(const float* a, const float* b, int dim);
 
 struct HnswParams {
-  int m = 16;                // links per node on levels >= 1; 2*m on level 0
+  int m = 16;                // links per node on levels >= 1; 2*m on level 0 (<= 64)
   int ef_construction = 100;
-  int ef_search = 64;        // search beam width (raised to k if smaller)
+  int ef_search = 12;        // search beam width at <= 1e5 entries (see search())
   std::uint64_t seed = 42;   // level draws: same graph for the same adds
 };
 
@@ -29,7 +30,7 @@ struct IndexTuning {
   // A SemanticIndex scans exactly up to this many entries and switches to
   // HNSW above it; it switches back below half of it (hysteresis, so an
   // index sitting at the threshold does not rebuild on every add/remove).
-  std::size_t hnsw_threshold = 2048;
+  std::size_t hnsw_threshold = 1024;  // measured crossover ~500-1000, see bench_lookup
   HnswParams hnsw;
 };
 
@@ -49,12 +50,28 @@ void set_index_tuning(const IndexTuning& tuning);
 //
 // Writers (add/remove) need external exclusion; search() is const and safe
 // to run concurrently with other searches (scratch space is thread_local).
+// std::allocator that asks for transparent huge pages on large blocks. The
+// graph reads keys and lists at random over hundreds of MB; with 4 KiB pages
+// nearly every key read is also a TLB miss.
+template <class T>
+struct HugePageAllocator {
+  using value_type = T;
+  HugePageAllocator() = default;
+  template <class U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  T* allocate(std::size_t n);
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  bool operator==(const HugePageAllocator&) const = default;
+};
+
+template <class T>
+using HugeVector = std::vector<T, HugePageAllocator<T>>;
+
 class Hnsw {
  public:
   Hnsw(int dim, HnswParams params);
 
   std::size_t size() const { return slot_of_.size(); }
-  void set_ef_search(int ef) { p_.ef_search = ef; }
   void add(std::uint64_t id, const float* key);  // an existing id is replaced
   void remove(std::uint64_t id);                  // unknown id: no-op
   std::vector<Candidate> search(const float* query, int k, float min_similarity) const;
@@ -67,6 +84,7 @@ class Hnsw {
  private:
   using Scored = std::pair<float, std::uint32_t>;  // (similarity, slot)
   static constexpr std::uint32_t kNone = ~std::uint32_t{0};
+  static constexpr int kMaxM = 64;  // bounds a search's per-node scratch
 
   const float* key(std::uint32_t slot) const { return &keys_[std::size_t{slot} * dim_]; }
   int capacity(int level) const { return level == 0 ? 2 * p_.m : p_.m; }
@@ -88,11 +106,11 @@ class Hnsw {
   HnswParams p_;
   double level_scale_;
   std::mt19937_64 rng_;
-  std::vector<float> keys_;              // slot-major, dim_ floats per slot
+  HugeVector<float> keys_;               // slot-major, dim_ floats per slot
   std::vector<std::uint64_t> ids_;       // slot -> id
   std::vector<std::uint8_t> live_;       // 0: removed (on free_) or being inserted
   std::vector<std::uint8_t> level_;      // top level of each slot
-  std::vector<std::uint32_t> links0_;    // level 0 lists, 1 + 2m per slot
+  HugeVector<std::uint32_t> links0_;     // level 0 lists, 1 + 2m per slot
   std::vector<std::uint32_t> upper_at_;  // slot -> offset of its level >= 1 lists in upper_
   std::vector<std::uint32_t> upper_;     // levels 1..level_[slot], 1 + m each
   std::vector<std::uint32_t> free_;      // removed slots, reused by add

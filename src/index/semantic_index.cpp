@@ -3,6 +3,7 @@
 #include "index/semantic_index.hpp"
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,7 +41,7 @@ __attribute__((target("avx512f"))) float dot_avx512(const float* a, const float*
     acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i),
                              acc[0]);
   }
-  // Fold the four 128-bit lanes. The masked forms only because the unmasked
+  // Fold the four 128-bit lanes. Masked forms (here and below) only because the unmasked
   // ones (and _mm512_reduce_add_ps) trip GCC 12's -Wuninitialized on
   // _mm512_undefined_ps.
   __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
@@ -69,16 +70,60 @@ float dot_scalar(const float* a, const float* b, int n) {
   return sum;
 }
 
-using DotFn = float (*)(const float*, const float*, int);
-
-DotFn pick_dot() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return dot_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_avx2;
-  return dot_scalar;
+// The brute-force scan. Four rows at a time share each query load and one
+// combined horizontal reduction, which dominates a 128-float dot: per-row
+// dot() calls ran ~2.5x slower.
+__attribute__((target("avx512f"))) void dot_rows_avx512(const float* q, const float* rows,
+                                                        std::size_t count, int dim, float* out) {
+  std::size_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float* row = rows + r * dim;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int i = 0; i < dim; i += 16) {
+      const __mmask16 m = dim - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (dim - i)) - 1);
+      const __m512 qi = _mm512_maskz_loadu_ps(m, q + i);
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm512_fmadd_ps(qi, _mm512_maskz_loadu_ps(m, row + j * dim + i), acc[j]);
+    }
+    // Per 128-bit lane: interleave-add pairs, then the four rows into one
+    // vector of [row0, row1, row2, row3] partial sums; fold the four lanes.
+    const __m512 t0 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, acc[0], acc[1]),
+                                    _mm512_maskz_unpackhi_ps(0xFFFF, acc[0], acc[1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, acc[2], acc[3]),
+                                    _mm512_maskz_unpackhi_ps(0xFFFF, acc[2], acc[3]));
+    __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    sum = _mm512_add_ps(sum, _mm512_maskz_shuffle_f32x4(0xFFFF, sum, sum, _MM_SHUFFLE(1, 0, 3, 2)));
+    sum = _mm512_add_ps(sum, _mm512_maskz_shuffle_f32x4(0xFFFF, sum, sum, _MM_SHUFFLE(2, 3, 0, 1)));
+    _mm_storeu_ps(out + r, _mm512_mask_extractf32x4_ps(_mm_setzero_ps(), 0xF, sum, 0));
+  }
+  for (; r < count; ++r) out[r] = dot_avx512(q, rows + r * dim, dim);
 }
 
-const DotFn dot_impl = pick_dot();
+__attribute__((target("avx2,fma"))) void dot_rows_avx2(const float* q, const float* rows,
+                                                      std::size_t count, int dim, float* out) {
+  for (std::size_t r = 0; r < count; ++r) out[r] = dot_avx2(q, rows + r * dim, dim);
+}
+
+void dot_rows_scalar(const float* q, const float* rows, std::size_t count, int dim, float* out) {
+  for (std::size_t r = 0; r < count; ++r) out[r] = dot_scalar(q, rows + r * dim, dim);
+}
+
+struct Kernels {
+  float (*dot)(const float*, const float*, int);
+  void (*dot_rows)(const float*, const float*, std::size_t, int, float*);
+};
+
+Kernels pick_kernels() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, dot_rows_avx512};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return {dot_avx2, dot_rows_avx2};
+  return {dot_scalar, dot_rows_scalar};
+}
+
+const Kernels kernels = pick_kernels();
 
 // ---------------------------------------------------------------- tuning hook
 
@@ -116,7 +161,7 @@ void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HIN
 
 }  // namespace
 
-float dot(const float* a, const float* b, int dim) { return dot_impl(a, b, dim); }
+float dot(const float* a, const float* b, int dim) { return kernels.dot(a, b, dim); }
 
 IndexTuning index_tuning() {
   std::lock_guard lock(tuning_mutex);
@@ -130,8 +175,30 @@ void set_index_tuning(const IndexTuning& t) {
 
 // ---------------------------------------------------------------- HNSW
 
+template <class T>
+T* HugePageAllocator<T>::allocate(std::size_t n) {
+  constexpr std::size_t kHuge = std::size_t{2} << 20;
+  const std::size_t bytes = n * sizeof(T);
+  if (bytes < kHuge) {
+    if (void* p = std::malloc(bytes)) return static_cast<T*>(p);
+    throw std::bad_alloc();
+  }
+  // Whole huge pages, so the kernel can back all of it with them.
+  void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  return static_cast<T*>(p);
+}
+template struct HugePageAllocator<float>;
+template struct HugePageAllocator<std::uint32_t>;
+
 Hnsw::Hnsw(int dim, HnswParams params)
-    : dim_(dim), p_(params), level_scale_(1.0 / std::log(params.m)), rng_(params.seed) {}
+    : dim_(dim), p_(params), level_scale_(1.0 / std::log(params.m)), rng_(params.seed) {
+  if (p_.m < 2 || p_.m > kMaxM || p_.ef_construction < 1 || p_.ef_search < 1)
+    throw std::invalid_argument("HnswParams: need 2 <= m <= 64, ef_construction >= 1, ef_search >= 1");
+}
 
 std::uint32_t* Hnsw::links(std::uint32_t slot, int level) {
   return level == 0 ? &links0_[std::size_t{slot} * (1 + 2 * p_.m)]
@@ -326,13 +393,22 @@ std::vector<Hnsw::Scored> Hnsw::search_level(const float* query, std::uint32_t e
     std::pop_heap(frontier.begin(), frontier.end());
     frontier.pop_back();
 
+    // Gather the unvisited neighbours and prefetch all their keys before the
+    // first dot: the loads then overlap instead of stalling one by one.
     const std::uint32_t* list = links(c, level);
-    for (std::uint32_t i = 0; i < list[0]; ++i) prefetch(key(list[1 + i]));
-    for (std::uint32_t i = 0; i < list[0]; ++i) {
-      const std::uint32_t n = list[1 + i];
-      if (!s.visit(n)) continue;
+    std::uint32_t fresh[2 * kMaxM];
+    int count = 0;
+    for (std::uint32_t i = 0; i < list[0]; ++i)
+      if (s.visit(list[1 + i])) fresh[count++] = list[1 + i];
+    for (int i = 0; i < count; ++i)
+      for (int b = 0; b < dim_ * int(sizeof(float)); b += 64)
+        prefetch(reinterpret_cast<const char*>(key(fresh[i])) + b);
+    for (int i = 0; i < count; ++i) {
+      const std::uint32_t n = fresh[i];
       const float n_sim = dot(query, key(n), dim_);
       if (static_cast<int>(found.size()) == ef && n_sim <= worst) continue;
+      // n will probably be expanded: fetch its list now, off the critical path.
+      prefetch(links(n, level));
       frontier.emplace_back(n_sim, n);
       std::push_heap(frontier.begin(), frontier.end());
       if (!live_[n]) continue;
@@ -351,7 +427,12 @@ std::vector<Hnsw::Scored> Hnsw::search_level(const float* query, std::uint32_t e
 std::vector<Candidate> Hnsw::search(const float* query, int k, float min_similarity) const {
   if (slot_of_.empty() || k <= 0) return {};
   const std::uint32_t entry = greedy_descent(query, entry_, top_level_, 0);
-  std::vector<Scored> found = search_level(query, entry, 0, std::max(p_.ef_search, k));
+  // Recall at a fixed beam width falls as the graph grows (clustered keys,
+  // m 16: ef 16 finds the true best for 99% of queries at 1e5 entries, 87% at
+  // 1e6), so the beam widens with sqrt(size / 1e5); see bench_lookup.
+  const double widen = std::sqrt(static_cast<double>(size()) / 1e5);
+  const int ef = std::max({k, p_.ef_search, static_cast<int>(p_.ef_search * widen)});
+  std::vector<Scored> found = search_level(query, entry, 0, ef);
   std::sort(found.begin(), found.end(), std::greater<>());
   std::vector<Candidate> out;
   for (const auto& [sim, slot] : found) {
@@ -401,19 +482,25 @@ class FlatIndex {
   }
 
   std::vector<Candidate> search(const float* query, int k, float min_similarity) const {
-    // Min-heap of the best k so far; its top is the bar a row must beat.
     if (k <= 0) return {};
+    // Min-heap of the best k so far; its top is the bar a row must beat.
     std::vector<std::pair<float, std::size_t>> best;
-    for (std::size_t row = 0; row < ids_.size(); ++row) {
-      const float sim = detail::dot(query, key(row), dim_);
-      if (sim < min_similarity) continue;
-      if (static_cast<int>(best.size()) == k) {
-        if (sim <= best.front().first) continue;
-        std::pop_heap(best.begin(), best.end(), std::greater<>());
-        best.pop_back();
+    constexpr std::size_t kBlock = 256;
+    float sims[kBlock];
+    for (std::size_t begin = 0; begin < ids_.size(); begin += kBlock) {
+      const std::size_t count = std::min(kBlock, ids_.size() - begin);
+      detail::kernels.dot_rows(query, key(begin), count, dim_, sims);
+      for (std::size_t i = 0; i < count; ++i) {
+        const float sim = sims[i];
+        if (sim < min_similarity) continue;
+        if (static_cast<int>(best.size()) == k) {
+          if (sim <= best.front().first) continue;
+          std::pop_heap(best.begin(), best.end(), std::greater<>());
+          best.pop_back();
+        }
+        best.emplace_back(sim, begin + i);
+        std::push_heap(best.begin(), best.end(), std::greater<>());
       }
-      best.emplace_back(sim, row);
-      std::push_heap(best.begin(), best.end(), std::greater<>());
     }
     std::sort_heap(best.begin(), best.end(), std::greater<>());  // best first
     std::vector<Candidate> out;
