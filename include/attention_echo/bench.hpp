@@ -49,8 +49,10 @@ struct BenchOptions {
 struct ModeReport {
   std::string name;               // "none", "exact-prefix", "echo"
   int requests = 0;
-  double prefill_s = 0.0;         // sum of times to first token
+  double prefill_s = 0.0;         // sum of times to first token (wall)
   double attention_s = 0.0;       // the attention part of prefill_s
+  double prefill_cpu_s = 0.0;     // the same in process CPU time
+  double attention_cpu_s = 0.0;
   long long tokens_computed = 0;  // prompt rows run through the layers
   long long tokens_total = 0;
   // Reuse by tier, in requests (sums to `requests`): the stored prefix
@@ -60,11 +62,12 @@ struct ModeReport {
   int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
   double kept_fraction_sum = 0.0;         // over sparse layer hits
   long long sparse_layer_hits = 0;
-  // Attention seconds of cache-routed layers by tier, and of the same layers
-  // in the no-reuse run: how much of the kept fraction turns into time.
+  // Attention CPU seconds of cache-routed layers by tier, and of the same
+  // layers in the no-reuse run: how much of the kept fraction turns into time.
   double sparse_layer_s = 0, sparse_layer_base_s = 0;
   double dense_layer_s = 0, dense_layer_base_s = 0;
-  double miss_layer_s = 0, miss_layer_base_s = 0;
+  double miss_layer_s = 0, miss_layer_base_s = 0;          // no usable candidate
+  double rejected_layer_s = 0, rejected_layer_base_s = 0;  // echo tried, guard refused
   // Cache-routed requests per layer: which layers echo and which the guard
   // refuses, and the guard's measured error of the hits it served.
   struct Layer {

@@ -129,10 +129,14 @@ struct AttentionRoute {
   std::string_view name_space;
 };
 
-// Wall time split the way DESIGN.md section 9 reports it.
+// Time split the way DESIGN.md section 9 reports it: wall clock (what a
+// user waits) and this process's CPU time (what the work costs; unlike wall
+// time it does not grow when other processes share the cores).
 struct Timers {
   double attention_s = 0.0;  // attention kernels and cache calls
   double total_s = 0.0;      // whole forward calls
+  double attention_cpu_s = 0.0;
+  double total_cpu_s = 0.0;
 };
 
 // What a forward call over rows [t0, t1) returns.
@@ -140,7 +144,7 @@ struct ForwardResult {
   std::vector<float> hidden;   // final-normed hidden states of the rows kept, [rows, dim]
   std::vector<float> logits;   // [rows, vocab] of the rows kept
   std::vector<EchoResult> echo;      // one per layer when the route used a cache
-  std::vector<double> attention_s;   // per layer
+  std::vector<double> attention_cpu_s;  // per layer, CPU seconds
 };
 
 // Not thread-safe: one Engine per thread (they may share a Model and a pool).

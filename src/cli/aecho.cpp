@@ -15,6 +15,7 @@
 #include "attention_echo/attention.hpp"
 #include "attention_echo/bench.hpp"
 #include "attention_echo/llama.hpp"
+#include "engine/gemm.hpp"
 
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
@@ -194,9 +195,13 @@ int cmd_bench(int argc, char** argv) {
   const int context = int_flag(flags, "context", std::min(model.config().seq_len, 3072), 64);
   if (context > model.config().seq_len)
     throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
-  std::fprintf(stderr, "aecho bench: %s (dim %d, %d layers, context %d), mode %s, %d requests/scenario\n",
-               model_path.c_str(), model.config().dim, model.config().n_layers, context,
-               std::string(ae::to_string(options.mode)).c_str(), requests);
+  const ae::ThreadPool probe(options.threads);
+  std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
+              "  %d requests per scenario, %d threads, kernels %s, GEMM %s\n\n",
+              model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
+              model.config().n_kv_heads, context, std::string(ae::to_string(options.mode)).c_str(), seed, requests,
+              probe.size(), ae::attention_isa(), llama::to_string(llama::best_gemm_isa()));
+  std::fflush(stdout);
 
   std::vector<llama::ScenarioReport> reports;
   for (const auto& name : names) {
@@ -205,12 +210,12 @@ int cmd_bench(int argc, char** argv) {
     std::cout << llama::format_report(reports.back()) << "\n" << std::flush;
   }
   if (flags.count("json")) {
-    const ae::ThreadPool probe(options.threads);
     const std::string meta = "\"model\": " + llama::json_string(model_path) + ", \"mode\": " +
                              llama::json_string(ae::to_string(options.mode)) + ", \"context\": " +
                              std::to_string(context) + ", \"seed\": " + std::to_string(seed) +
                              ", \"threads\": " + std::to_string(probe.size()) +
-                             ", \"attention_isa\": " + llama::json_string(ae::attention_isa());
+                             ", \"attention_isa\": " + llama::json_string(ae::attention_isa()) +
+                             ", \"gemm_isa\": " + llama::json_string(llama::to_string(llama::best_gemm_isa()));
     std::ofstream out(flags.at("json"));
     out << llama::reports_to_json(reports, meta);
     if (!out) throw std::runtime_error(flags.at("json") + ": write failed");

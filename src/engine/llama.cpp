@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <functional>
 #include <stdexcept>
@@ -52,9 +53,21 @@ std::vector<float>& grow(std::vector<float>& buffer, std::size_t size) {
   return buffer;
 }
 
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+// Wall and process CPU time at one instant.
+struct Stamp {
+  Clock::time_point wall;
+  double cpu;
+  static Stamp now() {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return {Clock::now(), static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec)};
+  }
+  void add_since(double& wall_s, double& cpu_s) const {
+    const Stamp end = now();
+    wall_s += std::chrono::duration<double>(end.wall - wall).count();
+    cpu_s += end.cpu - cpu;
+  }
+};
 
 std::vector<float> stack(std::initializer_list<const std::vector<float>*> parts) {
   std::vector<float> out;
@@ -241,7 +254,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   const HeadsView v = HeadsView::token_major(V.data(), c.n_kv_heads, t1, hd);
   const MutableHeadsView out = MutableHeadsView::token_major(att.data(), c.n_heads, t1, hd);
   EchoResult echo;
-  const auto start = Clock::now();
+  const Stamp start = Stamp::now();
   if (route.cache) {
     EchoRequest request;
     request.prefix_length = route.prefix_length;
@@ -256,7 +269,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
     kernels::AttentionProblem problem{q, k, v, out, 1.0f / std::sqrt(static_cast<float>(hd))};
     kernels::exact_rows(problem, t0, t1, pool_);
   }
-  timers_.attention_s += seconds_since(start);
+  start.add_since(timers_.attention_s, timers_.attention_cpu_s);
   gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool_);
 
   // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
@@ -307,19 +320,19 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
   if (route.prefix_length < 0 || route.prefix_length > n)
     throw std::invalid_argument("route: prefix_length must be in [0, tokens]");
   if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (kv must be empty)");
-  const auto start = Clock::now();
+  const Stamp start = Stamp::now();
   std::vector<float> x = embed(tokens);
   ForwardResult result;
   for (int l = 0; l < c.n_layers; ++l) {
-    const double before = timers_.attention_s;
+    const double before = timers_.attention_cpu_s;
     EchoResult echo = layer_forward(l, x.data(), t0, t1, kv, route);
-    result.attention_s.push_back(timers_.attention_s - before);
+    result.attention_cpu_s.push_back(timers_.attention_cpu_s - before);
     if (route.cache) result.echo.push_back(echo);
   }
   kv.length = t1;
   const int keep = keep_rows < 0 ? n : std::min(keep_rows, n);
   head(x.data() + static_cast<std::size_t>(n - keep) * c.dim, keep, result);
-  timers_.total_s += seconds_since(start);
+  start.add_since(timers_.total_s, timers_.total_cpu_s);
   return result;
 }
 
