@@ -176,7 +176,7 @@ double recall_at_1(const SemanticIndex& hnsw, const SemanticIndex& exact,
 }
 
 TEST(SemanticIndex, HnswRecallOnClusteredKeys) {
-  const auto keys = make_keys(3000, 60, 4), queries = make_keys(300, 60, 5);
+  const auto keys = make_keys(2000, 40, 4), queries = make_keys(300, 40, 5);
   std::unique_ptr<SemanticIndex> hnsw, exact;
   {
     ScopedThreshold t(kAlwaysHnsw);
@@ -186,7 +186,7 @@ TEST(SemanticIndex, HnswRecallOnClusteredKeys) {
     ScopedThreshold t(kAlwaysFlat);
     exact = std::make_unique<SemanticIndex>(kDim);
   }
-  for (std::uint64_t i = 0; i < 3000; ++i) {
+  for (std::uint64_t i = 0; i < 2000; ++i) {
     hnsw->add(i, row(keys, i));
     exact->add(i, row(keys, i));
   }
@@ -196,7 +196,7 @@ TEST(SemanticIndex, HnswRecallOnClusteredKeys) {
 // Evict half, add fresh keys into the freed slots, evict again: removed ids
 // never come back and recall holds up without a rebuild.
 TEST(SemanticIndex, HnswChurnNeverReturnsRemovedIds) {
-  const auto keys = make_keys(4000, 80, 6), queries = make_keys(200, 80, 7);
+  const auto keys = make_keys(2400, 48, 6), queries = make_keys(150, 48, 7);
   std::unique_ptr<SemanticIndex> hnsw, exact;
   {
     ScopedThreshold t(kAlwaysHnsw);
@@ -220,21 +220,21 @@ TEST(SemanticIndex, HnswChurnNeverReturnsRemovedIds) {
   };
   auto check = [&] {
     ASSERT_EQ(hnsw->size(), live.size());
-    for (std::size_t q = 0; q < 200; ++q)
+    for (std::size_t q = 0; q < 150; ++q)
       for (const auto& c : hnsw->search(row(queries, q), 20, -1.0f))
         ASSERT_TRUE(live.count(c.id)) << c.id;
     for (const std::uint64_t id : removed)  // a removed key must not find itself
       for (const auto& c : hnsw->search(row(keys, id), 3, 0.999f)) ASSERT_NE(c.id, id);
-    EXPECT_GE(recall_at_1(*hnsw, *exact, queries, 200), 0.95);
+    EXPECT_GE(recall_at_1(*hnsw, *exact, queries, 150), 0.95);
   };
 
   std::mt19937_64 rng(8);
-  for (std::uint64_t id = 0; id < 2000; ++id) add(id);
-  for (std::uint64_t id = 0; id < 2000; ++id)
+  for (std::uint64_t id = 0; id < 1200; ++id) add(id);
+  for (std::uint64_t id = 0; id < 1200; ++id)
     if (rng() % 2) remove(id);
   check();
-  for (std::uint64_t id = 2000; id < 4000; ++id) add(id);
-  for (std::uint64_t id = 2000; id < 4000; ++id)
+  for (std::uint64_t id = 1200; id < 2400; ++id) add(id);
+  for (std::uint64_t id = 1200; id < 2400; ++id)
     if (rng() % 3 == 0) remove(id);
   check();
 }
@@ -270,9 +270,9 @@ TEST(SemanticIndex, SwitchesBetweenFlatAndHnsw) {
 // lock); each thread must see exactly what a lone search sees.
 TEST_P(IndexModes, ConcurrentSearchesAgree) {
   ScopedThreshold threshold(GetParam());
-  const auto keys = make_keys(2000, 40, 10), queries = make_keys(100, 40, 11);
+  const auto keys = make_keys(1000, 20, 10), queries = make_keys(100, 20, 11);
   SemanticIndex index(kDim);
-  for (std::uint64_t i = 0; i < 2000; ++i) index.add(i, row(keys, i));
+  for (std::uint64_t i = 0; i < 1000; ++i) index.add(i, row(keys, i));
   std::vector<std::vector<Candidate>> expected;
   for (std::size_t q = 0; q < 100; ++q) expected.push_back(index.search(row(queries, q), 5, 0.0f));
 
