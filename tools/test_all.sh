@@ -35,3 +35,20 @@ cmake -S tests/consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/bui
 cmake --build build/consumer
 ./build/consumer/consumer
 ./build/release/basic_usage
+
+step "engine logits vs PyTorch reference"
+AECHO="$PWD/build/release/aecho" .venv/bin/python -m pytest -q tests/engine
+
+step "Python wheel: build, install, test the installed package"
+rm -rf wheelhouse
+.venv/bin/pip wheel . -w wheelhouse --no-deps -q
+.venv/bin/pip install --force-reinstall --no-deps -q wheelhouse/attention_echo-*.whl
+# From outside the repository, so the tests import the installed package.
+(cd /tmp && "$OLDPWD/.venv/bin/python" -m pytest -q -p no:cacheprovider "$OLDPWD/tests/python")
+
+step "Python examples (smoke)"
+for example in examples/basic_usage.py examples/torch_integration.py examples/benchmark.py \
+               examples/multi_user_serving.py; do
+  echo "-- $example"
+  .venv/bin/python "$example"
+done
