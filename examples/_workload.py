@@ -109,3 +109,11 @@ def numpy_attention(q, k, v, scale=None):
 def reference_attention(q, k, v):
     """float64 causal attention: the ground truth errors are measured against."""
     return numpy_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+
+
+def machine_note():
+    """CPU count and load: timings below are only comparable on an idle machine."""
+    import os
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} CPUs, load average {load:.1f} (timings are noisy when it exceeds the CPU count)"

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from _workload import SyntheticLayer, near_duplicate, reference_attention, rel_error, request
+from _workload import SyntheticLayer, machine_note, near_duplicate, reference_attention, rel_error, request
 from attention_echo import AttentionEchoCache, EchoConfig, attention
 
 PREFIX, USER = 1536, 128
@@ -41,6 +41,7 @@ def main():
     attention(q, k, v)  # warm up (thread pool, page faults) before timing anything
 
     cache = AttentionEchoCache(EchoConfig(capacity=1000, similarity_threshold=0.85))
+    print(machine_note())
     print(f"cache: {cache!r}; prefix {PREFIX} tokens, 8 query heads, 4 kv heads, head_dim 64\n")
     print(f"{'request':22} {'hit':>5} {'tier':>7} {'sim':>6} {'echoed':>7} {'kept':>6} "
           f"{'guard err':>9} {'true err':>9} {'ms':>7} {'plain ms':>9}")

@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from _workload import SyntheticLayer, near_duplicate, numpy_attention, reference_attention, rel_error, request
+from _workload import (SyntheticLayer, machine_note, near_duplicate, numpy_attention, reference_attention,
+                       rel_error, request)
 import attention_echo
 from attention_echo import AttentionEchoCache, EchoConfig, attention
 
@@ -195,6 +196,7 @@ def main():
         add(f"echo hit, mode={mode} ({guard})", hit, note, setup=fill)
 
     base = next(ms for name, ms, *_ in rows if name.startswith("C++ exact"))
+    print(machine_note())
     print(f"T={T} tokens, prefix={P}, H=8, Hkv=4, D=64, median of {args.repeat}; "
           f"errors: relative L2 vs float64 attention\n")
     print(f"{'method':38} {'ms':>8} {'vs C++ exact':>12} {'err all':>9} {'err prefix':>10}  note")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from _workload import SyntheticLayer, near_duplicate, rel_error, request
+from _workload import SyntheticLayer, machine_note, near_duplicate, rel_error, request
 from attention_echo import AttentionEchoCache, EchoConfig, attention
 
 T, PREFIX, REQUESTS, WORKERS = 2048, 1792, 32, 4
@@ -72,6 +72,7 @@ def main():
         by_kind.setdefault(r["kind"], []).append((meta["tier"], rel_error(out, ref)))
     print(f"{REQUESTS} requests of {T} tokens (system prompt {PREFIX}), {WORKERS} threads, 1 layer "
           f"(8 heads, 4 kv heads, head_dim 64)\n")
+    print(machine_note())
     print(f"{'':14} {'wall s':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7}")
     for name, results, wall in (("plain", plain, plain_s), ("echo cache", served, echo_s)):
         lat = sorted(ms for _, ms in results)

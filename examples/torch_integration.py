@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _workload import SyntheticLayer, near_duplicate, request
+from _workload import SyntheticLayer, machine_note, near_duplicate, request
 from attention_echo.torch import EchoAttention, EchoMultiHeadAttention
 
 torch.manual_seed(0)
@@ -159,6 +159,7 @@ def trained_model(T=1024, P=896):
 
 
 if __name__ == "__main__":
+    print(machine_note() + "\n")
     seed_modules()
     hugging_face()
     trained_model()
