@@ -150,3 +150,12 @@ def test_non_contiguous_query():
     with torch.no_grad():
         out, _ = attention(q, k, v, prefix_length=8)
     torch.testing.assert_close(out, sdpa_heads(q.contiguous(), k, v, 2), atol=2e-5, rtol=1e-4)
+
+
+def test_inference_mode_tensors():
+    attention = EchoAttention(hidden_dim=64, num_heads=4)
+    with torch.inference_mode():
+        q = torch.randn(2, 40, 64)
+        out, meta = attention(q, q, q, prefix_length=16)
+        _, meta2 = attention(q, q, q, prefix_length=16)
+    assert out.shape == q.shape and not meta["echo_hit"] and meta2["echo_hit"]
