@@ -4,9 +4,9 @@ This layer only converts arguments: NumPy arrays and PyTorch tensors become
 float32 CPU arrays whose last dimension is contiguous (contiguous float32
 inputs, and any other strides with a unit last stride, pass without a copy),
 the output is allocated here and written in place by C++, and converted back
-to the input's dtype (and device). All checks on shapes and values (NaN/Inf,
-prefix length, config) happen in C++, before the cache is touched, and arrive
-as ValueError naming the argument.
+to the input's dtype (and device). Types and ranks are checked here; every
+check on shapes and values (NaN/Inf, prefix length, config) happens in C++,
+before the cache is touched, and arrives as ValueError naming the argument.
 """
 
 from __future__ import annotations
@@ -49,15 +49,21 @@ def _heads_in(x, name: str):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() not in (2, 3):
             raise ValueError(f"{name} must have shape (T, D) or (H, T, D), got shape {tuple(x.shape)}")
-        import torch
-
-        x = x.detach()
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            x = x.to(device="cpu", dtype=torch.float32)
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            x = x.contiguous()
-        return x
+        return _torch_f32(x)
     raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+
+
+def _torch_f32(x):
+    """A torch tensor as a detached float32 CPU tensor with a unit last stride
+    (no copy when it already is one)."""
+    import torch
+
+    x = x.detach()
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        x = x.to(device="cpu", dtype=torch.float32)
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
 
 
 def _matrix_in(x, name: str):

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._cache import AttentionEchoCache
+from ._cache import AttentionEchoCache, _torch_f32
 from ._config import EchoConfig
 
 __all__ = ["EchoAttention", "EchoMultiHeadAttention", "echo_attention"]
@@ -102,13 +102,7 @@ def echo_attention(
     batch, heads, tokens, dim = query.shape
     dtype, device = query.dtype, query.device
 
-    def prep(x):
-        x = x.detach()
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            x = x.to(device="cpu", dtype=torch.float32)
-        return x if x.stride(-1) == 1 else x.contiguous()
-
-    q, k, v = prep(query), prep(key), prep(value)
+    q, k, v = _torch_f32(query), _torch_f32(key), _torch_f32(value)
     direct = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(-1) == 1
     result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=torch.float32)
     emb_batched = prefix_embeddings is not None and getattr(prefix_embeddings, "ndim", 0) == 3
