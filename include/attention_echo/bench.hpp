@@ -3,9 +3,10 @@
 // A scenario is a deterministic list of requests built from real held-out
 // text. Every request is served three ways in the same run, one after the
 // other: no reuse, exact prefix reuse (vLLM/SGLang: skip the longest stored
-// token prefix), and AttentionEcho (exact prefix reuse when the stored prefix
-// covers the whole shared context, otherwise every layer through
-// AttentionEchoCache, whichever the measured cost model says is cheaper).
+// token prefix), and AttentionEcho (skip a stored prefix that covers the
+// whole shared context; otherwise skip what is stored or run every layer
+// through AttentionEchoCache, whichever a measured cost model says is
+// cheaper).
 #pragma once
 
 #include <cstdint>
@@ -60,6 +61,7 @@ struct ModeReport {
   // routed through the cache adds 1/layers per layer to its layer's tier.
   double exact = 0, partial = 0, sparse = 0, dense = 0, miss = 0, rejected = 0;
   int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
+  int reused_echoed = 0;                  // echo: skipped a prefix whose K/V was echoed
   double kept_fraction_sum = 0.0;         // over sparse layer hits
   long long sparse_layer_hits = 0;
   // Attention CPU seconds of cache-routed layers by tier, and of the same
@@ -75,7 +77,11 @@ struct ModeReport {
     double served_error_sum = 0.0;  // estimated_error of sparse/dense hits
   };
   std::vector<Layer> layers;
-  // Fidelity against the no-reuse run of the same request.
+  // Fidelity against the no-reuse run of the same request, at the last
+  // prompt row (the one that yields the first token): relative L2 error of
+  // the final hidden state (after the final RMSNorm), top-1 agreement and
+  // KL(no reuse || this mode) of the next-token distribution; perplexity of
+  // the reference continuation, teacher-forced after the prompt.
   double hidden_rel_err_sum = 0.0, hidden_rel_err_max = 0.0;
   int top1_agree = 0;
   double kl_sum = 0.0;

@@ -189,19 +189,21 @@ class PrefixStore {
   explicit PrefixStore(std::size_t max_bytes = std::size_t{1} << 30);
   struct Match {
     const KVState* kv = nullptr;
-    int length = 0;  // shared leading tokens
+    int length = 0;      // shared leading tokens
+    bool exact = true;   // false: the K/V came from an approximate (echoed) forward
   };
   // match.kv stays valid until the next insert.
   Match longest_match(std::span<const int> tokens);
   // Stores the first kv.length tokens' K/V; evicts least recently used
   // entries beyond max_bytes.
-  void insert(std::span<const int> tokens, KVState kv);
+  void insert(std::span<const int> tokens, KVState kv, bool exact = true);
   std::size_t size() const { return entries_.size(); }
 
  private:
   struct Entry {
     std::vector<int> tokens;
     KVState kv;
+    bool exact = true;
     std::uint64_t last_use = 0;
     std::size_t bytes = 0;
   };

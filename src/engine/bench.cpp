@@ -72,13 +72,12 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const Attenti
 // Prices the two ways echo mode can serve a request whose stored prefix stops
 // short of the shared context. CPU seconds (steady under other load) per
 // prompt row (projections, MLP) and per causal (row, key) pair (attention)
-// are fitted on the no-reuse runs; the
-// cost of a cache-routed prefix block relative to exact attention is learned
-// from the cache-routed requests themselves (misses, guard rejections and
-// sparse hits together), starting from DESIGN.md's expected kept fraction.
-// Requests that found no candidate at all are left out: they are the price of
-// filling the cache, and counting them would stop the router from ever
-// trying echo again after the first cold request.
+// are fitted on the no-reuse runs. What a cache-routed prefix block costs
+// next to exact attention is learned from the cache-routed requests (misses,
+// guard rejections and sparse hits together), starting from DESIGN.md's
+// expected kept fraction. Requests that found no candidate at all are left
+// out: they are the price of filling the cache, and counting them would stop
+// the router from ever trying echo again after the first cold request.
 class CostModel {
  public:
   void observe(int rows, double total_s, double attention_s) {
@@ -271,48 +270,59 @@ class Bench {
 
   // The stored prefix shared with r, leaving at least the last row (its
   // logits) to compute.
-  static std::pair<KVState, int> reuse(PrefixStore& store, const ScenarioRequest& r) {
+  struct Reuse {
+    KVState kv;
+    int length = 0;
+    bool exact = true;
+  };
+  static Reuse reuse(PrefixStore& store, const ScenarioRequest& r) {
     const auto match = store.longest_match(r.tokens);
     const int L = std::min(match.length, static_cast<int>(r.tokens.size()) - 1);
-    return {L > 0 ? match.kv->prefix(L) : KVState{}, L};
+    return {L > 0 ? match.kv->prefix(L) : KVState{}, L, L == 0 || match.exact};
   }
 
   // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
   void exact_prefix(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[1];
-    auto [kv, L] = reuse(exact_store_, r);
-    Served s = serve(engine_, r, std::move(kv), {});
+    Reuse stored = reuse(exact_store_, r);
+    Served s = serve(engine_, r, std::move(stored.kv), {});
     add_timing(m, r, s);
     add_fidelity(m, base, s);
-    add_prefix_tier(m, r, L);
+    add_prefix_tier(m, r, stored.length);
     exact_store_.insert(r.tokens, std::move(s.kv));
   }
 
   // AttentionEcho: skip a stored prefix that covers the shared context, or
   // one the cost model says is cheaper to extend than echoing; otherwise
-  // every layer goes through the cache.
+  // every layer goes through the cache. Every prompt's K/V is stored, echoed
+  // ones too: a later request with the same prefix then skips it like exact
+  // reuse would, carrying the echo's (measured) error instead of paying for
+  // the prefix again.
   void echo(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[2];
     const int T = static_cast<int>(r.tokens.size()), p = r.prefix_length;
-    auto [kv, L] = reuse(echo_store_, r);
+    Reuse stored = reuse(echo_store_, r);
+    const int L = stored.length;
     const bool skip = L >= p || cost_.skip(T, L) <= cost_.echo(T, p);
     const std::vector<int> prefix(r.tokens.begin(), r.tokens.begin() + p);
-    Served s = skip ? serve(engine_, r, std::move(kv), {}) : serve(engine_, r, {}, {&cache_, p, prefix, name_});
+    Served s = skip ? serve(engine_, r, std::move(stored.kv), {}) : serve(engine_, r, {}, {&cache_, p, prefix, name_});
     add_timing(m, r, s);
     add_fidelity(m, base, s);
+    bool exact = true;
     if (skip) {
       ++m.routed_skip;
       add_prefix_tier(m, r, L);
+      exact = stored.exact;
+      m.reused_echoed += !stored.exact;
     } else {
       ++m.routed_cache;
       add_echo_tiers(m, base, s);
       const bool candidate = std::any_of(s.echo.begin(), s.echo.end(),
                                          [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
       if (candidate) cost_.observe_echo(T, p, s.attention_cpu_s);
+      exact = every_layer_exact(s);
     }
-    // Only exact K/V may seed later exact reuse: an echoed layer's output
-    // is approximate, and so is every K/V after it.
-    if (skip || every_layer_exact(s)) echo_store_.insert(r.tokens, std::move(s.kv));
+    echo_store_.insert(r.tokens, std::move(s.kv), exact);
   }
 
   ThreadPool pool_;
@@ -382,6 +392,9 @@ std::string format_report(const ScenarioReport& r) {
   row("routes skip / cache", [](const ModeReport& m) {
     return m.name == "echo" ? std::to_string(m.routed_skip) + " / " + std::to_string(m.routed_cache) : std::string("-");
   });
+  row("requests reusing echoed K/V", [](const ModeReport& m) {
+    return m.name == "echo" ? std::to_string(m.reused_echoed) : std::string("-");
+  });
   row("kept fraction (sparse hits)", [](const ModeReport& m) {
     return m.sparse_layer_hits ? fmt("%.2f", m.kept_fraction_sum / m.sparse_layer_hits) : std::string("-");
   });
@@ -426,6 +439,7 @@ std::string reports_to_json(const std::vector<ScenarioReport>& reports, const st
           << ", \"sparse\": " << m.sparse / n << ", \"dense\": " << m.dense / n << ", \"miss\": " << m.miss / n
           << ", \"rejected\": " << m.rejected / n << "}"
           << ", \"routed_skip\": " << m.routed_skip << ", \"routed_cache\": " << m.routed_cache
+          << ", \"reused_echoed_kv\": " << m.reused_echoed
           << ", \"kept_fraction\": "
           << (m.sparse_layer_hits ? fmt("%.6g", m.kept_fraction_sum / m.sparse_layer_hits) : std::string("null"))
           << ", \"layer_attention_speedup\": {\"sparse\": " << json_ratio(m.sparse_layer_base_s, m.sparse_layer_s)

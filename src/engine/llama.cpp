@@ -346,7 +346,7 @@ PrefixStore::Match PrefixStore::longest_match(std::span<const int> tokens) {
     const int shared = static_cast<int>(std::mismatch(e.tokens.begin(), e.tokens.begin() + n, tokens.begin()).first -
                                         e.tokens.begin());
     if (shared > best.length) {
-      best = {&e.kv, shared};
+      best = {&e.kv, shared, e.exact};
       hit = &e;
     }
   }
@@ -354,12 +354,13 @@ PrefixStore::Match PrefixStore::longest_match(std::span<const int> tokens) {
   return best;
 }
 
-void PrefixStore::insert(std::span<const int> tokens, KVState kv) {
+void PrefixStore::insert(std::span<const int> tokens, KVState kv, bool exact) {
   if (static_cast<std::size_t>(kv.length) > tokens.size()) throw std::invalid_argument("kv: longer than tokens");
   Entry e;
   e.tokens.assign(tokens.begin(), tokens.begin() + kv.length);
   e.bytes = kv.bytes() + e.tokens.size() * sizeof(int);
   e.kv = std::move(kv);
+  e.exact = exact;
   e.last_use = ++clock_;
   if (e.bytes > max_bytes_) return;
   bytes_ += e.bytes;

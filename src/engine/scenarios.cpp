@@ -55,7 +55,6 @@ class Builder {
   }
 
   std::uint64_t pick(std::uint64_t n) { return rng_() % n; }
-  bool chance(int percent) { return pick(100) < static_cast<std::uint64_t>(percent); }
 
   std::vector<int> encode(std::string_view text) const {
     return tok_.encode(text, {.bos = false, .eos = false, .dummy_prefix = false});
@@ -115,7 +114,6 @@ class Builder {
     throw std::invalid_argument("heldout: no line of 20-100 bytes followed by text to use as a question");
   }
 
-  const std::vector<Document>& docs() const { return docs_; }
   int budget() const { return budget_; }
   int continuation() const { return continuation_; }
 
