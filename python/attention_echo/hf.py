@@ -73,13 +73,13 @@ def register(name: str = NAME) -> None:
     padding masks still reach it) under ``name``. Idempotent."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(name, echo_attention_forward)
-    try:  # transformers >= 4.53 builds masks per implementation
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    # transformers >= 4.53 builds masks per implementation: with SDPA's builder
+    # a plain causal batch gets no mask (the echo path) and padding gets one
+    # (the SDPA fallback). Older releases always pass a full mask.
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionMaskInterface.register(name, sdpa_mask)
-    except ImportError:
-        pass
+    AttentionInterface.register(name, echo_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 @contextlib.contextmanager
