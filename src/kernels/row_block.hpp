@@ -20,7 +20,8 @@ inline constexpr int kChunk = 2 * kSegment;
 inline constexpr int kMaxRows = 128;
 
 // Scratch rows are padded to a multiple of the widest vector (16 floats), so
-// one layout serves every ISA.
+// one layout serves every ISA. Strides add one more vector: power-of-two
+// strides would put every row of qt, s and acc in the same few L1 sets.
 constexpr int padded(int n) { return (n + 15) & ~15; }
 constexpr int row_stride(int rows) { return padded(rows) + 16; }
 constexpr int dim_stride(int dim) { return padded(dim) + 16; }

@@ -5,7 +5,8 @@
 // an inline function compiled for AVX-512 must never be the copy the linker
 // keeps for the scalar path.
 //
-// Layout (R = padded(rows); a vector holds W rows or W dims):
+// Layout (strides row_stride(rows) and dim_stride(dim); a vector holds W
+// rows or W dims):
 //   qt[d][r]   query r times logit_scale, transposed
 //   s[j][r]    scores, then probabilities, of the chunk's key j
 //   acc[r][d]  unnormalised output
@@ -58,7 +59,11 @@ class TileLoop {
 
  public:
   explicit TileLoop(const RowBlock& block)
-      : b_(block), rows_(row_stride(block.rows)), lanes_(padded(block.rows)), dim_(block.dim), dpad_(dim_stride(block.dim)) {
+      : b_(block),
+        rows_(row_stride(block.rows)),
+        lanes_(padded(block.rows)),
+        dim_(block.dim),
+        dpad_(dim_stride(block.dim)) {
     float* p = block.scratch;
     qt_ = p, p += dim_ * rows_;
     s_ = p, p += kChunk * rows_;
@@ -206,7 +211,7 @@ class TileLoop {
   // acc[r] = alpha_r * acc[r] + sum_j p_rj v_j for MR rows x SW dim vectors;
   // the first chunk starts from acc = 0 (its alpha is 0) without reading it.
   template <int MR, int SW>
-  void value_tile(int r, int dv, const float* v0, long v_stride, int keys, bool first) {
+  void value_tile(int r, int dv, const float* v0, std::ptrdiff_t v_stride, int keys, bool first) {
     Reg a[MR][SW];
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -235,20 +240,20 @@ class TileLoop {
 
   // Rows [r, rows) in tiles of MR rows, the rest in smaller tiles.
   template <int MR, int SW>
-  void value_rows(int r, const float* v0, long v_stride, int dv, int keys, bool first) {
+  void value_rows(int r, const float* v0, std::ptrdiff_t v_stride, int dv, int keys, bool first) {
     for (; r + MR <= b_.rows; r += MR) value_tile<MR, SW>(r, dv, v0, v_stride, keys, first);
     if constexpr (MR > 1) value_rows<MR / 2, SW>(r, v0, v_stride, dv, keys, first);
   }
 
   template <int SW>
-  void value_strip(int dv, const float* v0, long v_stride, int keys, bool first) {
+  void value_strip(int dv, const float* v0, std::ptrdiff_t v_stride, int keys, bool first) {
     value_rows<V::kValueAcc / SW, SW>(0, v0, v_stride, dv, keys, first);
   }
 
   void accumulate(const KeyChunk& chunk, bool first) {
     const int keys = chunk.end - chunk.begin;
     const float* v0 = b_.v + chunk.begin * b_.v_stride;
-    long v_stride = b_.v_stride;
+    std::ptrdiff_t v_stride = b_.v_stride;
     if (dim_ % W != 0) {
       // Whole vectors only: copy the chunk's values into zero-padded rows.
       for (int j = 0; j < keys; ++j)
@@ -256,6 +261,7 @@ class TileLoop {
       v0 = vpad_;
       v_stride = dpad_;
     }
+    static_assert(V::kValueStrip <= 8, "value_strip is instantiated up to 8 vectors");
     const int vectors = (dim_ + W - 1) / W;
     for (int dv = 0; dv < vectors; dv += V::kValueStrip) {
       switch (vectors - dv < V::kValueStrip ? vectors - dv : V::kValueStrip) {
@@ -293,7 +299,7 @@ class TileLoop {
   }
 
   const RowBlock& b_;
-  const int rows_, lanes_, dim_, dpad_;
+  const int rows_, lanes_, dim_, dpad_;  // row stride, padded rows, dim, dim stride
   float min_key_end_ = 0.0f;
   float *qt_, *s_, *acc_, *max_, *sum_, *alpha_, *key_end_, *vpad_;
 };

@@ -51,7 +51,7 @@ struct Avx2 {
   }
   // dst[k * stride + i] = scale * rows[i][d + k] for an 8 x 8 block: pairs
   // interleaved, then 4 x 4 blocks within 128-bit lanes, then lanes swapped.
-  static void transpose(const float* const* rows, int d, float scale, float* dst, long stride) {
+  static void transpose(const float* const* rows, int d, float scale, float* dst, int stride) {
     reg a[8], t[8], u[8];
     for (int i = 0; i < 8; ++i) a[i] = mul(load(rows[i] + d), set1(scale));
     for (int i = 0; i < 8; i += 2) {

@@ -19,8 +19,8 @@ namespace {
 struct Avx512 {
   using reg = __m512;
   static constexpr int W = 16;
-  static constexpr int kScoreRows = 4;   // row vectors x keys per score micro-tile
-  static constexpr int kScoreKeys = 4;
+  static constexpr int kScoreRows = 2;   // row vectors x keys per score micro-tile
+  static constexpr int kScoreKeys = 8;
   static constexpr int kValueAcc = 16;    // accumulators per value micro-tile,
   static constexpr int kValueStrip = 4;   // of this many dim vectors per row
 
@@ -51,7 +51,7 @@ struct Avx512 {
   // of rows interleaved, then pairs of pairs, then 128-bit lanes regrouped
   // twice. After step 2, u[4i + k] holds, in lane L, column 4L + k of rows
   // 4i .. 4i + 3.
-  static void transpose(const float* const* rows, int d, float scale, float* dst, long stride) {
+  static void transpose(const float* const* rows, int d, float scale, float* dst, int stride) {
     reg a[16], t[16], u[16];
     for (int i = 0; i < 16; ++i) a[i] = mul(load(rows[i] + d), set1(scale));
     for (int i = 0; i < 16; i += 2) {

@@ -40,7 +40,7 @@ struct Scalar {
   static reg zero_below(reg r, reg x, float limit) { return x >= limit ? r : 0.0f; }
   static reg keep_below(reg s, reg key_end, float key) { return key < key_end ? s : -__builtin_inff(); }
   static reg finite_or_zero(reg m) { return m == -__builtin_inff() ? 0.0f : m; }
-  static void transpose(const float* const* rows, int d, float scale, float* dst, long) { *dst = rows[0][d] * scale; }
+  static void transpose(const float* const* rows, int d, float scale, float* dst, int) { *dst = rows[0][d] * scale; }
 };
 
 }  // namespace
