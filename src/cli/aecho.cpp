@@ -10,6 +10,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attention_echo/attention.hpp"
@@ -94,10 +95,12 @@ int argmax(const float* v, int n) { return static_cast<int>(std::max_element(v, 
 
 int cmd_generate(int argc, char** argv) {
   const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "prompt", "steps", "threads"});
-  const llama::Model model(llama::load_weights(required(flags, "model")));
-  const llama::Tokenizer tokenizer(required(flags, "tokenizer"), model.config().vocab_size);
   const int steps = int_flag(flags, "steps", 64, 1);
-  ae::ThreadPool pool(int_flag(flags, "threads", 0, 0));
+  const int threads = int_flag(flags, "threads", 0, 0);
+  const std::string tokenizer_path = required(flags, "tokenizer");
+  const llama::Model model(llama::load_weights(required(flags, "model")));
+  const llama::Tokenizer tokenizer(tokenizer_path, model.config().vocab_size);
+  ae::ThreadPool pool(threads);
   llama::Engine engine(model, pool);
   const auto it = flags.find("prompt");
   std::vector<int> tokens = tokenizer.encode(it == flags.end() ? "" : it->second);
@@ -121,13 +124,14 @@ int cmd_logits(int argc, char** argv) {
   const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "tokens", "prompt", "out", "threads"});
   if (flags.count("tokens") == flags.count("prompt")) throw UsageError("give either --tokens or --prompt");
   if (flags.count("prompt") && !flags.count("tokenizer")) throw UsageError("--prompt needs --tokenizer");
+  const std::string out_path = required(flags, "out");
+  const int threads = int_flag(flags, "threads", 0, 0);
   const llama::Model model(llama::load_weights(required(flags, "model")));
   const std::vector<int> tokens =
       flags.count("tokens")
           ? parse_tokens(flags.at("tokens"))
           : llama::Tokenizer(flags.at("tokenizer"), model.config().vocab_size).encode(flags.at("prompt"));
-  const std::string out_path = required(flags, "out");
-  ae::ThreadPool pool(int_flag(flags, "threads", 0, 0));
+  ae::ThreadPool pool(threads);
   llama::Engine engine(model, pool);
   llama::KVState kv;
   const llama::ForwardResult r = engine.forward(tokens, kv, {}, -1);
@@ -189,18 +193,24 @@ int cmd_bench(int argc, char** argv) {
   const std::string tok_path = flags.count("tokenizer") ? flags.at("tokenizer") : (dir / "tokenizer.bin").string();
   const std::string held_path = flags.count("heldout") ? flags.at("heldout") : (dir / "heldout.txt").string();
 
+  std::ofstream json;  // opened now: an unwritable path fails before the run, not after
+  if (flags.count("json")) {
+    json.open(flags.at("json"));
+    if (!json) throw std::runtime_error(flags.at("json") + ": cannot open for writing");
+  }
+
   const llama::Model model(llama::load_weights(model_path));
   const llama::Tokenizer tokenizer(tok_path, model.config().vocab_size);
   const std::string heldout = read_text(held_path);
   const int context = int_flag(flags, "context", std::min(model.config().seq_len, 3072), 64);
   if (context > model.config().seq_len)
     throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
-  const ae::ThreadPool probe(options.threads);
+  const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
   std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
               "  %d requests per scenario, %d threads, kernels %s, GEMM %s\n\n",
               model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
               model.config().n_kv_heads, context, std::string(ae::to_string(options.mode)).c_str(), seed, requests,
-              probe.size(), ae::attention_isa(), llama::to_string(llama::best_gemm_isa()));
+              threads, ae::attention_isa(), llama::to_string(llama::best_gemm_isa()));
   std::fflush(stdout);
 
   std::vector<llama::ScenarioReport> reports;
@@ -209,16 +219,15 @@ int cmd_bench(int argc, char** argv) {
     reports.push_back(llama::run_scenario(model, s, options, [&](int done, int total) { progress_bar(name, done, total); }));
     std::cout << llama::format_report(reports.back()) << "\n" << std::flush;
   }
-  if (flags.count("json")) {
+  if (json.is_open()) {
     const std::string meta = "\"model\": " + llama::json_string(model_path) + ", \"mode\": " +
                              llama::json_string(ae::to_string(options.mode)) + ", \"context\": " +
                              std::to_string(context) + ", \"seed\": " + std::to_string(seed) +
-                             ", \"threads\": " + std::to_string(probe.size()) +
+                             ", \"threads\": " + std::to_string(threads) +
                              ", \"attention_isa\": " + llama::json_string(ae::attention_isa()) +
                              ", \"gemm_isa\": " + llama::json_string(llama::to_string(llama::best_gemm_isa()));
-    std::ofstream out(flags.at("json"));
-    out << llama::reports_to_json(reports, meta);
-    if (!out) throw std::runtime_error(flags.at("json") + ": write failed");
+    json << llama::reports_to_json(reports, meta);
+    if (!json.flush()) throw std::runtime_error(flags.at("json") + ": write failed");
   }
   return 0;
 }
