@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+pytest.importorskip("torch")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
