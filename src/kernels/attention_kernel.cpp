@@ -115,15 +115,17 @@ void attach_log(RowBlock& b, std::size_t chunks, Workspace& w) {
   b.log = {p, p + segments * stride, p + (segments + chunks) * stride, p + (segments + chunks + 1) * stride};
 }
 
-// Adds each prefix row's final softmax mass per key tile to
-// table[(head - head0) * tiles + J]: a chunk's partial sum, taken relative
-// to the running max of its time, rescaled to the row's final max and sum.
-void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, const TileMass& mass,
-                   int head0, double* table) {
+// Adds each prefix row's final softmax mass per key tile J to
+// table[((head - head0) * query_tiles + I - tile0) * tiles + J], I the row's
+// query tile: a chunk's partial sums, taken relative to the running max of
+// their time, rescaled to the row's final max and sum.
+void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, const TileMass& mass, int head0,
+                   int tile0, int query_tiles, double* table) {
   const int stride = row_stride(b.rows);
   for (int r = 0; r < b.rows; ++r) {
     if (rows[r].token >= prefix) continue;
-    double* row_mass = table + static_cast<std::size_t>(rows[r].head - head0) * mass.tiles;
+    const int query_tile = rows[r].token / mass.block - tile0;
+    double* row_mass = table + (static_cast<std::size_t>(rows[r].head - head0) * query_tiles + query_tile) * mass.tiles;
     const double max = b.log.row_max[r], sum = b.log.row_sum[r];
     for (int c = 0; c < b.chunk_count; ++c) {
       const double scale = std::exp2(b.log.chunk_max[c * stride + r] - max) / sum;
@@ -151,7 +153,7 @@ void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int 
 
 // Query tokens [t0, t1) of the heads of kv head kv, in blocks of kMaxRows
 // rows (token-major, so a block's rows share their key range), over every key
-// chunk below the block's key limit. With mass, [t0, t1) is tile t0 / block.
+// chunk below the block's key limit. With mass, [t0, t1) is whole tiles.
 void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mass, int prefix, BlockFn fn) {
   Workspace& w = workspace();
   const int group = p.q.heads / p.k.heads;
@@ -160,7 +162,9 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
   for (int t = t0; t < t1; ++t)
     for (int h = head0; h < head0 + group; ++h) w.rows.push_back({h, t, p.out.row(h, t)});
   const bool log = mass != nullptr && t0 < prefix;
-  if (log) w.mass.assign(static_cast<std::size_t>(group) * mass->tiles, 0.0);
+  const int tile0 = log ? t0 / mass->block : 0;
+  const int query_tiles = log ? ceil_div(std::min(t1, prefix) - t0, mass->block) : 0;
+  if (log) w.mass.assign(static_cast<std::size_t>(group) * query_tiles * mass->tiles, 0.0);
 
   for (std::size_t first = 0; first < w.rows.size(); first += kMaxRows) {
     const auto rows = std::span<const Row>(w.rows).subspan(first, std::min<std::size_t>(kMaxRows, w.rows.size() - first));
@@ -169,16 +173,17 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
     add_chunks(0, key_limit(b), w.chunks);
     if (log) attach_log(b, w.chunks.size(), w);
     run(b, w.chunks, fn);
-    if (log) add_tile_mass(b, rows, prefix, *mass, head0, w.mass.data());
+    if (log) add_tile_mass(b, rows, prefix, *mass, head0, tile0, query_tiles, w.mass.data());
   }
-  if (!log) return;
-  // The tile's mean over its prefix rows.
-  const int tile = t0 / mass->block;
-  const double rows_in_tile = std::min(t1, prefix) - t0;
-  for (int h = 0; h < group; ++h)
-    for (int j = 0; j < mass->tiles; ++j)
-      mass->mass[(static_cast<std::size_t>(head0 + h) * mass->tiles + tile) * mass->tiles + j] =
-          static_cast<float>(w.mass[static_cast<std::size_t>(h) * mass->tiles + j] / rows_in_tile);
+  // Each tile's mean over its prefix rows.
+  for (int h = 0; h < group && log; ++h)
+    for (int i = 0; i < query_tiles; ++i) {
+      const int tile = tile0 + i;
+      const double rows_in_tile = std::min((tile + 1) * mass->block, prefix) - tile * mass->block;
+      for (int j = 0; j < mass->tiles; ++j)
+        mass->mass[(static_cast<std::size_t>(head0 + h) * mass->tiles + tile) * mass->tiles + j] = static_cast<float>(
+            w.mass[(static_cast<std::size_t>(h) * query_tiles + i) * mass->tiles + j] / rows_in_tile);
+    }
 }
 
 void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
@@ -201,7 +206,8 @@ void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, Thr
   check_row_range(problem, row_begin, row_end);
   if (mass != nullptr) prepare_mass(problem, *mass, row_begin, row_end, prefix);
   if (row_begin == row_end) return;
-  const int span = mass != nullptr ? mass->block : kTaskTokens;
+  // With mass, whole tiles per task, so each task owns its rows of the table.
+  const int span = mass != nullptr ? mass->block * std::max(1, kTaskTokens / mass->block) : kTaskTokens;
   const int spans = ceil_div(row_end - row_begin, span);
   const int kv_heads = problem.k.heads;
   const BlockFn fn = block_function();
