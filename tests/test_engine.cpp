@@ -217,6 +217,17 @@ TEST(EngineTokenizer, RoundTripsAndFallsBackToBytes) {
   EXPECT_THROW(tok.decode(1, 512), std::invalid_argument);
 }
 
+TEST(EngineTokenizer, ByteVocabularyHasNoDummyPrefix) {
+  const std::string path = std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/tokenizer.bin";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no bundled model";
+  const llama::Tokenizer tok(path, 259);
+  EXPECT_EQ(tok.encode("ab\xff"), (std::vector<int>{1, 'a' + 3, 'b' + 3, 0xff + 3}));
+  // The sentencepiece-trained vocabulary keeps llama2.c's leading " ".
+  const llama::Tokenizer merged(kTokenizer, 512);
+  EXPECT_EQ(merged.decode(1, merged.encode("Echoes")[1]).front(), 'E');
+  EXPECT_NE(merged.encode("Echoes"), merged.encode("Echoes", {.bos = true, .eos = false, .dummy_prefix = false}));
+}
+
 TEST(EngineGguf, SameWeightsGiveTheSameLogits) {
   const llama::Weights w = llama::load_llama2c(kModel);
   const std::string f32 = temp_path("model_f32.gguf"), f16 = temp_path("model_f16.gguf");

@@ -79,7 +79,12 @@ class Tokenizer {
     bool dummy_prefix = true;  // llama2.c prepends " " to non-empty text
   };
   std::vector<int> encode(std::string_view text, const EncodeOptions& options) const;
-  std::vector<int> encode(std::string_view text) const { return encode(text, EncodeOptions{}); }
+  // BOS, then the text; with llama2.c's dummy prefix only where the
+  // vocabulary has merged pieces (sentencepiece-trained): a pure byte
+  // vocabulary was trained on raw bytes, without one.
+  std::vector<int> encode(std::string_view text) const {
+    return encode(text, {.bos = true, .eos = false, .dummy_prefix = has_merges_});
+  }
   // Text of `token` following `previous` (the leading space after BOS is dropped).
   std::string decode(int previous, int token) const;
   int vocab_size() const { return static_cast<int>(pieces_.size()); }
@@ -91,6 +96,7 @@ class Tokenizer {
   std::vector<float> scores_;
   std::vector<std::pair<std::string_view, int>> sorted_;  // piece -> id, for lookup
   int byte_token_[256];                                    // -1: no token for that byte
+  bool has_merges_ = false;  // some piece spans several bytes
 };
 
 // Weights repacked for the engine's GEMM.

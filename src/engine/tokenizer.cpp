@@ -42,6 +42,10 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) {
     if (id < 0) id = lookup(std::string(1, static_cast<char>(b)));
     byte_token_[b] = id;
   }
+  // Specials (<unk>, BOS, EOS) and byte tokens aside, is any piece longer
+  // than one byte?
+  for (int i = 3; i < vocab_size && !has_merges_; ++i)
+    has_merges_ = pieces_[i].size() > 1 && std::find(byte_token_, byte_token_ + 256, i) == byte_token_ + 256;
 }
 
 int Tokenizer::lookup(std::string_view piece) const {
