@@ -54,11 +54,22 @@ struct TileSet {
 // Exact rows [row_begin, row_end) of every head into problem.out. When mass is
 // non-null, also fills it for the prefix block rows [0, prefix) with tiles of
 // mass->block (row_begin must be 0 and the kernel's tiles are mass->block).
+// mass->block must be a multiple of 32; recording does not change a bit of
+// the output. Non-causal tile mass needs problem.prefix_length == prefix (so
+// prefix rows see exactly the prefix keys).
+//
+// All entry points: the problem is assumed validated (validate_attention_
+// inputs); their own arguments are checked and a bad one throws
+// std::invalid_argument naming it (row_begin, row_end, rows, prefix, mass,
+// kept, keep_mass). Safe to call concurrently on one pool. Rows are
+// bit-identical across entry points and thread counts for one ISA path.
 void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
                 TileMass* mass = nullptr, int prefix = 0);
 
 // Prefix rows [0, rows) of every head, each attending only to its kept key
-// tiles (clipped to the row's own key range).
+// tiles (clipped to the row's own key range). Cost is proportional to the
+// kept tiles. With every tile kept it equals exact_rows bit for bit. A row
+// whose kept tiles hold none of its keys gets zeros.
 void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool);
 
 // Exact outputs for the given rows of every head: result[(h * rows.size() + r) * D + d].
@@ -70,7 +81,8 @@ void selected_rows(const AttentionProblem& problem, std::span<const int> rows, f
 // tile row's mass, always with tile 0 (the sink) and the diagonal tile I.
 TileSet select_tiles(const TileMass& mass, int heads, double keep_mass);
 
-// SIMD path chosen at runtime for this CPU.
+// SIMD path the kernels run: the best this CPU has, unless AE_ISA (read once)
+// or set_active_isa() in kernels/isa.hpp forces a lower one.
 const char* isa_name();
 
 }  // namespace attention_echo::kernels
