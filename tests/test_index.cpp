@@ -144,7 +144,9 @@ TEST_P(IndexModes, AddReplaceRemoveClear) {
   EXPECT_LE(found.size(), 20u);
   for (std::size_t i = 0; i < found.size(); ++i) {
     EXPECT_GE(found[i].similarity, 0.05f);
-    if (i) EXPECT_GE(found[i - 1].similarity, found[i].similarity);
+    if (i > 0) {
+      EXPECT_GE(found[i - 1].similarity, found[i].similarity);
+    }
   }
   EXPECT_TRUE(index.search(row(keys, 100), 0, -1.0f).empty());
 
@@ -153,6 +155,10 @@ TEST_P(IndexModes, AddReplaceRemoveClear) {
   EXPECT_TRUE(index.search(row(keys, 100), 5, -1.0f).empty());
   index.add(5, row(keys, 5));
   EXPECT_EQ(index.search(row(keys, 5), 5, -1.0f).at(0).id, 5u);
+
+  SemanticIndex moved = std::move(index);
+  EXPECT_EQ(moved.size(), 1u);
+  EXPECT_EQ(moved.search(row(keys, 5), 5, -1.0f).at(0).id, 5u);
 }
 
 TEST_P(IndexModes, RejectsWrongKeySize) {
