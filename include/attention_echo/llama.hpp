@@ -94,7 +94,7 @@ class Tokenizer {
 
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
-  std::vector<std::pair<std::string_view, int>> sorted_;  // piece -> id, for lookup
+  std::vector<int> sorted_;  // ids ordered by piece, for lookup
   int byte_token_[256];                                    // -1: no token for that byte
   bool has_merges_ = false;  // some piece spans several bytes
 };

@@ -3,7 +3,6 @@
 // document is O(n log n) rather than O(n^2).
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <queue>
 #include <stdexcept>
@@ -31,10 +30,11 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) {
   }
   if (in.peek() != std::char_traits<char>::eof())
     fail("tokenizer has more than the model's " + std::to_string(vocab_size) + " tokens");
-  // Sorted for binary search; stable so a duplicated piece resolves to its first id.
-  for (int i = 0; i < vocab_size; ++i) sorted_.emplace_back(pieces_[i], i);
-  std::stable_sort(sorted_.begin(), sorted_.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  // Ids sorted by piece for binary search; stable so a duplicated piece
+  // resolves to its first id.
+  sorted_.resize(vocab_size);
+  for (int i = 0; i < vocab_size; ++i) sorted_[i] = i;
+  std::stable_sort(sorted_.begin(), sorted_.end(), [&](int a, int b) { return pieces_[a] < pieces_[b]; });
   for (int b = 0; b < 256; ++b) {
     char hex[8];
     std::snprintf(hex, sizeof hex, "<0x%02X>", b);
@@ -50,8 +50,8 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) {
 
 int Tokenizer::lookup(std::string_view piece) const {
   auto it = std::lower_bound(sorted_.begin(), sorted_.end(), piece,
-                             [](const auto& e, std::string_view p) { return e.first < p; });
-  return it != sorted_.end() && it->first == piece ? it->second : -1;
+                             [&](int id, std::string_view p) { return std::string_view(pieces_[id]) < p; });
+  return it != sorted_.end() && pieces_[*it] == piece ? *it : -1;
 }
 
 std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
