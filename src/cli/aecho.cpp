@@ -32,6 +32,8 @@ constexpr const char* kUsage =
     "      [--heldout FILE] [--mode exact|sparse|dense] [--requests N] [--context N]\n"
     "      [--seed N] [--threads N] [--json FILE]\n"
     "      serves every request with no reuse, exact prefix reuse and AttentionEcho;\n"
+    "      --context: prompt plus continuation tokens (default: the model's, at most 4096),\n"
+    "      --requests: per scenario (default 16), --seed: workload seed (default 1);\n"
     "      the model defaults to the bundled models/echo-llama-6m/model.bin, the\n"
     "      tokenizer and held-out text to tokenizer.bin and heldout.txt beside it\n";
 
@@ -202,7 +204,7 @@ int cmd_bench(int argc, char** argv) {
   const llama::Model model(llama::load_weights(model_path));
   const llama::Tokenizer tokenizer(tok_path, model.config().vocab_size);
   const std::string heldout = read_text(held_path);
-  const int context = int_flag(flags, "context", std::min(model.config().seq_len, 3072), 64);
+  const int context = int_flag(flags, "context", std::min(model.config().seq_len, 4096), 64);
   if (context > model.config().seq_len)
     throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
