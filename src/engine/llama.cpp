@@ -7,8 +7,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <ctime>
 #include <cmath>
+#include <ctime>
 #include <functional>
 #include <stdexcept>
 
@@ -18,17 +18,22 @@
 
 namespace attention_echo::llama {
 
+namespace {
+
+struct PackedLayer {
+  std::vector<float> attn_norm, ffn_norm;
+  PackedMatrix wqkv;     // [dim + 2 kv_dim, dim]: q, k, v rows stacked
+  PackedMatrix wo;       // [dim, dim]
+  PackedMatrix gate_up;  // [2 hidden, dim]: gate rows then up rows
+  PackedMatrix down;     // [dim, hidden]
+};
+
+}  // namespace
+
 struct Model::Impl {
   ModelConfig config;
   std::vector<float> token_embedding;  // [vocab, dim], for row lookup
-  struct Layer {
-    std::vector<float> attn_norm, ffn_norm;
-    PackedMatrix wqkv;     // [dim + 2 kv_dim, dim]: q, k, v rows stacked
-    PackedMatrix wo;       // [dim, dim]
-    PackedMatrix gate_up;  // [2 hidden, dim]: gate rows then up rows
-    PackedMatrix down;     // [dim, hidden]
-  };
-  std::vector<Layer> layers;
+  std::vector<PackedLayer> layers;
   std::vector<float> final_norm;
   PackedMatrix classifier;  // [vocab, dim]
   std::vector<float> rope_cos, rope_sin;  // [seq_len, head_dim / 2]
@@ -95,6 +100,10 @@ void rmsnorm(const float* x, const float* gain, float* out, int rows, int dim, f
 // g = silu(g) * u over one row. libm's expf per element was 10% of a
 // prefill, so AVX-512 CPUs take Cephes' expf polynomial (~1 ulp), 16 lanes
 // at a time; the rest of the row and other CPUs use std::exp.
+// GCC 12 warns about the undefined pass-through inside its own AVX-512
+// intrinsic headers (GCC bug 105593); the warning is not about this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) int swiglu_avx512(float* g, const float* u, int n) {
   const __m512 lo = _mm512_set1_ps(-87.0f), hi = _mm512_set1_ps(88.0f), one = _mm512_set1_ps(1.0f);
   int j = 0;
@@ -118,6 +127,7 @@ __attribute__((target("avx512f"))) int swiglu_avx512(float* g, const float* u, i
   }
   return j;
 }
+#pragma GCC diagnostic pop
 
 void swiglu(float* g, const float* u, int n) {
   static const bool avx512 = best_gemm_isa() == GemmIsa::kAvx512;
@@ -138,48 +148,61 @@ void rope(float* row, int heads, int head_dim, const float* cos, const float* si
 
 }  // namespace
 
+namespace {
+
+PackedLayer pack_layer(const Weights::Layer& l, const ModelConfig& c) {
+  const std::size_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim();
+  check_size(l.attn_norm, d, "attn_norm");
+  check_size(l.ffn_norm, d, "ffn_norm");
+  check_size(l.wq, d * d, "wq");
+  check_size(l.wk, kv * d, "wk");
+  check_size(l.wv, kv * d, "wv");
+  check_size(l.wo, d * d, "wo");
+  check_size(l.w_gate, h * d, "w_gate");
+  check_size(l.w_up, h * d, "w_up");
+  check_size(l.w_down, d * h, "w_down");
+  PackedLayer p;
+  p.attn_norm = l.attn_norm;
+  p.ffn_norm = l.ffn_norm;
+  p.wqkv = pack(stack({&l.wq, &l.wk, &l.wv}).data(), c.dim + 2 * c.kv_dim(), c.dim);
+  p.wo = pack(l.wo.data(), c.dim, c.dim);
+  p.gate_up = pack(stack({&l.w_gate, &l.w_up}).data(), 2 * c.hidden_dim, c.dim);
+  p.down = pack(l.w_down.data(), c.dim, c.hidden_dim);
+  return p;
+}
+
+// cos/sin of pos * theta^(-2i/D), [seq_len, D/2]. Angles in double: at
+// position 4096 a float product is already ~1e-4 rad off.
+void rope_tables(const ModelConfig& c, std::vector<float>& cos, std::vector<float>& sin) {
+  const int half = c.head_dim() / 2;
+  cos.resize(static_cast<std::size_t>(c.seq_len) * half);
+  sin.resize(cos.size());
+  for (int pos = 0; pos < c.seq_len; ++pos)
+    for (int i = 0; i < half; ++i) {
+      const double angle = pos * std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim());
+      cos[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::cos(angle));
+      sin[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::sin(angle));
+    }
+}
+
+}  // namespace
+
 Model::Model(const Weights& w) : impl_(std::make_unique<Impl>()) {
   const ModelConfig& c = w.config;
   c.validate();
-  const std::size_t d = c.dim, h = c.hidden_dim, kv = c.kv_dim(), V = c.vocab_size;
+  const std::size_t d = c.dim, V = c.vocab_size;
   check_size(w.token_embedding, V * d, "token_embedding");
   check_size(w.final_norm, d, "final_norm");
   if (!w.classifier.empty()) check_size(w.classifier, V * d, "classifier");
-  if (w.layers.size() != static_cast<std::size_t>(c.n_layers)) throw std::invalid_argument("weights: layer count does not match config");
+  if (w.layers.size() != static_cast<std::size_t>(c.n_layers))
+    throw std::invalid_argument("weights: layer count does not match config");
   Impl& m = *impl_;
   m.config = c;
   m.token_embedding = w.token_embedding;
   m.final_norm = w.final_norm;
   m.classifier = pack(w.classifier.empty() ? w.token_embedding.data() : w.classifier.data(), c.vocab_size, c.dim);
-  for (const auto& l : w.layers) {
-    check_size(l.attn_norm, d, "attn_norm");
-    check_size(l.ffn_norm, d, "ffn_norm");
-    check_size(l.wq, d * d, "wq");
-    check_size(l.wk, kv * d, "wk");
-    check_size(l.wv, kv * d, "wv");
-    check_size(l.wo, d * d, "wo");
-    check_size(l.w_gate, h * d, "w_gate");
-    check_size(l.w_up, h * d, "w_up");
-    check_size(l.w_down, d * h, "w_down");
-    Impl::Layer p;
-    p.attn_norm = l.attn_norm;
-    p.ffn_norm = l.ffn_norm;
-    p.wqkv = pack(stack({&l.wq, &l.wk, &l.wv}).data(), c.dim + 2 * c.kv_dim(), c.dim);
-    p.wo = pack(l.wo.data(), c.dim, c.dim);
-    p.gate_up = pack(stack({&l.w_gate, &l.w_up}).data(), 2 * c.hidden_dim, c.dim);
-    p.down = pack(l.w_down.data(), c.dim, c.hidden_dim);
-    m.layers.push_back(std::move(p));
-  }
-  // Angles in double: at position 4096 a float product is already ~1e-4 rad off.
-  const int half = c.head_dim() / 2;
-  m.rope_cos.resize(static_cast<std::size_t>(c.seq_len) * half);
-  m.rope_sin.resize(m.rope_cos.size());
-  for (int pos = 0; pos < c.seq_len; ++pos)
-    for (int i = 0; i < half; ++i) {
-      const double angle = pos * std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim());
-      m.rope_cos[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::cos(angle));
-      m.rope_sin[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::sin(angle));
-    }
+  for (const auto& l : w.layers) m.layers.push_back(pack_layer(l, c));
+  rope_tables(c, m.rope_cos, m.rope_sin);
 }
 
 Model::~Model() = default;
@@ -210,7 +233,7 @@ const ModelConfig& Engine::config() const { return m_.config; }
 
 EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& kv, const AttentionRoute& route) {
   const ModelConfig& c = m_.config;
-  const Model::Impl::Layer& w = m_.layers.at(layer);
+  const PackedLayer& w = m_.layers.at(layer);
   const int n = t1 - t0, dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2;
   const int qkv_width = dim + 2 * kvd;
   if (n <= 0 || t0 < 0 || t1 > c.seq_len) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
