@@ -234,6 +234,8 @@ class GgufFile {
     if (align == 0 || (align & (align - 1)) != 0) bad_file(path, "general.alignment must be a power of two");
     data_ = (r.pos() + align - 1) / align * align;
     if (data_ > bytes.size()) bad_file(path, "truncated file (no tensor data)");
+    for (const auto& [name, t] : tensors_)
+      if (t.offset % align != 0) bad_file(path, "tensor " + name + " is not aligned to general.alignment");
   }
 
   std::uint64_t uint_or(const std::string& key, std::uint64_t fallback) const {
