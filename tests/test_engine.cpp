@@ -287,6 +287,26 @@ TEST(EngineBadFiles, EveryTruncatedGgufThrows) {
   EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
 }
 
+// Random byte flips in the header, metadata and tensor table: the loader
+// either loads a valid model or throws; it never reads out of bounds (the
+// sanitizer builds run this too).
+TEST(EngineBadFiles, CorruptHeadersLoadOrThrow) {
+  const std::vector<char> good = write_gguf(llama::load_llama2c(kModel), true);
+  const std::vector<char> bin = read_bytes(kModel);
+  const std::string path = temp_path("corrupt");
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::vector<char> bad = trial % 2 ? good : bin;
+    const std::size_t span = trial % 2 ? 3000 : 28;
+    for (int flips = 0; flips < 3; ++flips) bad[rng() % span] = static_cast<char>(rng());
+    write_bytes(path, bad);
+    try {
+      llama::load_weights(path);
+    } catch (const std::exception&) {
+    }
+  }
+}
+
 TEST(EngineGemm, EveryIsaMatchesANaiveProduct) {
   std::mt19937 rng(7);
   std::normal_distribution<float> dist;
