@@ -194,6 +194,29 @@ Scenario rag(Builder& b, int requests) {
   return s;
 }
 
+// One small edit at a random line, as a user makes between two requests:
+// a changed (or added) number, an inserted line, a deleted line, or none.
+void edit_one_line(std::vector<std::string>& lines, Builder& b) {
+  const std::size_t at = b.pick(lines.size());
+  switch (b.pick(4)) {
+    case 0: {
+      std::string& line = lines[at];  // never empty: it holds at least its '\n'
+      const auto digit = line.find_first_of("0123456789");
+      if (digit == std::string::npos) line.insert(line.size() - 1, "  # 1");
+      else line[digit] = static_cast<char>('0' + (line[digit] - '0' + 1 + b.pick(8)) % 10);
+      break;
+    }
+    case 1:
+      lines.insert(lines.begin() + static_cast<std::ptrdiff_t>(at), "    # TODO: handle the empty case\n");
+      break;
+    case 2:
+      lines.erase(lines.begin() + static_cast<std::ptrdiff_t>(at));
+      break;
+    default:
+      break;
+  }
+}
+
 // A shared file context with one small edit somewhere (a changed number, an
 // inserted line, a deleted line) or none; the prompt ends at the cursor.
 Scenario code(Builder& b, int requests) {
@@ -216,24 +239,7 @@ Scenario code(Builder& b, int requests) {
     std::vector<std::string> ctx(f.doc->lines.begin() + static_cast<std::ptrdiff_t>(f.first),
                                  f.doc->lines.begin() + static_cast<std::ptrdiff_t>(end));
     if (ctx.size() < 2) throw std::invalid_argument("heldout: source file too short for the code scenario");
-    const std::size_t at = b.pick(ctx.size());
-    switch (b.pick(4)) {
-      case 0: {  // change (or add) a number
-        std::string& line = ctx[at];
-        const auto digit = line.find_first_of("0123456789");
-        if (digit == std::string::npos) line.insert(line.size() - 1, "  # 1");
-        else line[digit] = static_cast<char>('0' + (line[digit] - '0' + 1 + b.pick(8)) % 10);
-        break;
-      }
-      case 1:
-        ctx.insert(ctx.begin() + static_cast<std::ptrdiff_t>(at), "    # TODO: handle the empty case\n");
-        break;
-      case 2:
-        ctx.erase(ctx.begin() + static_cast<std::ptrdiff_t>(at));
-        break;
-      default:
-        break;  // unchanged file
-    }
+    edit_one_line(ctx, b);
     std::vector<int> prompt;
     for (const auto& line : ctx) append(prompt, b.encode(line));
     const int prefix = static_cast<int>(prompt.size());
