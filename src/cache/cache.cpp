@@ -300,9 +300,10 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
     mass.block = static_cast<int>(config.block_size);
     kernels::exact_rows(call.problem, 0, call.problem.q.tokens, pool, &mass, call.prefix);
     payload->tiles = kernels::select_tiles(mass, call.space.heads, config.sparse_mass);
+  } else if (want_echo) {
+    payload->dense = kernels::exact_rows_with_dense_logits(call.problem, call.prefix, pool);
   } else {
     kernels::exact_rows(call.problem, 0, call.problem.q.tokens, pool);
-    if (want_echo) payload->dense = kernels::capture_dense_logits(call.problem, call.prefix, pool);
   }
   EchoResult& r = call.result;
   r.echo_hit = false;

@@ -1,6 +1,7 @@
-// The three entry points of the tile loop: they only decide which rows go
-// together into a RowBlock (rows of one kv head, at most kMaxRows) and which
-// key chunks each block walks; the per-ISA tile loop does all the math.
+// The entry points of the tile loop: they only decide which rows go together
+// into a RowBlock (rows of one kv head, at most kMaxRows), which key chunks
+// each block walks and where its scores come from (q.k, or stored logits);
+// the per-ISA tile loop does all the math.
 #include "kernels/attention_kernel.hpp"
 
 #include <algorithm>
@@ -17,6 +18,7 @@ namespace attention_echo::kernels {
 namespace {
 
 constexpr float kLog2e = 1.44269504088896340736f;
+constexpr float kLn2 = 0.69314718055994530942f;  // 1 / kLog2e: log2 units back to logits
 // Query tokens per task: one full RowBlock per head, and still 32 tasks at
 // T = 512, H = 8 to balance the causal mask's uneven work over threads.
 constexpr int kTaskTokens = 128;
@@ -52,6 +54,9 @@ struct Workspace {
   std::vector<KeyChunk> chunks;
   std::vector<float> log;
   std::vector<double> mass;
+  std::vector<float*> capture;
+  std::vector<const float*> cached;
+  std::vector<float> shift;
 
   float* aligned_scratch(int dim) {
     scratch.resize(scratch_floats(dim) + 16);
@@ -154,7 +159,8 @@ void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int 
 // Query tokens [t0, t1) of the heads of kv head kv, in blocks of kMaxRows
 // rows (token-major, so a block's rows share their key range), over every key
 // chunk below the block's key limit. With mass, [t0, t1) is whole tiles.
-void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mass, int prefix, BlockFn fn) {
+void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mass, int prefix, float* logits,
+                BlockFn fn) {
   Workspace& w = workspace();
   const int group = p.q.heads / p.k.heads;
   const int head0 = kv * group;
@@ -172,6 +178,17 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
     w.chunks.clear();
     add_chunks(0, key_limit(b), w.chunks);
     if (log) attach_log(b, w.chunks.size(), w);
+    if (logits != nullptr && rows.front().token < prefix) {
+      // Token-major rows: the first is the block's earliest.
+      const LogitLayout layout{prefix, p.causal};
+      w.capture.resize(rows.size());
+      for (std::size_t r = 0; r < rows.size(); ++r)
+        w.capture[r] = rows[r].token < prefix
+                           ? logits + layout.head_size() * rows[r].head + layout.row_offset(rows[r].token)
+                           : nullptr;
+      b.capture = w.capture.data();
+      b.capture_scale = kLn2;
+    }
     run(b, w.chunks, fn);
     if (log) add_tile_mass(b, rows, prefix, *mass, head0, tile0, query_tiles, w.mass.data());
   }
@@ -202,9 +219,14 @@ void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
 }  // namespace
 
 void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool, TileMass* mass,
-                int prefix) {
+                int prefix, float* logits) {
   check_row_range(problem, row_begin, row_end);
   if (mass != nullptr) prepare_mass(problem, *mass, row_begin, row_end, prefix);
+  if (logits != nullptr) {
+    if (prefix < 0 || prefix > problem.q.tokens) fail("prefix", "must be in [0, T] when capturing logits");
+    if (!problem.causal && problem.prefix_length != prefix)
+      fail("prefix", "must equal the problem's prefix_length for non-causal logits");
+  }
   if (row_begin == row_end) return;
   // With mass, whole tiles per task, so each task owns its rows of the table.
   const int span = mass != nullptr ? mass->block * std::max(1, kTaskTokens / mass->block) : kTaskTokens;
@@ -214,7 +236,7 @@ void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, Thr
   pool.parallel_for(static_cast<std::size_t>(spans) * kv_heads, [&](std::size_t i) {
     // Later query tokens see more keys under the causal mask: hand them out first.
     const int t0 = row_begin + (spans - 1 - static_cast<int>(i) / kv_heads) * span;
-    exact_task(problem, static_cast<int>(i) % kv_heads, t0, std::min(t0 + span, row_end), mass, prefix, fn);
+    exact_task(problem, static_cast<int>(i) % kv_heads, t0, std::min(t0 + span, row_end), mass, prefix, logits, fn);
   });
 }
 
@@ -240,6 +262,49 @@ void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept,
         add_chunks(kept.cols[k] * kept.block, std::min((kept.cols[k] + 1) * kept.block, limit), w.chunks);
       run(b, w.chunks, fn);
     }
+  });
+}
+
+void cached_rows(const AttentionProblem& problem, int rows, const float* logits, const LogitLayout& layout,
+                 const float* shift, int shift_stride, ThreadPool& pool) {
+  if (layout.causal != problem.causal) fail("layout", "causal must match the problem's");
+  if (!layout.causal && layout.prefix != problem.prefix_length)
+    fail("layout", "non-causal prefix must equal the problem's prefix_length");
+  if (rows < 0 || rows > problem.q.tokens || rows > layout.prefix)
+    fail("rows", "must be in [0, min(T, layout.prefix)]");
+  if (rows == 0) return;
+  if (logits == nullptr) fail("logits", "must not be null");
+  if (shift != nullptr && shift_stride < (layout.causal ? rows : layout.prefix))
+    fail("shift_stride", "shift must cover every key the rows see");
+  const int heads = problem.q.heads;
+  const int blocks = ceil_div(rows, kMaxRows);
+  const BlockFn fn = block_function();
+  // Stored logits differ per head, so a block holds one head's rows; later
+  // rows see more keys under the causal mask: hand them out first.
+  pool.parallel_for(static_cast<std::size_t>(blocks) * heads, [&](std::size_t i) {
+    const int t0 = (blocks - 1 - static_cast<int>(i) / heads) * kMaxRows;
+    const int h = static_cast<int>(i) % heads;
+    Workspace& w = workspace();
+    w.rows.clear();
+    w.cached.clear();
+    const float* head_logits = logits + layout.head_size() * h;
+    for (int t = t0; t < std::min(t0 + kMaxRows, rows); ++t) {
+      w.rows.push_back({h, t, problem.out.row(h, t)});
+      w.cached.push_back(head_logits + layout.row_offset(t));
+    }
+    RowBlock b = make_block(problem, w.rows, w);
+    b.cached = w.cached.data();
+    b.cached_scale = kLog2e;
+    const int limit = key_limit(b);
+    if (shift != nullptr) {
+      w.shift.resize(limit);
+      const float* head_shift = shift + static_cast<std::size_t>(h) * shift_stride;
+      for (int j = 0; j < limit; ++j) w.shift[j] = head_shift[j] * kLog2e;
+      b.cached_shift = w.shift.data();
+    }
+    w.chunks.clear();
+    add_chunks(0, limit, w.chunks);
+    run(b, w.chunks, fn);
   });
 }
 

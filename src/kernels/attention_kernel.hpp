@@ -1,7 +1,8 @@
 // The one tiled online-softmax attention kernel (FlashAttention-style, never a
-// T x T buffer) and the three ways the library drives it: every key tile a row
-// sees (exact), a stored list of kept key tiles (sparse echo), and single rows
-// (the verification guard). Key tiles are always aligned at token 0, and a
+// T x T buffer) and the ways the library drives it: every key tile a row sees
+// (exact, optionally capturing the prefix block's logits), a stored list of
+// kept key tiles (sparse echo), single rows (the verification guard), and
+// scores loaded from stored logits instead of computed (dense echo). Key tiles are always aligned at token 0, and a
 // row's result does not depend on which other rows share its query block, so
 // the same row computed by any entry point is bit-identical.
 #pragma once
@@ -51,12 +52,34 @@ struct TileSet {
   std::vector<std::uint16_t> cols;
 };
 
+// Where the scaled logits scale * q_i . k_j of a prefix block [0, prefix) of
+// every head live in one buffer: head h at h * head_size(); causal: row i at
+// i * (i + 1) / 2 with its i + 1 keys (so the first r rows of a longer prefix
+// are a prefix of it); non-causal: row i at i * prefix with all prefix keys.
+struct LogitLayout {
+  int prefix = 0;
+  bool causal = true;
+
+  std::size_t head_size() const {
+    const auto p = static_cast<std::size_t>(prefix);
+    return causal ? p * (p + 1) / 2 : p * p;
+  }
+  std::size_t row_offset(int row) const {
+    const auto r = static_cast<std::size_t>(row);
+    return causal ? r * (r + 1) / 2 : r * static_cast<std::size_t>(prefix);
+  }
+};
+
 // Exact rows [row_begin, row_end) of every head into problem.out. When mass is
 // non-null, also fills it for the prefix block rows [0, prefix) with tiles of
 // mass->block (row_begin must be 0 and the kernel's tiles are mass->block).
 // mass->block must be a multiple of 32; recording does not change a bit of
-// the output. Non-causal tile mass needs problem.prefix_length == prefix (so
-// prefix rows see exactly the prefix keys).
+// the output. When logits is non-null, also writes the logits of the prefix
+// block rows in [row_begin, min(row_end, prefix)) to it, laid out as
+// LogitLayout{prefix, problem.causal} says: the scores the kernel computes
+// anyway, so this costs stores only and does not change a bit of the output
+// either. Non-causal tile mass and logits need problem.prefix_length ==
+// prefix (so prefix rows see exactly the prefix keys).
 //
 // All entry points: the problem is assumed validated (validate_attention_
 // inputs); their own arguments are checked and a bad one throws
@@ -64,7 +87,7 @@ struct TileSet {
 // kept, keep_mass). Safe to call concurrently on one pool. Rows are
 // bit-identical across entry points and thread counts for one ISA path.
 void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
-                TileMass* mass = nullptr, int prefix = 0);
+                TileMass* mass = nullptr, int prefix = 0, float* logits = nullptr);
 
 // Prefix rows [0, rows) of every head, each attending only to its kept key
 // tiles (clipped to the row's own key range). Cost is proportional to the
@@ -76,6 +99,18 @@ void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept,
 // Bit-identical to what exact_rows writes for those rows.
 void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result,
                    ThreadPool& pool);
+
+// Prefix rows [0, rows) of every head with stored scores instead of q.k: row
+// i's logit of key j is logits[h * layout.head_size() + layout.row_offset(i)
+// + j] plus, when shift is non-null, shift[h * shift_stride + j] (natural
+// units, like the logits; it must cover every key j < rows, or < prefix
+// non-causal). Then the same online softmax and PV with problem.v; q and k
+// are not read. rows <= min(T, layout.prefix); layout.causal must be
+// problem.causal, and non-causal needs layout.prefix == problem.prefix_length.
+// On logits exact_rows captured and no shift, a row equals exact_rows' up to
+// the rounding of the logits' round trip through natural units.
+void cached_rows(const AttentionProblem& problem, int rows, const float* logits, const LogitLayout& layout,
+                 const float* shift, int shift_stride, ThreadPool& pool);
 
 // Kept tiles: per (h, I) the fewest key tiles covering >= keep_mass of the
 // tile row's mass, always with tile 0 (the sink) and the diagonal tile I.

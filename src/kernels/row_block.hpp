@@ -59,6 +59,21 @@ struct RowBlock {
   int chunk_count = 0;
   float* scratch = nullptr;  // scratch_floats(dim) floats, 64-byte aligned
   SoftmaxLog log;            // stride padded(rows); null pointers: no log
+
+  // Score source (dense echo). Null: scores are logit_scale * q.k, computed.
+  // Otherwise row r's score of key j is cached_scale * cached[r][j] +
+  // cached_shift[j] (shift null: 0); q and k are not read. cached[r][j] must
+  // be readable for every j below the block's last chunk end, also past the
+  // row's key_end (those keys are read, then masked like computed ones).
+  const float* const* cached = nullptr;
+  float cached_scale = 1.0f;
+  const float* cached_shift = nullptr;
+  // Score capture (dense miss). Non-null: each row r with capture[r]
+  // non-null also gets its computed scores times capture_scale written to
+  // capture[r][j] for every key j < key_end[r] the chunks cover. Reading the
+  // scores does not change a bit of the output.
+  float* const* capture = nullptr;
+  float capture_scale = 1.0f;
 };
 
 inline std::size_t scratch_floats(int dim) {

@@ -77,13 +77,25 @@ class TileLoop {
 
   // Each step asks for the next one's keys or values while it computes, so
   // they stream in from L3 behind the arithmetic instead of stalling it.
+  // With cached scores (dense echo) the step loads them instead of computing
+  // q.k, and asks for the next step's cached scores instead of its keys.
   void run() {
     load_queries();
     for (int c = 0; c < b_.chunk_count; ++c) {
       prefetch(b_.v, b_.v_stride, b_.chunks[c]);
-      scores(b_.chunks[c]);
+      if (b_.cached != nullptr) {
+        load_scores(b_.chunks[c]);
+      } else {
+        scores(b_.chunks[c]);
+        if (b_.capture != nullptr) capture_scores(b_.chunks[c]);
+      }
       softmax(b_.chunks[c], c);
-      if (c + 1 < b_.chunk_count) prefetch(b_.k, b_.k_stride, b_.chunks[c + 1]);
+      if (c + 1 < b_.chunk_count) {
+        if (b_.cached != nullptr)
+          prefetch_cached(b_.chunks[c + 1]);
+        else
+          prefetch(b_.k, b_.k_stride, b_.chunks[c + 1]);
+      }
       accumulate(b_.chunks[c], c == 0);
     }
     finish();
@@ -92,11 +104,12 @@ class TileLoop {
  private:
   // qt = logit_scale * q^T (pad rows zero), empty softmax state per row.
   // Whole W x W blocks go through V::transpose; the rest element by element.
+  // Cached scores need no queries.
   void load_queries() {
     const int full_rows = b_.rows / W * W, full_dims = dim_ / W * W;
-    for (int r = 0; r < full_rows; r += W)
+    for (int r = 0; r < full_rows && b_.cached == nullptr; r += W)
       for (int d = 0; d < full_dims; d += W) V::transpose(b_.q + r, d, b_.logit_scale, qt_ + d * rows_ + r, rows_);
-    for (int r = 0; r < lanes_; ++r)
+    for (int r = 0; r < lanes_ && b_.cached == nullptr; ++r)
       for (int d = r < full_rows ? full_dims : 0; d < dim_; ++d)
         qt_[d * rows_ + r] = r < b_.rows ? b_.q[r][d] * b_.logit_scale : 0.0f;
     min_key_end_ = 3.0e38f;
@@ -160,6 +173,63 @@ class TileLoop {
     int rv = 0;
     for (; rv + V::kScoreRows <= vectors; rv += V::kScoreRows) score_rows<V::kScoreRows>(rv, k0, keys);
     for (; rv < vectors; ++rv) score_rows<1>(rv, k0, keys);
+  }
+
+  // s[j][r] = cached_scale * cached[r][begin + j] + shift[begin + j] (pad
+  // rows 0): the stored row-major scores transposed W x W blocks at a time,
+  // the ragged edges element by element.
+  void load_scores(const KeyChunk& chunk) {
+    const int keys = chunk.end - chunk.begin;
+    const int full_rows = b_.rows / W * W, full_keys = keys / W * W;
+    for (int r = 0; r < full_rows; r += W)
+      for (int j = 0; j < full_keys; j += W)
+        V::transpose(b_.cached + r, chunk.begin + j, b_.cached_scale, s_ + j * rows_ + r, rows_);
+    for (int r = 0; r < lanes_; ++r)
+      for (int j = r < full_rows ? full_keys : 0; j < keys; ++j)
+        s_[j * rows_ + r] = r < b_.rows ? b_.cached[r][chunk.begin + j] * b_.cached_scale : 0.0f;
+    if (b_.cached_shift == nullptr) return;
+    for (int j = 0; j < keys; ++j) {
+      const Reg u = V::set1(b_.cached_shift[chunk.begin + j]);
+      float* s = s_ + j * rows_;
+      for (int r = 0; r < lanes_; r += W) V::store(s + r, V::add(V::load(s + r), u));
+    }
+  }
+
+  // Requests the chunk's cached scores of every row into L2.
+  void prefetch_cached(const KeyChunk& chunk) {
+    for (int r = 0; r < b_.rows; ++r)
+      for (int j = chunk.begin; j < chunk.end; j += 16) __builtin_prefetch(b_.cached[r] + j, 0, 2);
+  }
+
+  // capture[r][begin + j] = capture_scale * s[j][r] for the keys row r sees:
+  // W x W blocks of s transposed into a row-major tile, each of its rows
+  // stored cut at the row's key_end.
+  void capture_scores(const KeyChunk& chunk) {
+    const int keys = chunk.end - chunk.begin;
+    float tile[W * W];
+    const float* src[W];
+    for (int r = 0; r < b_.rows; r += W) {
+      const int nr = b_.rows - r < W ? b_.rows - r : W;
+      for (int j = 0; j < keys; j += W) {
+        const int nk = keys - j < W ? keys - j : W;
+        if (nr == W && nk == W) {
+          for (int i = 0; i < W; ++i) src[i] = s_ + (j + i) * rows_;
+          V::transpose(src, r, b_.capture_scale, tile, W);
+        } else {
+          for (int k = 0; k < nr; ++k)
+            for (int i = 0; i < nk; ++i) tile[k * W + i] = s_[(j + i) * rows_ + r + k] * b_.capture_scale;
+        }
+        for (int k = 0; k < nr; ++k) {
+          float* dst = b_.capture[r + k];
+          const int key = chunk.begin + j, seen = b_.key_end[r + k] - key;
+          if (dst == nullptr || seen <= 0) continue;
+          if (seen >= W && nk == W)
+            V::store(dst + key, V::load(tile + k * W));
+          else
+            for (int i = 0; i < nk && i < seen; ++i) dst[key + i] = tile[k * W + i];
+        }
+      }
+    }
   }
 
   // Masks keys past each row's key_end, updates m and l, turns scores into
