@@ -25,5 +25,5 @@ TORCH_WHEEL=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || t
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${TORCH_WHEEL:-torch}"
 fi
-.venv/bin/pip install -q numpy pytest "transformers>=4.48" matplotlib \
+.venv/bin/pip install -q numpy pytest "transformers>=4.53" matplotlib gguf \
   "scikit-build-core>=0.10" "nanobind>=2.0" cmake ninja
