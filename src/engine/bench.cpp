@@ -424,6 +424,7 @@ std::string format_report(const ScenarioReport& r) {
 
 std::string reports_to_json(const std::vector<ScenarioReport>& reports, const std::string& meta) {
   std::ostringstream out;
+  out.precision(9);
   out << "{" << meta << (meta.empty() ? "" : ", ") << "\"scenarios\": [";
   for (std::size_t i = 0; i < reports.size(); ++i) {
     const ScenarioReport& r = reports[i];

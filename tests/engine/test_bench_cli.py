@@ -1,0 +1,50 @@
+"""`aecho bench` end to end on the small aidreams checkpoint: every scenario
+runs, the table and the JSON carry every mode and metric, bad options are
+usage errors (exit 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_engine_vs_torch import ROOT, SHARED, aecho_binary  # noqa: E402
+
+AIDREAMS = os.path.join(SHARED, "data", "aidreams260K")
+HELDOUT = os.path.join(ROOT, "models", "echo-llama-6m", "heldout.txt")
+
+
+def bench(*args):
+    cmd = [aecho_binary(), "bench", "--model", os.path.join(AIDREAMS, "aidreams260K.bin"),
+           "--tokenizer", os.path.join(AIDREAMS, "tok512.bin"), "--heldout", HELDOUT, *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not os.path.exists(HELDOUT), reason="no bundled held-out text")
+def test_all_scenarios_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = bench("--scenario", "all", "--requests", "3", "--threads", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ("chatbot", "rag", "code", "near-dup"):
+        assert "== " + name in r.stdout
+    assert "3/3" in r.stderr  # the progress bar
+    doc = json.loads(out.read_text())
+    assert doc["context"] == 128 and doc["threads"] == 2
+    assert [s["scenario"] for s in doc["scenarios"]] == ["chatbot", "rag", "code", "near-dup"]
+    for s in doc["scenarios"]:
+        assert set(s["modes"]) == {"none", "exact-prefix", "echo"}
+        for m in s["modes"].values():
+            hits = m["hit_rate"]
+            assert abs(sum(hits[k] for k in ("exact", "partial", "sparse", "dense", "miss")) - 1) < 1e-6
+            for key in ("prefill_ms_mean", "prefill_speedup", "attention_share", "top1_agreement",
+                        "kl_mean", "perplexity_change", "hidden_rel_error_mean"):
+                assert key in m
+        assert s["modes"]["exact-prefix"]["hidden_rel_error_max"] == 0
+
+
+@pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
+                                  ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"]])
+def test_bad_options_are_usage_errors(args):
+    r = bench(*args)
+    assert r.returncode == 2 and "usage:" in r.stderr
