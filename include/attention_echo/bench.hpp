@@ -44,6 +44,9 @@ Scenario make_scenario(std::string_view name, std::string_view heldout, const To
 struct BenchOptions {
   EchoMode mode = EchoMode::kSparse;
   int threads = 0;  // 0 = all hardware threads
+  // The echo cache's config (per_layer, mode, threads and max_prefix_length
+  // are set by the bench); its guard and tile knobs are the ones to sweep.
+  EchoConfig cache;
 };
 
 // One serving strategy's totals over a scenario.

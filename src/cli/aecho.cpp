@@ -30,10 +30,12 @@ constexpr const char* kUsage =
     "      writes raw float32 logits [tokens, vocab]\n"
     "  aecho bench --scenario chatbot|rag|code|near-dup|all [--model M] [--tokenizer T]\n"
     "      [--heldout FILE] [--mode exact|sparse|dense] [--requests N] [--context N]\n"
-    "      [--seed N] [--threads N] [--json FILE]\n"
+    "      [--seed N] [--threads N] [--max-error X] [--sparse-mass X] [--json FILE]\n"
     "      serves every request with no reuse, exact prefix reuse and AttentionEcho;\n"
     "      --context: prompt plus continuation tokens (default: the model's, at most 4096),\n"
     "      --requests: per scenario (default 16), --seed: workload seed (default 1);\n"
+    "      --max-error, --sparse-mass: the cache's guard and kept-mass knobs\n"
+    "      (defaults 0.05 and 0.98; inf turns the guard off)\n"
     "      the model defaults to the bundled models/echo-llama-6m/model.bin, the\n"
     "      tokenizer and held-out text to tokenizer.bin and heldout.txt beside it\n";
 
@@ -72,6 +74,20 @@ int int_flag(const std::map<std::string, std::string>& flags, const std::string&
   }
   if (used != it->second.size() || value < min)
     throw UsageError("--" + key + " must be an integer >= " + std::to_string(min) + ", got '" + it->second + "'");
+  return value;
+}
+
+double double_flag(const std::map<std::string, std::string>& flags, const std::string& key, double fallback) {
+  auto it = flags.find(key);
+  if (it == flags.end()) return fallback;
+  std::size_t used = 0;
+  double value = 0.0;
+  try {
+    value = std::stod(it->second, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != it->second.size()) throw UsageError("--" + key + " must be a number, got '" + it->second + "'");
   return value;
 }
 
@@ -173,7 +189,7 @@ void progress_bar(const std::string& label, int done, int total) {
 
 int cmd_bench(int argc, char** argv) {
   const auto flags = parse_flags(argc, argv, {"scenario", "model", "tokenizer", "heldout", "mode", "requests",
-                                              "context", "seed", "threads", "json"});
+                                              "context", "seed", "threads", "json", "max-error", "sparse-mass"});
   const std::string scenario = required(flags, "scenario");
   std::vector<std::string> names = llama::scenario_names();
   if (scenario != "all") {
@@ -188,6 +204,15 @@ int cmd_bench(int argc, char** argv) {
     throw UsageError(std::string("--") + e.what());
   }
   options.threads = int_flag(flags, "threads", 0, 0);
+  options.cache.max_error = double_flag(flags, "max-error", options.cache.max_error);
+  options.cache.sparse_mass = double_flag(flags, "sparse-mass", options.cache.sparse_mass);
+  try {
+    options.cache.validate();
+  } catch (const std::invalid_argument& e) {
+    std::string what = e.what();  // "sparse_mass must ...": the field is named as the option is
+    std::replace(what.begin(), what.begin() + static_cast<std::ptrdiff_t>(what.find(' ')), '_', '-');
+    throw UsageError("--" + what);
+  }
   const int requests = int_flag(flags, "requests", 16, 1);
   const int seed = int_flag(flags, "seed", 1, 0);
   const std::string model_path = flags.count("model") ? flags.at("model") : bundled_model();

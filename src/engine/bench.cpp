@@ -270,7 +270,7 @@ class Bench {
 
  private:
   static EchoConfig cache_config(const Model& model, const BenchOptions& options) {
-    EchoConfig config;
+    EchoConfig config = options.cache;
     config.per_layer = true;
     config.mode = options.mode;
     config.threads = options.threads;

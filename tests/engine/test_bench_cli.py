@@ -44,7 +44,8 @@ def test_all_scenarios_table_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
-                                  ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"]])
+                                  ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"],
+                                  ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"]])
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
