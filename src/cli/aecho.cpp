@@ -209,7 +209,7 @@ int cmd_bench(int argc, char** argv) {
   try {
     options.cache.validate();
   } catch (const std::invalid_argument& e) {
-    std::string what = e.what();  // "sparse_mass must ...": the field is named as the option is
+    std::string what = e.what();  // "sparse_mass must ..." -> "--sparse-mass must ..."
     std::replace(what.begin(), what.begin() + static_cast<std::ptrdiff_t>(what.find(' ')), '_', '-');
     throw UsageError("--" + what);
   }
