@@ -141,6 +141,21 @@ def _empty_like(x):
     return torch.empty(tuple(x.shape), dtype=torch.float32)
 
 
+def _out_for(q, out):
+    """A new float32 output like ``q``, or the caller's preallocated ``out``
+    (a writeable C-contiguous float32 ndarray of q's shape), which spares a
+    serving loop a fresh allocation (and its page faults) per call."""
+    if out is None:
+        return _empty_like(q)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be a writeable C-contiguous float32 array")
+    if out.shape != tuple(q.shape):
+        raise ValueError(f"out must have the query's shape {tuple(q.shape)}, got {out.shape}")
+    return out
+
+
 def _restore(out, like):
     """``out`` (float32, CPU) in the dtype and device of the caller's ``like``."""
     if isinstance(like, np.ndarray):
@@ -194,6 +209,7 @@ class AttentionEchoCache:
         causal: bool = True,
         prefix_tokens=None,
         namespace: str = "",
+        out=None,
     ) -> Tuple[Any, Dict[str, Any]]:
         """Attention over ``query`` (T, D) or (H, T, D) and ``key``/``value``
         (T, D) or (Hkv, T, D), reusing the prefix rows when the cache can.
@@ -211,6 +227,8 @@ class AttentionEchoCache:
             causal: causal (default) or bidirectional attention.
             prefix_tokens: token ids of the prefix, enables the exact tier.
             namespace: entries never cross namespaces (e.g. tenants, models).
+            out: optional preallocated float32 output (C-contiguous, the
+                query's shape), written in place and returned.
 
         Returns:
             ``(output, meta)``: output shaped and typed like ``query``; meta
@@ -220,7 +238,7 @@ class AttentionEchoCache:
             ``rejected``, ``kept_fraction``.
         """
         q, k, v = _qkv_in(query, key, value)
-        out = _empty_like(q)
+        out = _out_for(q, out)
         meta = self._run(q, k, v, out, prefix_length, prefix_embeddings, layer_id, scale, causal,
                          prefix_tokens, namespace)
         return _restore(out, query), meta

@@ -79,6 +79,28 @@ def test_output_is_a_fresh_array(make_qkv, make_emb):
     assert not np.shares_memory(out1, out2) and not np.shares_memory(out1, q)
 
 
+def test_preallocated_out_is_written_in_place(make_qkv, make_emb, reference):
+    q, k, v = make_qkv()
+    buf = np.full(q.shape, np.nan, dtype=np.float32)
+    out, _ = AttentionEchoCache().attention_with_echo(q, k, v, 64, make_emb(), out=buf)
+    assert out is buf
+    np.testing.assert_allclose(buf, reference(q, k, v), atol=2e-5)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda q: np.empty(q.shape, np.float64), ValueError),
+    (lambda q: np.empty(q.shape[1:], np.float32), ValueError),
+    (lambda q: np.empty(q.shape[::-1], np.float32).T, ValueError),
+    (lambda q: [0.0], TypeError),
+])
+def test_bad_out_is_rejected_and_cache_unchanged(make_qkv, make_emb, bad, error):
+    q, k, v = make_qkv()
+    cache = AttentionEchoCache()
+    with pytest.raises(error, match="out"):
+        cache.attention_with_echo(q, k, v, 64, make_emb(), out=bad(q))
+    assert len(cache) == 0 and cache.stats["total_lookups"] == 0
+
+
 def test_scale_argument(make_qkv, make_emb, reference):
     q, k, v = make_qkv()
     out, _ = AttentionEchoCache().attention_with_echo(q, k, v, 64, make_emb(), scale=0.05)
