@@ -1,6 +1,11 @@
 #include "kernels/dense_echo.hpp"
 
+#include <cstdint>
 #include <stdexcept>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace attention_echo::kernels {
 namespace {
@@ -15,6 +20,34 @@ void mean_query(const AttentionProblem& problem, int h, int rows, double* mean) 
     for (int d = 0; d < dim; ++d) mean[d] += qi[d];
   }
   for (int d = 0; d < dim; ++d) mean[d] /= rows;
+}
+
+// n floats in v, zero. p^2/2 floats per head are hundreds of MB at p = 4096,
+// and faulting them in one 4 KiB page at a time on the first write (the
+// zero fill) costs about half an exact pass of the block. So on Linux a
+// large buffer asks for transparent huge pages and has its page tables
+// populated up front, split over the pool's threads; both are advice, and a
+// kernel without them just takes the faults.
+void allocate_zeroed(std::vector<float>& v, std::size_t n, ThreadPool& pool) {
+  v.reserve(n);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  const auto begin = reinterpret_cast<std::uintptr_t>(v.data());
+  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + n * sizeof(float)) & ~(kHuge - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#if defined(MADV_POPULATE_WRITE)
+    const std::size_t pages = (last - first) / kHuge, pieces = 4 * static_cast<std::size_t>(pool.size());
+    pool.parallel_for(pieces, [&](std::size_t i) {
+      const std::size_t from = pages * i / pieces, to = pages * (i + 1) / pieces;
+      if (to > from) madvise(reinterpret_cast<void*>(first + from * kHuge), (to - from) * kHuge, MADV_POPULATE_WRITE);
+    });
+#endif
+  }
+#else
+  (void)pool;
+#endif
+  v.resize(n);
 }
 
 void check_cached(const AttentionProblem& problem, const DenseLogits& c) {
@@ -33,7 +66,7 @@ DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int pr
   c.dim = problem.q.dim;
   c.causal = problem.causal;
   // Every entry is written by the kernel (each prefix row's keys [0, key_end)).
-  c.logits.resize(c.head_size() * c.heads);
+  allocate_zeroed(c.logits, c.head_size() * c.heads, pool);
   exact_rows(problem, 0, problem.q.tokens, pool, nullptr, prefix, c.logits.data());
   c.mean_query.assign(static_cast<std::size_t>(c.heads) * c.dim, 0.0f);
   if (prefix == 0) return c;

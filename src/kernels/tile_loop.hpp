@@ -22,6 +22,12 @@
 // and out = acc / l after the last chunk. A key a row may not see gets
 // s = -inf, so p = 0 exactly; a chunk a row cannot see at all leaves its
 // m, l and acc bit for bit unchanged (alpha = 2^0 = 1 exactly).
+//
+// Score sources: s is computed from qt and the keys (exact, sparse, guard
+// rows), and may be copied out on the way (a dense miss capturing its
+// logits); or it is loaded from stored row-major logits, plus a per-key
+// shift, by W x W transposes (a dense hit), and the queries and keys are
+// never read. Everything after the scores is the same loop.
 #pragma once
 
 #include "kernels/row_block.hpp"
