@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
                 flat->second.p50_us, flat->second.p99_us, index.p50_us, index.p99_us,
                 index.cpu_p50_us, index.cpu_p99_us, flat->second.p50_us / index.p50_us,
                 index.recall, index.build_s);
-  std::printf("(latencies in us; cpu = this thread's CPU time, immune to descheduling)\n");
   }
+  std::printf("(latencies in us; cpu = this thread's CPU time, immune to descheduling)\n");
   return 0;
 }
