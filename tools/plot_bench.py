@@ -52,21 +52,22 @@ def main():
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for scenario, series, speedup, err, top1 in points(args.json):
-        style = dict(marker=MARKERS.get(scenario, "x"), color=COLORS.get(series, "gray"), s=60)
+        style = dict(marker=MARKERS.get(scenario, "x"), color=COLORS.get(series, "gray"), s=60, alpha=0.8)
         left.scatter(speedup, err, **style)
         right.scatter(speedup, top1, **style)
-        for ax, y in ((left, err), (right, top1)):
-            ax.annotate(f"{scenario}/{series}", (speedup, y), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-    left.set(xscale="log", yscale="log", xlabel="prefill speedup vs no reuse (x)",
+    left.set(xscale="log", yscale="log", xlabel="prefill speedup vs no reuse",
              ylabel="final hidden-state rel. error (mean; 0 drawn at 1e-9)", title="speed vs hidden-state error")
-    right.set(xscale="log", xlabel="prefill speedup vs no reuse (x)", ylabel="next-token top-1 agreement",
+    right.set(xscale="log", xlabel="prefill speedup vs no reuse", ylabel="next-token top-1 agreement",
               title="speed vs next-token agreement")
     for ax in (left, right):
+        ax.set_xticks([0.75, 1, 1.5, 2, 3, 4, 6])
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.axvline(1.0, color="gray", lw=0.8, ls="--")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker=m, color="black", label=name) for name, m in MARKERS.items()]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=c, label=name) for name, c in COLORS.items()]
+    right.legend(handles=handles, fontsize=8, loc="lower right", ncol=2)
     fig.suptitle("aecho bench: every request served three ways in one run")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
