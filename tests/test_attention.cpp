@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "isa_scope.hpp"
 #include "attention_echo/attention.hpp"
 #include "kernels/attention_kernel.hpp"
 #include "kernels/isa.hpp"
@@ -24,15 +25,7 @@ using kernels::AttentionProblem;
 using kernels::Isa;
 using testing::reference_attention;
 
-// Forces one SIMD path for a scope.
-class IsaScope {
- public:
-  explicit IsaScope(Isa isa) : saved_(kernels::active_isa()) { kernels::set_active_isa(isa); }
-  ~IsaScope() { kernels::set_active_isa(saved_); }
-
- private:
-  Isa saved_;
-};
+using testing::IsaScope;
 
 struct Inputs {
   int heads, kv_heads, tokens, dim;

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "isa_scope.hpp"
 #include "kernels/attention_kernel.hpp"
 #include "kernels/dense_echo.hpp"
 #include "kernels/isa.hpp"
@@ -24,14 +25,7 @@ using kernels::AttentionProblem;
 using kernels::DenseLogits;
 using kernels::Isa;
 
-class IsaScope {
- public:
-  explicit IsaScope(Isa isa) : saved_(kernels::active_isa()) { kernels::set_active_isa(isa); }
-  ~IsaScope() { kernels::set_active_isa(saved_); }
-
- private:
-  Isa saved_;
-};
+using testing::IsaScope;
 
 struct Qkv {
   int heads, kv_heads, tokens, dim;
