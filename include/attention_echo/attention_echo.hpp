@@ -3,7 +3,9 @@
 #pragma once
 
 #include "attention_echo/attention.hpp"
+#include "attention_echo/bench.hpp"
 #include "attention_echo/cache.hpp"
 #include "attention_echo/config.hpp"
+#include "attention_echo/llama.hpp"
 #include "attention_echo/tensor.hpp"
 #include "attention_echo/thread_pool.hpp"
