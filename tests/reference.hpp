@@ -47,4 +47,21 @@ inline std::vector<double> reference_attention(const HeadsView& q, const HeadsVi
   return out;
 }
 
+// Max over heads of ||out_h - ref_h|| / ||ref_h|| over rows [0, rows);
+// ref is [H, T, D] as reference_attention returns it.
+inline double max_head_error(const HeadsView& out, const std::vector<double>& ref, int rows) {
+  double worst = 0.0;
+  for (int h = 0; h < out.heads; ++h) {
+    double err = 0.0, norm = 0.0;
+    for (int t = 0; t < rows; ++t)
+      for (int d = 0; d < out.dim; ++d) {
+        const double r = ref[(static_cast<std::size_t>(h) * out.tokens + t) * out.dim + d];
+        err += (out.row(h, t)[d] - r) * (out.row(h, t)[d] - r);
+        norm += r * r;
+      }
+    worst = std::max(worst, std::sqrt(err / std::max(norm, 1e-300)));
+  }
+  return worst;
+}
+
 }  // namespace attention_echo::testing

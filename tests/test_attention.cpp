@@ -62,21 +62,8 @@ Inputs make_inputs(int heads, int kv_heads, int tokens, int dim, unsigned seed, 
   return x;
 }
 
-// Max over heads of the relative L2 error of out against ref ([H, T, D]).
 double max_head_error(const Inputs& x, const std::vector<double>& ref, int rows) {
-  const HeadsView out = x.view(x.out.data(), x.heads);
-  double worst = 0.0;
-  for (int h = 0; h < x.heads; ++h) {
-    double err = 0.0, norm = 0.0;
-    for (int t = 0; t < rows; ++t)
-      for (int d = 0; d < x.dim; ++d) {
-        const double r = ref[(static_cast<std::size_t>(h) * x.tokens + t) * x.dim + d];
-        err += (out.row(h, t)[d] - r) * (out.row(h, t)[d] - r);
-        norm += r * r;
-      }
-    worst = std::max(worst, std::sqrt(err / std::max(norm, 1e-300)));
-  }
-  return worst;
+  return testing::max_head_error(x.view(x.out.data(), x.heads), ref, rows);
 }
 
 double attention_error(Inputs& x, bool causal, int prefix_length, ThreadPool& pool) {

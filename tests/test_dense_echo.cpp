@@ -71,21 +71,8 @@ Qkv perturb_q(const Qkv& a, float amount, unsigned seed) {
   return b;
 }
 
-// Max over heads of ||out_h - ref_h|| / ||ref_h|| over rows [0, rows); ref [H, T, D].
 double max_head_error(Qkv& x, const std::vector<double>& ref, int rows) {
-  const MutableHeadsView out = x.ov();
-  double worst = 0.0;
-  for (int h = 0; h < x.heads; ++h) {
-    double err = 0.0, norm = 0.0;
-    for (int t = 0; t < rows; ++t)
-      for (int d = 0; d < x.dim; ++d) {
-        const double r = ref[(static_cast<std::size_t>(h) * x.tokens + t) * x.dim + d];
-        err += (out.row(h, t)[d] - r) * (out.row(h, t)[d] - r);
-        norm += r * r;
-      }
-    worst = std::max(worst, std::sqrt(err / std::max(norm, 1e-300)));
-  }
-  return worst;
+  return testing::max_head_error(as_const(x.ov()), ref, rows);
 }
 
 // softmax(S + u) @ V in float64 for rows [0, rows) of every head, S the
