@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "isa_scope.hpp"
+#include "kernel_inputs.hpp"
 #include "attention_echo/attention.hpp"
 #include "kernels/attention_kernel.hpp"
 #include "kernels/isa.hpp"
@@ -27,24 +28,7 @@ using testing::reference_attention;
 
 using testing::IsaScope;
 
-struct Inputs {
-  int heads, kv_heads, tokens, dim;
-  bool token_major;
-  std::vector<float> q, k, v, out;
-
-  template <class T>
-  BasicHeadsView<T> view(T* data, int h) const {
-    return token_major ? BasicHeadsView<T>::token_major(data, h, tokens, dim)
-                       : BasicHeadsView<T>::contiguous(data, h, tokens, dim);
-  }
-  HeadsView qv() const { return view(q.data(), heads); }
-  HeadsView kv() const { return view(k.data(), kv_heads); }
-  HeadsView vv() const { return view(v.data(), kv_heads); }
-  MutableHeadsView ov() { return view(out.data(), heads); }
-  AttentionProblem problem(bool causal = true, int prefix_length = 0) {
-    return {qv(), kv(), vv(), ov(), 1.0f / std::sqrt(static_cast<float>(dim)), causal, prefix_length};
-  }
-};
+using Inputs = testing::KernelInputs;
 
 // Normal q/k/v; q_amplitude scales the logits.
 Inputs make_inputs(int heads, int kv_heads, int tokens, int dim, unsigned seed, float q_amplitude = 1.0f,

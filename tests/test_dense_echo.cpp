@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "isa_scope.hpp"
+#include "kernel_inputs.hpp"
 #include "kernels/attention_kernel.hpp"
 #include "kernels/dense_echo.hpp"
 #include "kernels/isa.hpp"
@@ -27,25 +28,7 @@ using kernels::Isa;
 
 using testing::IsaScope;
 
-struct Qkv {
-  int heads, kv_heads, tokens, dim;
-  bool token_major = false;
-  std::vector<float> q, k, v, out;
-
-  template <class T>
-  BasicHeadsView<T> view(T* data, int h) const {
-    return token_major ? BasicHeadsView<T>::token_major(data, h, tokens, dim)
-                       : BasicHeadsView<T>::contiguous(data, h, tokens, dim);
-  }
-  HeadsView qv() const { return view(q.data(), heads); }
-  HeadsView kv() const { return view(k.data(), kv_heads); }
-  HeadsView vv() const { return view(v.data(), kv_heads); }
-  MutableHeadsView ov() { return view(out.data(), heads); }
-  double scale() const { return 1.0 / std::sqrt(static_cast<double>(dim)); }
-  AttentionProblem problem(bool causal, int prefix_length) {
-    return {qv(), kv(), vv(), ov(), 1.0f / std::sqrt(static_cast<float>(dim)), causal, prefix_length};
-  }
-};
+using Qkv = testing::KernelInputs;
 
 Qkv make_qkv(int heads, int kv_heads, int tokens, int dim, unsigned seed, bool token_major = false) {
   Qkv x{heads, kv_heads, tokens, dim, token_major, {}, {}, {}, {}};
