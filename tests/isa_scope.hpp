@@ -2,19 +2,19 @@
 // machine has against the same reference).
 #pragma once
 
-#include "kernels/isa.hpp"
+#include "core/isa.hpp"
 
 namespace attention_echo::testing {
 
 class IsaScope {
  public:
-  explicit IsaScope(kernels::Isa isa) : saved_(kernels::active_isa()) { kernels::set_active_isa(isa); }
-  ~IsaScope() { kernels::set_active_isa(saved_); }
+  explicit IsaScope(Isa isa) : saved_(active_isa()) { set_active_isa(isa); }
+  ~IsaScope() { set_active_isa(saved_); }
   IsaScope(const IsaScope&) = delete;
   IsaScope& operator=(const IsaScope&) = delete;
 
  private:
-  kernels::Isa saved_;
+  Isa saved_;
 };
 
 }  // namespace attention_echo::testing

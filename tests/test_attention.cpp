@@ -16,14 +16,14 @@
 #include "kernel_inputs.hpp"
 #include "attention_echo/attention.hpp"
 #include "kernels/attention_kernel.hpp"
-#include "kernels/isa.hpp"
+#include "core/isa.hpp"
 #include "reference.hpp"
 
 namespace attention_echo {
 namespace {
 
 using kernels::AttentionProblem;
-using kernels::Isa;
+using attention_echo::Isa;
 using testing::reference_attention;
 
 using testing::IsaScope;
@@ -69,7 +69,7 @@ const Shape kShapes[] = {{1, 1, 1, 64},  {2, 1, 45, 40}, {8, 1, 100, 32}, {4, 2,
 
 TEST(Attention, MatchesReferenceOnEveryIsa) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (const Shape& s : kShapes)
       for (bool causal : {true, false})
@@ -77,7 +77,7 @@ TEST(Attention, MatchesReferenceOnEveryIsa) {
           if (prefix > s.tokens) continue;
           Inputs x = make_inputs(s.heads, s.kv_heads, s.tokens, s.dim, 7u + s.tokens);
           EXPECT_LE(attention_error(x, causal, prefix, pool), 1e-5)
-              << kernels::to_string(isa) << " H=" << s.heads << " Hkv=" << s.kv_heads << " T=" << s.tokens
+              << to_string(isa) << " H=" << s.heads << " Hkv=" << s.kv_heads << " T=" << s.tokens
               << " D=" << s.dim << " causal=" << causal << " prefix=" << prefix;
         }
   }
@@ -87,24 +87,24 @@ TEST(Attention, MatchesReferenceOnEveryIsa) {
 // overflow or lose the runner-up terms.
 TEST(Attention, LargeLogits) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     Inputs x = make_inputs(2, 1, 90, 64, 3u, 10.0f);
     // Make a few rows point straight at an earlier key: logit ~ 8 * |k|^2 / 8.
     for (int t = 10; t < 90; t += 7)
       for (int d = 0; d < 64; ++d) x.q[static_cast<std::size_t>(t) * 64 + d] = 10.0f * x.k[(t - 5) * 64 + d];
-    EXPECT_LE(attention_error(x, true, 0, pool), 1e-5) << kernels::to_string(isa);
-    EXPECT_LE(attention_error(x, false, 40, pool), 1e-5) << kernels::to_string(isa);
+    EXPECT_LE(attention_error(x, true, 0, pool), 1e-5) << to_string(isa);
+    EXPECT_LE(attention_error(x, false, 40, pool), 1e-5) << to_string(isa);
   }
 }
 
 TEST(Attention, TokenMajorViews) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     Inputs x = make_inputs(4, 2, 77, 40, 11u, 1.0f, /*token_major=*/true);
-    EXPECT_LE(attention_error(x, true, 0, pool), 1e-5) << kernels::to_string(isa);
-    EXPECT_LE(attention_error(x, false, 30, pool), 1e-5) << kernels::to_string(isa);
+    EXPECT_LE(attention_error(x, true, 0, pool), 1e-5) << to_string(isa);
+    EXPECT_LE(attention_error(x, false, 30, pool), 1e-5) << to_string(isa);
   }
 }
 
@@ -112,7 +112,7 @@ TEST(Attention, TokenMajorViews) {
 // recomputation by any entry point, with any split of rows or threads.
 TEST(Attention, RowsAreBitIdenticalAcrossEntryPointsAndThreads) {
   ThreadPool one(1), three(3);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (bool causal : {true, false}) {
       Inputs x = make_inputs(4, 2, 150, 40, 5u);
@@ -135,7 +135,7 @@ TEST(Attention, RowsAreBitIdenticalAcrossEntryPointsAndThreads) {
                                 whole.data() + (static_cast<std::size_t>(h) * x.tokens + rows[r]) * x.dim,
                                 x.dim * sizeof(float)),
                     0)
-              << kernels::to_string(isa) << " head " << h << " row " << rows[r];
+              << to_string(isa) << " head " << h << " row " << rows[r];
 
       kernels::TileMass mass{32};
       kernels::exact_rows(problem, 0, x.tokens, three, &mass, causal ? 100 : 70);
@@ -178,7 +178,7 @@ std::vector<double> reference_mass(const Inputs& x, bool causal, int prefix, int
 
 TEST(TileMass, MatchesReferenceAndRowsSumToOne) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (bool causal : {true, false})
       for (int block : {32, 64}) {
@@ -237,7 +237,7 @@ kernels::TileSet all_tiles(int heads, int tiles, int block) {
 
 TEST(SparseRows, AllTilesKeptEqualsExact) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (int block : {32, 64}) {
       Inputs x = make_inputs(4, 2, 140, 64, 13u);
@@ -251,7 +251,7 @@ TEST(SparseRows, AllTilesKeptEqualsExact) {
                               exact.data() + static_cast<std::size_t>(h) * x.tokens * x.dim,
                               static_cast<std::size_t>(prefix) * x.dim * sizeof(float)),
                   0)
-            << kernels::to_string(isa) << " block " << block << " head " << h;
+            << to_string(isa) << " block " << block << " head " << h;
     }
   }
 }

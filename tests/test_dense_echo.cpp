@@ -16,7 +16,7 @@
 #include "kernel_inputs.hpp"
 #include "kernels/attention_kernel.hpp"
 #include "kernels/dense_echo.hpp"
-#include "kernels/isa.hpp"
+#include "core/isa.hpp"
 #include "reference.hpp"
 
 namespace attention_echo {
@@ -24,7 +24,7 @@ namespace {
 
 using kernels::AttentionProblem;
 using kernels::DenseLogits;
-using kernels::Isa;
+using attention_echo::Isa;
 
 using testing::IsaScope;
 
@@ -116,14 +116,14 @@ const Case kCases[] = {{4, 2, 170, 40, 150, true},  {4, 2, 170, 40, 150, false},
                        {2, 2, 96, 32, 64, false},   {3, 1, 40, 16, 33, true},    {3, 1, 40, 16, 33, false}};
 
 std::string describe(Isa isa, const Case& c) {
-  return std::string(kernels::to_string(isa)) + " H=" + std::to_string(c.heads) + " Hkv=" +
+  return std::string(to_string(isa)) + " H=" + std::to_string(c.heads) + " Hkv=" +
          std::to_string(c.kv_heads) + " T=" + std::to_string(c.tokens) + " D=" + std::to_string(c.dim) +
          " p=" + std::to_string(c.prefix) + (c.causal ? " causal" : " non-causal");
 }
 
 TEST(DenseEcho, MissIsBitIdenticalToExactAndCapturesTheLogits) {
   ThreadPool one(1), three(3);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (const Case& c : kCases)
       for (bool token_major : {false, true}) {
@@ -162,7 +162,7 @@ TEST(DenseEcho, MissIsBitIdenticalToExactAndCapturesTheLogits) {
 
 TEST(DenseEcho, HitOnIdenticalInputsEqualsExactAttention) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (const Case& c : kCases) {
       SCOPED_TRACE(describe(isa, c));
@@ -191,7 +191,7 @@ TEST(DenseEcho, HitOnIdenticalInputsEqualsExactAttention) {
 
 TEST(DenseEcho, WithoutJacobianIsSoftmaxOfCachedLogitsTimesNewV) {
   ThreadPool pool(3);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (const Case& c : kCases) {
       SCOPED_TRACE(describe(isa, c));
@@ -210,7 +210,7 @@ TEST(DenseEcho, WithoutJacobianIsSoftmaxOfCachedLogitsTimesNewV) {
 
 TEST(DenseEcho, TaylorShiftMatchesFloat64OnPerturbedQueries) {
   ThreadPool pool(2);
-  for (Isa isa : kernels::supported_isas()) {
+  for (Isa isa : supported_isas()) {
     IsaScope scope(isa);
     for (const Case& c : kCases) {
       SCOPED_TRACE(describe(isa, c));

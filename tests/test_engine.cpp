@@ -311,9 +311,7 @@ TEST(EngineGemm, EveryIsaMatchesANaiveProduct) {
   std::mt19937 rng(7);
   std::normal_distribution<float> dist;
   ae::ThreadPool pool(2);
-  std::vector<llama::GemmIsa> isas = {llama::GemmIsa::kScalar};
-  if (llama::best_gemm_isa() != llama::GemmIsa::kScalar) isas.push_back(llama::GemmIsa::kAvx2);
-  if (llama::best_gemm_isa() == llama::GemmIsa::kAvx512) isas.push_back(llama::GemmIsa::kAvx512);
+  const std::vector<attention_echo::Isa> isas = attention_echo::supported_isas();
   for (auto [m, n, k] : {std::tuple{1, 5, 3}, std::tuple{7, 33, 64}, std::tuple{101, 70, 29}}) {
     std::vector<float> x(m * k), w(n * k), y0(m * n);
     for (auto& v : x) v = dist(rng);
@@ -327,7 +325,7 @@ TEST(EngineGemm, EveryIsaMatchesANaiveProduct) {
         for (int j = 0; j < n; ++j) {
           double want = y0[i * n + j];
           for (int c = 0; c < k; ++c) want += double(x[i * k + c]) * w[j * k + c];
-          ASSERT_NEAR(y[i * n + j], want, 1e-4 * (1 + std::fabs(want))) << llama::to_string(isa) << " " << m << "x" << n;
+          ASSERT_NEAR(y[i * n + j], want, 1e-4 * (1 + std::fabs(want))) << attention_echo::to_string(isa) << " " << m << "x" << n;
         }
     }
   }

@@ -234,10 +234,10 @@ int cmd_bench(int argc, char** argv) {
     throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
   std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
-              "  %d requests per scenario, %d threads, kernels %s, GEMM %s\n\n",
+              "  %d requests per scenario, %d threads, SIMD path %s\n\n",
               model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
               model.config().n_kv_heads, context, std::string(ae::to_string(options.mode)).c_str(), seed, requests,
-              threads, ae::attention_isa(), llama::to_string(llama::best_gemm_isa()));
+              threads, ae::attention_isa());
   std::fflush(stdout);
 
   std::vector<llama::ScenarioReport> reports;
@@ -252,7 +252,7 @@ int cmd_bench(int argc, char** argv) {
                              std::to_string(context) + ", \"seed\": " + std::to_string(seed) +
                              ", \"threads\": " + std::to_string(threads) +
                              ", \"attention_isa\": " + llama::json_string(ae::attention_isa()) +
-                             ", \"gemm_isa\": " + llama::json_string(llama::to_string(llama::best_gemm_isa()));
+                             ", \"gemm_isa\": " + llama::json_string(ae::attention_isa());
     json << llama::reports_to_json(reports, meta);
     if (!json.flush()) throw std::runtime_error(flags.at("json") + ": write failed");
   }

@@ -95,40 +95,21 @@ struct Kernel {
   const Micro* micro;  // micro[rows - 1]
 };
 
-Kernel kernel_for(GemmIsa isa) {
+Kernel kernel_for(Isa isa) {
   static constexpr auto k512 = avx512_table(std::make_integer_sequence<int, 8>{});
   static constexpr auto k2 = avx2_table(std::make_integer_sequence<int, 6>{});
   static constexpr auto k1 = scalar_table(std::make_integer_sequence<int, 4>{});
   switch (isa) {
-    case GemmIsa::kAvx512: return {32, 8, k512.data()};
-    case GemmIsa::kAvx2: return {16, 6, k2.data()};
-    case GemmIsa::kScalar: break;
+    case Isa::kAvx512: return {32, 8, k512.data()};
+    case Isa::kAvx2: return {16, 6, k2.data()};
+    case Isa::kScalar: break;
   }
   return {16, 4, k1.data()};
 }
 
 }  // namespace
 
-GemmIsa best_gemm_isa() {
-  static const GemmIsa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return GemmIsa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return GemmIsa::kAvx2;
-    return GemmIsa::kScalar;
-  }();
-  return isa;
-}
-
-const char* to_string(GemmIsa isa) {
-  switch (isa) {
-    case GemmIsa::kAvx512: return "avx512";
-    case GemmIsa::kAvx2: return "avx2";
-    case GemmIsa::kScalar: break;
-  }
-  return "scalar";
-}
-
-PackedMatrix pack(const float* w, int rows, int cols, GemmIsa isa) {
+PackedMatrix pack(const float* w, int rows, int cols, Isa isa) {
   PackedMatrix out;
   out.rows = rows;
   out.cols = cols;

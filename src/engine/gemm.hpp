@@ -8,14 +8,9 @@
 #include <vector>
 
 #include "attention_echo/thread_pool.hpp"
+#include "core/isa.hpp"
 
 namespace attention_echo::llama {
-
-enum class GemmIsa { kScalar, kAvx2, kAvx512 };
-
-// Best code path this CPU runs.
-GemmIsa best_gemm_isa();
-const char* to_string(GemmIsa isa);
 
 // W [rows, cols] row-major, stored as ceil(rows / panel) panels of
 // [cols, panel] floats (zero-padded past the last row).
@@ -23,11 +18,11 @@ struct PackedMatrix {
   int rows = 0;
   int cols = 0;
   int panel = 0;
-  GemmIsa isa = GemmIsa::kScalar;
+  Isa isa = Isa::kScalar;  // the layout of data depends on it
   std::vector<float> data;
 };
 
-PackedMatrix pack(const float* w, int rows, int cols, GemmIsa isa = best_gemm_isa());
+PackedMatrix pack(const float* w, int rows, int cols, Isa isa = active_isa());
 
 // y[i, j] = (accumulate ? y[i, j] : 0) + sum_c x[i, c] * W[j, c] for i < m,
 // j < w.rows; x rows are ldx floats apart, y rows ldy.

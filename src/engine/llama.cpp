@@ -130,7 +130,7 @@ __attribute__((target("avx512f"))) int swiglu_avx512(float* g, const float* u, i
 #pragma GCC diagnostic pop
 
 void swiglu(float* g, const float* u, int n) {
-  static const bool avx512 = best_gemm_isa() == GemmIsa::kAvx512;
+  const bool avx512 = active_isa() == Isa::kAvx512;
   for (int j = avx512 ? swiglu_avx512(g, u, n) : 0; j < n; ++j) g[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
 }
 

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/isa.hpp"
 #include "index/hnsw.hpp"
 
 namespace attention_echo::index {
@@ -115,19 +116,14 @@ struct Kernels {
   void (*dot_rows)(const float*, const float*, std::size_t, int, float*);
 };
 
-Kernels pick_kernels() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, dot_rows_avx512};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {dot_avx2, dot_rows_avx2};
+// Per call, so AE_ISA and set_active_isa() reach the index like the kernels.
+Kernels kernels() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return {dot_avx512, dot_rows_avx512};
+    case Isa::kAvx2: return {dot_avx2, dot_rows_avx2};
+    case Isa::kScalar: break;
+  }
   return {dot_scalar, dot_rows_scalar};
-}
-
-// A function-local static, so that it is set even for a search run from
-// another translation unit's static initialiser.
-const Kernels& kernels() {
-  static const Kernels picked = pick_kernels();
-  return picked;
 }
 
 // ---------------------------------------------------------------- tuning hook

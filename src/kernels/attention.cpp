@@ -3,6 +3,7 @@
 
 #include <cmath>
 
+#include "core/isa.hpp"
 #include "core/validate.hpp"
 #include "kernels/attention_kernel.hpp"
 
@@ -17,6 +18,6 @@ void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, const
   kernels::exact_rows(problem, 0, q.tokens, pool);
 }
 
-const char* attention_isa() { return kernels::isa_name(); }
+const char* attention_isa() { return to_string(active_isa()); }
 
 }  // namespace attention_echo

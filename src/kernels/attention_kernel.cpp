@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/isa.hpp"
+#include "core/isa.hpp"
 #include "kernels/row_block.hpp"
 
 namespace attention_echo::kernels {

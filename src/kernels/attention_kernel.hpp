@@ -116,8 +116,5 @@ void cached_rows(const AttentionProblem& problem, int rows, const float* logits,
 // tile row's mass, always with tile 0 (the sink) and the diagonal tile I.
 TileSet select_tiles(const TileMass& mass, int heads, double keep_mass);
 
-// SIMD path the kernels run: the best this CPU has, unless AE_ISA (read once)
-// or set_active_isa() in kernels/isa.hpp forces a lower one.
-const char* isa_name();
 
 }  // namespace attention_echo::kernels

@@ -1,15 +1,15 @@
-#include "kernels/isa.hpp"
+#include "core/isa.hpp"
 
 #include <atomic>
 #include <cstdlib>
 #include <string_view>
 
-#include "kernels/attention_kernel.hpp"
 
-namespace attention_echo::kernels {
+namespace attention_echo {
 namespace {
 
 Isa detect() {
+  __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the wide registers.
   if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
@@ -62,6 +62,4 @@ std::vector<Isa> supported_isas() {
   return isas;
 }
 
-const char* isa_name() { return to_string(active_isa()); }
-
-}  // namespace attention_echo::kernels
+}  // namespace attention_echo
