@@ -1,0 +1,251 @@
+#include "serving/kv_block_store.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <map>
+#include <stdexcept>
+
+#include "index/semantic_index.hpp"
+
+namespace attention_echo::serving {
+namespace {
+
+std::uint64_t mix(std::uint64_t h, std::uint64_t word) {
+  h ^= word + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+  h *= 0xff51afd7ed558ccdULL;
+  return h ^ (h >> 33);
+}
+
+std::uint64_t namespace_root(std::string_view name_space) {
+  std::uint64_t h = 0xcbf29ce484222325ULL;
+  for (unsigned char c : name_space) h = (h ^ c) * 0x100000001b3ULL;
+  return mix(h, name_space.size());
+}
+
+// The chain hash of a block: its parent's hash, then its tokens. A partial
+// (tail) block hashes its token count too, so it never equals a full block.
+std::uint64_t chain(std::uint64_t parent, std::span<const int> tokens) {
+  std::uint64_t h = mix(parent, tokens.size());
+  for (int t : tokens) h = mix(h, static_cast<std::uint32_t>(t));
+  return h;
+}
+
+}  // namespace
+
+std::vector<float> token_profile(std::span<const int> tokens, int dim) {
+  if (dim <= 0) throw std::invalid_argument("dim: must be positive");
+  std::vector<float> key(dim, 0.0f);
+  for (std::size_t i = 2; i < tokens.size(); ++i) {
+    const std::uint64_t h = mix(mix(mix(0, static_cast<std::uint32_t>(tokens[i - 2])),
+                                    static_cast<std::uint32_t>(tokens[i - 1])),
+                                static_cast<std::uint32_t>(tokens[i]));
+    key[h % static_cast<std::uint64_t>(dim)] += (h >> 63) ? 1.0f : -1.0f;
+  }
+  double norm = 0.0;
+  for (float x : key) norm += double(x) * x;
+  if (norm > 0.0)
+    for (float& x : key) x = static_cast<float>(x / std::sqrt(norm));
+  return key;
+}
+
+// One block in the chain. refs: records whose block list includes it; a
+// node goes when the last such record is evicted (children first, since a
+// child's records are a subset of its parent's).
+struct KVBlockStore::Node {
+  std::shared_ptr<const KVBlock> block;
+  std::vector<int> tokens;
+  std::uint64_t parent = 0;
+  std::vector<std::uint64_t> children;
+  int refs = 0;
+  std::uint64_t owner = 0;  // the record that last stored it (touched on a hit)
+};
+
+struct KVBlockStore::Impl {
+  struct StoredRecord {
+    Record record;
+    std::vector<std::uint64_t> chain;  // node hashes, first block first
+    std::size_t bytes = 0;             // tokens, plus blocks it was first to store
+  };
+  std::unordered_map<std::uint64_t, Node> nodes;
+  std::unordered_map<std::uint64_t, std::vector<std::uint64_t>> roots;  // namespace root -> first blocks
+  std::list<StoredRecord> lru;  // most recent first
+  std::unordered_map<std::uint64_t, std::list<StoredRecord>::iterator> by_id;
+  std::map<std::string, index::SemanticIndex, std::less<>> donors;  // exact records per namespace
+  std::size_t bytes = 0;
+  std::uint64_t next_id = 1;
+
+  std::vector<std::uint64_t>& children_of(std::uint64_t parent, std::uint64_t root) {
+    return parent == root ? roots[root] : nodes.at(parent).children;
+  }
+};
+
+KVBlockStore::KVBlockStore(Shape shape, std::size_t max_bytes)
+    : shape_(shape), max_bytes_(max_bytes), impl_(std::make_unique<Impl>()) {
+  if (shape.layers <= 0) throw std::invalid_argument("shape.layers: must be positive");
+  if (shape.kv_dim <= 0) throw std::invalid_argument("shape.kv_dim: must be positive");
+  if (shape.block_tokens <= 0) throw std::invalid_argument("shape.block_tokens: must be positive");
+}
+
+KVBlockStore::~KVBlockStore() = default;
+KVBlockStore::KVBlockStore(KVBlockStore&&) noexcept = default;
+KVBlockStore& KVBlockStore::operator=(KVBlockStore&&) noexcept = default;
+
+KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, std::span<const int> tokens) {
+  Impl& m = *impl_;
+  const int B = shape_.block_tokens, T = static_cast<int>(tokens.size());
+  const std::uint64_t root = namespace_root(name_space);
+  Prefix out;
+  std::uint64_t at = root, owner = 0;
+  auto use = [&](const Node& node, int rows) {
+    out.blocks.push_back(node.block);
+    out.length += rows;
+    out.approximate |= node.block->approximate;
+    out.error = std::max(out.error, node.block->error);
+    owner = node.owner;
+  };
+  // Full blocks by hash, then the best partial match among the children.
+  while (out.length + B <= T) {
+    const std::uint64_t h = chain(at, tokens.subspan(out.length, B));
+    const auto it = m.nodes.find(h);
+    if (it == m.nodes.end() || !std::equal(it->second.tokens.begin(), it->second.tokens.end(),
+                                           tokens.begin() + out.length))
+      break;
+    use(it->second, B);
+    at = h;
+  }
+  const auto rest = tokens.subspan(out.length);
+  const Node* best = nullptr;
+  int best_rows = 0;
+  const auto found = at == root ? m.roots.find(root) : m.roots.end();
+  const std::vector<std::uint64_t>* children =
+      at == root ? (found == m.roots.end() ? nullptr : &found->second) : &m.nodes.at(at).children;
+  for (std::size_t c = 0; children && c < children->size(); ++c) {
+    const Node& n = m.nodes.at((*children)[c]);
+    const std::size_t limit = std::min(n.tokens.size(), rest.size());
+    const int rows = static_cast<int>(std::mismatch(n.tokens.begin(), n.tokens.begin() + limit, rest.begin()).first -
+                                      n.tokens.begin());
+    if (rows > best_rows) best = &n, best_rows = rows;
+  }
+  if (best) use(*best, best_rows);
+  if (owner) touch(owner);
+  return out;
+}
+
+bool KVBlockStore::insert(std::string_view name_space, std::span<const int> tokens, std::span<const float* const> k,
+                          std::span<const float* const> v, bool approximate, double error) {
+  const int B = shape_.block_tokens, L = shape_.layers, kvd = shape_.kv_dim;
+  if (k.size() != static_cast<std::size_t>(L) || v.size() != static_cast<std::size_t>(L))
+    throw std::invalid_argument("k, v: need one pointer per layer");
+  if (tokens.empty()) throw std::invalid_argument("tokens: empty");
+  Impl& m = *impl_;
+  const std::uint64_t root = namespace_root(name_space);
+  Impl::StoredRecord stored;
+  Record& rec = stored.record;
+  rec.name_space = std::string(name_space);
+  rec.tokens.assign(tokens.begin(), tokens.end());
+  rec.approximate = approximate;
+  stored.bytes = tokens.size() * sizeof(int);
+
+  // Walk (and extend) the chain; fresh blocks copy their rows of k and v.
+  std::size_t total = stored.bytes;  // every block it uses, shared or not
+  std::uint64_t parent = root;
+  for (int t0 = 0; t0 < static_cast<int>(tokens.size()); t0 += B) {
+    const auto part = tokens.subspan(t0, std::min<std::size_t>(B, tokens.size() - t0));
+    const std::uint64_t h = chain(parent, part);
+    auto it = m.nodes.find(h);
+    const bool replace = it != m.nodes.end() && it->second.block->approximate && !approximate;
+    if (it == m.nodes.end() || replace) {
+      auto block = std::make_shared<KVBlock>();
+      block->tokens = static_cast<int>(part.size());
+      block->approximate = approximate;
+      block->error = error;
+      block->data.resize(static_cast<std::size_t>(2) * L * B * kvd);
+      for (int l = 0; l < L; ++l) {
+        const std::size_t rows = part.size() * kvd;
+        std::memcpy(block->data.data() + (2 * l) * B * kvd, k[l] + std::size_t(t0) * kvd, rows * sizeof(float));
+        std::memcpy(block->data.data() + (2 * l + 1) * B * kvd, v[l] + std::size_t(t0) * kvd, rows * sizeof(float));
+      }
+      if (!replace) stored.bytes += block->data.size() * sizeof(float) + part.size() * sizeof(int);
+      rec.blocks.push_back(std::move(block));
+    } else {
+      rec.blocks.push_back(it->second.block);
+    }
+    total += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
+    stored.chain.push_back(h);
+    parent = h;
+  }
+  if (total > max_bytes_) return false;
+
+  // Commit: link nodes (nothing above can throw past this point but
+  // allocation), then evict least recently used records past the budget.
+  parent = root;
+  for (std::size_t b = 0; b < stored.chain.size(); ++b) {
+    const std::uint64_t h = stored.chain[b];
+    auto [it, added] = m.nodes.try_emplace(h);
+    Node& node = it->second;
+    if (added) {
+      const int t0 = static_cast<int>(b) * B;
+      node.tokens.assign(tokens.begin() + t0, tokens.begin() + std::min<int>(t0 + B, tokens.size()));
+      node.parent = parent;
+      m.children_of(parent, root).push_back(h);
+    }
+    if (added || (node.block->approximate && !approximate)) node.block = rec.blocks[b];
+    ++node.refs;
+    parent = h;
+  }
+  rec.id = m.next_id++;
+  for (std::size_t b = 0; b < stored.chain.size(); ++b) m.nodes.at(stored.chain[b]).owner = rec.id;
+  if (!approximate) {
+    auto donors = m.donors.find(rec.name_space);
+    if (donors == m.donors.end()) donors = m.donors.emplace(rec.name_space, index::SemanticIndex(128)).first;
+    donors->second.add(rec.id, token_profile(rec.tokens));
+  }
+  m.bytes += stored.bytes;
+  m.lru.push_front(std::move(stored));
+  m.by_id[rec.id] = m.lru.begin();
+  while (m.bytes > max_bytes_ && m.lru.size() > 1) {
+    Impl::StoredRecord& victim = m.lru.back();
+    const std::uint64_t vroot = namespace_root(victim.record.name_space);
+    for (auto h = victim.chain.rbegin(); h != victim.chain.rend(); ++h) {
+      Node& node = m.nodes.at(*h);
+      if (--node.refs > 0) continue;
+      m.bytes -= node.block->data.size() * sizeof(float) + node.tokens.size() * sizeof(int);
+      std::erase(m.children_of(node.parent, vroot), *h);
+      m.nodes.erase(*h);
+    }
+    m.bytes -= victim.record.tokens.size() * sizeof(int);
+    if (auto d = m.donors.find(victim.record.name_space); d != m.donors.end()) d->second.remove(victim.record.id);
+    m.by_id.erase(victim.record.id);
+    m.lru.pop_back();
+    ++evictions_;
+  }
+  return true;
+}
+
+std::vector<const KVBlockStore::Record*> KVBlockStore::similar(std::string_view name_space,
+                                                                std::span<const int> tokens, int count) const {
+  std::vector<const Record*> out;
+  const auto donors = impl_->donors.find(name_space);
+  if (donors == impl_->donors.end() || donors->second.size() == 0) return out;
+  for (const index::Candidate& c : donors->second.search(token_profile(tokens), count, 0.0f))
+    out.push_back(&impl_->by_id.at(c.id)->record);
+  return out;
+}
+
+void KVBlockStore::touch(std::uint64_t id) {
+  const auto it = impl_->by_id.find(id);
+  if (it != impl_->by_id.end()) impl_->lru.splice(impl_->lru.begin(), impl_->lru, it->second);
+}
+
+std::size_t KVBlockStore::size() const { return impl_->lru.size(); }
+std::size_t KVBlockStore::bytes() const { return impl_->bytes; }
+
+void KVBlockStore::clear() {
+  const std::uint64_t next = impl_->next_id;
+  impl_ = std::make_unique<Impl>();
+  impl_->next_id = next;
+}
+
+}  // namespace attention_echo::serving

@@ -1,0 +1,104 @@
+// The K/V of served requests, kept the way serving engines keep it (vLLM's
+// block hashes, SGLang's radix tree): fixed-size token blocks, each named by
+// a hash chained over the namespace and every token up to its end, so equal
+// prefixes share blocks and the longest stored prefix of a request is found
+// by walking its own blocks: lookup cost depends on the request's length,
+// not on how many requests are stored. A request whose stored prefix ends
+// inside a block reuses that block's leading rows (token granularity, like
+// a radix tree).
+//
+// Requests are also kept as records (tokens + block list) so the KV-blend
+// tier can use a similar one as a donor. Eviction is LRU over records under a
+// byte budget counted once per unique block.
+//
+// Blocks from a blended (approximate) forward carry the guard's error
+// estimate. An exact block replaces an approximate one with the same chain
+// hash; errors never compound because approximate records are not donors.
+//
+// Not thread-safe: one store per serving loop, or lock around it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace attention_echo::serving {
+
+// The key of a request in the donor index: a feature-hashed profile of its
+// token trigrams, unit norm, so the cosine of two profiles measures how many
+// token runs the requests share, which is what blending can reuse. O(T), no
+// model call.
+std::vector<float> token_profile(std::span<const int> tokens, int dim = 128);
+
+// K and V rows of `tokens` consecutive positions for every layer:
+// layer l's K at data[(2 * l) * block_tokens * kv_dim], its V after it.
+struct KVBlock {
+  int tokens = 0;
+  bool approximate = false;
+  double error = 0.0;  // guard estimate of the request that produced it
+  std::vector<float> data;
+};
+
+class KVBlockStore {
+ public:
+  struct Shape {
+    int layers = 0;
+    int kv_dim = 0;
+    int block_tokens = 16;
+  };
+  // Throws std::invalid_argument naming a non-positive field.
+  KVBlockStore(Shape shape, std::size_t max_bytes);
+  ~KVBlockStore();
+  KVBlockStore(KVBlockStore&&) noexcept;
+  KVBlockStore& operator=(KVBlockStore&&) noexcept;
+
+  const Shape& shape() const { return shape_; }
+
+  // Where a stored prefix's rows live: row t of the prefix is row
+  // t % block_tokens of blocks[t / block_tokens].
+  struct Prefix {
+    int length = 0;
+    bool approximate = false;
+    double error = 0.0;  // max over the blocks used
+    std::vector<std::shared_ptr<const KVBlock>> blocks;
+  };
+  Prefix longest_prefix(std::string_view name_space, std::span<const int> tokens);
+
+  // Stores rows [0, tokens.size()) of a request, K and V per layer given
+  // token-major [tokens, kv_dim]. Returns false (storing nothing) when the
+  // request alone exceeds the byte budget.
+  bool insert(std::string_view name_space, std::span<const int> tokens, std::span<const float* const> k,
+              std::span<const float* const> v, bool approximate, double error);
+
+  struct Record {
+    std::uint64_t id = 0;
+    std::string name_space;
+    std::vector<int> tokens;
+    std::vector<std::shared_ptr<const KVBlock>> blocks;  // rows as in Prefix
+    bool approximate = false;
+  };
+  // Up to `count` exact records of the namespace whose token profile (see
+  // token_profile) is most similar to the request's, best first: the KV-blend
+  // tier's donor candidates. Approximate records are never donors.
+  std::vector<const Record*> similar(std::string_view name_space, std::span<const int> tokens, int count) const;
+  void touch(std::uint64_t id);
+
+  std::size_t size() const;   // records
+  std::size_t bytes() const;  // unique blocks and tokens
+  std::uint64_t evictions() const { return evictions_; }
+  void clear();
+
+ private:
+  struct Node;
+  struct Impl;
+  Shape shape_;
+  std::size_t max_bytes_;
+  std::uint64_t evictions_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace attention_echo::serving

@@ -1,0 +1,85 @@
+#include "serving/token_alignment.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <utility>
+
+namespace attention_echo::serving {
+namespace {
+
+constexpr std::uint64_t kBase = 0x100000001b3ULL;
+
+// Polynomial hashes of every k-gram of `tokens`, rolled in O(n).
+std::vector<std::pair<std::uint64_t, int>> kgram_hashes(std::span<const int> tokens, int k) {
+  std::vector<std::pair<std::uint64_t, int>> out;
+  if (static_cast<int>(tokens.size()) < k) return out;
+  std::uint64_t top = 1;  // kBase^(k-1)
+  for (int j = 1; j < k; ++j) top *= kBase;
+  std::uint64_t h = 0;
+  for (int j = 0; j < k; ++j) h = h * kBase + static_cast<std::uint32_t>(tokens[j]);
+  out.reserve(tokens.size() - k + 1);
+  out.emplace_back(h, 0);
+  for (std::size_t i = k; i < tokens.size(); ++i) {
+    h = (h - top * static_cast<std::uint32_t>(tokens[i - k])) * kBase + static_cast<std::uint32_t>(tokens[i]);
+    out.emplace_back(h, static_cast<int>(i - k + 1));
+  }
+  return out;
+}
+
+bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int k) {
+  return std::equal(a.begin() + i, a.begin() + i + k, b.begin() + j);
+}
+
+}  // namespace
+
+TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor) {
+  if (anchor < 1) throw std::invalid_argument("anchor: must be at least 1");
+  const int T = static_cast<int>(request.size()), Td = static_cast<int>(donor.size());
+  TokenAlignment a;
+  a.donor_position.assign(T, -1);
+  std::vector<int>& pos = a.donor_position;
+
+  auto anchors = kgram_hashes(donor, anchor);
+  std::sort(anchors.begin(), anchors.end());
+  const auto request_hashes = kgram_hashes(request, anchor);
+
+  int offset = 0;  // donor - request position of the last run
+  for (int i = 0; i < T;) {
+    // Continue the current run while tokens keep matching.
+    if (i > 0 && pos[i - 1] >= 0 && pos[i - 1] + 1 < Td && donor[pos[i - 1] + 1] == request[i]) {
+      pos[i] = pos[i - 1] + 1;
+      ++i;
+      continue;
+    }
+    // Else anchor a new run: the matching k-gram nearest to the old offset.
+    int best = -1;
+    if (i + anchor <= T) {
+      const std::uint64_t h = request_hashes[i].first;
+      auto it = std::lower_bound(anchors.begin(), anchors.end(), std::make_pair(h, -1));
+      for (; it != anchors.end() && it->first == h; ++it)
+        if (same_run(request, i, donor, it->second, anchor) &&
+            (best < 0 || std::abs(it->second - i - offset) < std::abs(best - i - offset)))
+          best = it->second;
+    }
+    if (best < 0) {
+      ++i;
+      continue;
+    }
+    offset = best - i;
+    // Take matching tokens just before the anchor too (the k-gram at those
+    // positions straddled the edit).
+    for (int b = i - 1, j = best - 1; b >= 0 && j >= 0 && pos[b] < 0 && request[b] == donor[j]; --b, --j) pos[b] = j;
+    for (int n = 0; n < anchor; ++n) pos[i + n] = best + n;
+    i += anchor;
+  }
+  for (int i = 0; i < T; ++i) {
+    if (pos[i] < 0) continue;
+    ++a.aligned;
+    a.moved += pos[i] != i;
+  }
+  while (a.exact_prefix < T && pos[a.exact_prefix] == a.exact_prefix) ++a.exact_prefix;
+  return a;
+}
+
+}  // namespace attention_echo::serving
