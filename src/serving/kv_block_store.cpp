@@ -92,7 +92,8 @@ KVBlockStore::~KVBlockStore() = default;
 KVBlockStore::KVBlockStore(KVBlockStore&&) noexcept = default;
 KVBlockStore& KVBlockStore::operator=(KVBlockStore&&) noexcept = default;
 
-KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, std::span<const int> tokens) {
+KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, std::span<const int> tokens,
+                                                  bool exact_only) {
   Impl& m = *impl_;
   const int B = shape_.block_tokens, T = static_cast<int>(tokens.size());
   const std::uint64_t root = namespace_root(name_space);
@@ -109,8 +110,8 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
   while (out.length + B <= T) {
     const std::uint64_t h = chain(at, tokens.subspan(out.length, B));
     const auto it = m.nodes.find(h);
-    if (it == m.nodes.end() || !std::equal(it->second.tokens.begin(), it->second.tokens.end(),
-                                           tokens.begin() + out.length))
+    if (it == m.nodes.end() || (exact_only && it->second.block->approximate) ||
+        !std::equal(it->second.tokens.begin(), it->second.tokens.end(), tokens.begin() + out.length))
       break;
     use(it->second, B);
     at = h;
@@ -123,6 +124,7 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
       at == root ? (found == m.roots.end() ? nullptr : &found->second) : &m.nodes.at(at).children;
   for (std::size_t c = 0; children && c < children->size(); ++c) {
     const Node& n = m.nodes.at((*children)[c]);
+    if (exact_only && n.block->approximate) continue;
     const std::size_t limit = std::min(n.tokens.size(), rest.size());
     const int rows = static_cast<int>(std::mismatch(n.tokens.begin(), n.tokens.begin() + limit, rest.begin()).first -
                                       n.tokens.begin());

@@ -43,6 +43,21 @@ struct KVBlock {
   std::vector<float> data;
 };
 
+// Rows of a block list (a stored prefix or record): row t of layer l.
+struct BlockRows {
+  std::span<const std::shared_ptr<const KVBlock>> blocks;
+  int block_tokens = 0;
+  int kv_dim = 0;
+  const float* k(int layer, int t) const { return at(2 * layer, t); }
+  const float* v(int layer, int t) const { return at(2 * layer + 1, t); }
+
+ private:
+  const float* at(int plane, int t) const {
+    return blocks[t / block_tokens]->data.data() +
+           (static_cast<std::size_t>(plane) * block_tokens + t % block_tokens) * kv_dim;
+  }
+};
+
 class KVBlockStore {
  public:
   struct Shape {
@@ -57,6 +72,9 @@ class KVBlockStore {
   KVBlockStore& operator=(KVBlockStore&&) noexcept;
 
   const Shape& shape() const { return shape_; }
+  BlockRows rows(std::span<const std::shared_ptr<const KVBlock>> blocks) const {
+    return {blocks, shape_.block_tokens, shape_.kv_dim};
+  }
 
   // Where a stored prefix's rows live: row t of the prefix is row
   // t % block_tokens of blocks[t / block_tokens].
@@ -66,7 +84,8 @@ class KVBlockStore {
     double error = 0.0;  // max over the blocks used
     std::vector<std::shared_ptr<const KVBlock>> blocks;
   };
-  Prefix longest_prefix(std::string_view name_space, std::span<const int> tokens);
+  // exact_only: stop before the first block an approximate forward stored.
+  Prefix longest_prefix(std::string_view name_space, std::span<const int> tokens, bool exact_only = false);
 
   // Stores rows [0, tokens.size()) of a request, K and V per layer given
   // token-major [tokens, kv_dim]. Returns false (storing nothing) when the

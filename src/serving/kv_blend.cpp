@@ -1,0 +1,184 @@
+#include "serving/kv_blend.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <stdexcept>
+
+namespace attention_echo::serving {
+namespace {
+
+using llama::Engine;
+using llama::KVState;
+
+// Squared L2 distance and squared norm of a fresh K/V row pair against a
+// donor's, accumulated.
+struct Deviation {
+  double diff2 = 0.0, norm2 = 0.0;
+  void add(const float* fresh, const float* donor, int n) {
+    for (int d = 0; d < n; ++d) {
+      const double e = double(fresh[d]) - double(donor[d]);
+      diff2 += e * e;
+      norm2 += double(fresh[d]) * fresh[d];
+    }
+  }
+  double relative() const { return norm2 > 0.0 ? std::sqrt(diff2 / norm2) : std::sqrt(diff2); }
+};
+
+class Blend {
+ public:
+  Blend(Engine& engine, std::span<const int> tokens, BlockRows donor, const TokenAlignment& alignment, KVState& kv,
+        const BlendOptions& options)
+      : e_(engine),
+        c_(engine.config()),
+        tokens_(tokens),
+        donor_(donor),
+        align_(alignment),
+        kv_(kv),
+        opt_(options),
+        T_(static_cast<int>(tokens.size())),
+        skip_(kv.length),
+        kvd_(c_.kv_dim()) {}
+
+  BlendOutcome run(llama::ForwardResult& result) {
+    size_kv();
+    std::vector<float> x = e_.embed(tokens_.subspan(skip_));
+    e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
+    out_.first_layer_rows = T_ - skip_;
+    select(x);
+    for (int l = 1; l < c_.n_layers; ++l) {
+      if (l >= 2) donor_layer(l);
+      if (!deep_layer(l)) {
+        out_.stopped_at_layer = l;
+        return out_;
+      }
+    }
+    e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
+    kv_.length = T_;
+    out_.accepted = true;
+    return out_;
+  }
+
+ private:
+  void size_kv() {
+    kv_.k.resize(c_.n_layers);
+    kv_.v.resize(c_.n_layers);
+    for (int l = 0; l < c_.n_layers; ++l) {
+      kv_.k[l].resize(static_cast<std::size_t>(T_) * kvd_);
+      kv_.v[l].resize(static_cast<std::size_t>(T_) * kvd_);
+    }
+  }
+  float* k_row(int l, int i) { return kv_.k[l].data() + static_cast<std::size_t>(i) * kvd_; }
+  float* v_row(int l, int i) { return kv_.v[l].data() + static_cast<std::size_t>(i) * kvd_; }
+
+  // The donor's K/V of row i in layer l, K rotated to position i.
+  void donor_rows(int l, int i, float* k, float* v) const {
+    const int j = align_.donor_position[i];
+    std::memcpy(k, donor_.k(l, j), sizeof(float) * kvd_);
+    std::memcpy(v, donor_.v(l, j), sizeof(float) * kvd_);
+    if (j != i) e_.rerotate_k(k, j, i);
+  }
+
+  // Every aligned row past the skip gets the donor's K/V for layer l.
+  void donor_layer(int l) {
+    for (int i = skip_; i < T_; ++i)
+      if (align_.donor_position[i] >= 0 && !is_selected_[i - skip_]) donor_rows(l, i, k_row(l, i), v_row(l, i));
+  }
+
+  // Layer 1: project every row, rank the aligned ones by how far their
+  // fresh K/V are from the donor's, keep the worst recompute_ratio of them,
+  // the unaligned rows, the last row and the guard's probes.
+  void select(const std::vector<float>& x) {
+    e_.project_kv(1, x.data(), skip_, T_, kv_);
+    std::vector<std::pair<double, int>> ranked;
+    std::vector<float> k(kvd_), v(kvd_);
+    std::vector<Deviation> dev(T_ - skip_);
+    for (int i = skip_; i < T_; ++i) {
+      if (align_.donor_position[i] < 0) continue;
+      donor_rows(1, i, k.data(), v.data());
+      dev[i - skip_].add(k_row(1, i), k.data(), kvd_);
+      dev[i - skip_].add(v_row(1, i), v.data(), kvd_);
+      ranked.emplace_back(dev[i - skip_].diff2, i);
+    }
+    std::sort(ranked.begin(), ranked.end(), std::greater<>());
+    is_selected_.assign(T_ - skip_, true);
+    const auto keep = static_cast<std::size_t>(std::ceil(opt_.recompute_ratio * double(ranked.size())));
+    std::vector<int> reused;
+    for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
+    std::sort(reused.begin(), reused.end());
+    Deviation first;  // layer 1 deviation of every reused row: measured, not sampled
+    for (int i : reused) {
+      is_selected_[i - skip_] = false;
+      first.diff2 += dev[i - skip_].diff2;
+      first.norm2 += dev[i - skip_].norm2;
+    }
+    is_selected_[T_ - 1 - skip_] = true;
+    pick_probes(reused);
+    out_.estimated_error = first.relative();
+    for (int i = skip_; i < T_; ++i)
+      if (is_selected_[i - skip_]) selected_.push_back(i);
+    out_.recomputed = static_cast<int>(selected_.size());
+    out_.reused = T_ - skip_ - out_.recomputed;
+    x_.resize(selected_.size() * c_.dim);
+    for (std::size_t s = 0; s < selected_.size(); ++s)
+      std::memcpy(x_.data() + s * c_.dim, x.data() + static_cast<std::size_t>(selected_[s] - skip_) * c_.dim,
+                  sizeof(float) * c_.dim);
+  }
+
+  // Evenly spread over the reused rows, the same ones every run.
+  void pick_probes(const std::vector<int>& reused) {
+    const int n = std::min<int>(opt_.probe_rows, static_cast<int>(reused.size()));
+    for (int p = 0; p < n; ++p) {
+      const int i = reused[(2 * p + 1) * reused.size() / (2 * n)];
+      is_selected_[i - skip_] = true;
+      probes_.push_back(i);
+    }
+  }
+
+  // Layer l over the selected rows; the probes' fresh K/V against the
+  // donor's they replace is the guard's sample for this layer.
+  bool deep_layer(int l) {
+    std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
+    for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
+    e_.layer_forward_rows(l, x_.data(), selected_, kv_);
+    if (l < 2) return out_.estimated_error <= opt_.max_error;
+    Deviation sample;
+    for (std::size_t p = 0; p < probes_.size(); ++p) {
+      sample.add(k_row(l, probes_[p]), &k[p * kvd_], kvd_);
+      sample.add(v_row(l, probes_[p]), &v[p * kvd_], kvd_);
+    }
+    out_.estimated_error = std::max(out_.estimated_error, sample.relative());
+    return out_.estimated_error <= opt_.max_error;
+  }
+
+  Engine& e_;
+  const llama::ModelConfig& c_;
+  std::span<const int> tokens_;
+  BlockRows donor_;
+  const TokenAlignment& align_;
+  KVState& kv_;
+  const BlendOptions& opt_;
+  const int T_, skip_, kvd_;
+  std::vector<char> is_selected_;  // by row - skip
+  std::vector<int> selected_, probes_;
+  std::vector<float> x_;  // hidden states of the selected rows
+  BlendOutcome out_;
+};
+
+}  // namespace
+
+BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, BlockRows donor,
+                           const TokenAlignment& alignment, KVState& kv, const BlendOptions& options,
+                           llama::ForwardResult& result) {
+  if (alignment.donor_position.size() != tokens.size())
+    throw std::invalid_argument("alignment: one donor position per token needed");
+  if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
+    throw std::invalid_argument("kv: must hold fewer rows than tokens");
+  if (engine.config().n_layers < 2) throw std::invalid_argument("engine: blending needs at least two layers");
+  if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
+    throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
+  return Blend(engine, tokens, donor, alignment, kv, options).run(result);
+}
+
+}  // namespace attention_echo::serving

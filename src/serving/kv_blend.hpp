@@ -1,0 +1,53 @@
+// The KV-blend tier (CacheBlend's idea, with a measured guard): prefill a
+// prompt from the per-layer K/V of a similar stored request (the donor),
+// recomputing only what deviates.
+//
+//   rows [0, skip)   K/V from the store, exact, never recomputed;
+//   layer 0          every other row computed (its output feeds layer 1);
+//   layer 1          K/V of every other row projected, compared with the
+//                    donor's; the rows that deviate most (recompute_ratio of
+//                    the aligned ones), every unaligned row and the last row
+//                    go on ("selected");
+//   layers 2..L-1    selected rows computed, every other row's K/V taken
+//                    from the donor (K re-rotated where its position moved).
+//
+// The guard: a deterministic sample of the reused rows is computed along
+// with the selected ones; the relative L2 deviation of their fresh K/V from
+// the donor's, worst layer, is the request's error estimate (layer 1 is
+// measured over every reused row). Above max_error the blend stops and the
+// caller computes the prompt exactly.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "attention_echo/llama.hpp"
+#include "serving/kv_block_store.hpp"
+#include "serving/token_alignment.hpp"
+
+namespace attention_echo::serving {
+
+struct BlendOptions {
+  double recompute_ratio = 0.15;  // aligned rows recomputed per layer past the first
+  double max_error = 0.05;        // guard: estimated relative K/V deviation of reused rows
+  int probe_rows = 16;            // guard sample of reused rows
+};
+
+struct BlendOutcome {
+  bool accepted = false;       // false: the guard stopped it; kv is not usable
+  double estimated_error = 0;  // guard estimate (worst layer so far when stopped)
+  int reused = 0;              // rows whose K/V came from the donor in the deep layers
+  int recomputed = 0;          // rows computed in the deep layers (selected + probes)
+  int first_layer_rows = 0;    // rows computed in layer 0
+  int stopped_at_layer = -1;   // where the guard stopped it
+};
+
+// Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
+// exact) from `donor` aligned by `alignment`, keeping the logits of the last
+// row in result. Throws std::invalid_argument on inconsistent arguments.
+// Needs an engine of at least two layers and 0 <= kv.length < tokens.size().
+BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, BlockRows donor,
+                           const TokenAlignment& alignment, llama::KVState& kv, const BlendOptions& options,
+                           llama::ForwardResult& result);
+
+}  // namespace attention_echo::serving
