@@ -36,7 +36,7 @@ void FlatIndex::clear() {
   row_of_.clear();
 }
 
-void FlatIndex::for_each(const std::function<void(std::uint64_t, const float*)>& f) const {
+void FlatIndex::for_each(const EntryVisitor& f) const {
   for (std::size_t r = 0; r < ids_.size(); ++r) f(ids_[r], row(r));
 }
 

@@ -44,7 +44,8 @@ void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }  // prefetcht0
 void validate(const HnswOptions& options) {
   using std::to_string;
   if (options.m < 2 || options.m > kHnswMaxM)
-    throw std::invalid_argument("HnswOptions.m: must be in 2.." + to_string(kHnswMaxM) + ", got " + to_string(options.m));
+    throw std::invalid_argument("HnswOptions.m: must be in 2.." + to_string(kHnswMaxM) +
+                                ", got " + to_string(options.m));
   if (options.ef_construction < 1)
     throw std::invalid_argument("HnswOptions.ef_construction: must be >= 1, got " +
                                 to_string(options.ef_construction));
@@ -84,7 +85,7 @@ HnswIndex::HnswIndex(int dim, HnswOptions options)
 
 void HnswIndex::clear() { *this = HnswIndex(dim(), options_); }
 
-void HnswIndex::for_each(const std::function<void(std::uint64_t, const float*)>& f) const {
+void HnswIndex::for_each(const EntryVisitor& f) const {
   for (const auto& [id, slot] : slot_of_) f(id, key(slot));
 }
 
@@ -164,7 +165,8 @@ void HnswIndex::connect(DotFn dot, std::uint32_t slot) {
 // the base than to every neighbour kept so far, which spreads the links over
 // different directions instead of one tight cluster (what keeps clustered
 // data navigable).
-void HnswIndex::select_neighbors(DotFn dot, std::vector<Scored>& candidates, int max_count) const {
+void HnswIndex::select_neighbors(DotFn dot, std::vector<Scored>& candidates,
+                                 int max_count) const {
   if (static_cast<int>(candidates.size()) <= max_count) return;
   std::size_t kept = 0;
   for (std::size_t i = 0; i < candidates.size() && kept < std::size_t(max_count); ++i) {
@@ -240,8 +242,8 @@ void HnswIndex::unlink(DotFn dot, std::uint32_t slot) {
 
 // Walks levels from_level .. to_level+1 moving to the best neighbour while
 // that improves; returns the entry point for to_level.
-std::uint32_t HnswIndex::greedy_descent(DotFn dot, const float* query, std::uint32_t entry, int from_level,
-                                   int to_level) const {
+std::uint32_t HnswIndex::greedy_descent(DotFn dot, const float* query, std::uint32_t entry,
+                                        int from_level, int to_level) const {
   float best = dot(query, key(entry), dim());
   for (int l = from_level; l > to_level; --l) {
     for (bool moved = true; moved;) {
@@ -262,8 +264,9 @@ std::uint32_t HnswIndex::greedy_descent(DotFn dot, const float* query, std::uint
 
 // Beam search on one level (hnswlib's searchBaseLayer): returns up to ef live
 // slots, unordered. Removed slots are expanded but never returned.
-std::vector<HnswIndex::Scored> HnswIndex::search_level(DotFn dot, const float* query, std::uint32_t entry, int level,
-                                             int ef) const {
+std::vector<HnswIndex::Scored> HnswIndex::search_level(DotFn dot, const float* query,
+                                                      std::uint32_t entry, int level,
+                                                      int ef) const {
   Scratch& s = scratch;
   s.begin(ids_.size());
   auto& frontier = s.candidates;  // max-heap: best unexpanded first

@@ -60,7 +60,7 @@ class HnswIndex final : public VectorIndex {
   std::size_t size() const override { return slot_of_.size(); }
   void remove(std::uint64_t id) override;
   void clear() override;
-  void for_each(const std::function<void(std::uint64_t, const float*)>& f) const override;
+  void for_each(const EntryVisitor& f) const override;
 
  private:
   using Scored = std::pair<float, std::uint32_t>;  // (similarity, slot)
@@ -90,14 +90,14 @@ class HnswIndex final : public VectorIndex {
   HnswOptions options_;
   double level_scale_;
   std::mt19937_64 rng_;
-  detail::HugeVector<float> keys_;          // slot-major, dim() floats per slot
-  std::vector<std::uint64_t> ids_;          // slot -> id
-  std::vector<std::uint8_t> live_;          // 0: removed (on free_) or being inserted
-  std::vector<std::uint8_t> level_;         // top level of each slot
+  detail::HugeVector<float> keys_;            // slot-major, dim() floats per slot
+  std::vector<std::uint64_t> ids_;            // slot -> id
+  std::vector<std::uint8_t> live_;            // 0: removed (on free_) or being inserted
+  std::vector<std::uint8_t> level_;           // top level of each slot
   detail::HugeVector<std::uint32_t> links0_;  // level 0 lists, 1 + 2m per slot
-  std::vector<std::uint32_t> upper_at_;     // slot -> offset of its level >= 1 lists in upper_
-  std::vector<std::uint32_t> upper_;        // levels 1..level_[slot], 1 + m each
-  std::vector<std::uint32_t> free_;         // removed slots, reused by add
+  std::vector<std::uint32_t> upper_at_;       // slot -> offset of its level >= 1 lists in upper_
+  std::vector<std::uint32_t> upper_;          // levels 1..level_[slot], 1 + m each
+  std::vector<std::uint32_t> free_;           // removed slots, reused by add
   std::unordered_map<std::uint64_t, std::uint32_t> slot_of_;  // live id -> slot
   std::uint32_t entry_ = kNone;
   int top_level_ = -1;

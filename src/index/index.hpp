@@ -20,6 +20,8 @@ struct Candidate {
   float similarity = 0.0f;
 };
 
+using EntryVisitor = std::function<void(std::uint64_t id, const float* key)>;
+
 class VectorIndex {
  public:
   explicit VectorIndex(int dim);  // dim > 0
@@ -40,7 +42,7 @@ class VectorIndex {
     return search_key(key.data(), k, min_similarity);
   }
   // f(id, key) for every entry, in no particular order.
-  virtual void for_each(const std::function<void(std::uint64_t, const float*)>& f) const = 0;
+  virtual void for_each(const EntryVisitor& f) const = 0;
 
  protected:
   VectorIndex(const VectorIndex&) = default;

@@ -30,7 +30,7 @@ void SemanticIndex::clear() {
   hnsw_ = false;
 }
 
-void SemanticIndex::for_each(const std::function<void(std::uint64_t, const float*)>& f) const {
+void SemanticIndex::for_each(const EntryVisitor& f) const {
   active_->for_each(f);
 }
 

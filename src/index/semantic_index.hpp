@@ -31,7 +31,7 @@ class SemanticIndex final : public VectorIndex {
   std::size_t size() const override { return active_->size(); }
   void remove(std::uint64_t id) override;
   void clear() override;
-  void for_each(const std::function<void(std::uint64_t, const float*)>& f) const override;
+  void for_each(const EntryVisitor& f) const override;
 
  private:
   void add_key(std::uint64_t id, const float* key) override;
