@@ -23,13 +23,14 @@
 #include <random>
 #include <vector>
 
-#include "index/hnsw.hpp"
+#include "index/flat_index.hpp"
 #include "index/semantic_index.hpp"
 
 namespace {
 
+using attention_echo::index::FlatIndex;
 using attention_echo::index::SemanticIndex;
-namespace detail = attention_echo::index::detail;
+using attention_echo::index::VectorIndex;
 
 constexpr int kDim = 128;
 constexpr int kClusterSize = 50;
@@ -69,7 +70,8 @@ std::vector<float> clustered_keys(std::size_t n, const std::vector<float>& centr
 // One data set per size, built once and shared by both benchmarks.
 struct DataSet {
   std::vector<float> queries;
-  std::unique_ptr<SemanticIndex> flat, index;
+  std::unique_ptr<FlatIndex> flat;
+  std::unique_ptr<SemanticIndex> index;  // default options, as the cache builds it
   std::vector<std::uint64_t> truth;  // exact top-1 id per query
   double index_build_s = 0;
 };
@@ -85,13 +87,7 @@ DataSet& data_set(std::size_t n) {
   const std::vector<float> keys = clustered_keys(n, centres, rng);
   ds.queries = clustered_keys(kQueries, centres, rng);
 
-  // Brute force: a threshold no size reaches.
-  detail::IndexTuning tuning = detail::index_tuning();
-  const detail::IndexTuning saved = tuning;
-  tuning.hnsw_threshold = SIZE_MAX;
-  detail::set_index_tuning(tuning);
-  ds.flat = std::make_unique<SemanticIndex>(kDim);
-  detail::set_index_tuning(saved);
+  ds.flat = std::make_unique<FlatIndex>(kDim);
   ds.index = std::make_unique<SemanticIndex>(kDim);
 
   const auto start = std::chrono::steady_clock::now();
@@ -124,7 +120,7 @@ double percentile(std::vector<double> v, double p) {
 std::map<std::size_t, Summary> flat_summary, index_summary;
 
 // Times one search per iteration, query i % kQueries; reports p50/p99 and recall@1.
-void run_lookups(benchmark::State& state, const SemanticIndex& index, const DataSet& ds,
+void run_lookups(benchmark::State& state, const VectorIndex& index, const DataSet& ds,
                  Summary& summary) {
   std::vector<double> us, cpu_us;
   std::size_t q = 0, hits = 0;

@@ -492,7 +492,8 @@ TEST(Config, ValidationNamesTheField) {
   rejects([](EchoConfig& c) { c.capacity = 0; }, "capacity must be positive");
   rejects([](EchoConfig& c) { c.similarity_threshold = 1.5; }, "similarity_threshold must be between 0 and 1");
   rejects([](EchoConfig& c) { c.max_prefix_length = 0; }, "max_prefix_length");
-  rejects([](EchoConfig& c) { c.adjustment_strength = -1; }, "adjustment_strength");
+  rejects([](EchoConfig& c) { c.adjustment_strength = -1; }, "adjustment_strength must be between 0 and 1");
+  rejects([](EchoConfig& c) { c.adjustment_strength = 1.5; }, "adjustment_strength must be between 0 and 1");
   rejects([](EchoConfig& c) { c.hash_dim = 0; }, "hash_dim");
   rejects([](EchoConfig& c) { c.max_bytes = 0; }, "max_bytes");
   rejects([](EchoConfig& c) { c.max_error = NAN; }, "max_error");

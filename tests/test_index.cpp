@@ -8,10 +8,12 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <tuple>
 #include <vector>
 
-#include "index/hnsw.hpp"
+#include "index/distance.hpp"
 #include "index/semantic_index.hpp"
+#include "isa_scope.hpp"
 
 namespace attention_echo::index {
 namespace {
@@ -20,19 +22,12 @@ constexpr int kDim = 64;
 constexpr std::size_t kAlwaysFlat = SIZE_MAX;
 constexpr std::size_t kAlwaysHnsw = 0;
 
-// Sets the HNSW threshold for the indexes a test constructs.
-class ScopedThreshold {
- public:
-  explicit ScopedThreshold(std::size_t threshold) : saved_(detail::index_tuning()) {
-    detail::IndexTuning t = saved_;
-    t.hnsw_threshold = threshold;
-    detail::set_index_tuning(t);
-  }
-  ~ScopedThreshold() { detail::set_index_tuning(saved_); }
-
- private:
-  detail::IndexTuning saved_;
-};
+// Default options but for the HNSW threshold.
+SemanticIndexOptions threshold(std::size_t hnsw_threshold) {
+  SemanticIndexOptions options;
+  options.hnsw_threshold = hnsw_threshold;
+  return options;
+}
 
 void normalise(float* v) {
   double norm = 0;
@@ -81,9 +76,8 @@ std::vector<Candidate> naive_search(const std::vector<float>& keys,
 }
 
 TEST(SemanticIndex, BruteForceIsExact) {
-  ScopedThreshold flat(kAlwaysFlat);
   const auto keys = make_keys(1500, 0, 1), queries = make_keys(40, 0, 2);
-  SemanticIndex index(kDim);
+  SemanticIndex index(kDim, threshold(kAlwaysFlat));
   std::vector<std::uint64_t> ids;
   for (std::size_t i = 0; i < 1500; ++i) {
     ids.push_back(1000 + 7 * i);
@@ -103,16 +97,15 @@ TEST(SemanticIndex, BruteForceIsExact) {
 }
 
 // Add, replace, remove, clear behave the same in both modes.
-class IndexModes : public testing::TestWithParam<std::size_t> {};
-INSTANTIATE_TEST_SUITE_P(, IndexModes, testing::Values(kAlwaysFlat, kAlwaysHnsw),
+class IndexModes : public ::testing::TestWithParam<std::size_t> {};
+INSTANTIATE_TEST_SUITE_P(, IndexModes, ::testing::Values(kAlwaysFlat, kAlwaysHnsw),
                          [](const auto& info) {
                            return info.param == kAlwaysFlat ? "Flat" : "Hnsw";
                          });
 
 TEST_P(IndexModes, AddReplaceRemoveClear) {
-  ScopedThreshold threshold(GetParam());
   const auto keys = make_keys(300, 0, 3);
-  SemanticIndex index(kDim);
+  SemanticIndex index(kDim, threshold(GetParam()));
   EXPECT_EQ(index.dim(), kDim);
   EXPECT_TRUE(index.search(row(keys, 0), 5, -1.0f).empty());
 
@@ -162,12 +155,20 @@ TEST_P(IndexModes, AddReplaceRemoveClear) {
 }
 
 TEST_P(IndexModes, RejectsWrongKeySize) {
-  ScopedThreshold threshold(GetParam());
-  SemanticIndex index(kDim);
+  SemanticIndex index(kDim, threshold(GetParam()));
   const std::vector<float> short_key(kDim - 1, 0.1f);
   EXPECT_THROW(index.add(1, short_key), std::invalid_argument);
   EXPECT_THROW(index.search(short_key, 1, 0.0f), std::invalid_argument);
   EXPECT_THROW(SemanticIndex(0), std::invalid_argument);
+}
+
+TEST(SemanticIndex, RejectsHnswOptionsOutOfRange) {
+  for (const auto& [m, ef_construction, ef_search] :
+       {std::tuple{1, 100, 12}, {65, 100, 12}, {16, 0, 12}, {16, 100, 0}}) {
+    SemanticIndexOptions options;
+    options.hnsw = {.m = m, .ef_construction = ef_construction, .ef_search = ef_search};
+    EXPECT_THROW(SemanticIndex(kDim, options), std::invalid_argument) << m;
+  }
 }
 
 // recall@1 of an HNSW-mode index against exact search on the same keys.
@@ -183,55 +184,39 @@ double recall_at_1(const SemanticIndex& hnsw, const SemanticIndex& exact,
 
 TEST(SemanticIndex, HnswRecallOnClusteredKeys) {
   const auto keys = make_keys(2000, 40, 4), queries = make_keys(300, 40, 5);
-  std::unique_ptr<SemanticIndex> hnsw, exact;
-  {
-    ScopedThreshold t(kAlwaysHnsw);
-    hnsw = std::make_unique<SemanticIndex>(kDim);
-  }
-  {
-    ScopedThreshold t(kAlwaysFlat);
-    exact = std::make_unique<SemanticIndex>(kDim);
-  }
+  SemanticIndex hnsw(kDim, threshold(kAlwaysHnsw)), exact(kDim, threshold(kAlwaysFlat));
   for (std::uint64_t i = 0; i < 2000; ++i) {
-    hnsw->add(i, row(keys, i));
-    exact->add(i, row(keys, i));
+    hnsw.add(i, row(keys, i));
+    exact.add(i, row(keys, i));
   }
-  EXPECT_GE(recall_at_1(*hnsw, *exact, queries, 300), 0.95);
+  EXPECT_GE(recall_at_1(hnsw, exact, queries, 300), 0.95);
 }
 
 // Evict half, add fresh keys into the freed slots, evict again: removed ids
 // never come back and recall holds up without a rebuild.
 TEST(SemanticIndex, HnswChurnNeverReturnsRemovedIds) {
   const auto keys = make_keys(2400, 48, 6), queries = make_keys(150, 48, 7);
-  std::unique_ptr<SemanticIndex> hnsw, exact;
-  {
-    ScopedThreshold t(kAlwaysHnsw);
-    hnsw = std::make_unique<SemanticIndex>(kDim);
-  }
-  {
-    ScopedThreshold t(kAlwaysFlat);
-    exact = std::make_unique<SemanticIndex>(kDim);
-  }
+  SemanticIndex hnsw(kDim, threshold(kAlwaysHnsw)), exact(kDim, threshold(kAlwaysFlat));
   std::set<std::uint64_t> live, removed;
   auto add = [&](std::uint64_t id) {
-    hnsw->add(id, row(keys, id));
-    exact->add(id, row(keys, id));
+    hnsw.add(id, row(keys, id));
+    exact.add(id, row(keys, id));
     live.insert(id);
   };
   auto remove = [&](std::uint64_t id) {
-    hnsw->remove(id);
-    exact->remove(id);
+    hnsw.remove(id);
+    exact.remove(id);
     live.erase(id);
     removed.insert(id);
   };
   auto check = [&] {
-    ASSERT_EQ(hnsw->size(), live.size());
+    ASSERT_EQ(hnsw.size(), live.size());
     for (std::size_t q = 0; q < 150; ++q)
-      for (const auto& c : hnsw->search(row(queries, q), 20, -1.0f))
+      for (const auto& c : hnsw.search(row(queries, q), 20, -1.0f))
         ASSERT_TRUE(live.count(c.id)) << c.id;
     for (const std::uint64_t id : removed)  // a removed key must not find itself
-      for (const auto& c : hnsw->search(row(keys, id), 3, 0.999f)) ASSERT_NE(c.id, id);
-    EXPECT_GE(recall_at_1(*hnsw, *exact, queries, 150), 0.95);
+      for (const auto& c : hnsw.search(row(keys, id), 3, 0.999f)) ASSERT_NE(c.id, id);
+    EXPECT_GE(recall_at_1(hnsw, exact, queries, 150), 0.95);
   };
 
   std::mt19937_64 rng(8);
@@ -248,9 +233,8 @@ TEST(SemanticIndex, HnswChurnNeverReturnsRemovedIds) {
 // Crossing the threshold builds the graph; falling below half of it goes
 // back to exact search. Contents survive both switches.
 TEST(SemanticIndex, SwitchesBetweenFlatAndHnsw) {
-  ScopedThreshold threshold(100);
   const auto keys = make_keys(400, 0, 9);
-  SemanticIndex index(kDim);
+  SemanticIndex index(kDim, threshold(100));
   for (std::uint64_t i = 0; i < 400; ++i) index.add(i, row(keys, i));
   EXPECT_EQ(index.size(), 400u);
   for (std::uint64_t i = 0; i < 400; i += 37)
@@ -275,9 +259,8 @@ TEST(SemanticIndex, SwitchesBetweenFlatAndHnsw) {
 // search() is const and may run on many threads at once (the cache's shared
 // lock); each thread must see exactly what a lone search sees.
 TEST_P(IndexModes, ConcurrentSearchesAgree) {
-  ScopedThreshold threshold(GetParam());
   const auto keys = make_keys(1000, 20, 10), queries = make_keys(100, 20, 11);
-  SemanticIndex index(kDim);
+  SemanticIndex index(kDim, threshold(GetParam()));
   for (std::uint64_t i = 0; i < 1000; ++i) index.add(i, row(keys, i));
   std::vector<std::vector<Candidate>> expected;
   for (std::size_t q = 0; q < 100; ++q) expected.push_back(index.search(row(queries, q), 5, 0.0f));
@@ -300,18 +283,29 @@ TEST_P(IndexModes, ConcurrentSearchesAgree) {
   for (int t = 0; t < 4; ++t) EXPECT_EQ(mismatches[t], 0) << "thread " << t;
 }
 
-TEST(SemanticIndexDot, MatchesScalarForAnyLength) {
+// Every ISA path, both kernels: 6 rows cover the AVX-512 scan's 4-row blocks
+// and its tail.
+TEST(DotKernels, MatchFloat64ForAnyLengthOnEveryIsa) {
+  constexpr std::size_t kRows = 6;
   std::mt19937_64 rng(12);
   std::normal_distribution<float> gauss;
-  for (const int n : {1, 7, 15, 16, 17, 33, 64, 100, 128, 130}) {
-    std::vector<float> a(n), b(n);
-    double want = 0;
-    for (int i = 0; i < n; ++i) {
-      a[i] = gauss(rng);
-      b[i] = gauss(rng);
-      want += double(a[i]) * b[i];
+  for (const Isa isa : supported_isas()) {
+    const attention_echo::testing::IsaScope scope(isa);
+    const DotKernels kernels = dot_kernels();
+    for (const int n : {1, 7, 15, 16, 17, 33, 64, 100, 128, 130}) {
+      std::vector<float> q(n), rows(kRows * n);
+      for (auto& x : q) x = gauss(rng);
+      for (auto& x : rows) x = gauss(rng);
+      std::vector<float> got(kRows);
+      kernels.dot_rows(q.data(), rows.data(), kRows, n, got.data());
+      for (std::size_t r = 0; r < kRows; ++r) {
+        double want = 0;
+        for (int i = 0; i < n; ++i) want += double(q[i]) * rows[r * n + i];
+        EXPECT_NEAR(kernels.dot(q.data(), &rows[r * n], n), want, 1e-4 * n)
+            << to_string(isa) << " n " << n;
+        EXPECT_NEAR(got[r], want, 1e-4 * n) << to_string(isa) << " n " << n << " row " << r;
+      }
     }
-    EXPECT_NEAR(detail::dot(a.data(), b.data(), n), want, 1e-4 * n) << n;
   }
 }
 

@@ -22,16 +22,8 @@ How the request maps onto the cache:
   kwarg ``echo_prefix_length=`` (transformers passes extra kwargs down to the
   attention function). If neither is set, the prefix is ``len(prefix_tokens)``
   when tokens are given, else the whole prompt.
-* **Prefix embeddings** (the semantic key): the mean over prefix positions of
-  the layer's own *values*, flattened over kv heads: one (1, Hkv * head_dim)
-  row. Hidden states are not visible to an attention function; keys and
-  values are, and both depend on the prefix through this layer's weights.
-  Values carry content without RoPE's positional part: on the project's
-  trained model (echo-llama-6m, 896-token prefixes) the key means of
-  unrelated documents had cosine 0.92-0.997 (everything would look similar),
-  value means 0.02-0.86, and 0.997+ for a near-duplicate. Mean-pooling is
-  what the key computation does first anyway, so passing the mean loses
-  nothing.
+* **Prefix embeddings** (the semantic key): the mean of the layer's own
+  values over the prefix, see ``_prefix_embeddings``.
 * **Prefix tokens** (exact tier): ``echo_context(prefix_tokens=...)`` or
   ``echo_prefix_tokens=``; (P,) shared by the batch or (B, P).
 * **Namespace**: ``echo_context(namespace=...)`` / ``echo_namespace=``.
@@ -57,7 +49,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._cache import AttentionEchoCache
 from ._config import EchoConfig
-from .torch import echo_attention
+from ._request import EchoRequest
+from .torch import _echo_batch
 
 __all__ = ["register", "enable", "echo_context", "caches", "stats", "clear", "last_meta", "NAME"]
 
@@ -184,6 +177,36 @@ def _can_echo(module, query, key, attention_mask, dropout, kwargs) -> bool:
     return True
 
 
+def _prefix_length(prefix_length: Optional[int], prefix_tokens, tokens: int) -> int:
+    """The prefix asked for (clipped to the ``tokens`` of this call); when
+    none is, the length of ``prefix_tokens`` ((P,) or (B, P)), else the whole
+    prompt."""
+    if prefix_length is None:
+        if prefix_tokens is None:
+            return tokens
+        prefix_length = len(prefix_tokens[0] if getattr(prefix_tokens, "ndim", 1) == 2 else prefix_tokens)
+    return min(int(prefix_length), tokens)
+
+
+def _prefix_embeddings(value: torch.Tensor, prefix_length: int) -> Optional[torch.Tensor]:
+    """The prefix embeddings of the Hugging Face integration: the mean over
+    the prefix positions of the layer's own values, flattened over kv heads,
+    one (1, Hkv * head_dim) row per sequence: (B, 1, Hkv * head_dim) from
+    (B, Hkv, T, head_dim) ``value``. None without a prefix.
+
+    Hidden states are not visible to an attention function; keys and values
+    are, and both depend on the prefix through this layer's weights. Values
+    carry content without RoPE's positional part: on the project's trained
+    model (echo-llama-6m, 896-token prefixes) the key means of unrelated
+    documents had cosine 0.92-0.997 (everything would look similar), value
+    means 0.02-0.86, and 0.997+ for a near-duplicate. Mean-pooling is what
+    the key computation does first anyway, so passing the mean loses nothing.
+    """
+    if prefix_length <= 0:
+        return None
+    return value[:, :, :prefix_length].detach().float().mean(dim=2).reshape(value.shape[0], 1, -1)
+
+
 def echo_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -206,28 +229,18 @@ def echo_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
 
-    tokens = query.shape[2]
-    if prefix_length is None:
-        prefix_length = len(prefix_tokens[0] if getattr(prefix_tokens, "ndim", 1) == 2 else prefix_tokens) \
-            if prefix_tokens is not None else tokens
-    prefix_length = min(int(prefix_length), tokens)
-    embeddings = None
-    if prefix_length > 0:
-        # (B, Hkv, P, D) values -> mean over P -> (B, 1, Hkv * D): one embedding row per sequence.
-        embeddings = value[:, :, :prefix_length].detach().float().mean(dim=2).reshape(value.shape[0], 1, -1)
-    out, meta = echo_attention(
-        _cache_of(module),
-        query,
-        key,
-        value,
-        prefix_length,
-        embeddings,
+    prefix_length = _prefix_length(prefix_length, prefix_tokens, query.shape[2])
+    requests = EchoRequest.per_sequence(
+        query.shape[0],
+        _prefix_embeddings(value, prefix_length),
+        prefix_tokens,
+        prefix_length=prefix_length,
         layer_id=getattr(module, "layer_idx", 0) or 0,
         scale=scaling,
         causal=True,
-        prefix_tokens=prefix_tokens,
         namespace=namespace,
     )
+    out, meta = _echo_batch(_cache_of(module), query, key, value, requests)
     module._echo_last_meta = meta
     return out, None
 

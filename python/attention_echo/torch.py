@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._cache import AttentionEchoCache, _torch_f32
+from ._cache import AttentionEchoCache
 from ._config import EchoConfig
+from ._convert import torch_f32
+from ._request import EchoRequest
 
 __all__ = ["EchoAttention", "EchoMultiHeadAttention", "echo_attention"]
 
@@ -56,6 +58,18 @@ def _make_config(config: Optional[EchoConfig], cache_capacity: Optional[int]) ->
     return config
 
 
+def _default_prefix_embeddings(inputs: torch.Tensor, prefix_length: int) -> Optional[torch.Tensor]:
+    """The prefix embeddings of the torch modules when the caller passes none.
+
+    The seed's definition: the module's input rows of the prefix,
+    ``inputs[:, :prefix_length]`` (B, P, hidden), where the input is
+    ``query`` for ``EchoAttention`` and ``hidden_states`` for
+    ``EchoMultiHeadAttention``; the core mean-pools them into the semantic
+    key. None without a prefix (nothing to key).
+    """
+    return inputs[:, :prefix_length] if prefix_length > 0 else None
+
+
 def _merge_meta(metas: List[Dict[str, Any]]) -> Dict[str, Any]:
     if len(metas) == 1:
         return metas[0]
@@ -67,6 +81,37 @@ def _merge_meta(metas: List[Dict[str, Any]]) -> Dict[str, Any]:
         "compute_mode": "echo" if all(hits) else ("partial_echo" if any(hits) else "full"),
         "per_sequence": metas,
     }
+
+
+def _echo_batch(
+    cache: AttentionEchoCache,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    requests: Sequence[EchoRequest],
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """``echo_attention`` with one prepared request per sequence: the path
+    every torch and Hugging Face caller takes to the cache."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            "query, key and value must be (B, H, T, D) tensors, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, heads, tokens, dim = query.shape
+    dtype, device = query.dtype, query.device
+
+    q, k, v = torch_f32(query), torch_f32(key), torch_f32(value)
+    direct = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(-1) == 1
+    result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=torch.float32)
+    # result[b].transpose(0, 1): the (H, T, D) view of the token-major output.
+    metas = [cache._run(q[b], k[b], v[b], result[b].transpose(0, 1), requests[b]) for b in range(batch)]
+    if out is not None and not direct:
+        out.copy_(result)
+        result = out
+    elif result.dtype != dtype or result.device != device:
+        result = result.to(device=device, dtype=dtype)
+    return result, _merge_meta(metas)
 
 
 def echo_attention(
@@ -94,53 +139,89 @@ def echo_attention(
     wants) in ``query``'s dtype and device, and the metadata (the core's dict
     for B == 1, a summary with ``per_sequence`` otherwise).
     """
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            "query, key and value must be (B, H, T, D) tensors, got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    batch, heads, tokens, dim = query.shape
-    dtype, device = query.dtype, query.device
+    requests = EchoRequest.per_sequence(
+        query.shape[0], prefix_embeddings, prefix_tokens, prefix_length=prefix_length, layer_id=layer_id,
+        scale=scale, causal=causal, namespace=namespace,
+    )
+    return _echo_batch(cache, query, key, value, requests, out)
 
-    q, k, v = _torch_f32(query), _torch_f32(key), _torch_f32(value)
-    direct = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(-1) == 1
-    result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=torch.float32)
-    emb_batched = prefix_embeddings is not None and getattr(prefix_embeddings, "ndim", 0) == 3
-    tok_batched = prefix_tokens is not None and getattr(prefix_tokens, "ndim", None) == 2
-    if isinstance(prefix_tokens, (list, tuple)) and prefix_tokens and hasattr(prefix_tokens[0], "__len__"):
-        tok_batched = True
-    metas = []
-    for b in range(batch):
-        metas.append(
-            cache._run(
-                q[b],
-                k[b],
-                v[b],
-                result[b].transpose(0, 1),  # (H, T, D) view of the token-major output
-                prefix_length,
-                prefix_embeddings[b] if emb_batched else prefix_embeddings,
-                layer_id,
-                scale,
-                causal,
-                prefix_tokens[b] if tok_batched else prefix_tokens,
-                namespace,
-            )
-        )
-    if out is not None and not direct:
-        out.copy_(result)
-        result = out
-    elif result.dtype != dtype or result.device != device:
-        result = result.to(device=device, dtype=dtype)
-    return result, _merge_meta(metas)
+
+def _sdpa(q, k, v, mask, scale, causal, dropout_p=0.0):
+    """PyTorch SDPA on (B, H, T, D) with GQA; returns (B, T, H, D)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=scale
+    )
+    return out.transpose(1, 2)
 
 
 class _EchoBase(nn.Module):
+    """What both modules share: config, cache, scale, and the one dispatch
+    between the cache and PyTorch SDPA (``_attend``)."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, config: Optional[EchoConfig],
+                 cache_capacity: Optional[int], layer_id: int, causal: bool) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.config = _make_config(config, cache_capacity)
+        self.layer_id = layer_id
+        self.causal = causal
+        self.cache = AttentionEchoCache(self.config)
+        self.scale = self.head_dim**-0.5
+        self._warned_grad = False
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        inputs: torch.Tensor,
+        prefix_length: int,
+        prefix_embeddings,
+        prefix_tokens,
+        namespace: str,
+        mask: Optional[torch.Tensor] = None,
+        use_echo: bool = True,
+        dropout_p: float = 0.0,
+    ) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """Attention of (B, H, T, D) ``q`` and (B, Hkv, T, D) ``k``/``v``;
+        returns the (B, T, H, D) output and the metadata.
+
+        An explicit ``mask`` or ``use_echo=False`` runs PyTorch SDPA (the
+        seed's standard path, ``compute_mode`` "standard"); otherwise the
+        cache, one request per sequence, with ``prefix_embeddings`` defaulting
+        to ``_default_prefix_embeddings(inputs, prefix_length)``.
+        """
+        if mask is not None or not use_echo:
+            out = _sdpa(q, k, v, mask, self.scale, self.causal, dropout_p)
+            return out, {"echo_hit": False, "compute_mode": "standard", "tokens_computed": q.shape[2]}
+        self._warn_if_grad(q, k, v)
+        if prefix_embeddings is None:
+            prefix_embeddings = _default_prefix_embeddings(inputs, prefix_length)
+        requests = EchoRequest.per_sequence(
+            q.shape[0], prefix_embeddings, prefix_tokens, prefix_length=prefix_length,
+            layer_id=self.layer_id, scale=self.scale, causal=self.causal, namespace=namespace,
+        )
+        return _echo_batch(self.cache, q, k, v, requests)
+
     def _warn_if_grad(self, *tensors: torch.Tensor) -> None:
         if self._warned_grad or not torch.is_grad_enabled():
             return
         if any(t.requires_grad for t in tensors):
-            warnings.warn(_GRAD_WARNING.format(name=type(self).__name__), UserWarning, stacklevel=3)
+            # stacklevel: the caller of forward (through _attend and nn.Module.__call__).
+            warnings.warn(_GRAD_WARNING.format(name=type(self).__name__), UserWarning, stacklevel=4)
             self._warned_grad = True
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+    def extra_repr(self) -> str:
+        return f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, layer_id={self.layer_id}, causal={self.causal}"
 
 
 class EchoAttention(_EchoBase):
@@ -170,18 +251,9 @@ class EchoAttention(_EchoBase):
         cache_capacity: Optional[int] = None,
         causal: bool = True,
     ) -> None:
-        super().__init__()
         if hidden_dim <= 0 or num_heads <= 0 or hidden_dim % num_heads != 0:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.head_dim = hidden_dim // num_heads
-        self.config = _make_config(config, cache_capacity)
-        self.layer_id = layer_id
-        self.causal = causal
-        self.cache = AttentionEchoCache(self.config)
-        self.scale = self.head_dim**-0.5
-        self._warned_grad = False
+        super().__init__(hidden_dim, num_heads, config, cache_capacity, layer_id, causal)
 
     def forward(
         self,
@@ -197,8 +269,8 @@ class EchoAttention(_EchoBase):
     ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Returns ``(output, metadata)``; output shaped like ``query``.
 
-        ``prefix_embeddings`` default to ``query[:, :prefix_length]`` (as in
-        the seed); (B, P, E) or (P, E)."""
+        ``prefix_embeddings``: (B, P, E) or (P, E); default
+        ``query[:, :prefix_length]`` (see ``_default_prefix_embeddings``)."""
         squeeze = query.dim() == 2
         if squeeze:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -215,38 +287,10 @@ class EchoAttention(_EchoBase):
         q = query.reshape(batch, tokens, -1, hd).transpose(1, 2)
         k = key.reshape(batch, key.shape[1], -1, hd).transpose(1, 2)
         v = value.reshape(batch, value.shape[1], -1, hd).transpose(1, 2)
-
-        if attn_mask is not None:
-            out = _sdpa(q, k, v, attn_mask, self.scale, causal=False)
-            meta: Dict[str, Any] = {"echo_hit": False, "compute_mode": "standard", "tokens_computed": tokens}
-        else:
-            self._warn_if_grad(query, key, value)
-            if prefix_embeddings is None and prefix_length > 0:
-                prefix_embeddings = query[:, :prefix_length]
-            out, meta = echo_attention(
-                self.cache, q, k, v, prefix_length, prefix_embeddings, layer_id=self.layer_id,
-                scale=self.scale, causal=self.causal, prefix_tokens=prefix_tokens, namespace=namespace,
-            )
+        out, meta = self._attend(q, k, v, query, prefix_length, prefix_embeddings, prefix_tokens, namespace,
+                                 mask=attn_mask)
         out = out.reshape(batch, tokens, self.hidden_dim)
         return (out[0] if squeeze else out), meta
-
-    def clear_cache(self) -> None:
-        self.cache.clear()
-
-    def extra_repr(self) -> str:
-        return f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, layer_id={self.layer_id}, causal={self.causal}"
-
-
-def _sdpa(q, k, v, mask, scale, causal, dropout_p=0.0):
-    """PyTorch SDPA on (B, H, T, D) with GQA; returns (B, T, H, D)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None, scale=scale
-    )
-    return out.transpose(1, 2)
 
 
 class EchoMultiHeadAttention(_EchoBase):
@@ -256,7 +300,7 @@ class EchoMultiHeadAttention(_EchoBase):
     use_echo)`` returns ``(output, metadata)``. The attention of every head
     runs in one C++ call per sequence; the projections stay in PyTorch.
     ``prefix_embeddings`` default to ``hidden_states[:, :prefix_length]`` (the
-    seed's choice).
+    seed's choice, see ``_default_prefix_embeddings``).
 
     WARNING: inference-only; the echo path breaks gradient flow.
     """
@@ -272,37 +316,21 @@ class EchoMultiHeadAttention(_EchoBase):
         cache_capacity: Optional[int] = None,
         causal: bool = True,
     ) -> None:
-        super().__init__()
         if hidden_dim % num_heads != 0:
             raise ValueError(f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})")
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.head_dim = hidden_dim // num_heads
-        self.config = _make_config(config, cache_capacity)
-        self.layer_id = layer_id
-        self.causal = causal
+        super().__init__(hidden_dim, num_heads, config, cache_capacity, layer_id, causal)
         self.q_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
         self.out_proj = nn.Linear(hidden_dim, hidden_dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self._cache = AttentionEchoCache(self.config)
-        self.scale = self.head_dim**-0.5
-        self._warned_grad = False
-
-    @property
-    def cache(self) -> AttentionEchoCache:
-        return self._cache
 
     def get_stats(self) -> Dict[str, Any]:
         """The seed's summary (hits, misses, total_lookups, hit_rate,
         ops_saved, num_heads) plus the cache's full stats."""
-        stats = dict(self._cache.stats)
+        stats = dict(self.cache.stats)
         stats["num_heads"] = self.num_heads
         return stats
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     def forward(
         self,
@@ -324,21 +352,8 @@ class EchoMultiHeadAttention(_EchoBase):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-
-        if not use_echo or attention_mask is not None:
-            dropout_p = self.dropout.p if self.training else 0.0
-            out = _sdpa(q, k, v, attention_mask, self.scale, self.causal, dropout_p)
-            meta: Dict[str, Any] = {"echo_hit": False, "compute_mode": "standard", "tokens_computed": tokens}
-        else:
-            self._warn_if_grad(q, k, v)
-            if prefix_embeddings is None and prefix_length > 0:
-                prefix_embeddings = hidden_states[:, :prefix_length]
-            out, meta = echo_attention(
-                self._cache, q, k, v, prefix_length, prefix_embeddings, layer_id=self.layer_id,
-                scale=self.scale, causal=self.causal, prefix_tokens=prefix_tokens, namespace=namespace,
-            )
-        out = self.out_proj(out.reshape(batch, tokens, self.hidden_dim))
-        return out, meta
-
-    def extra_repr(self) -> str:
-        return f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, layer_id={self.layer_id}, causal={self.causal}"
+        out, meta = self._attend(
+            q, k, v, hidden_states, prefix_length, prefix_embeddings, prefix_tokens, namespace,
+            mask=attention_mask, use_echo=use_echo, dropout_p=self.dropout.p if self.training else 0.0,
+        )
+        return self.out_proj(out.reshape(batch, tokens, self.hidden_dim)), meta

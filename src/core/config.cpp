@@ -42,8 +42,8 @@ void EchoConfig::validate() const {
   if (!(similarity_threshold >= 0.0 && similarity_threshold <= 1.0))
     fail("similarity_threshold must be between 0 and 1");
   if (max_prefix_length <= 0) fail("max_prefix_length must be positive");
-  if (!std::isfinite(adjustment_strength) || adjustment_strength < 0.0)
-    fail("adjustment_strength must be non-negative");
+  if (!(adjustment_strength >= 0.0 && adjustment_strength <= 1.0))
+    fail("adjustment_strength must be between 0 and 1");
   if (hash_dim <= 0) fail("hash_dim must be positive");
   if (max_bytes <= 0) fail("max_bytes must be positive");
   if (std::isnan(max_error) || max_error < 0.0) fail("max_error must be non-negative (inf disables the guard)");

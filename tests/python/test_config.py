@@ -49,6 +49,8 @@ def test_is_a_dataclass_with_keywords_and_positionals():
         ({"similarity_threshold": 1.5}, "similarity_threshold must be between 0 and 1"),
         ({"similarity_threshold": -0.1}, "similarity_threshold must be between 0 and 1"),
         ({"similarity_threshold": math.nan}, "similarity_threshold must be between 0 and 1"),
+        ({"adjustment_strength": 1.5}, "adjustment_strength must be between 0 and 1"),
+        ({"adjustment_strength": -0.1}, "adjustment_strength must be between 0 and 1"),
     ],
 )
 def test_seed_validation_messages(kwargs, message):

@@ -159,3 +159,16 @@ def test_inference_mode_tensors():
         out, meta = attention(q, q, q, prefix_length=16)
         _, meta2 = attention(q, q, q, prefix_length=16)
     assert out.shape == q.shape and not meta["echo_hit"] and meta2["echo_hit"]
+
+
+def test_batched_prefix_arguments_must_have_one_entry_per_sequence():
+    attention = EchoAttention(hidden_dim=32, num_heads=2)
+    q = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        _, meta = attention(q, q, q, prefix_length=8, prefix_embeddings=torch.randn(2, 8, 5),
+                            prefix_tokens=[[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
+        assert len(meta["per_sequence"]) == 2
+        for kwargs in ({"prefix_embeddings": torch.randn(3, 8, 5)}, {"prefix_tokens": np.zeros((1, 8), np.int64)}):
+            with pytest.raises(ValueError, match="^prefix_(embeddings|tokens) must have one entry per sequence"):
+                attention(q, q, q, prefix_length=8, **kwargs)
+    assert len(attention.cache) == 2
