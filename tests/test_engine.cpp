@@ -12,12 +12,13 @@
 #include <string>
 #include <vector>
 
-#include "attention_echo/bench.hpp"
-#include "attention_echo/llama.hpp"
+#include "attention_echo/engine.hpp"
+#include "cli/bench.hpp"
 #include "engine/gemm.hpp"
 
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
+namespace bench = attention_echo::bench;
 
 namespace {
 
@@ -343,7 +344,7 @@ TEST(EngineRoutes, ChunkedAndPrefixReuseMatchAFullForward) {
   const auto tail = engine.forward(std::span<const int>(kProbe).subspan(5), kv, {}, -1).logits;
   EXPECT_LT(max_abs_diff(tail, std::vector<float>(full.begin() + 5 * V, full.end())), 1e-4);
   // A stored prompt shares the first 9 tokens with the probe.
-  llama::PrefixStore store;
+  ae::serving::PrefixStore store;
   std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
   other.push_back(42);
   llama::KVState okv;
@@ -433,9 +434,9 @@ std::string synthetic_heldout() {
 TEST(EngineScenarios, DeterministicAndWithinTheContext) {
   const llama::Tokenizer tok(kTokenizer, 512);
   const std::string heldout = synthetic_heldout();
-  for (const auto& name : llama::scenario_names()) {
-    const auto a = llama::make_scenario(name, heldout, tok, 128, 12, 5);
-    const auto b = llama::make_scenario(name, heldout, tok, 128, 12, 5);
+  for (const auto& name : bench::scenario_names()) {
+    const auto a = bench::make_scenario(name, heldout, tok, 128, 12, 5);
+    const auto b = bench::make_scenario(name, heldout, tok, 128, 12, 5);
     ASSERT_EQ(a.requests.size(), 12u) << name;
     for (std::size_t i = 0; i < a.requests.size(); ++i) {
       const auto& r = a.requests[i];
@@ -456,18 +457,18 @@ TEST(EngineScenarios, DeterministicAndWithinTheContext) {
       }
     if (name != "near-dup") EXPECT_GT(longest, 40u) << name;
   }
-  EXPECT_THROW(llama::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
-  EXPECT_THROW(llama::make_scenario("rag", "no sections here", tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(bench::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(bench::make_scenario("rag", "no sections here", tok, 128, 4, 1), std::invalid_argument);
 }
 
 TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   const llama::Model model(llama::load_llama2c(kModel));
   const llama::Tokenizer tok(kTokenizer, 512);
-  const auto scenario = llama::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
-  llama::BenchOptions options;
+  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
+  bench::BenchOptions options;
   options.threads = 2;
   int calls = 0;
-  const auto report = llama::run_scenario(model, scenario, options, [&](int done, int total) {
+  const auto report = bench::run_scenario(model, scenario, options, [&](int done, int total) {
     EXPECT_EQ(done, ++calls);
     EXPECT_EQ(total, 8);
   });
@@ -482,7 +483,9 @@ TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   EXPECT_EQ(exact.hidden_rel_err_max, 0.0);  // same kernels, same rows: bit-identical
   EXPECT_EQ(exact.top1_agree, 8);
   EXPECT_LT(exact.tokens_computed, exact.tokens_total);  // 3 system prompts over 8 requests
-  EXPECT_NE(llama::format_report(report).find("exact-prefix"), std::string::npos);
-  EXPECT_NE(llama::reports_to_json({report}, "\"k\": 1").find("\"scenarios\": [{\"scenario\": \"chatbot\""),
-            std::string::npos);
+  EXPECT_NE(bench::format_report(report).find("exact-prefix"), std::string::npos);
+  const auto json = bench::reports_to_json({report}, {{"k", 1}});
+  EXPECT_EQ(json.begin().key(), "k");  // the run's fields first
+  EXPECT_EQ(json.at("scenarios").at(0).at("scenario"), "chatbot");
+  EXPECT_EQ(json.at("scenarios").at(0).at("modes").size(), 3u);
 }
