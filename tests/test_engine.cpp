@@ -402,6 +402,50 @@ TEST(EngineRoutes, EchoCacheMissAndExactHitMatchThePlainPath) {
   EXPECT_EQ(cache.stats().hits_exact, static_cast<std::uint64_t>(L));
 }
 
+// A router without a cache always reuses the longest stored prefix; with
+// one, a cold prompt goes through the cache and the same prompt again skips
+// its stored K/V. Every plan's logits match the plain forward.
+TEST(EngineServing, RouterPlansReuseOrCacheAndExecutes) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const auto full = all_logits(model, kProbe);
+  const int V = model.config().vocab_size, T = static_cast<int>(kProbe.size());
+  const std::vector<float> last(full.end() - V, full.end());
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  using Route = ae::serving::Plan::Route;
+
+  ae::serving::Router exact(nullptr);
+  std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
+  other.push_back(42);
+  ae::serving::Plan cold = exact.plan(other, 5);
+  EXPECT_EQ(cold.route, Route::kReuse);
+  EXPECT_EQ(cold.kv.length, 0);
+  exact.execute(engine, other, cold);
+  EXPECT_EQ(cold.kv.length, 10);
+  ae::serving::Plan warm = exact.plan(kProbe, 12);
+  EXPECT_EQ(warm.kv.length, 9);
+  EXPECT_LT(max_abs_diff(exact.execute(engine, kProbe, warm).logits, last), 1e-4);
+
+  ae::EchoConfig config;
+  config.per_layer = true;
+  config.threads = 1;
+  ae::AttentionEchoCache cache(config);
+  ae::serving::Router echo(&cache, "test");
+  ae::serving::Plan first = echo.plan(kProbe, 10);
+  ASSERT_EQ(first.route, Route::kCache);
+  const auto r = echo.execute(engine, kProbe, first);
+  EXPECT_EQ(static_cast<int>(r.echo.size()), model.config().n_layers);
+  EXPECT_LT(max_abs_diff(r.logits, last), 1e-4);
+  ae::serving::Plan again = echo.plan(kProbe, 10);
+  EXPECT_EQ(again.route, Route::kReuse);
+  EXPECT_EQ(again.kv.length, T - 1);  // the last row is always computed
+  EXPECT_TRUE(again.reused_exact);    // every layer of the first run was exact
+  EXPECT_LT(max_abs_diff(echo.execute(engine, kProbe, again).logits, last), 1e-4);
+
+  EXPECT_THROW(echo.plan(kProbe, T), std::invalid_argument);
+  EXPECT_THROW(echo.plan(kProbe, -1), std::invalid_argument);
+}
+
 TEST(EngineRoutes, BadArgumentsThrowInvalidArgument) {
   const llama::Model model(llama::load_llama2c(kModel));
   ae::ThreadPool pool(1);
@@ -458,7 +502,22 @@ TEST(EngineScenarios, DeterministicAndWithinTheContext) {
     if (name != "near-dup") EXPECT_GT(longest, 40u) << name;
   }
   EXPECT_THROW(bench::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
-  EXPECT_THROW(bench::make_scenario("rag", "no sections here", tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(bench::make_scenario("rag", "too little text\n", tok, 128, 4, 1), std::invalid_argument);
+}
+
+// Text without "#### FILE:" lines is one plain document: every scenario
+// still builds from it.
+TEST(EngineScenarios, PlainTextIsOneDocument) {
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const std::string sectioned = synthetic_heldout();
+  std::string plain;
+  for (std::string_view rest = sectioned; !rest.empty();) {
+    const std::size_t end = std::min(rest.find('\n'), rest.size() - 1) + 1;
+    if (!rest.starts_with("#### FILE: ")) plain += rest.substr(0, end);
+    rest.remove_prefix(end);
+  }
+  for (const auto& name : bench::scenario_names())
+    EXPECT_EQ(bench::make_scenario(name, plain, tok, 128, 6, 2).requests.size(), 6u) << name;
 }
 
 TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
