@@ -1,4 +1,4 @@
-// Engine tests on a real checkpoint (shared/data/aidreams260K): the llama2.c
+// Engine tests on a real checkpoint (AE_SHARED_DIR/data/aidreams260K): the llama2.c
 // loader and tokenizer, a GGUF copy of the same weights written here, bad
 // files, and the three attention routes agreeing with each other.
 #include <gtest/gtest.h>

@@ -134,7 +134,7 @@ struct AttentionRoute {
   std::string_view name_space;
 };
 
-// Time split the way DESIGN.md section 9 reports it: wall clock (what a
+// Time split two ways, as the benchmark reports it: wall clock (what a
 // user waits) and this process's CPU time (what the work costs; unlike wall
 // time it does not grow when other processes share the cores).
 struct Timers {
