@@ -151,6 +151,18 @@ ScenarioRequest finish(std::vector<int> prompt, int prefix, std::vector<int> con
   return {std::move(prompt), p, std::move(continuation)};
 }
 
+// A request whose shared context is all of `prompt`: a real question-like
+// line follows between `before` and `after`, the text after that line in its
+// document is the reference continuation.
+ScenarioRequest ask(Builder& b, std::vector<int> prompt, std::string_view before, std::string_view after) {
+  const int prefix = static_cast<int>(prompt.size());
+  auto [q, cont] = b.question();
+  append(prompt, b.encode(before));
+  append(prompt, q);
+  append(prompt, b.encode(after));
+  return finish(std::move(prompt), prefix, std::move(cont), b.budget());
+}
+
 // A few long system prompts (documentation as the assistant's reference),
 // many short user turns.
 Scenario chatbot(Builder& b, int requests) {
@@ -163,15 +175,8 @@ Scenario chatbot(Builder& b, int requests) {
     append(sys, b.lines(b.document(true, 40, used), 0, want - static_cast<int>(sys.size())));
     systems.push_back(std::move(sys));
   }
-  for (int r = 0; r < requests; ++r) {
-    std::vector<int> prompt = systems[b.pick(systems.size())];
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("\n\nUser: "));
-    append(prompt, q);
-    append(prompt, b.encode("Assistant:"));
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
-  }
+  for (int r = 0; r < requests; ++r)
+    s.requests.push_back(ask(b, systems[b.pick(systems.size())], "\n\nUser: ", "Assistant:"));
   return s;
 }
 
@@ -200,12 +205,7 @@ Scenario rag(Builder& b, int requests) {
     }
     std::vector<int> prompt = b.encode("Answer the question using these passages.\n\n");
     for (int c : chosen) append(prompt, passages[c]);
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("Question: "));
-    append(prompt, q);
-    append(prompt, b.encode("Answer:"));
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+    s.requests.push_back(ask(b, std::move(prompt), "Question: ", "Answer:"));
   }
   return s;
 }
@@ -292,11 +292,7 @@ Scenario near_dup(Builder& b, int requests) {
                   1 + static_cast<int>(b.pick(28)));
     std::vector<int> prompt = b.encode(header);
     append(prompt, bodies[b.pick(bodies.size())]);
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("\n# Question: "));
-    append(prompt, q);
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+    s.requests.push_back(ask(b, std::move(prompt), "\n# Question: ", ""));
   }
   return s;
 }
