@@ -26,13 +26,6 @@ namespace attention_echo {
 enum class Tier { kNone, kExact, kSparse, kDense };
 std::string_view to_string(Tier tier);
 
-// Row-major [rows, dim] matrix of float32 (prefix embeddings).
-struct MatrixView {
-  const float* data = nullptr;
-  int rows = 0;
-  int cols = 0;
-};
-
 // Everything attention_with_echo takes besides q, k, v and out.
 struct EchoRequest {
   int prefix_length = 0;

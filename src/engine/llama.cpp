@@ -14,7 +14,6 @@
 
 #include "attention_echo/attention.hpp"
 #include "engine/gemm.hpp"
-#include "kernels/attention_kernel.hpp"
 
 namespace attention_echo::llama {
 
@@ -299,11 +298,14 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
     request.prefix_tokens = route.prefix_tokens;
     request.name_space = route.name_space;
     echo = route.cache->attention_with_echo(q, k, v, out, request);
-  } else if (t0 == 0) {
-    attention(q, k, v, out, AttentionOptions{}, pool);
   } else {
-    kernels::AttentionProblem problem{q, k, v, out, 1.0f / std::sqrt(static_cast<float>(hd))};
-    kernels::exact_rows(problem, t0, t1, pool);
+    // Only the new rows [t0, t1) attend, to every key row [0, t1).
+    AttentionOptions options;
+    options.query_offset = t0;
+    const HeadsView new_q{rows, c.n_heads, n, hd, hd, qkv_width};
+    const MutableHeadsView new_out =
+        MutableHeadsView::token_major(att.data() + static_cast<std::size_t>(t0) * dim, c.n_heads, n, hd);
+    attention(new_q, k, v, new_out, options, pool);
   }
   start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
   gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool);
