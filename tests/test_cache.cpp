@@ -95,7 +95,7 @@ TEST(Cache, DifferentPrefixMisses) {
 }
 
 TEST(Cache, ExactTierIsBitIdentical) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP, true));
   const std::vector<float> first = a.out;
@@ -109,7 +109,7 @@ TEST(Cache, ExactTierIsBitIdentical) {
 }
 
 TEST(Cache, ExactTierMissesWhenKeysDiffer) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP, true));
   Qkv b = a;
@@ -120,7 +120,7 @@ TEST(Cache, ExactTierMissesWhenKeysDiffer) {
 }
 
 TEST(Cache, ExactModeWithoutTokensStoresNothing) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP));
   EXPECT_EQ(cache.size(), 0u);
@@ -184,7 +184,7 @@ TEST(Cache, GuardOffReportsUnmeasuredError) {
 }
 
 TEST(Cache, LruEvictsLeastRecentlyUsed) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.capacity = 2;
   c.eviction_policy = EvictionPolicy::kLru;
   AttentionEchoCache cache(c);
@@ -201,7 +201,7 @@ TEST(Cache, LruEvictsLeastRecentlyUsed) {
 }
 
 TEST(Cache, LfuEvictsLeastFrequentlyUsed) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.capacity = 2;
   c.eviction_policy = EvictionPolicy::kLfu;
   AttentionEchoCache cache(c);
@@ -217,7 +217,7 @@ TEST(Cache, LfuEvictsLeastFrequentlyUsed) {
 }
 
 TEST(Cache, ByteBudgetIsAHardLimit) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   // One entry: 32 tokens * 4 B + 4 heads * 32 rows * 64 dims * 4 B = 32,896 B.
   c.max_bytes = 70000;
   AttentionEchoCache cache(c);
@@ -231,7 +231,7 @@ TEST(Cache, ByteBudgetIsAHardLimit) {
 }
 
 TEST(Cache, EntryLargerThanBudgetIsNotStored) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.max_bytes = 1000;
   AttentionEchoCache cache(c);
   Qkv x = make_qkv(kH, kHkv, 64, kD, 1);
@@ -276,7 +276,7 @@ TEST(Cache, LengthToleranceBoundsEcho) {
 }
 
 TEST(Cache, MaxPrefixLengthCachesLeadingRows) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.max_prefix_length = 64;
   AttentionEchoCache cache(c);
   Qkv x = make_qkv(kH, kHkv, kT, kD, 9);
@@ -288,7 +288,7 @@ TEST(Cache, MaxPrefixLengthCachesLeadingRows) {
 }
 
 TEST(Cache, NonCausalPrefixBlockIsCachedExactly) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv x = make_qkv(kH, kHkv, kT, kD, 9);
   EchoRequest r = request_for(x, kP, true);
   r.causal = false;
