@@ -5,7 +5,7 @@
 //                 prefix logits (p^2/2 floats per head) and the mean query.
 //   DenseHit/p    dense_echo_rows over the block from those logits, Taylor
 //                 step on (alpha 1, q perturbed so the step is not 0):
-//                 softmax and PV only. DESIGN.md: at most ~2x over the miss.
+//                 softmax and PV only. Expect at most ~2x over the miss.
 //
 // Threads: AE_THREADS (default: all hardware threads). On a shared machine
 // interleave the repetitions and read the medians:
@@ -20,8 +20,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/attention_kernel.hpp"
-#include "kernels/dense_echo.hpp"
+#include "kernels/cpu_backend.hpp"
 
 namespace {
 
@@ -33,6 +32,11 @@ constexpr int kDim = 128;
 ThreadPool& pool() {
   static ThreadPool p(std::getenv("AE_THREADS") ? std::atoi(std::getenv("AE_THREADS")) : 0);
   return p;
+}
+
+const kernels::CpuBackend& backend() {
+  static const kernels::CpuBackend b(pool());
+  return b;
 }
 
 struct Block {
@@ -63,7 +67,7 @@ Block& block(int prefix) {
     for (auto* buffer : {&b.q, &b.k, &b.v})
       for (float& f : *buffer) f = normal(rng);
     for (std::size_t i = 0; i < n; ++i) b.q_hit[i] = b.q[i] + 0.05f * normal(rng);
-    b.cached = kernels::exact_rows_with_dense_logits(b.problem(b.q), prefix, pool());
+    b.cached = backend().exact_rows_with_dense_logits(b.problem(b.q), prefix);
   }
   return *slot;
 }
@@ -76,28 +80,28 @@ void set_counters(benchmark::State& state, int prefix) {
 void ExactMiss(benchmark::State& state) {
   Block& b = block(int(state.range(0)));
   auto problem = b.problem(b.q);
-  for (auto _ : state) kernels::exact_rows(problem, 0, b.prefix, pool());
+  for (auto _ : state) backend().exact_rows(problem, 0, b.prefix);
   set_counters(state, b.prefix);
 }
 
 void DenseMiss(benchmark::State& state) {
   Block& b = block(int(state.range(0)));
   auto problem = b.problem(b.q);
-  for (auto _ : state) benchmark::DoNotOptimize(kernels::exact_rows_with_dense_logits(problem, b.prefix, pool()));
+  for (auto _ : state) benchmark::DoNotOptimize(backend().exact_rows_with_dense_logits(problem, b.prefix));
   set_counters(state, b.prefix);
 }
 
 void DenseHit(benchmark::State& state) {
   Block& b = block(int(state.range(0)));
   auto problem = b.problem(b.q_hit);
-  for (auto _ : state) kernels::dense_echo_rows(problem, b.prefix, b.cached, 1.0f, true, pool());
+  for (auto _ : state) backend().dense_echo_rows(problem, b.prefix, b.cached, 1.0f, true);
   set_counters(state, b.prefix);
 }
 
 void DenseHitNoJacobian(benchmark::State& state) {
   Block& b = block(int(state.range(0)));
   auto problem = b.problem(b.q_hit);
-  for (auto _ : state) kernels::dense_echo_rows(problem, b.prefix, b.cached, 1.0f, false, pool());
+  for (auto _ : state) backend().dense_echo_rows(problem, b.prefix, b.cached, 1.0f, false);
   set_counters(state, b.prefix);
 }
 

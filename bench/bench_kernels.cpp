@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "attention_echo/attention.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/cpu_backend.hpp"
 
 namespace {
 
@@ -39,6 +39,11 @@ constexpr int kBlock = 64;
 ThreadPool& pool() {
   static ThreadPool p(std::getenv("AE_THREADS") ? std::atoi(std::getenv("AE_THREADS")) : 0);
   return p;
+}
+
+const kernels::CpuBackend& backend() {
+  static const kernels::CpuBackend b(pool());
+  return b;
 }
 
 struct Qkv {
@@ -80,7 +85,7 @@ double causal_flops(int tokens, int dim) { return 2.0 * kHeads * double(tokens) 
 void Exact(benchmark::State& state) {
   const int tokens = int(state.range(0)), dim = int(state.range(1));
   auto problem = inputs(tokens, dim).problem();
-  for (auto _ : state) kernels::exact_rows(problem, 0, tokens, pool());
+  for (auto _ : state) backend().exact_rows(problem, 0, tokens);
   set_counters(state, causal_flops(tokens, dim));
   state.SetLabel(attention_isa());
 }
@@ -89,7 +94,7 @@ BENCHMARK(Exact)->ArgsProduct({{512, 2048, 4096}, {64, 128}})->Unit(benchmark::k
 void PrefixExact(benchmark::State& state) {
   const int prefix = int(state.range(0));
   auto problem = inputs(prefix, kSparseDim).problem();
-  for (auto _ : state) kernels::exact_rows(problem, 0, prefix, pool());
+  for (auto _ : state) backend().exact_rows(problem, 0, prefix);
   set_counters(state, causal_flops(prefix, kSparseDim));
 }
 BENCHMARK(PrefixExact)->Arg(1024)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime()->ComputeStatistics("min", fastest);
@@ -122,7 +127,7 @@ void Sparse(benchmark::State& state) {
   const int tiles = prefix / kBlock;
   const auto kept = pattern(tiles, state.range(1) / 100.0);
   auto problem = inputs(prefix, kSparseDim).problem();
-  for (auto _ : state) kernels::sparse_rows(problem, prefix, kept, pool());
+  for (auto _ : state) backend().sparse_rows(problem, prefix, kept);
   const double fraction = double(kept.cols.size()) / (double(kHeads) * tiles * (tiles + 1) / 2);
   state.counters["kept"] = fraction;
   set_counters(state, fraction * causal_flops(prefix, kSparseDim));

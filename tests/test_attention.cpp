@@ -15,7 +15,7 @@
 #include "isa_scope.hpp"
 #include "kernel_inputs.hpp"
 #include "attention_echo/attention.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/cpu_backend.hpp"
 #include "core/isa.hpp"
 #include "reference.hpp"
 
@@ -23,6 +23,7 @@ namespace attention_echo {
 namespace {
 
 using kernels::AttentionProblem;
+using kernels::CpuBackend;
 using attention_echo::Isa;
 using testing::reference_attention;
 
@@ -117,18 +118,20 @@ TEST(Attention, RowsAreBitIdenticalAcrossEntryPointsAndThreads) {
     for (bool causal : {true, false}) {
       Inputs x = make_inputs(4, 2, 150, 40, 5u);
       const auto problem = x.problem(causal, 70);
-      kernels::exact_rows(problem, 0, x.tokens, one);
+      CpuBackend(one).exact_rows(problem, 0, x.tokens);
       const std::vector<float> whole = x.out;
 
       std::fill(x.out.begin(), x.out.end(), 0.0f);
-      kernels::exact_rows(problem, 0, 37, three);
-      kernels::exact_rows(problem, 37, 101, three);
-      kernels::exact_rows(problem, 101, x.tokens, three);
+      const CpuBackend backend(three);
+      backend.exact_rows(problem, 0, 37);
+      backend.exact_rows(problem, 37, 101);
+      backend.exact_rows(problem, 101, x.tokens);
       EXPECT_EQ(std::memcmp(whole.data(), x.out.data(), whole.size() * sizeof(float)), 0);
 
       std::vector<int> rows = {149, 0, 63, 64, 65, 3, 127, 128, 100};
       std::vector<float> picked(static_cast<std::size_t>(x.heads) * rows.size() * x.dim);
-      kernels::selected_rows(problem, rows, picked.data(), three);
+      const int n = static_cast<int>(rows.size());
+      backend.selected_rows(problem, rows, MutableHeadsView::contiguous(picked.data(), x.heads, n, x.dim));
       for (int h = 0; h < x.heads; ++h)
         for (std::size_t r = 0; r < rows.size(); ++r)
           EXPECT_EQ(std::memcmp(picked.data() + (h * rows.size() + r) * x.dim,
@@ -137,8 +140,7 @@ TEST(Attention, RowsAreBitIdenticalAcrossEntryPointsAndThreads) {
                     0)
               << to_string(isa) << " head " << h << " row " << rows[r];
 
-      kernels::TileMass mass{32};
-      kernels::exact_rows(problem, 0, x.tokens, three, &mass, causal ? 100 : 70);
+      backend.exact_rows_with_tile_mass(problem, causal ? 100 : 70, 32);
       EXPECT_EQ(std::memcmp(whole.data(), x.out.data(), whole.size() * sizeof(float)), 0);
     }
   }
@@ -184,8 +186,7 @@ TEST(TileMass, MatchesReferenceAndRowsSumToOne) {
       for (int block : {32, 64}) {
         Inputs x = make_inputs(4, 2, 200, 32, 9u, 2.0f);
         const int prefix = 150;
-        kernels::TileMass mass{block};
-        kernels::exact_rows(x.problem(causal, prefix), 0, x.tokens, pool, &mass, prefix);
+        const kernels::TileMass mass = CpuBackend(pool).exact_rows_with_tile_mass(x.problem(causal, prefix), prefix, block);
         const int tiles = (prefix + block - 1) / block;
         ASSERT_EQ(mass.tiles, tiles);
         const auto ref = reference_mass(x, causal, prefix, block);
@@ -242,10 +243,11 @@ TEST(SparseRows, AllTilesKeptEqualsExact) {
     for (int block : {32, 64}) {
       Inputs x = make_inputs(4, 2, 140, 64, 13u);
       const int prefix = 120;
-      kernels::exact_rows(x.problem(), 0, x.tokens, pool);
+      const CpuBackend backend(pool);
+      backend.exact_rows(x.problem(), 0, x.tokens);
       const std::vector<float> exact = x.out;
       std::fill(x.out.begin(), x.out.end(), 0.0f);
-      kernels::sparse_rows(x.problem(), prefix, all_tiles(x.heads, (prefix + block - 1) / block, block), pool);
+      backend.sparse_rows(x.problem(), prefix, all_tiles(x.heads, (prefix + block - 1) / block, block));
       for (int h = 0; h < x.heads; ++h)
         EXPECT_EQ(std::memcmp(x.out.data() + static_cast<std::size_t>(h) * x.tokens * x.dim,
                               exact.data() + static_cast<std::size_t>(h) * x.tokens * x.dim,
@@ -281,15 +283,15 @@ TEST(SparseRows, ErrorIsAboutTheOmittedMass) {
       const float* previous = x.k.data() + (static_cast<std::size_t>(h) * tokens + std::max(t - 1, 0)) * dim;
       for (int d = 0; d < dim; ++d) q[d] += 2.0f * (anchor[d] + previous[d]);
     }
-  kernels::TileMass mass{block};
-  kernels::exact_rows(x.problem(), 0, tokens, pool, &mass, prefix);
+  const CpuBackend backend(pool);
+  const kernels::TileMass mass = backend.exact_rows_with_tile_mass(x.problem(), prefix, block);
   const std::vector<float> exact = x.out;
   const auto kept = kernels::select_tiles(mass, heads, 0.98);
   const int tiles = mass.tiles;
   const double lower = static_cast<double>(heads) * tiles * (tiles + 1) / 2;
   EXPECT_LT(kept.cols.size() / lower, 0.5) << "the pattern should be sparse";
 
-  kernels::sparse_rows(x.problem(), prefix, kept, pool);
+  backend.sparse_rows(x.problem(), prefix, kept);
   // Dropping mass e from a row moves it by at most 2 e / (1 - e) max_j |v_j|.
   double max_v = 0.0;
   for (int j = 0; j < heads * tokens; ++j)
@@ -358,12 +360,164 @@ TEST(Attention, RejectsBadInput) {
   expect_invalid("value", [&] { call(q, k, v, out); });
   x.v[3] = 0.0f;
 
+  AttentionOptions bad_offset;
+  bad_offset.query_offset = -1;
+  expect_invalid("query_offset", [&] { call(q, k, v, out, bad_offset); });
+  bad_offset.query_offset = 1;  // 8 query rows from position 1 need 9 keys
+  expect_invalid("key", [&] { call(q, k, v, out, bad_offset); });
+
   const auto problem = x.problem();
-  expect_invalid("row_end", [&] { kernels::exact_rows(problem, 0, 9, pool); });
+  const CpuBackend backend(pool);
+  expect_invalid("row_end", [&] { backend.exact_rows(problem, 0, 9); });
+  expect_invalid("block", [&] { backend.exact_rows_with_tile_mass(problem, 8, 48); });
   const int rows[] = {8};
-  expect_invalid("rows", [&] { kernels::selected_rows(problem, rows, x.out.data(), pool); });
-  expect_invalid("kept", [&] { kernels::sparse_rows(problem, 8, all_tiles(3, 1, 32), pool); });
+  const auto result = MutableHeadsView::contiguous(x.out.data(), 4, 1, 16);
+  expect_invalid("rows", [&] { backend.selected_rows(problem, rows, result); });
+  expect_invalid("result", [&] { backend.selected_rows(problem, rows, MutableHeadsView::contiguous(x.out.data(), 4, 2, 16)); });
+  expect_invalid("kept", [&] { backend.sparse_rows(problem, 8, all_tiles(3, 1, 32)); });
   expect_invalid("keep_mass", [&] { kernels::select_tiles(kernels::TileMass{32, 0, {}}, 0, -0.1); });
+  expect_invalid("rows", [&] { backend.copy_rows(q, out, 9); });
+  expect_invalid("dst", [&] { backend.copy_rows(q, MutableHeadsView::contiguous(x.out.data(), 2, 8, 16), 1); });
+  expect_invalid("prefix", [&] { backend.k_fingerprint(k, 9); });
+
+  // Prefix-block entry points address rows [0, rows): no query offset.
+  auto offset = problem;
+  offset.q.tokens = offset.out.tokens = 7;
+  offset.query_offset = 1;
+  expect_invalid("problem", [&] { backend.sparse_rows(offset, 8, all_tiles(4, 1, 32)); });
+  expect_invalid("row_begin", [&] { backend.exact_rows(offset, 0, 8); });
+}
+
+// Rows [offset, T) given alone (a chunked prefill or decode step) against
+// the float64 reference, and bit-identical to the same rows of a whole call.
+TEST(Attention, QueryOffsetMatchesReference) {
+  ThreadPool pool(2);
+  for (Isa isa : supported_isas()) {
+    IsaScope scope(isa);
+    for (const Shape& s : kShapes)
+      for (bool causal : {true, false})
+        for (int offset : {1, s.tokens / 2, s.tokens - 1}) {
+          if (offset < 1 || offset >= s.tokens) continue;
+          const int prefix = causal ? 0 : s.tokens / 3;
+          for (bool token_major : {false, true}) {
+            Inputs x = make_inputs(s.heads, s.kv_heads, s.tokens, s.dim, 3u + s.tokens, 1.0f, token_major);
+            AttentionOptions options;
+            options.causal = causal;
+            options.prefix_length = prefix;
+            attention(x.qv(), x.kv(), x.vv(), x.ov(), options, pool);
+            const std::vector<float> whole = x.out;
+            std::fill(x.out.begin(), x.out.end(), 0.0f);
+
+            HeadsView q = x.qv();
+            MutableHeadsView out = x.ov();
+            q.data = q.row(0, offset);
+            out.data = out.row(0, offset);
+            q.tokens = out.tokens = s.tokens - offset;
+            options.query_offset = offset;
+            attention(q, x.kv(), x.vv(), out, options, pool);
+
+            const auto ref = reference_attention(x.qv(), x.kv(), x.vv(), x.scale(), causal, prefix);
+            double worst = 0.0;
+            const MutableHeadsView all = x.ov();
+            for (int h = 0; h < s.heads; ++h) {
+              double err = 0.0, norm = 0.0;
+              for (int t = offset; t < s.tokens; ++t) {
+                EXPECT_EQ(std::memcmp(all.row(h, t), whole.data() + (all.row(h, t) - x.out.data()),
+                                      s.dim * sizeof(float)),
+                          0);
+                for (int d = 0; d < s.dim; ++d) {
+                  const double r = ref[(static_cast<std::size_t>(h) * s.tokens + t) * s.dim + d];
+                  err += (all.row(h, t)[d] - r) * (all.row(h, t)[d] - r);
+                  norm += r * r;
+                }
+              }
+              worst = std::max(worst, std::sqrt(err / std::max(norm, 1e-300)));
+            }
+            EXPECT_LE(worst, 1e-5) << to_string(isa) << " H=" << s.heads << " T=" << s.tokens << " D=" << s.dim
+                                   << " causal=" << causal << " offset=" << offset;
+            EXPECT_EQ(x.out[0], 0.0f) << "rows before the offset are not written";
+          }
+        }
+  }
+}
+
+// Views say where their memory is: the CPU backend refuses anything else,
+// naming the argument, and validation never reads device memory.
+TEST(CpuBackend, RejectsViewsNotInHostMemory) {
+  ThreadPool pool(1);
+  Inputs x = make_inputs(2, 1, 8, 16, 2u);
+  const CpuBackend backend(pool);
+  EXPECT_EQ(backend.device(), Device::cpu());
+  const Device gpu = Device::cuda(1);
+  EXPECT_EQ(to_string(gpu), "cuda:1");
+
+  auto on = [&](auto view, Device device) {
+    view.device = device;
+    return view;
+  };
+  const int rows[] = {0};
+  for (const char* name : {"query", "key", "value", "out"}) {
+    auto problem = x.problem();
+    const std::string n = name;
+    if (n == "query") problem.q = on(problem.q, gpu);
+    if (n == "key") problem.k = on(problem.k, gpu);
+    if (n == "value") problem.v = on(problem.v, gpu);
+    if (n == "out") problem.out = on(problem.out, gpu);
+    expect_invalid(name, [&] { backend.exact_rows(problem, 0, 8); });
+    expect_invalid(name, [&] { backend.exact_rows_with_tile_mass(problem, 8, 32); });
+    expect_invalid(name, [&] { backend.exact_rows_with_dense_logits(problem, 8); });
+    expect_invalid(name, [&] { backend.sparse_rows(problem, 8, all_tiles(2, 1, 32)); });
+    expect_invalid(name, [&] { backend.dense_echo_rows(problem, 8, kernels::DenseLogits{}, 1.0f, true); });
+    expect_invalid(name, [&] { backend.selected_rows(problem, rows, x.ov()); });
+  }
+  std::vector<float> result(2 * 16);
+  expect_invalid("result", [&] {
+    backend.selected_rows(x.problem(), rows, MutableHeadsView::contiguous(result.data(), 2, 1, 16, gpu));
+  });
+  expect_invalid("src", [&] { backend.copy_rows(on(x.qv(), gpu), x.ov(), 1); });
+  expect_invalid("dst", [&] { backend.copy_rows(x.qv(), on(x.ov(), gpu), 1); });
+  expect_invalid("key", [&] { backend.k_fingerprint(on(x.kv(), gpu), 1); });
+
+  // attention(): mixed devices are named by validation; all on a GPU passes
+  // validation unread and the CPU backend refuses it.
+  expect_invalid("value", [&] { attention(x.qv(), x.kv(), on(x.vv(), gpu), x.ov(), {}, pool); });
+  expect_invalid("query", [&] {
+    attention(on(x.qv(), gpu), on(x.kv(), gpu), on(x.vv(), gpu), on(x.ov(), gpu), {}, pool);
+  });
+}
+
+// The exact tier's row copy: any strides in and out, only rows [0, rows).
+TEST(CpuBackend, CopiesRowsBetweenLayouts) {
+  ThreadPool pool(1);
+  const CpuBackend backend(pool);
+  Inputs x = make_inputs(3, 3, 10, 24, 4u, 1.0f, /*token_major=*/true);
+  std::vector<float> packed(3 * 6 * 24, -1.0f);
+  backend.copy_rows(x.qv(), MutableHeadsView::contiguous(packed.data(), 3, 6, 24), 6);
+  for (int h = 0; h < 3; ++h)
+    for (int t = 0; t < 6; ++t)
+      EXPECT_EQ(std::memcmp(packed.data() + (h * 6 + t) * 24, x.qv().row(h, t), 24 * sizeof(float)), 0);
+  backend.copy_rows(HeadsView::contiguous(packed.data(), 3, 6, 24), x.ov(), 4);
+  for (int h = 0; h < 3; ++h)
+    for (int t = 0; t < 10; ++t)
+      for (int d = 0; d < 24; ++d) EXPECT_EQ(x.ov().row(h, t)[d], t < 4 ? x.qv().row(h, t)[d] : 0.0f);
+}
+
+// The fingerprint hashes the bytes of k's rows [0, prefix), not their layout.
+TEST(CpuBackend, FingerprintsTheKeyPrefix) {
+  ThreadPool pool(1);
+  const CpuBackend backend(pool);
+  Inputs a = make_inputs(4, 2, 12, 20, 6u);
+  Inputs b = a;
+  b.token_major = true;
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < 12; ++t) std::memcpy(b.view(b.k.data(), 2).row(h, t), a.kv().row(h, t), 20 * sizeof(float));
+  const std::uint64_t fp = backend.k_fingerprint(a.kv(), 8);
+  EXPECT_EQ(backend.k_fingerprint(b.kv(), 8), fp);
+  EXPECT_NE(backend.k_fingerprint(a.kv(), 7), fp);
+  a.k[(1 * 12 + 10) * 20 + 3] += 1.0f;  // a row past the prefix
+  EXPECT_EQ(backend.k_fingerprint(a.kv(), 8), fp);
+  a.k[(1 * 12 + 7) * 20 + 19] += 1.0f;  // the prefix's last value
+  EXPECT_NE(backend.k_fingerprint(a.kv(), 8), fp);
 }
 
 TEST(Attention, ReportsTheActiveIsa) {

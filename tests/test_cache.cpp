@@ -95,7 +95,7 @@ TEST(Cache, DifferentPrefixMisses) {
 }
 
 TEST(Cache, ExactTierIsBitIdentical) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP, true));
   const std::vector<float> first = a.out;
@@ -109,7 +109,7 @@ TEST(Cache, ExactTierIsBitIdentical) {
 }
 
 TEST(Cache, ExactTierMissesWhenKeysDiffer) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP, true));
   Qkv b = a;
@@ -120,7 +120,7 @@ TEST(Cache, ExactTierMissesWhenKeysDiffer) {
 }
 
 TEST(Cache, ExactModeWithoutTokensStoresNothing) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv a = make_qkv(kH, kHkv, kT, kD, 3);
   call(cache, a, request_for(a, kP));
   EXPECT_EQ(cache.size(), 0u);
@@ -184,7 +184,7 @@ TEST(Cache, GuardOffReportsUnmeasuredError) {
 }
 
 TEST(Cache, LruEvictsLeastRecentlyUsed) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.capacity = 2;
   c.eviction_policy = EvictionPolicy::kLru;
   AttentionEchoCache cache(c);
@@ -201,7 +201,7 @@ TEST(Cache, LruEvictsLeastRecentlyUsed) {
 }
 
 TEST(Cache, LfuEvictsLeastFrequentlyUsed) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.capacity = 2;
   c.eviction_policy = EvictionPolicy::kLfu;
   AttentionEchoCache cache(c);
@@ -217,7 +217,7 @@ TEST(Cache, LfuEvictsLeastFrequentlyUsed) {
 }
 
 TEST(Cache, ByteBudgetIsAHardLimit) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   // One entry: 32 tokens * 4 B + 4 heads * 32 rows * 64 dims * 4 B = 32,896 B.
   c.max_bytes = 70000;
   AttentionEchoCache cache(c);
@@ -231,7 +231,7 @@ TEST(Cache, ByteBudgetIsAHardLimit) {
 }
 
 TEST(Cache, EntryLargerThanBudgetIsNotStored) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.max_bytes = 1000;
   AttentionEchoCache cache(c);
   Qkv x = make_qkv(kH, kHkv, 64, kD, 1);
@@ -276,7 +276,7 @@ TEST(Cache, LengthToleranceBoundsEcho) {
 }
 
 TEST(Cache, MaxPrefixLengthCachesLeadingRows) {
-  EchoConfig c = small_config(EchoMode::kExact);
+  EchoConfig c = small_config(EchoMode::kOff);
   c.max_prefix_length = 64;
   AttentionEchoCache cache(c);
   Qkv x = make_qkv(kH, kHkv, kT, kD, 9);
@@ -288,7 +288,7 @@ TEST(Cache, MaxPrefixLengthCachesLeadingRows) {
 }
 
 TEST(Cache, NonCausalPrefixBlockIsCachedExactly) {
-  AttentionEchoCache cache(small_config(EchoMode::kExact));
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
   Qkv x = make_qkv(kH, kHkv, kT, kD, 9);
   EchoRequest r = request_for(x, kP, true);
   r.causal = false;
@@ -402,6 +402,68 @@ TEST(Cache, SnapshotRoundTripAndCorruption) {
   std::remove(path.c_str());
 }
 
+TEST(Cache, SnapshotRoundTripsEveryTierPayload) {
+  const std::string path = ::testing::TempDir() + "/ae_snapshot_tiers.bin";
+  for (EchoMode mode : {EchoMode::kSparse, EchoMode::kDense}) {
+    AttentionEchoCache cache(small_config(mode));
+    Qkv x = make_qkv(kH, kHkv, kT, kD, 9);
+    call(cache, x, request_for(x, kP));
+    cache.save(path);
+    AttentionEchoCache restored(small_config(mode));
+    restored.load(path);
+    Qkv again = x;
+    const EchoResult before = call(cache, x, request_for(x, kP));
+    const EchoResult after = call(restored, again, request_for(again, kP));
+    EXPECT_EQ(after.tier, mode == EchoMode::kSparse ? Tier::kSparse : Tier::kDense);
+    EXPECT_EQ(after.tier, before.tier);
+    EXPECT_EQ(again.out, x.out);  // same payload, same bits
+  }
+  std::remove(path.c_str());
+}
+
+TEST(Cache, SnapshotEntriesOverBudgetAreReported) {
+  const std::string path = ::testing::TempDir() + "/ae_snapshot_budget.bin";
+  AttentionEchoCache cache(small_config(EchoMode::kOff));
+  for (unsigned seed = 0; seed < 3; ++seed) {
+    Qkv x = make_qkv(kH, kHkv, 64, kD, 30 + seed);
+    call(cache, x, request_for(x, 32, true));  // 32,896 B each
+  }
+  cache.save(path);
+
+  EchoConfig tiny = small_config(EchoMode::kOff);
+  tiny.max_bytes = 1000;  // no entry fits on its own
+  AttentionEchoCache none_fit(tiny);
+  none_fit.load(path);
+  EXPECT_EQ(none_fit.size(), 0u);
+  EXPECT_EQ(none_fit.stats().snapshot_dropped, 3u);
+
+  EchoConfig small = small_config(EchoMode::kOff);
+  small.capacity = 2;  // the oldest entry is evicted to fit
+  AttentionEchoCache two_fit(small);
+  two_fit.load(path);
+  EXPECT_EQ(two_fit.size(), 2u);
+  EXPECT_EQ(two_fit.stats().snapshot_dropped, 1u);
+  EXPECT_EQ(two_fit.stats().evictions, 0u);  // loading is not serving
+
+  AttentionEchoCache all_fit(small_config(EchoMode::kOff));
+  all_fit.load(path);
+  EXPECT_EQ(all_fit.size(), 3u);
+  EXPECT_EQ(all_fit.stats().snapshot_dropped, 0u);
+  std::remove(path.c_str());
+}
+
+TEST(Cache, StatsCounterOfEachTier) {
+  CacheStats s;
+  s.hits_exact = 1;
+  s.hits_sparse = 2;
+  s.hits_dense = 3;
+  s.misses = 4;
+  EXPECT_EQ(s.*CacheStats::counter(Tier::kExact), 1u);
+  EXPECT_EQ(s.*CacheStats::counter(Tier::kSparse), 2u);
+  EXPECT_EQ(s.*CacheStats::counter(Tier::kDense), 3u);
+  EXPECT_EQ(s.*CacheStats::counter(Tier::kNone), 4u);
+}
+
 // ---- bad input: clear error naming the argument, nothing changes ------------
 
 void expect_rejected(AttentionEchoCache& cache, Qkv& x, const HeadsView& q, const HeadsView& k,
@@ -505,6 +567,14 @@ TEST(Config, ValidationNamesTheField) {
   EXPECT_THROW(AttentionEchoCache(EchoConfig{.capacity = -5}), std::invalid_argument);
   EXPECT_THROW(parse_eviction_policy("fifo"), std::invalid_argument);
   EXPECT_THROW(parse_echo_mode("fast"), std::invalid_argument);
+}
+
+TEST(Config, ModeOffAcceptsTheOlderNameExact) {
+  EXPECT_EQ(parse_echo_mode("off"), EchoMode::kOff);
+  EXPECT_EQ(parse_echo_mode("exact"), EchoMode::kOff);
+  EXPECT_EQ(to_string(EchoMode::kOff), "off");
+  for (EchoMode mode : {EchoMode::kOff, EchoMode::kSparse, EchoMode::kDense})
+    EXPECT_EQ(parse_echo_mode(to_string(mode)), mode);
 }
 
 TEST(Config, SeedDefaults) {

@@ -1,4 +1,4 @@
-// Dense echo (DESIGN.md section 3) on the tile loop: the miss captures the
+// Dense echo on the tile loop: the miss captures the
 // logits exact_rows computes anyway (its output bit for bit exact_rows'),
 // the hit loads them, adds the Taylor step and runs the same online softmax
 // and PV. Checked on every SIMD path against float64 references; relative L2
@@ -14,7 +14,7 @@
 
 #include "isa_scope.hpp"
 #include "kernel_inputs.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/cpu_backend.hpp"
 #include "kernels/dense_echo.hpp"
 #include "core/isa.hpp"
 #include "reference.hpp"
@@ -23,6 +23,7 @@ namespace attention_echo {
 namespace {
 
 using kernels::AttentionProblem;
+using kernels::CpuBackend;
 using kernels::DenseLogits;
 using attention_echo::Isa;
 
@@ -83,7 +84,7 @@ std::vector<double> reference_from_logits(const DenseLogits& c, const std::vecto
   return out;
 }
 
-// DESIGN.md's u_j = alpha * scale * (mean(q_b[:rows]) - mean(q_a[:prefix])) . k_j
+// The design's u_j = alpha * scale * (mean(q_b[:rows]) - mean(q_a[:prefix])) . k_j
 // in float64 from the raw queries, [H, keys].
 std::vector<double> reference_shift(const Qkv& a, int prefix, const Qkv& b, int rows, bool causal, double alpha) {
   const int keys = causal ? rows : prefix, group = b.heads / b.kv_heads;
@@ -130,10 +131,10 @@ TEST(DenseEcho, MissIsBitIdenticalToExactAndCapturesTheLogits) {
         SCOPED_TRACE(describe(isa, c) + (token_major ? " token-major" : ""));
         Qkv x = make_qkv(c.heads, c.kv_heads, c.tokens, c.dim, 11u + c.prefix, token_major);
         const AttentionProblem problem = x.problem(c.causal, c.prefix);
-        kernels::exact_rows(problem, 0, c.tokens, one);
+        CpuBackend(one).exact_rows(problem, 0, c.tokens);
         const std::vector<float> exact = x.out;
         std::fill(x.out.begin(), x.out.end(), 0.0f);
-        const DenseLogits d = kernels::exact_rows_with_dense_logits(problem, c.prefix, three);
+        const DenseLogits d = CpuBackend(three).exact_rows_with_dense_logits(problem, c.prefix);
         EXPECT_EQ(x.out, exact);
         ASSERT_EQ(d.logits.size(), d.head_size() * c.heads);
         // Logits: scale * q.k within float rounding of the kernel's dot.
@@ -168,19 +169,19 @@ TEST(DenseEcho, HitOnIdenticalInputsEqualsExactAttention) {
       SCOPED_TRACE(describe(isa, c));
       Qkv x = make_qkv(c.heads, c.kv_heads, c.tokens, c.dim, 5u + c.tokens);
       const AttentionProblem problem = x.problem(c.causal, c.prefix);
-      const DenseLogits d = kernels::exact_rows_with_dense_logits(problem, c.prefix, pool);
+      const DenseLogits d = CpuBackend(pool).exact_rows_with_dense_logits(problem, c.prefix);
       const auto ref = testing::reference_attention(x.qv(), x.kv(), x.vv(), x.scale(), c.causal, c.prefix);
       // The same q: the Taylor step is 0 whatever alpha is.
       for (float alpha : {0.0f, 1.0f, 3.5f})
         for (bool jacobian : {false, true}) {
           std::fill(x.out.begin(), x.out.end(), 0.0f);
-          kernels::dense_echo_rows(problem, c.prefix, d, alpha, jacobian, pool);
+          CpuBackend(pool).dense_echo_rows(problem, c.prefix, d, alpha, jacobian);
           EXPECT_LE(max_head_error(x, ref, c.prefix), 1e-5) << "alpha=" << alpha << " jacobian=" << jacobian;
         }
       // Fewer rows than the cached prefix (mean query differs: no Taylor step).
       for (int rows : {1, c.prefix / 2 + 1, c.prefix - 1}) {
         std::fill(x.out.begin(), x.out.end(), 0.0f);
-        kernels::dense_echo_rows(problem, rows, d, 1.0f, false, pool);
+        CpuBackend(pool).dense_echo_rows(problem, rows, d, 1.0f, false);
         EXPECT_LE(max_head_error(x, ref, rows), 1e-5) << "rows=" << rows;
         // Rows past `rows` are not touched.
         EXPECT_EQ(x.ov().row(0, rows)[0], 0.0f) << "rows=" << rows;
@@ -196,12 +197,12 @@ TEST(DenseEcho, WithoutJacobianIsSoftmaxOfCachedLogitsTimesNewV) {
     for (const Case& c : kCases) {
       SCOPED_TRACE(describe(isa, c));
       Qkv a = make_qkv(c.heads, c.kv_heads, c.tokens, c.dim, 21u);
-      const DenseLogits d = kernels::exact_rows_with_dense_logits(a.problem(c.causal, c.prefix), c.prefix, pool);
+      const DenseLogits d = CpuBackend(pool).exact_rows_with_dense_logits(a.problem(c.causal, c.prefix), c.prefix);
       // An unrelated request: new q, k and v; only v may matter.
       Qkv b = make_qkv(c.heads, c.kv_heads, c.tokens, c.dim, 22u);
       for (int rows : {c.prefix, c.prefix / 3 + 1}) {
         std::fill(b.out.begin(), b.out.end(), 0.0f);
-        kernels::dense_echo_rows(b.problem(c.causal, c.prefix), rows, d, 0.9f, false, pool);
+        CpuBackend(pool).dense_echo_rows(b.problem(c.causal, c.prefix), rows, d, 0.9f, false);
         EXPECT_LE(max_head_error(b, reference_from_logits(d, {}, b, rows), rows), 1e-5) << "rows=" << rows;
       }
     }
@@ -215,7 +216,7 @@ TEST(DenseEcho, TaylorShiftMatchesFloat64OnPerturbedQueries) {
     for (const Case& c : kCases) {
       SCOPED_TRACE(describe(isa, c));
       Qkv a = make_qkv(c.heads, c.kv_heads, c.tokens, c.dim, 31u);
-      const DenseLogits d = kernels::exact_rows_with_dense_logits(a.problem(c.causal, c.prefix), c.prefix, pool);
+      const DenseLogits d = CpuBackend(pool).exact_rows_with_dense_logits(a.problem(c.causal, c.prefix), c.prefix);
       Qkv b = perturb_q(a, 0.3f, 32u);
       const float alpha = 0.8f;
       for (int rows : {c.prefix, c.prefix / 2 + 1}) {
@@ -232,11 +233,11 @@ TEST(DenseEcho, TaylorShiftMatchesFloat64OnPerturbedQueries) {
         EXPECT_LE(worst, 1e-5 * largest) << "rows=" << rows;
         // And the hit applies it: softmax(S_c + u) @ V.
         std::fill(b.out.begin(), b.out.end(), 0.0f);
-        kernels::dense_echo_rows(problem, rows, d, alpha, true, pool);
+        CpuBackend(pool).dense_echo_rows(problem, rows, d, alpha, true);
         EXPECT_LE(max_head_error(b, reference_from_logits(d, want, b, rows), rows), 1e-5) << "rows=" << rows;
         // Without the step the result differs (by the step's effect).
         std::fill(b.out.begin(), b.out.end(), 0.0f);
-        kernels::dense_echo_rows(problem, rows, d, alpha, false, pool);
+        CpuBackend(pool).dense_echo_rows(problem, rows, d, alpha, false);
         EXPECT_GT(max_head_error(b, reference_from_logits(d, want, b, rows), rows), 1e-4) << "rows=" << rows;
       }
     }
@@ -247,14 +248,14 @@ TEST(DenseEcho, BadArgumentsThrow) {
   ThreadPool pool(2);
   Qkv a = make_qkv(2, 1, 40, 16, 1u);
   const AttentionProblem causal = a.problem(true, 30);
-  const DenseLogits d = kernels::exact_rows_with_dense_logits(causal, 30, pool);
-  EXPECT_THROW(kernels::dense_echo_rows(causal, 31, d, 1.0f, true, pool), std::invalid_argument);
-  EXPECT_THROW(kernels::dense_echo_rows(a.problem(false, 30), 30, d, 1.0f, true, pool), std::invalid_argument);
+  const DenseLogits d = CpuBackend(pool).exact_rows_with_dense_logits(causal, 30);
+  EXPECT_THROW(CpuBackend(pool).dense_echo_rows(causal, 31, d, 1.0f, true), std::invalid_argument);
+  EXPECT_THROW(CpuBackend(pool).dense_echo_rows(a.problem(false, 30), 30, d, 1.0f, true), std::invalid_argument);
   Qkv b = make_qkv(4, 1, 40, 16, 1u);
-  EXPECT_THROW(kernels::dense_echo_rows(b.problem(true, 30), 30, d, 1.0f, true, pool), std::invalid_argument);
-  EXPECT_THROW(kernels::exact_rows_with_dense_logits(a.problem(false, 20), 30, pool), std::invalid_argument);
-  EXPECT_THROW(kernels::exact_rows_with_dense_logits(causal, 41, pool), std::invalid_argument);
-  kernels::dense_echo_rows(causal, 0, d, 1.0f, true, pool);  // nothing to do
+  EXPECT_THROW(CpuBackend(pool).dense_echo_rows(b.problem(true, 30), 30, d, 1.0f, true), std::invalid_argument);
+  EXPECT_THROW(CpuBackend(pool).exact_rows_with_dense_logits(a.problem(false, 20), 30), std::invalid_argument);
+  EXPECT_THROW(CpuBackend(pool).exact_rows_with_dense_logits(causal, 41), std::invalid_argument);
+  CpuBackend(pool).dense_echo_rows(causal, 0, d, 1.0f, true);  // nothing to do
 }
 
 }  // namespace

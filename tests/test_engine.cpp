@@ -1,4 +1,4 @@
-// Engine tests on a real checkpoint (shared/data/aidreams260K): the llama2.c
+// Engine tests on a real checkpoint (AE_SHARED_DIR/data/aidreams260K): the llama2.c
 // loader and tokenizer, a GGUF copy of the same weights written here, bad
 // files, and the three attention routes agreeing with each other.
 #include <gtest/gtest.h>
@@ -12,12 +12,13 @@
 #include <string>
 #include <vector>
 
-#include "attention_echo/bench.hpp"
-#include "attention_echo/llama.hpp"
+#include "attention_echo/engine.hpp"
+#include "cli/bench.hpp"
 #include "engine/gemm.hpp"
 
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
+namespace bench = attention_echo::bench;
 
 namespace {
 
@@ -343,7 +344,7 @@ TEST(EngineRoutes, ChunkedAndPrefixReuseMatchAFullForward) {
   const auto tail = engine.forward(std::span<const int>(kProbe).subspan(5), kv, {}, -1).logits;
   EXPECT_LT(max_abs_diff(tail, std::vector<float>(full.begin() + 5 * V, full.end())), 1e-4);
   // A stored prompt shares the first 9 tokens with the probe.
-  llama::PrefixStore store;
+  ae::serving::PrefixStore store;
   std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
   other.push_back(42);
   llama::KVState okv;
@@ -401,6 +402,50 @@ TEST(EngineRoutes, EchoCacheMissAndExactHitMatchThePlainPath) {
   EXPECT_EQ(cache.stats().hits_exact, static_cast<std::uint64_t>(L));
 }
 
+// A router without a cache always reuses the longest stored prefix; with
+// one, a cold prompt goes through the cache and the same prompt again skips
+// its stored K/V. Every plan's logits match the plain forward.
+TEST(EngineServing, RouterPlansReuseOrCacheAndExecutes) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const auto full = all_logits(model, kProbe);
+  const int V = model.config().vocab_size, T = static_cast<int>(kProbe.size());
+  const std::vector<float> last(full.end() - V, full.end());
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  using Route = ae::serving::Plan::Route;
+
+  ae::serving::Router exact(nullptr);
+  std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
+  other.push_back(42);
+  ae::serving::Plan cold = exact.plan(other, 5);
+  EXPECT_EQ(cold.route, Route::kReuse);
+  EXPECT_EQ(cold.kv.length, 0);
+  exact.execute(engine, other, cold);
+  EXPECT_EQ(cold.kv.length, 10);
+  ae::serving::Plan warm = exact.plan(kProbe, 12);
+  EXPECT_EQ(warm.kv.length, 9);
+  EXPECT_LT(max_abs_diff(exact.execute(engine, kProbe, warm).logits, last), 1e-4);
+
+  ae::EchoConfig config;
+  config.per_layer = true;
+  config.threads = 1;
+  ae::AttentionEchoCache cache(config);
+  ae::serving::Router echo(&cache, "test");
+  ae::serving::Plan first = echo.plan(kProbe, 10);
+  ASSERT_EQ(first.route, Route::kCache);
+  const auto r = echo.execute(engine, kProbe, first);
+  EXPECT_EQ(static_cast<int>(r.echo.size()), model.config().n_layers);
+  EXPECT_LT(max_abs_diff(r.logits, last), 1e-4);
+  ae::serving::Plan again = echo.plan(kProbe, 10);
+  EXPECT_EQ(again.route, Route::kReuse);
+  EXPECT_EQ(again.kv.length, T - 1);  // the last row is always computed
+  EXPECT_TRUE(again.reused_exact);    // every layer of the first run was exact
+  EXPECT_LT(max_abs_diff(echo.execute(engine, kProbe, again).logits, last), 1e-4);
+
+  EXPECT_THROW(echo.plan(kProbe, T), std::invalid_argument);
+  EXPECT_THROW(echo.plan(kProbe, -1), std::invalid_argument);
+}
+
 TEST(EngineRoutes, BadArgumentsThrowInvalidArgument) {
   const llama::Model model(llama::load_llama2c(kModel));
   ae::ThreadPool pool(1);
@@ -433,9 +478,9 @@ std::string synthetic_heldout() {
 TEST(EngineScenarios, DeterministicAndWithinTheContext) {
   const llama::Tokenizer tok(kTokenizer, 512);
   const std::string heldout = synthetic_heldout();
-  for (const auto& name : llama::scenario_names()) {
-    const auto a = llama::make_scenario(name, heldout, tok, 128, 12, 5);
-    const auto b = llama::make_scenario(name, heldout, tok, 128, 12, 5);
+  for (const auto& name : bench::scenario_names()) {
+    const auto a = bench::make_scenario(name, heldout, tok, 128, 12, 5);
+    const auto b = bench::make_scenario(name, heldout, tok, 128, 12, 5);
     ASSERT_EQ(a.requests.size(), 12u) << name;
     for (std::size_t i = 0; i < a.requests.size(); ++i) {
       const auto& r = a.requests[i];
@@ -456,18 +501,33 @@ TEST(EngineScenarios, DeterministicAndWithinTheContext) {
       }
     if (name != "near-dup") EXPECT_GT(longest, 40u) << name;
   }
-  EXPECT_THROW(llama::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
-  EXPECT_THROW(llama::make_scenario("rag", "no sections here", tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(bench::make_scenario("chat", heldout, tok, 128, 4, 1), std::invalid_argument);
+  EXPECT_THROW(bench::make_scenario("rag", "too little text\n", tok, 128, 4, 1), std::invalid_argument);
+}
+
+// Text without "#### FILE:" lines is one plain document: every scenario
+// still builds from it.
+TEST(EngineScenarios, PlainTextIsOneDocument) {
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const std::string sectioned = synthetic_heldout();
+  std::string plain;
+  for (std::string_view rest = sectioned; !rest.empty();) {
+    const std::size_t end = std::min(rest.find('\n'), rest.size() - 1) + 1;
+    if (!rest.starts_with("#### FILE: ")) plain += rest.substr(0, end);
+    rest.remove_prefix(end);
+  }
+  for (const auto& name : bench::scenario_names())
+    EXPECT_EQ(bench::make_scenario(name, plain, tok, 128, 6, 2).requests.size(), 6u) << name;
 }
 
 TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   const llama::Model model(llama::load_llama2c(kModel));
   const llama::Tokenizer tok(kTokenizer, 512);
-  const auto scenario = llama::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
-  llama::BenchOptions options;
+  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
+  bench::BenchOptions options;
   options.threads = 2;
   int calls = 0;
-  const auto report = llama::run_scenario(model, scenario, options, [&](int done, int total) {
+  const auto report = bench::run_scenario(model, scenario, options, [&](int done, int total) {
     EXPECT_EQ(done, ++calls);
     EXPECT_EQ(total, 8);
   });
@@ -482,7 +542,9 @@ TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   EXPECT_EQ(exact.hidden_rel_err_max, 0.0);  // same kernels, same rows: bit-identical
   EXPECT_EQ(exact.top1_agree, 8);
   EXPECT_LT(exact.tokens_computed, exact.tokens_total);  // 3 system prompts over 8 requests
-  EXPECT_NE(llama::format_report(report).find("exact-prefix"), std::string::npos);
-  EXPECT_NE(llama::reports_to_json({report}, "\"k\": 1").find("\"scenarios\": [{\"scenario\": \"chatbot\""),
-            std::string::npos);
+  EXPECT_NE(bench::format_report(report).find("exact-prefix"), std::string::npos);
+  const auto json = bench::reports_to_json({report}, {{"k", 1}});
+  EXPECT_EQ(json.begin().key(), "k");  // the run's fields first
+  EXPECT_EQ(json.at("scenarios").at(0).at("scenario"), "chatbot");
+  EXPECT_EQ(json.at("scenarios").at(0).at("modes").size(), 3u);
 }

@@ -1,10 +1,14 @@
 // Exact multi-head attention (no cache): the kernel every tier is built on.
 //
-// out_i = sum_j softmax_j(scale * q_i . k_j) v_j over the keys row i sees:
+// out_i = sum_j softmax_j(scale * q_i . k_j) v_j over the keys row i sees,
+// i and j positions in a sequence of T = k.tokens:
 //   causal:      j <= i
 //   non-causal:  j < prefix_length for rows i < prefix_length (the prefix is
 //                a bidirectional block of its own), every j otherwise; with
 //                prefix_length 0 this is plain bidirectional attention.
+// q's (and out's) rows are positions [query_offset, T): 0 for every row, or
+// the first new row when a chunked prefill or a decode step adds rows on top
+// of keys already computed.
 // Query head h reads kv head h / (H / Hkv) (GQA/MQA).
 #pragma once
 
@@ -19,9 +23,11 @@ struct AttentionOptions {
   std::optional<float> scale;  // default 1/sqrt(D)
   bool causal = true;
   int prefix_length = 0;       // only matters when causal == false
+  int query_offset = 0;        // position of q's first row; q.tokens + query_offset == k.tokens
 };
 
-// Validates shapes and values (std::invalid_argument naming the argument).
+// q [H, T - query_offset, D], k/v [Hkv, T, D], out like q. Validates shapes
+// and values (std::invalid_argument naming the argument).
 void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                const MutableHeadsView& out, const AttentionOptions& options, ThreadPool& pool);
 

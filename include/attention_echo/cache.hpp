@@ -2,7 +2,7 @@
 //
 // attention_with_echo computes out = attention(q, k, v) for every row. Rows
 // i < prefix_length depend on the prefix alone; those are what a cache entry
-// lets a later call reuse, best tier first (DESIGN.md section 2):
+// lets a later call reuse, best tier first (docs/architecture.md, "Tiers"):
 //   exact  - same prefix_tokens (and k fingerprint): copy the cached rows;
 //   sparse - similar semantic key: recompute only the cached kept tiles;
 //   dense  - similar semantic key: cached logits + first-order Taylor step.
@@ -25,13 +25,6 @@ namespace attention_echo {
 
 enum class Tier { kNone, kExact, kSparse, kDense };
 std::string_view to_string(Tier tier);
-
-// Row-major [rows, dim] matrix of float32 (prefix embeddings).
-struct MatrixView {
-  const float* data = nullptr;
-  int rows = 0;
-  int cols = 0;
-};
 
 // Everything attention_with_echo takes besides q, k, v and out.
 struct EchoRequest {
@@ -71,7 +64,14 @@ struct CacheStats {
   std::uint64_t tokens_echoed = 0;
   std::uint64_t tokens_computed = 0;
   double flops_saved = 0.0;      // attention FLOPs not spent (guard cost deducted)
+  // Snapshot entries load() did not keep: larger than max_bytes on their own,
+  // or evicted to fit capacity / max_bytes (a snapshot of a larger cache).
+  std::uint64_t snapshot_dropped = 0;
   std::uint64_t hits() const { return hits_exact + hits_sparse + hits_dense; }
+  // The counter a call served by `tier` adds one to: hits_exact, hits_sparse,
+  // hits_dense, or misses for Tier::kNone (computed exactly). Reports and the
+  // cache iterate over tiers with it instead of naming each field.
+  static std::uint64_t CacheStats::*counter(Tier tier);
   double hit_rate() const { return lookups ? double(hits()) / double(lookups) : 0.0; }
 };
 
@@ -99,6 +99,9 @@ class AttentionEchoCache {
 
   // Snapshot: versioned, checksummed; save writes a temp file and renames it.
   // load replaces the cache's entries, or throws and leaves them as they were.
+  // Entries the limits cannot hold are not loaded and are counted in
+  // stats().snapshot_dropped. Both throw std::runtime_error naming the file
+  // when it cannot be read, written or parsed.
   void save(const std::string& path) const;
   void load(const std::string& path);
 

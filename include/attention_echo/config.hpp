@@ -1,6 +1,15 @@
 // EchoConfig: every knob of the cache, with the seed package's names and
 // defaults first and ours after. validate() throws std::invalid_argument whose
 // message starts with the offending field's name.
+//
+// Exception policy of the whole library (Python sees ValueError and
+// RuntimeError):
+//   - std::invalid_argument for a bad argument, its message starting with the
+//     argument's name ("capacity must be positive", "key: ..."); thrown before
+//     any state changes.
+//   - std::runtime_error for a bad or unreadable file, or failed IO, its
+//     message naming the file; the object is left as it was.
+//   - Nothing else escapes a public function (std::bad_alloc aside).
 #pragma once
 
 #include <cstddef>
@@ -12,13 +21,14 @@ namespace attention_echo {
 enum class EvictionPolicy { kLru, kLfu };
 
 // Which approximate tier a miss prepares and a similar-prefix hit serves.
-// The exact tier (identical prefix_tokens) is always on; kExact turns the
+// The exact tier (identical prefix_tokens) is always on; kOff turns the
 // approximate tiers off entirely.
-enum class EchoMode { kExact, kSparse, kDense };
+enum class EchoMode { kOff, kSparse, kDense };
 
 std::string_view to_string(EvictionPolicy policy);
 std::string_view to_string(EchoMode mode);
-// Parse "lru"/"lfu" and "exact"/"sparse"/"dense"; throws naming `field`.
+// Parse "lru"/"lfu" and "off"/"sparse"/"dense" ("exact", the older name of
+// "off", is accepted too); throw std::invalid_argument naming the field.
 EvictionPolicy parse_eviction_policy(std::string_view text);
 EchoMode parse_echo_mode(std::string_view text);
 

@@ -1,7 +1,8 @@
 // A small fp32 inference engine for Llama-architecture decoders (RMSNorm,
 // interleaved-pair RoPE, GQA, SwiGLU) whose attention runs one of three ways:
-// exact attention, exact reuse of a stored prompt prefix's K/V (what vLLM and
-// SGLang do), or AttentionEchoCache in every layer.
+// exact attention, from a stored prompt prefix's K/V (what vLLM and SGLang
+// do), or AttentionEchoCache in every layer. Which one a prompt takes is the
+// serving module's choice (attention_echo/serving.hpp).
 //
 // Loads llama2.c checkpoints (legacy v0 .bin) and GGUF v2/v3 files (F32/F16,
 // llama architecture). Bad files throw std::runtime_error naming the file and
@@ -72,6 +73,9 @@ class Tokenizer {
   static constexpr int kEos = 2;
 
   Tokenizer(const std::string& path, int vocab_size);
+  ~Tokenizer();
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
 
   struct EncodeOptions {
     bool bos = true;
@@ -82,21 +86,14 @@ class Tokenizer {
   // BOS, then the text; with llama2.c's dummy prefix only where the
   // vocabulary has merged pieces (sentencepiece-trained): a pure byte
   // vocabulary was trained on raw bytes, without one.
-  std::vector<int> encode(std::string_view text) const {
-    return encode(text, {.bos = true, .eos = false, .dummy_prefix = has_merges_});
-  }
+  std::vector<int> encode(std::string_view text) const;
   // Text of `token` following `previous` (the leading space after BOS is dropped).
   std::string decode(int previous, int token) const;
-  int vocab_size() const { return static_cast<int>(pieces_.size()); }
+  int vocab_size() const;
 
  private:
-  int lookup(std::string_view piece) const;
-
-  std::vector<std::string> pieces_;
-  std::vector<float> scores_;
-  std::vector<int> sorted_;  // ids ordered by piece, for lookup
-  int byte_token_[256];                                    // -1: no token for that byte
-  bool has_merges_ = false;  // some piece spans several bytes
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 // Weights repacked for the engine's GEMM.
@@ -107,10 +104,12 @@ class Model {
   Model(Model&&) noexcept;
   const ModelConfig& config() const;
 
+  // The repacked weights an Engine runs on; opaque outside the engine.
+  struct Packed;
+  const Packed& packed() const { return *packed_; }
+
  private:
-  friend class Engine;
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<Packed> packed_;
 };
 
 // Per-layer K and V of a sequence's first `length` tokens, token-major
@@ -135,7 +134,7 @@ struct AttentionRoute {
   std::string_view name_space;
 };
 
-// Time split the way DESIGN.md section 9 reports it: wall clock (what a
+// Time split two ways, as the benchmark reports it: wall clock (what a
 // user waits) and this process's CPU time (what the work costs; unlike wall
 // time it does not grow when other processes share the cores).
 struct Timers {
@@ -179,44 +178,14 @@ class Engine {
   ForwardResult forward(std::span<const int> tokens, KVState& kv, const AttentionRoute& route,
                         int keep_rows = 1);
 
-  Timers& timers() { return timers_; }
+  Timers& timers();
+
+  ~Engine();
+  Engine(Engine&&) noexcept;
 
  private:
-  const Model::Impl& m_;
-  ThreadPool& pool_;
-  Timers timers_;
-  std::vector<float> xb_, qkv_, att_, gu_;  // scratch, reused across calls
-};
-
-// Exact prefix reuse: K/V of earlier prompts keyed by their tokens. A new
-// prompt reuses the longest leading run of tokens any stored prompt shares.
-class PrefixStore {
- public:
-  explicit PrefixStore(std::size_t max_bytes = std::size_t{1} << 30);
-  struct Match {
-    const KVState* kv = nullptr;
-    int length = 0;      // shared leading tokens
-    bool exact = true;   // false: the K/V came from an approximate (echoed) forward
-  };
-  // match.kv stays valid until the next insert.
-  Match longest_match(std::span<const int> tokens);
-  // Stores the first kv.length tokens' K/V; evicts least recently used
-  // entries beyond max_bytes.
-  void insert(std::span<const int> tokens, KVState kv, bool exact = true);
-  std::size_t size() const { return entries_.size(); }
-
- private:
-  struct Entry {
-    std::vector<int> tokens;
-    KVState kv;
-    bool exact = true;
-    std::uint64_t last_use = 0;
-    std::size_t bytes = 0;
-  };
-  std::vector<Entry> entries_;
-  std::size_t max_bytes_;
-  std::size_t bytes_ = 0;
-  std::uint64_t clock_ = 0;
+  struct Impl;  // the model, the pool, timers and scratch buffers
+  std::unique_ptr<Impl> impl_;
 };
 
 }  // namespace attention_echo::llama

@@ -1,13 +1,34 @@
-// Non-owning views of per-head token rows: element (h, t, d) lives at
-// data[h * head_stride + t * token_stride + d]. The innermost (D) stride is
-// always 1; the other two let callers pass [H, T, D] or [T, H, D] buffers
-// without a copy.
+// Non-owning views of the tensors the library reads and writes, each saying
+// which device its memory is on. A backend reads only views on its own device
+// and rejects others (std::invalid_argument naming the argument).
 #pragma once
 
 #include <cstddef>
+#include <string>
 
 namespace attention_echo {
 
+enum class DeviceKind { kCpu, kCuda };
+
+// Where a view's memory lives: host memory, or CUDA device `index`.
+struct Device {
+  DeviceKind kind = DeviceKind::kCpu;
+  int index = 0;
+
+  static constexpr Device cpu() { return {}; }
+  static constexpr Device cuda(int index) { return {DeviceKind::kCuda, index}; }
+  bool operator==(const Device&) const = default;
+};
+
+// "cpu" or "cuda:N".
+inline std::string to_string(const Device& device) {
+  return device.kind == DeviceKind::kCpu ? "cpu" : "cuda:" + std::to_string(device.index);
+}
+
+// Per-head token rows: element (h, t, d) lives at
+// data[h * head_stride + t * token_stride + d]. The innermost (D) stride is
+// always 1; the other two let callers pass [H, T, D] or [T, H, D] buffers
+// without a copy.
 template <typename T>
 struct BasicHeadsView {
   T* data = nullptr;
@@ -16,16 +37,17 @@ struct BasicHeadsView {
   int dim = 0;
   std::ptrdiff_t head_stride = 0;
   std::ptrdiff_t token_stride = 0;
+  Device device{};  // host memory unless said otherwise
 
   T* row(int h, int t) const { return data + h * head_stride + t * token_stride; }
 
   // [heads, tokens, dim], row-major.
-  static BasicHeadsView contiguous(T* data, int heads, int tokens, int dim) {
-    return {data, heads, tokens, dim, static_cast<std::ptrdiff_t>(tokens) * dim, dim};
+  static BasicHeadsView contiguous(T* data, int heads, int tokens, int dim, Device device = {}) {
+    return {data, heads, tokens, dim, static_cast<std::ptrdiff_t>(tokens) * dim, dim, device};
   }
   // [tokens, heads, dim], row-major: the layout a QKV projection produces.
-  static BasicHeadsView token_major(T* data, int heads, int tokens, int dim) {
-    return {data, heads, tokens, dim, dim, static_cast<std::ptrdiff_t>(heads) * dim};
+  static BasicHeadsView token_major(T* data, int heads, int tokens, int dim, Device device = {}) {
+    return {data, heads, tokens, dim, dim, static_cast<std::ptrdiff_t>(heads) * dim, device};
   }
 };
 
@@ -33,7 +55,15 @@ using HeadsView = BasicHeadsView<const float>;
 using MutableHeadsView = BasicHeadsView<float>;
 
 inline HeadsView as_const(const MutableHeadsView& v) {
-  return {v.data, v.heads, v.tokens, v.dim, v.head_stride, v.token_stride};
+  return {v.data, v.heads, v.tokens, v.dim, v.head_stride, v.token_stride, v.device};
 }
+
+// Row-major [rows, cols] matrix of float32 (prefix embeddings).
+struct MatrixView {
+  const float* data = nullptr;
+  int rows = 0;
+  int cols = 0;
+  Device device{};  // host memory unless said otherwise
+};
 
 }  // namespace attention_echo

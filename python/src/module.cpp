@@ -108,6 +108,7 @@ nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
   d["hits_dense"] = s.hits_dense;
   d["rejected"] = s.rejected;
   d["evictions"] = s.evictions;
+  d["snapshot_dropped"] = s.snapshot_dropped;  // snapshot entries load() could not keep
   d["bytes"] = s.bytes;
   d["max_bytes"] = config.max_bytes;
   d["tokens_echoed"] = s.tokens_echoed;

@@ -1,6 +1,8 @@
-// AttentionEchoCache's state and the steps of one call. The mutex guards the
-// store and the stats only; attention compute runs outside it, so lookups
-// never wait on another call's compute.
+// AttentionEchoCache's state and the steps of one call: plan, then for each
+// enabled tier (best first) lookup -> serve -> guard, else a miss that
+// captures for every tier; then store and stats. The mutex guards the store
+// and the stats only; attention compute runs outside it, so lookups never
+// wait on another call's compute.
 #pragma once
 
 #include <memory>
@@ -10,16 +12,19 @@
 #include "attention_echo/cache.hpp"
 #include "attention_echo/thread_pool.hpp"
 #include "cache/entry_store.hpp"
+#include "cache/guard.hpp"
+#include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
 
 namespace attention_echo {
 
 struct AttentionEchoCache::Impl {
-  struct Call;
+  // An entry a tier can serve the call from.
   struct Candidate {
     std::uint64_t id;
     double similarity;
-    std::shared_ptr<const cache::Payload> payload;
+    std::shared_ptr<const cache::Payload> payload;  // keeps part alive
+    const cache::TierPayload* part;                 // the tier's own
   };
 
   explicit Impl(EchoConfig config);
@@ -29,15 +34,19 @@ struct AttentionEchoCache::Impl {
 
   void validate_request(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
                         const EchoRequest& request) const;
-  Call plan(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
-            const EchoRequest& request) const;
-  bool try_exact(Call& call);
-  std::optional<Candidate> find_echo(Call& call);
-  bool serve_echo(Call& call, const Candidate& candidate);
-  std::optional<cache::Entry> compute_miss(Call& call);
-  void finish(Call& call, std::optional<cache::Entry> entry, std::optional<std::uint64_t> replaced);
+  cache::Call plan(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
+                   const EchoRequest& request) const;
+  std::optional<Candidate> find(cache::Call& call, const cache::ReuseTier& tier);
+  std::optional<Candidate> find_by_tokens(const cache::Call& call, Tier tier);
+  std::optional<Candidate> find_similar(cache::Call& call, Tier tier);
+  bool serve(cache::Call& call, const cache::ReuseTier& tier, const Candidate& candidate);
+  std::optional<cache::Entry> compute_miss(cache::Call& call);
+  void compute_exact(const cache::Call& call, int row_begin);
+  void finish(const cache::Call& call, std::optional<cache::Entry> entry, std::optional<std::uint64_t> replaced);
 
   const EchoConfig config;
+  const cache::TierSet tiers;
+  const cache::Guard guard;
   ThreadPool pool;
   index::SemanticKeyer keyer;
   mutable std::mutex mutex;

@@ -1,4 +1,6 @@
-// What a cache entry holds (DESIGN.md section 7). Payloads are immutable and
+// What a cache entry holds (docs/architecture.md, "Cache"): how calls find it
+// (key space, semantic key, prefix tokens and k fingerprint) and one payload
+// per tier that captured on the miss that made it. Payloads are immutable and
 // shared: a call that found an entry keeps its payload alive even if another
 // thread evicts the entry meanwhile.
 #pragma once
@@ -6,12 +8,11 @@
 #include <compare>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "kernels/attention_kernel.hpp"
-#include "kernels/dense_echo.hpp"
+#include "attention_echo/cache.hpp"
 
 namespace attention_echo::cache {
 
@@ -26,16 +27,25 @@ struct KeySpace {
   auto operator<=>(const KeySpace&) const = default;
 };
 
-struct Payload {
-  int prefix = 0;                           // prefix rows the payload covers
-  std::vector<float> exact_rows;            // [H, prefix, D]; only with prefix_tokens
-  std::optional<kernels::TileSet> tiles;    // sparse tier
-  std::optional<kernels::DenseLogits> dense;  // dense tier
+// What one tier stores in an entry; only the tier that made it reads it
+// (ReuseTier in tier.hpp).
+struct TierPayload {
+  virtual ~TierPayload() = default;
+  virtual std::size_t bytes() const = 0;  // counted against max_bytes
+};
 
+struct Payload {
+  int prefix = 0;  // prefix rows the payloads cover
+  std::vector<std::pair<Tier, std::unique_ptr<const TierPayload>>> parts;  // at most one per tier
+
+  const TierPayload* find(Tier tier) const {
+    for (const auto& [kind, part] : parts)
+      if (kind == tier) return part.get();
+    return nullptr;
+  }
   std::size_t bytes() const {
-    std::size_t b = exact_rows.size() * sizeof(float);
-    if (tiles) b += tiles->offsets.size() * sizeof(std::uint32_t) + tiles->cols.size() * sizeof(std::uint16_t);
-    if (dense) b += dense->bytes();
+    std::size_t b = 0;
+    for (const auto& part : parts) b += part.second->bytes();
     return b;
   }
 };
@@ -45,7 +55,7 @@ struct Entry {
   KeySpace space;
   std::vector<float> key;             // empty: not in the semantic index
   std::vector<std::int32_t> tokens;   // empty: not in the exact index
-  std::uint64_t k_fingerprint = 0;
+  std::uint64_t k_fingerprint = 0;    // of k's prefix rows; checked with tokens
   std::shared_ptr<const Payload> payload;
   std::uint64_t last_used = 0;
   std::uint64_t uses = 0;

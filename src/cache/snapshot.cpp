@@ -1,5 +1,7 @@
 // Snapshot files: "AECHOSNP", u32 version, u64 body size, u64 FNV-1a of the
-// body, then the body (little-endian, fixed-width fields). save() writes a
+// body, then the body (little-endian, fixed-width fields): hash_dim, the
+// entry count, and per entry its lookup fields, prefix and one section per
+// tier payload (u8 tier, u64 length, what the tier writes). save() writes a
 // temp file and renames it over the target, so a crash never leaves half a
 // snapshot; load() parses and checks everything into a fresh store before
 // swapping it in, so a bad file leaves the cache as it was.
@@ -14,8 +16,11 @@
 namespace attention_echo {
 namespace {
 
+using cache::BinaryWriter;
+
 constexpr char kMagic[8] = {'A', 'E', 'C', 'H', 'O', 'S', 'N', 'P'};
-constexpr std::uint32_t kVersion = 1;
+// 2: a section per tier payload instead of fixed exact/sparse/dense fields.
+constexpr std::uint32_t kVersion = 2;
 
 std::uint64_t fnv1a(std::string_view bytes) {
   std::uint64_t h = 0xcbf29ce484222325ULL;
@@ -23,66 +28,7 @@ std::uint64_t fnv1a(std::string_view bytes) {
   return h;
 }
 
-class Writer {
- public:
-  template <typename T>
-  void put(T value) {
-    out_.append(reinterpret_cast<const char*>(&value), sizeof value);
-  }
-  template <typename T>
-  void put_vector(const std::vector<T>& values) {
-    put<std::uint64_t>(values.size());
-    out_.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(T));
-  }
-  void put_string(const std::string& s) {
-    put<std::uint64_t>(s.size());
-    out_ += s;
-  }
-  std::string& bytes() { return out_; }
-
- private:
-  std::string out_;
-};
-
-class Reader {
- public:
-  Reader(std::string_view bytes, const std::string& path) : in_(bytes), path_(path) {}
-  template <typename T>
-  T get() {
-    T value;
-    std::memcpy(&value, take(sizeof value), sizeof value);
-    return value;
-  }
-  template <typename T>
-  std::vector<T> get_vector() {
-    const auto n = get<std::uint64_t>();
-    if (n > in_.size() / sizeof(T)) fail("array length past end of file");
-    std::vector<T> values(n);
-    std::memcpy(values.data(), take(n * sizeof(T)), n * sizeof(T));
-    return values;
-  }
-  std::string get_string() {
-    const auto n = get<std::uint64_t>();
-    if (n > in_.size()) fail("string length past end of file");
-    return std::string(take(n), n);
-  }
-  bool done() const { return in_.empty(); }
-  [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error("snapshot " + path_ + ": corrupt (" + what + ")");
-  }
-
- private:
-  const char* take(std::size_t n) {
-    if (n > in_.size()) fail("truncated");
-    const char* p = in_.data();
-    in_.remove_prefix(n);
-    return p;
-  }
-  std::string_view in_;
-  const std::string& path_;
-};
-
-void write_entry(Writer& w, const cache::Entry& e) {
+void write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& tiers) {
   w.put_string(e.space.name_space);
   for (int field : {e.space.layer, e.space.heads, e.space.kv_heads, e.space.dim}) w.put<std::int32_t>(field);
   w.put<std::uint8_t>(e.space.causal);
@@ -90,91 +36,61 @@ void write_entry(Writer& w, const cache::Entry& e) {
   w.put_vector(e.key);
   w.put_vector(e.tokens);
   w.put<std::uint64_t>(e.k_fingerprint);
-  const cache::Payload& p = *e.payload;
-  w.put<std::int32_t>(p.prefix);
-  w.put_vector(p.exact_rows);
-  w.put<std::uint8_t>(p.tiles.has_value());
-  if (p.tiles) {
-    for (int field : {p.tiles->block, p.tiles->tiles, p.tiles->heads}) w.put<std::int32_t>(field);
-    w.put_vector(p.tiles->offsets);
-    w.put_vector(p.tiles->cols);
-  }
-  w.put<std::uint8_t>(p.dense.has_value());
-  if (p.dense) {
-    for (int field : {p.dense->heads, p.dense->prefix, p.dense->dim}) w.put<std::int32_t>(field);
-    w.put<std::uint8_t>(p.dense->causal);
-    w.put_vector(p.dense->logits);
-    w.put_vector(p.dense->mean_query);
+  w.put<std::int32_t>(e.payload->prefix);
+  w.put<std::uint32_t>(static_cast<std::uint32_t>(e.payload->parts.size()));
+  for (const auto& [kind, part] : e.payload->parts) {
+    BinaryWriter section;
+    tiers.find(kind)->write(*part, section);
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(kind));
+    w.put_string(section.bytes());
   }
 }
 
 // Every size must agree with the shapes it claims: a loaded entry is later
 // handed to the kernels unchecked.
-void check_entry(const Reader& r, const cache::Entry& e, int hash_dim) {
+void check_entry(const BinaryReader& r, const cache::Entry& e, int hash_dim) {
   const cache::KeySpace& s = e.space;
-  const cache::Payload& p = *e.payload;
-  if (s.heads < 1 || s.kv_heads < 1 || s.dim < 1 || s.heads % s.kv_heads != 0 || p.prefix < 1)
+  const int prefix = e.payload->prefix;
+  if (s.heads < 1 || s.kv_heads < 1 || s.dim < 1 || s.heads % s.kv_heads != 0 || prefix < 1)
     r.fail("bad entry shape");
   if (!e.key.empty() && static_cast<int>(e.key.size()) != hash_dim) r.fail("key size != hash_dim");
-  if (!e.tokens.empty() && static_cast<int>(e.tokens.size()) != p.prefix) r.fail("token count != prefix");
-  const auto rows = static_cast<std::size_t>(s.heads) * p.prefix * s.dim;
-  if (!p.exact_rows.empty() && p.exact_rows.size() != rows) r.fail("exact rows size");
-  if (p.tiles) {
-    const kernels::TileSet& t = *p.tiles;
-    if (t.heads != s.heads || t.tiles != (p.prefix + t.block - 1) / t.block || (t.block != 32 && t.block != 64))
-      r.fail("tile set shape");
-    if (t.offsets.size() != static_cast<std::size_t>(t.heads) * t.tiles + 1 || t.offsets.front() != 0 ||
-        t.offsets.back() != t.cols.size())
-      r.fail("tile offsets");
-    for (std::size_t i = 1; i < t.offsets.size(); ++i)
-      if (t.offsets[i] < t.offsets[i - 1]) r.fail("tile offsets not ascending");
-    for (auto c : t.cols)
-      if (c >= t.tiles) r.fail("tile index out of range");
-  }
-  if (p.dense) {
-    const kernels::DenseLogits& d = *p.dense;
-    if (d.heads != s.heads || d.prefix != p.prefix || d.dim != s.dim || d.causal != s.causal ||
-        d.logits.size() != d.head_size() * d.heads || d.mean_query.size() != static_cast<std::size_t>(d.heads) * d.dim)
-      r.fail("dense payload shape");
-  }
+  if (!e.tokens.empty() && static_cast<int>(e.tokens.size()) != prefix) r.fail("token count != prefix");
 }
 
-cache::Entry read_entry(Reader& r, int hash_dim) {
+std::unique_ptr<const cache::TierPayload> read_part(BinaryReader& r, const cache::Entry& e, Tier kind,
+                                                    const cache::TierSet& tiers) {
+  const cache::ReuseTier* tier = tiers.find(kind);
+  if (tier == nullptr || e.payload->find(kind) != nullptr)
+    r.fail("unknown or repeated tier " + std::to_string(static_cast<int>(kind)));
+  BinaryReader section = r.section(r.get<std::uint64_t>("payload size"), "payload");
+  auto part = tier->read(section);
+  if (!section.done()) section.fail("trailing bytes in a " + std::string(to_string(kind)) + " payload");
+  if (const std::string problem = tier->validate(*part, e.space, e.payload->prefix); !problem.empty())
+    r.fail(problem);
+  return part;
+}
+
+cache::Entry read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tiers) {
   cache::Entry e;
-  e.space.name_space = r.get_string();
-  e.space.layer = r.get<std::int32_t>();
-  e.space.heads = r.get<std::int32_t>();
-  e.space.kv_heads = r.get<std::int32_t>();
-  e.space.dim = r.get<std::int32_t>();
-  e.space.causal = r.get<std::uint8_t>() != 0;
-  e.uses = r.get<std::uint64_t>();
-  e.key = r.get_vector<float>();
-  e.tokens = r.get_vector<std::int32_t>();
-  e.k_fingerprint = r.get<std::uint64_t>();
-  auto p = std::make_shared<cache::Payload>();
-  p->prefix = r.get<std::int32_t>();
-  p->exact_rows = r.get_vector<float>();
-  if (r.get<std::uint8_t>()) {
-    kernels::TileSet t;
-    t.block = r.get<std::int32_t>();
-    t.tiles = r.get<std::int32_t>();
-    t.heads = r.get<std::int32_t>();
-    t.offsets = r.get_vector<std::uint32_t>();
-    t.cols = r.get_vector<std::uint16_t>();
-    p->tiles = std::move(t);
-  }
-  if (r.get<std::uint8_t>()) {
-    kernels::DenseLogits d;
-    d.heads = r.get<std::int32_t>();
-    d.prefix = r.get<std::int32_t>();
-    d.dim = r.get<std::int32_t>();
-    d.causal = r.get<std::uint8_t>() != 0;
-    d.logits = r.get_vector<float>();
-    d.mean_query = r.get_vector<float>();
-    p->dense = std::move(d);
-  }
-  e.payload = std::move(p);
+  e.space.name_space = r.get_string("namespace");
+  e.space.layer = r.get<std::int32_t>("layer");
+  e.space.heads = r.get<std::int32_t>("heads");
+  e.space.kv_heads = r.get<std::int32_t>("kv heads");
+  e.space.dim = r.get<std::int32_t>("dim");
+  e.space.causal = r.get<std::uint8_t>("mask") != 0;
+  e.uses = r.get<std::uint64_t>("uses");
+  e.key = r.get_vector<float>("key");
+  e.tokens = r.get_vector<std::int32_t>("tokens");
+  e.k_fingerprint = r.get<std::uint64_t>("k fingerprint");
+  auto payload = std::make_shared<cache::Payload>();
+  payload->prefix = r.get<std::int32_t>("prefix");
+  e.payload = payload;
   check_entry(r, e, hash_dim);
+  const auto parts = r.get<std::uint32_t>("payload count");
+  for (std::uint32_t i = 0; i < parts; ++i) {
+    const auto kind = static_cast<Tier>(r.get<std::uint8_t>("tier"));
+    payload->parts.emplace_back(kind, read_part(r, e, kind, tiers));
+  }
   return e;
 }
 
@@ -187,20 +103,20 @@ std::string read_file(const std::string& path) {
 }  // namespace
 
 void AttentionEchoCache::save(const std::string& path) const {
-  Writer body;
+  BinaryWriter body;
   {
     std::lock_guard lock(impl_->mutex);
     const auto entries = impl_->store.entries_by_age();
     body.put<std::int32_t>(static_cast<std::int32_t>(impl_->config.hash_dim));
     body.put<std::uint64_t>(entries.size());
-    for (const cache::Entry* e : entries) write_entry(body, *e);
+    for (const cache::Entry* e : entries) write_entry(body, *e, impl_->tiers);
   }
-  Writer file;
-  file.bytes().append(kMagic, sizeof kMagic);
+  BinaryWriter file;
+  file.put_raw({kMagic, sizeof kMagic});
   file.put<std::uint32_t>(kVersion);
   file.put<std::uint64_t>(body.bytes().size());
   file.put<std::uint64_t>(fnv1a(body.bytes()));
-  file.bytes() += body.bytes();
+  file.put_raw(body.bytes());
 
   const std::string tmp = path + ".tmp";
   {
@@ -213,33 +129,38 @@ void AttentionEchoCache::save(const std::string& path) const {
 
 void AttentionEchoCache::load(const std::string& path) {
   const std::string bytes = read_file(path);
-  Reader header(bytes, path);
+  const std::string where = "snapshot " + path + ": corrupt";
+  BinaryReader header(bytes, where);
   if (bytes.size() < sizeof kMagic || std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0)
     header.fail("not an AttentionEcho snapshot");
-  header.get<std::uint64_t>();  // the magic, checked above
-  if (const auto version = header.get<std::uint32_t>(); version != kVersion)
+  header.take(sizeof kMagic, "magic");
+  if (const auto version = header.get<std::uint32_t>("version"); version != kVersion)
     header.fail("unsupported version " + std::to_string(version));
-  const auto size = header.get<std::uint64_t>();
-  const auto checksum = header.get<std::uint64_t>();
-  const std::size_t body_at = sizeof kMagic + 4 + 8 + 8;
-  if (bytes.size() - body_at != size) header.fail("size mismatch");
-  const std::string_view body(bytes.data() + body_at, size);
+  const auto size = header.get<std::uint64_t>("body size");
+  const auto checksum = header.get<std::uint64_t>("checksum");
+  if (header.remaining() != size) header.fail("size mismatch");
+  const std::string_view body = std::string_view(bytes).substr(header.pos());
   if (fnv1a(body) != checksum) header.fail("checksum mismatch");
 
-  Reader r(body, path);
-  const int hash_dim = r.get<std::int32_t>();
+  BinaryReader r(body, where);
+  const int hash_dim = r.get<std::int32_t>("hash_dim");
   if (hash_dim != impl_->config.hash_dim)
     r.fail("hash_dim " + std::to_string(hash_dim) + " != config's " + std::to_string(impl_->config.hash_dim));
-  const auto count = r.get<std::uint64_t>();
+  const auto count = r.get<std::uint64_t>("entry count");
   std::vector<cache::Entry> entries;
-  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(read_entry(r, hash_dim));
+  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(read_entry(r, hash_dim, impl_->tiers));
   if (!r.done()) r.fail("trailing bytes");
 
   cache::EntryStore fresh(impl_->config.eviction_policy, static_cast<std::size_t>(impl_->config.capacity),
                           static_cast<std::size_t>(impl_->config.max_bytes));
-  for (auto& e : entries) fresh.insert(std::move(e));
+  std::uint64_t dropped = 0;
+  for (auto& e : entries) {
+    const int evicted = fresh.insert(std::move(e));
+    dropped += evicted < 0 ? 1 : static_cast<std::uint64_t>(evicted);
+  }
   std::lock_guard lock(impl_->mutex);
   impl_->store = std::move(fresh);
+  impl_->stats.snapshot_dropped += dropped;
 }
 
 }  // namespace attention_echo

@@ -2,131 +2,76 @@
 //   aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]
 //   aecho logits   --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE
 //   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] ...
+// `aecho --help` and `aecho COMMAND --help` print the full usage.
+#include <CLI/CLI.hpp>
+
 #include <algorithm>
+#include <climits>
+#include <cstdio>
 #include <filesystem>
-#include <cstring>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "attention_echo/attention.hpp"
-#include "attention_echo/bench.hpp"
 #include "attention_echo/llama.hpp"
-#include "engine/gemm.hpp"
+#include "cli/bench.hpp"
 
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
 
 namespace {
 
-constexpr const char* kUsage =
-    "usage:\n"
-    "  aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]\n"
-    "  aecho logits --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE [--threads N]\n"
-    "      writes raw float32 logits [tokens, vocab]\n"
-    "  aecho bench --scenario chatbot|rag|code|near-dup|all [--model M] [--tokenizer T]\n"
-    "      [--heldout FILE] [--mode exact|sparse|dense] [--requests N] [--context N]\n"
-    "      [--seed N] [--threads N] [--max-error X] [--sparse-mass X] [--json FILE]\n"
-    "      serves every request with no reuse, exact prefix reuse and AttentionEcho;\n"
-    "      --context: prompt plus continuation tokens (default: the model's, at most 4096),\n"
-    "      --requests: per scenario (default 16), --seed: workload seed (default 1);\n"
-    "      --max-error, --sparse-mass: the cache's guard and kept-mass knobs\n"
-    "      (defaults 0.05 and 0.98; inf turns the guard off)\n"
-    "      the model defaults to the bundled models/echo-llama-6m/model.bin, the\n"
-    "      tokenizer and held-out text to tokenizer.bin and heldout.txt beside it\n";
-
-struct UsageError : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
+struct GenerateArgs {
+  std::string model, tokenizer, prompt;
+  int steps = 64;
+  int threads = 0;
 };
 
-// --key value pairs; every key must be one the subcommand knows.
-std::map<std::string, std::string> parse_flags(int argc, char** argv, const std::vector<std::string>& known) {
-  std::map<std::string, std::string> flags;
-  for (int i = 2; i < argc; i += 2) {
-    const std::string key = argv[i];
-    if (key.rfind("--", 0) != 0 || std::find(known.begin(), known.end(), key.substr(2)) == known.end())
-      throw UsageError("unknown option '" + key + "'");
-    if (i + 1 >= argc) throw UsageError("option '" + key + "' needs a value");
-    flags[key.substr(2)] = argv[i + 1];
-  }
-  return flags;
-}
-
-std::string required(const std::map<std::string, std::string>& flags, const std::string& key) {
-  auto it = flags.find(key);
-  if (it == flags.end()) throw UsageError("missing --" + key);
-  return it->second;
-}
-
-int int_flag(const std::map<std::string, std::string>& flags, const std::string& key, int fallback, int min) {
-  auto it = flags.find(key);
-  if (it == flags.end()) return fallback;
-  std::size_t used = 0;
-  int value = 0;
-  try {
-    value = std::stoi(it->second, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != it->second.size() || value < min)
-    throw UsageError("--" + key + " must be an integer >= " + std::to_string(min) + ", got '" + it->second + "'");
-  return value;
-}
-
-double double_flag(const std::map<std::string, std::string>& flags, const std::string& key, double fallback) {
-  auto it = flags.find(key);
-  if (it == flags.end()) return fallback;
-  std::size_t used = 0;
-  double value = 0.0;
-  try {
-    value = std::stod(it->second, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != it->second.size()) throw UsageError("--" + key + " must be a number, got '" + it->second + "'");
-  return value;
-}
-
-std::vector<int> parse_tokens(const std::string& text) {
+struct LogitsArgs {
+  std::string model, tokenizer, prompt, out;
   std::vector<int> tokens;
-  std::size_t pos = 0;
-  while (pos <= text.size()) {
-    const std::size_t comma = std::min(text.find(',', pos), text.size());
-    const std::string item = text.substr(pos, comma - pos);
-    std::size_t used = 0;
-    try {
-      tokens.push_back(std::stoi(item, &used));
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (item.empty() || used != item.size()) throw UsageError("--tokens must be comma-separated integers, got '" + item + "'");
-    pos = comma + 1;
-  }
-  return tokens;
-}
+  int threads = 0;
+};
+
+struct BenchArgs {
+  std::string scenario, model, tokenizer, heldout, json;
+  std::string mode = "sparse";
+  int requests = 16;
+  int context = 0;  // 0: the model's, at most 4096
+  int seed = 1;
+  int threads = 0;
+  double max_error = ae::EchoConfig{}.max_error;
+  double sparse_mass = ae::EchoConfig{}.sparse_mass;
+};
+
+constexpr const char* kBenchFooter =
+    "Serves every request with no reuse, exact prefix reuse and AttentionEcho.\n"
+    "The model defaults to the bundled models/echo-llama-6m/model.bin, the tokenizer\n"
+    "and held-out text to tokenizer.bin and heldout.txt beside the model.\n"
+    "Held-out text: plain text, or documents each introduced by a line\n"
+    "  #### FILE: name ####\n"
+    "(names under pydoc_topics/ or ending in .txt are prose, the rest code);\n"
+    "documents under 40 lines are skipped.";
 
 int argmax(const float* v, int n) { return static_cast<int>(std::max_element(v, v + n) - v); }
 
-int cmd_generate(int argc, char** argv) {
-  const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "prompt", "steps", "threads"});
-  const int steps = int_flag(flags, "steps", 64, 1);
-  const int threads = int_flag(flags, "threads", 0, 0);
-  const std::string tokenizer_path = required(flags, "tokenizer");
-  const llama::Model model(llama::load_weights(required(flags, "model")));
-  const llama::Tokenizer tokenizer(tokenizer_path, model.config().vocab_size);
-  ae::ThreadPool pool(threads);
+int run_generate(const GenerateArgs& a) {
+  const llama::Model model(llama::load_weights(a.model));
+  const llama::Tokenizer tokenizer(a.tokenizer, model.config().vocab_size);
+  ae::ThreadPool pool(a.threads);
   llama::Engine engine(model, pool);
-  const auto it = flags.find("prompt");
-  std::vector<int> tokens = tokenizer.encode(it == flags.end() ? "" : it->second);
+  std::vector<int> tokens = tokenizer.encode(a.prompt);
   llama::KVState kv;
   // Greedy decoding: prefill the prompt, then one token at a time.
   llama::ForwardResult r = engine.forward(tokens, kv, {});
   for (std::size_t i = 1; i < tokens.size(); ++i) std::cout << tokenizer.decode(tokens[i - 1], tokens[i]);
-  for (int s = 0; s < steps; ++s) {
+  for (int s = 0; s < a.steps; ++s) {
     const int next = argmax(r.logits.data(), model.config().vocab_size);
     if (next == llama::Tokenizer::kBos || next == llama::Tokenizer::kEos) break;
     std::cout << tokenizer.decode(tokens.back(), next) << std::flush;
@@ -138,24 +83,18 @@ int cmd_generate(int argc, char** argv) {
   return 0;
 }
 
-int cmd_logits(int argc, char** argv) {
-  const auto flags = parse_flags(argc, argv, {"model", "tokenizer", "tokens", "prompt", "out", "threads"});
-  if (flags.count("tokens") == flags.count("prompt")) throw UsageError("give either --tokens or --prompt");
-  if (flags.count("prompt") && !flags.count("tokenizer")) throw UsageError("--prompt needs --tokenizer");
-  const std::string out_path = required(flags, "out");
-  const int threads = int_flag(flags, "threads", 0, 0);
-  const llama::Model model(llama::load_weights(required(flags, "model")));
+int run_logits(const LogitsArgs& a) {
+  if (a.tokens.empty() == a.prompt.empty()) throw CLI::ValidationError("--tokens/--prompt", "give one of them");
+  const llama::Model model(llama::load_weights(a.model));
   const std::vector<int> tokens =
-      flags.count("tokens")
-          ? parse_tokens(flags.at("tokens"))
-          : llama::Tokenizer(flags.at("tokenizer"), model.config().vocab_size).encode(flags.at("prompt"));
-  ae::ThreadPool pool(threads);
+      a.tokens.empty() ? llama::Tokenizer(a.tokenizer, model.config().vocab_size).encode(a.prompt) : a.tokens;
+  ae::ThreadPool pool(a.threads);
   llama::Engine engine(model, pool);
   llama::KVState kv;
   const llama::ForwardResult r = engine.forward(tokens, kv, {}, -1);
-  std::ofstream out(out_path, std::ios::binary);
+  std::ofstream out(a.out, std::ios::binary);
   out.write(reinterpret_cast<const char*>(r.logits.data()), static_cast<std::streamsize>(r.logits.size() * sizeof(float)));
-  if (!out) throw std::runtime_error(out_path + ": write failed");
+  if (!out) throw std::runtime_error(a.out + ": write failed");
   return 0;
 }
 
@@ -170,7 +109,7 @@ std::string bundled_model() {
   for (auto dir : starts)
     for (int up = 0; up < 4 && !dir.empty(); ++up, dir = dir.parent_path())
       if (std::filesystem::exists(dir / rel)) return (dir / rel).string();
-  throw UsageError("no --model given and the bundled " + rel.string() + " was not found");
+  throw CLI::ValidationError("--model", "not given and the bundled " + rel.string() + " was not found");
 }
 
 std::string read_text(const std::string& path) {
@@ -187,93 +126,154 @@ void progress_bar(const std::string& label, int done, int total) {
   if (done == total) std::fputc('\n', stderr);
 }
 
-int cmd_bench(int argc, char** argv) {
-  const auto flags = parse_flags(argc, argv, {"scenario", "model", "tokenizer", "heldout", "mode", "requests",
-                                              "context", "seed", "threads", "json", "max-error", "sparse-mass"});
-  const std::string scenario = required(flags, "scenario");
-  std::vector<std::string> names = llama::scenario_names();
-  if (scenario != "all") {
-    if (std::find(names.begin(), names.end(), scenario) == names.end())
-      throw UsageError("--scenario must be chatbot, rag, code, near-dup or all, got '" + scenario + "'");
-    names = {scenario};
-  }
-  llama::BenchOptions options;
-  try {
-    options.mode = ae::parse_echo_mode(flags.count("mode") ? flags.at("mode") : "sparse");
-  } catch (const std::invalid_argument& e) {
-    throw UsageError(std::string("--") + e.what());
-  }
-  options.threads = int_flag(flags, "threads", 0, 0);
-  options.cache.max_error = double_flag(flags, "max-error", options.cache.max_error);
-  options.cache.sparse_mass = double_flag(flags, "sparse-mass", options.cache.sparse_mass);
+// The bench's options from the flags; a value the cache's own validation
+// refuses is reported under the flag that set it.
+ae::bench::BenchOptions bench_options(const BenchArgs& a) {
+  ae::bench::BenchOptions options;
+  options.mode = ae::parse_echo_mode(a.mode);
+  options.threads = a.threads;
+  options.cache.max_error = a.max_error;
+  options.cache.sparse_mass = a.sparse_mass;
   try {
     options.cache.validate();
   } catch (const std::invalid_argument& e) {
-    std::string what = e.what();  // "sparse_mass must ..." -> "--sparse-mass must ..."
-    std::replace(what.begin(), what.begin() + static_cast<std::ptrdiff_t>(what.find(' ')), '_', '-');
-    throw UsageError("--" + what);
+    const std::string what = e.what();  // "sparse_mass must ..." -> "--sparse-mass: must ..."
+    std::string flag = "--" + what.substr(0, what.find(' '));
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    throw CLI::ValidationError(flag, what.substr(std::min(what.size(), what.find(' ') + 1)));
   }
-  const int requests = int_flag(flags, "requests", 16, 1);
-  const int seed = int_flag(flags, "seed", 1, 0);
-  const std::string model_path = flags.count("model") ? flags.at("model") : bundled_model();
+  return options;
+}
+
+int run_bench(const BenchArgs& a) {
+  const ae::bench::BenchOptions options = bench_options(a);
+  std::vector<std::string> names = ae::bench::scenario_names();
+  if (a.scenario != "all") names = {a.scenario};
+  const std::string model_path = a.model.empty() ? bundled_model() : a.model;
   const auto dir = std::filesystem::path(model_path).parent_path();
-  const std::string tok_path = flags.count("tokenizer") ? flags.at("tokenizer") : (dir / "tokenizer.bin").string();
-  const std::string held_path = flags.count("heldout") ? flags.at("heldout") : (dir / "heldout.txt").string();
+  const std::string tok_path = a.tokenizer.empty() ? (dir / "tokenizer.bin").string() : a.tokenizer;
+  const std::string held_path = a.heldout.empty() ? (dir / "heldout.txt").string() : a.heldout;
 
   std::ofstream json;  // opened now: an unwritable path fails before the run, not after
-  if (flags.count("json")) {
-    json.open(flags.at("json"));
-    if (!json) throw std::runtime_error(flags.at("json") + ": cannot open for writing");
+  if (!a.json.empty()) {
+    json.open(a.json);
+    if (!json) throw std::runtime_error(a.json + ": cannot open for writing");
   }
 
   const llama::Model model(llama::load_weights(model_path));
   const llama::Tokenizer tokenizer(tok_path, model.config().vocab_size);
   const std::string heldout = read_text(held_path);
-  const int context = int_flag(flags, "context", std::min(model.config().seq_len, 4096), 64);
+  const int context = a.context > 0 ? a.context : std::min(model.config().seq_len, 4096);
   if (context > model.config().seq_len)
-    throw UsageError("--context must be at most the model's " + std::to_string(model.config().seq_len));
+    throw CLI::ValidationError("--context", "must be at most the model's " + std::to_string(model.config().seq_len));
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
+  const std::string mode(ae::to_string(options.mode));
   std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
               "  %d requests per scenario, %d threads, SIMD path %s\n\n",
               model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
-              model.config().n_kv_heads, context, std::string(ae::to_string(options.mode)).c_str(), seed, requests,
-              threads, ae::attention_isa());
+              model.config().n_kv_heads, context, mode.c_str(), a.seed, a.requests, threads, ae::attention_isa());
   std::fflush(stdout);
 
-  std::vector<llama::ScenarioReport> reports;
+  std::vector<ae::bench::ScenarioReport> reports;
   for (const auto& name : names) {
-    const llama::Scenario s = llama::make_scenario(name, heldout, tokenizer, context, requests, seed);
-    reports.push_back(llama::run_scenario(model, s, options, [&](int done, int total) { progress_bar(name, done, total); }));
-    std::cout << llama::format_report(reports.back()) << "\n" << std::flush;
+    const auto s = ae::bench::make_scenario(name, heldout, tokenizer, context, a.requests, a.seed);
+    reports.push_back(
+        ae::bench::run_scenario(model, s, options, [&](int done, int total) { progress_bar(name, done, total); }));
+    std::cout << ae::bench::format_report(reports.back()) << "\n" << std::flush;
   }
   if (json.is_open()) {
-    const std::string meta = "\"model\": " + llama::json_string(model_path) + ", \"mode\": " +
-                             llama::json_string(ae::to_string(options.mode)) + ", \"context\": " +
-                             std::to_string(context) + ", \"seed\": " + std::to_string(seed) +
-                             ", \"threads\": " + std::to_string(threads) +
-                             ", \"attention_isa\": " + llama::json_string(ae::attention_isa()) +
-                             ", \"gemm_isa\": " + llama::json_string(ae::attention_isa());
-    json << llama::reports_to_json(reports, meta);
-    if (!json.flush()) throw std::runtime_error(flags.at("json") + ": write failed");
+    const nlohmann::ordered_json meta = {{"model", model_path},     {"mode", mode},
+                                         {"context", context},      {"seed", a.seed},
+                                         {"threads", threads},      {"attention_isa", ae::attention_isa()},
+                                         {"gemm_isa", ae::attention_isa()}};
+    json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
+    if (!json.flush()) throw std::runtime_error(a.json + ": write failed");
   }
   return 0;
+}
+
+// The names the library's parse_echo_mode accepts.
+CLI::Validator echo_mode_check() {
+  return CLI::Validator(
+      [](std::string& text) {
+        try {
+          ae::parse_echo_mode(text);
+          return std::string();
+        } catch (const std::invalid_argument& e) {
+          return std::string(e.what());
+        }
+      },
+      "MODE");
+}
+
+void add_threads(CLI::App& cmd, int& threads) {
+  cmd.add_option("--threads", threads, "worker threads (0: all hardware threads)")
+      ->check(CLI::NonNegativeNumber)
+      ->default_str("0");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    std::cerr << kUsage;
-    return argc < 2 ? 2 : 0;
-  }
-  const std::string command = argv[1];
+  CLI::App app("aecho: the AttentionEcho inference engine from the command line", "aecho");
+  app.get_formatter()->label("Usage", "usage");
+  app.require_subcommand(1);
+
+  GenerateArgs gen;
+  CLI::App& generate = *app.add_subcommand("generate", "greedy decoding from a prompt");
+  generate.add_option("--model", gen.model, "llama2.c .bin or GGUF checkpoint")->required();
+  generate.add_option("--tokenizer", gen.tokenizer, "llama2.c tokenizer.bin")->required();
+  generate.add_option("--prompt", gen.prompt, "text to continue (default: empty)");
+  generate.add_option("--steps", gen.steps, "tokens to generate")->check(CLI::PositiveNumber)->capture_default_str();
+  add_threads(generate, gen.threads);
+
+  LogitsArgs lg;
+  CLI::App& logits = *app.add_subcommand("logits", "write raw float32 logits [tokens, vocab] of every prompt row");
+  logits.add_option("--model", lg.model, "llama2.c .bin or GGUF checkpoint")->required();
+  CLI::Option* tokens = logits.add_option("--tokens", lg.tokens, "comma-separated token ids, e.g. 1,2,3")
+                            ->delimiter(',')
+                            ->expected(1, INT_MAX);
+  CLI::Option* prompt = logits.add_option("--prompt", lg.prompt, "text, encoded with --tokenizer");
+  CLI::Option* tokenizer = logits.add_option("--tokenizer", lg.tokenizer, "llama2.c tokenizer.bin");
+  tokens->excludes(prompt);
+  prompt->needs(tokenizer);
+  logits.add_option("--out", lg.out, "output file")->required();
+  add_threads(logits, lg.threads);
+
+  BenchArgs bn;
+  std::vector<std::string> scenarios = ae::bench::scenario_names();
+  scenarios.push_back("all");
+  CLI::App& bench = *app.add_subcommand("bench", "the serving benchmark on scenario workloads");
+  bench.add_option("--scenario", bn.scenario, "workload")->required()->check(CLI::IsMember(scenarios));
+  bench.add_option("--model", bn.model, "checkpoint (default: the bundled model)");
+  bench.add_option("--tokenizer", bn.tokenizer, "tokenizer (default: tokenizer.bin beside the model)");
+  bench.add_option("--heldout", bn.heldout, "held-out text the requests are cut from (default: heldout.txt beside the model)");
+  bench.add_option("--mode", bn.mode, "the echo cache's mode: exact, sparse or dense")
+      ->check(echo_mode_check())
+      ->capture_default_str();
+  bench.add_option("--requests", bn.requests, "requests per scenario")->check(CLI::PositiveNumber)->capture_default_str();
+  bench.add_option("--context", bn.context, "prompt plus continuation tokens (default: the model's, at most 4096)")
+      ->check(CLI::Range(64, INT_MAX).description("INT >= 64"));
+  bench.add_option("--seed", bn.seed, "workload seed")->check(CLI::NonNegativeNumber)->capture_default_str();
+  add_threads(bench, bn.threads);
+  bench.add_option("--max-error", bn.max_error, "the cache's guard: max relative error of a served hit (inf: off)")
+      ->capture_default_str();
+  bench.add_option("--sparse-mass", bn.sparse_mass, "attention mass the sparse tier's kept tiles cover")
+      ->capture_default_str();
+  bench.add_option("--json", bn.json, "also write every figure as JSON to this file");
+  bench.footer(kBenchFooter);
+
   try {
-    if (command == "generate") return cmd_generate(argc, argv);
-    if (command == "logits") return cmd_logits(argc, argv);
-    if (command == "bench") return cmd_bench(argc, argv);
-    throw UsageError("unknown command '" + command + "'");
-  } catch (const UsageError& e) {
-    std::cerr << "aecho: " << e.what() << "\n" << kUsage;
+    app.parse(argc, argv);
+    if (generate.parsed()) return run_generate(gen);
+    if (logits.parsed()) return run_logits(lg);
+    return run_bench(bn);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // A bad command line, found by CLI11 or after parsing: the usage of the
+    // subcommand it was for (help() picks it).
+    std::cerr << "aecho: " << e.what() << "\n" << app.help();
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "aecho: " << e.what() << "\n";

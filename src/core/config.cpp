@@ -16,7 +16,7 @@ std::string_view to_string(EvictionPolicy policy) {
 
 std::string_view to_string(EchoMode mode) {
   switch (mode) {
-    case EchoMode::kExact: return "exact";
+    case EchoMode::kOff: return "off";
     case EchoMode::kSparse: return "sparse";
     case EchoMode::kDense: return "dense";
   }
@@ -30,10 +30,10 @@ EvictionPolicy parse_eviction_policy(std::string_view text) {
 }
 
 EchoMode parse_echo_mode(std::string_view text) {
-  if (text == "exact") return EchoMode::kExact;
+  if (text == "off" || text == "exact") return EchoMode::kOff;  // "exact": the older name
   if (text == "sparse") return EchoMode::kSparse;
   if (text == "dense") return EchoMode::kDense;
-  fail("mode must be 'exact', 'sparse' or 'dense', got '" + std::string(text) + "'");
+  fail("mode must be 'off', 'sparse' or 'dense', got '" + std::string(text) + "'");
 }
 
 // Messages of the seed's fields are the seed's texts, word for word.

@@ -6,7 +6,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "attention_echo/cache.hpp"
 
 namespace attention_echo {
 namespace {
@@ -51,25 +50,35 @@ void require_finite(std::string_view name, const HeadsView& v) {
     }
 }
 
+void require_device(std::string_view name, const HeadsView& v, const HeadsView& q) {
+  if (v.device != q.device) fail(name, "on " + to_string(v.device) + ", query on " + to_string(q.device));
+}
+
 }  // namespace
 
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                               const MutableHeadsView& out, int prefix_length) {
+                               const MutableHeadsView& out, int prefix_length, int query_offset) {
   require_data("query", q);
   require_data("key", k);
   require_data("value", v);
   require_data("out", as_const(out));
+  require_device("key", k, q);
+  require_device("value", v, q);
+  require_device("out", as_const(out), q);
   if (k.dim != q.dim) fail("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
-  if (k.tokens != q.tokens)
-    fail("key", "token count " + std::to_string(k.tokens) + " != query's " + std::to_string(q.tokens));
+  if (query_offset < 0) fail("query_offset", "must be >= 0, got " + std::to_string(query_offset));
+  if (k.tokens != query_offset + q.tokens)
+    fail("key", "token count " + std::to_string(k.tokens) + " != query's " + std::to_string(q.tokens) +
+                    (query_offset ? " + query_offset " + std::to_string(query_offset) : ""));
   if (q.heads % k.heads != 0)
     fail("key", std::to_string(k.heads) + " kv heads do not divide " + std::to_string(q.heads) + " query heads");
   if (v.heads != k.heads || v.tokens != k.tokens || v.dim != k.dim)
     fail("value", "shape " + shape(v) + " != key's " + shape(k));
   if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
     fail("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
-  if (prefix_length < 0 || prefix_length > q.tokens)
-    fail("prefix_length", "must be in [0, " + std::to_string(q.tokens) + "], got " + std::to_string(prefix_length));
+  if (prefix_length < 0 || prefix_length > k.tokens)
+    fail("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
+  if (q.device != Device::cpu()) return;
   require_finite("query", q);
   require_finite("key", k);
   require_finite("value", v);
@@ -78,6 +87,7 @@ void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const Hea
 void validate_matrix(std::string_view name, const MatrixView& m) {
   if (m.data == nullptr || m.rows < 1 || m.cols < 1)
     fail(name, "must be a non-empty [rows, cols] matrix");
+  if (m.device != Device::cpu()) fail(name, "must be in host memory, got " + to_string(m.device));
   for (long long i = 0; i < static_cast<long long>(m.rows) * m.cols; ++i)
     if (!std::isfinite(m.data[i])) fail(name, "contains NaN or Inf");
 }

@@ -9,14 +9,16 @@
 
 namespace attention_echo {
 
-struct MatrixView;
-
-// q [H,T,D], k/v [Hkv,T,D], out like q; Hkv divides H; T, D >= 1; q/k/v finite;
-// 0 <= prefix_length <= T.
+// q [H,Tq,D], k/v [Hkv,T,D], out like q, all on one device; Hkv divides H;
+// Tq, T, D >= 1; query_offset >= 0 and query_offset + Tq == T (q's rows are
+// positions [query_offset, T) of the sequence); 0 <= prefix_length <= T.
+// q/k/v finite, checked here for host memory only: device memory is its
+// backend's to check.
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                               const MutableHeadsView& out, int prefix_length);
+                               const MutableHeadsView& out, int prefix_length, int query_offset = 0);
 
-// rows, cols >= 1 and every value finite.
+// rows, cols >= 1, in host memory (the semantic key is computed there) and
+// every value finite.
 void validate_matrix(std::string_view name, const MatrixView& m);
 
 // Scale must be finite and positive.

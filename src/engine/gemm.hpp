@@ -1,7 +1,7 @@
 // The engine's matrix multiply: y[m, n] (+)= x[m, k] * W[n, k]^T with W
 // packed once at load into column panels, so the inner loop streams one
 // contiguous panel and broadcasts x. Projections and the MLP are ~24*T*d^2 of
-// a prefill's FLOPs (DESIGN.md section 9); this is where that time goes.
+// a prefill's FLOPs (the rest is attention); this is where that time goes.
 #pragma once
 
 #include <cstddef>

@@ -14,7 +14,6 @@
 
 #include "attention_echo/attention.hpp"
 #include "engine/gemm.hpp"
-#include "kernels/attention_kernel.hpp"
 
 namespace attention_echo::llama {
 
@@ -30,7 +29,7 @@ struct PackedLayer {
 
 }  // namespace
 
-struct Model::Impl {
+struct Model::Packed {
   ModelConfig config;
   std::vector<float> token_embedding;  // [vocab, dim], for row lookup
   std::vector<PackedLayer> layers;
@@ -187,7 +186,7 @@ void rope_tables(const ModelConfig& c, std::vector<float>& cos, std::vector<floa
 
 }  // namespace
 
-Model::Model(const Weights& w) : impl_(std::make_unique<Impl>()) {
+Model::Model(const Weights& w) : packed_(std::make_unique<Packed>()) {
   const ModelConfig& c = w.config;
   c.validate();
   const std::size_t d = c.dim, V = c.vocab_size;
@@ -196,7 +195,7 @@ Model::Model(const Weights& w) : impl_(std::make_unique<Impl>()) {
   if (!w.classifier.empty()) check_size(w.classifier, V * d, "classifier");
   if (w.layers.size() != static_cast<std::size_t>(c.n_layers))
     throw std::invalid_argument("weights: layer count does not match config");
-  Impl& m = *impl_;
+  Packed& m = *packed_;
   m.config = c;
   m.token_embedding = w.token_embedding;
   m.final_norm = w.final_norm;
@@ -207,7 +206,7 @@ Model::Model(const Weights& w) : impl_(std::make_unique<Impl>()) {
 
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
-const ModelConfig& Model::config() const { return impl_->config; }
+const ModelConfig& Model::config() const { return packed_->config; }
 
 KVState KVState::prefix(int tokens) const {
   if (tokens < 0 || tokens > length) throw std::invalid_argument("tokens: prefix longer than the state");
@@ -227,13 +226,26 @@ std::size_t KVState::bytes() const {
   return n;
 }
 
-Engine::Engine(const Model& model, ThreadPool& pool) : m_(*model.impl_), pool_(pool) {}
+struct Engine::Impl {
+  const Model::Packed& m;
+  ThreadPool& pool;
+  Timers timers;
+  std::vector<float> xb, qkv, att, gu;  // scratch, reused across calls
+};
 
-const ModelConfig& Engine::config() const { return m_.config; }
+Engine::Engine(const Model& model, ThreadPool& pool) : impl_(std::make_unique<Impl>(model.packed(), pool)) {}
+Engine::~Engine() = default;
+Engine::Engine(Engine&&) noexcept = default;
+
+const ModelConfig& Engine::config() const { return impl_->m.config; }
+Timers& Engine::timers() { return impl_->timers; }
 
 EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& kv, const AttentionRoute& route) {
-  const ModelConfig& c = m_.config;
-  const PackedLayer& w = m_.layers.at(layer);
+  Impl& e = *impl_;
+  const Model::Packed& m = impl_->m;
+  ThreadPool& pool = impl_->pool;
+  const ModelConfig& c = m.config;
+  const PackedLayer& w = m.layers.at(layer);
   const int n = t1 - t0, dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2;
   const int qkv_width = dim + 2 * kvd;
   if (n <= 0 || t0 < 0 || t1 > c.seq_len) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
@@ -250,20 +262,20 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
 
   // Attention block. xb (the normed layer input) doubles as the prefix
   // embeddings the cache keys on: it is exactly what Q/K/V are made from.
-  std::vector<float>& xb = grow(xb_, static_cast<std::size_t>(n) * dim);
-  for_rows(pool_, n, [&](int r0, int r1) {
+  std::vector<float>& xb = grow(e.xb, static_cast<std::size_t>(n) * dim);
+  for_rows(pool, n, [&](int r0, int r1) {
     rmsnorm(x + std::size_t(r0) * dim, w.attn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
   });
   // q rows sit at their absolute position so the kernel's causal mask
   // (key_end = row + 1) holds for rows that start at t0 > 0.
-  std::vector<float>& qkv = grow(qkv_, static_cast<std::size_t>(t1) * qkv_width);
+  std::vector<float>& qkv = grow(e.qkv, static_cast<std::size_t>(t1) * qkv_width);
   float* rows = qkv.data() + static_cast<std::size_t>(t0) * qkv_width;
-  gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool_);
-  for_rows(pool_, n, [&](int r0, int r1) {
+  gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool);
+  for_rows(pool, n, [&](int r0, int r1) {
     for (int i = r0; i < r1; ++i) {
       float* r = rows + static_cast<std::size_t>(i) * qkv_width;
-      const float* cs = m_.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
-      const float* sn = m_.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
+      const float* cs = m.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
+      const float* sn = m.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
       rope(r, c.n_heads, hd, cs, sn);
       rope(r + dim, c.n_kv_heads, hd, cs, sn);
       std::copy(r + dim, r + dim + kvd, K.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
@@ -271,7 +283,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
     }
   });
 
-  std::vector<float>& att = grow(att_, static_cast<std::size_t>(t1) * dim);
+  std::vector<float>& att = grow(e.att, static_cast<std::size_t>(t1) * dim);
   const HeadsView q{qkv.data(), c.n_heads, t1, hd, hd, qkv_width};
   const HeadsView k = HeadsView::token_major(K.data(), c.n_kv_heads, t1, hd);
   const HeadsView v = HeadsView::token_major(V.data(), c.n_kv_heads, t1, hd);
@@ -286,54 +298,62 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
     request.prefix_tokens = route.prefix_tokens;
     request.name_space = route.name_space;
     echo = route.cache->attention_with_echo(q, k, v, out, request);
-  } else if (t0 == 0) {
-    attention(q, k, v, out, AttentionOptions{}, pool_);
   } else {
-    kernels::AttentionProblem problem{q, k, v, out, 1.0f / std::sqrt(static_cast<float>(hd))};
-    kernels::exact_rows(problem, t0, t1, pool_);
+    // Only the new rows [t0, t1) attend, to every key row [0, t1).
+    AttentionOptions options;
+    options.query_offset = t0;
+    const HeadsView new_q{rows, c.n_heads, n, hd, hd, qkv_width};
+    const MutableHeadsView new_out =
+        MutableHeadsView::token_major(att.data() + static_cast<std::size_t>(t0) * dim, c.n_heads, n, hd);
+    attention(new_q, k, v, new_out, options, pool);
   }
-  start.add_since(timers_.attention_s, timers_.attention_cpu_s);
-  gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool_);
+  start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
+  gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool);
 
   // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
-  for_rows(pool_, n, [&](int r0, int r1) {
+  for_rows(pool, n, [&](int r0, int r1) {
     rmsnorm(x + std::size_t(r0) * dim, w.ffn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
   });
   const int hidden = c.hidden_dim;
-  std::vector<float>& gu = grow(gu_, static_cast<std::size_t>(n) * 2 * hidden);
-  gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool_);
-  for_rows(pool_, n, [&](int r0, int r1) {
+  std::vector<float>& gu = grow(e.gu, static_cast<std::size_t>(n) * 2 * hidden);
+  gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool);
+  for_rows(pool, n, [&](int r0, int r1) {
     for (int i = r0; i < r1; ++i) {
       float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
       swiglu(g, g + hidden, hidden);
     }
   });
-  gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool_);
+  gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool);
   return echo;
 }
 
 std::vector<float> Engine::embed(std::span<const int> tokens) const {
-  const ModelConfig& c = m_.config;
+  const Model::Packed& m = impl_->m;
+  const ModelConfig& c = m.config;
   std::vector<float> x(tokens.size() * c.dim);
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
       throw std::invalid_argument("tokens: id " + std::to_string(tokens[i]) + " is out of range");
-    std::copy_n(m_.token_embedding.begin() + static_cast<std::ptrdiff_t>(tokens[i]) * c.dim, c.dim,
+    std::copy_n(m.token_embedding.begin() + static_cast<std::ptrdiff_t>(tokens[i]) * c.dim, c.dim,
                 x.begin() + static_cast<std::ptrdiff_t>(i * c.dim));
   }
   return x;
 }
 
 void Engine::head(const float* x, int rows, ForwardResult& result) {
-  const ModelConfig& c = m_.config;
+  const Model::Packed& m = impl_->m;
+  ThreadPool& pool = impl_->pool;
+  const ModelConfig& c = m.config;
   result.hidden.resize(static_cast<std::size_t>(rows) * c.dim);
-  rmsnorm(x, m_.final_norm.data(), result.hidden.data(), rows, c.dim, c.norm_eps);
+  rmsnorm(x, m.final_norm.data(), result.hidden.data(), rows, c.dim, c.norm_eps);
   result.logits.resize(static_cast<std::size_t>(rows) * c.vocab_size);
-  gemm(result.hidden.data(), c.dim, rows, m_.classifier, result.logits.data(), c.vocab_size, false, pool_);
+  gemm(result.hidden.data(), c.dim, rows, m.classifier, result.logits.data(), c.vocab_size, false, pool);
 }
 
 ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const AttentionRoute& route, int keep_rows) {
-  const ModelConfig& c = m_.config;
+  Impl& e = *impl_;
+  const Model::Packed& m = impl_->m;
+  const ModelConfig& c = m.config;
   const int n = static_cast<int>(tokens.size());
   const int t0 = kv.length, t1 = t0 + n;
   if (n == 0) throw std::invalid_argument("tokens: empty");
@@ -347,53 +367,16 @@ ForwardResult Engine::forward(std::span<const int> tokens, KVState& kv, const At
   std::vector<float> x = embed(tokens);
   ForwardResult result;
   for (int l = 0; l < c.n_layers; ++l) {
-    const double before = timers_.attention_cpu_s;
+    const double before = e.timers.attention_cpu_s;
     EchoResult echo = layer_forward(l, x.data(), t0, t1, kv, route);
-    result.attention_cpu_s.push_back(timers_.attention_cpu_s - before);
+    result.attention_cpu_s.push_back(e.timers.attention_cpu_s - before);
     if (route.cache) result.echo.push_back(echo);
   }
   kv.length = t1;
   const int keep = keep_rows < 0 ? n : std::min(keep_rows, n);
   head(x.data() + static_cast<std::size_t>(n - keep) * c.dim, keep, result);
-  start.add_since(timers_.total_s, timers_.total_cpu_s);
+  start.add_since(e.timers.total_s, e.timers.total_cpu_s);
   return result;
-}
-
-PrefixStore::PrefixStore(std::size_t max_bytes) : max_bytes_(max_bytes) {}
-
-PrefixStore::Match PrefixStore::longest_match(std::span<const int> tokens) {
-  Match best;
-  Entry* hit = nullptr;
-  for (auto& e : entries_) {
-    const std::size_t n = std::min(e.tokens.size(), tokens.size());
-    const int shared = static_cast<int>(std::mismatch(e.tokens.begin(), e.tokens.begin() + n, tokens.begin()).first -
-                                        e.tokens.begin());
-    if (shared > best.length) {
-      best = {&e.kv, shared, e.exact};
-      hit = &e;
-    }
-  }
-  if (hit) hit->last_use = ++clock_;
-  return best;
-}
-
-void PrefixStore::insert(std::span<const int> tokens, KVState kv, bool exact) {
-  if (static_cast<std::size_t>(kv.length) > tokens.size()) throw std::invalid_argument("kv: longer than tokens");
-  Entry e;
-  e.tokens.assign(tokens.begin(), tokens.begin() + kv.length);
-  e.bytes = kv.bytes() + e.tokens.size() * sizeof(int);
-  e.kv = std::move(kv);
-  e.exact = exact;
-  e.last_use = ++clock_;
-  if (e.bytes > max_bytes_) return;
-  bytes_ += e.bytes;
-  entries_.push_back(std::move(e));
-  while (bytes_ > max_bytes_) {
-    auto lru = std::min_element(entries_.begin(), entries_.end(),
-                                [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; });
-    bytes_ -= lru->bytes;
-    entries_.erase(lru);
-  }
 }
 
 }  // namespace attention_echo::llama

@@ -11,6 +11,7 @@
 #include <variant>
 
 #include "attention_echo/llama.hpp"
+#include "core/binary_reader.hpp"
 
 namespace attention_echo::llama {
 namespace {
@@ -29,46 +30,10 @@ std::vector<char> read_file(const std::string& path) {
   return bytes;
 }
 
-// Bounds-checked little-endian reader over a file's bytes.
-class Reader {
- public:
-  Reader(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {}
-
-  template <typename T>
-  T get(const char* what) {
-    T value;
-    std::memcpy(&value, take(sizeof(T), what), sizeof(T));
-    return value;
-  }
-  const char* take(std::size_t n, const char* what) {
-    if (n > bytes_.size() - pos_) bad_file(path_, std::string("truncated file (reading ") + what + ")");
-    const char* p = bytes_.data() + pos_;
-    pos_ += n;
-    return p;
-  }
-  std::size_t pos() const { return pos_; }
-  void seek(std::size_t pos) {
-    if (pos > bytes_.size()) bad_file(path_, "truncated file (data section)");
-    pos_ = pos;
-  }
-  std::size_t size() const { return bytes_.size(); }
-
- private:
-  const std::vector<char>& bytes_;
-  const std::string& path_;
-  std::size_t pos_ = 0;
-};
-
-std::vector<float> read_floats(Reader& r, std::size_t count, const char* what) {
-  std::vector<float> out(count);
-  std::memcpy(out.data(), r.take(count * sizeof(float), what), count * sizeof(float));
-  return out;
-}
-
 // ---- llama2.c -------------------------------------------------------------
 
 Weights parse_llama2c(const std::vector<char>& bytes, const std::string& path) {
-  Reader r(bytes, path);
+  BinaryReader r({bytes.data(), bytes.size()}, path);
   std::int32_t header[7];
   for (auto& h : header) h = r.get<std::int32_t>("header");
   if (std::memcmp(bytes.data(), "ak42", 4) == 0 || header[0] == 0x616b3432)
@@ -100,11 +65,11 @@ Weights parse_llama2c(const std::vector<char>& bytes, const std::string& path) {
                        std::to_string(L) + ", vocab " + std::to_string(V) + ", seq_len " +
                        std::to_string(S) + ") needs " + std::to_string(expected));
 
-  w.token_embedding = read_floats(r, V * d, "token_embedding");
+  w.token_embedding = r.get_array<float>(V * d, "token_embedding");
   w.layers.resize(L);
   // llama2.c groups each tensor kind over all layers.
   auto per_layer = [&](std::vector<float> Weights::Layer::*field, std::uint64_t n, const char* what) {
-    for (auto& layer : w.layers) layer.*field = read_floats(r, n, what);
+    for (auto& layer : w.layers) layer.*field = r.get_array<float>(n, what);
   };
   per_layer(&Weights::Layer::attn_norm, d, "rms_att_weight");
   per_layer(&Weights::Layer::wq, d * d, "wq");
@@ -115,9 +80,9 @@ Weights parse_llama2c(const std::vector<char>& bytes, const std::string& path) {
   per_layer(&Weights::Layer::w_gate, h * d, "w1");
   per_layer(&Weights::Layer::w_down, d * h, "w2");
   per_layer(&Weights::Layer::w_up, h * d, "w3");
-  w.final_norm = read_floats(r, d, "rms_final_weight");
+  w.final_norm = r.get_array<float>(d, "rms_final_weight");
   r.take(S * hd * sizeof(float), "freq_cis");  // RoPE tables: recomputed, not read
-  if (!shared) w.classifier = read_floats(r, V * d, "wcls");
+  if (!shared) w.classifier = r.get_array<float>(V * d, "wcls");
   return w;
 }
 
@@ -131,11 +96,6 @@ constexpr std::uint32_t kGgmlF32 = 0, kGgmlF16 = 1;
 // Metadata values the loader reads; everything else is skipped.
 using GgufValue = std::variant<std::monostate, std::uint64_t, std::int64_t, double, std::string>;
 
-std::string read_string(Reader& r) {
-  const auto n = r.get<std::uint64_t>("string length");
-  return std::string(r.take(n, "string"), n);
-}
-
 std::size_t scalar_size(std::uint32_t type, const std::string& path) {
   switch (type) {
     case kU8: case kI8: case kBool: return 1;
@@ -146,7 +106,7 @@ std::size_t scalar_size(std::uint32_t type, const std::string& path) {
   }
 }
 
-GgufValue read_value(Reader& r, std::uint32_t type, const std::string& path) {
+GgufValue read_value(BinaryReader& r, std::uint32_t type, const std::string& path) {
   switch (type) {
     case kU8: return std::uint64_t{r.get<std::uint8_t>("u8")};
     case kI8: return std::int64_t{r.get<std::int8_t>("i8")};
@@ -159,17 +119,17 @@ GgufValue read_value(Reader& r, std::uint32_t type, const std::string& path) {
     case kF32: return double{r.get<float>("f32")};
     case kF64: return r.get<double>("f64");
     case kBool: return std::uint64_t{r.get<std::uint8_t>("bool")};
-    case kString: return read_string(r);
+    case kString: return r.get_string("string");
     case kArray: {
       const auto elem = r.get<std::uint32_t>("array type");
       const auto n = r.get<std::uint64_t>("array length");
       if (elem == kString) {
-        for (std::uint64_t i = 0; i < n; ++i) read_string(r);
+        for (std::uint64_t i = 0; i < n; ++i) r.get_string("string");
       } else if (elem == kArray) {
         bad_file(path, "nested GGUF arrays are not supported");
       } else {
         const std::size_t size = scalar_size(elem, path);
-        if (n > (r.size() - r.pos()) / size) bad_file(path, "truncated file (metadata array)");
+        if (n > r.remaining() / size) bad_file(path, "truncated file (metadata array)");
         r.take(n * size, "array");
       }
       return std::monostate{};
@@ -205,7 +165,7 @@ struct GgufTensor {
 class GgufFile {
  public:
   GgufFile(const std::vector<char>& bytes, const std::string& path) : bytes_(bytes), path_(path) {
-    Reader r(bytes, path);
+    BinaryReader r({bytes.data(), bytes.size()}, path);
     if (bytes.size() < 4 || std::memcmp(bytes.data(), "GGUF", 4) != 0) bad_file(path, "not a GGUF file (bad magic)");
     r.take(4, "magic");
     const auto version = r.get<std::uint32_t>("version");
@@ -216,12 +176,12 @@ class GgufFile {
     // Every entry takes at least 12 bytes: a count above that is a lie.
     if (n_tensors > bytes.size() / 12 || n_kv > bytes.size() / 12) bad_file(path, "implausible GGUF counts");
     for (std::uint64_t i = 0; i < n_kv; ++i) {
-      std::string key = read_string(r);
+      std::string key = r.get_string("string");
       const auto type = r.get<std::uint32_t>("metadata type");
       meta_[std::move(key)] = read_value(r, type, path);
     }
     for (std::uint64_t i = 0; i < n_tensors; ++i) {
-      std::string name = read_string(r);
+      std::string name = r.get_string("string");
       GgufTensor t;
       const auto n_dims = r.get<std::uint32_t>("tensor rank");
       if (n_dims < 1 || n_dims > 4) bad_file(path, "tensor " + name + " has rank " + std::to_string(n_dims));

@@ -11,50 +11,70 @@
 
 namespace attention_echo::llama {
 
-Tokenizer::Tokenizer(const std::string& path, int vocab_size) {
+struct Tokenizer::Impl {
+  std::vector<std::string> pieces;
+  std::vector<float> scores;
+  std::vector<int> sorted;  // ids ordered by piece, for lookup
+  int byte_token[256];      // -1: no token for that byte
+  bool has_merges = false;  // some piece spans several bytes
+
+  int lookup(std::string_view piece) const {
+    auto it = std::lower_bound(sorted.begin(), sorted.end(), piece,
+                               [&](int id, std::string_view p) { return std::string_view(pieces[id]) < p; });
+    return it != sorted.end() && pieces[*it] == piece ? *it : -1;
+  }
+};
+
+Tokenizer::~Tokenizer() = default;
+Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
+
+int Tokenizer::vocab_size() const { return static_cast<int>(impl_->pieces.size()); }
+
+std::vector<int> Tokenizer::encode(std::string_view text) const {
+  return encode(text, {.bos = true, .eos = false, .dummy_prefix = impl_->has_merges});
+}
+
+Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_unique<Impl>()) {
+  Impl& t = *impl_;
   if (vocab_size <= 0) throw std::invalid_argument("vocab_size must be positive");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open tokenizer");
   auto fail = [&](const std::string& what) { throw std::runtime_error(path + ": " + what); };
   std::int32_t max_len = 0;
   if (!in.read(reinterpret_cast<char*>(&max_len), 4) || max_len <= 0) fail("bad tokenizer header");
-  pieces_.resize(vocab_size);
-  scores_.resize(vocab_size);
+  t.pieces.resize(vocab_size);
+  t.scores.resize(vocab_size);
   for (int i = 0; i < vocab_size; ++i) {
     std::int32_t len = 0;
-    if (!in.read(reinterpret_cast<char*>(&scores_[i]), 4) || !in.read(reinterpret_cast<char*>(&len), 4))
+    if (!in.read(reinterpret_cast<char*>(&t.scores[i]), 4) || !in.read(reinterpret_cast<char*>(&len), 4))
       fail("truncated tokenizer (token " + std::to_string(i) + " of " + std::to_string(vocab_size) + ")");
     if (len < 0 || len > max_len) fail("token " + std::to_string(i) + " has bad length " + std::to_string(len));
-    pieces_[i].resize(len);
-    if (!in.read(pieces_[i].data(), len)) fail("truncated tokenizer (token " + std::to_string(i) + ")");
+    t.pieces[i].resize(len);
+    if (!in.read(t.pieces[i].data(), len)) fail("truncated tokenizer (token " + std::to_string(i) + ")");
   }
   if (in.peek() != std::char_traits<char>::eof())
     fail("tokenizer has more than the model's " + std::to_string(vocab_size) + " tokens");
   // Ids sorted by piece for binary search; stable so a duplicated piece
   // resolves to its first id.
-  sorted_.resize(vocab_size);
-  for (int i = 0; i < vocab_size; ++i) sorted_[i] = i;
-  std::stable_sort(sorted_.begin(), sorted_.end(), [&](int a, int b) { return pieces_[a] < pieces_[b]; });
+  t.sorted.resize(vocab_size);
+  for (int i = 0; i < vocab_size; ++i) t.sorted[i] = i;
+  std::stable_sort(t.sorted.begin(), t.sorted.end(), [&](int a, int b) { return t.pieces[a] < t.pieces[b]; });
   for (int b = 0; b < 256; ++b) {
     char hex[8];
     std::snprintf(hex, sizeof hex, "<0x%02X>", b);
-    int id = lookup(hex);
-    if (id < 0) id = lookup(std::string(1, static_cast<char>(b)));
-    byte_token_[b] = id;
+    int id = t.lookup(hex);
+    if (id < 0) id = t.lookup(std::string(1, static_cast<char>(b)));
+    t.byte_token[b] = id;
   }
   // Specials (<unk>, BOS, EOS) and byte tokens aside, is any piece longer
   // than one byte?
-  for (int i = 3; i < vocab_size && !has_merges_; ++i)
-    has_merges_ = pieces_[i].size() > 1 && std::find(byte_token_, byte_token_ + 256, i) == byte_token_ + 256;
-}
-
-int Tokenizer::lookup(std::string_view piece) const {
-  auto it = std::lower_bound(sorted_.begin(), sorted_.end(), piece,
-                             [&](int id, std::string_view p) { return std::string_view(pieces_[id]) < p; });
-  return it != sorted_.end() && pieces_[*it] == piece ? *it : -1;
+  for (int i = 3; i < vocab_size && !t.has_merges; ++i)
+    t.has_merges = t.pieces[i].size() > 1 && std::find(t.byte_token, t.byte_token + 256, i) == t.byte_token + 256;
 }
 
 std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
+  const Impl& t = *impl_;
   // Symbols as a doubly linked list over the initial code points.
   struct Symbol {
     int token;
@@ -69,12 +89,12 @@ std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& o
     // One UTF-8 code point: a lead byte and up to three continuation bytes.
     std::size_t n = 1;
     while (n < 4 && i + n < source.size() && (static_cast<unsigned char>(source[i + n]) & 0xC0) == 0x80) ++n;
-    const int id = lookup(std::string_view(source).substr(i, n));
+    const int id = t.lookup(std::string_view(source).substr(i, n));
     if (id >= 0) {
       symbols.push_back({id, 0, 0, i, i + n});
     } else {
       for (std::size_t b = i; b < i + n; ++b) {
-        const int byte_id = byte_token_[static_cast<unsigned char>(source[b])];
+        const int byte_id = t.byte_token[static_cast<unsigned char>(source[b])];
         if (byte_id < 0)
           throw std::invalid_argument("text: byte " + std::to_string(static_cast<unsigned char>(source[b])) +
                                       " has no token in this vocabulary");
@@ -104,8 +124,8 @@ std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& o
     if (left < 0 || symbols[left].next < 0) return;
     const Symbol& a = symbols[left];
     const Symbol& b = symbols[a.next];
-    const int id = lookup(std::string_view(source).substr(a.begin, b.end - a.begin));
-    if (id >= 0) heap.push({scores_[id], a.begin, left, a.next, id, a.end, b.end});
+    const int id = t.lookup(std::string_view(source).substr(a.begin, b.end - a.begin));
+    if (id >= 0) heap.push({t.scores[id], a.begin, left, a.next, id, a.end, b.end});
   };
   for (int i = 0; i < n; ++i) consider(i);
   while (!heap.empty()) {
@@ -133,7 +153,7 @@ std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& o
 
 std::string Tokenizer::decode(int previous, int token) const {
   if (token < 0 || token >= vocab_size()) throw std::invalid_argument("token: id " + std::to_string(token) + " is out of range");
-  std::string_view piece = pieces_[token];
+  std::string_view piece = impl_->pieces[token];
   if (previous == kBos && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
   unsigned byte = 0;
   if (piece.size() == 6 && std::sscanf(std::string(piece).c_str(), "<0x%02X>", &byte) == 1)

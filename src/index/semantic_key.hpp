@@ -10,7 +10,7 @@
 #include <mutex>
 #include <vector>
 
-#include "attention_echo/cache.hpp"
+#include "attention_echo/tensor.hpp"
 
 namespace attention_echo::index {
 

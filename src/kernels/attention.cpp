@@ -5,17 +5,18 @@
 
 #include "core/isa.hpp"
 #include "core/validate.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/cpu_backend.hpp"
 
 namespace attention_echo {
 
 void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
                const AttentionOptions& options, ThreadPool& pool) {
-  validate_attention_inputs(q, k, v, out, options.prefix_length);
+  validate_attention_inputs(q, k, v, out, options.prefix_length, options.query_offset);
   if (options.scale) validate_scale(*options.scale);
   const float scale = options.scale.value_or(1.0f / std::sqrt(static_cast<float>(q.dim)));
-  const kernels::AttentionProblem problem{q, k, v, out, scale, options.causal, options.prefix_length};
-  kernels::exact_rows(problem, 0, q.tokens, pool);
+  const kernels::AttentionProblem problem{q, k, v, out, scale, options.causal, options.prefix_length,
+                                          options.query_offset};
+  kernels::CpuBackend(pool).exact_rows(problem, options.query_offset, k.tokens);
 }
 
 const char* attention_isa() { return to_string(active_isa()); }

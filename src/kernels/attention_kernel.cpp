@@ -11,7 +11,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "core/isa.hpp"
 #include "kernels/row_block.hpp"
 
 namespace attention_echo::kernels {
@@ -30,15 +29,6 @@ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 }
 
 using BlockFn = void (*)(const RowBlock&);
-
-BlockFn block_function() {
-  switch (active_isa()) {
-    case Isa::kAvx512: return run_block_avx512;
-    case Isa::kAvx2: return run_block_avx2;
-    case Isa::kScalar: break;
-  }
-  return run_block_scalar;
-}
 
 // One query row to compute and where its output goes.
 struct Row {
@@ -76,7 +66,7 @@ RowBlock make_block(const AttentionProblem& p, std::span<const Row> rows, Worksp
   b.rows = static_cast<int>(rows.size());
   b.dim = p.q.dim;
   for (int r = 0; r < b.rows; ++r) {
-    b.q[r] = p.q.row(rows[r].head, rows[r].token);
+    b.q[r] = p.query(rows[r].head, rows[r].token);
     b.out[r] = rows[r].out;
     b.key_end[r] = p.key_end(rows[r].token);
   }
@@ -141,13 +131,14 @@ void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, con
 }
 
 void check_row_range(const AttentionProblem& p, int row_begin, int row_end) {
-  if (row_begin < 0 || row_begin > row_end) fail("row_begin", "must be in [0, row_end]");
-  if (row_end > p.q.tokens) fail("row_end", "must be <= T = " + std::to_string(p.q.tokens));
+  if (row_begin < p.query_offset || row_begin > row_end)
+    fail("row_begin", "must be in [query_offset = " + std::to_string(p.query_offset) + ", row_end]");
+  if (row_end > p.rows_end()) fail("row_end", "must be <= T = " + std::to_string(p.rows_end()));
 }
 
 void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int row_end, int prefix) {
   if (mass.block <= 0 || mass.block % kSegment != 0)
-    fail("mass", "block must be a positive multiple of " + std::to_string(kSegment));
+    fail("block", "tile mass needs a positive multiple of " + std::to_string(kSegment));
   if (row_begin != 0) fail("row_begin", "must be 0 when recording tile mass");
   if (prefix < 0 || prefix > row_end) fail("prefix", "must be in [0, row_end]");
   if (!p.causal && p.prefix_length != prefix)
@@ -166,7 +157,7 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
   const int head0 = kv * group;
   w.rows.clear();
   for (int t = t0; t < t1; ++t)
-    for (int h = head0; h < head0 + group; ++h) w.rows.push_back({h, t, p.out.row(h, t)});
+    for (int h = head0; h < head0 + group; ++h) w.rows.push_back({h, t, p.output(h, t)});
   const bool log = mass != nullptr && t0 < prefix;
   const int tile0 = log ? t0 / mass->block : 0;
   const int query_tiles = log ? ceil_div(std::min(t1, prefix) - t0, mass->block) : 0;
@@ -212,18 +203,22 @@ void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
     fail("kept", "offsets do not match heads * tiles and cols");
   for (auto col : kept.cols)
     if (col >= kept.tiles) fail("kept", "tile index out of range");
-  if (rows < 0 || rows > p.q.tokens || rows > kept.tiles * kept.block)
+  if (rows < 0 || rows > p.rows_end() || rows > kept.tiles * kept.block)
     fail("rows", "must be in [0, min(T, tiles * block)]");
 }
 
 }  // namespace
 
-void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool, TileMass* mass,
+void require_prefix_rows(const AttentionProblem& problem) {
+  if (problem.query_offset != 0) fail("problem", "query_offset must be 0 for prefix-block rows");
+}
+
+void exact_rows(const CpuTarget& cpu, const AttentionProblem& problem, int row_begin, int row_end, TileMass* mass,
                 int prefix, float* logits) {
   check_row_range(problem, row_begin, row_end);
   if (mass != nullptr) prepare_mass(problem, *mass, row_begin, row_end, prefix);
   if (logits != nullptr) {
-    if (prefix < 0 || prefix > problem.q.tokens) fail("prefix", "must be in [0, T] when capturing logits");
+    if (prefix < 0 || prefix > problem.rows_end()) fail("prefix", "must be in [0, T] when capturing logits");
     if (!problem.causal && problem.prefix_length != prefix)
       fail("prefix", "must equal the problem's prefix_length for non-causal logits");
   }
@@ -232,21 +227,21 @@ void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, Thr
   const int span = mass != nullptr ? mass->block * std::max(1, kTaskTokens / mass->block) : kTaskTokens;
   const int spans = ceil_div(row_end - row_begin, span);
   const int kv_heads = problem.k.heads;
-  const BlockFn fn = block_function();
-  pool.parallel_for(static_cast<std::size_t>(spans) * kv_heads, [&](std::size_t i) {
+  cpu.pool.parallel_for(static_cast<std::size_t>(spans) * kv_heads, [&](std::size_t i) {
     // Later query tokens see more keys under the causal mask: hand them out first.
     const int t0 = row_begin + (spans - 1 - static_cast<int>(i) / kv_heads) * span;
-    exact_task(problem, static_cast<int>(i) % kv_heads, t0, std::min(t0 + span, row_end), mass, prefix, logits, fn);
+    exact_task(problem, static_cast<int>(i) % kv_heads, t0, std::min(t0 + span, row_end), mass, prefix, logits,
+               cpu.run_block);
   });
 }
 
-void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool) {
+void sparse_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const TileSet& kept) {
+  require_prefix_rows(problem);
   check_tile_set(problem, rows, kept);
   const int heads = problem.q.heads;
   const int tiles = ceil_div(rows, kept.block);
-  const BlockFn fn = block_function();
   // Kept tiles differ per head, so a block holds one head's rows of one tile.
-  pool.parallel_for(static_cast<std::size_t>(tiles) * heads, [&](std::size_t i) {
+  cpu.pool.parallel_for(static_cast<std::size_t>(tiles) * heads, [&](std::size_t i) {
     const int tile = tiles - 1 - static_cast<int>(i) / heads;
     const int h = static_cast<int>(i) % heads;
     const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + tile;
@@ -254,23 +249,24 @@ void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept,
     Workspace& w = workspace();
     for (int t0 = tile * kept.block; t0 < end; t0 += kMaxRows) {
       w.rows.clear();
-      for (int t = t0; t < std::min(t0 + kMaxRows, end); ++t) w.rows.push_back({h, t, problem.out.row(h, t)});
+      for (int t = t0; t < std::min(t0 + kMaxRows, end); ++t) w.rows.push_back({h, t, problem.output(h, t)});
       RowBlock b = make_block(problem, w.rows, w);
       const int limit = key_limit(b);
       w.chunks.clear();
       for (auto k = kept.offsets[slot]; k < kept.offsets[slot + 1]; ++k)
         add_chunks(kept.cols[k] * kept.block, std::min((kept.cols[k] + 1) * kept.block, limit), w.chunks);
-      run(b, w.chunks, fn);
+      run(b, w.chunks, cpu.run_block);
     }
   });
 }
 
-void cached_rows(const AttentionProblem& problem, int rows, const float* logits, const LogitLayout& layout,
-                 const float* shift, int shift_stride, ThreadPool& pool) {
+void cached_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const float* logits,
+                 const LogitLayout& layout, const float* shift, int shift_stride) {
+  require_prefix_rows(problem);
   if (layout.causal != problem.causal) fail("layout", "causal must match the problem's");
   if (!layout.causal && layout.prefix != problem.prefix_length)
     fail("layout", "non-causal prefix must equal the problem's prefix_length");
-  if (rows < 0 || rows > problem.q.tokens || rows > layout.prefix)
+  if (rows < 0 || rows > problem.rows_end() || rows > layout.prefix)
     fail("rows", "must be in [0, min(T, layout.prefix)]");
   if (rows == 0) return;
   if (logits == nullptr) fail("logits", "must not be null");
@@ -278,10 +274,9 @@ void cached_rows(const AttentionProblem& problem, int rows, const float* logits,
     fail("shift_stride", "shift must cover every key the rows see");
   const int heads = problem.q.heads;
   const int blocks = ceil_div(rows, kMaxRows);
-  const BlockFn fn = block_function();
   // Stored logits differ per head, so a block holds one head's rows; later
   // rows see more keys under the causal mask: hand them out first.
-  pool.parallel_for(static_cast<std::size_t>(blocks) * heads, [&](std::size_t i) {
+  cpu.pool.parallel_for(static_cast<std::size_t>(blocks) * heads, [&](std::size_t i) {
     const int t0 = (blocks - 1 - static_cast<int>(i) / heads) * kMaxRows;
     const int h = static_cast<int>(i) % heads;
     Workspace& w = workspace();
@@ -289,7 +284,7 @@ void cached_rows(const AttentionProblem& problem, int rows, const float* logits,
     w.cached.clear();
     const float* head_logits = logits + layout.head_size() * h;
     for (int t = t0; t < std::min(t0 + kMaxRows, rows); ++t) {
-      w.rows.push_back({h, t, problem.out.row(h, t)});
+      w.rows.push_back({h, t, problem.output(h, t)});
       w.cached.push_back(head_logits + layout.row_offset(t));
     }
     RowBlock b = make_block(problem, w.rows, w);
@@ -304,13 +299,18 @@ void cached_rows(const AttentionProblem& problem, int rows, const float* logits,
     }
     w.chunks.clear();
     add_chunks(0, limit, w.chunks);
-    run(b, w.chunks, fn);
+    run(b, w.chunks, cpu.run_block);
   });
 }
 
-void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result, ThreadPool& pool) {
+void selected_rows(const CpuTarget& cpu, const AttentionProblem& problem, std::span<const int> rows,
+                   const MutableHeadsView& result) {
+  if (result.heads != problem.q.heads || result.tokens != static_cast<int>(rows.size()) ||
+      result.dim != problem.q.dim || (!rows.empty() && result.data == nullptr))
+    fail("result", "must be [H, rows, D] of the problem");
   for (int t : rows)
-    if (t < 0 || t >= problem.q.tokens) fail("rows", "row " + std::to_string(t) + " outside [0, T)");
+    if (t < problem.query_offset || t >= problem.rows_end())
+      fail("rows", "row " + std::to_string(t) + " outside [query_offset, T)");
   if (rows.empty()) return;
   // Rows sorted by token share their key ranges best within a block.
   std::vector<int> order(rows.size());
@@ -322,22 +322,21 @@ void selected_rows(const AttentionProblem& problem, std::span<const int> rows, f
   const int kv_heads = problem.k.heads;
   const int per_kv = n * group;
   // Small blocks when there are few rows, so every thread gets some.
-  const int per_block = std::clamp(ceil_div(per_kv * kv_heads, pool.size()), 1, kMaxRows);
+  const int per_block = std::clamp(ceil_div(per_kv * kv_heads, cpu.pool.size()), 1, kMaxRows);
   const int blocks = ceil_div(per_kv, per_block);
-  const BlockFn fn = block_function();
-  pool.parallel_for(static_cast<std::size_t>(kv_heads) * blocks, [&](std::size_t i) {
+  cpu.pool.parallel_for(static_cast<std::size_t>(kv_heads) * blocks, [&](std::size_t i) {
     const int kv = static_cast<int>(i) / blocks;
     const int first = static_cast<int>(i) % blocks * per_block;
     Workspace& w = workspace();
     w.rows.clear();
     for (int f = first; f < std::min(first + per_block, per_kv); ++f) {
       const int r = order[f / group], h = kv * group + f % group;
-      w.rows.push_back({h, rows[r], result + (static_cast<std::size_t>(h) * n + r) * problem.q.dim});
+      w.rows.push_back({h, rows[r], result.row(h, r)});
     }
     RowBlock b = make_block(problem, w.rows, w);
     w.chunks.clear();
     add_chunks(0, key_limit(b), w.chunks);
-    run(b, w.chunks, fn);
+    run(b, w.chunks, cpu.run_block);
   });
 }
 

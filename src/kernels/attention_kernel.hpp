@@ -1,10 +1,15 @@
 // The one tiled online-softmax attention kernel (FlashAttention-style, never a
 // T x T buffer) and the ways the library drives it: every key tile a row sees
-// (exact, optionally capturing the prefix block's logits), a stored list of
-// kept key tiles (sparse echo), single rows (the verification guard), and
-// scores loaded from stored logits instead of computed (dense echo). Key tiles are always aligned at token 0, and a
-// row's result does not depend on which other rows share its query block, so
-// the same row computed by any entry point is bit-identical.
+// (exact, optionally capturing the prefix block's tile mass or logits), a
+// stored list of kept key tiles (sparse echo), single rows (the verification
+// guard), and scores loaded from stored logits instead of computed (dense
+// echo). Key tiles are always aligned at token 0, and a row's result does not
+// depend on which other rows share its query block, so the same row computed
+// by any entry point is bit-identical.
+//
+// These drivers are the CPU backend's implementation (cpu_backend.hpp): the
+// rest of the library calls them through a Backend, which picks the ISA's
+// tile loop and the pool per call and checks the views' device.
 #pragma once
 
 #include <cstdint>
@@ -16,21 +21,37 @@
 
 namespace attention_echo::kernels {
 
+struct RowBlock;
+
+// Rows are named by their position i in the sequence: q and out hold
+// positions [query_offset, T) (query_offset + q.tokens == T == k.tokens).
 struct AttentionProblem {
-  HeadsView q;           // [H, T, D]
+  HeadsView q;           // [H, T - query_offset, D]
   HeadsView k;           // [Hkv, T, D]
   HeadsView v;           // [Hkv, T, D]
-  MutableHeadsView out;  // [H, T, D]
+  MutableHeadsView out;  // like q
   float scale = 1.0f;
   bool causal = true;
   int prefix_length = 0;  // see attention.hpp for the non-causal mask
+  int query_offset = 0;
 
+  // One past the last position: T.
+  int rows_end() const { return query_offset + q.tokens; }
+  const float* query(int h, int i) const { return q.row(h, i - query_offset); }
+  float* output(int h, int i) const { return out.row(h, i - query_offset); }
   // One past the last key row i attends to.
   int key_end(int i) const {
     if (causal) return i + 1;
-    return i < prefix_length ? prefix_length : q.tokens;
+    return i < prefix_length ? prefix_length : k.tokens;
   }
   int kv_head(int h) const { return h / (q.heads / k.heads); }
+};
+
+// What one CPU call runs on: the tile loop compiled for the ISA the backend
+// chose for the call, and the pool its tasks go to.
+struct CpuTarget {
+  void (*run_block)(const RowBlock&);
+  ThreadPool& pool;
 };
 
 // Mean attention mass of query tile I on key tile J over the prefix block,
@@ -81,24 +102,26 @@ struct LogitLayout {
 // either. Non-causal tile mass and logits need problem.prefix_length ==
 // prefix (so prefix rows see exactly the prefix keys).
 //
-// All entry points: the problem is assumed validated (validate_attention_
-// inputs); their own arguments are checked and a bad one throws
-// std::invalid_argument naming it (row_begin, row_end, rows, prefix, mass,
-// kept, keep_mass). Safe to call concurrently on one pool. Rows are
+// All drivers: the problem is assumed validated (validate_attention_inputs)
+// and in host memory; their own arguments are checked and a bad one throws
+// std::invalid_argument naming it (row_begin, row_end, rows, prefix, block,
+// kept, result, problem). Safe to call concurrently on one pool. Rows are
 // bit-identical across entry points and thread counts for one ISA path.
-void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
-                TileMass* mass = nullptr, int prefix = 0, float* logits = nullptr);
+void exact_rows(const CpuTarget& cpu, const AttentionProblem& problem, int row_begin, int row_end, TileMass* mass,
+                int prefix, float* logits);
 
 // Prefix rows [0, rows) of every head, each attending only to its kept key
 // tiles (clipped to the row's own key range). Cost is proportional to the
 // kept tiles. With every tile kept it equals exact_rows bit for bit. A row
-// whose kept tiles hold none of its keys gets zeros.
-void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool);
+// whose kept tiles hold none of its keys gets zeros. Needs query_offset 0,
+// like every prefix-block driver.
+void sparse_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const TileSet& kept);
 
-// Exact outputs for the given rows of every head: result[(h * rows.size() + r) * D + d].
-// Bit-identical to what exact_rows writes for those rows.
-void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result,
-                   ThreadPool& pool);
+// Exact outputs for the given rows of every head: result.row(h, r) gets row
+// rows[r] of head h; result is [H, rows.size(), D]. Bit-identical to what
+// exact_rows writes for those rows.
+void selected_rows(const CpuTarget& cpu, const AttentionProblem& problem, std::span<const int> rows,
+                   const MutableHeadsView& result);
 
 // Prefix rows [0, rows) of every head with stored scores instead of q.k: row
 // i's logit of key j is logits[h * layout.head_size() + layout.row_offset(i)
@@ -109,12 +132,22 @@ void selected_rows(const AttentionProblem& problem, std::span<const int> rows, f
 // problem.causal, and non-causal needs layout.prefix == problem.prefix_length.
 // On logits exact_rows captured and no shift, a row equals exact_rows' up to
 // the rounding of the logits' round trip through natural units.
-void cached_rows(const AttentionProblem& problem, int rows, const float* logits, const LogitLayout& layout,
-                 const float* shift, int shift_stride, ThreadPool& pool);
+void cached_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const float* logits,
+                 const LogitLayout& layout, const float* shift, int shift_stride);
+
+// Throws std::invalid_argument("problem: ...") unless query_offset is 0: the
+// prefix-block drivers address rows [0, rows) of q and out.
+void require_prefix_rows(const AttentionProblem& problem);
 
 // Kept tiles: per (h, I) the fewest key tiles covering >= keep_mass of the
 // tile row's mass, always with tile 0 (the sink) and the diagonal tile I.
 TileSet select_tiles(const TileMass& mass, int heads, double keep_mass);
 
+// Transitional: the cache's call sites until they move to Backend (the
+// mapping is in backend.hpp); they run on CpuBackend. Delete with them.
+void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
+                TileMass* mass = nullptr, int prefix = 0);
+void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool);
+void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result, ThreadPool& pool);
 
 }  // namespace attention_echo::kernels

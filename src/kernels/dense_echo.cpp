@@ -59,7 +59,9 @@ void check_cached(const AttentionProblem& problem, const DenseLogits& c) {
 
 }  // namespace
 
-DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix, ThreadPool& pool) {
+DenseLogits exact_rows_with_dense_logits(const CpuTarget& cpu, const AttentionProblem& problem, int prefix) {
+  require_prefix_rows(problem);
+  ThreadPool& pool = cpu.pool;
   DenseLogits c;
   c.heads = problem.q.heads;
   c.prefix = prefix;
@@ -67,7 +69,7 @@ DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int pr
   c.causal = problem.causal;
   // Every entry is written by the kernel (each prefix row's keys [0, key_end)).
   allocate_zeroed(c.logits, c.head_size() * c.heads, pool);
-  exact_rows(problem, 0, problem.q.tokens, pool, nullptr, prefix, c.logits.data());
+  exact_rows(cpu, problem, 0, problem.rows_end(), nullptr, prefix, c.logits.data());
   c.mean_query.assign(static_cast<std::size_t>(c.heads) * c.dim, 0.0f);
   if (prefix == 0) return c;
   pool.parallel_for(static_cast<std::size_t>(c.heads), [&](std::size_t h) {
@@ -80,6 +82,7 @@ DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int pr
 
 std::vector<float> dense_taylor_shift(const AttentionProblem& problem, int rows, const DenseLogits& cached,
                                       float adjustment_strength, ThreadPool& pool) {
+  require_prefix_rows(problem);
   check_cached(problem, cached);
   if (rows < 0 || rows > cached.prefix || rows > problem.q.tokens)
     throw std::invalid_argument("rows: must be in [0, min(T, cached prefix)]");
@@ -110,15 +113,15 @@ std::vector<float> dense_taylor_shift(const AttentionProblem& problem, int rows,
   return shift;
 }
 
-void dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
-                     float adjustment_strength, bool enable_jacobian, ThreadPool& pool) {
+void dense_echo_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const DenseLogits& cached,
+                     float adjustment_strength, bool enable_jacobian) {
   check_cached(problem, cached);
   const int keys = cached.causal ? rows : cached.prefix;
   std::vector<float> shift;
   if (enable_jacobian && adjustment_strength != 0.0f)
-    shift = dense_taylor_shift(problem, rows, cached, adjustment_strength, pool);
-  cached_rows(problem, rows, cached.logits.data(), cached.layout(), shift.empty() ? nullptr : shift.data(), keys,
-              pool);
+    shift = dense_taylor_shift(problem, rows, cached, adjustment_strength, cpu.pool);
+  cached_rows(cpu, problem, rows, cached.logits.data(), cached.layout(), shift.empty() ? nullptr : shift.data(),
+              keys);
 }
 
 }  // namespace attention_echo::kernels

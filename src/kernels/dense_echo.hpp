@@ -1,4 +1,4 @@
-// Dense echo (DESIGN.md section 3): the seed's algorithm, done right. A miss
+// Dense echo: the seed's algorithm, done right. A miss
 // stores the prefix logits S_c = scale * Q_c K_c^T and the mean prefix query;
 // a hit reuses S_c, adds the exact first-order term of a uniform query shift
 // (u_j = scale * (qbar - qbar_c) . k_j, O(p*D)), softmaxes and multiplies by
@@ -37,7 +37,7 @@ struct DenseLogits {
 // mean query of the prefix block [0, prefix), the logits captured from the
 // scores the kernel computes anyway (no second QK^T). prefix in [0, T];
 // non-causal needs prefix == problem.prefix_length.
-DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix, ThreadPool& pool);
+DenseLogits exact_rows_with_dense_logits(const CpuTarget& cpu, const AttentionProblem& problem, int prefix);
 
 // The Taylor step per head, [heads, keys] with keys = rows causal, prefix
 // non-causal: u[h][j] = alpha * scale * (qbar_h - cached.mean_query[h]) . k_j,
@@ -50,6 +50,12 @@ std::vector<float> dense_taylor_shift(const AttentionProblem& problem, int rows,
 // with u = dense_taylor_shift(...) when enable_jacobian and adjustment_strength
 // != 0, else u = 0. Throws std::invalid_argument when cached does not match
 // the problem's heads, dim or mask.
+void dense_echo_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const DenseLogits& cached,
+                     float adjustment_strength, bool enable_jacobian);
+
+// Transitional: the cache's call sites until they move to Backend (the
+// mapping is in backend.hpp); they run on CpuBackend. Delete with them.
+DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix, ThreadPool& pool);
 void dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
                      float adjustment_strength, bool enable_jacobian, ThreadPool& pool);
 

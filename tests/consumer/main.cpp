@@ -9,7 +9,7 @@ int main() {
   constexpr int kHeads = 2, kTokens = 8, kDim = 4;
   std::vector<float> qkv(kHeads * kTokens * kDim, 0.25f), out(qkv.size()), emb(kTokens * 3, 1.0f);
   std::vector<std::int32_t> tokens = {1, 2, 3, 4, 5, 6};
-  ae::AttentionEchoCache cache(ae::EchoConfig{.mode = ae::EchoMode::kExact});
+  ae::AttentionEchoCache cache(ae::EchoConfig{.mode = ae::EchoMode::kOff});
   ae::EchoRequest req;
   req.prefix_length = 6;
   req.prefix_embeddings = {emb.data(), kTokens, 3};

@@ -7,10 +7,16 @@
 #include <cstdio>
 #include <sstream>
 
-#include "attention_echo/bench.hpp"
+#include "attention_echo/serving.hpp"
+#include "cli/bench.hpp"
 
-namespace attention_echo::llama {
+namespace attention_echo::bench {
 namespace {
+
+using llama::Engine;
+using llama::ForwardResult;
+using llama::KVState;
+using serving::Plan;
 
 // One served request.
 struct Served {
@@ -19,7 +25,6 @@ struct Served {
   std::vector<float> hidden, logits;  // last prompt row
   std::vector<EchoResult> echo;       // per layer, cache route only
   std::vector<double> layer_attention_cpu_s;
-  KVState kv;                         // the prompt's K/V
   double nll = 0.0;
   int nll_tokens = 0;
 };
@@ -36,13 +41,15 @@ std::vector<double> log_softmax(const std::vector<float>& logits) {
 
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
-// Serves rows [kv.length, T) of the prompt, then scores the continuation.
-Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const AttentionRoute& route) {
+// Times `prompt` (the forward over the prompt rows that kv does not hold
+// yet, which leaves the prompt's K/V in kv), then scores the continuation.
+template <class Prompt>
+Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt prompt) {
   Served s;
   s.reused = kv.length;
   engine.timers() = {};
-  ForwardResult f = engine.forward(std::span<const int>(r.tokens).subspan(kv.length), kv, route);
-  const Timers& t = engine.timers();
+  ForwardResult f = prompt();
+  const llama::Timers& t = engine.timers();
   s.prefill_s = t.total_s;
   s.attention_s = t.attention_s;
   s.prefill_cpu_s = t.total_cpu_s;
@@ -51,7 +58,6 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const Attenti
   s.logits = std::move(f.logits);
   s.echo = std::move(f.echo);
   s.layer_attention_cpu_s = std::move(f.attention_cpu_s);
-  s.kv = kv;
   // Continuation token i is predicted by the row before it.
   s.nll = -log_softmax(s.logits)[r.continuation[0]];
   const std::size_t rest = std::min<std::size_t>(r.continuation.size() - 1,
@@ -68,50 +74,6 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState kv, const Attenti
   s.nll_tokens = static_cast<int>(rest + 1);
   return s;
 }
-
-// Prices the two ways echo mode can serve a request whose stored prefix stops
-// short of the shared context. CPU seconds (steady under other load) per
-// prompt row (projections, MLP) and per causal (row, key) pair (attention)
-// are fitted on the no-reuse runs. What a cache-routed prefix block costs
-// next to exact attention is learned from the cache-routed requests (misses,
-// guard rejections and sparse hits together), starting from a prior.
-// Requests that found no candidate at all are left out: they are the price
-// of filling the cache, and counting them would stop the router from ever
-// trying echo again after the first cold request.
-class CostModel {
- public:
-  // prior: the expected cost of a cache-routed prefix block next to exact
-  // attention before any was measured.
-  explicit CostModel(double prior) : prior_(prior) {}
-  void observe(int rows, double total_s, double attention_s) {
-    rows_ += rows;
-    pairs_ += pairs(0, rows);
-    linear_s_ += total_s - attention_s;
-    attention_s_ += attention_s;
-  }
-  void observe_echo(int T, int p, double attention_s) {
-    const double block = per_pair() * pairs(0, p);
-    if (block <= 0) return;
-    echo_factor_sum_ += std::clamp((attention_s - per_pair() * pairs(p, T)) / block, 0.0, 3.0);
-    ++echo_requests_;
-  }
-  // Skip the L stored rows, compute [L, T) exactly.
-  double skip(int T, int L) const { return per_row() * (T - L) + per_pair() * pairs(L, T); }
-  // Every row through the layers, the prefix block through the cache.
-  double echo(int T, int p) const {
-    const double factor = echo_requests_ ? echo_factor_sum_ / echo_requests_ : prior_;
-    return per_row() * T + per_pair() * (pairs(p, T) + factor * pairs(0, p));
-  }
-
- private:
-  static double pairs(int a, int b) { return (double(b) * (b + 1) - double(a) * (a + 1)) / 2; }
-  double per_row() const { return rows_ > 0 ? linear_s_ / rows_ : 1.0; }
-  double per_pair() const { return pairs_ > 0 ? attention_s_ / pairs_ : 1.0; }
-  double rows_ = 0, pairs_ = 0, linear_s_ = 0, attention_s_ = 0;
-  double prior_;
-  double echo_factor_sum_ = 0;
-  int echo_requests_ = 0;
-};
 
 void add_fidelity(ModeReport& m, const Served& base, const Served& s) {
   double diff = 0.0, norm = 0.0;
@@ -189,11 +151,6 @@ void add_echo_tiers(ModeReport& m, const Served& base, const Served& s) {
   }
 }
 
-bool every_layer_exact(const Served& s) {
-  return std::all_of(s.echo.begin(), s.echo.end(),
-                     [](const EchoResult& e) { return e.tier == Tier::kNone || e.tier == Tier::kExact; });
-}
-
 double percent(double part, double whole) { return whole > 0 ? 100.0 * part / whole : 0.0; }
 
 std::string fmt(const char* format, double value) {
@@ -202,50 +159,34 @@ std::string fmt(const char* format, double value) {
   return buf;
 }
 
-std::string json_ratio(double a, double b) { return b > 0 ? fmt("%.6g", a / b) : std::string("null"); }
+// a / b, or null (JSON) where b has no measurement.
+nlohmann::ordered_json ratio_or_null(double a, double b) { return b > 0 ? nlohmann::ordered_json(a / b) : nlohmann::ordered_json(); }
 
 // Per-layer tiers of cache-routed requests, layer 0 first.
-std::string layers_json(const std::vector<ModeReport::Layer>& layers) {
-  std::ostringstream out;
-  out << "[";
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    const auto& x = layers[l];
-    const int served = x.sparse + x.dense;
-    out << (l ? ", " : "") << "{\"sparse\": " << x.sparse << ", \"dense\": " << x.dense << ", \"exact\": " << x.exact
-        << ", \"miss\": " << x.miss << ", \"rejected\": " << x.rejected << ", \"served_error_mean\": "
-        << (served ? fmt("%.6g", x.served_error_sum / served) : std::string("null")) << "}";
-  }
-  return out.str() + "]";
+nlohmann::ordered_json layers_json(const std::vector<ModeReport::Layer>& layers) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const auto& x : layers)
+    out.push_back({{"sparse", x.sparse},
+                   {"dense", x.dense},
+                   {"exact", x.exact},
+                   {"miss", x.miss},
+                   {"rejected", x.rejected},
+                   {"served_error_mean", ratio_or_null(x.served_error_sum, x.sparse + x.dense)}});
+  return out;
 }
 
 double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
 
-}  // namespace
-
-std::string json_string(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    if (static_cast<unsigned char>(c) < 0x20) out += fmt("\\u%04x", static_cast<unsigned char>(c));
-    else out += c;
-  }
-  return out + "\"";
-}
-
-namespace {
-
-// One scenario's serving state: an engine, the exact-prefix store of the
-// exact-prefix mode, and the cache, store and router of echo mode.
+// One scenario's serving state: an engine, the router of the exact-prefix
+// mode (no cache: it always reuses the longest stored prefix), and the
+// cache and router of echo mode.
 class Bench {
  public:
-  Bench(const Model& model, const Scenario& scenario, const BenchOptions& options)
+  Bench(const llama::Model& model, const Scenario& scenario, const BenchOptions& options)
       : pool_(options.threads),
         engine_(model, pool_),
         cache_(cache_config(model, options)),
-        name_(scenario.name),
-        // DESIGN.md section 4 expects 55-68% of tiles kept; exact mode has no
-        // approximate tier, so the cache can never beat skipping.
-        cost_(options.mode == EchoMode::kExact ? 1.0 : 0.6) {
+        echo_router_(&cache_, scenario.name) {
     report_.scenario = scenario.name;
     report_.description = scenario.description;
     report_.modes.resize(3);
@@ -257,11 +198,12 @@ class Bench {
   }
 
   void request(const ScenarioRequest& r) {
-    const Served base = serve(engine_, r, {}, {});
+    KVState kv;
+    const Served base = serve(engine_, r, kv, [&] { return engine_.forward(r.tokens, kv, {}); });
     add_timing(report_.modes[0], r, base);
     add_fidelity(report_.modes[0], base, base);
     report_.modes[0].miss += 1;
-    cost_.observe(static_cast<int>(r.tokens.size()), base.prefill_cpu_s, base.attention_cpu_s);
+    echo_router_.observe(static_cast<int>(r.tokens.size()), base.prefill_cpu_s, base.attention_cpu_s);
     exact_prefix(r, base);
     echo(r, base);
   }
@@ -269,7 +211,7 @@ class Bench {
   ScenarioReport& report() { return report_; }
 
  private:
-  static EchoConfig cache_config(const Model& model, const BenchOptions& options) {
+  static EchoConfig cache_config(const llama::Model& model, const BenchOptions& options) {
     EchoConfig config = options.cache;
     config.per_layer = true;
     config.mode = options.mode;
@@ -278,76 +220,49 @@ class Bench {
     return config;
   }
 
-  // The stored prefix shared with r, leaving at least the last row (its
-  // logits) to compute.
-  struct Reuse {
-    KVState kv;
-    int length = 0;
-    bool exact = true;
-  };
-  static Reuse reuse(PrefixStore& store, const ScenarioRequest& r) {
-    const auto match = store.longest_match(r.tokens);
-    const int L = std::min(match.length, static_cast<int>(r.tokens.size()) - 1);
-    return {L > 0 ? match.kv->prefix(L) : KVState{}, L, L == 0 || match.exact};
+  // The request served the way `router` plans it.
+  Served serve_planned(serving::Router& router, const ScenarioRequest& r, Plan& plan) {
+    return serve(engine_, r, plan.kv, [&] { return router.execute(engine_, r.tokens, plan); });
   }
 
   // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
   void exact_prefix(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[1];
-    Reuse stored = reuse(exact_store_, r);
-    Served s = serve(engine_, r, std::move(stored.kv), {});
+    Plan plan = exact_router_.plan(r.tokens, r.prefix_length);
+    const Served s = serve_planned(exact_router_, r, plan);
     add_timing(m, r, s);
     add_fidelity(m, base, s);
-    add_prefix_tier(m, r, stored.length);
-    exact_store_.insert(r.tokens, std::move(s.kv));
+    add_prefix_tier(m, r, s.reused);
   }
 
-  // AttentionEcho: skip a stored prefix that covers the shared context, or
-  // one the cost model says is cheaper to extend than echoing; otherwise
-  // every layer goes through the cache. Every prompt's K/V is stored, echoed
-  // ones too: a later request with the same prefix then skips it like exact
-  // reuse would, carrying the echo's (measured) error instead of paying for
-  // the prefix again.
+  // AttentionEcho: the router skips a stored prefix or sends every layer
+  // through the cache; the bench counts which and what each tier served.
   void echo(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[2];
-    const int T = static_cast<int>(r.tokens.size()), p = r.prefix_length;
-    Reuse stored = reuse(echo_store_, r);
-    const int L = stored.length;
-    const bool skip = L >= p || cost_.skip(T, L) <= cost_.echo(T, p);
-    const std::vector<int> prefix(r.tokens.begin(), r.tokens.begin() + p);
-    Served s = skip ? serve(engine_, r, std::move(stored.kv), {}) : serve(engine_, r, {}, {&cache_, p, prefix, name_});
+    Plan plan = echo_router_.plan(r.tokens, r.prefix_length);
+    const Served s = serve_planned(echo_router_, r, plan);
     add_timing(m, r, s);
     add_fidelity(m, base, s);
-    bool exact = true;
-    if (skip) {
+    if (plan.route == Plan::Route::kReuse) {
       ++m.routed_skip;
-      add_prefix_tier(m, r, L);
-      exact = stored.exact;
-      m.reused_echoed += !stored.exact;
+      add_prefix_tier(m, r, s.reused);
+      m.reused_echoed += !plan.reused_exact;
     } else {
       ++m.routed_cache;
       add_echo_tiers(m, base, s);
-      const bool candidate = std::any_of(s.echo.begin(), s.echo.end(),
-                                         [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
-      if (candidate) cost_.observe_echo(T, p, s.attention_cpu_s);
-      exact = every_layer_exact(s);
     }
-    echo_store_.insert(r.tokens, std::move(s.kv), exact);
   }
 
   ThreadPool pool_;
   Engine engine_;
   AttentionEchoCache cache_;
-  std::string name_;
-  PrefixStore exact_store_{kStoreBytes}, echo_store_{kStoreBytes};
-  CostModel cost_;
+  serving::Router exact_router_{nullptr}, echo_router_;
   ScenarioReport report_;
-  static constexpr std::size_t kStoreBytes = std::size_t{512} << 20;
 };
 
 }  // namespace
 
-ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const BenchOptions& options,
+ScenarioReport run_scenario(const llama::Model& model, const Scenario& scenario, const BenchOptions& options,
                             const Progress& progress) {
   if (scenario.requests.empty()) throw std::invalid_argument("scenario: no requests");
   for (const ScenarioRequest& r : scenario.requests)
@@ -422,51 +337,57 @@ std::string format_report(const ScenarioReport& r) {
   return out.str();
 }
 
-std::string reports_to_json(const std::vector<ScenarioReport>& reports, const std::string& meta) {
-  std::ostringstream out;
-  out.precision(9);
-  out << "{" << meta << (meta.empty() ? "" : ", ") << "\"scenarios\": [";
-  for (std::size_t i = 0; i < reports.size(); ++i) {
-    const ScenarioReport& r = reports[i];
+nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& reports, nlohmann::ordered_json meta) {
+  nlohmann::ordered_json scenarios = nlohmann::ordered_json::array();
+  for (const ScenarioReport& r : reports) {
     const ModeReport& base = r.modes[0];
-    out << (i ? ", " : "") << "{\"scenario\": " << json_string(r.scenario)
-        << ", \"description\": " << json_string(r.description) << ", \"requests\": " << base.requests
-        << ", \"mean_prompt_tokens\": " << r.mean_prompt_tokens << ", \"mean_prefix_tokens\": " << r.mean_prefix_tokens
-        << ", \"modes\": {";
-    for (std::size_t j = 0; j < r.modes.size(); ++j) {
-      const ModeReport& m = r.modes[j];
+    nlohmann::ordered_json modes = nlohmann::ordered_json::object();
+    for (const ModeReport& m : r.modes) {
       const double n = m.requests;
-      out << (j ? ", " : "") << json_string(m.name) << ": {"
-          << "\"prefill_ms_mean\": " << 1e3 * m.prefill_s / n << ", \"prefill_speedup\": " << base.prefill_s / m.prefill_s
-          << ", \"attention_ms_mean\": " << 1e3 * m.attention_s / n
-          << ", \"attention_speedup\": " << base.attention_s / m.attention_s
-          << ", \"attention_share\": " << m.attention_s / m.prefill_s
-          << ", \"prefill_cpu_ms_mean\": " << 1e3 * m.prefill_cpu_s / n
-          << ", \"prefill_cpu_speedup\": " << base.prefill_cpu_s / m.prefill_cpu_s
-          << ", \"attention_cpu_ms_mean\": " << 1e3 * m.attention_cpu_s / n
-          << ", \"attention_cpu_speedup\": " << base.attention_cpu_s / m.attention_cpu_s
-          << ", \"rows_computed_fraction\": " << double(m.tokens_computed) / m.tokens_total
-          << ", \"hit_rate\": {\"exact\": " << m.exact / n << ", \"partial\": " << m.partial / n
-          << ", \"sparse\": " << m.sparse / n << ", \"dense\": " << m.dense / n << ", \"miss\": " << m.miss / n
-          << ", \"rejected\": " << m.rejected / n << "}"
-          << ", \"routed_skip\": " << m.routed_skip << ", \"routed_cache\": " << m.routed_cache
-          << ", \"reused_echoed_kv\": " << m.reused_echoed
-          << ", \"kept_fraction\": "
-          << (m.sparse_layer_hits ? fmt("%.6g", m.kept_fraction_sum / m.sparse_layer_hits) : std::string("null"))
-          << ", \"layer_attention_speedup\": {\"sparse\": " << json_ratio(m.sparse_layer_base_s, m.sparse_layer_s)
-          << ", \"dense\": " << json_ratio(m.dense_layer_base_s, m.dense_layer_s)
-          << ", \"miss\": " << json_ratio(m.miss_layer_base_s, m.miss_layer_s)
-          << ", \"rejected\": " << json_ratio(m.rejected_layer_base_s, m.rejected_layer_s) << "}"
-          << ", \"layers\": " << layers_json(m.layers)
-          << ", \"hidden_rel_error_mean\": " << m.hidden_rel_err_sum / n
-          << ", \"hidden_rel_error_max\": " << m.hidden_rel_err_max << ", \"top1_agreement\": " << m.top1_agree / n
-          << ", \"kl_mean\": " << m.kl_sum / n << ", \"perplexity\": " << ppl(m)
-          << ", \"perplexity_change\": " << ppl(m) / ppl(base) - 1.0 << "}";
+      modes[m.name] = {
+          {"prefill_ms_mean", 1e3 * m.prefill_s / n},
+          {"prefill_speedup", base.prefill_s / m.prefill_s},
+          {"attention_ms_mean", 1e3 * m.attention_s / n},
+          {"attention_speedup", base.attention_s / m.attention_s},
+          {"attention_share", m.attention_s / m.prefill_s},
+          {"prefill_cpu_ms_mean", 1e3 * m.prefill_cpu_s / n},
+          {"prefill_cpu_speedup", base.prefill_cpu_s / m.prefill_cpu_s},
+          {"attention_cpu_ms_mean", 1e3 * m.attention_cpu_s / n},
+          {"attention_cpu_speedup", base.attention_cpu_s / m.attention_cpu_s},
+          {"rows_computed_fraction", double(m.tokens_computed) / m.tokens_total},
+          {"hit_rate",
+           {{"exact", m.exact / n},
+            {"partial", m.partial / n},
+            {"sparse", m.sparse / n},
+            {"dense", m.dense / n},
+            {"miss", m.miss / n},
+            {"rejected", m.rejected / n}}},
+          {"routed_skip", m.routed_skip},
+          {"routed_cache", m.routed_cache},
+          {"reused_echoed_kv", m.reused_echoed},
+          {"kept_fraction", ratio_or_null(m.kept_fraction_sum, double(m.sparse_layer_hits))},
+          {"layer_attention_speedup",
+           {{"sparse", ratio_or_null(m.sparse_layer_base_s, m.sparse_layer_s)},
+            {"dense", ratio_or_null(m.dense_layer_base_s, m.dense_layer_s)},
+            {"miss", ratio_or_null(m.miss_layer_base_s, m.miss_layer_s)},
+            {"rejected", ratio_or_null(m.rejected_layer_base_s, m.rejected_layer_s)}}},
+          {"layers", layers_json(m.layers)},
+          {"hidden_rel_error_mean", m.hidden_rel_err_sum / n},
+          {"hidden_rel_error_max", m.hidden_rel_err_max},
+          {"top1_agreement", m.top1_agree / n},
+          {"kl_mean", m.kl_sum / n},
+          {"perplexity", ppl(m)},
+          {"perplexity_change", ppl(m) / ppl(base) - 1.0}};
     }
-    out << "}}";
+    scenarios.push_back({{"scenario", r.scenario},
+                         {"description", r.description},
+                         {"requests", base.requests},
+                         {"mean_prompt_tokens", r.mean_prompt_tokens},
+                         {"mean_prefix_tokens", r.mean_prefix_tokens},
+                         {"modes", std::move(modes)}});
   }
-  out << "]}\n";
-  return out.str();
+  meta["scenarios"] = std::move(scenarios);
+  return meta;
 }
 
-}  // namespace attention_echo::llama
+}  // namespace attention_echo::bench

@@ -3,10 +3,9 @@
 // A scenario is a deterministic list of requests built from real held-out
 // text. Every request is served three ways in the same run, one after the
 // other: no reuse, exact prefix reuse (vLLM/SGLang: skip the longest stored
-// token prefix), and AttentionEcho (skip a stored prefix that covers the
-// whole shared context; otherwise skip what is stored or run every layer
-// through AttentionEchoCache, whichever a measured cost model says is
-// cheaper).
+// token prefix), and AttentionEcho (serving::Router's plan: skip a stored
+// prefix or run every layer through AttentionEchoCache). The benchmark only
+// measures; the serving module decides and executes.
 #pragma once
 
 #include <cstdint>
@@ -15,10 +14,12 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "attention_echo/config.hpp"
 #include "attention_echo/llama.hpp"
 
-namespace attention_echo::llama {
+namespace attention_echo::bench {
 
 struct ScenarioRequest {
   std::vector<int> tokens;        // the prompt
@@ -36,9 +37,11 @@ struct Scenario {
 const std::vector<std::string>& scenario_names();
 
 // Builds `requests` requests of at most `context` tokens (prompt plus
-// continuation) from held-out text laid out as "#### FILE: name ####"
-// sections. The same arguments give the same tokens on every machine.
-Scenario make_scenario(std::string_view name, std::string_view heldout, const Tokenizer& tokenizer,
+// continuation) from held-out text: plain text (one document), or several
+// documents, each introduced by a line "#### FILE: name ####" (names under
+// pydoc_topics/ or ending in .txt count as prose, the rest as code). The
+// same arguments give the same tokens on every machine.
+Scenario make_scenario(std::string_view name, std::string_view heldout, const llama::Tokenizer& tokenizer,
                        int context, int requests, std::uint64_t seed);
 
 struct BenchOptions {
@@ -103,14 +106,13 @@ struct ScenarioReport {
 // Called after each request with (done, total).
 using Progress = std::function<void(int, int)>;
 
-ScenarioReport run_scenario(const Model& model, const Scenario& scenario, const BenchOptions& options,
+ScenarioReport run_scenario(const llama::Model& model, const Scenario& scenario, const BenchOptions& options,
                             const Progress& progress);
 
 // The human table for one scenario.
 std::string format_report(const ScenarioReport& report);
-// Every report as one JSON document; `meta` is a ready JSON object body
-// ("\"key\": value, ...") describing the run.
-std::string json_string(std::string_view text);  // quoted and escaped
-std::string reports_to_json(const std::vector<ScenarioReport>& reports, const std::string& meta);
+// Every report as one JSON document: the fields of `meta` (describing the
+// run), then "scenarios", one object per report; fields keep their order.
+nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& reports, nlohmann::ordered_json meta);
 
-}  // namespace attention_echo::llama
+}  // namespace attention_echo::bench

@@ -10,10 +10,13 @@
 #include <random>
 #include <stdexcept>
 
-#include "attention_echo/bench.hpp"
+#include "cli/bench.hpp"
 
-namespace attention_echo::llama {
+namespace attention_echo::bench {
 namespace {
+
+// Tiny documents make no context; keep those with some substance.
+constexpr std::size_t kMinLines = 40;
 
 struct Document {
   std::string name;
@@ -21,33 +24,46 @@ struct Document {
   bool prose = false;              // documentation rather than code
 };
 
+// Each line of `text` with its '\n'.
+std::vector<std::string_view> split_lines(std::string_view text) {
+  std::vector<std::string_view> lines;
+  for (std::size_t pos = 0; pos < text.size();) {
+    const std::size_t end = std::min(text.find('\n', pos), text.size() - 1) + 1;
+    lines.push_back(text.substr(pos, end - pos));
+    pos = end;
+  }
+  return lines;
+}
+
+// Held-out text cut at "#### FILE: name ####" lines into documents; text
+// without such a line is one plain-text document.
 std::vector<Document> split_documents(std::string_view text) {
+  constexpr std::string_view kMarker = "#### FILE: ";
+  const std::vector<std::string_view> lines = split_lines(text);
+  const bool sectioned =
+      std::any_of(lines.begin(), lines.end(), [&](std::string_view line) { return line.starts_with(kMarker); });
   std::vector<Document> docs;
-  const std::string_view marker = "#### FILE: ";
-  std::size_t pos = 0;
-  while (pos < text.size()) {
-    std::size_t end = text.find('\n', pos);
-    end = end == std::string_view::npos ? text.size() : end + 1;
-    const std::string_view line = text.substr(pos, end - pos);
-    if (line.rfind(marker, 0) == 0) {
+  if (!sectioned) docs.push_back({"text", {}, true});
+  for (std::string_view line : lines) {
+    if (sectioned && line.starts_with(kMarker)) {
       Document d;
-      d.name = std::string(line.substr(marker.size(), line.find(" ####") - marker.size()));
-      d.prose = d.name.rfind("pydoc_topics/", 0) == 0 || d.name.ends_with(".txt");
+      d.name = std::string(line.substr(kMarker.size(), line.find(" ####") - kMarker.size()));
+      d.prose = d.name.starts_with("pydoc_topics/") || d.name.ends_with(".txt");
       docs.push_back(std::move(d));
     } else if (!docs.empty()) {
       docs.back().lines.emplace_back(line);
     }
-    pos = end;
   }
-  // Tiny files make no context; keep documents with some substance.
-  std::erase_if(docs, [](const Document& d) { return d.lines.size() < 40; });
-  if (docs.empty()) throw std::invalid_argument("heldout: no '#### FILE: name ####' sections of 40+ lines");
+  std::erase_if(docs, [](const Document& d) { return d.lines.size() < kMinLines; });
+  if (docs.empty())
+    throw std::invalid_argument("heldout: no document of " + std::to_string(kMinLines) +
+                                "+ lines (plain text, or sections each introduced by '#### FILE: name ####')");
   return docs;
 }
 
 class Builder {
  public:
-  Builder(std::string_view heldout, const Tokenizer& tokenizer, int context, std::uint64_t seed)
+  Builder(std::string_view heldout, const llama::Tokenizer& tokenizer, int context, std::uint64_t seed)
       : docs_(split_documents(heldout)), tok_(tokenizer), rng_(seed) {
     // Room for the continuation: 1/8 of the context, at most 64 tokens.
     continuation_ = std::clamp(context / 8, 4, 64);
@@ -119,7 +135,7 @@ class Builder {
 
  private:
   std::vector<Document> docs_;
-  const Tokenizer& tok_;
+  const llama::Tokenizer& tok_;
   std::mt19937_64 rng_;
   int budget_ = 0;
   int continuation_ = 0;
@@ -135,6 +151,18 @@ ScenarioRequest finish(std::vector<int> prompt, int prefix, std::vector<int> con
   return {std::move(prompt), p, std::move(continuation)};
 }
 
+// A request whose shared context is all of `prompt`: a real question-like
+// line follows between `before` and `after`, the text after that line in its
+// document is the reference continuation.
+ScenarioRequest ask(Builder& b, std::vector<int> prompt, std::string_view before, std::string_view after) {
+  const int prefix = static_cast<int>(prompt.size());
+  auto [q, cont] = b.question();
+  append(prompt, b.encode(before));
+  append(prompt, q);
+  append(prompt, b.encode(after));
+  return finish(std::move(prompt), prefix, std::move(cont), b.budget());
+}
+
 // A few long system prompts (documentation as the assistant's reference),
 // many short user turns.
 Scenario chatbot(Builder& b, int requests) {
@@ -147,15 +175,8 @@ Scenario chatbot(Builder& b, int requests) {
     append(sys, b.lines(b.document(true, 40, used), 0, want - static_cast<int>(sys.size())));
     systems.push_back(std::move(sys));
   }
-  for (int r = 0; r < requests; ++r) {
-    std::vector<int> prompt = systems[b.pick(systems.size())];
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("\n\nUser: "));
-    append(prompt, q);
-    append(prompt, b.encode("Assistant:"));
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
-  }
+  for (int r = 0; r < requests; ++r)
+    s.requests.push_back(ask(b, systems[b.pick(systems.size())], "\n\nUser: ", "Assistant:"));
   return s;
 }
 
@@ -184,12 +205,7 @@ Scenario rag(Builder& b, int requests) {
     }
     std::vector<int> prompt = b.encode("Answer the question using these passages.\n\n");
     for (int c : chosen) append(prompt, passages[c]);
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("Question: "));
-    append(prompt, q);
-    append(prompt, b.encode("Answer:"));
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+    s.requests.push_back(ask(b, std::move(prompt), "Question: ", "Answer:"));
   }
   return s;
 }
@@ -276,11 +292,7 @@ Scenario near_dup(Builder& b, int requests) {
                   1 + static_cast<int>(b.pick(28)));
     std::vector<int> prompt = b.encode(header);
     append(prompt, bodies[b.pick(bodies.size())]);
-    const int prefix = static_cast<int>(prompt.size());
-    auto [q, cont] = b.question();
-    append(prompt, b.encode("\n# Question: "));
-    append(prompt, q);
-    s.requests.push_back(finish(std::move(prompt), prefix, std::move(cont), b.budget()));
+    s.requests.push_back(ask(b, std::move(prompt), "\n# Question: ", ""));
   }
   return s;
 }
@@ -292,7 +304,7 @@ const std::vector<std::string>& scenario_names() {
   return names;
 }
 
-Scenario make_scenario(std::string_view name, std::string_view heldout, const Tokenizer& tokenizer, int context,
+Scenario make_scenario(std::string_view name, std::string_view heldout, const llama::Tokenizer& tokenizer, int context,
                        int requests, std::uint64_t seed) {
   if (context < 64) throw std::invalid_argument("context: need at least 64 tokens");
   if (requests < 1) throw std::invalid_argument("requests: must be positive");
@@ -307,4 +319,4 @@ Scenario make_scenario(std::string_view name, std::string_view heldout, const To
   throw std::invalid_argument("scenario: unknown '" + std::string(name) + "' (chatbot, rag, code, near-dup)");
 }
 
-}  // namespace attention_echo::llama
+}  // namespace attention_echo::bench

@@ -1,0 +1,103 @@
+// Block-sparse echo (docs/architecture.md, "Tiers"): a miss records which key
+// tiles carry sparse_mass of each query tile's attention; a similar prefix's
+// hit recomputes exact values on those tiles only, with the new q/k/v.
+#include <algorithm>
+
+#include "cache/tier.hpp"
+
+namespace attention_echo::cache {
+namespace {
+
+struct SparsePayload final : TierPayload {
+  kernels::TileSet tiles;
+  std::size_t bytes() const override {
+    return tiles.offsets.size() * sizeof(std::uint32_t) + tiles.cols.size() * sizeof(std::uint16_t);
+  }
+};
+
+// Kept tiles of the causal prefix block [0, rows) over all of its tiles.
+double kept_fraction(const kernels::TileSet& kept, int rows) {
+  const int tiles = (rows + kept.block - 1) / kept.block;
+  double kept_tiles = 0, all_tiles = 0;
+  for (int h = 0; h < kept.heads; ++h)
+    for (int i = 0; i < tiles; ++i) {
+      const std::size_t row = static_cast<std::size_t>(h) * kept.tiles + i;
+      for (std::uint32_t c = kept.offsets[row]; c < kept.offsets[row + 1]; ++c) kept_tiles += kept.cols[c] < tiles;
+      all_tiles += tiles == 0 ? 0 : std::min(i + 1, tiles);
+    }
+  return all_tiles > 0 ? kept_tiles / all_tiles : 1.0;
+}
+
+std::string tile_set_problem(const kernels::TileSet& t, const KeySpace& space, int prefix) {
+  if (t.heads != space.heads || t.tiles != (prefix + t.block - 1) / t.block || (t.block != 32 && t.block != 64))
+    return "tile set shape";
+  if (t.offsets.size() != static_cast<std::size_t>(t.heads) * t.tiles + 1 || t.offsets.front() != 0 ||
+      t.offsets.back() != t.cols.size())
+    return "tile offsets";
+  if (!std::ranges::is_sorted(t.offsets)) return "tile offsets not ascending";
+  if (std::ranges::any_of(t.cols, [&](std::uint16_t c) { return c >= t.tiles; })) return "tile index out of range";
+  return "";
+}
+
+class SparseTier final : public ReuseTier {
+ public:
+  explicit SparseTier(const EchoConfig& config)
+      : block_(static_cast<int>(config.block_size)), keep_mass_(config.sparse_mass) {}
+
+  Tier kind() const override { return Tier::kSparse; }
+  Match match() const override { return Match::kSimilarKey; }
+  Capture capture_stage() const override { return Capture::kInKernel; }
+  bool approximate() const override { return true; }
+
+  std::unique_ptr<const TierPayload> capture(const Call& call, ThreadPool& pool) const override {
+    kernels::TileMass mass;
+    mass.block = block_;
+    kernels::exact_rows(call.problem, 0, call.problem.q.tokens, pool, &mass, call.prefix);
+    auto p = std::make_unique<SparsePayload>();
+    p->tiles = kernels::select_tiles(mass, call.space.heads, keep_mass_);
+    return p;
+  }
+
+  // Rows [0, min(p, p_c)): cost is the kept share of the tiles.
+  Served serve(const Call& call, const TierPayload& payload, int stored_prefix, ThreadPool& pool) const override {
+    const kernels::TileSet& tiles = static_cast<const SparsePayload&>(payload).tiles;
+    const int rows = std::min(call.prefix, stored_prefix);
+    kernels::sparse_rows(call.problem, rows, tiles, pool);
+    const double kept = kept_fraction(tiles, rows);
+    return {rows, kept, kept};
+  }
+
+  void write(const TierPayload& payload, BinaryWriter& out) const override {
+    const kernels::TileSet& t = static_cast<const SparsePayload&>(payload).tiles;
+    for (int field : {t.block, t.tiles, t.heads}) out.put<std::int32_t>(field);
+    out.put_vector(t.offsets);
+    out.put_vector(t.cols);
+  }
+
+  std::unique_ptr<const TierPayload> read(BinaryReader& in) const override {
+    auto p = std::make_unique<SparsePayload>();
+    kernels::TileSet& t = p->tiles;
+    t.block = in.get<std::int32_t>("tile block");
+    t.tiles = in.get<std::int32_t>("tile count");
+    t.heads = in.get<std::int32_t>("tile heads");
+    t.offsets = in.get_vector<std::uint32_t>("tile offsets");
+    t.cols = in.get_vector<std::uint16_t>("tile columns");
+    return p;
+  }
+
+  std::string validate(const TierPayload& payload, const KeySpace& space, int prefix) const override {
+    return tile_set_problem(static_cast<const SparsePayload&>(payload).tiles, space, prefix);
+  }
+
+ private:
+  int block_;
+  double keep_mass_;
+};
+
+}  // namespace
+
+std::unique_ptr<const ReuseTier> make_sparse_tier(const EchoConfig& config) {
+  return std::make_unique<SparseTier>(config);
+}
+
+}  // namespace attention_echo::cache

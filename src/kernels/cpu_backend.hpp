@@ -1,0 +1,40 @@
+// The host backend: runs the tile-loop drivers (attention_kernel.hpp,
+// dense_echo.hpp) with the tile loop of the active ISA (core/isa.hpp, chosen
+// per call, so AE_ISA and set_active_isa between calls take effect) on a
+// thread pool, and rejects views that are not in host memory.
+//
+// The backend borrows its pool rather than owning one: the pool is the
+// process's CPU threads, shared with work that is not attention (the
+// engine's GEMM, the public attention(..., pool) signature), and one pool
+// per component would oversubscribe the cores. A CpuBackend is therefore two
+// words, cheap to make per call; its pool must outlive it.
+#pragma once
+
+#include "kernels/backend.hpp"
+
+namespace attention_echo::kernels {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(ThreadPool& pool) : pool_(pool) {}
+
+  Device device() const override { return Device::cpu(); }
+  void exact_rows(const AttentionProblem& problem, int row_begin, int row_end) const override;
+  TileMass exact_rows_with_tile_mass(const AttentionProblem& problem, int prefix, int block) const override;
+  DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix) const override;
+  void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept) const override;
+  void dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
+                       float adjustment_strength, bool enable_jacobian) const override;
+  void selected_rows(const AttentionProblem& problem, std::span<const int> rows,
+                     const MutableHeadsView& result) const override;
+  void copy_rows(const HeadsView& src, const MutableHeadsView& dst, int rows) const override;
+  std::uint64_t k_fingerprint(const HeadsView& k, int prefix) const override;
+
+ private:
+  // The active ISA's tile loop on this backend's pool, for one call.
+  CpuTarget target() const;
+
+  ThreadPool& pool_;
+};
+
+}  // namespace attention_echo::kernels

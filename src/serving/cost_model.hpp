@@ -1,0 +1,39 @@
+// The router's price list. CPU seconds (steady under other load) per prompt
+// row (projections, MLP) and per causal (row, key) pair (attention) are
+// fitted on forwards without reuse. What a cache-routed prefix block costs
+// next to exact attention is learned from cache-routed prompts that found a
+// candidate (misses after a rejection, guard rejections and hits together),
+// starting from a prior. Prompts that found no candidate at all are left
+// out: they are the price of filling the cache, and counting them would stop
+// the router from ever trying the cache again after the first cold prompt.
+#pragma once
+
+namespace attention_echo::serving {
+
+class CostModel {
+ public:
+  // prior: the expected cost of a cache-routed prefix block next to exact
+  // attention before any was measured.
+  explicit CostModel(double prior) : prior_(prior) {}
+  // A forward over `rows` rows without reuse.
+  void observe(int rows, double total_s, double attention_s);
+  // A cache-routed forward over T rows with shared context p.
+  void observe_cache(int T, int p, double attention_s);
+  // Reuse the L stored rows, compute [L, T) exactly.
+  double reuse(int T, int L) const;
+  // Every row through the layers, the prefix block through the cache.
+  double cache(int T, int p) const;
+
+ private:
+  // Causal (row, key) pairs of rows [a, b).
+  static double pairs(int a, int b) { return (double(b) * (b + 1) - double(a) * (a + 1)) / 2; }
+  double per_row() const { return rows_ > 0 ? linear_s_ / rows_ : 1.0; }
+  double per_pair() const { return pairs_ > 0 ? attention_s_ / pairs_ : 1.0; }
+
+  double rows_ = 0, pairs_ = 0, linear_s_ = 0, attention_s_ = 0;
+  double prior_;
+  double cache_factor_sum_ = 0;
+  int cache_requests_ = 0;
+};
+
+}  // namespace attention_echo::serving
