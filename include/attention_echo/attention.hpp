@@ -13,6 +13,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 
 #include "attention_echo/tensor.hpp"
 #include "attention_echo/thread_pool.hpp"
@@ -30,6 +31,15 @@ struct AttentionOptions {
 // and values (std::invalid_argument naming the argument).
 void attention(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                const MutableHeadsView& out, const AttentionOptions& options, ThreadPool& pool);
+
+// Only the query rows at positions `rows` (ascending) of attention(q, k, v):
+// q is [H, T, D] like k but read at those rows alone; out is
+// [H, rows.size(), D], its row r the output of position rows[r]. Each row is
+// bit-identical to what attention() gives it. For forward passes that
+// recompute scattered rows of a sequence (the KV-blend tier); needs
+// options.query_offset == 0.
+void attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,
+                    const MutableHeadsView& out, const AttentionOptions& options, ThreadPool& pool);
 
 // Name of the SIMD code path the kernels dispatch to on this CPU
 // ("avx512", "avx2", "scalar").

@@ -167,6 +167,18 @@ class Engine {
   // Returns the echo metadata when the route uses a cache.
   EchoResult layer_forward(int layer, float* x, int t0, int t1, KVState& kv,
                            const AttentionRoute& route);
+  // The KV-blend tier's primitives. K and V of positions [t0, t1) of layer
+  // `layer` from their hidden rows x [t1 - t0, dim] into kv, without the
+  // attention and MLP that would follow.
+  void project_kv(int layer, const float* x, int t0, int t1, KVState& kv);
+  // layer_forward for the rows at `positions` (ascending) only: x holds
+  // their hidden rows [positions.size(), dim]; kv's layer must hold the K/V
+  // of every other position below positions.back() (from any source) and
+  // gains those of `positions`.
+  void layer_forward_rows(int layer, float* x, std::span<const int> positions, KVState& kv);
+  // A K row (every kv head) RoPE'd for position `from`, rotated in place to
+  // what it would be at position `to`: reused K of tokens that moved.
+  void rerotate_k(float* k_row, int from, int to) const;
   // Token embeddings [tokens, dim]: the input of layer 0.
   std::vector<float> embed(std::span<const int> tokens) const;
   // Final RMSNorm and classifier of `rows` hidden rows into result.hidden/logits.

@@ -56,15 +56,16 @@ void require_device(std::string_view name, const HeadsView& v, const HeadsView& 
 
 }  // namespace
 
-void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                               const MutableHeadsView& out, int prefix_length, int query_offset) {
+namespace {
+
+// What every attention entry point needs of q against k and v: q's rows are
+// positions [query_offset, T) of k's T.
+void validate_keys(const HeadsView& q, const HeadsView& k, const HeadsView& v, int query_offset) {
   require_data("query", q);
   require_data("key", k);
   require_data("value", v);
-  require_data("out", as_const(out));
   require_device("key", k, q);
   require_device("value", v, q);
-  require_device("out", as_const(out), q);
   if (k.dim != q.dim) fail("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
   if (query_offset < 0) fail("query_offset", "must be >= 0, got " + std::to_string(query_offset));
   if (k.tokens != query_offset + q.tokens)
@@ -74,12 +75,38 @@ void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const Hea
     fail("key", std::to_string(k.heads) + " kv heads do not divide " + std::to_string(q.heads) + " query heads");
   if (v.heads != k.heads || v.tokens != k.tokens || v.dim != k.dim)
     fail("value", "shape " + shape(v) + " != key's " + shape(k));
+}
+
+}  // namespace
+
+void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
+                               const MutableHeadsView& out, int prefix_length, int query_offset) {
+  validate_keys(q, k, v, query_offset);
+  require_data("out", as_const(out));
+  require_device("out", as_const(out), q);
   if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
     fail("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
   if (prefix_length < 0 || prefix_length > k.tokens)
     fail("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
   if (q.device != Device::cpu()) return;
   require_finite("query", q);
+  require_finite("key", k);
+  require_finite("value", v);
+}
+
+void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,
+                             const MutableHeadsView& out) {
+  validate_keys(q, k, v, 0);
+  require_data("out", as_const(out));
+  require_device("out", as_const(out), q);
+  if (rows.empty()) fail("rows", "must not be empty");
+  for (std::size_t r = 0; r < rows.size(); ++r)
+    if (rows[r] < 0 || rows[r] >= q.tokens || (r > 0 && rows[r] <= rows[r - 1]))
+      fail("rows", "must be ascending positions in [0, " + std::to_string(q.tokens) + ")");
+  if (out.heads != q.heads || out.tokens != static_cast<int>(rows.size()) || out.dim != q.dim)
+    fail("out", "shape " + shape(as_const(out)) + " != [query heads, rows, dim]");
+  if (q.device != Device::cpu()) return;
+  for (int t : rows) require_finite("query", {q.row(0, t), q.heads, 1, q.dim, q.head_stride, q.token_stride});
   require_finite("key", k);
   require_finite("value", v);
 }

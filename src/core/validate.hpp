@@ -3,6 +3,7 @@
 // runs before any state (cache, output) is touched.
 #pragma once
 
+#include <span>
 #include <string_view>
 
 #include "attention_echo/tensor.hpp"
@@ -16,6 +17,11 @@ namespace attention_echo {
 // backend's to check.
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                const MutableHeadsView& out, int prefix_length, int query_offset = 0);
+
+// q/k/v as above with query_offset 0; rows ascending in [0, T); out
+// [H, rows.size(), D]; only q's rows at `rows` are read (and checked).
+void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,
+                             const MutableHeadsView& out);
 
 // rows, cols >= 1, in host memory (the semantic key is computed there) and
 // every value finite.

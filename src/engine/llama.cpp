@@ -230,8 +230,83 @@ struct Engine::Impl {
   const Model::Packed& m;
   ThreadPool& pool;
   Timers timers;
-  std::vector<float> xb, qkv, att, gu;  // scratch, reused across calls
+  std::vector<float> xb, qkv, q_at, att, gu;  // scratch, reused across calls
+
+  // Rows of x (hidden states of positions pos(i), i < n) through the
+  // attention RMSNorm (into xb: the cache keys on it) and the QKV projection
+  // into qkv [n, dim + 2 kv_dim], RoPE'd at their positions; their K and V
+  // also go to kv's layer at those positions.
+  template <typename Position>
+  void project(int layer, const float* x, int n, Position pos, KVState& kv);
+  // att [n, dim] (the rows' attention outputs) through wo into x, then the
+  // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
+  void finish(int layer, float* x, int n);
+  // kv's layer as [t1, kv_dim] rows (kept rows below t0 must be there).
+  void size_layer(int layer, int t0, int t1, KVState& kv) const;
 };
+
+void Engine::Impl::size_layer(int layer, int t0, int t1, KVState& kv) const {
+  const ModelConfig& c = m.config;
+  const int kvd = c.kv_dim();
+  if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("layer: out of range");
+  if (t0 < 0 || t1 > c.seq_len || t0 >= t1) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
+  if (kv.k.size() != static_cast<std::size_t>(c.n_layers)) {
+    kv.k.resize(c.n_layers);
+    kv.v.resize(c.n_layers);
+  }
+  if (kv.k[layer].size() < static_cast<std::size_t>(t0) * kvd) throw std::invalid_argument("kv: missing rows before t0");
+  // Reserving the whole context once keeps a prefill that starts from
+  // reused rows from reallocating (and copying) every layer's K/V again.
+  for (auto* buffer : {&kv.k[layer], &kv.v[layer]}) {
+    if (buffer->capacity() < static_cast<std::size_t>(c.seq_len) * kvd)
+      buffer->reserve(static_cast<std::size_t>(c.seq_len) * kvd);
+    buffer->resize(std::max(buffer->size(), static_cast<std::size_t>(t1) * kvd));
+  }
+}
+
+template <typename Position>
+void Engine::Impl::project(int layer, const float* x, int n, Position pos, KVState& kv) {
+  const ModelConfig& c = m.config;
+  const PackedLayer& w = m.layers[layer];
+  const int dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2, width = dim + 2 * kvd;
+  grow(xb, static_cast<std::size_t>(n) * dim);
+  for_rows(pool, n, [&](int r0, int r1) {
+    rmsnorm(x + std::size_t(r0) * dim, w.attn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
+  });
+  grow(qkv, static_cast<std::size_t>(n) * width);
+  gemm(xb.data(), dim, n, w.wqkv, qkv.data(), width, false, pool);
+  float* K = kv.k[layer].data();
+  float* V = kv.v[layer].data();
+  for_rows(pool, n, [&](int r0, int r1) {
+    for (int i = r0; i < r1; ++i) {
+      float* r = qkv.data() + static_cast<std::size_t>(i) * width;
+      const std::size_t at = static_cast<std::size_t>(pos(i));
+      rope(r, c.n_heads, hd, m.rope_cos.data() + at * half, m.rope_sin.data() + at * half);
+      rope(r + dim, c.n_kv_heads, hd, m.rope_cos.data() + at * half, m.rope_sin.data() + at * half);
+      std::copy(r + dim, r + dim + kvd, K + at * kvd);
+      std::copy(r + dim + kvd, r + width, V + at * kvd);
+    }
+  });
+}
+
+void Engine::Impl::finish(int layer, float* x, int n) {
+  const ModelConfig& c = m.config;
+  const PackedLayer& w = m.layers[layer];
+  const int dim = c.dim, hidden = c.hidden_dim;
+  gemm(att.data(), dim, n, w.wo, x, dim, true, pool);
+  for_rows(pool, n, [&](int r0, int r1) {
+    rmsnorm(x + std::size_t(r0) * dim, w.ffn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
+  });
+  grow(gu, static_cast<std::size_t>(n) * 2 * hidden);
+  gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool);
+  for_rows(pool, n, [&](int r0, int r1) {
+    for (int i = r0; i < r1; ++i) {
+      float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
+      swiglu(g, g + hidden, hidden);
+    }
+  });
+  gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool);
+}
 
 Engine::Engine(const Model& model, ThreadPool& pool) : impl_(std::make_unique<Impl>(model.packed(), pool)) {}
 Engine::~Engine() = default;
@@ -242,89 +317,81 @@ Timers& Engine::timers() { return impl_->timers; }
 
 EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& kv, const AttentionRoute& route) {
   Impl& e = *impl_;
-  const Model::Packed& m = impl_->m;
-  ThreadPool& pool = impl_->pool;
-  const ModelConfig& c = m.config;
-  const PackedLayer& w = m.layers.at(layer);
-  const int n = t1 - t0, dim = c.dim, kvd = c.kv_dim(), hd = c.head_dim(), half = hd / 2;
-  const int qkv_width = dim + 2 * kvd;
-  if (n <= 0 || t0 < 0 || t1 > c.seq_len) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
+  const ModelConfig& c = e.m.config;
+  const int n = t1 - t0, dim = c.dim, hd = c.head_dim(), width = dim + 2 * c.kv_dim();
   if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (t0 == 0)");
-  if (kv.k.size() != static_cast<std::size_t>(c.n_layers)) {
-    kv.k.resize(c.n_layers);
-    kv.v.resize(c.n_layers);
-  }
-  std::vector<float>& K = kv.k[layer];
-  std::vector<float>& V = kv.v[layer];
-  if (K.size() < static_cast<std::size_t>(t0) * kvd) throw std::invalid_argument("kv: missing rows before t0");
-  K.resize(static_cast<std::size_t>(t1) * kvd);
-  V.resize(static_cast<std::size_t>(t1) * kvd);
+  e.size_layer(layer, t0, t1, kv);
+  e.project(layer, x, n, [t0](int i) { return t0 + i; }, kv);
 
-  // Attention block. xb (the normed layer input) doubles as the prefix
-  // embeddings the cache keys on: it is exactly what Q/K/V are made from.
-  std::vector<float>& xb = grow(e.xb, static_cast<std::size_t>(n) * dim);
-  for_rows(pool, n, [&](int r0, int r1) {
-    rmsnorm(x + std::size_t(r0) * dim, w.attn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
-  });
-  // q rows sit at their absolute position so the kernel's causal mask
-  // (key_end = row + 1) holds for rows that start at t0 > 0.
-  std::vector<float>& qkv = grow(e.qkv, static_cast<std::size_t>(t1) * qkv_width);
-  float* rows = qkv.data() + static_cast<std::size_t>(t0) * qkv_width;
-  gemm(xb.data(), dim, n, w.wqkv, rows, qkv_width, false, pool);
-  for_rows(pool, n, [&](int r0, int r1) {
-    for (int i = r0; i < r1; ++i) {
-      float* r = rows + static_cast<std::size_t>(i) * qkv_width;
-      const float* cs = m.rope_cos.data() + static_cast<std::size_t>(t0 + i) * half;
-      const float* sn = m.rope_sin.data() + static_cast<std::size_t>(t0 + i) * half;
-      rope(r, c.n_heads, hd, cs, sn);
-      rope(r + dim, c.n_kv_heads, hd, cs, sn);
-      std::copy(r + dim, r + dim + kvd, K.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
-      std::copy(r + dim + kvd, r + qkv_width, V.begin() + static_cast<std::ptrdiff_t>(t0 + i) * kvd);
-    }
-  });
-
-  std::vector<float>& att = grow(e.att, static_cast<std::size_t>(t1) * dim);
-  const HeadsView q{qkv.data(), c.n_heads, t1, hd, hd, qkv_width};
-  const HeadsView k = HeadsView::token_major(K.data(), c.n_kv_heads, t1, hd);
-  const HeadsView v = HeadsView::token_major(V.data(), c.n_kv_heads, t1, hd);
-  const MutableHeadsView out = MutableHeadsView::token_major(att.data(), c.n_heads, t1, hd);
+  // q and out are the new rows [t0, t1); keys are every row [0, t1).
+  grow(e.att, static_cast<std::size_t>(n) * dim);
+  const HeadsView q{e.qkv.data(), c.n_heads, n, hd, hd, width};
+  const HeadsView k = HeadsView::token_major(kv.k[layer].data(), c.n_kv_heads, t1, hd);
+  const HeadsView v = HeadsView::token_major(kv.v[layer].data(), c.n_kv_heads, t1, hd);
+  const MutableHeadsView out = MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd);
   EchoResult echo;
   const Stamp start = Stamp::now();
   if (route.cache) {
     EchoRequest request;
     request.prefix_length = route.prefix_length;
-    request.prefix_embeddings = {xb.data(), route.prefix_length, dim};
+    // xb (the normed layer input) is exactly what Q/K/V are made from.
+    request.prefix_embeddings = {e.xb.data(), route.prefix_length, dim};
     request.layer_id = layer;
     request.prefix_tokens = route.prefix_tokens;
     request.name_space = route.name_space;
     echo = route.cache->attention_with_echo(q, k, v, out, request);
   } else {
-    // Only the new rows [t0, t1) attend, to every key row [0, t1).
     AttentionOptions options;
     options.query_offset = t0;
-    const HeadsView new_q{rows, c.n_heads, n, hd, hd, qkv_width};
-    const MutableHeadsView new_out =
-        MutableHeadsView::token_major(att.data() + static_cast<std::size_t>(t0) * dim, c.n_heads, n, hd);
-    attention(new_q, k, v, new_out, options, pool);
+    attention(q, k, v, out, options, e.pool);
   }
   start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
-  gemm(att.data() + static_cast<std::size_t>(t0) * dim, dim, n, w.wo, x, dim, true, pool);
-
-  // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
-  for_rows(pool, n, [&](int r0, int r1) {
-    rmsnorm(x + std::size_t(r0) * dim, w.ffn_norm.data(), xb.data() + std::size_t(r0) * dim, r1 - r0, dim, c.norm_eps);
-  });
-  const int hidden = c.hidden_dim;
-  std::vector<float>& gu = grow(e.gu, static_cast<std::size_t>(n) * 2 * hidden);
-  gemm(xb.data(), dim, n, w.gate_up, gu.data(), 2 * hidden, false, pool);
-  for_rows(pool, n, [&](int r0, int r1) {
-    for (int i = r0; i < r1; ++i) {
-      float* g = gu.data() + static_cast<std::size_t>(i) * 2 * hidden;
-      swiglu(g, g + hidden, hidden);
-    }
-  });
-  gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool);
+  e.finish(layer, x, n);
   return echo;
+}
+
+void Engine::project_kv(int layer, const float* x, int t0, int t1, KVState& kv) {
+  impl_->size_layer(layer, t0, t1, kv);
+  impl_->project(layer, x, t1 - t0, [t0](int i) { return t0 + i; }, kv);
+}
+
+void Engine::layer_forward_rows(int layer, float* x, std::span<const int> positions, KVState& kv) {
+  Impl& e = *impl_;
+  const ModelConfig& c = e.m.config;
+  const int n = static_cast<int>(positions.size()), dim = c.dim, hd = c.head_dim(), width = dim + 2 * c.kv_dim();
+  if (n == 0) throw std::invalid_argument("positions: empty");
+  const int T = positions.back() + 1;
+  e.size_layer(layer, 0, T, kv);
+  e.project(layer, x, n, [positions](int i) { return positions[i]; }, kv);
+  // attention_rows reads q at the rows' positions of a [T, dim] buffer.
+  grow(e.q_at, static_cast<std::size_t>(T) * dim);
+  for (int i = 0; i < n; ++i)
+    std::copy_n(e.qkv.data() + static_cast<std::size_t>(i) * width, dim,
+                e.q_at.data() + static_cast<std::size_t>(positions[i]) * dim);
+  grow(e.att, static_cast<std::size_t>(n) * dim);
+  const Stamp start = Stamp::now();
+  attention_rows(HeadsView::token_major(e.q_at.data(), c.n_heads, T, hd),
+                 HeadsView::token_major(kv.k[layer].data(), c.n_kv_heads, T, hd),
+                 HeadsView::token_major(kv.v[layer].data(), c.n_kv_heads, T, hd), positions,
+                 MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd), {}, e.pool);
+  start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
+  e.finish(layer, x, n);
+}
+
+void Engine::rerotate_k(float* k_row, int from, int to) const {
+  const Model::Packed& m = impl_->m;
+  const ModelConfig& c = m.config;
+  const int delta = to - from, half = c.head_dim() / 2;
+  if (from < 0 || to < 0 || from >= c.seq_len || to >= c.seq_len)
+    throw std::invalid_argument("from, to: positions must be in [0, seq_len)");
+  // RoPE(to) = RoPE(to - from) * RoPE(from); a negative shift is the
+  // inverse rotation: cos even, sin odd.
+  const std::size_t at = static_cast<std::size_t>(std::abs(delta)) * half;
+  std::vector<float> sin(m.rope_sin.begin() + static_cast<std::ptrdiff_t>(at),
+                         m.rope_sin.begin() + static_cast<std::ptrdiff_t>(at + half));
+  if (delta < 0)
+    for (float& s : sin) s = -s;
+  rope(k_row, c.n_kv_heads, c.head_dim(), m.rope_cos.data() + at, sin.data());
 }
 
 std::vector<float> Engine::embed(std::span<const int> tokens) const {
