@@ -344,16 +344,14 @@ TEST(EngineRoutes, ChunkedAndPrefixReuseMatchAFullForward) {
   const auto tail = engine.forward(std::span<const int>(kProbe).subspan(5), kv, {}, -1).logits;
   EXPECT_LT(max_abs_diff(tail, std::vector<float>(full.begin() + 5 * V, full.end())), 1e-4);
   // A stored prompt shares the first 9 tokens with the probe.
-  ae::serving::PrefixStore store;
+  ae::serving::Planner planner(model.config());
   std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
   other.push_back(42);
-  llama::KVState okv;
-  engine.forward(other, okv, {});
-  store.insert(other, okv);
-  const auto match = store.longest_match(kProbe);
-  ASSERT_EQ(match.length, 9);
-  llama::KVState reused = match.kv->prefix(match.length);
-  const auto last = engine.forward(std::span<const int>(kProbe).subspan(9), reused, {}).logits;
+  ae::serving::Plan first = planner.plan(other);
+  planner.execute(engine, other, first);
+  ae::serving::Plan plan = planner.plan(kProbe);
+  ASSERT_EQ(plan.kv.length, 9);
+  const auto last = planner.execute(engine, kProbe, plan).logits;
   EXPECT_LT(max_abs_diff(last, std::vector<float>(full.end() - V, full.end())), 1e-4);
   EXPECT_GT(engine.timers().attention_s, 0.0);
   EXPECT_GE(engine.timers().total_s, engine.timers().attention_s);
@@ -402,10 +400,11 @@ TEST(EngineRoutes, EchoCacheMissAndExactHitMatchThePlainPath) {
   EXPECT_EQ(cache.stats().hits_exact, static_cast<std::uint64_t>(L));
 }
 
-// A router without a cache always reuses the longest stored prefix; with
-// one, a cold prompt goes through the cache and the same prompt again skips
-// its stored K/V. Every plan's logits match the plain forward.
-TEST(EngineServing, RouterPlansReuseOrCacheAndExecutes) {
+// A planner without a cache always reuses the longest stored prefix; with
+// one, a prompt whose shared context is not stored but has a stored
+// neighbour goes through the cache, and the same prompt again skips its
+// stored K/V. Every plan's logits match the plain forward.
+TEST(EngineServing, PlannerPlansReuseOrCacheAndExecutes) {
   const llama::Model model(llama::load_llama2c(kModel));
   const auto full = all_logits(model, kProbe);
   const int V = model.config().vocab_size, T = static_cast<int>(kProbe.size());
@@ -414,7 +413,7 @@ TEST(EngineServing, RouterPlansReuseOrCacheAndExecutes) {
   llama::Engine engine(model, pool);
   using Route = ae::serving::Plan::Route;
 
-  ae::serving::Router exact(nullptr);
+  ae::serving::Planner exact(model.config());
   std::vector<int> other(kProbe.begin(), kProbe.begin() + 9);
   other.push_back(42);
   ae::serving::Plan cold = exact.plan(other, 5);
@@ -430,13 +429,18 @@ TEST(EngineServing, RouterPlansReuseOrCacheAndExecutes) {
   config.per_layer = true;
   config.threads = 1;
   ae::AttentionEchoCache cache(config);
-  ae::serving::Router echo(&cache, "test");
-  ae::serving::Plan first = echo.plan(kProbe, 10);
+  ae::serving::Planner echo(model.config(), {.cache = &cache});
+  std::vector<int> neighbour(kProbe);
+  neighbour[0] = 42;  // shares no prefix, most trigrams
+  ae::serving::Plan seed = echo.plan(neighbour, 0, "test");
+  EXPECT_EQ(seed.route, Route::kReuse);  // a first-seen prompt never pays the cache's capture
+  echo.execute(engine, neighbour, seed);
+  ae::serving::Plan first = echo.plan(kProbe, 10, "test");
   ASSERT_EQ(first.route, Route::kCache);
   const auto r = echo.execute(engine, kProbe, first);
   EXPECT_EQ(static_cast<int>(r.echo.size()), model.config().n_layers);
   EXPECT_LT(max_abs_diff(r.logits, last), 1e-4);
-  ae::serving::Plan again = echo.plan(kProbe, 10);
+  ae::serving::Plan again = echo.plan(kProbe, 10, "test");
   EXPECT_EQ(again.route, Route::kReuse);
   EXPECT_EQ(again.kv.length, T - 1);  // the last row is always computed
   EXPECT_TRUE(again.reused_exact);    // every layer of the first run was exact

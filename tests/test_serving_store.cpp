@@ -177,7 +177,8 @@ TEST(KVBlockStore, ExactBlocksReplaceApproximateOnesAndOnlyExactRecordsAreDonors
   EXPECT_EQ(stored_k(p, 0, 5, 1), exact.k[0][5 * 4 + 1]);
   const auto donors = store.similar("ns", a, 4);
   ASSERT_EQ(donors.size(), 1u);
-  EXPECT_EQ(donors[0]->tokens, a);
+  EXPECT_EQ(donors[0].record->tokens, a);
+  EXPECT_NEAR(donors[0].similarity, 1.0f, 1e-5);
   EXPECT_TRUE(store.similar("", a, 4).empty());
 }
 

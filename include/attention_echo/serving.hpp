@@ -1,85 +1,101 @@
-// Serving: how a prompt reuses earlier work. Two ways exist: take the K/V of
-// a stored prompt that shares its first tokens and compute only the rest
-// (exact prefix reuse, what vLLM and SGLang do), or run every layer through
-// AttentionEchoCache, which serves the shared context's attention from a
-// similar earlier request. A Router plans which one each prompt takes from a
-// measured cost model and executes the plan on an Engine.
+// Serving: the prefill planner. For a prompt (tokens, namespace) it plans
+// how to reuse earlier work and the engine executes the plan:
+//
+//   reuse  - take the K/V of the longest stored token prefix, compute the
+//            rest exactly (what vLLM and SGLang do);
+//   blend  - the KV-blend tier: take the per-layer K/V of a similar stored
+//            prompt for the tokens that align with it, recompute what
+//            deviates, guarded by a measured error estimate;
+//   cache  - every row through the layers, the shared context's attention
+//            served by AttentionEchoCache.
+//
+// The planner picks the cheapest by a cost model fitted on measured
+// forwards, so with blending and the cache off it is exact prefix reuse,
+// and with them on it is a superset of it: reuse stays available to every
+// prompt and wins whenever it is cheapest. Stored K/V lives in fixed-size
+// token blocks named by hashes chained over the namespace and the tokens
+// (docs/architecture.md, "A prompt through serving"): lookup cost is
+// independent of how many prompts are stored; a byte budget with LRU.
 #pragma once
 
 #include <cstddef>
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 
 #include "attention_echo/cache.hpp"
 #include "attention_echo/llama.hpp"
 
 namespace attention_echo::serving {
 
-// Exact prefix reuse: K/V of earlier prompts keyed by their tokens. A new
-// prompt reuses the longest leading run of tokens any stored prompt shares;
-// least recently used prompts leave first once max_bytes is reached.
-class PrefixStore {
- public:
-  explicit PrefixStore(std::size_t max_bytes = std::size_t{1} << 30);
-  ~PrefixStore();
-  PrefixStore(PrefixStore&&) noexcept;
-  PrefixStore& operator=(PrefixStore&&) noexcept;
-
-  struct Match {
-    const llama::KVState* kv = nullptr;
-    int length = 0;      // shared leading tokens
-    bool exact = true;   // false: the K/V came from an approximate (echoed) forward
-  };
-  // match.kv stays valid until the next insert.
-  Match longest_match(std::span<const int> tokens);
-  // Stores the first kv.length tokens' K/V (nothing when that alone exceeds
-  // max_bytes). Throws std::invalid_argument when kv is longer than tokens.
-  void insert(std::span<const int> tokens, llama::KVState kv, bool exact = true);
-  std::size_t size() const;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
+struct BlendConfig {
+  bool enabled = false;
+  // Aligned rows recomputed per layer past the first, those whose K/V
+  // deviates most from the donor's (CacheBlend's HKVD). Changed tokens and
+  // the last row are always recomputed.
+  double recompute_ratio = 0.15;
+  // Guard: estimated relative L2 deviation of the reused rows' K/V from
+  // their exact values, worst layer; a blend above it is recomputed exactly.
+  double max_error = 0.05;
+  int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
-// How one prompt is served.
+struct PlannerConfig {
+  std::size_t store_bytes = std::size_t{512} << 20;
+  int block_tokens = 16;                // K/V block size of the store
+  AttentionEchoCache* cache = nullptr;  // the cache route; must outlive the planner
+  BlendConfig blend;
+};
+
+// What executing a plan did, for reports.
+struct PrefillReport {
+  int reused = 0;               // leading tokens whose K/V came from the store
+  bool reused_exact = true;     // false: those came from a blended or echoed forward
+  // Blend: rows (past `reused`) computed in layer 0, and in the deeper
+  // layers those taken from the donor and those recomputed.
+  int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
+  double estimated_error = 0.0;  // guard estimate (blend), or the reused K/V's
+  bool blend_rejected = false;   // the guard refused it; computed exactly instead
+  std::vector<EchoResult> echo;  // cache route: per layer
+};
+
+struct BlendPlan;  // donor K/V and alignment, opaque
+
 struct Plan {
-  enum class Route {
-    kReuse,  // K/V of the first kv.length tokens from the store, the rest exactly
-    kCache,  // every row through the layers, the shared context via the echo cache
-  };
+  enum class Route { kReuse, kBlend, kCache };
   Route route = Route::kReuse;
-  int prefix_length = 0;     // the shared context the application declared
-  llama::KVState kv;         // kReuse: the reused K/V; after execute: the prompt's
-  bool reused_exact = true;  // kReuse: false when the reused K/V came from an echoed forward
+  std::string name_space;
+  int prefix_length = 0;   // the shared context the application declared (cache route)
+  llama::KVState kv;       // the stored prefix's K/V; after execute: the prompt's
+  bool reused_exact = true;
+  double reused_error = 0.0;
+  std::shared_ptr<const BlendPlan> blend;  // kBlend only
+  PrefillReport report;    // filled by execute
 };
 
-// Plans and executes prompts over one prefix store. Without a cache every
-// plan reuses the longest stored prefix. With one, a prompt whose stored
-// prefix covers its shared context reuses it; otherwise the cost model
-// prices finishing the stored prefix against routing through the cache.
-// Every executed prompt's K/V is stored, echoed ones too: a later prompt with
-// the same prefix then skips it, carrying the echo's measured error instead
-// of paying for the prefix again. Not thread-safe: one Router per Engine.
-class Router {
+// Not thread-safe: one Planner per Engine.
+class Planner {
  public:
-  // cache (may be null) must outlive the router; name_space keys its entries.
-  explicit Router(AttentionEchoCache* cache, std::string name_space = "",
-                  std::size_t store_bytes = std::size_t{512} << 20);
-  ~Router();
-  Router(Router&&) noexcept;
+  // Throws std::invalid_argument naming a bad field.
+  Planner(const llama::ModelConfig& model, PlannerConfig config = {});
+  ~Planner();
+  Planner(Planner&&) noexcept;
 
-  // The route for `tokens` whose first prefix_length tokens are the shared
-  // context. At least the last token is always computed (its logits).
-  // Throws std::invalid_argument unless 0 <= prefix_length < tokens.size().
-  Plan plan(std::span<const int> tokens, int prefix_length);
+  // tokens: ids in the vocabulary, 1 to seq_len of them; prefix_length in
+  // [0, tokens) (the last token is always computed: its logits). Throws
+  // std::invalid_argument naming the argument; stores nothing.
+  Plan plan(std::span<const int> tokens, int prefix_length = 0, std::string_view name_space = {});
   // Runs the prompt as planned (keeping the logits of the last keep_rows
-  // rows, all when negative), leaves its K/V in plan.kv and stores it.
+  // rows, all when negative), leaves its K/V in plan.kv, stores it and fills
+  // plan.report.
   llama::ForwardResult execute(llama::Engine& engine, std::span<const int> tokens, Plan& plan, int keep_rows = 1);
   // Teaches the cost model what a forward over `rows` rows without reuse
   // cost, in CPU seconds: in total and in attention.
   void observe(int rows, double total_cpu_s, double attention_cpu_s);
+
+  std::size_t stored_prompts() const;
+  std::size_t stored_bytes() const;
 
  private:
   struct Impl;

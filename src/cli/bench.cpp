@@ -2,7 +2,10 @@
 // to back, so the modes see the same machine state; only forward() calls on
 // the prompt are timed (time to first token). The continuation that scores
 // perplexity runs after the clock stops.
+#include <time.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -41,18 +44,26 @@ std::vector<double> log_softmax(const std::vector<float>& logits) {
 
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
-// Times `prompt` (the forward over the prompt rows that kv does not hold
-// yet, which leaves the prompt's K/V in kv), then scores the continuation.
+double process_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// Times `prompt` (planning, if any, and the forward over the prompt rows,
+// which leaves the prompt's K/V in kv) in wall and CPU time, then scores
+// the continuation.
 template <class Prompt>
 Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt prompt) {
   Served s;
-  s.reused = kv.length;
   engine.timers() = {};
+  const auto wall = std::chrono::steady_clock::now();
+  const double cpu = process_cpu_s();
   ForwardResult f = prompt();
+  s.prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall).count();
+  s.prefill_cpu_s = process_cpu_s() - cpu;
   const llama::Timers& t = engine.timers();
-  s.prefill_s = t.total_s;
   s.attention_s = t.attention_s;
-  s.prefill_cpu_s = t.total_cpu_s;
   s.attention_cpu_s = t.attention_cpu_s;
   s.hidden = std::move(f.hidden);
   s.logits = std::move(f.logits);
@@ -75,7 +86,13 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt promp
   return s;
 }
 
-void add_fidelity(ModeReport& m, const Served& base, const Served& s) {
+// The measured error of one request against its no-reuse run.
+struct Fidelity {
+  double hidden_rel_error = 0.0, kl = 0.0;
+  bool top1_agrees = true;
+};
+
+Fidelity add_fidelity(ModeReport& m, const Served& base, const Served& s) {
   double diff = 0.0, norm = 0.0;
   for (std::size_t i = 0; i < base.hidden.size(); ++i) {
     diff += (double(s.hidden[i]) - base.hidden[i]) * (double(s.hidden[i]) - base.hidden[i]);
@@ -84,11 +101,13 @@ void add_fidelity(ModeReport& m, const Served& base, const Served& s) {
   const double rel = std::sqrt(diff / std::max(norm, 1e-30));
   m.hidden_rel_err_sum += rel;
   m.hidden_rel_err_max = std::max(m.hidden_rel_err_max, rel);
-  m.top1_agree += argmax(base.logits) == argmax(s.logits);
+  const bool top1 = argmax(base.logits) == argmax(s.logits);
+  m.top1_agree += top1;
   const auto p = log_softmax(base.logits), q = log_softmax(s.logits);
   double kl = 0.0;
   for (std::size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
   m.kl_sum += std::max(kl, 0.0);
+  return {rel, std::max(kl, 0.0), top1};
 }
 
 void add_timing(ModeReport& m, const ScenarioRequest& r, const Served& s) {
@@ -175,18 +194,38 @@ nlohmann::ordered_json layers_json(const std::vector<ModeReport::Layer>& layers)
   return out;
 }
 
+nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& requests) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const auto& q : requests)
+    out.push_back({{"route", q.route},
+                   {"tokens", q.tokens},
+                   {"reused", q.reused},
+                   {"blend_first_layer_rows", q.blend_first_layer},
+                   {"blend_reused_rows", q.blend_reused},
+                   {"blend_recomputed_rows", q.blend_recomputed},
+                   {"blend_rejected", q.blend_rejected},
+                   {"estimated_error", q.estimated_error},
+                   {"hidden_rel_error", q.hidden_rel_error},
+                   {"kl", q.kl},
+                   {"top1_agrees", q.top1_agrees},
+                   {"prefill_ms", q.prefill_ms}});
+  return out;
+}
+
 double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
 
-// One scenario's serving state: an engine, the router of the exact-prefix
-// mode (no cache: it always reuses the longest stored prefix), and the
-// cache and router of echo mode.
+// One scenario's serving state: an engine, the planner of the exact-prefix
+// mode (no cache, no blending: it always reuses the longest stored prefix),
+// and the cache and planner of echo mode (every route).
 class Bench {
  public:
   Bench(const llama::Model& model, const Scenario& scenario, const BenchOptions& options)
       : pool_(options.threads),
         engine_(model, pool_),
         cache_(cache_config(model, options)),
-        echo_router_(&cache_, scenario.name) {
+        exact_planner_(model.config()),
+        echo_planner_(model.config(), {.cache = &cache_, .blend = options.blend}),
+        name_space_(scenario.name) {
     report_.scenario = scenario.name;
     report_.description = scenario.description;
     report_.modes.resize(3);
@@ -203,7 +242,8 @@ class Bench {
     add_timing(report_.modes[0], r, base);
     add_fidelity(report_.modes[0], base, base);
     report_.modes[0].miss += 1;
-    echo_router_.observe(static_cast<int>(r.tokens.size()), base.prefill_cpu_s, base.attention_cpu_s);
+    for (serving::Planner* planner : {&exact_planner_, &echo_planner_})
+      planner->observe(static_cast<int>(r.tokens.size()), base.prefill_cpu_s, base.attention_cpu_s);
     exact_prefix(r, base);
     echo(r, base);
   }
@@ -220,43 +260,61 @@ class Bench {
     return config;
   }
 
-  // The request served the way `router` plans it.
-  Served serve_planned(serving::Router& router, const ScenarioRequest& r, Plan& plan) {
-    return serve(engine_, r, plan.kv, [&] { return router.execute(engine_, r.tokens, plan); });
+  // The request planned and executed by `planner`, both timed.
+  Served serve_planned(serving::Planner& planner, const ScenarioRequest& r, Plan& plan) {
+    Served s = serve(engine_, r, plan.kv, [&] {
+      plan = planner.plan(r.tokens, r.prefix_length, name_space_);
+      return planner.execute(engine_, r.tokens, plan);
+    });
+    s.reused = plan.report.reused + plan.report.blend_reused;
+    return s;
   }
 
   // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
   void exact_prefix(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[1];
-    Plan plan = exact_router_.plan(r.tokens, r.prefix_length);
-    const Served s = serve_planned(exact_router_, r, plan);
+    Plan plan;
+    const Served s = serve_planned(exact_planner_, r, plan);
     add_timing(m, r, s);
     add_fidelity(m, base, s);
     add_prefix_tier(m, r, s.reused);
   }
 
-  // AttentionEcho: the router skips a stored prefix or sends every layer
-  // through the cache; the bench counts which and what each tier served.
+  // AttentionEcho: whatever the planner chose; the bench counts which route
+  // and what each tier served, and keeps every request's guard estimate
+  // next to its measured error.
   void echo(const ScenarioRequest& r, const Served& base) {
     ModeReport& m = report_.modes[2];
-    Plan plan = echo_router_.plan(r.tokens, r.prefix_length);
-    const Served s = serve_planned(echo_router_, r, plan);
+    Plan plan;
+    const Served s = serve_planned(echo_planner_, r, plan);
     add_timing(m, r, s);
-    add_fidelity(m, base, s);
-    if (plan.route == Plan::Route::kReuse) {
+    const Fidelity f = add_fidelity(m, base, s);
+    const serving::PrefillReport& rep = plan.report;
+    const char* route = "reuse";
+    if (plan.route == Plan::Route::kCache) {
+      route = "cache";
+      ++m.routed_cache;
+      add_echo_tiers(m, base, s);
+    } else if (plan.route == Plan::Route::kBlend) {
+      route = "blend";
+      ++m.routed_blend;
+      m.blend_rejected += rep.blend_rejected;
+      add_prefix_tier(m, r, s.reused);
+    } else {
       ++m.routed_skip;
       add_prefix_tier(m, r, s.reused);
       m.reused_echoed += !plan.reused_exact;
-    } else {
-      ++m.routed_cache;
-      add_echo_tiers(m, base, s);
     }
+    m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
+                             rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.estimated_error,
+                             f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s});
   }
 
   ThreadPool pool_;
   Engine engine_;
   AttentionEchoCache cache_;
-  serving::Router exact_router_{nullptr}, echo_router_;
+  serving::Planner exact_planner_, echo_planner_;
+  std::string name_space_;
   ScenarioReport report_;
 };
 
@@ -317,6 +375,10 @@ std::string format_report(const ScenarioReport& r) {
   row("routes skip / cache", [](const ModeReport& m) {
     return m.name == "echo" ? std::to_string(m.routed_skip) + " / " + std::to_string(m.routed_cache) : std::string("-");
   });
+  row("routes blend (guard refused)", [](const ModeReport& m) {
+    return m.name == "echo" ? std::to_string(m.routed_blend) + " (" + std::to_string(m.blend_rejected) + ")"
+                            : std::string("-");
+  });
   row("requests reusing echoed K/V", [](const ModeReport& m) {
     return m.name == "echo" ? std::to_string(m.reused_echoed) : std::string("-");
   });
@@ -365,6 +427,8 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
           {"routed_skip", m.routed_skip},
           {"routed_cache", m.routed_cache},
           {"reused_echoed_kv", m.reused_echoed},
+          {"routed_blend", m.routed_blend},
+          {"blend_rejected", m.blend_rejected},
           {"kept_fraction", ratio_or_null(m.kept_fraction_sum, double(m.sparse_layer_hits))},
           {"layer_attention_speedup",
            {{"sparse", ratio_or_null(m.sparse_layer_base_s, m.sparse_layer_s)},
@@ -377,7 +441,8 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
           {"top1_agreement", m.top1_agree / n},
           {"kl_mean", m.kl_sum / n},
           {"perplexity", ppl(m)},
-          {"perplexity_change", ppl(m) / ppl(base) - 1.0}};
+          {"perplexity_change", ppl(m) / ppl(base) - 1.0},
+          {"requests_detail", requests_json(m.per_request)}};
     }
     scenarios.push_back({{"scenario", r.scenario},
                          {"description", r.description},

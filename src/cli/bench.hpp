@@ -18,6 +18,7 @@
 
 #include "attention_echo/config.hpp"
 #include "attention_echo/llama.hpp"
+#include "attention_echo/serving.hpp"
 
 namespace attention_echo::bench {
 
@@ -33,7 +34,7 @@ struct Scenario {
   std::vector<ScenarioRequest> requests;
 };
 
-// "chatbot", "rag", "code", "near-dup".
+// "chatbot", "rag", "code", "near-dup", "rag-shuffled", "chat-edit".
 const std::vector<std::string>& scenario_names();
 
 // Builds `requests` requests of at most `context` tokens (prompt plus
@@ -50,6 +51,8 @@ struct BenchOptions {
   // The echo cache's config (per_layer, mode, threads and max_prefix_length
   // are set by the bench); its guard and tile knobs are the ones to sweep.
   EchoConfig cache;
+  // Echo mode's KV-blend tier.
+  serving::BlendConfig blend{.enabled = true};
 };
 
 // One serving strategy's totals over a scenario.
@@ -67,6 +70,7 @@ struct ModeReport {
   // routed through the cache adds 1/layers per layer to its layer's tier.
   double exact = 0, partial = 0, sparse = 0, dense = 0, miss = 0, rejected = 0;
   int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
+  int routed_blend = 0, blend_rejected = 0;  // echo: KV-blend plans, and those the guard refused
   int reused_echoed = 0;                  // echo: skipped a prefix whose K/V was echoed
   double kept_fraction_sum = 0.0;         // over sparse layer hits
   long long sparse_layer_hits = 0;
@@ -93,6 +97,19 @@ struct ModeReport {
   double kl_sum = 0.0;
   double nll_sum = 0.0;  // continuation negative log-likelihood, nats
   long long nll_tokens = 0;
+  // Echo: every request as the planner served it, with the guard's estimate
+  // next to the error measured against no reuse.
+  struct Request {
+    std::string route;  // "reuse", "blend", "cache"
+    int tokens = 0, reused = 0;
+    int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
+    bool blend_rejected = false;
+    double estimated_error = 0.0;
+    double hidden_rel_error = 0.0, kl = 0.0;
+    bool top1_agrees = true;
+    double prefill_ms = 0.0;
+  };
+  std::vector<Request> per_request;
 };
 
 struct ScenarioReport {

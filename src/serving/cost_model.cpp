@@ -25,4 +25,29 @@ double CostModel::cache(int T, int p) const {
   return per_row() * T + per_pair() * (pairs(p, T) + factor * pairs(0, p));
 }
 
+namespace {
+
+double modelled_blend(double per_row, double per_pair, const CostModel::BlendShape& b,
+                      double (*pairs)(int, int)) {
+  const int n = b.T - b.L;
+  const double first = per_row * n + per_pair * pairs(b.L, b.T);
+  // Selected rows sit anywhere in [L, T): their keys average (L + T) / 2.
+  const double deep = per_row * b.selected + per_pair * b.selected * 0.5 * (b.L + b.T);
+  return (first + b.qkv_share * per_row * n + (b.layers - 1) * deep) / b.layers;
+}
+
+}  // namespace
+
+double CostModel::blend(const BlendShape& b) const {
+  const double factor = blends_ ? blend_factor_sum_ / blends_ : 1.0;
+  return factor * modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
+}
+
+void CostModel::observe_blend(const BlendShape& b, double total_s) {
+  const double modelled = modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
+  if (modelled <= 0) return;
+  blend_factor_sum_ += std::clamp(total_s / modelled, 0.5, 4.0);
+  ++blends_;
+}
+
 }  // namespace attention_echo::serving

@@ -6,6 +6,10 @@
 // starting from a prior. Prompts that found no candidate at all are left
 // out: they are the price of filling the cache, and counting them would stop
 // the router from ever trying the cache again after the first cold prompt.
+//
+// Blends are priced from the same fits by what they compute, times a
+// correction learned from blends measured so far (overheads the row counts
+// miss: donor copies, re-rotation, the guard).
 #pragma once
 
 namespace attention_echo::serving {
@@ -24,6 +28,17 @@ class CostModel {
   // Every row through the layers, the prefix block through the cache.
   double cache(int T, int p) const;
 
+  // A blend past L stored rows: layer 0 over [L, T), layer 1's projections
+  // of those rows, then `selected` rows in every layer past the first.
+  // qkv_share: the QKV projection's part of a row's linear cost.
+  struct BlendShape {
+    int T = 0, L = 0, selected = 0, layers = 1;
+    double qkv_share = 0.25;
+  };
+  double blend(const BlendShape& b) const;
+  // What a blend measured against what blend() predicted for it.
+  void observe_blend(const BlendShape& b, double total_s);
+
  private:
   // Causal (row, key) pairs of rows [a, b).
   static double pairs(int a, int b) { return (double(b) * (b + 1) - double(a) * (a + 1)) / 2; }
@@ -34,6 +49,8 @@ class CostModel {
   double prior_;
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
+  double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
+  int blends_ = 0;
 };
 
 }  // namespace attention_echo::serving

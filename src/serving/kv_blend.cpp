@@ -29,7 +29,7 @@ struct Deviation {
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, BlockRows donor, const TokenAlignment& alignment, KVState& kv,
-        const BlendOptions& options)
+        const BlendConfig& options)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
@@ -158,7 +158,7 @@ class Blend {
   BlockRows donor_;
   const TokenAlignment& align_;
   KVState& kv_;
-  const BlendOptions& opt_;
+  const BlendConfig& opt_;
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
   std::vector<int> selected_, probes_;
@@ -169,7 +169,7 @@ class Blend {
 }  // namespace
 
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, BlockRows donor,
-                           const TokenAlignment& alignment, KVState& kv, const BlendOptions& options,
+                           const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
                            llama::ForwardResult& result) {
   if (alignment.donor_position.size() != tokens.size())
     throw std::invalid_argument("alignment: one donor position per token needed");

@@ -22,16 +22,11 @@
 #include <vector>
 
 #include "attention_echo/llama.hpp"
+#include "attention_echo/serving.hpp"
 #include "serving/kv_block_store.hpp"
 #include "serving/token_alignment.hpp"
 
 namespace attention_echo::serving {
-
-struct BlendOptions {
-  double recompute_ratio = 0.15;  // aligned rows recomputed per layer past the first
-  double max_error = 0.05;        // guard: estimated relative K/V deviation of reused rows
-  int probe_rows = 16;            // guard sample of reused rows
-};
 
 struct BlendOutcome {
   bool accepted = false;       // false: the guard stopped it; kv is not usable
@@ -47,7 +42,7 @@ struct BlendOutcome {
 // row in result. Throws std::invalid_argument on inconsistent arguments.
 // Needs an engine of at least two layers and 0 <= kv.length < tokens.size().
 BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, BlockRows donor,
-                           const TokenAlignment& alignment, llama::KVState& kv, const BlendOptions& options,
+                           const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            llama::ForwardResult& result);
 
 }  // namespace attention_echo::serving

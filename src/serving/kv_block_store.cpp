@@ -226,13 +226,13 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   return true;
 }
 
-std::vector<const KVBlockStore::Record*> KVBlockStore::similar(std::string_view name_space,
-                                                                std::span<const int> tokens, int count) const {
-  std::vector<const Record*> out;
+std::vector<KVBlockStore::Similar> KVBlockStore::similar(std::string_view name_space, std::span<const int> tokens,
+                                                         int count, float min_similarity) const {
+  std::vector<Similar> out;
   const auto donors = impl_->donors.find(name_space);
   if (donors == impl_->donors.end() || donors->second.size() == 0) return out;
-  for (const index::Candidate& c : donors->second.search(token_profile(tokens), count, 0.0f))
-    out.push_back(&impl_->by_id.at(c.id)->record);
+  for (const index::Candidate& c : donors->second.search(token_profile(tokens), count, min_similarity))
+    out.push_back({&impl_->by_id.at(c.id)->record, c.similarity});
   return out;
 }
 

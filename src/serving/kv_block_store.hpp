@@ -101,9 +101,15 @@ class KVBlockStore {
     bool approximate = false;
   };
   // Up to `count` exact records of the namespace whose token profile (see
-  // token_profile) is most similar to the request's, best first: the KV-blend
-  // tier's donor candidates. Approximate records are never donors.
-  std::vector<const Record*> similar(std::string_view name_space, std::span<const int> tokens, int count) const;
+  // token_profile) has a cosine of at least min_similarity with the
+  // request's, best first: the KV-blend tier's donor candidates.
+  // Approximate records are never donors.
+  struct Similar {
+    const Record* record;
+    float similarity;
+  };
+  std::vector<Similar> similar(std::string_view name_space, std::span<const int> tokens, int count,
+                               float min_similarity = 0.0f) const;
   void touch(std::uint64_t id);
 
   std::size_t size() const;   // records

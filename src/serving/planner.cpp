@@ -1,0 +1,259 @@
+#include <time.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "attention_echo/serving.hpp"
+#include "serving/cost_model.hpp"
+#include "serving/kv_blend.hpp"
+#include "serving/kv_block_store.hpp"
+#include "serving/token_alignment.hpp"
+
+namespace attention_echo::serving {
+
+struct BlendPlan {
+  std::vector<std::shared_ptr<const KVBlock>> donor;
+  TokenAlignment alignment;
+  CostModel::BlendShape shape;
+};
+
+namespace {
+
+// Donor candidates aligned per prompt: the index ranks by token profile,
+// the alignment decides.
+constexpr int kDonorCandidates = 4;
+// The cache route is priced only for prompts with a stored neighbour at
+// least this similar in token profile: a first-seen prompt would only pay
+// the cache's capture cost (the sparse tier's first pass records tile mass
+// and stores entries), which made echo up to 15% slower than exact prefix
+// reuse on chatbot traffic before the planner.
+constexpr float kCacheNeighbour = 0.5f;
+
+// The expected cost of a cache-routed prefix block next to exact attention
+// before any was measured: at sparse_mass 0.98 the sparse tier keeps 55-68%
+// of the prefix tiles of trained models; without an approximate tier the
+// cache can never beat reusing stored K/V.
+double cache_prior(const AttentionEchoCache* cache) {
+  if (!cache) return 1.0;
+  const EchoMode mode = cache->config().mode;
+  return mode == EchoMode::kSparse || mode == EchoMode::kDense ? 0.6 : 1.0;
+}
+
+bool every_layer_exact(const std::vector<EchoResult>& echo) {
+  return std::all_of(echo.begin(), echo.end(),
+                     [](const EchoResult& e) { return e.tier == Tier::kNone || e.tier == Tier::kExact; });
+}
+
+bool found_candidate(const std::vector<EchoResult>& echo) {
+  return std::any_of(echo.begin(), echo.end(), [](const EchoResult& e) { return e.tier != Tier::kNone || e.rejected; });
+}
+
+double attention_cpu_s(const llama::ForwardResult& result) {
+  double sum = 0.0;
+  for (double s : result.attention_cpu_s) sum += s;
+  return sum;
+}
+
+double process_cpu_s() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// The QKV projection's share of a row's linear (non-attention) FLOPs.
+double qkv_share(const llama::ModelConfig& c) {
+  const double qkv = double(c.dim + 2 * c.kv_dim()) * c.dim;
+  return qkv / (qkv + double(c.dim) * c.dim + 3.0 * c.hidden_dim * c.dim);
+}
+
+void validate_config(const PlannerConfig& c) {
+  if (c.block_tokens < 1) throw std::invalid_argument("block_tokens: must be positive");
+  const BlendConfig& b = c.blend;
+  if (!(b.recompute_ratio >= 0.0 && b.recompute_ratio <= 1.0))
+    throw std::invalid_argument("blend.recompute_ratio: must be in [0, 1]");
+  if (std::isnan(b.max_error) || b.max_error < 0.0)
+    throw std::invalid_argument("blend.max_error: must be non-negative (inf disables the guard)");
+  if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
+}
+
+}  // namespace
+
+struct Planner::Impl {
+  llama::ModelConfig model;
+  PlannerConfig config;
+  KVBlockStore store;
+  CostModel cost;
+
+  Impl(const llama::ModelConfig& m, PlannerConfig c)
+      : model(m),
+        config((validate_config(c), c)),
+        store({m.n_layers, m.kv_dim(), c.block_tokens}, c.store_bytes),
+        cost(cache_prior(c.cache)) {}
+
+  void validate_tokens(std::span<const int> tokens) const {
+    if (tokens.empty()) throw std::invalid_argument("tokens: empty");
+    if (static_cast<int>(tokens.size()) > model.seq_len)
+      throw std::invalid_argument("tokens: " + std::to_string(tokens.size()) + " exceed the model's context of " +
+                                  std::to_string(model.seq_len));
+    for (int t : tokens)
+      if (t < 0 || t >= model.vocab_size)
+        throw std::invalid_argument("tokens: id " + std::to_string(t) + " is outside the vocabulary");
+  }
+
+  // K/V of a stored prefix's first `rows` rows, copied out of its blocks
+  // into one buffer per layer reserved for the whole context.
+  llama::KVState gather(const KVBlockStore::Prefix& prefix, int rows) const {
+    llama::KVState kv;
+    const int kvd = model.kv_dim(), B = config.block_tokens;
+    const BlockRows src = store.rows(prefix.blocks);
+    kv.k.resize(model.n_layers);
+    kv.v.resize(model.n_layers);
+    for (int l = 0; l < model.n_layers; ++l)
+      for (auto* plane : {&kv.k[l], &kv.v[l]}) {
+        plane->reserve(static_cast<std::size_t>(model.seq_len) * kvd);
+        plane->resize(static_cast<std::size_t>(rows) * kvd);
+        for (int t = 0; t < rows; t += B) {
+          const int n = std::min(B, rows - t);
+          std::memcpy(plane->data() + static_cast<std::size_t>(t) * kvd,
+                      plane == &kv.k[l] ? src.k(l, t) : src.v(l, t), sizeof(float) * n * kvd);
+        }
+      }
+    kv.length = rows;
+    return kv;
+  }
+
+  // The cheapest blend from the stored prompts most like this one, or null.
+  std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip,
+                                        const std::vector<KVBlockStore::Similar>& donors, double& best_cost) const {
+    const int T = static_cast<int>(tokens.size());
+    const BlendConfig& b = config.blend;
+    std::shared_ptr<BlendPlan> best;
+    for (const KVBlockStore::Similar& candidate : donors) {
+      const KVBlockStore::Record* donor = candidate.record;
+      TokenAlignment a = align_tokens(tokens, donor->tokens);
+      int aligned = 0;
+      for (int i = skip; i < T - 1; ++i) aligned += a.donor_position[i] >= 0;
+      if (aligned == 0) continue;
+      const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
+                         std::min(b.probe_rows, aligned);
+      if (reused <= 0) continue;
+      CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
+      const double c = cost.blend(shape);
+      if (c >= best_cost) continue;
+      best_cost = c;
+      best = std::make_shared<BlendPlan>(BlendPlan{donor->blocks, std::move(a), shape});
+    }
+    return best;
+  }
+
+  void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
+                    double error) {
+    std::vector<const float*> k, v;
+    for (int l = 0; l < model.n_layers; ++l) {
+      k.push_back(kv.k[l].data());
+      v.push_back(kv.v[l].data());
+    }
+    store.insert(ns, tokens.first(kv.length), k, v, !exact, error);
+  }
+};
+
+Planner::Planner(const llama::ModelConfig& model, PlannerConfig config)
+    : impl_(std::make_unique<Impl>(model, std::move(config))) {}
+Planner::~Planner() = default;
+Planner::Planner(Planner&&) noexcept = default;
+
+Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_view name_space) {
+  Impl& m = *impl_;
+  m.validate_tokens(tokens);
+  const int T = static_cast<int>(tokens.size());
+  if (prefix_length < 0 || prefix_length >= T)
+    throw std::invalid_argument("prefix_length: must be in [0, tokens) (the last token is always computed)");
+  Plan plan;
+  plan.name_space = std::string(name_space);
+  plan.prefix_length = prefix_length;
+
+  const KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
+  const int L = std::min(stored.length, T - 1);
+  double best = m.cost.reuse(T, L);
+  const bool cache = m.config.cache && L < prefix_length;  // a declared shared context the store misses
+  const bool blend = m.config.blend.enabled && L < T - 1;
+  const auto neighbours = cache || blend ? m.store.similar(name_space, tokens, kDonorCandidates)
+                                         : std::vector<KVBlockStore::Similar>{};
+  if (cache && !neighbours.empty() && neighbours.front().similarity >= kCacheNeighbour &&
+      m.cost.cache(T, prefix_length) < best) {
+    plan.route = Plan::Route::kCache;
+    best = m.cost.cache(T, prefix_length);
+  }
+  if (blend) {
+    const KVBlockStore::Prefix exact = stored.approximate ? m.store.longest_prefix(name_space, tokens, true) : stored;
+    const int skip = std::min(exact.length, T - 1);
+    if (auto chosen = m.best_blend(tokens, skip, neighbours, best)) {
+      plan.route = Plan::Route::kBlend;
+      plan.blend = std::move(chosen);
+      plan.kv = m.gather(exact, skip);
+      return plan;
+    }
+  }
+  if (plan.route == Plan::Route::kReuse && L > 0) {
+    plan.kv = m.gather(stored, L);
+    plan.reused_exact = !stored.approximate;
+    plan.reused_error = stored.error;
+  }
+  return plan;
+}
+
+llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int> tokens, Plan& plan, int keep_rows) {
+  Impl& m = *impl_;
+  const int T = static_cast<int>(tokens.size()), p = plan.prefix_length;
+  PrefillReport& report = plan.report;
+  report.reused = plan.kv.length;
+  if (plan.route == Plan::Route::kBlend && keep_rows == 1) {
+    const double start = process_cpu_s();
+    llama::ForwardResult result;
+    const BlendOutcome out = blend_prefill(engine, tokens, m.store.rows(plan.blend->donor), plan.blend->alignment,
+                                           plan.kv, m.config.blend, result);
+    report.blend_first_layer = out.first_layer_rows;
+    report.blend_reused = out.reused;
+    report.blend_recomputed = out.recomputed;
+    report.estimated_error = out.estimated_error;
+    if (out.accepted) {
+      m.cost.observe_blend(plan.blend->shape, process_cpu_s() - start);
+      m.store_prompt(plan.name_space, tokens, plan.kv, false, out.estimated_error);
+      return result;
+    }
+    // The guard refused it: back to the exact rows it started from.
+    report.blend_rejected = true;
+    plan.kv.length = report.reused;
+  }
+  if (plan.route != Plan::Route::kCache) {
+    llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
+    report.reused_exact = plan.reused_exact;
+    if (!plan.reused_exact) report.estimated_error = plan.reused_error;
+    m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error);
+    return result;
+  }
+  if (!m.config.cache) throw std::invalid_argument("plan: routed through the cache, but this planner has none");
+  if (plan.kv.length != 0) throw std::invalid_argument("plan: a cache-routed plan starts from empty K/V");
+  const llama::AttentionRoute route{m.config.cache, p, tokens.first(p), plan.name_space};
+  llama::ForwardResult result = engine.forward(tokens, plan.kv, route, keep_rows);
+  if (found_candidate(result.echo)) m.cost.observe_cache(T, p, attention_cpu_s(result));
+  const bool exact = every_layer_exact(result.echo);
+  report.reused_exact = exact;
+  report.echo = result.echo;
+  for (const EchoResult& e : result.echo)
+    if (e.tier == Tier::kSparse || e.tier == Tier::kDense) report.estimated_error = std::max(report.estimated_error, e.estimated_error);
+  m.store_prompt(plan.name_space, tokens, plan.kv, exact, report.estimated_error);
+  return result;
+}
+
+void Planner::observe(int rows, double total_cpu_s, double attention_cpu_s) {
+  impl_->cost.observe(rows, total_cpu_s, attention_cpu_s);
+}
+
+std::size_t Planner::stored_prompts() const { return impl_->store.size(); }
+std::size_t Planner::stored_bytes() const { return impl_->store.bytes(); }
+
+}  // namespace attention_echo::serving
