@@ -2,11 +2,12 @@
 
 Random q/k/v give diffuse attention, which no sparse method can exploit and
 which real models do not have. This helper builds one layer of a tiny random
-"model" whose heads attend the way trained heads do (DESIGN.md section 4): an
-attention sink on the first token, a local band (RoPE), and content-driven
-columns. Requests are token-id sequences; a near-duplicate request changes a
-few tokens. All figures the examples print are measured on this workload, so
-they say what the code does on such patterns, not what a given model gets.
+"model" whose heads attend the way trained heads do (docs/architecture.md,
+"Tiers", sparse): an attention sink on the first token, a local band (RoPE),
+and content-driven columns. Requests are token-id sequences; a near-duplicate
+request changes a few tokens. All figures the examples print are measured on
+this workload, so they say what the code does on such patterns, not what a
+given model gets.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Request A fills the cache; request B is a near-duplicate of A (3% of the
 prefix tokens changed) and is what every echo tier serves. Errors are relative
 L2 against float64 attention of B (all rows, and the prefix rows alone);
 times are the median of --repeat runs. Attention only: an engine's end-to-end
-gain is smaller (DESIGN.md section 9).
+gain is smaller (docs/architecture.md, "What reuse can save").
 
 Second part, when models/echo-llama-6m and transformers are present: the same
 comparison per layer on the attention inputs of the project's small TRAINED

@@ -540,6 +540,48 @@ TEST(CacheBadInput, EveryCaseThrowsNamingTheArgument) {
   EXPECT_TRUE(call(cache, x, ok).echo_hit);
 }
 
+// Views the backend cannot read (here: tagged as CUDA memory) are refused
+// before the lookup, on both ways of finding an entry: no stats, no entry
+// and no recency change, out untouched.
+TEST(CacheBadInput, ViewsOnAnotherDeviceChangeNothing) {
+  auto on_gpu = [](auto view) {
+    view.device = Device::cuda(0);
+    return view;
+  };
+  for (bool by_tokens : {true, false}) {
+    EchoConfig c = small_config();
+    c.capacity = 2;
+    c.eviction_policy = EvictionPolicy::kLru;
+    AttentionEchoCache cache(c);
+    Qkv a = make_qkv(kH, kHkv, kT, kD, 30), b = make_qkv(kH, kHkv, kT, kD, 31), d = make_qkv(kH, kHkv, kT, kD, 32);
+    call(cache, a, request_for(a, kP, by_tokens));
+    call(cache, b, request_for(b, kP, by_tokens));  // a is now the least recently used
+    const CacheStats before = cache.stats();
+    const std::vector<float> out = a.out;
+    try {
+      cache.attention_with_echo(on_gpu(a.qv()), on_gpu(a.kv()), on_gpu(a.vv()), on_gpu(a.ov()),
+                                request_for(a, kP, by_tokens));
+      ADD_FAILURE() << "views on cuda:0 were accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("query", 0), 0u) << e.what();
+    }
+    const CacheStats after = cache.stats();
+    EXPECT_EQ(after.lookups, before.lookups);
+    EXPECT_EQ(after.hits(), before.hits());
+    EXPECT_EQ(after.misses, before.misses);
+    EXPECT_EQ(after.tokens_echoed, before.tokens_echoed);
+    EXPECT_EQ(after.tokens_computed, before.tokens_computed);
+    EXPECT_EQ(after.entries, before.entries);
+    EXPECT_EQ(after.bytes, before.bytes);
+    EXPECT_EQ(cache.size(), 2u);
+    EXPECT_EQ(a.out, out);
+    // a was not touched: the next entry evicts it, not b.
+    call(cache, d, request_for(d, kP, by_tokens));
+    EXPECT_TRUE(call(cache, b, request_for(b, kP, by_tokens)).echo_hit) << "by_tokens=" << by_tokens;
+    EXPECT_FALSE(call(cache, a, request_for(a, kP, by_tokens)).echo_hit) << "by_tokens=" << by_tokens;
+  }
+}
+
 TEST(Config, ValidationNamesTheField) {
   auto rejects = [](auto mutate, const std::string& field) {
     EchoConfig c;

@@ -84,7 +84,8 @@ std::vector<double> reference_from_logits(const DenseLogits& c, const std::vecto
   return out;
 }
 
-// The design's u_j = alpha * scale * (mean(q_b[:rows]) - mean(q_a[:prefix])) . k_j
+// The dense tier's Taylor step,
+// u_j = alpha * scale * (mean(q_b[:rows]) - mean(q_a[:prefix])) . k_j,
 // in float64 from the raw queries, [H, keys].
 std::vector<double> reference_shift(const Qkv& a, int prefix, const Qkv& b, int rows, bool causal, double alpha) {
   const int keys = causal ? rows : prefix, group = b.heads / b.kv_heads;

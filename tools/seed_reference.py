@@ -1,5 +1,5 @@
 """The seed package's algorithm (AttentionEcho 0.1.0), reproduced in NumPy
-from its project page and DESIGN.md section 3, for measurement only: it is
+from its project page (docs/architecture.md, "Tiers", dense), for measurement only: it is
 the baseline tools/run_benchmarks.py compares our miss and hit paths with.
 Not part of the library.
 

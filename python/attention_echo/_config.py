@@ -34,7 +34,7 @@ class EchoConfig:
 
     # --- ours ---
     max_bytes: int = _D.max_bytes  #: hard limit on stored bytes
-    mode: str = _D.mode  #: approximate tier: "exact" (off), "sparse" or "dense"
+    mode: str = _D.mode  #: approximate tier: "off", "sparse" or "dense" ("exact" is accepted for "off")
     max_error: float = _D.max_error  #: guard: max relative L2 error (inf = off)
     verify_rows: int = _D.verify_rows  #: guard: exact rows checked per head
     length_tolerance: float = _D.length_tolerance  #: |p - p_c| <= tol * p_c for an echo hit

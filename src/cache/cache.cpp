@@ -3,10 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
-#include <stdexcept>
+#include <string>
 
 #include "cache/cache_impl.hpp"
-#include "cache/host_rows.hpp"
+#include "core/errors.hpp"
 #include "core/validate.hpp"
 
 namespace attention_echo {
@@ -32,7 +32,7 @@ std::uint64_t CacheStats::*CacheStats::counter(Tier tier) {
     case Tier::kSparse: return &CacheStats::hits_sparse;
     case Tier::kDense: return &CacheStats::hits_dense;
   }
-  throw std::invalid_argument("tier: unknown value " + std::to_string(static_cast<int>(tier)));
+  throw_invalid("tier", "unknown value " + std::to_string(static_cast<int>(tier)));
 }
 
 std::string_view EchoResult::compute_mode() const {
@@ -74,16 +74,19 @@ AttentionEchoCache::Impl::Impl(EchoConfig c)
 void AttentionEchoCache::Impl::validate_request(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                                 const MutableHeadsView& out, const EchoRequest& req) const {
   validate_attention_inputs(q, k, v, out, req.prefix_length);
+  // All four views are on q's device now; one the backend cannot read must
+  // be refused here, before a lookup touches the store.
+  backend.require_device("query", q.device);
   if (req.scale) validate_scale(*req.scale);
-  if (req.layer_id < 0) throw std::invalid_argument("layer_id: must be non-negative");
+  if (req.layer_id < 0) throw_invalid("layer_id", "must be non-negative");
   if (req.prefix_length > 0) {
     if (req.prefix_embeddings.data == nullptr)
-      throw std::invalid_argument("prefix_embeddings: required when prefix_length > 0");
+      throw_invalid("prefix_embeddings", "required when prefix_length > 0");
     validate_matrix("prefix_embeddings", req.prefix_embeddings);
   }
   if (!req.prefix_tokens.empty() && static_cast<int>(req.prefix_tokens.size()) != req.prefix_length)
-    throw std::invalid_argument("prefix_tokens: length " + std::to_string(req.prefix_tokens.size()) +
-                                " != prefix_length " + std::to_string(req.prefix_length));
+    throw_invalid("prefix_tokens", "length " + std::to_string(req.prefix_tokens.size()) + " != prefix_length " +
+                                   std::to_string(req.prefix_length));
 }
 
 Call AttentionEchoCache::Impl::plan(const HeadsView& q, const HeadsView& k, const HeadsView& v,
@@ -100,7 +103,7 @@ Call AttentionEchoCache::Impl::plan(const HeadsView& q, const HeadsView& k, cons
   call.embeddings = req.prefix_embeddings;
   if (!req.prefix_tokens.empty()) {
     call.tokens = req.prefix_tokens.first(call.prefix);
-    call.k_fingerprint = cache::fingerprint(k, call.prefix);
+    call.k_fingerprint = backend.k_fingerprint(k, call.prefix);
   }
   call.result.layer_id = req.layer_id;
   return call;
@@ -153,12 +156,12 @@ std::optional<AttentionEchoCache::Impl::Candidate> AttentionEchoCache::Impl::fin
 bool AttentionEchoCache::Impl::serve(Call& call, const ReuseTier& tier, const Candidate& cand) {
   EchoResult& r = call.result;
   r.similarity = cand.similarity;
-  const cache::Served served = tier.serve(call, *cand.part, cand.payload->prefix, pool);
+  const cache::Served served = tier.serve(call, *cand.part, cand.payload->prefix, backend);
   r.kept_fraction = served.kept_fraction;
   const double exact_cost = block_flops(call.space, served.rows);
   double spent = served.cost_share * exact_cost;
   if (tier.approximate()) {
-    const cache::Guard::Verdict verdict = guard.check(call.problem, served.rows, pool);
+    const cache::Guard::Verdict verdict = guard.check(call.problem, served.rows, backend);
     r.estimated_error = verdict.error;
     spent += verdict.flops;
     if (!verdict.accepted) {
@@ -183,7 +186,7 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
   payload->prefix = call.prefix;
   bool by_tokens = false, by_key = false;
   auto capture = [&](const ReuseTier& tier) {
-    payload->parts.emplace_back(tier.kind(), tier.capture(call, pool));
+    payload->parts.emplace_back(tier.kind(), tier.capture(call, backend));
     (tier.match() == cache::Match::kTokens ? by_tokens : by_key) = true;
   };
   const auto enabled = tiers.enabled();
@@ -217,7 +220,7 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
 
 // Rows [row_begin, T) of every head, exactly.
 void AttentionEchoCache::Impl::compute_exact(const Call& call, int row_begin) {
-  kernels::exact_rows(call.problem, row_begin, call.problem.q.tokens, pool);
+  backend.exact_rows(call.problem, row_begin, call.problem.q.tokens);
 }
 
 void AttentionEchoCache::Impl::finish(const Call& call, std::optional<Entry> entry,

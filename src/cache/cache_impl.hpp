@@ -15,6 +15,7 @@
 #include "cache/guard.hpp"
 #include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
+#include "kernels/cpu_backend.hpp"
 
 namespace attention_echo {
 
@@ -48,6 +49,7 @@ struct AttentionEchoCache::Impl {
   const cache::TierSet tiers;
   const cache::Guard guard;
   ThreadPool pool;
+  const kernels::CpuBackend backend{pool};  // every kernel call goes through it
   index::SemanticKeyer keyer;
   mutable std::mutex mutex;
   cache::EntryStore store;

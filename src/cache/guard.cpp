@@ -47,12 +47,14 @@ double relative_error(const MutableHeadsView& out, std::span<const int> rows, co
 
 }  // namespace
 
-Guard::Verdict Guard::check(const kernels::AttentionProblem& problem, int rows, ThreadPool& pool) const {
+Guard::Verdict Guard::check(const kernels::AttentionProblem& problem, int rows,
+                            const kernels::Backend& backend) const {
   if (!std::isfinite(max_error_)) return {std::numeric_limits<double>::quiet_NaN(), 0.0, true};
   const std::vector<int> check = guard_rows(rows, verify_rows_);
   const int heads = problem.out.heads, dim = problem.out.dim;
   std::vector<float> exact(static_cast<std::size_t>(heads) * check.size() * dim);
-  kernels::selected_rows(problem, check, exact.data(), pool);
+  backend.selected_rows(problem, check,
+                        MutableHeadsView::contiguous(exact.data(), heads, static_cast<int>(check.size()), dim));
   const double error = relative_error(problem.out, check, exact);
   double flops = 0.0;
   for (int row : check) flops += 4.0 * heads * dim * problem.key_end(row);

@@ -4,8 +4,7 @@
 // turns it off.
 #pragma once
 
-#include "attention_echo/thread_pool.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/backend.hpp"
 
 namespace attention_echo::cache {
 
@@ -20,7 +19,7 @@ class Guard {
   };
 
   // Checks prefix rows [0, rows) of problem.out, which a tier just wrote.
-  Verdict check(const kernels::AttentionProblem& problem, int rows, ThreadPool& pool) const;
+  Verdict check(const kernels::AttentionProblem& problem, int rows, const kernels::Backend& backend) const;
 
  private:
   double max_error_;

@@ -18,11 +18,10 @@
 #include <vector>
 
 #include "attention_echo/cache.hpp"
-#include "attention_echo/thread_pool.hpp"
 #include "cache/binary_writer.hpp"
 #include "cache/entry.hpp"
 #include "core/binary_reader.hpp"
-#include "kernels/attention_kernel.hpp"
+#include "kernels/backend.hpp"
 
 namespace attention_echo::cache {
 
@@ -72,11 +71,11 @@ class ReuseTier {
 
   // On a miss. kInKernel: computes every row of call.problem.out exactly and
   // captures on the way; kFromOutput: reads the already computed out.
-  virtual std::unique_ptr<const TierPayload> capture(const Call& call, ThreadPool& pool) const = 0;
+  virtual std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const = 0;
   // On a hit: writes prefix rows [0, Served::rows) of call.problem.out from
   // payload (this tier's, covering stored_prefix rows).
   virtual Served serve(const Call& call, const TierPayload& payload, int stored_prefix,
-                       ThreadPool& pool) const = 0;
+                       const kernels::Backend& backend) const = 0;
 
   // Snapshot form of the payload; read() parses what write() wrote and
   // throws std::runtime_error (through in.fail) on a short section.

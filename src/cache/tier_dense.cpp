@@ -4,7 +4,6 @@
 #include <algorithm>
 
 #include "cache/tier.hpp"
-#include "kernels/dense_echo.hpp"
 
 namespace attention_echo::cache {
 namespace {
@@ -25,17 +24,18 @@ class DenseTier final : public ReuseTier {
   Capture capture_stage() const override { return Capture::kInKernel; }
   bool approximate() const override { return true; }
 
-  std::unique_ptr<const TierPayload> capture(const Call& call, ThreadPool& pool) const override {
+  std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const override {
     auto p = std::make_unique<DensePayload>();
-    p->dense = kernels::exact_rows_with_dense_logits(call.problem, call.prefix, pool);
+    p->dense = backend.exact_rows_with_dense_logits(call.problem, call.prefix);
     return p;
   }
 
   // Rows [0, min(p, p_c)); the PV half is still done.
-  Served serve(const Call& call, const TierPayload& payload, int stored_prefix, ThreadPool& pool) const override {
+  Served serve(const Call& call, const TierPayload& payload, int stored_prefix,
+               const kernels::Backend& backend) const override {
     const int rows = std::min(call.prefix, stored_prefix);
-    kernels::dense_echo_rows(call.problem, rows, static_cast<const DensePayload&>(payload).dense,
-                             adjustment_strength_, enable_jacobian_, pool);
+    backend.dense_echo_rows(call.problem, rows, static_cast<const DensePayload&>(payload).dense,
+                            adjustment_strength_, enable_jacobian_);
     return {rows, 0.5, 1.0};
   }
 

@@ -1,7 +1,6 @@
 // Exact tier: the same prefix tokens and k fingerprint as a stored entry, so
 // the stored prefix output rows are the answer, bit for bit. Captured from
 // the finished output of a miss; zero error, so never guarded.
-#include "cache/host_rows.hpp"
 #include "cache/tier.hpp"
 
 namespace attention_echo::cache {
@@ -19,15 +18,20 @@ class ExactTier final : public ReuseTier {
   Capture capture_stage() const override { return Capture::kFromOutput; }
   bool approximate() const override { return false; }
 
-  std::unique_ptr<const TierPayload> capture(const Call& call, ThreadPool&) const override {
+  std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const override {
+    const MutableHeadsView& out = call.problem.out;
     auto p = std::make_unique<ExactPayload>();
-    p->rows = copy_rows_out(as_const(call.problem.out), call.prefix);
+    p->rows.resize(static_cast<std::size_t>(out.heads) * call.prefix * out.dim);
+    backend.copy_rows(as_const(out), MutableHeadsView::contiguous(p->rows.data(), out.heads, call.prefix, out.dim),
+                      call.prefix);
     return p;
   }
 
   // Token equality makes stored_prefix == call.prefix.
-  Served serve(const Call& call, const TierPayload& payload, int, ThreadPool&) const override {
-    copy_rows_in(static_cast<const ExactPayload&>(payload).rows, call.prefix, call.problem.out);
+  Served serve(const Call& call, const TierPayload& payload, int, const kernels::Backend& backend) const override {
+    const MutableHeadsView& out = call.problem.out;
+    const std::vector<float>& rows = static_cast<const ExactPayload&>(payload).rows;
+    backend.copy_rows(HeadsView::contiguous(rows.data(), out.heads, call.prefix, out.dim), out, call.prefix);
     return {call.prefix, 0.0, 1.0};
   }
 

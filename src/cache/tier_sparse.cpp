@@ -49,20 +49,19 @@ class SparseTier final : public ReuseTier {
   Capture capture_stage() const override { return Capture::kInKernel; }
   bool approximate() const override { return true; }
 
-  std::unique_ptr<const TierPayload> capture(const Call& call, ThreadPool& pool) const override {
-    kernels::TileMass mass;
-    mass.block = block_;
-    kernels::exact_rows(call.problem, 0, call.problem.q.tokens, pool, &mass, call.prefix);
+  std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const override {
+    const kernels::TileMass mass = backend.exact_rows_with_tile_mass(call.problem, call.prefix, block_);
     auto p = std::make_unique<SparsePayload>();
     p->tiles = kernels::select_tiles(mass, call.space.heads, keep_mass_);
     return p;
   }
 
   // Rows [0, min(p, p_c)): cost is the kept share of the tiles.
-  Served serve(const Call& call, const TierPayload& payload, int stored_prefix, ThreadPool& pool) const override {
+  Served serve(const Call& call, const TierPayload& payload, int stored_prefix,
+               const kernels::Backend& backend) const override {
     const kernels::TileSet& tiles = static_cast<const SparsePayload&>(payload).tiles;
     const int rows = std::min(call.prefix, stored_prefix);
-    kernels::sparse_rows(call.problem, rows, tiles, pool);
+    backend.sparse_rows(call.problem, rows, tiles);
     const double kept = kept_fraction(tiles, rows);
     return {rows, kept, kept};
   }

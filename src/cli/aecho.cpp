@@ -248,7 +248,7 @@ int main(int argc, char** argv) {
   bench.add_option("--model", bn.model, "checkpoint (default: the bundled model)");
   bench.add_option("--tokenizer", bn.tokenizer, "tokenizer (default: tokenizer.bin beside the model)");
   bench.add_option("--heldout", bn.heldout, "held-out text the requests are cut from (default: heldout.txt beside the model)");
-  bench.add_option("--mode", bn.mode, "the echo cache's mode: exact, sparse or dense")
+  bench.add_option("--mode", bn.mode, "the echo cache's mode: off|sparse|dense (\"exact\" is accepted for off)")
       ->check(echo_mode_check())
       ->capture_default_str();
   bench.add_option("--requests", bn.requests, "requests per scenario")->check(CLI::PositiveNumber)->capture_default_str();

@@ -6,13 +6,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/errors.hpp"
+
 
 namespace attention_echo {
 namespace {
-
-[[noreturn]] void fail(std::string_view name, const std::string& what) {
-  throw std::invalid_argument(std::string(name) + ": " + what);
-}
 
 std::string shape(const BasicHeadsView<const float>& v) {
   return "[" + std::to_string(v.heads) + ", " + std::to_string(v.tokens) + ", " +
@@ -21,8 +19,8 @@ std::string shape(const BasicHeadsView<const float>& v) {
 
 void require_data(std::string_view name, const HeadsView& v) {
   if (v.heads < 1 || v.tokens < 1 || v.dim < 1)
-    fail(name, "every dimension must be >= 1, got " + shape(v));
-  if (v.data == nullptr) fail(name, "data is null");
+    throw_invalid(name, "every dimension must be >= 1, got " + shape(v));
+  if (v.data == nullptr) throw_invalid(name, "data is null");
 }
 
 // A float is NaN or Inf exactly when its exponent bits are all ones. Testing
@@ -45,13 +43,13 @@ void require_finite(std::string_view name, const HeadsView& v) {
       if (row_is_finite(row, v.dim)) continue;
       for (int d = 0; d < v.dim; ++d)
         if (!std::isfinite(row[d]))
-          fail(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) + ", " +
+          throw_invalid(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) + ", " +
                          std::to_string(d) + "]");
     }
 }
 
 void require_device(std::string_view name, const HeadsView& v, const HeadsView& q) {
-  if (v.device != q.device) fail(name, "on " + to_string(v.device) + ", query on " + to_string(q.device));
+  if (v.device != q.device) throw_invalid(name, "on " + to_string(v.device) + ", query on " + to_string(q.device));
 }
 
 }  // namespace
@@ -66,15 +64,15 @@ void validate_keys(const HeadsView& q, const HeadsView& k, const HeadsView& v, i
   require_data("value", v);
   require_device("key", k, q);
   require_device("value", v, q);
-  if (k.dim != q.dim) fail("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
-  if (query_offset < 0) fail("query_offset", "must be >= 0, got " + std::to_string(query_offset));
+  if (k.dim != q.dim) throw_invalid("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
+  if (query_offset < 0) throw_invalid("query_offset", "must be >= 0, got " + std::to_string(query_offset));
   if (k.tokens != query_offset + q.tokens)
-    fail("key", "token count " + std::to_string(k.tokens) + " != query's " + std::to_string(q.tokens) +
+    throw_invalid("key", "token count " + std::to_string(k.tokens) + " != query's " + std::to_string(q.tokens) +
                     (query_offset ? " + query_offset " + std::to_string(query_offset) : ""));
   if (q.heads % k.heads != 0)
-    fail("key", std::to_string(k.heads) + " kv heads do not divide " + std::to_string(q.heads) + " query heads");
+    throw_invalid("key", std::to_string(k.heads) + " kv heads do not divide " + std::to_string(q.heads) + " query heads");
   if (v.heads != k.heads || v.tokens != k.tokens || v.dim != k.dim)
-    fail("value", "shape " + shape(v) + " != key's " + shape(k));
+    throw_invalid("value", "shape " + shape(v) + " != key's " + shape(k));
 }
 
 }  // namespace
@@ -85,9 +83,9 @@ void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const Hea
   require_data("out", as_const(out));
   require_device("out", as_const(out), q);
   if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
-    fail("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
+    throw_invalid("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
   if (prefix_length < 0 || prefix_length > k.tokens)
-    fail("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
+    throw_invalid("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
   if (q.device != Device::cpu()) return;
   require_finite("query", q);
   require_finite("key", k);
@@ -99,12 +97,12 @@ void validate_attention_rows(const HeadsView& q, const HeadsView& k, const Heads
   validate_keys(q, k, v, 0);
   require_data("out", as_const(out));
   require_device("out", as_const(out), q);
-  if (rows.empty()) fail("rows", "must not be empty");
+  if (rows.empty()) throw_invalid("rows", "must not be empty");
   for (std::size_t r = 0; r < rows.size(); ++r)
     if (rows[r] < 0 || rows[r] >= q.tokens || (r > 0 && rows[r] <= rows[r - 1]))
-      fail("rows", "must be ascending positions in [0, " + std::to_string(q.tokens) + ")");
+      throw_invalid("rows", "must be ascending positions in [0, " + std::to_string(q.tokens) + ")");
   if (out.heads != q.heads || out.tokens != static_cast<int>(rows.size()) || out.dim != q.dim)
-    fail("out", "shape " + shape(as_const(out)) + " != [query heads, rows, dim]");
+    throw_invalid("out", "shape " + shape(as_const(out)) + " != [query heads, rows, dim]");
   if (q.device != Device::cpu()) return;
   for (int t : rows) require_finite("query", {q.row(0, t), q.heads, 1, q.dim, q.head_stride, q.token_stride});
   require_finite("key", k);
@@ -113,14 +111,14 @@ void validate_attention_rows(const HeadsView& q, const HeadsView& k, const Heads
 
 void validate_matrix(std::string_view name, const MatrixView& m) {
   if (m.data == nullptr || m.rows < 1 || m.cols < 1)
-    fail(name, "must be a non-empty [rows, cols] matrix");
-  if (m.device != Device::cpu()) fail(name, "must be in host memory, got " + to_string(m.device));
+    throw_invalid(name, "must be a non-empty [rows, cols] matrix");
+  if (m.device != Device::cpu()) throw_invalid(name, "must be in host memory, got " + to_string(m.device));
   for (long long i = 0; i < static_cast<long long>(m.rows) * m.cols; ++i)
-    if (!std::isfinite(m.data[i])) fail(name, "contains NaN or Inf");
+    if (!std::isfinite(m.data[i])) throw_invalid(name, "contains NaN or Inf");
 }
 
 void validate_scale(float scale) {
-  if (!std::isfinite(scale) || scale <= 0.0f) fail("scale", "must be finite and positive");
+  if (!std::isfinite(scale) || scale <= 0.0f) throw_invalid("scale", "must be finite and positive");
 }
 
 }  // namespace attention_echo

@@ -8,9 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
-#include <stdexcept>
 #include <string>
 
+#include "core/errors.hpp"
 #include "kernels/row_block.hpp"
 
 namespace attention_echo::kernels {
@@ -23,10 +23,6 @@ constexpr float kLn2 = 0.69314718055994530942f;  // 1 / kLog2e: log2 units back 
 constexpr int kTaskTokens = 128;
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-[[noreturn]] void fail(const char* name, const std::string& what) {
-  throw std::invalid_argument(std::string(name) + ": " + what);
-}
 
 using BlockFn = void (*)(const RowBlock&);
 
@@ -132,17 +128,17 @@ void add_tile_mass(const RowBlock& b, std::span<const Row> rows, int prefix, con
 
 void check_row_range(const AttentionProblem& p, int row_begin, int row_end) {
   if (row_begin < p.query_offset || row_begin > row_end)
-    fail("row_begin", "must be in [query_offset = " + std::to_string(p.query_offset) + ", row_end]");
-  if (row_end > p.rows_end()) fail("row_end", "must be <= T = " + std::to_string(p.rows_end()));
+    throw_invalid("row_begin", "must be in [query_offset = " + std::to_string(p.query_offset) + ", row_end]");
+  if (row_end > p.rows_end()) throw_invalid("row_end", "must be <= T = " + std::to_string(p.rows_end()));
 }
 
 void prepare_mass(const AttentionProblem& p, TileMass& mass, int row_begin, int row_end, int prefix) {
   if (mass.block <= 0 || mass.block % kSegment != 0)
-    fail("block", "tile mass needs a positive multiple of " + std::to_string(kSegment));
-  if (row_begin != 0) fail("row_begin", "must be 0 when recording tile mass");
-  if (prefix < 0 || prefix > row_end) fail("prefix", "must be in [0, row_end]");
+    throw_invalid("block", "tile mass needs a positive multiple of " + std::to_string(kSegment));
+  if (row_begin != 0) throw_invalid("row_begin", "must be 0 when recording tile mass");
+  if (prefix < 0 || prefix > row_end) throw_invalid("prefix", "must be in [0, row_end]");
   if (!p.causal && p.prefix_length != prefix)
-    fail("prefix", "must equal the problem's prefix_length for non-causal tile mass");
+    throw_invalid("prefix", "must equal the problem's prefix_length for non-causal tile mass");
   mass.tiles = ceil_div(prefix, mass.block);
   mass.mass.assign(static_cast<std::size_t>(p.q.heads) * mass.tiles * mass.tiles, 0.0f);
 }
@@ -196,21 +192,21 @@ void exact_task(const AttentionProblem& p, int kv, int t0, int t1, TileMass* mas
 
 void check_tile_set(const AttentionProblem& p, int rows, const TileSet& kept) {
   if (kept.block <= 0 || kept.block % kSegment != 0)
-    fail("kept", "block must be a positive multiple of " + std::to_string(kSegment));
-  if (kept.heads != p.q.heads) fail("kept", "heads != the problem's query heads");
+    throw_invalid("kept", "block must be a positive multiple of " + std::to_string(kSegment));
+  if (kept.heads != p.q.heads) throw_invalid("kept", "heads != the problem's query heads");
   if (kept.offsets.size() != static_cast<std::size_t>(kept.heads) * kept.tiles + 1 ||
       kept.offsets.back() != kept.cols.size())
-    fail("kept", "offsets do not match heads * tiles and cols");
+    throw_invalid("kept", "offsets do not match heads * tiles and cols");
   for (auto col : kept.cols)
-    if (col >= kept.tiles) fail("kept", "tile index out of range");
+    if (col >= kept.tiles) throw_invalid("kept", "tile index out of range");
   if (rows < 0 || rows > p.rows_end() || rows > kept.tiles * kept.block)
-    fail("rows", "must be in [0, min(T, tiles * block)]");
+    throw_invalid("rows", "must be in [0, min(T, tiles * block)]");
 }
 
 }  // namespace
 
 void require_prefix_rows(const AttentionProblem& problem) {
-  if (problem.query_offset != 0) fail("problem", "query_offset must be 0 for prefix-block rows");
+  if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 for prefix-block rows");
 }
 
 void exact_rows(const CpuTarget& cpu, const AttentionProblem& problem, int row_begin, int row_end, TileMass* mass,
@@ -218,9 +214,9 @@ void exact_rows(const CpuTarget& cpu, const AttentionProblem& problem, int row_b
   check_row_range(problem, row_begin, row_end);
   if (mass != nullptr) prepare_mass(problem, *mass, row_begin, row_end, prefix);
   if (logits != nullptr) {
-    if (prefix < 0 || prefix > problem.rows_end()) fail("prefix", "must be in [0, T] when capturing logits");
+    if (prefix < 0 || prefix > problem.rows_end()) throw_invalid("prefix", "must be in [0, T] when capturing logits");
     if (!problem.causal && problem.prefix_length != prefix)
-      fail("prefix", "must equal the problem's prefix_length for non-causal logits");
+      throw_invalid("prefix", "must equal the problem's prefix_length for non-causal logits");
   }
   if (row_begin == row_end) return;
   // With mass, whole tiles per task, so each task owns its rows of the table.
@@ -263,15 +259,15 @@ void sparse_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows
 void cached_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const float* logits,
                  const LogitLayout& layout, const float* shift, int shift_stride) {
   require_prefix_rows(problem);
-  if (layout.causal != problem.causal) fail("layout", "causal must match the problem's");
+  if (layout.causal != problem.causal) throw_invalid("layout", "causal must match the problem's");
   if (!layout.causal && layout.prefix != problem.prefix_length)
-    fail("layout", "non-causal prefix must equal the problem's prefix_length");
+    throw_invalid("layout", "non-causal prefix must equal the problem's prefix_length");
   if (rows < 0 || rows > problem.rows_end() || rows > layout.prefix)
-    fail("rows", "must be in [0, min(T, layout.prefix)]");
+    throw_invalid("rows", "must be in [0, min(T, layout.prefix)]");
   if (rows == 0) return;
-  if (logits == nullptr) fail("logits", "must not be null");
+  if (logits == nullptr) throw_invalid("logits", "must not be null");
   if (shift != nullptr && shift_stride < (layout.causal ? rows : layout.prefix))
-    fail("shift_stride", "shift must cover every key the rows see");
+    throw_invalid("shift_stride", "shift must cover every key the rows see");
   const int heads = problem.q.heads;
   const int blocks = ceil_div(rows, kMaxRows);
   // Stored logits differ per head, so a block holds one head's rows; later
@@ -307,10 +303,10 @@ void selected_rows(const CpuTarget& cpu, const AttentionProblem& problem, std::s
                    const MutableHeadsView& result) {
   if (result.heads != problem.q.heads || result.tokens != static_cast<int>(rows.size()) ||
       result.dim != problem.q.dim || (!rows.empty() && result.data == nullptr))
-    fail("result", "must be [H, rows, D] of the problem");
+    throw_invalid("result", "must be [H, rows, D] of the problem");
   for (int t : rows)
     if (t < problem.query_offset || t >= problem.rows_end())
-      fail("rows", "row " + std::to_string(t) + " outside [query_offset, T)");
+      throw_invalid("rows", "row " + std::to_string(t) + " outside [query_offset, T)");
   if (rows.empty()) return;
   // Rows sorted by token share their key ranges best within a block.
   std::vector<int> order(rows.size());

@@ -143,11 +143,4 @@ void require_prefix_rows(const AttentionProblem& problem);
 // tile row's mass, always with tile 0 (the sink) and the diagonal tile I.
 TileSet select_tiles(const TileMass& mass, int heads, double keep_mass);
 
-// Transitional: the cache's call sites until they move to Backend (the
-// mapping is in backend.hpp); they run on CpuBackend. Delete with them.
-void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool,
-                TileMass* mass = nullptr, int prefix = 0);
-void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool);
-void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result, ThreadPool& pool);
-
 }  // namespace attention_echo::kernels

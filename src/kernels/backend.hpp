@@ -9,26 +9,11 @@
 // Methods are const and safe to call concurrently. A call is one virtual
 // dispatch per entry point, never per tile. Rows are bit-identical across
 // entry points and thread counts for one backend and ISA.
-//
-// From the transitional free functions (attention_kernel.hpp, dense_echo.hpp)
-// and the cache's local helpers to a Backend `b`:
-//   kernels::exact_rows(p, r0, r1, pool)         -> b.exact_rows(p, r0, r1)
-//   TileMass m{block}; kernels::exact_rows(p, 0, T, pool, &m, prefix)
-//                                                -> TileMass m = b.exact_rows_with_tile_mass(p, prefix, block)
-//   kernels::exact_rows_with_dense_logits(p, prefix, pool)
-//                                                -> b.exact_rows_with_dense_logits(p, prefix)
-//   kernels::sparse_rows(p, rows, kept, pool)    -> b.sparse_rows(p, rows, kept)
-//   kernels::dense_echo_rows(p, rows, c, a, j, pool) -> b.dense_echo_rows(p, rows, c, a, j)
-//   kernels::selected_rows(p, rows, buf, pool)   -> b.selected_rows(p, rows,
-//                                                     MutableHeadsView::contiguous(buf, H, rows.size(), D))
-//   fingerprint(k, prefix)                       -> b.k_fingerprint(k, prefix)
-//   copy_rows_out(src, rows, vec)                -> vec.resize(H * rows * D);
-//                                                   b.copy_rows(src, MutableHeadsView::contiguous(vec.data(), H, rows, D), rows)
-//   copy_rows_in(vec, rows, dst)                 -> b.copy_rows(HeadsView::contiguous(vec.data(), H, rows, D), dst, rows)
 #pragma once
 
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "attention_echo/tensor.hpp"
 #include "kernels/attention_kernel.hpp"
@@ -42,6 +27,12 @@ class Backend {
 
   // Where the views this backend reads and writes must live.
   virtual Device device() const = 0;
+
+  // Throw std::invalid_argument naming the view unless it is on device():
+  // the check every method makes, for callers that must refuse a call before
+  // they change any state of their own.
+  void require_device(std::string_view name, Device where) const;
+  void require_device(const AttentionProblem& problem) const;  // query, key, value, out
 
   // Exact rows [row_begin, row_end) of every head into problem.out; rows are
   // sequence positions, so [query_offset, T) is all of them.

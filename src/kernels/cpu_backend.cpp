@@ -1,33 +1,13 @@
 #include "kernels/cpu_backend.hpp"
 
 #include <cstring>
-#include <stdexcept>
 #include <string>
 
+#include "core/errors.hpp"
 #include "core/isa.hpp"
 #include "kernels/row_block.hpp"
 
 namespace attention_echo::kernels {
-namespace {
-
-[[noreturn]] void fail(const char* name, const std::string& what) {
-  throw std::invalid_argument(std::string(name) + ": " + what);
-}
-
-template <typename T>
-void require_host(const char* name, const BasicHeadsView<T>& view) {
-  if (view.device != Device::cpu())
-    fail(name, "must be in host memory for the CPU backend, got " + to_string(view.device));
-}
-
-void require_host(const AttentionProblem& p) {
-  require_host("query", p.q);
-  require_host("key", p.k);
-  require_host("value", p.v);
-  require_host("out", p.out);
-}
-
-}  // namespace
 
 CpuTarget CpuBackend::target() const {
   switch (active_isa()) {
@@ -39,12 +19,12 @@ CpuTarget CpuBackend::target() const {
 }
 
 void CpuBackend::exact_rows(const AttentionProblem& problem, int row_begin, int row_end) const {
-  require_host(problem);
+  require_device(problem);
   kernels::exact_rows(target(), problem, row_begin, row_end, nullptr, 0, nullptr);
 }
 
 TileMass CpuBackend::exact_rows_with_tile_mass(const AttentionProblem& problem, int prefix, int block) const {
-  require_host(problem);
+  require_device(problem);
   TileMass mass;
   mass.block = block;
   kernels::exact_rows(target(), problem, problem.query_offset, problem.rows_end(), &mass, prefix, nullptr);
@@ -52,33 +32,33 @@ TileMass CpuBackend::exact_rows_with_tile_mass(const AttentionProblem& problem, 
 }
 
 DenseLogits CpuBackend::exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix) const {
-  require_host(problem);
+  require_device(problem);
   return kernels::exact_rows_with_dense_logits(target(), problem, prefix);
 }
 
 void CpuBackend::sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept) const {
-  require_host(problem);
+  require_device(problem);
   kernels::sparse_rows(target(), problem, rows, kept);
 }
 
 void CpuBackend::dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
                                  float adjustment_strength, bool enable_jacobian) const {
-  require_host(problem);
+  require_device(problem);
   kernels::dense_echo_rows(target(), problem, rows, cached, adjustment_strength, enable_jacobian);
 }
 
 void CpuBackend::selected_rows(const AttentionProblem& problem, std::span<const int> rows,
                                const MutableHeadsView& result) const {
-  require_host(problem);
-  require_host("result", result);
+  require_device(problem);
+  require_device("result", result.device);
   kernels::selected_rows(target(), problem, rows, result);
 }
 
 void CpuBackend::copy_rows(const HeadsView& src, const MutableHeadsView& dst, int rows) const {
-  require_host("src", src);
-  require_host("dst", dst);
-  if (dst.heads != src.heads || dst.dim != src.dim) fail("dst", "heads and dim must match src's");
-  if (rows < 0 || rows > src.tokens || rows > dst.tokens) fail("rows", "must be in [0, min(src, dst tokens)]");
+  require_device("src", src.device);
+  require_device("dst", dst.device);
+  if (dst.heads != src.heads || dst.dim != src.dim) throw_invalid("dst", "heads and dim must match src's");
+  if (rows < 0 || rows > src.tokens || rows > dst.tokens) throw_invalid("rows", "must be in [0, min(src, dst tokens)]");
   for (int h = 0; h < src.heads; ++h)
     for (int t = 0; t < rows; ++t) std::memcpy(dst.row(h, t), src.row(h, t), sizeof(float) * src.dim);
 }
@@ -86,8 +66,8 @@ void CpuBackend::copy_rows(const HeadsView& src, const MutableHeadsView& dst, in
 // Four independent multiply-xorshift lanes keep the loop at memory speed
 // instead of one long dependency chain.
 std::uint64_t CpuBackend::k_fingerprint(const HeadsView& k, int prefix) const {
-  require_host("key", k);
-  if (prefix < 0 || prefix > k.tokens) fail("prefix", "must be in [0, key tokens]");
+  require_device("key", k.device);
+  if (prefix < 0 || prefix > k.tokens) throw_invalid("prefix", "must be in [0, key tokens]");
   constexpr std::uint64_t kMul = 0x9fb21c651e98df25ULL;
   std::uint64_t lane[4] = {0x243f6a8885a308d3ULL, 0x13198a2e03707344ULL, 0xa4093822299f31d0ULL,
                            0x082efa98ec4e6c89ULL};
@@ -115,33 +95,6 @@ std::uint64_t CpuBackend::k_fingerprint(const HeadsView& k, int prefix) const {
   std::uint64_t h = lane[0];
   for (int l = 1; l < 4; ++l) mix(h, lane[l]);
   return h;
-}
-
-// ---- transitional free functions (see attention_kernel.hpp) ----------------
-
-void exact_rows(const AttentionProblem& problem, int row_begin, int row_end, ThreadPool& pool, TileMass* mass,
-                int prefix) {
-  if (mass == nullptr) return CpuBackend(pool).exact_rows(problem, row_begin, row_end);
-  if (row_begin != 0 || row_end != problem.rows_end()) fail("row_end", "tile mass needs rows [0, T)");
-  *mass = CpuBackend(pool).exact_rows_with_tile_mass(problem, prefix, mass->block);
-}
-
-void sparse_rows(const AttentionProblem& problem, int rows, const TileSet& kept, ThreadPool& pool) {
-  CpuBackend(pool).sparse_rows(problem, rows, kept);
-}
-
-void selected_rows(const AttentionProblem& problem, std::span<const int> rows, float* result, ThreadPool& pool) {
-  const auto n = static_cast<int>(rows.size());
-  CpuBackend(pool).selected_rows(problem, rows, MutableHeadsView::contiguous(result, problem.q.heads, n, problem.q.dim));
-}
-
-DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix, ThreadPool& pool) {
-  return CpuBackend(pool).exact_rows_with_dense_logits(problem, prefix);
-}
-
-void dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
-                     float adjustment_strength, bool enable_jacobian, ThreadPool& pool) {
-  CpuBackend(pool).dense_echo_rows(problem, rows, cached, adjustment_strength, enable_jacobian);
 }
 
 }  // namespace attention_echo::kernels

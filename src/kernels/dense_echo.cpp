@@ -1,11 +1,12 @@
 #include "kernels/dense_echo.hpp"
 
 #include <cstdint>
-#include <stdexcept>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "core/errors.hpp"
 
 namespace attention_echo::kernels {
 namespace {
@@ -54,7 +55,7 @@ void check_cached(const AttentionProblem& problem, const DenseLogits& c) {
   if (c.heads != problem.q.heads || c.dim != problem.q.dim || c.causal != problem.causal ||
       c.logits.size() != c.head_size() * static_cast<std::size_t>(c.heads) ||
       c.mean_query.size() != static_cast<std::size_t>(c.heads) * c.dim)
-    throw std::invalid_argument("cached: dense logits do not match the problem's heads, dim or mask");
+    throw_invalid("cached", "dense logits do not match the problem's heads, dim or mask");
 }
 
 }  // namespace
@@ -85,7 +86,7 @@ std::vector<float> dense_taylor_shift(const AttentionProblem& problem, int rows,
   require_prefix_rows(problem);
   check_cached(problem, cached);
   if (rows < 0 || rows > cached.prefix || rows > problem.q.tokens)
-    throw std::invalid_argument("rows: must be in [0, min(T, cached prefix)]");
+    throw_invalid("rows", "must be in [0, min(T, cached prefix)]");
   const int heads = problem.q.heads, dim = problem.q.dim;
   const int keys = cached.causal ? rows : cached.prefix;
   std::vector<float> shift(static_cast<std::size_t>(heads) * keys, 0.0f);

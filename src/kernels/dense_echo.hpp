@@ -53,10 +53,4 @@ std::vector<float> dense_taylor_shift(const AttentionProblem& problem, int rows,
 void dense_echo_rows(const CpuTarget& cpu, const AttentionProblem& problem, int rows, const DenseLogits& cached,
                      float adjustment_strength, bool enable_jacobian);
 
-// Transitional: the cache's call sites until they move to Backend (the
-// mapping is in backend.hpp); they run on CpuBackend. Delete with them.
-DenseLogits exact_rows_with_dense_logits(const AttentionProblem& problem, int prefix, ThreadPool& pool);
-void dense_echo_rows(const AttentionProblem& problem, int rows, const DenseLogits& cached,
-                     float adjustment_strength, bool enable_jacobian, ThreadPool& pool);
-
 }  // namespace attention_echo::kernels

@@ -2,9 +2,9 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-#include <stdexcept>
 #include <string>
 
+#include "core/errors.hpp"
 #include "kernels/attention_kernel.hpp"
 
 namespace attention_echo::kernels {
@@ -34,9 +34,9 @@ void select_row(const float* mass, int tiles, int diagonal, double keep_mass, st
 }  // namespace
 
 TileSet select_tiles(const TileMass& mass, int heads, double keep_mass) {
-  if (!(keep_mass >= 0.0 && keep_mass <= 1.0)) throw std::invalid_argument("keep_mass: must be in [0, 1]");
+  if (!(keep_mass >= 0.0 && keep_mass <= 1.0)) throw_invalid("keep_mass", "must be in [0, 1]");
   if (heads < 0 || mass.mass.size() != static_cast<std::size_t>(heads) * mass.tiles * mass.tiles)
-    throw std::invalid_argument("mass: size != heads * tiles * tiles");
+    throw_invalid("mass", "size != heads * tiles * tiles");
   TileSet kept{mass.block, mass.tiles, heads, {0}, {}};
   std::vector<int> order;
   std::vector<char> keep;
