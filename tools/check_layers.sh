@@ -9,8 +9,9 @@
 # A module includes its own headers, the public headers
 # (attention_echo/*.hpp) and the internal headers of the modules listed for it
 # below. The engine library sees the core library through its public headers
-# only, except core/: the one ISA dispatcher and the one binary reader are
-# shared by both libraries. The core library and its public headers never
+# only, except core/ (the one ISA dispatcher and the one binary reader are
+# shared by both libraries) and, for serving, index/ (the planner finds donor
+# prompts with the same vector index the cache uses). The core library and its public headers never
 # include the engine's public headers (llama.hpp, serving.hpp, engine.hpp).
 # Tests and benchmarks are white-box and not checked.
 #
@@ -27,7 +28,7 @@ declare -A allowed=(
   [index]="core"
   [cache]="core kernels index"
   [engine]="core"
-  [serving]="core engine"
+  [serving]="core index engine"
   [cli]=""
   [public]=""
   [python]=""

@@ -116,7 +116,7 @@ class Builder {
 
   // A short real question-like line (a comment, docstring or statement of
   // 20-100 bytes) and the real text after it, as the reference continuation.
-  std::pair<std::vector<int>, std::vector<int>> question() {
+  std::pair<std::string, std::vector<int>> question_text() {
     for (int attempt = 0; attempt < 100000; ++attempt) {
       const Document& d = docs_[pick(docs_.size())];
       const std::size_t i = pick(d.lines.size() - 8);
@@ -125,9 +125,13 @@ class Builder {
       if (start == std::string::npos || line.size() - start < 20 || line.size() - start > 100) continue;
       std::vector<int> cont = text_after(d, i + 1, continuation_);
       if (static_cast<int>(cont.size()) < continuation_ / 2) continue;
-      return {encode(line.substr(start)), std::move(cont)};
+      return {line.substr(start), std::move(cont)};
     }
     throw std::invalid_argument("heldout: no line of 20-100 bytes followed by text to use as a question");
+  }
+  std::pair<std::vector<int>, std::vector<int>> question() {
+    auto [text, cont] = question_text();
+    return {encode(text), std::move(cont)};
   }
 
   int budget() const { return budget_; }
@@ -297,10 +301,69 @@ Scenario near_dup(Builder& b, int requests) {
   return s;
 }
 
+// The same retrieved passages behind a new question every time, always in a
+// fresh order: exact prefix reuse keeps only the instruction line, while
+// every passage is stored somewhere; only blending (moved chunks) reuses them.
+Scenario rag_shuffled(Builder& b, int requests) {
+  Scenario s{"rag-shuffled", "the same 4 retrieved passages in a new order behind every question", {}};
+  const int passage_tokens = b.budget() / 5;
+  std::vector<std::vector<int>> passages;
+  std::vector<const Document*> used;
+  for (int i = 0; i < 4; ++i) {
+    const Document& d = b.document(false, 60, used);
+    std::vector<int> p = b.encode("[" + d.name + "]\n");
+    append(p, b.lines(d, b.pick(d.lines.size() / 2), passage_tokens - static_cast<int>(p.size())));
+    append(p, b.encode("\n"));
+    passages.push_back(std::move(p));
+  }
+  std::vector<int> order = {0, 1, 2, 3};
+  for (int r = 0; r < requests; ++r) {
+    for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[b.pick(i + 1)]);
+    std::vector<int> prompt = b.encode("Answer the question using these passages.\n\n");
+    for (int c : order) append(prompt, passages[c]);
+    s.requests.push_back(ask(b, std::move(prompt), "Question: ", "Answer:"));
+  }
+  return s;
+}
+
+// A multi-turn chat resent with one earlier user turn edited (as a user
+// rewords a question and regenerates), then a new question: exact prefix
+// reuse stops at the edit, blending reuses the turns after it.
+Scenario chat_edit(Builder& b, int requests) {
+  Scenario s{"chat-edit", "2 multi-turn chats resent with an earlier user turn edited, then a new question", {}};
+  struct Turn {
+    std::string user;
+    std::vector<int> answer;
+  };
+  std::vector<std::vector<Turn>> chats;
+  std::vector<const Document*> used;
+  const int answer_tokens = b.budget() / 7;
+  for (int c = 0; c < 2; ++c) {
+    std::vector<Turn> turns;
+    const Document& d = b.document(true, 40, used);
+    std::size_t line = 0;
+    for (int t = 0; t < 4; ++t) turns.push_back({b.question_text().first, b.lines(d, line, answer_tokens, &line)});
+    chats.push_back(std::move(turns));
+  }
+  for (int r = 0; r < requests; ++r) {
+    std::vector<Turn> turns = chats[b.pick(chats.size())];
+    std::string& edited = turns[b.pick(turns.size())].user;
+    edited.insert(b.pick(edited.size()), "please ");
+    std::vector<int> prompt = b.encode("System: You are a Python assistant.\n\n");
+    for (const Turn& t : turns) {
+      append(prompt, b.encode("User: " + t.user + "\nAssistant: "));
+      append(prompt, t.answer);
+      append(prompt, b.encode("\n\n"));
+    }
+    s.requests.push_back(ask(b, std::move(prompt), "User: ", "\nAssistant:"));
+  }
+  return s;
+}
+
 }  // namespace
 
 const std::vector<std::string>& scenario_names() {
-  static const std::vector<std::string> names = {"chatbot", "rag", "code", "near-dup"};
+  static const std::vector<std::string> names = {"chatbot", "rag", "code", "near-dup", "rag-shuffled", "chat-edit"};
   return names;
 }
 
@@ -316,7 +379,10 @@ Scenario make_scenario(std::string_view name, std::string_view heldout, const ll
   if (name == "rag") return rag(b, requests);
   if (name == "code") return code(b, requests);
   if (name == "near-dup") return near_dup(b, requests);
-  throw std::invalid_argument("scenario: unknown '" + std::string(name) + "' (chatbot, rag, code, near-dup)");
+  if (name == "rag-shuffled") return rag_shuffled(b, requests);
+  if (name == "chat-edit") return chat_edit(b, requests);
+  throw std::invalid_argument("scenario: unknown '" + std::string(name) +
+                              "' (chatbot, rag, code, near-dup, rag-shuffled, chat-edit)");
 }
 
 }  // namespace attention_echo::bench

@@ -47,6 +47,7 @@ class Blend {
     e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
     out_.first_layer_rows = T_ - skip_;
     select(x);
+    if (out_.estimated_error > opt_.max_error) return finish_exactly(x, result);
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
       if (!deep_layer(l)) {
@@ -56,11 +57,24 @@ class Blend {
     }
     e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
     kv_.length = T_;
-    out_.accepted = true;
+    out_.served = out_.blended = true;
     return out_;
   }
 
  private:
+  // The guard refused the donor at layer 1: every row on through the
+  // remaining layers exactly, from the layer-0 output already computed.
+  BlendOutcome finish_exactly(std::vector<float>& x, llama::ForwardResult& result) {
+    out_.stopped_at_layer = 1;
+    out_.reused = 0;
+    out_.recomputed = T_ - skip_;
+    for (int l = 1; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
+    e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
+    kv_.length = T_;
+    out_.served = true;
+    return out_;
+  }
+
   void size_kv() {
     kv_.k.resize(c_.n_layers);
     kv_.v.resize(c_.n_layers);
@@ -142,7 +156,7 @@ class Blend {
     std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
     for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
     e_.layer_forward_rows(l, x_.data(), selected_, kv_);
-    if (l < 2) return out_.estimated_error <= opt_.max_error;
+    if (l < 2) return true;
     Deviation sample;
     for (std::size_t p = 0; p < probes_.size(); ++p) {
       sample.add(k_row(l, probes_[p]), &k[p * kvd_], kvd_);

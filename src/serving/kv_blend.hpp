@@ -14,8 +14,10 @@
 // The guard: a deterministic sample of the reused rows is computed along
 // with the selected ones; the relative L2 deviation of their fresh K/V from
 // the donor's, worst layer, is the request's error estimate (layer 1 is
-// measured over every reused row). Above max_error the blend stops and the
-// caller computes the prompt exactly.
+// measured over every reused row). Above max_error at layer 1 (where most
+// bad donors show) the prefill goes on exactly from the layer-0 output it
+// already has, wasting only layer 1's projections; above it deeper, the
+// blend stops and the caller computes the prompt exactly.
 #pragma once
 
 #include <span>
@@ -29,7 +31,8 @@
 namespace attention_echo::serving {
 
 struct BlendOutcome {
-  bool accepted = false;       // false: the guard stopped it; kv is not usable
+  bool served = false;         // result and kv hold the prompt; false: the caller recomputes it
+  bool blended = false;        // served from the donor (else computed exactly after layer 0)
   double estimated_error = 0;  // guard estimate (worst layer so far when stopped)
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)

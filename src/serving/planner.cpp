@@ -219,13 +219,13 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
-    if (out.accepted) {
-      m.cost.observe_blend(plan.blend->shape, process_cpu_s() - start);
-      m.store_prompt(plan.name_space, tokens, plan.kv, false, out.estimated_error);
+    report.blend_rejected = !out.blended;
+    if (out.blended) m.cost.observe_blend(plan.blend->shape, process_cpu_s() - start);
+    if (out.served) {
+      m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0);
       return result;
     }
-    // The guard refused it: back to the exact rows it started from.
-    report.blend_rejected = true;
+    // The guard refused it in a deep layer: back to the exact rows it started from.
     plan.kv.length = report.reused;
   }
   if (plan.route != Plan::Route::kCache) {
