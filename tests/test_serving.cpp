@@ -1,0 +1,205 @@
+// The serving planner and the KV-blend tier on the bundled trained model
+// (models/echo-llama-6m): RoPE re-rotation, the row-subset layer primitive,
+// blending against a full prefill, the guard, the planner's routes,
+// namespaces and bad input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_echo/engine.hpp"
+#include "serving/kv_blend.hpp"
+#include "serving/kv_block_store.hpp"
+#include "serving/token_alignment.hpp"
+
+namespace ae = attention_echo;
+namespace llama = attention_echo::llama;
+namespace serving = attention_echo::serving;
+
+namespace {
+
+const llama::Model& model() {
+  static const llama::Model m(llama::load_weights(std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/model.bin"));
+  return m;
+}
+
+// n tokens of text like the model's training data (Python), from a seeded
+// mix of its lines.
+std::vector<int> text_tokens(int n, std::uint64_t seed) {
+  static const llama::Tokenizer tokenizer(std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/tokenizer.bin",
+                                          model().config().vocab_size);
+  static const char* kLines[] = {"def parse(self, source, *, strict=True):\n", "    tokens = self.tokenize(source)\n",
+                                 "    if not tokens:\n", "        raise ValueError('empty input')\n",
+                                 "    tree = self.build(tokens)\n", "    return tree\n\n",
+                                 "class Parser:\n", "    \"\"\"Parse a configuration file.\"\"\"\n"};
+  std::mt19937_64 rng(seed);
+  std::string text;
+  while (static_cast<int>(text.size()) < 2 * n) text += kLines[rng() % 8];
+  std::vector<int> t = tokenizer.encode(text);
+  t.resize(n);
+  return t;
+}
+
+// Another ordinary token than t (ids 0-2 are <unk>, BOS, EOS).
+int edited(int t) { return 3 + (t - 3 + 1) % (model().config().vocab_size - 3); }
+
+std::vector<float> last_logits(llama::Engine& engine, const std::vector<int>& tokens) {
+  llama::KVState kv;
+  return engine.forward(tokens, kv, {}).logits;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
+  return worst;
+}
+
+int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
+
+// A stored donor: its tokens' K/V in a block store, as the planner keeps it.
+struct Donor {
+  serving::KVBlockStore store;
+  std::vector<int> tokens;
+  Donor(llama::Engine& engine, std::vector<int> t)
+      : store({model().config().n_layers, model().config().kv_dim(), 16}, std::size_t{1} << 30), tokens(std::move(t)) {
+    llama::KVState kv;
+    engine.forward(tokens, kv, {});
+    std::vector<const float*> k, v;
+    for (int l = 0; l < model().config().n_layers; ++l) k.push_back(kv.k[l].data()), v.push_back(kv.v[l].data());
+    store.insert("", tokens, k, v, false, 0.0);
+  }
+  serving::BlockRows rows() { return store.rows(store.similar("", tokens, 1).front().record->blocks); }
+};
+
+TEST(KVBlend, RerotatedKeysEqualKeysComputedAtTheNewPosition) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const auto& c = model().config();
+  const std::vector<int> a = text_tokens(40, 1);
+  std::vector<int> b = text_tokens(25, 2);  // a after 25 other tokens
+  b.insert(b.end(), a.begin(), a.end());
+  llama::KVState ka, kb;
+  const auto xa = engine.embed(a), xb = engine.embed(b);
+  engine.project_kv(0, xa.data(), 0, static_cast<int>(a.size()), ka);  // layer-0 K: token and position only
+  engine.project_kv(0, xb.data(), 0, static_cast<int>(b.size()), kb);
+  const int kvd = c.kv_dim();
+  double worst = 0.0;
+  for (int j = 0; j < static_cast<int>(a.size()); ++j) {
+    std::vector<float> forward(ka.k[0].begin() + j * kvd, ka.k[0].begin() + (j + 1) * kvd);
+    std::vector<float> back(kb.k[0].begin() + (j + 25) * kvd, kb.k[0].begin() + (j + 26) * kvd);
+    engine.rerotate_k(forward.data(), j, j + 25);
+    engine.rerotate_k(back.data(), j + 25, j);
+    for (int d = 0; d < kvd; ++d) {
+      worst = std::max(worst, double(std::fabs(forward[d] - kb.k[0][(j + 25) * kvd + d])));
+      worst = std::max(worst, double(std::fabs(back[d] - ka.k[0][j * kvd + d])));
+    }
+  }
+  EXPECT_LE(worst, 1e-5);
+  std::vector<float> row(kvd);
+  EXPECT_THROW(engine.rerotate_k(row.data(), 0, c.seq_len), std::invalid_argument);
+}
+
+TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  Donor donor(engine, text_tokens(300, 3));
+  std::vector<int> request = donor.tokens;
+  request[150] = edited(request[150]);
+  request.insert(request.begin() + 200, {request[10], request[11]});
+  const auto alignment = serving::align_tokens(request, donor.tokens);
+  llama::KVState kv;
+  llama::ForwardResult result;
+  const serving::BlendConfig all{.enabled = true, .recompute_ratio = 1.0, .max_error = INFINITY};
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, result);
+  ASSERT_TRUE(out.served && out.blended);
+  EXPECT_EQ(out.reused, 0);
+  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
+}
+
+TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  Donor donor(engine, text_tokens(600, 4));
+  std::vector<int> request = donor.tokens;
+  request[40] = edited(request[40]);  // an edit early in the prompt: exact prefix reuse keeps 40 rows
+  const auto alignment = serving::align_tokens(request, donor.tokens);
+  llama::KVState kv;
+  llama::ForwardResult result;
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
+  ASSERT_TRUE(out.served && out.blended) << "estimate " << out.estimated_error;
+  EXPECT_GT(out.reused, 400);
+  EXPECT_LE(out.estimated_error, 0.05);
+  const auto exact = last_logits(engine, request);
+  EXPECT_EQ(argmax(result.logits), argmax(exact));
+  EXPECT_EQ(kv.length, static_cast<int>(request.size()));
+}
+
+TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  // The same 200 tokens behind 300 tokens of other text: they align, but
+  // their K/V were computed in another context.
+  std::vector<int> shared = text_tokens(200, 5);
+  std::vector<int> donor_tokens(300), request(300);
+  const std::vector<int> other = text_tokens(600, 8);
+  std::copy(other.begin(), other.begin() + 300, donor_tokens.begin());
+  std::copy(other.begin() + 300, other.end(), request.begin());
+  donor_tokens.insert(donor_tokens.end(), shared.begin(), shared.end());
+  request.insert(request.end(), shared.begin(), shared.end());
+  Donor donor(engine, donor_tokens);
+  const auto alignment = serving::align_tokens(request, donor.tokens);
+  ASSERT_GT(alignment.aligned, 150);
+  llama::KVState kv;
+  llama::ForwardResult result;
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
+  EXPECT_FALSE(out.blended);
+  EXPECT_GT(out.estimated_error, 0.05);
+  if (out.served) EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+}
+
+TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  const auto prompt = text_tokens(200, 7);
+  serving::Plan first = planner.plan(prompt, 0, "tenant-a");
+  planner.execute(engine, prompt, first);
+  serving::Plan again = planner.plan(prompt, 0, "tenant-a");
+  EXPECT_EQ(again.route, serving::Plan::Route::kReuse);
+  EXPECT_EQ(again.kv.length, 199);
+  EXPECT_LE(max_abs_diff(planner.execute(engine, prompt, again).logits, last_logits(engine, prompt)), 1e-4);
+  // Another namespace sees nothing: no stored prefix, no donor.
+  serving::Plan other = planner.plan(prompt, 0, "tenant-b");
+  EXPECT_EQ(other.route, serving::Plan::Route::kReuse);
+  EXPECT_EQ(other.kv.length, 0);
+  auto near = prompt;
+  near[20] = edited(near[20]);
+  EXPECT_EQ(planner.plan(near, 0, "tenant-b").route, serving::Plan::Route::kReuse);
+}
+
+TEST(Planner, BadInputThrowsAndStoresNothing) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  const auto& c = model().config();
+  auto expect_rejected = [&](const std::vector<int>& tokens, int prefix, const char* name) {
+    try {
+      planner.plan(tokens, prefix);
+      ADD_FAILURE() << "no exception for " << name;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(name, 0), 0u) << e.what();
+    }
+  };
+  expect_rejected({}, 0, "tokens");
+  expect_rejected({1, 2, c.vocab_size}, 0, "tokens");
+  expect_rejected({1, -1, 3}, 0, "tokens");
+  expect_rejected(std::vector<int>(c.seq_len + 1, 5), 0, "tokens");
+  expect_rejected({1, 2, 3}, 3, "prefix_length");
+  EXPECT_EQ(planner.stored_prompts(), 0u);
+  EXPECT_THROW(serving::Planner(c, {.block_tokens = 0}), std::invalid_argument);
+  EXPECT_THROW(serving::Planner(c, {.blend = {.recompute_ratio = 1.5}}), std::invalid_argument);
+}
+
+}  // namespace
