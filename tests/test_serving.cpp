@@ -130,7 +130,7 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
   ASSERT_TRUE(out.served && out.blended) << "estimate " << out.estimated_error;
   EXPECT_GT(out.reused, 400);
-  EXPECT_LE(out.estimated_error, 0.05);
+  EXPECT_LE(out.estimated_error, serving::BlendConfig{}.max_error);
   const auto exact = last_logits(engine, request);
   EXPECT_EQ(argmax(result.logits), argmax(exact));
   EXPECT_EQ(kv.length, static_cast<int>(request.size()));
@@ -155,7 +155,7 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   llama::ForwardResult result;
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
   EXPECT_FALSE(out.blended);
-  EXPECT_GT(out.estimated_error, 0.05);
+  EXPECT_GT(out.estimated_error, serving::BlendConfig{}.max_error);
   if (out.served) EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
 }
 

@@ -37,14 +37,19 @@ struct BlendConfig {
   double recompute_ratio = 0.15;
   // Guard: estimated relative L2 deviation of the reused rows' K/V from
   // their exact values, worst layer; a blend above it is recomputed exactly.
-  double max_error = 0.05;
+  // The estimate is not the output's error: on the bundled model blends
+  // estimated at 0.03-0.46 kept next-token KL below 3e-6 and top-1 at 100%
+  // (aecho bench, rag and rag-shuffled, guard off). 0.2 leaves room for
+  // models more sensitive to stale K/V; bench reports show both per request.
+  double max_error = 0.2;
   int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;
   int block_tokens = 16;                // K/V block size of the store
-  AttentionEchoCache* cache = nullptr;  // the cache route; must outlive the planner
+  // The cache route (priced only with blending off); must outlive the planner.
+  AttentionEchoCache* cache = nullptr;
   BlendConfig blend;
 };
 

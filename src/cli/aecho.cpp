@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -48,6 +49,9 @@ struct BenchArgs {
   int threads = 0;
   double max_error = ae::EchoConfig{}.max_error;
   double sparse_mass = ae::EchoConfig{}.sparse_mass;
+  bool blend = true;
+  double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
+  double blend_max_error = ae::serving::BlendConfig{}.max_error;
 };
 
 constexpr const char* kBenchFooter =
@@ -134,6 +138,7 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.threads = a.threads;
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
+  options.blend = {.enabled = a.blend, .recompute_ratio = a.recompute_ratio, .max_error = a.blend_max_error};
   try {
     options.cache.validate();
   } catch (const std::invalid_argument& e) {
@@ -259,6 +264,19 @@ int main(int argc, char** argv) {
   bench.add_option("--max-error", bn.max_error, "the cache's guard: max relative error of a served hit (inf: off)")
       ->capture_default_str();
   bench.add_option("--sparse-mass", bn.sparse_mass, "attention mass the sparse tier's kept tiles cover")
+      ->capture_default_str();
+  bench.add_flag("!--no-blend", bn.blend, "echo mode without the KV-blend tier");
+  bench.add_option("--recompute-ratio", bn.recompute_ratio, "KV blend: aligned rows recomputed per layer")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  bench.add_option("--blend-max-error", bn.blend_max_error,
+                   "KV blend's guard: max estimated K/V deviation of reused rows (inf: off)")
+      ->check(CLI::Validator(
+          [](std::string& text) {
+            const double x = std::strtod(text.c_str(), nullptr);
+            return x >= 0.0 ? std::string() : "must be >= 0 (inf: off), got " + text;
+          },
+          "FLOAT >= 0"))
       ->capture_default_str();
   bench.add_option("--json", bn.json, "also write every figure as JSON to this file");
   bench.footer(kBenchFooter);

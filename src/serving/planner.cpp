@@ -178,8 +178,12 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   const KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
   const int L = std::min(stored.length, T - 1);
   double best = m.cost.reuse(T, L);
-  const bool cache = m.config.cache && L < prefix_length;  // a declared shared context the store misses
+  // The cache route serves a declared shared context the store misses. With
+  // blending on it is never priced: a blend reuses what the cache would
+  // (a similar prompt's work) and saves the projections and MLP too, while
+  // the cache's first use of any prompt is a miss that pays its capture.
   const bool blend = m.config.blend.enabled && L < T - 1;
+  const bool cache = m.config.cache && !m.config.blend.enabled && L < prefix_length;
   const auto neighbours = cache || blend ? m.store.similar(name_space, tokens, kDonorCandidates)
                                          : std::vector<KVBlockStore::Similar>{};
   if (cache && !neighbours.empty() && neighbours.front().similarity >= kCacheNeighbour &&
