@@ -24,6 +24,7 @@
 #include "attention_echo/attention.hpp"
 #include "attention_echo/cache.hpp"
 #include "attention_echo/config.hpp"
+#include "attention_echo/engine.hpp"
 #include "attention_echo/tensor.hpp"
 
 namespace nb = nanobind;
@@ -132,6 +133,32 @@ ae::ThreadPool& shared_pool() {
 
 }  // namespace
 
+// A llama2.c/GGUF model prefilled through the serving planner: the model,
+// its engine and thread pool, and the planner's store live together.
+struct LlamaServer {
+  ae::llama::Model model;
+  ae::ThreadPool pool;
+  ae::llama::Engine engine;
+  ae::serving::Planner planner;
+  LlamaServer(const std::string& path, int threads, const ae::serving::PlannerConfig& config)
+      : model(ae::llama::load_weights(path)), pool(threads), engine(model, pool), planner(model.config(), config) {}
+};
+
+nb::dict prefill_report(const ae::serving::Plan& plan) {
+  static const char* kRoutes[] = {"reuse", "blend", "cache"};
+  const ae::serving::PrefillReport& r = plan.report;
+  nb::dict d;
+  d["route"] = kRoutes[static_cast<int>(plan.route)];
+  d["reused"] = r.reused;
+  d["reused_exact"] = r.reused_exact;
+  d["blend_first_layer_rows"] = r.blend_first_layer;
+  d["blend_reused_rows"] = r.blend_reused;
+  d["blend_recomputed_rows"] = r.blend_recomputed;
+  d["blend_rejected"] = r.blend_rejected;
+  d["estimated_error"] = r.estimated_error;
+  return d;
+}
+
 NB_MODULE(_core, m) {
   m.doc() = "C++ core of attention_echo (use the attention_echo package, not this module)";
   m.attr("__version__") = AE_VERSION;
@@ -233,6 +260,37 @@ NB_MODULE(_core, m) {
       "scale"_a.none(), "causal"_a, "prefix_length"_a);
 
   m.def("attention_isa", &ae::attention_isa);
+
+  // ---- a model served through the prefill planner ----
+  nb::class_<LlamaServer>(m, "LlamaServer")
+      .def(
+          "__init__",
+          [](LlamaServer* self, const std::string& path, int threads, bool blend, double recompute_ratio,
+             double max_error, std::size_t store_bytes) {
+            ae::serving::PlannerConfig config;
+            config.store_bytes = store_bytes;
+            config.blend = {.enabled = blend, .recompute_ratio = recompute_ratio, .max_error = max_error};
+            nb::gil_scoped_release release;
+            new (self) LlamaServer(path, threads, config);
+          },
+          "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a)
+      .def_prop_ro("vocab_size", [](const LlamaServer& s) { return s.model.config().vocab_size; })
+      .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
+      .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })
+      .def(
+          "prefill",
+          [](LlamaServer& self, Tokens tokens, const std::string& name_space) {
+            const std::span<const int> ids(tokens.data(), tokens.shape(0));
+            ae::serving::Plan plan;
+            ae::llama::ForwardResult result;
+            {
+              nb::gil_scoped_release release;
+              plan = self.planner.plan(ids, 0, name_space);
+              result = self.planner.execute(self.engine, ids, plan);
+            }
+            return nb::make_tuple(to_numpy(std::move(result.logits)), prefill_report(plan));
+          },
+          "tokens"_a.noconvert(), "namespace"_a);
 
   // Test hook: the address nanobind hands to C++ for an array, to check that
   // contiguous float32 inputs cross without a copy.

@@ -3,9 +3,10 @@
 // A scenario is a deterministic list of requests built from real held-out
 // text. Every request is served three ways in the same run, one after the
 // other: no reuse, exact prefix reuse (vLLM/SGLang: skip the longest stored
-// token prefix), and AttentionEcho (serving::Router's plan: skip a stored
-// prefix or run every layer through AttentionEchoCache). The benchmark only
-// measures; the serving module decides and executes.
+// token prefix), and AttentionEcho (serving::Planner's plan: reuse a stored
+// prefix, blend a similar stored prompt's K/V, or, with blending off, run
+// every layer through AttentionEchoCache). The benchmark only measures; the
+// serving module decides and executes.
 #pragma once
 
 #include <cstdint>

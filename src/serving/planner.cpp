@@ -141,7 +141,9 @@ struct Planner::Impl {
                          std::min(b.probe_rows, aligned);
       if (reused <= 0) continue;
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-      const double c = cost.blend(shape);
+      // A restart (the guard stopping it past layer 1) costs the blend so
+      // far plus the exact prefill from the stored prefix.
+      const double c = cost.blend(shape) + cost.blend_restart_rate() * cost.reuse(T, skip);
       if (c >= best_cost) continue;
       best_cost = c;
       best = std::make_shared<BlendPlan>(BlendPlan{donor->blocks, std::move(a), shape});
@@ -230,6 +232,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       return result;
     }
     // The guard refused it in a deep layer: back to the exact rows it started from.
+    m.cost.observe_blend_restart();
     plan.kv.length = report.reused;
   }
   if (plan.route != Plan::Route::kCache) {

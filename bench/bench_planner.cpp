@@ -1,0 +1,102 @@
+// Prefill planner lookup latency (p50/p99 of Planner::plan) with 1e2..1e4
+// stored prompts, blending on: the longest stored prefix (chained block
+// hashes), donor candidates (token-profile index), token alignment of up to
+// four donors and the cost comparison, plus copying the chosen prefix's K/V
+// out of the store. The K/V are tiny (a one-layer model of dim 2 with
+// random weights) so that 1e4 prompts of 512 tokens fit in memory; lookup
+// cost does not depend on the K/V width except for that final copy.
+//
+// Prompts come in families of near-duplicates (100 base texts, 4 tokens
+// substituted, a unique 32-token tail), as in the near-dup scenario; each
+// query is a fresh member of a random family.
+//
+//   bench_planner                              # 1e2, 1e3, 1e4 stored prompts
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <vector>
+
+#include "attention_echo/engine.hpp"
+
+namespace {
+
+namespace llama = attention_echo::llama;
+namespace serving = attention_echo::serving;
+
+constexpr int kTokens = 512, kFamilies = 100, kVocab = 4096, kQueries = 500;
+
+llama::Weights tiny_model() {
+  llama::Weights w;
+  w.config = {.dim = 2, .hidden_dim = 2, .n_layers = 1, .n_heads = 1, .n_kv_heads = 1, .vocab_size = kVocab,
+              .seq_len = 1024};
+  std::mt19937 rng(1);
+  std::normal_distribution<float> n(0.0f, 0.5f);
+  auto fill = [&](std::size_t size) {
+    std::vector<float> v(size);
+    for (float& x : v) x = n(rng);
+    return v;
+  };
+  w.token_embedding = fill(kVocab * 2);
+  w.layers.push_back({fill(2), fill(4), fill(4), fill(4), fill(4), fill(2), fill(4), fill(4), fill(4)});
+  w.final_norm = fill(2);
+  return w;
+}
+
+struct Workload {
+  std::mt19937_64 rng{7};
+  std::vector<std::vector<int>> bases;
+  Workload() {
+    for (int f = 0; f < kFamilies; ++f) bases.push_back(random_tokens(kTokens));
+  }
+  std::vector<int> random_tokens(int n) {
+    std::vector<int> t(n);
+    for (int& x : t) x = 3 + static_cast<int>(rng() % (kVocab - 3));
+    return t;
+  }
+  std::vector<int> member() {
+    std::vector<int> t = bases[rng() % kFamilies];
+    for (int e = 0; e < 4; ++e) t[rng() % kTokens] = 3 + static_cast<int>(rng() % (kVocab - 3));
+    const auto tail = random_tokens(32);
+    t.insert(t.end(), tail.begin(), tail.end());
+    return t;
+  }
+};
+
+void BM_PlannerLookup(benchmark::State& state) {
+  const llama::Model model(tiny_model());
+  attention_echo::ThreadPool pool(1);
+  llama::Engine engine(model, pool);
+  serving::Planner planner(model.config(), {.store_bytes = std::size_t{4} << 30, .blend = {.enabled = true}});
+  Workload work;
+  for (int i = 0; i < state.range(0); ++i) {
+    const auto t = work.member();
+    serving::Plan plan = planner.plan(t);
+    plan.route = serving::Plan::Route::kReuse;  // store it cheaply: reuse what the store has
+    planner.execute(engine, t, plan);
+  }
+  std::vector<std::vector<int>> queries;
+  for (int q = 0; q < kQueries; ++q) queries.push_back(work.member());
+  std::vector<double> us;
+  int blends = 0;
+  for (auto _ : state) {
+    for (const auto& q : queries) {
+      const auto start = std::chrono::steady_clock::now();
+      serving::Plan plan = planner.plan(q);
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count());
+      blends += plan.route == serving::Plan::Route::kBlend;
+      benchmark::DoNotOptimize(plan);
+    }
+  }
+  std::sort(us.begin(), us.end());
+  state.counters["stored"] = static_cast<double>(planner.stored_prompts());
+  state.counters["p50_us"] = us[us.size() / 2];
+  state.counters["p99_us"] = us[us.size() * 99 / 100];
+  state.counters["blend_plans"] = static_cast<double>(blends) / static_cast<double>(us.size());
+}
+BENCHMARK(BM_PlannerLookup)->Arg(100)->Arg(1000)->Arg(10000)->Iterations(1)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();

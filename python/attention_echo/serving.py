@@ -1,0 +1,68 @@
+"""A Llama model (llama2.c ``.bin`` or GGUF) prefilled through the C++ serving
+planner: exact prefix reuse, the KV-blend tier for similar prompts, and a
+report of what each prompt reused and the guard's error estimate::
+
+    from attention_echo.serving import LlamaServer
+    server = LlamaServer("models/echo-llama-6m/model.bin")
+    logits, report = server.prefill(tokens)           # next-token logits, (vocab,)
+    report["route"], report["reused"], report["estimated_error"]
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["LlamaServer"]
+
+
+class LlamaServer:
+    """One model, one planner (its K/V store) and one engine; not thread-safe.
+
+    ``blend``: reuse a similar stored prompt's K/V (CacheBlend's idea) where
+    the planner's cost model says it pays; ``recompute_ratio`` of the aligned
+    rows are recomputed per layer, and a blend whose estimated K/V deviation
+    exceeds ``max_error`` is computed exactly instead.
+    """
+
+    def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,
+                 max_error: float = 0.2, store_bytes: int = 512 << 20) -> None:
+        if not isinstance(path, str):
+            raise TypeError(f"path must be a str, got {type(path).__name__}")
+        for name, value in (("threads", threads), ("store_bytes", store_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        self._server = _core.LlamaServer(path, threads, bool(blend), float(recompute_ratio), float(max_error),
+                                         store_bytes)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._server.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self._server.context_length
+
+    @property
+    def stored_prompts(self) -> int:
+        return self._server.stored_prompts
+
+    def prefill(self, tokens: Sequence[int], namespace: str = "") -> Tuple[np.ndarray, dict]:
+        """Prefills ``tokens`` (ids in the vocabulary, 1 to context_length of
+        them) and returns the last row's next-token logits and the reuse
+        report. Prompts never reuse work across namespaces."""
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        array = np.asarray(tokens)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be integers, got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise ValueError("tokens: id is outside the vocabulary")
+        return self._server.prefill(np.ascontiguousarray(array, dtype=np.int32), namespace)

@@ -1,0 +1,66 @@
+"""The serving planner from Python on the bundled model: prefill, reuse
+report, exact skip of a repeated prompt, blending of a near-duplicate,
+namespaces, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+
+from attention_echo.serving import LlamaServer
+
+MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "models", "echo-llama-6m", "model.bin")
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    rng = np.random.default_rng(3)
+    text = open(os.path.join(os.path.dirname(MODEL), "heldout.txt"), "rb").read()
+    start = int(rng.integers(0, len(text) - 4000))
+    return [1] + [b + 3 for b in text[start:start + 1500]]  # BOS, then byte tokens
+
+
+def test_repeat_skips_and_near_duplicate_blends(prompt):
+    server = LlamaServer(MODEL, threads=2)
+    plain = LlamaServer(MODEL, threads=2, blend=False)
+    first, report = server.prefill(prompt)
+    assert first.shape == (server.vocab_size,) and first.dtype == np.float32
+    assert report["route"] == "reuse" and report["reused"] == 0
+    again, report = server.prefill(prompt)
+    assert report["reused"] == len(prompt) - 1 and report["reused_exact"]
+    np.testing.assert_allclose(again, first, atol=1e-4)
+
+    near = list(prompt)
+    near[30] = 3 + (near[30] - 3 + 1) % 256  # one byte changed early
+    logits, report = server.prefill(near)
+    exact, _ = plain.prefill(near)
+    assert report["route"] == "blend"
+    assert report["blend_reused_rows"] > len(prompt) // 2
+    assert 0 <= report["estimated_error"] <= 0.2
+    assert int(np.argmax(logits)) == int(np.argmax(exact))
+
+
+def test_namespaces_do_not_share(prompt):
+    server = LlamaServer(MODEL, threads=2)
+    server.prefill(prompt, namespace="a")
+    _, report = server.prefill(prompt, namespace="b")
+    assert report["reused"] == 0 and report["route"] == "reuse"
+
+
+def test_bad_input_raises_and_stores_nothing():
+    server = LlamaServer(MODEL, threads=1)
+    with pytest.raises(ValueError, match="tokens"):
+        server.prefill([1, 2, server.vocab_size])
+    with pytest.raises(ValueError, match="tokens"):
+        server.prefill([])
+    with pytest.raises(ValueError, match="tokens"):
+        server.prefill([5] * (server.context_length + 1))
+    with pytest.raises(TypeError, match="tokens"):
+        server.prefill([1.5, 2.0])
+    with pytest.raises(TypeError, match="namespace"):
+        server.prefill([1, 2], namespace=3)
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        LlamaServer(MODEL, recompute_ratio=2.0)
+    with pytest.raises((ValueError, RuntimeError), match="nope"):
+        LlamaServer("/nope/model.bin")
+    assert server.stored_prompts == 0
