@@ -138,7 +138,9 @@ TEST(KVBlockStore, LongestPrefixAtTokenGranularity) {
 TEST(KVBlockStore, SharedPrefixesShareBlocksAndEvictLeastRecentlyUsed) {
   const auto base = random_tokens(64, 8);
   const std::size_t block_bytes = 2 * 2 * 16 * 4 * sizeof(float) + 16 * sizeof(int);
-  const std::size_t budget = 10 * block_bytes + 3 * 80 * sizeof(int);
+  // A record costs its tokens and its donor index (73 8-grams of 80 tokens).
+  const std::size_t record_bytes = 80 * sizeof(int) + index_anchors(random_tokens(80, 0)).bytes();
+  const std::size_t budget = 10 * block_bytes + 3 * record_bytes;
   KVBlockStore store({2, 4, 16}, budget);
   auto x = base, y = base;
   x.insert(x.end(), {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16});
@@ -146,7 +148,7 @@ TEST(KVBlockStore, SharedPrefixesShareBlocksAndEvictLeastRecentlyUsed) {
   ASSERT_TRUE(store.insert("", x, FakeKV(x).kp(), FakeKV(x).vp(), false, 0));
   const std::size_t one = store.bytes();
   ASSERT_TRUE(store.insert("", y, FakeKV(y).kp(), FakeKV(y).vp(), false, 0));
-  EXPECT_EQ(store.bytes() - one, block_bytes + y.size() * sizeof(int));  // 4 blocks shared
+  EXPECT_EQ(store.bytes() - one, block_bytes + record_bytes);  // 4 blocks shared
   // A third, unrelated request pushes the least recently used record out.
   EXPECT_EQ(store.longest_prefix("", x).length, 80);  // touch x
   const auto z = random_tokens(80, 9);

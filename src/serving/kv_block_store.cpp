@@ -148,7 +148,8 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   rec.name_space = std::string(name_space);
   rec.tokens.assign(tokens.begin(), tokens.end());
   rec.approximate = approximate;
-  stored.bytes = tokens.size() * sizeof(int);
+  if (!approximate) rec.anchors = index_anchors(tokens);
+  stored.bytes = tokens.size() * sizeof(int) + rec.anchors.bytes();
 
   // Walk (and extend) the chain; fresh blocks copy their rows of k and v.
   std::size_t total = stored.bytes;  // every block it uses, shared or not
@@ -217,7 +218,7 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
       std::erase(m.children_of(node.parent, vroot), *h);
       m.nodes.erase(*h);
     }
-    m.bytes -= victim.record.tokens.size() * sizeof(int);
+    m.bytes -= victim.record.tokens.size() * sizeof(int) + victim.record.anchors.bytes();
     if (auto d = m.donors.find(victim.record.name_space); d != m.donors.end()) d->second.remove(victim.record.id);
     m.by_id.erase(victim.record.id);
     m.lru.pop_back();

@@ -26,6 +26,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "serving/token_alignment.hpp"
+
 namespace attention_echo::serving {
 
 // The key of a request in the donor index: a feature-hashed profile of its
@@ -99,6 +101,7 @@ class KVBlockStore {
     std::vector<int> tokens;
     std::vector<std::shared_ptr<const KVBlock>> blocks;  // rows as in Prefix
     bool approximate = false;
+    TokenAnchors anchors;  // exact records: the donor index of align_tokens
   };
   // Up to `count` exact records of the namespace whose token profile (see
   // token_profile) has a cosine of at least min_similarity with the

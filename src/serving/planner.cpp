@@ -23,8 +23,11 @@ struct BlendPlan {
 namespace {
 
 // Donor candidates aligned per prompt: the index ranks by token profile,
-// the alignment decides.
+// the alignment decides. Below kDonorProfile (a quarter of the trigram
+// profile shared) a prompt has too little text in common with another to
+// blend from it, and aligning it would cost a failed lookup per token.
 constexpr int kDonorCandidates = 4;
+constexpr float kDonorProfile = 0.25f;
 // The cache route is priced only for prompts with a stored neighbour at
 // least this similar in token profile: a first-seen prompt would only pay
 // the cache's capture cost (the sparse tier's first pass records tile mass
@@ -132,8 +135,9 @@ struct Planner::Impl {
     const BlendConfig& b = config.blend;
     std::shared_ptr<BlendPlan> best;
     for (const KVBlockStore::Similar& candidate : donors) {
+      if (candidate.similarity < kDonorProfile) break;  // best first
       const KVBlockStore::Record* donor = candidate.record;
-      TokenAlignment a = align_tokens(tokens, donor->tokens);
+      TokenAlignment a = align_tokens(tokens, donor->tokens, donor->anchors);
       int aligned = 0;
       for (int i = skip; i < T - 1; ++i) aligned += a.donor_position[i] >= 0;
       if (aligned == 0) continue;
@@ -144,9 +148,11 @@ struct Planner::Impl {
       // A restart (the guard stopping it past layer 1) costs the blend so
       // far plus the exact prefill from the stored prefix.
       const double c = cost.blend(shape) + cost.blend_restart_rate() * cost.reuse(T, skip);
-      if (c >= best_cost) continue;
-      best_cost = c;
-      best = std::make_shared<BlendPlan>(BlendPlan{donor->blocks, std::move(a), shape});
+      if (c < best_cost) {
+        best_cost = c;
+        best = std::make_shared<BlendPlan>(BlendPlan{donor->blocks, std::move(a), shape});
+      }
+      if (10 * aligned >= 9 * (T - 1 - skip)) break;  // a donor covering 90%: the rest cannot do much better
     }
     return best;
   }

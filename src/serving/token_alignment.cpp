@@ -33,15 +33,20 @@ bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int 
 
 }  // namespace
 
-TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor) {
+TokenAnchors index_anchors(std::span<const int> donor, int anchor) {
   if (anchor < 1) throw std::invalid_argument("anchor: must be at least 1");
+  TokenAnchors index{anchor, kgram_hashes(donor, anchor)};
+  std::sort(index.sorted.begin(), index.sorted.end());
+  return index;
+}
+
+TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, const TokenAnchors& index) {
+  const int anchor = index.anchor;
+  const auto& anchors = index.sorted;
   const int T = static_cast<int>(request.size()), Td = static_cast<int>(donor.size());
   TokenAlignment a;
   a.donor_position.assign(T, -1);
   std::vector<int>& pos = a.donor_position;
-
-  auto anchors = kgram_hashes(donor, anchor);
-  std::sort(anchors.begin(), anchors.end());
   const auto request_hashes = kgram_hashes(request, anchor);
 
   int offset = 0;  // donor - request position of the last run

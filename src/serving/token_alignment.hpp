@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace attention_echo::serving {
@@ -21,9 +22,21 @@ struct TokenAlignment {
   int exact_prefix = 0;             // leading tokens aligned to the same position
 };
 
-// anchor: tokens a run must share before it is taken (shorter coincidences
-// are not worth reusing: their context differs). Throws std::invalid_argument
-// for anchor < 1.
-TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor = 8);
+// A donor's k-gram index: the hash of every run of `anchor` tokens with its
+// position, sorted by hash. Built once per stored prompt, so aligning a
+// request against it costs O(request) plus a binary search per broken run.
+struct TokenAnchors {
+  int anchor = 8;  // tokens a run must share before it is taken (shorter
+                   // coincidences are not worth reusing: their context differs)
+  std::vector<std::pair<std::uint64_t, int>> sorted;
+  std::size_t bytes() const { return sorted.size() * sizeof(sorted[0]); }
+};
+// Throws std::invalid_argument for anchor < 1.
+TokenAnchors index_anchors(std::span<const int> donor, int anchor = 8);
+
+TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, const TokenAnchors& anchors);
+inline TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor = 8) {
+  return align_tokens(request, donor, index_anchors(donor, anchor));
+}
 
 }  // namespace attention_echo::serving
