@@ -184,20 +184,28 @@ Scenario chatbot(Builder& b, int requests) {
   return s;
 }
 
-// Retrieved passages shared across questions: the same four, reordered, or
-// with one swapped for another passage.
-Scenario rag(Builder& b, int requests) {
-  Scenario s{"rag", "4 retrieved passages per question from 2 topics; 25% reordered, 25% one passage swapped", {}};
+// `count` passages of a fifth of the budget each from distinct code
+// documents, each under a "[name]" line, as a retriever returns them.
+std::vector<std::vector<int>> retrieved_passages(Builder& b, int count) {
   const int passage_tokens = b.budget() / 5;
-  std::vector<std::vector<int>> passages;  // topic t: base 6t..6t+3, alternates 6t+4, 6t+5
+  std::vector<std::vector<int>> passages;
   std::vector<const Document*> used;
-  for (int i = 0; i < 12; ++i) {
+  for (int i = 0; i < count; ++i) {
     const Document& d = b.document(false, 60, used);
     std::vector<int> p = b.encode("[" + d.name + "]\n");
     append(p, b.lines(d, b.pick(d.lines.size() / 2), passage_tokens - static_cast<int>(p.size())));
     append(p, b.encode("\n"));
     passages.push_back(std::move(p));
   }
+  return passages;
+}
+
+// Retrieved passages shared across questions: the same four, reordered, or
+// with one swapped for another passage.
+Scenario rag(Builder& b, int requests) {
+  Scenario s{"rag", "4 retrieved passages per question from 2 topics; 25% reordered, 25% one passage swapped", {}};
+  // topic t: base 6t..6t+3, alternates 6t+4, 6t+5
+  const std::vector<std::vector<int>> passages = retrieved_passages(b, 12);
   for (int r = 0; r < requests; ++r) {
     const int topic = static_cast<int>(b.pick(2));
     std::vector<int> chosen = {6 * topic, 6 * topic + 1, 6 * topic + 2, 6 * topic + 3};
@@ -306,16 +314,7 @@ Scenario near_dup(Builder& b, int requests) {
 // every passage is stored somewhere; only blending (moved chunks) reuses them.
 Scenario rag_shuffled(Builder& b, int requests) {
   Scenario s{"rag-shuffled", "the same 4 retrieved passages in a new order behind every question", {}};
-  const int passage_tokens = b.budget() / 5;
-  std::vector<std::vector<int>> passages;
-  std::vector<const Document*> used;
-  for (int i = 0; i < 4; ++i) {
-    const Document& d = b.document(false, 60, used);
-    std::vector<int> p = b.encode("[" + d.name + "]\n");
-    append(p, b.lines(d, b.pick(d.lines.size() / 2), passage_tokens - static_cast<int>(p.size())));
-    append(p, b.encode("\n"));
-    passages.push_back(std::move(p));
-  }
+  const std::vector<std::vector<int>> passages = retrieved_passages(b, 4);
   std::vector<int> order = {0, 1, 2, 3};
   for (int r = 0; r < requests; ++r) {
     for (std::size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[b.pick(i + 1)]);

@@ -47,7 +47,8 @@ class BinaryReader {
     static_assert(std::is_trivially_copyable_v<T>);
     if (count > remaining() / sizeof(T)) fail("truncated file (" + std::string(what) + " runs past the end)");
     std::vector<T> values(count);
-    std::memcpy(values.data(), take(count * sizeof(T), what), count * sizeof(T));
+    const void* bytes = take(count * sizeof(T), what);
+    if (count > 0) std::memcpy(values.data(), bytes, count * sizeof(T));  // an empty vector's data() may be null
     return values;
   }
 
