@@ -22,8 +22,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-MARKERS = {"chatbot": "o", "rag": "s", "code": "^", "near-dup": "D"}
-COLORS = {"exact-prefix": "tab:blue", "sparse": "tab:green", "dense": "tab:red", "exact": "tab:purple"}
+MARKERS = {"chatbot": "o", "rag": "s", "code": "^", "near-dup": "D", "rag-shuffled": "P", "chat-edit": "v"}
+COLORS = {"exact-prefix": "tab:blue", "sparse": "tab:green", "dense": "tab:red", "off": "tab:purple"}
 
 
 def points(paths):
