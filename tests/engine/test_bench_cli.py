@@ -26,12 +26,13 @@ def test_all_scenarios_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     r = bench("--scenario", "all", "--requests", "3", "--threads", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr
-    for name in ("chatbot", "rag", "code", "near-dup"):
+    names = ["chatbot", "rag", "code", "near-dup", "rag-shuffled", "chat-edit"]
+    for name in names:
         assert "== " + name in r.stdout
     assert "3/3" in r.stderr  # the progress bar
     doc = json.loads(out.read_text())
     assert doc["context"] == 128 and doc["threads"] == 2
-    assert [s["scenario"] for s in doc["scenarios"]] == ["chatbot", "rag", "code", "near-dup"]
+    assert [s["scenario"] for s in doc["scenarios"]] == names
     for s in doc["scenarios"]:
         assert set(s["modes"]) == {"none", "exact-prefix", "echo"}
         for m in s["modes"].values():
@@ -41,11 +42,20 @@ def test_all_scenarios_table_and_json(tmp_path):
                         "kl_mean", "perplexity_change", "hidden_rel_error_mean"):
                 assert key in m
         assert s["modes"]["exact-prefix"]["hidden_rel_error_max"] == 0
+        echo = s["modes"]["echo"]
+        detail = echo["requests_detail"]  # every request: route, rows reused, estimate vs measured
+        assert len(detail) == 3
+        assert echo["routed_skip"] + echo["routed_blend"] + echo["routed_cache"] == 3
+        for q in detail:
+            assert q["route"] in ("reuse", "blend", "cache")
+            assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
 
 
 @pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
                                   ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"],
-                                  ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"]])
+                                  ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"],
+                                  ["--scenario", "rag", "--recompute-ratio", "2"],
+                                  ["--scenario", "rag", "--blend-max-error", "-1"]])
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
