@@ -59,7 +59,7 @@ class LlamaServer:
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         array = np.asarray(tokens)
-        if array.dtype.kind not in "iu":
+        if array.size and array.dtype.kind not in "iu":  # [] is float64 to NumPy; the core names it empty
             raise TypeError(f"tokens must be integers, got dtype {array.dtype}")
         if array.ndim != 1:
             raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
