@@ -179,6 +179,33 @@ TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
   EXPECT_EQ(planner.plan(near, 0, "tenant-b").route, serving::Plan::Route::kReuse);
 }
 
+// The first blend calibrates the guard: it is also computed exactly, served
+// exactly, and its measured KL is reported; later blends are served blended.
+TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  planner.observe(600, 1.0, 0.5);  // a cost model that prices blending like a real run
+  const auto base = text_tokens(600, 9);
+  serving::Plan seed = planner.plan(base);
+  planner.execute(engine, base, seed);
+  for (int round = 0; round < 2; ++round) {
+    auto near = base;
+    near[50 + round] = edited(near[50 + round]);
+    serving::Plan plan = planner.plan(near);
+    ASSERT_EQ(plan.route, serving::Plan::Route::kBlend);
+    const auto logits = planner.execute(engine, near, plan).logits;
+    const auto exact = last_logits(engine, near);
+    EXPECT_EQ(plan.report.blend_calibration, round == 0);
+    EXPECT_FALSE(plan.report.blend_rejected);
+    if (round == 0) {
+      EXPECT_LE(max_abs_diff(logits, exact), 1e-4);  // served exact
+      EXPECT_GE(plan.report.calibration_kl, 0.0);
+    }
+    EXPECT_EQ(argmax(logits), argmax(exact));
+  }
+}
+
 TEST(Planner, BadInputThrowsAndStoresNothing) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -200,6 +227,7 @@ TEST(Planner, BadInputThrowsAndStoresNothing) {
   EXPECT_EQ(planner.stored_prompts(), 0u);
   EXPECT_THROW(serving::Planner(c, {.block_tokens = 0}), std::invalid_argument);
   EXPECT_THROW(serving::Planner(c, {.blend = {.recompute_ratio = 1.5}}), std::invalid_argument);
+  EXPECT_THROW(serving::Planner(c, {.blend = {.max_kl = 0.0}}), std::invalid_argument);
 }
 
 }  // namespace

@@ -155,6 +155,7 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["blend_reused_rows"] = r.blend_reused;
   d["blend_recomputed_rows"] = r.blend_recomputed;
   d["blend_rejected"] = r.blend_rejected;
+  d["blend_calibration"] = r.blend_calibration;
   d["estimated_error"] = r.estimated_error;
   return d;
 }

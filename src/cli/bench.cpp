@@ -204,6 +204,7 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"blend_reused_rows", q.blend_reused},
                    {"blend_recomputed_rows", q.blend_recomputed},
                    {"blend_rejected", q.blend_rejected},
+                   {"blend_calibration", q.blend_calibration},
                    {"estimated_error", q.estimated_error},
                    {"hidden_rel_error", q.hidden_rel_error},
                    {"kl", q.kl},
@@ -306,7 +307,8 @@ class Bench {
       m.reused_echoed += !plan.reused_exact;
     }
     m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
-                             rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.estimated_error,
+                             rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
+                             rep.estimated_error,
                              f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s});
   }
 

@@ -104,7 +104,7 @@ struct ModeReport {
     std::string route;  // "reuse", "blend", "cache"
     int tokens = 0, reused = 0;
     int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
-    bool blend_rejected = false;
+    bool blend_rejected = false, blend_calibration = false;
     double estimated_error = 0.0;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;

@@ -80,7 +80,43 @@ void validate_config(const PlannerConfig& c) {
   if (std::isnan(b.max_error) || b.max_error < 0.0)
     throw std::invalid_argument("blend.max_error: must be non-negative (inf disables the guard)");
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
+  if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
+  if (b.calibrate_every < 0) throw std::invalid_argument("blend.calibrate_every: must be non-negative");
 }
+
+// KL(p || q) of the next-token distributions given by two logit rows.
+double next_token_kl(const std::vector<float>& p_logits, const std::vector<float>& q_logits) {
+  auto log_softmax = [](const std::vector<float>& logits) {
+    const double max = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    for (float l : logits) sum += std::exp(l - max);
+    std::vector<double> out(logits.size());
+    for (std::size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - max - std::log(sum);
+    return out;
+  };
+  const auto p = log_softmax(p_logits), q = log_softmax(q_logits);
+  double kl = 0.0;
+  for (std::size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
+  return std::max(kl, 0.0);
+}
+
+// What K/V deviation costs this model in output error, from calibration
+// blends (see BlendConfig::max_error).
+class GuardCalibration {
+ public:
+  bool due(const BlendConfig& b) const { return b.calibrate_every > 0 && blends_ % b.calibrate_every == 0; }
+  void count_blend() { ++blends_; }
+  void add(double estimate, double kl) {
+    worst_ = std::max(worst_, kl / std::max(estimate * estimate, 1e-12));
+  }
+  double threshold(const BlendConfig& b) const {
+    return worst_ > 0.0 ? std::min(b.max_error, std::sqrt(b.max_kl / worst_)) : b.max_error;
+  }
+
+ private:
+  int blends_ = 0;
+  double worst_ = 0.0;  // KL / estimate^2, worst seen
+};
 
 }  // namespace
 
@@ -89,6 +125,7 @@ struct Planner::Impl {
   PlannerConfig config;
   KVBlockStore store;
   CostModel cost;
+  GuardCalibration calibration;
 
   Impl(const llama::ModelConfig& m, PlannerConfig c)
       : model(m),
@@ -223,16 +260,33 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   PrefillReport& report = plan.report;
   report.reused = plan.kv.length;
   if (plan.route == Plan::Route::kBlend && keep_rows == 1) {
+    const bool calibrate = m.calibration.due(m.config.blend);
+    m.calibration.count_blend();
+    llama::KVState exact_prefix;
+    if (calibrate) exact_prefix = plan.kv;
+    BlendConfig guard = m.config.blend;
+    guard.max_error = m.calibration.threshold(guard);
     const double start = process_cpu_s();
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, m.store.rows(plan.blend->donor), plan.blend->alignment,
-                                           plan.kv, m.config.blend, result);
+                                           plan.kv, guard, result);
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
     if (out.blended) m.cost.observe_blend(plan.blend->shape, process_cpu_s() - start);
+    if (out.blended && calibrate) {
+      // Also computed exactly: the measured KL calibrates the guard, and
+      // the prompt is served (and stored) exact.
+      llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, keep_rows);
+      report.blend_calibration = true;
+      report.calibration_kl = next_token_kl(exact.logits, result.logits);
+      m.calibration.add(out.estimated_error, report.calibration_kl);
+      plan.kv = std::move(exact_prefix);
+      m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0);
+      return exact;
+    }
     if (out.served) {
       m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0);
       return result;
