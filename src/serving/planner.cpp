@@ -28,6 +28,12 @@ namespace {
 // blend from it, and aligning it would cost a failed lookup per token.
 constexpr int kDonorCandidates = 4;
 constexpr float kDonorProfile = 0.25f;
+// A blend recomputes layer 0 and layer 1's projections of every row past the
+// stored prefix, 16 probes and the last row, and pays a donor lookup and
+// alignment; below this many rows to compute it cannot repay that, so it is
+// not even looked for (on a 260K-parameter model with 100-token prompts the
+// lookup alone cost ~5% of a prefill).
+constexpr int kMinBlendRows = 128;
 // The cache route is priced only for prompts with a stored neighbour at
 // least this similar in token profile: a first-seen prompt would only pay
 // the cache's capture cost (the sparse tier's first pass records tile mass
@@ -227,7 +233,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   // blending on it is never priced: a blend reuses what the cache would
   // (a similar prompt's work) and saves the projections and MLP too, while
   // the cache's first use of any prompt is a miss that pays its capture.
-  const bool blend = m.config.blend.enabled && L < T - 1;
+  const bool blend = m.config.blend.enabled && T - L >= kMinBlendRows;
   const bool cache = m.config.cache && !m.config.blend.enabled && L < prefix_length;
   const auto neighbours = cache || blend ? m.store.similar(name_space, tokens, kDonorCandidates)
                                          : std::vector<KVBlockStore::Similar>{};
