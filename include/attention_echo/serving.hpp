@@ -19,7 +19,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cmath>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -40,14 +42,32 @@ struct BlendConfig {
   // How much output error a given K/V deviation causes depends on the model
   // (the bundled model kept next-token KL below 3e-6 at estimates up to 0.46;
   // a 260K-parameter model reached 1e-2 at 0.1), so the planner calibrates it
-  // at run time: the first blend, and every calibrate_every-th after it, is
-  // also computed exactly and served exactly, and the next-token KL between
-  // the two is measured. With c the worst KL / estimate^2 seen, blends are
-  // then guarded at min(max_error, sqrt(max_kl / c)).
+  // at run time (BlendCalibration): the first blend, and every
+  // calibrate_every-th after it, is also computed exactly and served exactly,
+  // and the next-token KL between the two is measured.
   double max_error = 0.2;
   double max_kl = 1e-3;      // next-token KL (nats) the calibrated guard aims under
   int calibrate_every = 32;  // 0: never calibrate (guard at max_error alone)
   int probe_rows = 16;  // reused rows the guard samples in every layer
+};
+
+// What K/V deviation costs a model in output error, from calibration blends
+// (BlendConfig::max_error). A sample whose KL exceeds max_kl / 100 bounds
+// the guard at estimate * sqrt(max_kl / KL) (KL grows about as the square of
+// a small deviation); quieter samples say only that their estimate is safe.
+// The guard is min(max_error, every bound). One per model: planners of the
+// same model may share it. Thread-safe.
+class BlendCalibration {
+ public:
+  // Whether the next blend should be a calibration one, counting it.
+  bool next_blend_calibrates(const BlendConfig& config);
+  void add(double estimate, double kl, const BlendConfig& config);
+  double threshold(const BlendConfig& config) const;
+
+ private:
+  mutable std::mutex mutex_;
+  long long blends_ = 0;
+  double bound_ = INFINITY;
 };
 
 struct PlannerConfig {
@@ -56,6 +76,7 @@ struct PlannerConfig {
   // The cache route (priced only with blending off); must outlive the planner.
   AttentionEchoCache* cache = nullptr;
   BlendConfig blend;
+  std::shared_ptr<BlendCalibration> calibration;  // null: the planner keeps its own
 };
 
 // What executing a plan did, for reports.

@@ -156,6 +156,7 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["blend_recomputed_rows"] = r.blend_recomputed;
   d["blend_rejected"] = r.blend_rejected;
   d["blend_calibration"] = r.blend_calibration;
+  d["calibration_kl"] = r.calibration_kl;
   d["estimated_error"] = r.estimated_error;
   return d;
 }

@@ -206,6 +206,7 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"blend_rejected", q.blend_rejected},
                    {"blend_calibration", q.blend_calibration},
                    {"estimated_error", q.estimated_error},
+                   {"calibration_kl", q.calibration_kl},
                    {"hidden_rel_error", q.hidden_rel_error},
                    {"kl", q.kl},
                    {"top1_agrees", q.top1_agrees},
@@ -225,7 +226,7 @@ class Bench {
         engine_(model, pool_),
         cache_(cache_config(model, options)),
         exact_planner_(model.config()),
-        echo_planner_(model.config(), {.cache = &cache_, .blend = options.blend}),
+        echo_planner_(model.config(), {.cache = &cache_, .blend = options.blend, .calibration = options.calibration}),
         name_space_(scenario.name) {
     report_.scenario = scenario.name;
     report_.description = scenario.description;
@@ -308,7 +309,7 @@ class Bench {
     }
     m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
                              rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
-                             rep.estimated_error,
+                             rep.estimated_error, rep.calibration_kl,
                              f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s});
   }
 

@@ -52,8 +52,10 @@ struct BenchOptions {
   // The echo cache's config (per_layer, mode, threads and max_prefix_length
   // are set by the bench); its guard and tile knobs are the ones to sweep.
   EchoConfig cache;
-  // Echo mode's KV-blend tier.
+  // Echo mode's KV-blend tier, and its guard's calibration, shared by the
+  // scenarios of a run (one model).
   serving::BlendConfig blend{.enabled = true};
+  std::shared_ptr<serving::BlendCalibration> calibration = std::make_shared<serving::BlendCalibration>();
 };
 
 // One serving strategy's totals over a scenario.
@@ -105,7 +107,7 @@ struct ModeReport {
     int tokens = 0, reused = 0;
     int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
     bool blend_rejected = false, blend_calibration = false;
-    double estimated_error = 0.0;
+    double estimated_error = 0.0, calibration_kl = 0.0;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
     double prefill_ms = 0.0;

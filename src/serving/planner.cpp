@@ -106,38 +106,37 @@ double next_token_kl(const std::vector<float>& p_logits, const std::vector<float
   return std::max(kl, 0.0);
 }
 
-// What K/V deviation costs this model in output error, from calibration
-// blends (see BlendConfig::max_error).
-class GuardCalibration {
- public:
-  bool due(const BlendConfig& b) const { return b.calibrate_every > 0 && blends_ % b.calibrate_every == 0; }
-  void count_blend() { ++blends_; }
-  void add(double estimate, double kl) {
-    worst_ = std::max(worst_, kl / std::max(estimate * estimate, 1e-12));
-  }
-  double threshold(const BlendConfig& b) const {
-    return worst_ > 0.0 ? std::min(b.max_error, std::sqrt(b.max_kl / worst_)) : b.max_error;
-  }
-
- private:
-  int blends_ = 0;
-  double worst_ = 0.0;  // KL / estimate^2, worst seen
-};
-
 }  // namespace
+
+bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
+  std::lock_guard lock(mutex_);
+  return config.calibrate_every > 0 && blends_++ % config.calibrate_every == 0;
+}
+
+void BlendCalibration::add(double estimate, double kl, const BlendConfig& config) {
+  if (!(kl > config.max_kl / 100)) return;  // too quiet to say where the limit is
+  std::lock_guard lock(mutex_);
+  bound_ = std::min(bound_, estimate * std::sqrt(config.max_kl / kl));
+}
+
+double BlendCalibration::threshold(const BlendConfig& config) const {
+  std::lock_guard lock(mutex_);
+  return std::min(config.max_error, bound_);
+}
 
 struct Planner::Impl {
   llama::ModelConfig model;
   PlannerConfig config;
   KVBlockStore store;
   CostModel cost;
-  GuardCalibration calibration;
+  std::shared_ptr<BlendCalibration> calibration;
 
   Impl(const llama::ModelConfig& m, PlannerConfig c)
       : model(m),
         config((validate_config(c), c)),
         store({m.n_layers, m.kv_dim(), c.block_tokens}, c.store_bytes),
-        cost(cache_prior(c.cache)) {}
+        cost(cache_prior(c.cache)),
+        calibration(c.calibration ? c.calibration : std::make_shared<BlendCalibration>()) {}
 
   void validate_tokens(std::span<const int> tokens) const {
     if (tokens.empty()) throw std::invalid_argument("tokens: empty");
@@ -266,12 +265,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   PrefillReport& report = plan.report;
   report.reused = plan.kv.length;
   if (plan.route == Plan::Route::kBlend && keep_rows == 1) {
-    const bool calibrate = m.calibration.due(m.config.blend);
-    m.calibration.count_blend();
+    const bool calibrate = m.calibration->next_blend_calibrates(m.config.blend);
     llama::KVState exact_prefix;
     if (calibrate) exact_prefix = plan.kv;
     BlendConfig guard = m.config.blend;
-    guard.max_error = m.calibration.threshold(guard);
+    guard.max_error = m.calibration->threshold(guard);
     const double start = process_cpu_s();
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, m.store.rows(plan.blend->donor), plan.blend->alignment,
@@ -288,7 +286,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, keep_rows);
       report.blend_calibration = true;
       report.calibration_kl = next_token_kl(exact.logits, result.logits);
-      m.calibration.add(out.estimated_error, report.calibration_kl);
+      m.calibration->add(out.estimated_error, report.calibration_kl, m.config.blend);
       plan.kv = std::move(exact_prefix);
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0);
       return exact;
