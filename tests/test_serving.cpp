@@ -185,8 +185,12 @@ TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
   serving::Planner planner(model().config(), {.blend = {.enabled = true}});
-  planner.observe(600, 1.0, 0.5);  // a cost model that prices blending like a real run
   const auto base = text_tokens(600, 9);
+  // The cost model learns from a measured forward, as a server's would (so
+  // the test holds at any speed, sanitizers included).
+  engine.timers() = {};
+  last_logits(engine, base);
+  planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
   serving::Plan seed = planner.plan(base);
   planner.execute(engine, base, seed);
   for (int round = 0; round < 2; ++round) {
