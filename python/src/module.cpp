@@ -12,6 +12,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <climits>
 #include <cstdint>
@@ -292,7 +293,25 @@ NB_MODULE(_core, m) {
             }
             return nb::make_tuple(to_numpy(std::move(result.logits)), prefill_report(plan));
           },
-          "tokens"_a.noconvert(), "namespace"_a);
+          "tokens"_a.noconvert(), "namespace"_a)
+      .def(
+          "calibrate",
+          [](LlamaServer& self, const std::vector<std::vector<int>>& passages) {
+            std::vector<ae::serving::CalibrationSample> samples;
+            {
+              nb::gil_scoped_release release;
+              samples = self.planner.calibrate(self.engine, passages);
+            }
+            nb::list out;
+            for (const auto& s : samples) {
+              nb::dict d;
+              d["estimate"] = s.estimate;
+              d["kl"] = s.kl;
+              out.append(d);
+            }
+            return out;
+          },
+          "passages"_a);
 
   // Test hook: the address nanobind hands to C++ for an array, to check that
   // contiguous float32 inputs cross without a copy.
