@@ -42,7 +42,10 @@ EchoConfig config_for(EchoMode mode, long long hash_dim = 128) {
   return c;
 }
 
-std::string temp_path(const std::string& name) { return ::testing::TempDir() + "/ae_snap_" + name; }
+// Unique per process: ctest runs the tests of this file in parallel.
+std::string temp_path(const std::string& name) {
+  return ::testing::TempDir() + "/ae_snap_" + std::to_string(getpid()) + "_" + name;
+}
 
 std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
