@@ -211,8 +211,10 @@ void AttentionEchoCache::load(const std::string& path) {
   }
   std::lock_guard lock(impl_->mutex);
   impl_->store = std::move(fresh);
-  for (const auto& [name_space, n] : dropped)
-    impl_->count(name_space, [n](CacheStats& s) { s.snapshot_dropped += n; });
+  for (const auto& namespace_dropped : dropped) {
+    const std::uint64_t n = namespace_dropped.second;  // (clang 14 cannot capture a structured binding)
+    impl_->count(namespace_dropped.first, [n](CacheStats& s) { s.snapshot_dropped += n; });
+  }
 }
 
 }  // namespace attention_echo
