@@ -112,7 +112,8 @@ class AttentionEchoCache {
   // stats(name_space) held, other namespaces keep theirs.
   void clear(std::string_view name_space);
 
-  // Snapshot: versioned, checksummed; save writes a temp file and renames it.
+  // Snapshot: versioned, checksummed; save writes a temp file, fsyncs it and
+  // renames it over path (a crash leaves the previous snapshot or the new one).
   // load replaces the cache's entries, or throws and leaves them as they were.
   // Entries the limits cannot hold are not loaded and are counted in
   // stats().snapshot_dropped. Both throw std::runtime_error naming the file
