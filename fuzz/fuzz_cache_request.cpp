@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -118,9 +117,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const Heads k(in, around(in, kv_heads), around(in, tokens), around(in, dim), wild);
   const Heads v(in, around(in, kv_heads), around(in, tokens), around(in, dim), wild);
   Heads out(in, around(in, kv_heads * group), around(in, tokens), around(in, dim), false);
-  Case first;
-  fill_request(in, tokens, wild, first);
-  check(cache, q, k, v, out, first, pool);
-  check(cache, q, k, v, out, first, pool);  // may hit what the first call stored
+  Case request;
+  fill_request(in, tokens, wild, request);
+  check(cache, q, k, v, out, request, pool);
+  check(cache, q, k, v, out, request, pool);  // may hit what the first call stored
   return 0;
 }

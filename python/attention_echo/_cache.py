@@ -139,7 +139,8 @@ class AttentionEchoCache:
         """Consistent snapshot: the seed's keys (hits, misses, total_lookups,
         hit_rate, cache_size, capacity, ops_saved) and ours (hits per tier,
         rejected, evictions, bytes, max_bytes, tokens echoed/computed,
-        flops_saved)."""
+        flops_saved, snapshot_dropped, oversize_skipped: misses whose entry
+        alone exceeds max_bytes, served but not stored)."""
         return self._impl.stats()
 
     def clear(self, namespace: Optional[str] = None) -> None:
