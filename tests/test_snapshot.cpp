@@ -27,7 +27,7 @@ using testing::make_qkv;
 using testing::Qkv;
 using testing::request_for;
 
-constexpr int kH = 4, kHkv = 2, kT = 192, kD = 64, kP = 160;
+constexpr int kH = 2, kHkv = 1, kT = 96, kD = 32, kP = 64;  // small: fast under sanitizers
 // Header: magic, u32 version, u64 body size, u64 checksum; the body starts
 // with i32 hash_dim and u64 keyer fingerprint (snapshot.cpp).
 constexpr std::size_t kVersionAt = 8, kBodyAt = 28, kFingerprintAt = kBodyAt + 4;
