@@ -177,6 +177,13 @@ TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
   auto near = prompt;
   near[20] = edited(near[20]);
   EXPECT_EQ(planner.plan(near, 0, "tenant-b").route, serving::Plan::Route::kReuse);
+  // A tenant's clear drops its stored K/V only.
+  serving::Plan b = planner.plan(prompt, 0, "tenant-b");
+  planner.execute(engine, prompt, b);
+  planner.clear("tenant-a");
+  EXPECT_EQ(planner.stored_prompts(), 1u);
+  EXPECT_EQ(planner.plan(prompt, 0, "tenant-a").kv.length, 0);
+  EXPECT_EQ(planner.plan(prompt, 0, "tenant-b").kv.length, 199);
 }
 
 // The first blend calibrates the guard: it is also computed exactly, served

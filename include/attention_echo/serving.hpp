@@ -157,6 +157,9 @@ class Planner {
 
   std::size_t stored_prompts() const;
   std::size_t stored_bytes() const;
+  // Drops the stored K/V of one namespace (a tenant leaving); other
+  // namespaces keep theirs.
+  void clear(std::string_view name_space);
 
  private:
   struct Impl;

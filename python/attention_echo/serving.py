@@ -15,6 +15,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._convert import namespace_in
 
 __all__ = ["LlamaServer"]
 
@@ -52,12 +53,15 @@ class LlamaServer:
     def stored_prompts(self) -> int:
         return self._server.stored_prompts
 
+    def clear(self, namespace: str) -> None:
+        """Drops one namespace's stored K/V (a tenant leaving); the others keep theirs."""
+        self._server.clear_namespace(namespace_in(namespace))
+
     def prefill(self, tokens: Sequence[int], namespace: str = "") -> Tuple[np.ndarray, dict]:
         """Prefills ``tokens`` (ids in the vocabulary, 1 to context_length of
         them) and returns the last row's next-token logits and the reuse
         report. Prompts never reuse work across namespaces."""
-        if not isinstance(namespace, str):
-            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        namespace = namespace_in(namespace)
         return self._server.prefill(_token_array(tokens, "tokens"), namespace)
 
     def calibrate(self, passages: Sequence[Sequence[int]]) -> List[dict]:

@@ -111,6 +111,7 @@ nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
   d["rejected"] = s.rejected;
   d["evictions"] = s.evictions;
   d["snapshot_dropped"] = s.snapshot_dropped;  // snapshot entries load() could not keep
+  d["oversize_skipped"] = s.oversize_skipped;  // misses whose entry alone exceeds max_bytes
   d["bytes"] = s.bytes;
   d["max_bytes"] = config.max_bytes;
   d["tokens_echoed"] = s.tokens_echoed;
@@ -238,7 +239,19 @@ NB_MODULE(_core, m) {
           "embeddings"_a.noconvert())
       .def("stats", [](const ae::AttentionEchoCache& self) { return stats_dict(self.stats(), self.config()); })
       .def("size", &ae::AttentionEchoCache::size)
-      .def("clear", &ae::AttentionEchoCache::clear, nb::call_guard<nb::gil_scoped_release>())
+      .def("clear", nb::overload_cast<>(&ae::AttentionEchoCache::clear), nb::call_guard<nb::gil_scoped_release>())
+      // Tenants: per-namespace stats and clear.
+      .def(
+          "namespace_stats",
+          [](const ae::AttentionEchoCache& self, const std::string& name_space) {
+            return stats_dict(self.stats(name_space), self.config());
+          },
+          "namespace"_a)
+      .def("namespaces", &ae::AttentionEchoCache::namespaces)
+      .def(
+          "clear_namespace",
+          [](ae::AttentionEchoCache& self, const std::string& name_space) { self.clear(name_space); },
+          "namespace"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("config", &ae::AttentionEchoCache::config)
       .def("save", &ae::AttentionEchoCache::save, "path"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("load", &ae::AttentionEchoCache::load, "path"_a, nb::call_guard<nb::gil_scoped_release>());
@@ -280,6 +293,9 @@ NB_MODULE(_core, m) {
       .def_prop_ro("vocab_size", [](const LlamaServer& s) { return s.model.config().vocab_size; })
       .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
       .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })
+      .def(
+          "clear_namespace", [](LlamaServer& self, const std::string& name_space) { self.planner.clear(name_space); },
+          "namespace"_a, nb::call_guard<nb::gil_scoped_release>())
       .def(
           "prefill",
           [](LlamaServer& self, Tokens tokens, const std::string& name_space) {

@@ -308,7 +308,8 @@ void Engine::Impl::finish(int layer, float* x, int n) {
   gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool);
 }
 
-Engine::Engine(const Model& model, ThreadPool& pool) : impl_(std::make_unique<Impl>(model.packed(), pool)) {}
+// Brace-initialised: clang before 16 has no parenthesised aggregate init.
+Engine::Engine(const Model& model, ThreadPool& pool) : impl_(new Impl{model.packed(), pool}) {}
 Engine::~Engine() = default;
 Engine::Engine(Engine&&) noexcept = default;
 

@@ -400,5 +400,6 @@ void Planner::observe(int rows, double total_cpu_s, double attention_cpu_s) {
 
 std::size_t Planner::stored_prompts() const { return impl_->store.size(); }
 std::size_t Planner::stored_bytes() const { return impl_->store.bytes(); }
+void Planner::clear(std::string_view name_space) { impl_->store.clear(name_space); }
 
 }  // namespace attention_echo::serving
