@@ -227,6 +227,8 @@ std::size_t KVState::bytes() const {
 }
 
 struct Engine::Impl {
+  // A constructor, not aggregate init: clang before 16 cannot make_unique an aggregate.
+  Impl(const Model::Packed& packed, ThreadPool& threads) : m(packed), pool(threads) {}
   const Model::Packed& m;
   ThreadPool& pool;
   Timers timers;
@@ -308,8 +310,7 @@ void Engine::Impl::finish(int layer, float* x, int n) {
   gemm(gu.data(), 2 * hidden, n, w.down, x, dim, true, pool);
 }
 
-// Brace-initialised: clang before 16 has no parenthesised aggregate init.
-Engine::Engine(const Model& model, ThreadPool& pool) : impl_(new Impl{model.packed(), pool}) {}
+Engine::Engine(const Model& model, ThreadPool& pool) : impl_(std::make_unique<Impl>(model.packed(), pool)) {}
 Engine::~Engine() = default;
 Engine::Engine(Engine&&) noexcept = default;
 
