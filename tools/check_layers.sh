@@ -26,6 +26,7 @@ declare -A allowed=(
   [core]=""
   [kernels]="core"
   [index]="core"
+  [store]="core"
   [cache]="core kernels index"
   [engine]="core"
   [serving]="core index engine"
@@ -33,10 +34,10 @@ declare -A allowed=(
   [public]=""
   [python]=""
 )
-internal_modules="core kernels index cache engine serving cli"
+internal_modules="core kernels index store cache engine serving cli"
 engine_public="llama.hpp serving.hpp engine.hpp"
 # Modules of the core library: they may not include the engine's public headers.
-core_library="core kernels index cache"
+core_library="core kernels index store cache"
 
 contains() {  # contains WORD LIST
   local w

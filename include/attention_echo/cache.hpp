@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_echo/config.hpp"
+#include "attention_echo/l2_store.hpp"
 #include "attention_echo/tensor.hpp"
 
 namespace attention_echo {
@@ -96,6 +97,8 @@ class AttentionEchoCache {
   std::size_t size() const;
   void clear();              // drops entries and zeroes stats
   const EchoConfig& config() const;
+  // The shared L2 store's counters (config.store_url); zeros without one.
+  L2Stats l2_stats() const;
 
   // Snapshot: versioned, checksummed; save writes a temp file and renames it.
   // load replaces the cache's entries, or throws and leaves them as they were.

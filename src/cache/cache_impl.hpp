@@ -13,6 +13,7 @@
 #include "attention_echo/thread_pool.hpp"
 #include "cache/entry_store.hpp"
 #include "cache/guard.hpp"
+#include "cache/l2_entries.hpp"
 #include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
 #include "kernels/cpu_backend.hpp"
@@ -38,6 +39,8 @@ struct AttentionEchoCache::Impl {
   cache::Call plan(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
                    const EchoRequest& request) const;
   std::optional<Candidate> find(cache::Call& call, const cache::ReuseTier& tier);
+  std::optional<Candidate> find_in_l1(cache::Call& call, const cache::ReuseTier& tier);
+  bool fetch_from_l2(const cache::Call& call);
   std::optional<Candidate> find_by_tokens(const cache::Call& call, Tier tier);
   std::optional<Candidate> find_similar(cache::Call& call, Tier tier);
   bool serve(cache::Call& call, const cache::ReuseTier& tier, const Candidate& candidate);
@@ -54,6 +57,7 @@ struct AttentionEchoCache::Impl {
   mutable std::mutex mutex;
   cache::EntryStore store;
   CacheStats stats;
+  const std::optional<cache::L2Entries> l2;  // config.store_url set: the shared store
 };
 
 }  // namespace attention_echo

@@ -12,6 +12,8 @@
 #include <string>
 
 #include "cache/cache_impl.hpp"
+#include "cache/entry_codec.hpp"
+#include "core/checksum.hpp"
 
 namespace attention_echo {
 namespace {
@@ -22,13 +24,9 @@ constexpr char kMagic[8] = {'A', 'E', 'C', 'H', 'O', 'S', 'N', 'P'};
 // 2: a section per tier payload instead of fixed exact/sparse/dense fields.
 constexpr std::uint32_t kVersion = 2;
 
-std::uint64_t fnv1a(std::string_view bytes) {
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ULL;
-  return h;
-}
+}  // namespace
 
-void write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& tiers) {
+void cache::write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& tiers) {
   w.put_string(e.space.name_space);
   for (int field : {e.space.layer, e.space.heads, e.space.kv_heads, e.space.dim}) w.put<std::int32_t>(field);
   w.put<std::uint8_t>(e.space.causal);
@@ -45,6 +43,8 @@ void write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& t
     w.put_string(section.bytes());
   }
 }
+
+namespace {
 
 // Every size must agree with the shapes it claims: a loaded entry is later
 // handed to the kernels unchecked.
@@ -70,7 +70,9 @@ std::unique_ptr<const cache::TierPayload> read_part(BinaryReader& r, const cache
   return part;
 }
 
-cache::Entry read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tiers) {
+}  // namespace
+
+cache::Entry cache::read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tiers) {
   cache::Entry e;
   e.space.name_space = r.get_string("namespace");
   e.space.layer = r.get<std::int32_t>("layer");
@@ -94,6 +96,8 @@ cache::Entry read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tie
   return e;
 }
 
+namespace {
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("snapshot " + path + ": cannot open");
@@ -109,7 +113,7 @@ void AttentionEchoCache::save(const std::string& path) const {
     const auto entries = impl_->store.entries_by_age();
     body.put<std::int32_t>(static_cast<std::int32_t>(impl_->config.hash_dim));
     body.put<std::uint64_t>(entries.size());
-    for (const cache::Entry* e : entries) write_entry(body, *e, impl_->tiers);
+    for (const cache::Entry* e : entries) cache::write_entry(body, *e, impl_->tiers);
   }
   BinaryWriter file;
   file.put_raw({kMagic, sizeof kMagic});
@@ -148,7 +152,7 @@ void AttentionEchoCache::load(const std::string& path) {
     r.fail("hash_dim " + std::to_string(hash_dim) + " != config's " + std::to_string(impl_->config.hash_dim));
   const auto count = r.get<std::uint64_t>("entry count");
   std::vector<cache::Entry> entries;
-  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(read_entry(r, hash_dim, impl_->tiers));
+  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(cache::read_entry(r, hash_dim, impl_->tiers));
   if (!r.done()) r.fail("trailing bytes");
 
   cache::EntryStore fresh(impl_->config.eviction_policy, static_cast<std::size_t>(impl_->config.capacity),
