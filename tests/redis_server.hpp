@@ -14,14 +14,18 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "attention_echo/l2_store.hpp"
 
 extern char** environ;
 
@@ -119,7 +123,11 @@ class RedisServer {
 
   bool running() const { return pid_ > 0; }
   int port() const { return port_; }
-  std::string url(const std::string& options = "") const {
+  // Deadlines far above any lookup's time by default: tests of what the
+  // store does must not depend on the machine's load (sanitizers, ctest -j);
+  // the deadline tests set theirs.
+  static constexpr const char* kPatient = "deadline_ms=5000&write_timeout_ms=5000";
+  std::string url(const std::string& options = kPatient) const {
     return "redis://127.0.0.1:" + std::to_string(port_) + (options.empty() ? "" : "?" + options);
   }
 
@@ -161,5 +169,43 @@ class RedisServer {
   int port_ = 0;
   pid_t pid_ = 0;
 };
+
+// Whether the library was built with Redis (AE_REDIS).
+inline bool redis_built() {
+  try {
+    connect_redis(L2Options{});
+    return true;
+  } catch (const std::runtime_error&) {
+    return false;
+  }
+}
+
+#define AE_REQUIRE_REDIS(server)                                                                  \
+  do {                                                                                            \
+    if (!::attention_echo::testing::redis_built()) GTEST_SKIP() << "built without Redis (AE_REDIS=OFF)"; \
+    if (!(server).running()) GTEST_SKIP() << "no redis-server (tools/setup.sh installs it)";      \
+  } while (0)
+
+// Every key the server holds (redis-cli, installed beside redis-server).
+inline std::vector<std::string> keys_of(const RedisServer& server) {
+  const std::string cli = std::filesystem::path(find_redis_server()).parent_path() / "redis-cli";
+  const std::string command = cli + " -p " + std::to_string(server.port()) + " --scan --pattern 'ae:*'";
+  std::vector<std::string> keys;
+  if (FILE* pipe = popen(command.c_str(), "r")) {
+    char line[4096];
+    while (fgets(line, sizeof line, pipe)) {
+      std::string key(line);
+      while (!key.empty() && (key.back() == '\n' || key.back() == '\r')) key.pop_back();
+      if (!key.empty()) keys.push_back(key);
+    }
+    pclose(pipe);
+  }
+  return keys;
+}
+
+inline bool put_one(L2Store& store, const std::string& key, const std::string& value) {
+  const L2Write write{key, value};
+  return store.put({&write, 1}) == 1;
+}
 
 }  // namespace attention_echo::testing

@@ -51,7 +51,12 @@ struct L2Stats {
   std::uint64_t reconnects = 0;   // connections made again after a failure
   std::uint64_t writes = 0;       // values written through
   double lookup_seconds = 0.0;    // wall time spent in lookups, connects included
+  double max_lookup_seconds = 0.0;  // the longest lookup: the deadline plus a socket call's overshoot
   double hit_rate() const { return lookups ? double(hits) / double(lookups) : 0.0; }
+};
+
+struct L2Write {
+  std::string key, value;
 };
 
 class L2Store {
@@ -60,8 +65,10 @@ class L2Store {
   // One value per key (nullopt: not held, or the lookup failed), in one
   // round trip, within the deadline.
   virtual std::vector<std::optional<std::string>> get(std::span<const std::string> keys) = 0;
-  // Writes through; false when it failed (counted).
-  virtual bool put(std::string_view key, std::string_view value) = 0;
+  // Writes through, in one round trip (pipelined, so keys may live on
+  // different cluster slots); returns how many were written (failures
+  // counted).
+  virtual std::size_t put(std::span<const L2Write> items) = 0;
   // The caller refused a value get() returned: counted as rejected, not hit.
   virtual void reject() = 0;
   virtual L2Stats stats() const = 0;

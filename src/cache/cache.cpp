@@ -290,7 +290,7 @@ EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k,
     break;
   }
   auto entry = compute_miss(call);
-  std::optional<cache::L2Entries::Value> written;  // write-through, encoded and sent outside the lock
+  std::optional<L2Write> written;  // write-through, encoded and sent outside the lock
   if (entry && l2) written = l2->encode(*entry);
   finish(call, std::move(entry), replaced);
   if (written) l2->put(*written);

@@ -6,7 +6,7 @@
 // fail) on anything else.
 #pragma once
 
-#include "cache/binary_writer.hpp"
+#include "core/binary_writer.hpp"
 #include "cache/entry.hpp"
 #include "cache/tier.hpp"
 #include "core/binary_reader.hpp"

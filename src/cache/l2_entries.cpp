@@ -1,46 +1,19 @@
 #include "cache/l2_entries.hpp"
 
 #include <algorithm>
-#include <cstdio>
 #include <stdexcept>
 
-#include "cache/binary_writer.hpp"
+#include "core/binary_writer.hpp"
 #include "cache/entry_codec.hpp"
 #include "core/checksum.hpp"
+#include "core/l2_key.hpp"
 
 namespace attention_echo::cache {
 namespace {
 
-// The value layout and the entry form inside it; a new one gets new keys,
-// so old values are never read (Redis's LRU ages them out).
-constexpr std::uint32_t kFormat = 1;
-
-std::string hex64(std::uint64_t h) {
-  char text[17];
-  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(h));
-  return text;
-}
-
 template <typename T>
 std::uint64_t hash_of(std::span<const T> values) {
   return fnv1a({reinterpret_cast<const char*>(values.data()), values.size_bytes()});
-}
-
-// Namespaces are the caller's strings: ':' (the key's separator), '%',
-// spaces and bytes outside printable ASCII are written %XX, so keys stay
-// readable to SCAN and two namespaces never share a key.
-std::string escape(std::string_view name_space) {
-  std::string out;
-  for (unsigned char c : name_space) {
-    if (c > ' ' && c < 0x7f && c != ':' && c != '%') {
-      out += static_cast<char>(c);
-    } else {
-      char hex[4];
-      std::snprintf(hex, sizeof hex, "%%%02X", c);
-      out += hex;
-    }
-  }
-  return out;
 }
 
 std::uint64_t config_fingerprint(const EchoConfig& c) {
@@ -58,7 +31,7 @@ L2Entries::L2Entries(std::shared_ptr<L2Store> store, const EchoConfig& config, c
     : store_(std::move(store)),
       tiers_(tiers),
       hash_dim_(static_cast<int>(config.hash_dim)),
-      prefix_(std::string("ae:") + std::to_string(kFormat) + ":cache:" + hex64(config_fingerprint(config)) + ":") {}
+      prefix_(std::string("ae:") + std::to_string(kL2Format) + ":cache:" + hex64(config_fingerprint(config)) + ":") {}
 
 bool L2Entries::covers(const Call& call, Match match) {
   return match == Match::kTokens ? !call.tokens.empty() : call.tokens.empty() && !call.key.empty();
@@ -67,7 +40,7 @@ bool L2Entries::covers(const Call& call, Match match) {
 std::string L2Entries::key_of(const KeySpace& s, std::span<const std::int32_t> tokens,
                               std::span<const float> key) const {
   std::string k = prefix_;
-  k += escape(s.name_space);
+  k += escape_key_part(s.name_space);
   k += ':';
   k += std::to_string(s.heads);
   k += '.';
@@ -81,16 +54,16 @@ std::string L2Entries::key_of(const KeySpace& s, std::span<const std::int32_t> t
   return k;
 }
 
-L2Entries::Value L2Entries::encode(const Entry& e) const {
-  Value v{key_of(e.space, e.tokens, e.key), {}};
+L2Write L2Entries::encode(const Entry& e) const {
+  L2Write v{key_of(e.space, e.tokens, e.key), {}};
   BinaryWriter body;
   body.put_string(v.key);
   write_entry(body, e, tiers_);
   BinaryWriter value;
-  value.put<std::uint32_t>(kFormat);
+  value.put<std::uint32_t>(kL2Format);
   value.put<std::uint64_t>(fnv1a(body.bytes()));
   value.put_raw(body.bytes());
-  v.bytes = value.bytes();
+  v.value = value.bytes();
   return v;
 }
 
@@ -106,7 +79,7 @@ std::optional<Entry> L2Entries::fetch(const Call& call) const {
 std::optional<Entry> L2Entries::decode(const std::string& bytes, const std::string& key, const Call& call) const {
   try {
     BinaryReader header(bytes, "L2 value " + key);
-    if (header.get<std::uint32_t>("format") != kFormat) return std::nullopt;
+    if (header.get<std::uint32_t>("format") != kL2Format) return std::nullopt;
     const auto checksum = header.get<std::uint64_t>("checksum");
     const std::string_view body_bytes = std::string_view(bytes).substr(header.pos());
     if (fnv1a(body_bytes) != checksum) return std::nullopt;

@@ -35,12 +35,9 @@ class L2Entries {
   // The entry stored under the call's identity, checked against the call.
   std::optional<Entry> fetch(const Call& call) const;
 
-  struct Value {
-    std::string key, bytes;
-  };
   // Encoded outside the cache's lock, put once the entry is in L1.
-  Value encode(const Entry& entry) const;
-  void put(const Value& value) const { store_->put(value.key, value.bytes); }
+  L2Write encode(const Entry& entry) const;
+  void put(const L2Write& write) const { store_->put({&write, 1}); }
 
   L2Stats stats() const { return store_->stats(); }
 

@@ -18,8 +18,6 @@
 namespace attention_echo {
 namespace {
 
-using cache::BinaryWriter;
-
 constexpr char kMagic[8] = {'A', 'E', 'C', 'H', 'O', 'S', 'N', 'P'};
 // 2: a section per tier payload instead of fixed exact/sparse/dense fields.
 constexpr std::uint32_t kVersion = 2;

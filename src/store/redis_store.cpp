@@ -1,10 +1,12 @@
 // L2Store on one Redis server through hiredis's blocking API. Every
 // operation gets a time budget (the lookup deadline, or the write timeout):
-// the connect and each socket wait are bounded by what is left of it
-// (redisConnectWithTimeout, redisSetTimeout), so a stopped server costs a
-// request at most its budget. A failure drops every pooled connection (they
-// point at the same server) and closes the store for a backoff that doubles
-// per failure; the first connection after it counts as a reconnect.
+// the connect and every socket read and write get what is left of it
+// (redisConnectWithTimeout, redisSetTimeout) and the read and write loops
+// stop when it is spent, so a stopped server, or a value too large to
+// arrive in time, costs a request at most its budget. A failure (a timeout
+// too: a half-read reply cannot be resumed) drops every pooled connection
+// (they point at the same server) and closes the store for a backoff that
+// doubles per failure; the first connection after it counts as a reconnect.
 #include <hiredis/hiredis.h>
 #include <signal.h>
 #include <sys/time.h>
@@ -80,10 +82,10 @@ class RedisStore final : public L2Store {
     const Clock::time_point start = Clock::now();
     std::vector<std::optional<std::string>> values(keys.size());
     lookups_ += keys.size();
-    std::vector<const char*> argv{"MGET"};
-    std::vector<std::size_t> lengths{4};
-    for (const std::string& k : keys) argv.push_back(k.data()), lengths.push_back(k.size());
-    if (Reply reply = command(argv, lengths, start + from_ms(options_.deadline_ms))) {
+    Command mget{{"MGET"}, {4}};
+    for (const std::string& k : keys) mget.argv.push_back(k.data()), mget.lengths.push_back(k.size());
+    if (auto replies = run({&mget, 1}, start + from_ms(options_.deadline_ms)); !replies.empty()) {
+      const Reply& reply = replies[0];
       if (reply->type == REDIS_REPLY_ARRAY && reply->elements == keys.size()) {
         for (std::size_t i = 0; i < keys.size(); ++i) {
           const redisReply* r = reply->element[i];
@@ -94,21 +96,24 @@ class RedisStore final : public L2Store {
         ++errors_;  // an error reply (e.g. the server is loading): the connection stays usable
       }
     }
-    lookup_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+    const std::uint64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+    lookup_ns_ += ns;
+    for (std::uint64_t longest = max_lookup_ns_; ns > longest && !max_lookup_ns_.compare_exchange_weak(longest, ns);) {
+    }
     return values;
   }
 
-  bool put(std::string_view key, std::string_view value) override {
-    std::vector<const char*> argv{"SET", key.data(), value.data()};
-    std::vector<std::size_t> lengths{3, key.size(), value.size()};
-    const Reply reply = command(argv, lengths, Clock::now() + from_ms(options_.write_timeout_ms));
-    if (!reply) return false;
-    if (reply->type != REDIS_REPLY_STATUS) {  // e.g. OOM under maxmemory with policy noeviction
-      ++errors_;
-      return false;
+  std::size_t put(std::span<const L2Write> items) override {
+    std::vector<Command> sets;
+    for (const L2Write& w : items) sets.push_back({{"SET", w.key.data(), w.value.data()}, {3, w.key.size(), w.value.size()}});
+    std::size_t written = 0;
+    for (const Reply& reply : run(sets, Clock::now() + from_ms(options_.write_timeout_ms))) {
+      // An error reply, e.g. OOM under maxmemory with policy noeviction.
+      if (reply->type == REDIS_REPLY_STATUS) ++written;
+      else ++errors_;
     }
-    ++writes_;
-    return true;
+    writes_ += written;
+    return written;
   }
 
   void reject() override { ++rejected_; }
@@ -125,6 +130,7 @@ class RedisStore final : public L2Store {
     s.reconnects = reconnects_;
     s.writes = writes_;
     s.lookup_seconds = 1e-9 * static_cast<double>(lookup_ns_.load());
+    s.max_lookup_seconds = 1e-9 * static_cast<double>(max_lookup_ns_.load());
     return s;
   }
 
@@ -134,22 +140,61 @@ class RedisStore final : public L2Store {
     std::uint64_t generation = 0;  // of the server's life it was made in
   };
 
-  // The reply, or null when the command did not complete by `deadline`, the
-  // connection failed, or the store is backing off (each counted).
-  Reply command(std::vector<const char*>& argv, const std::vector<std::size_t>& lengths,
-                Clock::time_point deadline) {
+  struct Command {
+    std::vector<const char*> argv;
+    std::vector<std::size_t> lengths;
+  };
+
+  // The replies of `commands`, pipelined on one connection; none when they
+  // did not all complete by `deadline`, the connection failed, or the store
+  // is backing off (each counted).
+  std::vector<Reply> run(std::span<const Command> commands, Clock::time_point deadline) {
+    std::vector<Reply> replies;
+    if (commands.empty()) return replies;
     std::optional<Connection> c = acquire(deadline);
-    if (!c) return nullptr;
-    redisSetTimeout(c->context, to_timeval(deadline - Clock::now()));
+    if (!c) return replies;
     const SigpipeBlock no_sigpipe;
-    Reply reply(static_cast<redisReply*>(
-        redisCommandArgv(c->context, static_cast<int>(argv.size()), argv.data(), lengths.data())));
-    if (!reply) {
+    bool ok = true;
+    for (const Command& command : commands)
+      ok = ok && redisAppendCommandArgv(c->context, static_cast<int>(command.argv.size()),
+                                        const_cast<const char**>(command.argv.data()), command.lengths.data()) == REDIS_OK;
+    ok = ok && flush(c->context, deadline);
+    while (ok && replies.size() < commands.size()) {
+      Reply reply = read_reply(c->context, deadline);
+      ok = reply != nullptr;
+      if (ok) replies.push_back(std::move(reply));
+    }
+    if (!ok) {
       fail(*c, deadline);
-      return nullptr;
+      replies.clear();
+      return replies;
     }
     release(*c);
-    return reply;
+    return replies;
+  }
+
+  // hiredis's own blocking calls bound each socket wait, not their sum (a
+  // large value arrives in many reads): these loops check the deadline
+  // between socket operations and give each what is left of it.
+  static bool wait_budget(redisContext* c, Clock::time_point deadline) {
+    const Clock::duration left = deadline - Clock::now();
+    return left > Clock::duration::zero() && redisSetTimeout(c, to_timeval(left)) == REDIS_OK;
+  }
+
+  static bool flush(redisContext* c, Clock::time_point deadline) {
+    int done = 0;
+    while (!done)
+      if (!wait_budget(c, deadline) || redisBufferWrite(c, &done) == REDIS_ERR) return false;
+    return true;
+  }
+
+  static Reply read_reply(redisContext* c, Clock::time_point deadline) {
+    for (;;) {
+      void* reply = nullptr;
+      if (redisGetReplyFromReader(c, &reply) == REDIS_ERR) return nullptr;
+      if (reply) return Reply(static_cast<redisReply*>(reply));
+      if (!wait_budget(c, deadline) || redisBufferRead(c) == REDIS_ERR) return nullptr;
+    }
   }
 
   // A pooled connection or a new one; nothing while backing off.
@@ -209,7 +254,7 @@ class RedisStore final : public L2Store {
   Clock::time_point retry_at_{};
   Clock::duration backoff_;
   std::atomic<std::uint64_t> lookups_{0}, found_{0}, misses_{0}, rejected_{0}, timeouts_{0}, errors_{0},
-      unavailable_{0}, reconnects_{0}, writes_{0}, lookup_ns_{0};
+      unavailable_{0}, reconnects_{0}, writes_{0}, lookup_ns_{0}, max_lookup_ns_{0};
 };
 
 }  // namespace
