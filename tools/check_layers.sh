@@ -3,6 +3,7 @@
 # the layering in docs/architecture.md, "Layers":
 #
 #   core -> kernels -> index -> cache     library attention_echo
+#        -> store (the L2 store)          (the cache reaches it through l2_store.hpp)
 #        -> engine -> serving             library attention_echo_engine
 #        -> cli, python
 #
