@@ -62,8 +62,10 @@ struct L2Write {
 class L2Store {
  public:
   virtual ~L2Store() = default;
-  // One value per key (nullopt: not held, or the lookup failed), in one
-  // round trip, within the deadline.
+  // One value per key (nullopt: not held, or not read in time), within the
+  // deadline. What arrived before the deadline is
+  // returned even when the rest did not: values come in key order, so a
+  // caller reading consecutive blocks gets a prefix of them.
   virtual std::vector<std::optional<std::string>> get(std::span<const std::string> keys) = 0;
   // Writes through, in one round trip (pipelined, so keys may live on
   // different cluster slots); returns how many were written (failures

@@ -72,6 +72,12 @@ using Reply = std::unique_ptr<redisReply, ReplyDeleter>;
 
 class RedisStore final : public L2Store {
  public:
+  // Keys per MGET: a lookup sends one MGET per this many keys, one after
+  // the other, so the values that arrived before the deadline are used
+  // even when the rest did not (the planner reads a prompt's blocks in
+  // order, 8 blocks of the bundled model are 2 MB).
+  static constexpr std::size_t kKeysPerCommand = 8;
+
   explicit RedisStore(L2Options options) : options_(std::move(options)), backoff_(from_ms(options_.backoff_ms)) {}
 
   ~RedisStore() override {
@@ -82,18 +88,24 @@ class RedisStore final : public L2Store {
     const Clock::time_point start = Clock::now();
     std::vector<std::optional<std::string>> values(keys.size());
     lookups_ += keys.size();
-    Command mget{{"MGET"}, {4}};
-    for (const std::string& k : keys) mget.argv.push_back(k.data()), mget.lengths.push_back(k.size());
-    if (auto replies = run({&mget, 1}, start + from_ms(options_.deadline_ms)); !replies.empty()) {
-      const Reply& reply = replies[0];
-      if (reply->type == REDIS_REPLY_ARRAY && reply->elements == keys.size()) {
-        for (std::size_t i = 0; i < keys.size(); ++i) {
-          const redisReply* r = reply->element[i];
-          if (r->type == REDIS_REPLY_STRING) values[i].emplace(r->str, r->len), ++found_;
-          else ++misses_;
-        }
-      } else {
+    std::vector<Command> mgets;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (i % kKeysPerCommand == 0) mgets.push_back({{"MGET"}, {4}});
+      mgets.back().argv.push_back(keys[i].data());
+      mgets.back().lengths.push_back(keys[i].size());
+    }
+    const auto replies = run(mgets, start + from_ms(options_.deadline_ms), true);
+    for (std::size_t m = 0; m < replies.size(); ++m) {
+      const redisReply* reply = replies[m].get();
+      const std::size_t first = m * kKeysPerCommand, count = mgets[m].argv.size() - 1;
+      if (reply->type != REDIS_REPLY_ARRAY || reply->elements != count) {
         ++errors_;  // an error reply (e.g. the server is loading): the connection stays usable
+        continue;
+      }
+      for (std::size_t i = 0; i < count; ++i) {
+        const redisReply* r = reply->element[i];
+        if (r->type == REDIS_REPLY_STRING) values[first + i].emplace(r->str, r->len), ++found_;
+        else ++misses_;
       }
     }
     const std::uint64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
@@ -107,7 +119,7 @@ class RedisStore final : public L2Store {
     std::vector<Command> sets;
     for (const L2Write& w : items) sets.push_back({{"SET", w.key.data(), w.value.data()}, {3, w.key.size(), w.value.size()}});
     std::size_t written = 0;
-    for (const Reply& reply : run(sets, Clock::now() + from_ms(options_.write_timeout_ms))) {
+    for (const Reply& reply : run(sets, Clock::now() + from_ms(options_.write_timeout_ms), false)) {
       // An error reply, e.g. OOM under maxmemory with policy noeviction.
       if (reply->type == REDIS_REPLY_STATUS) ++written;
       else ++errors_;
@@ -145,28 +157,37 @@ class RedisStore final : public L2Store {
     std::vector<std::size_t> lengths;
   };
 
-  // The replies of `commands`, pipelined on one connection; none when they
-  // did not all complete by `deadline`, the connection failed, or the store
-  // is backing off (each counted).
-  std::vector<Reply> run(std::span<const Command> commands, Clock::time_point deadline) {
+  // The replies of `commands` on one connection, pipelined or one round
+  // trip each: all of them, or those that arrived before the deadline ran
+  // out or the connection failed, or none while backing off (each counted).
+  // Redis answers pipelined commands it read together only once it has run
+  // them all, so a lookup that must keep what arrived in time goes one at a
+  // time.
+  std::vector<Reply> run(std::span<const Command> commands, Clock::time_point deadline, bool one_at_a_time) {
     std::vector<Reply> replies;
     if (commands.empty()) return replies;
     std::optional<Connection> c = acquire(deadline);
     if (!c) return replies;
     const SigpipeBlock no_sigpipe;
-    bool ok = true;
-    for (const Command& command : commands)
-      ok = ok && redisAppendCommandArgv(c->context, static_cast<int>(command.argv.size()),
-                                        const_cast<const char**>(command.argv.data()), command.lengths.data()) == REDIS_OK;
-    ok = ok && flush(c->context, deadline);
+    std::size_t sent = 0;
+    auto send = [&](std::size_t upto) {
+      for (; sent < upto; ++sent) {
+        const Command& command = commands[sent];
+        if (redisAppendCommandArgv(c->context, static_cast<int>(command.argv.size()),
+                                   const_cast<const char**>(command.argv.data()), command.lengths.data()) != REDIS_OK)
+          return false;
+      }
+      return flush(c->context, deadline);
+    };
+    bool ok = send(one_at_a_time ? 1 : commands.size());
     while (ok && replies.size() < commands.size()) {
       Reply reply = read_reply(c->context, deadline);
       ok = reply != nullptr;
       if (ok) replies.push_back(std::move(reply));
+      if (ok && sent < commands.size()) ok = send(sent + 1);
     }
     if (!ok) {
-      fail(*c, deadline);
-      replies.clear();
+      fail(*c, deadline, !replies.empty());
       return replies;
     }
     release(*c);
@@ -230,12 +251,16 @@ class RedisStore final : public L2Store {
     else redisFree(c.context);
   }
 
-  // Counts the failure; the first of its generation starts a backoff and
-  // drops the pooled connections (they reach the same failed server).
-  void fail(Connection c, Clock::time_point deadline) {
+  // Counts the failure and drops the connection (a half-read reply cannot be
+  // resumed). Unless the server answered part of it (it is up, the
+  // deadline was too short for the rest), the first failure of its
+  // generation starts a backoff and drops the pooled connections too (they
+  // reach the same failed server).
+  void fail(Connection c, Clock::time_point deadline, bool answered = false) {
     const Clock::time_point now = Clock::now();
     ++(now >= deadline - from_ms(0.05 * options_.deadline_ms) ? timeouts_ : errors_);
     if (c.context) redisFree(c.context);
+    if (answered) return;
     std::lock_guard lock(mutex_);
     if (c.generation != generation_) return;
     ++generation_;
