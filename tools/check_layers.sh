@@ -3,6 +3,7 @@
 # the layering in docs/architecture.md, "Layers":
 #
 #   core -> kernels -> index -> cache     library attention_echo
+#        -> store (the L2 store)          (the cache reaches it through l2_store.hpp)
 #        -> engine -> serving             library attention_echo_engine
 #        -> cli, python
 #
@@ -26,6 +27,7 @@ declare -A allowed=(
   [core]=""
   [kernels]="core"
   [index]="core"
+  [store]="core"
   [cache]="core kernels index"
   [engine]="core"
   [serving]="core index engine"
@@ -33,10 +35,10 @@ declare -A allowed=(
   [public]=""
   [python]=""
 )
-internal_modules="core kernels index cache engine serving cli"
+internal_modules="core kernels index store cache engine serving cli"
 engine_public="llama.hpp serving.hpp engine.hpp"
 # Modules of the core library: they may not include the engine's public headers.
-core_library="core kernels index cache"
+core_library="core kernels index store cache"
 
 contains() {  # contains WORD LIST
   local w

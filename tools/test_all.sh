@@ -3,7 +3,8 @@
 #   1. the C++ suite (ctest) in Release,
 #   2. the same suite under AddressSanitizer + UBSan (LeakSanitizer on), and
 #      under ThreadSanitizer, then each libFuzzer target for 60 s (fuzz.sh),
-#   3. cmake --install + a find_package(attention_echo) consumer,
+#   3. cmake --install + a find_package(attention_echo) consumer, two aecho
+#      processes sharing one Redis (the shared L2 store, short form),
 #   4. the Python wheel (pip wheel .), installed into the venv, its pytest
 #      suite run against the installed package, and each example once.
 set -euo pipefail
@@ -40,6 +41,9 @@ cmake -S tests/consumer -B build/consumer -G Ninja -DCMAKE_PREFIX_PATH="$PWD/bui
 cmake --build build/consumer
 ./build/consumer/consumer
 ./build/release/basic_usage
+
+step "shared store: two aecho processes on one Redis (short form)"
+REQUESTS=4 CONTEXT=256 bash tools/bench_shared_store.sh build/release
 
 step "engine logits vs PyTorch reference"
 AECHO="$PWD/build/release/aecho" .venv/bin/python -m pytest -q tests/engine

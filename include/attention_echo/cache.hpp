@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_echo/config.hpp"
+#include "attention_echo/l2_store.hpp"
 #include "attention_echo/tensor.hpp"
 
 namespace attention_echo {
@@ -100,6 +101,8 @@ class AttentionEchoCache {
   std::size_t size() const;
   void clear();              // drops entries and zeroes stats
   const EchoConfig& config() const;
+  // The shared L2 store's counters (config.store_url); zeros without one.
+  L2Stats l2_stats() const;
 
   // ---- tenants: per-namespace stats and clear (README, "Reliability") ----
   // A namespace's counters (calls made with that EchoRequest::name_space,

@@ -52,6 +52,10 @@ struct EchoConfig {
   long long threads = 0;              // 0 = all hardware threads
   double sparse_mass = 0.98;          // sparse tier: attention mass the kept tiles cover
   long long block_size = 64;          // sparse tier tile edge: 32 or 64
+  // Shared L2 store beside the in-process entries: "" for none, else
+  // "redis://HOST:PORT[?deadline_ms=3&...]" (l2_store.hpp: parse_l2_url).
+  // Misses are written through; an L1 miss looks there within the deadline.
+  std::string store_url;
 
   void validate() const;
 };

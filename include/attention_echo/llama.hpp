@@ -103,6 +103,9 @@ class Model {
   ~Model();
   Model(Model&&) noexcept;
   const ModelConfig& config() const;
+  // A hash of the config and every weight: what names the model's K/V in a
+  // shared store (PlannerConfig::model_fingerprint).
+  std::uint64_t fingerprint() const;
 
   // The repacked weights an Engine runs on; opaque outside the engine.
   struct Packed;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "attention_echo/cache.hpp"
+#include "attention_echo/l2_store.hpp"
 #include "attention_echo/llama.hpp"
 
 namespace attention_echo::serving {
@@ -92,11 +93,18 @@ struct PlannerConfig {
   AttentionEchoCache* cache = nullptr;
   BlendConfig blend;
   std::shared_ptr<BlendCalibration> calibration;  // null: the planner keeps its own
+  // Shared L2 store of exact K/V blocks (several processes serving one
+  // model): "" for none, else "redis://HOST:PORT[?deadline_ms=3&...]" as
+  // EchoConfig::store_url. Needs model_fingerprint (llama::Model::
+  // fingerprint()): it is part of every key, so models never share K/V.
+  std::string store_url;
+  std::uint64_t model_fingerprint = 0;
 };
 
 // What executing a plan did, for reports.
 struct PrefillReport {
   int reused = 0;               // leading tokens whose K/V came from the store
+  int reused_from_l2 = 0;       // of those, tokens the shared L2 store gave (another process computed)
   bool reused_exact = true;     // false: those came from a blended or echoed forward
   // Blend: rows (past `reused`) computed in layer 0, and in the deeper
   // layers those taken from the donor and those recomputed.
@@ -160,6 +168,9 @@ class Planner {
   // Drops the stored K/V of one namespace (a tenant leaving); other
   // namespaces keep theirs.
   void clear(std::string_view name_space);
+  // The shared L2 store's counters (PlannerConfig::store_url), keys being
+  // K/V blocks; zeros without one.
+  L2Stats l2_stats() const;
 
  private:
   struct Impl;

@@ -143,6 +143,14 @@ class AttentionEchoCache:
         alone exceeds max_bytes, served but not stored)."""
         return self._impl.stats()
 
+    @property
+    def l2_stats(self) -> Dict[str, Any]:
+        """The shared L2 store's counters (``EchoConfig.store_url``; zeros
+        without one): lookups, hits, misses, hit_rate, rejected (corrupt or
+        mismatched values), timeouts, errors, unavailable (skipped while
+        backing off), reconnects, writes, lookup_seconds, max_lookup_seconds."""
+        return self._impl.l2_stats()
+
     def clear(self, namespace: Optional[str] = None) -> None:
         """Drop every entry and zero the stats; with a namespace, drop only
         that tenant's entries and counters (``stats`` loses exactly what

@@ -41,6 +41,7 @@ class EchoConfig:
     threads: int = _D.threads  #: 0 = all hardware threads
     sparse_mass: float = _D.sparse_mass  #: sparse tier: attention mass the kept tiles cover
     block_size: int = _D.block_size  #: sparse tier tile edge: 32 or 64
+    store_url: str = _D.store_url  #: shared L2 store: "" or "redis://HOST:PORT[?deadline_ms=3&...]"
 
     def __post_init__(self) -> None:
         self._to_core()

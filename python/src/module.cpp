@@ -120,6 +120,23 @@ nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
   return d;
 }
 
+nb::dict l2_stats_dict(const ae::L2Stats& s) {
+  nb::dict d;
+  d["lookups"] = s.lookups;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["hit_rate"] = s.hit_rate();
+  d["rejected"] = s.rejected;
+  d["timeouts"] = s.timeouts;
+  d["errors"] = s.errors;
+  d["unavailable"] = s.unavailable;
+  d["reconnects"] = s.reconnects;
+  d["writes"] = s.writes;
+  d["lookup_seconds"] = s.lookup_seconds;
+  d["max_lookup_seconds"] = s.max_lookup_seconds;
+  return d;
+}
+
 nb::ndarray<nb::numpy, float, nb::ndim<1>> to_numpy(std::vector<float>&& v) {
   auto* owned = new std::vector<float>(std::move(v));
   nb::capsule deleter(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
@@ -191,6 +208,7 @@ NB_MODULE(_core, m) {
       .def_rw("threads", &ae::EchoConfig::threads)
       .def_rw("sparse_mass", &ae::EchoConfig::sparse_mass)
       .def_rw("block_size", &ae::EchoConfig::block_size)
+      .def_rw("store_url", &ae::EchoConfig::store_url)
       .def("validate", &ae::EchoConfig::validate);
 
   // ---- AttentionEchoCache ----
@@ -238,6 +256,7 @@ NB_MODULE(_core, m) {
           },
           "embeddings"_a.noconvert())
       .def("stats", [](const ae::AttentionEchoCache& self) { return stats_dict(self.stats(), self.config()); })
+      .def("l2_stats", [](const ae::AttentionEchoCache& self) { return l2_stats_dict(self.l2_stats()); })
       .def("size", &ae::AttentionEchoCache::size)
       .def("clear", nb::overload_cast<>(&ae::AttentionEchoCache::clear), nb::call_guard<nb::gil_scoped_release>())
       // Tenants: per-namespace stats and clear.

@@ -58,6 +58,11 @@ bool can_capture(const Call& call, const ReuseTier& tier) {
   return tier.match() == cache::Match::kTokens ? !call.tokens.empty() : !call.key.empty();
 }
 
+std::optional<cache::L2Entries> make_l2(const EchoConfig& config, const cache::TierSet& tiers) {
+  if (config.store_url.empty()) return std::nullopt;
+  return cache::L2Entries(connect_redis(parse_l2_url(config.store_url)), config, tiers);
+}
+
 }  // namespace
 
 // ---- the call, step by step -------------------------------------------------
@@ -69,7 +74,8 @@ AttentionEchoCache::Impl::Impl(EchoConfig c)
       pool(static_cast<int>(config.threads)),
       keyer(static_cast<int>(config.hash_dim)),
       store(config.eviction_policy, static_cast<std::size_t>(config.capacity),
-            static_cast<std::size_t>(config.max_bytes)) {}
+            static_cast<std::size_t>(config.max_bytes)),
+      l2(make_l2(config, tiers)) {}
 
 void AttentionEchoCache::Impl::validate_request(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                                 const MutableHeadsView& out, const EchoRequest& req) const {
@@ -109,11 +115,33 @@ Call AttentionEchoCache::Impl::plan(const HeadsView& q, const HeadsView& k, cons
   return call;
 }
 
+// L1 first; on an L1 miss the shared store, by the call's identity (at
+// most one L2 lookup per call: covers() holds for one tier of a call).
 std::optional<AttentionEchoCache::Impl::Candidate> AttentionEchoCache::Impl::find(Call& call,
                                                                                   const ReuseTier& tier) {
+  if (tier.match() == cache::Match::kSimilarKey && call.key.empty())
+    call.key = keyer.key(call.embeddings);  // outside the lock: it is compute
+  auto found = find_in_l1(call, tier);
+  if (!found && l2 && cache::L2Entries::covers(call, tier.match()) && fetch_from_l2(call))
+    found = find_in_l1(call, tier);
+  return found;
+}
+
+std::optional<AttentionEchoCache::Impl::Candidate> AttentionEchoCache::Impl::find_in_l1(Call& call,
+                                                                                        const ReuseTier& tier) {
   if (tier.match() == cache::Match::kTokens) return find_by_tokens(call, tier.kind());
-  if (call.key.empty()) call.key = keyer.key(call.embeddings);  // outside the lock: it is compute
   return find_similar(call, tier.kind());
+}
+
+// The entry L2 holds under the call's identity, into L1 (where the tiers
+// find it as any other entry); false when there was none to use.
+bool AttentionEchoCache::Impl::fetch_from_l2(const Call& call) {
+  auto entry = l2->fetch(call);
+  if (!entry) return false;
+  std::lock_guard lock(mutex);
+  const int evicted = store.insert(std::move(*entry));
+  if (evicted > 0) stats.evictions += static_cast<std::uint64_t>(evicted);
+  return evicted >= 0;
 }
 
 // Same space, tokens and k fingerprint (same tokens under other weights is a
@@ -275,7 +303,10 @@ EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k,
     break;
   }
   auto entry = compute_miss(call);
+  std::optional<L2Write> written;  // write-through, encoded and sent outside the lock
+  if (entry && l2) written = l2->encode(*entry);
   finish(call, std::move(entry), replaced);
+  if (written) l2->put(*written);
   return call.result;
 }
 
@@ -354,5 +385,7 @@ void AttentionEchoCache::clear(std::string_view name_space) {
 }
 
 const EchoConfig& AttentionEchoCache::config() const { return impl_->config; }
+
+L2Stats AttentionEchoCache::l2_stats() const { return impl_->l2 ? impl_->l2->stats() : L2Stats{}; }
 
 }  // namespace attention_echo

@@ -16,6 +16,7 @@
 #include "attention_echo/thread_pool.hpp"
 #include "cache/entry_store.hpp"
 #include "cache/guard.hpp"
+#include "cache/l2_entries.hpp"
 #include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
 #include "kernels/cpu_backend.hpp"
@@ -41,6 +42,8 @@ struct AttentionEchoCache::Impl {
   cache::Call plan(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
                    const EchoRequest& request) const;
   std::optional<Candidate> find(cache::Call& call, const cache::ReuseTier& tier);
+  std::optional<Candidate> find_in_l1(cache::Call& call, const cache::ReuseTier& tier);
+  bool fetch_from_l2(const cache::Call& call);
   std::optional<Candidate> find_by_tokens(const cache::Call& call, Tier tier);
   std::optional<Candidate> find_similar(cache::Call& call, Tier tier);
   bool serve(cache::Call& call, const cache::ReuseTier& tier, const Candidate& candidate);
@@ -65,6 +68,7 @@ struct AttentionEchoCache::Impl {
   CacheStats stats;
   // Counters per namespace (entries and bytes come from store.usage).
   std::map<std::string, CacheStats, std::less<>> namespace_stats;
+  const std::optional<cache::L2Entries> l2;  // config.store_url set: the shared store
 };
 
 }  // namespace attention_echo

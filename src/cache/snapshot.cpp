@@ -20,22 +20,16 @@
 #include <string>
 
 #include "cache/cache_impl.hpp"
+#include "cache/entry_codec.hpp"
+#include "core/checksum.hpp"
 
 namespace attention_echo {
 namespace {
-
-using cache::BinaryWriter;
 
 constexpr char kMagic[8] = {'A', 'E', 'C', 'H', 'O', 'S', 'N', 'P'};
 // 2: a section per tier payload instead of fixed exact/sparse/dense fields.
 // 3: the semantic keyer's fingerprint after hash_dim.
 constexpr std::uint32_t kVersion = 3;
-
-std::uint64_t fnv1a(std::string_view bytes) {
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ULL;
-  return h;
-}
 
 // The key of a fixed probe, hashed: keys stored under another projection
 // (seed, generator or pooling) would match nothing they should, so such a
@@ -82,7 +76,9 @@ void write_durably(const std::string& path, std::string_view bytes) {
   }
 }
 
-void write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& tiers) {
+}  // namespace
+
+void cache::write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& tiers) {
   w.put_string(e.space.name_space);
   for (int field : {e.space.layer, e.space.heads, e.space.kv_heads, e.space.dim}) w.put<std::int32_t>(field);
   w.put<std::uint8_t>(e.space.causal);
@@ -99,6 +95,8 @@ void write_entry(BinaryWriter& w, const cache::Entry& e, const cache::TierSet& t
     w.put_string(section.bytes());
   }
 }
+
+namespace {
 
 // Every size must agree with the shapes it claims: a loaded entry is later
 // handed to the kernels unchecked.
@@ -124,7 +122,9 @@ std::unique_ptr<const cache::TierPayload> read_part(BinaryReader& r, const cache
   return part;
 }
 
-cache::Entry read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tiers) {
+}  // namespace
+
+cache::Entry cache::read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tiers) {
   cache::Entry e;
   e.space.name_space = r.get_string("namespace");
   e.space.layer = r.get<std::int32_t>("layer");
@@ -148,6 +148,8 @@ cache::Entry read_entry(BinaryReader& r, int hash_dim, const cache::TierSet& tie
   return e;
 }
 
+namespace {
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("snapshot " + path + ": cannot open");
@@ -164,7 +166,7 @@ void AttentionEchoCache::save(const std::string& path) const {
     body.put<std::int32_t>(static_cast<std::int32_t>(impl_->config.hash_dim));
     body.put<std::uint64_t>(keyer_fingerprint(impl_->keyer));
     body.put<std::uint64_t>(entries.size());
-    for (const cache::Entry* e : entries) write_entry(body, *e, impl_->tiers);
+    for (const cache::Entry* e : entries) cache::write_entry(body, *e, impl_->tiers);
   }
   BinaryWriter file;
   file.put_raw({kMagic, sizeof kMagic});
@@ -198,7 +200,7 @@ void AttentionEchoCache::load(const std::string& path) {
     r.fail("semantic keys from another projection (seed or version)");
   const auto count = r.get<std::uint64_t>("entry count");
   std::vector<cache::Entry> entries;
-  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(read_entry(r, hash_dim, impl_->tiers));
+  for (std::uint64_t i = 0; i < count; ++i) entries.push_back(cache::read_entry(r, hash_dim, impl_->tiers));
   if (!r.done()) r.fail("trailing bytes");
 
   cache::EntryStore fresh(impl_->config.eviction_policy, static_cast<std::size_t>(impl_->config.capacity),

@@ -18,9 +18,9 @@
 #include <vector>
 
 #include "attention_echo/cache.hpp"
-#include "cache/binary_writer.hpp"
 #include "cache/entry.hpp"
 #include "core/binary_reader.hpp"
+#include "core/binary_writer.hpp"
 #include "kernels/backend.hpp"
 
 namespace attention_echo::cache {

@@ -1,7 +1,7 @@
 // aecho: run the engine from the command line.
 //   aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]
 //   aecho logits   --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE
-//   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] ...
+//   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] [--store redis://H:P] ...
 // `aecho --help` and `aecho COMMAND --help` print the full usage.
 #include <CLI/CLI.hpp>
 
@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attention_echo/attention.hpp"
+#include "attention_echo/l2_store.hpp"
 #include "attention_echo/llama.hpp"
 #include "cli/bench.hpp"
 
@@ -52,6 +53,7 @@ struct BenchArgs {
   bool blend = true;
   double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
   double blend_max_error = ae::serving::BlendConfig{}.max_error;
+  std::string store;
 };
 
 constexpr const char* kBenchFooter =
@@ -139,6 +141,14 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
   options.blend = {.enabled = a.blend, .recompute_ratio = a.recompute_ratio, .max_error = a.blend_max_error};
+  options.store_url = a.store;
+  if (!a.store.empty()) {
+    try {
+      ae::parse_l2_url(a.store, "--store");
+    } catch (const std::invalid_argument& e) {
+      throw CLI::ValidationError(e.what());
+    }
+  }
   try {
     options.cache.validate();
   } catch (const std::invalid_argument& e) {
@@ -196,11 +206,12 @@ int run_bench(const BenchArgs& a) {
     std::cout << ae::bench::format_report(reports.back()) << "\n" << std::flush;
   }
   if (json.is_open()) {
-    const nlohmann::ordered_json meta = {{"model", model_path},     {"mode", mode},
+    nlohmann::ordered_json meta = {{"model", model_path},     {"mode", mode},
                                          {"context", context},      {"seed", a.seed},
                                          {"threads", threads},      {"attention_isa", ae::attention_isa()},
                                          {"gemm_isa", ae::attention_isa()},
                                          {"blend_calibration", ae::bench::to_json(calibration)}};
+    if (!a.store.empty()) meta["store"] = a.store;
     json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
     if (!json.flush()) throw std::runtime_error(a.json + ": write failed");
   }
@@ -289,6 +300,9 @@ int main(int argc, char** argv) {
           "FLOAT >= 0"))
       ->capture_default_str();
   bench.add_option("--json", bn.json, "also write every figure as JSON to this file");
+  bench.add_option("--store", bn.store,
+                   "echo mode's shared L2 store, redis://HOST:PORT[?deadline_ms=3&...]: K/V blocks and cache "
+                   "entries are written through and read by other processes running the same scenario");
   bench.footer(kBenchFooter);
 
   try {

@@ -210,8 +210,61 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"hidden_rel_error", q.hidden_rel_error},
                    {"kl", q.kl},
                    {"top1_agrees", q.top1_agrees},
-                   {"prefill_ms", q.prefill_ms}});
+                   {"prefill_ms", q.prefill_ms},
+                   {"reused_from_l2", q.reused_from_l2}});
   return out;
+}
+
+nlohmann::ordered_json l2_json(const L2Stats& s) {
+  return {{"lookups", s.lookups},       {"hits", s.hits},         {"misses", s.misses},
+          {"hit_rate", s.hit_rate()},   {"rejected", s.rejected}, {"timeouts", s.timeouts},
+          {"errors", s.errors},         {"unavailable", s.unavailable}, {"reconnects", s.reconnects},
+          {"writes", s.writes},         {"lookup_ms", 1e3 * s.lookup_seconds},
+          {"max_lookup_ms", 1e3 * s.max_lookup_seconds}};
+}
+
+std::string l2_line(const char* what, const L2Stats& s) {
+  char line[320];
+  std::snprintf(line, sizeof line,
+                "  %-22s %llu looked up, hit rate %.1f%%, %llu rejected, %llu timeouts, %llu errors, "
+                "%llu skipped, %llu reconnects, %llu written, longest lookup %.2f ms\n",
+                what, static_cast<unsigned long long>(s.lookups), 100.0 * s.hit_rate(),
+                static_cast<unsigned long long>(s.rejected), static_cast<unsigned long long>(s.timeouts),
+                static_cast<unsigned long long>(s.errors), static_cast<unsigned long long>(s.unavailable),
+                static_cast<unsigned long long>(s.reconnects), static_cast<unsigned long long>(s.writes),
+                1e3 * s.max_lookup_seconds);
+  return line;
+}
+
+// The shared store's part of the human table: L1 and L2 hit rates, and what
+// the L2 lookups cost next to echo mode's prefill.
+std::string format_shared_store(const SharedStoreReport& s, const ModeReport& echo) {
+  const double lookup_s = s.kv_blocks.lookup_seconds + s.cache.lookup_seconds;
+  char line[320];
+  std::snprintf(line, sizeof line,
+                "  shared store (echo mode): prompt rows reused from L1 %.1f%%, from L2 %.1f%% "
+                "(%d of %d requests used L2)\n",
+                percent(s.reused_l1, s.prompt_tokens), percent(s.reused_l2, s.prompt_tokens), s.requests_l2,
+                echo.requests);
+  std::string out = line;
+  out += l2_line("K/V blocks in L2:", s.kv_blocks);
+  out += l2_line("cache entries in L2:", s.cache);
+  std::snprintf(line, sizeof line, "  L2 lookups took %.2f ms in all, %.3f ms/request, %.2f%% of echo prefill\n",
+                1e3 * lookup_s, 1e3 * lookup_s / echo.requests, percent(lookup_s, echo.prefill_s));
+  return out + line;
+}
+
+nlohmann::ordered_json shared_store_json(const SharedStoreReport& s, const ModeReport& echo) {
+  const double lookup_s = s.kv_blocks.lookup_seconds + s.cache.lookup_seconds;
+  const double rows = static_cast<double>(std::max<long long>(s.prompt_tokens, 1));
+  return {{"l1_reused_fraction", s.reused_l1 / rows},
+          {"l2_reused_fraction", s.reused_l2 / rows},
+          {"requests_using_l2", s.requests_l2},
+          {"l2_lookup_ms", 1e3 * lookup_s},
+          {"l2_lookup_ms_per_request", 1e3 * lookup_s / echo.requests},
+          {"l2_lookup_share_of_prefill", echo.prefill_s > 0 ? lookup_s / echo.prefill_s : 0.0},
+          {"kv_blocks", l2_json(s.kv_blocks)},
+          {"cache", l2_json(s.cache)}};
 }
 
 double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
@@ -226,7 +279,11 @@ class Bench {
         engine_(model, pool_),
         cache_(cache_config(model, options)),
         exact_planner_(model.config()),
-        echo_planner_(model.config(), {.cache = &cache_, .blend = options.blend, .calibration = options.calibration}),
+        echo_planner_(model.config(), {.cache = &cache_,
+                                       .blend = options.blend,
+                                       .calibration = options.calibration,
+                                       .store_url = options.store_url,
+                                       .model_fingerprint = model.fingerprint()}),
         name_space_(scenario.name) {
     report_.scenario = scenario.name;
     report_.description = scenario.description;
@@ -234,6 +291,7 @@ class Bench {
     report_.modes[0].name = "none";
     report_.modes[1].name = "exact-prefix";
     report_.modes[2].name = "echo";
+    report_.shared_store.enabled = !options.store_url.empty();
     KVState kv;  // warm-up (thread pool, page faults), not measured
     engine_.forward(std::span<const int>(scenario.requests.front().tokens).first(1), kv, {});
   }
@@ -250,7 +308,11 @@ class Bench {
     echo(r, base);
   }
 
-  ScenarioReport& report() { return report_; }
+  ScenarioReport& report() {
+    report_.shared_store.kv_blocks = echo_planner_.l2_stats();
+    report_.shared_store.cache = cache_.l2_stats();
+    return report_;
+  }
 
  private:
   static EchoConfig cache_config(const llama::Model& model, const BenchOptions& options) {
@@ -259,6 +321,7 @@ class Bench {
     config.mode = options.mode;
     config.threads = options.threads;
     config.max_prefix_length = model.config().seq_len;
+    config.store_url = options.store_url;
     return config;
   }
 
@@ -310,7 +373,12 @@ class Bench {
     m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
                              rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
                              rep.estimated_error, rep.calibration_kl,
-                             f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s});
+                             f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s, rep.reused_from_l2});
+    SharedStoreReport& shared = report_.shared_store;
+    shared.prompt_tokens += static_cast<long long>(r.tokens.size());
+    shared.reused_l1 += rep.reused - rep.reused_from_l2;
+    shared.reused_l2 += rep.reused_from_l2;
+    shared.requests_l2 += rep.reused_from_l2 > 0;
   }
 
   ThreadPool pool_;
@@ -331,7 +399,10 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   if (!options.blend.enabled || tokens < serving::kMinCalibrationSample) return report;  // too short to blend
   ThreadPool pool(options.threads);
   llama::Engine engine(model, pool);
-  serving::Planner planner(model.config(), {.blend = options.blend, .calibration = options.calibration});
+  serving::PlannerConfig config;  // no store: calibration keeps nothing
+  config.blend = options.blend;
+  config.calibration = options.calibration;
+  serving::Planner planner(model.config(), config);
   const auto start = std::chrono::steady_clock::now();
   report.samples = planner.calibrate(engine, passages);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -422,6 +493,7 @@ std::string format_report(const ScenarioReport& r) {
   row("next-token KL mean (nats)", [&](const ModeReport& m) { return fmt("%.2e", m.kl_sum / n); });
   row("continuation perplexity", [](const ModeReport& m) { return fmt("%.4f", ppl(m)); });
   row("  change vs none", [&](const ModeReport& m) { return fmt("%+.3f%%", 100.0 * (ppl(m) / ppl(base) - 1.0)); });
+  if (r.shared_store.enabled) out << format_shared_store(r.shared_store, r.modes[2]);
   return out.str();
 }
 
@@ -476,6 +548,7 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
                          {"mean_prompt_tokens", r.mean_prompt_tokens},
                          {"mean_prefix_tokens", r.mean_prefix_tokens},
                          {"modes", std::move(modes)}});
+    if (r.shared_store.enabled) scenarios.back()["shared_store"] = shared_store_json(r.shared_store, r.modes[2]);
   }
   meta["scenarios"] = std::move(scenarios);
   return meta;

@@ -57,6 +57,10 @@ struct BenchOptions {
   // scenarios of a run (one model).
   serving::BlendConfig blend{.enabled = true};
   std::shared_ptr<serving::BlendCalibration> calibration = std::make_shared<serving::BlendCalibration>();
+  // Echo mode's shared L2 store (its planner's K/V blocks and its cache):
+  // "" for none, else "redis://HOST:PORT[?...]". Another process running the
+  // same scenario reads what this one wrote.
+  std::string store_url;
 };
 
 // One serving strategy's totals over a scenario.
@@ -112,8 +116,22 @@ struct ModeReport {
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
     double prefill_ms = 0.0;
+    int reused_from_l2 = 0;  // of `reused`: tokens the shared L2 store gave
   };
   std::vector<Request> per_request;
+};
+
+// With a shared store (BenchOptions::store_url): where echo mode's reused
+// K/V came from, and the store's counters (their lookup_seconds: the time
+// L2 lookups cost, inside echo mode's prefill times).
+struct SharedStoreReport {
+  bool enabled = false;
+  long long prompt_tokens = 0;  // echo mode's prompt rows
+  long long reused_l1 = 0;      // rows reused from this process's own store (L1)
+  long long reused_l2 = 0;      // rows whose K/V another process computed (L2)
+  int requests_l2 = 0;          // requests that reused any L2 rows
+  L2Stats kv_blocks;            // the planner's store: keys are K/V blocks
+  L2Stats cache;                // the echo cache's store: keys are entries
 };
 
 struct ScenarioReport {
@@ -122,6 +140,7 @@ struct ScenarioReport {
   int mean_prompt_tokens = 0;
   int mean_prefix_tokens = 0;
   std::vector<ModeReport> modes;  // none, exact-prefix, echo
+  SharedStoreReport shared_store;
 };
 
 // Text to calibrate echo mode's blend guard on before a run: an

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "attention_echo/l2_store.hpp"
 #include "core/errors.hpp"
 
 namespace attention_echo {
@@ -51,6 +52,7 @@ void EchoConfig::validate() const {
   if (threads < 0) throw_invalid_field("threads", "must be non-negative (0 = all hardware threads)");
   if (!(sparse_mass > 0.0 && sparse_mass <= 1.0)) throw_invalid_field("sparse_mass", "must be in (0, 1]");
   if (block_size != 32 && block_size != 64) throw_invalid_field("block_size", "must be 32 or 64");
+  if (!store_url.empty()) parse_l2_url(store_url, "store_url");
 }
 
 }  // namespace attention_echo

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <ctime>
 #include <functional>
 #include <stdexcept>
@@ -36,6 +37,7 @@ struct Model::Packed {
   std::vector<float> final_norm;
   PackedMatrix classifier;  // [vocab, dim]
   std::vector<float> rope_cos, rope_sin;  // [seq_len, head_dim / 2]
+  std::uint64_t fingerprint = 0;
 };
 
 namespace {
@@ -186,6 +188,45 @@ void rope_tables(const ModelConfig& c, std::vector<float>& cos, std::vector<floa
 
 }  // namespace
 
+namespace {
+
+// Every value of the config and the weights, 8 bytes at a time (a hash of
+// ~60 MB takes ~20 ms): two models share a fingerprint only when they
+// compute the same K/V.
+std::uint64_t weights_fingerprint(const Weights& w) {
+  std::uint64_t h = 0x6a09e667f3bcc908ULL;
+  auto mix = [&h](std::uint64_t word) {
+    h = (h ^ word) * 0x100000001b3ULL;
+    h ^= h >> 29;
+  };
+  auto add = [&](const std::vector<float>& values) {
+    mix(values.size());
+    const std::size_t words = values.size() / 2;
+    for (std::size_t i = 0; i < words; ++i) {
+      std::uint64_t word;
+      std::memcpy(&word, values.data() + 2 * i, sizeof word);
+      mix(word);
+    }
+    if (values.size() % 2) {
+      std::uint32_t last;
+      std::memcpy(&last, &values.back(), sizeof last);
+      mix(last);
+    }
+  };
+  const ModelConfig& c = w.config;
+  for (int field : {c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len}) mix(field);
+  for (float field : {c.rope_theta, c.norm_eps}) add({field});
+  add(w.token_embedding);
+  for (const Weights::Layer& l : w.layers)
+    for (const auto* m : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate, &l.w_down, &l.w_up})
+      add(*m);
+  add(w.final_norm);
+  add(w.classifier);
+  return h;
+}
+
+}  // namespace
+
 Model::Model(const Weights& w) : packed_(std::make_unique<Packed>()) {
   const ModelConfig& c = w.config;
   c.validate();
@@ -202,11 +243,13 @@ Model::Model(const Weights& w) : packed_(std::make_unique<Packed>()) {
   m.classifier = pack(w.classifier.empty() ? w.token_embedding.data() : w.classifier.data(), c.vocab_size, c.dim);
   for (const auto& l : w.layers) m.layers.push_back(pack_layer(l, c));
   rope_tables(c, m.rope_cos, m.rope_sin);
+  m.fingerprint = weights_fingerprint(w);
 }
 
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 const ModelConfig& Model::config() const { return packed_->config; }
+std::uint64_t Model::fingerprint() const { return packed_->fingerprint; }
 
 KVState KVState::prefix(int tokens) const {
   if (tokens < 0 || tokens > length) throw std::invalid_argument("tokens: prefix longer than the state");

@@ -109,6 +109,15 @@ KVBlockStore::~KVBlockStore() = default;
 KVBlockStore::KVBlockStore(KVBlockStore&&) noexcept = default;
 KVBlockStore& KVBlockStore::operator=(KVBlockStore&&) noexcept = default;
 
+std::vector<std::uint64_t> KVBlockStore::block_hashes(std::string_view name_space,
+                                                      std::span<const int> tokens) const {
+  const std::size_t B = shape_.block_tokens;
+  std::vector<std::uint64_t> hashes;
+  std::uint64_t at = namespace_root(name_space);
+  for (std::size_t t0 = 0; t0 + B <= tokens.size(); t0 += B) hashes.push_back(at = chain(at, tokens.subspan(t0, B)));
+  return hashes;
+}
+
 KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, std::span<const int> tokens,
                                                   bool exact_only) {
   Impl& m = *impl_;

@@ -86,6 +86,10 @@ class KVBlockStore {
     double error = 0.0;  // max over the blocks used
     std::vector<std::shared_ptr<const KVBlock>> blocks;
   };
+  // The chain hashes naming the full blocks of `tokens` in this namespace,
+  // first block first: the same on every machine (the shared L2 store's keys).
+  std::vector<std::uint64_t> block_hashes(std::string_view name_space, std::span<const int> tokens) const;
+
   // exact_only: stop before the first block an approximate forward stored.
   Prefix longest_prefix(std::string_view name_space, std::span<const int> tokens, bool exact_only = false);
 

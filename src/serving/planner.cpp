@@ -11,6 +11,7 @@
 #include "serving/cost_model.hpp"
 #include "serving/kv_blend.hpp"
 #include "serving/kv_block_store.hpp"
+#include "serving/kv_l2.hpp"
 #include "serving/token_alignment.hpp"
 
 namespace attention_echo::serving {
@@ -90,6 +91,16 @@ void validate_config(const PlannerConfig& c) {
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
   if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
   if (b.calibrate_every < 0) throw std::invalid_argument("blend.calibrate_every: must be non-negative");
+  if (!c.store_url.empty()) {
+    parse_l2_url(c.store_url, "store_url");
+    if (c.model_fingerprint == 0)
+      throw std::invalid_argument("model_fingerprint: required with store_url (llama::Model::fingerprint())");
+  }
+}
+
+std::optional<KVBlocksL2> make_l2(const PlannerConfig& c, const KVBlockStore::Shape& shape) {
+  if (c.store_url.empty()) return std::nullopt;
+  return KVBlocksL2(connect_redis(parse_l2_url(c.store_url, "store_url")), c.model_fingerprint, shape);
 }
 
 // KL(p || q) of the next-token distributions given by two logit rows.
@@ -166,13 +177,15 @@ struct Planner::Impl {
   KVBlockStore store;
   CostModel cost;
   std::shared_ptr<BlendCalibration> calibration;
+  std::optional<KVBlocksL2> l2;
 
   Impl(const llama::ModelConfig& m, PlannerConfig c)
       : model(m),
         config((validate_config(c), c)),
         store({m.n_layers, m.kv_dim(), c.block_tokens}, c.store_bytes),
         cost(cache_prior(c.cache)),
-        calibration(c.calibration ? c.calibration : std::make_shared<BlendCalibration>()) {}
+        calibration(c.calibration ? c.calibration : std::make_shared<BlendCalibration>()),
+        l2(make_l2(config, store.shape())) {}
 
   void validate_tokens(std::span<const int> tokens, const std::string& name = "tokens") const {
     if (tokens.empty()) throw std::invalid_argument(name + ": empty");
@@ -244,9 +257,32 @@ struct Planner::Impl {
     }
     to.insert(ns, tokens.first(kv.length), k, v, !exact, error);
   }
+  // Into the store, and exact K/V of the rows from `computed_from` on (the
+  // ones this process computed) through to L2 as well.
   void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
-                    double error) {
+                    double error, int computed_from) {
     store_in(store, ns, tokens, kv, exact, error);
+    if (l2 && exact)
+      l2->put(ns, tokens, store.block_hashes(ns, tokens.first(kv.length)), computed_from / config.block_tokens, kv);
+  }
+
+  // The blocks past the exact stored prefix that L2 holds, into the store
+  // (one round trip, within the lookup deadline). Returns the token range
+  // they cover, empty when none.
+  std::pair<int, int> fill_from_l2(std::string_view ns, std::span<const int> tokens,
+                                   const KVBlockStore::Prefix& stored) {
+    const int B = config.block_tokens;
+    if (!l2 || stored.length >= static_cast<int>(tokens.size()) - 1) return {0, 0};
+    KVBlockStore::Prefix exact = stored.approximate ? store.longest_prefix(ns, tokens, true) : stored;
+    const int first = exact.length / B;
+    const auto hashes = store.block_hashes(ns, tokens);
+    const auto fetched = l2->fetch(ns, tokens, hashes, first);
+    if (fetched.empty()) return {0, 0};
+    exact.blocks.resize(first);
+    exact.blocks.insert(exact.blocks.end(), fetched.begin(), fetched.end());
+    exact.length = static_cast<int>(exact.blocks.size()) * B;
+    store_in(store, ns, tokens, gather(exact, exact.length), true, 0.0);
+    return {first * B, exact.length};
   }
 };
 
@@ -265,7 +301,13 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   plan.name_space = std::string(name_space);
   plan.prefix_length = prefix_length;
 
-  const KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
+  KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
+  const auto [l2_from, l2_to] = m.fill_from_l2(name_space, tokens, stored);
+  if (l2_to > l2_from) stored = m.store.longest_prefix(name_space, tokens);
+  // Of the K/V the plan starts from, the tokens L2 gave.
+  auto count_l2 = [&, l2_from = l2_from, l2_to = l2_to] {
+    plan.report.reused_from_l2 = std::clamp(plan.kv.length - l2_from, 0, l2_to - l2_from);
+  };
   const int L = std::min(stored.length, T - 1);
   double best = m.cost.reuse(T, L);
   // The cache route serves a declared shared context the store misses. With
@@ -288,6 +330,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
       plan.route = Plan::Route::kBlend;
       plan.blend = std::move(chosen);
       plan.kv = m.gather(exact, skip);
+      count_l2();
       return plan;
     }
   }
@@ -296,6 +339,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
     plan.reused_exact = !stored.approximate;
     plan.reused_error = stored.error;
   }
+  count_l2();
   return plan;
 }
 
@@ -328,11 +372,12 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       report.calibration_kl = next_token_kl(exact.logits, result.logits);
       m.calibration->add(out.estimated_error, report.calibration_kl, m.config.blend);
       plan.kv = std::move(exact_prefix);
-      m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0);
+      m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
     if (out.served) {
-      m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0);
+      m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
+                     report.reused);
       return result;
     }
     // The guard refused it in a deep layer: back to the exact rows it started from.
@@ -343,7 +388,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
     report.reused_exact = plan.reused_exact;
     if (!plan.reused_exact) report.estimated_error = plan.reused_error;
-    m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error);
+    m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error, report.reused);
     return result;
   }
   if (!m.config.cache) throw std::invalid_argument("plan: routed through the cache, but this planner has none");
@@ -356,7 +401,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   report.echo = result.echo;
   for (const EchoResult& e : result.echo)
     if (e.tier == Tier::kSparse || e.tier == Tier::kDense) report.estimated_error = std::max(report.estimated_error, e.estimated_error);
-  m.store_prompt(plan.name_space, tokens, plan.kv, exact, report.estimated_error);
+  m.store_prompt(plan.name_space, tokens, plan.kv, exact, report.estimated_error, 0);
   return result;
 }
 
@@ -401,5 +446,6 @@ void Planner::observe(int rows, double total_cpu_s, double attention_cpu_s) {
 std::size_t Planner::stored_prompts() const { return impl_->store.size(); }
 std::size_t Planner::stored_bytes() const { return impl_->store.bytes(); }
 void Planner::clear(std::string_view name_space) { impl_->store.clear(name_space); }
+L2Stats Planner::l2_stats() const { return impl_->l2 ? impl_->l2->stats() : L2Stats{}; }
 
 }  // namespace attention_echo::serving

@@ -1,5 +1,6 @@
-// Little-endian, fixed-width writer for cache snapshots: the mirror of
-// BinaryReader (core/binary_reader.hpp), field for field.
+// Little-endian, fixed-width writer for cache snapshots and the shared L2
+// store's values: the mirror of BinaryReader (core/binary_reader.hpp),
+// field for field.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +9,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace attention_echo::cache {
+namespace attention_echo {
 
 class BinaryWriter {
  public:
@@ -35,4 +36,4 @@ class BinaryWriter {
   std::string out_;
 };
 
-}  // namespace attention_echo::cache
+}  // namespace attention_echo
