@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--shim", required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.3, 0.1])
+    ap.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines (compare builds)")
     ap.add_argument("--json")
     args = ap.parse_args()
     lib = load_shim(args.shim)
@@ -178,6 +179,8 @@ def main():
             ms = median_ms(ours_mass(block), reps)
             record(T, f"ours exact + mass b{block}", ms, overhead=ms / miss - 1)
 
+        if args.ours_only:
+            continue
         sdpa = {}
         for backend, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
             def run(backend=backend):

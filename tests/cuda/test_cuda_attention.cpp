@@ -389,6 +389,9 @@ TEST_F(CudaAttention, BadArgumentsNameTheArgument) {
   DeviceProblem mixed = p.device();
   mixed.k.dtype = DType::kF16;
   expect_invalid([&] { exact_attention(mixed, nullptr); }, "key");
+  DeviceProblem no_scale = p.device();
+  no_scale.scale = 0.0f;
+  expect_invalid([&] { exact_attention(no_scale, nullptr); }, "scale");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 200, 32, nullptr); }, "block");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 301, 64, nullptr); }, "prefix");
   expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 32), 100, nullptr); }, "kept");

@@ -19,6 +19,7 @@ namespace {
 using namespace detail;
 
 static_assert(kBlockRows == kRowsPerBlock, "the header's block size is the kernel's");
+static_assert(kWarps <= 8, "a plan entry has 8 warp bits");
 
 void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
@@ -31,9 +32,10 @@ __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 template <typename T, int D, bool kMass>
 __global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
+  // Q, then two stages of (K, V): chunk it + 1 loads while chunk it computes.
   T* qs = reinterpret_cast<T*>(smem);
-  T* ks = qs + kBlockRows * D;
-  T* vs = ks + kChunkKeys * D;
+  auto ks = [&](int stage) { return qs + (kBlockRows + 2 * stage * kChunkKeys) * D; };
+  auto vs = [&](int stage) { return qs + (kBlockRows + (2 * stage + 1) * kChunkKeys) * D; };
   const int head = blockIdx.y;
   const int kv = head / p.group;
   // Causal blocks further down the sequence have more keys: start them first.
@@ -56,8 +58,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) 
   }
   auto entry = [&](int it) { return plan != nullptr ? plan[it] : (static_cast<std::uint32_t>(it) | 0xffu << 16); };
 
+  auto load_chunk = [&](int it) {
+    const int first = static_cast<int>(entry(it) & 0xffffu) * kChunkKeys;
+    load_tile<T, D>(ks(it & 1), kh, p.k_token_stride, first, kChunkKeys, p.tokens);
+    load_tile<T, D>(vs(it & 1), vh, p.v_token_stride, first, kChunkKeys, p.tokens);
+  };
   load_tile<T, D>(qs, qh, p.q_token_stride, row0 - p.query_offset, kBlockRows, p.row_end - p.query_offset);
-  if (count > 0) load_tile<T, D>(ks, kh, p.k_token_stride, (entry(0) & 0xffffu) * kChunkKeys, kChunkKeys, p.tokens);
+  if (count > 0) load_chunk(0);
+  cp_async_commit();
+  if (count > 1) load_chunk(1);
   cp_async_commit();
 
   WarpState<T, D, kMass> st;
@@ -83,24 +92,19 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) 
   for (int it = 0; it < count; ++it) {
     const std::uint32_t e = entry(it);
     const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
-    cp_async_wait_all();
-    __syncthreads();  // K landed; every warp is done with the last V
-    load_tile<T, D>(vs, vh, p.v_token_stride, chunk_begin, kChunkKeys, p.tokens);
-    cp_async_commit();
+    cp_async_wait_one();  // this chunk's group has landed; the next one's may still fly
+    __syncthreads();
     if (it == 0)
 #pragma unroll
       for (int kd = 0; kd < D / 16; ++kd)
         ldmatrix_x4(st.q[kd], qs + swizzle<D>(warp * kWarpRows + (lane & 15), kd * 16 + (lane >> 4) * 8));
-    const bool active = warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end;
-    if (active) warp_scores(st, s, p, ks, chunk_begin, chunk_begin + kChunkKeys > warp_min_end, row, end, head);
-    cp_async_wait_all();
-    __syncthreads();  // V landed; every warp is done with K
-    if (it + 1 < count) {
-      load_tile<T, D>(ks, kh, p.k_token_stride, static_cast<int>(entry(it + 1) & 0xffffu) * kChunkKeys, kChunkKeys,
-                      p.tokens);
-      cp_async_commit();
+    if (warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end) {
+      warp_scores(st, s, p, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, row, end, head);
+      warp_values(st, s, vs(it & 1));
     }
-    if (active) warp_values(st, s, vs);
+    __syncthreads();  // every warp is done with this stage
+    if (it + 2 < count) load_chunk(it + 2);
+    cp_async_commit();  // possibly empty: one group per chunk keeps the wait count uniform
   }
   cp_async_wait_all();
 
@@ -188,7 +192,7 @@ void check_problem(const DeviceProblem& p) {
     throw_invalid("query", "tokens must be key tokens - query_offset");
   if (p.k.tokens > 0xffff * kChunkKeys) throw_invalid("key", "tokens must be < 4194240 on CUDA");
   if (p.prefix_length < 0 || p.prefix_length > p.k.tokens) throw_invalid("prefix_length", "must be in [0, T]");
-  if (!std::isfinite(p.scale)) throw_invalid("scale", "must be finite");
+  if (!(std::isfinite(p.scale) && p.scale > 0.0f)) throw_invalid("scale", "must be positive and finite");
 }
 
 KernelParams make_params(const DeviceProblem& p, int row_end) {
@@ -214,7 +218,7 @@ KernelParams make_params(const DeviceProblem& p, int row_end) {
 
 template <typename T, int D, bool kMass>
 void launch(const KernelParams& params, int heads, cudaStream_t stream) {
-  constexpr int kSmem = (kBlockRows + 2 * kChunkKeys) * D * static_cast<int>(sizeof(T));
+  constexpr int kSmem = (kBlockRows + 4 * kChunkKeys) * D * static_cast<int>(sizeof(T));
   static const bool configured = [] {
     check_cuda(cudaFuncSetAttribute(attention_kernel<T, D, kMass>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                "cudaFuncSetAttribute");

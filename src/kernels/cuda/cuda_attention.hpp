@@ -53,7 +53,7 @@ struct DeviceProblem {
   DeviceHeads k;           // [Hkv, T, D]
   DeviceHeads v;           // [Hkv, T, D]
   MutableDeviceHeads out;  // like q
-  float scale = 1.0f;
+  float scale = 1.0f;  // positive
   bool causal = true;
   int prefix_length = 0;
   int query_offset = 0;

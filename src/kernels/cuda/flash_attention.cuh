@@ -31,6 +31,9 @@
 
 namespace attention_echo::kernels::cuda::detail {
 
+// 8 warps, one block per multiprocessor (about 230 registers a thread): 4
+// warps with two blocks per multiprocessor measured 4-7% slower on the H200
+// (docs/cuda/NOTES.md).
 inline constexpr int kWarps = 8;
 inline constexpr int kWarpRows = 16;
 inline constexpr int kBlockRows = kWarps * kWarpRows;
@@ -111,6 +114,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* smem) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -219,17 +223,17 @@ __device__ __forceinline__ void warp_scores(WarpState<T, D, kMass>& st, float (&
   float alpha[2], ref[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    float mx = st.m[i];
+    // Raw scores until the exponent: the scale (positive) rides in its FMA.
+    float mx = -INFINITY;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[n][2 * i + e];
-        x *= p.scale_log2;
         if (mask && chunk_begin + n * 8 + 2 * t + e >= end[i]) x = -INFINITY;
         mx = fmaxf(mx, x);
       }
-    mx = quad_max(mx);
+    mx = fmaxf(st.m[i], quad_max(mx) * p.scale_log2);
     ref[i] = mx == -INFINITY ? 0.0f : mx;
     alpha[i] = fast_exp2(st.m[i] - ref[i]);  // 0 while the row had seen no key (m = -inf)
     st.m[i] = mx;
@@ -252,7 +256,7 @@ __device__ __forceinline__ void warp_scores(WarpState<T, D, kMass>& st, float (&
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[n][2 * i + e];
-        x = fast_exp2(x - st.m_ref[i]);
+        x = fast_exp2(fmaf(x, p.scale_log2, -st.m_ref[i]));
         chunk_sum[i] += x;
       }
 #pragma unroll
