@@ -28,9 +28,16 @@ How the request maps onto the cache:
   ``echo_prefix_tokens=``; (P,) shared by the batch or (B, P).
 * **Namespace**: ``echo_context(namespace=...)`` / ``echo_namespace=``.
 
+* **Padding** (batched prompts of different lengths, as ``generate()`` passes
+  them): when the mask is causal attention over one contiguous run of real
+  tokens per sequence (left or right padding), each sequence is served on its
+  own tokens: positions, the prefix and ``prefix_tokens`` count from its first
+  real token. The padding query rows are computed by SDPA with their mask
+  rows, as ``"sdpa"`` computes them.
+
 Falls back to transformers' own SDPA attention (same result as
-``attn_implementation="sdpa"``) when the cache cannot serve the call: an
-explicit attention mask (padding), decode steps or chunks whose query length
+``attn_implementation="sdpa"``) when the cache cannot serve the call: any
+other attention mask, decode steps or chunks whose query length
 differs from the key length (KV cache), dropout, softcapping, sliding windows,
 attention sinks, non-causal layers, and calls that need gradients (the echo
 path is inference-only; a UserWarning says so once).
@@ -49,8 +56,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._cache import AttentionEchoCache
 from ._config import EchoConfig
-from ._request import EchoRequest
-from .torch import _echo_batch
+from ._request import EchoRequest, _is_token_batch, _split
+from .torch import _echo_batch, _merge_meta
 
 __all__ = ["register", "enable", "echo_context", "caches", "stats", "clear", "last_meta", "NAME"]
 
@@ -153,8 +160,8 @@ def last_meta(model: torch.nn.Module) -> Dict[int, Dict[str, Any]]:
     return {m.layer_idx: m._echo_last_meta for m in _attention_modules(model) if hasattr(m, "_echo_last_meta")}
 
 
-def _can_echo(module, query, key, attention_mask, dropout, kwargs) -> bool:
-    if attention_mask is not None or dropout > 0.0:
+def _can_echo(module, query, key, dropout, kwargs) -> bool:
+    if dropout > 0.0:
         return False
     if query.shape[2] != key.shape[2]:  # decode step / chunked prefill against a KV cache
         return False
@@ -175,6 +182,30 @@ def _can_echo(module, query, key, attention_mask, dropout, kwargs) -> bool:
             _warned_grad = True
         return False
     return True
+
+
+def _padded_spans(attention_mask: torch.Tensor, tokens: int) -> Optional[List[tuple]]:
+    """Per sequence the [start, end) of its real tokens when the (B, 1, T, T)
+    mask (bool, or additive with 0 where allowed) is exactly causal attention
+    over one contiguous run of real tokens for those rows; None for any other
+    mask."""
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-2:] != (tokens, tokens):
+        return None
+    allowed = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, 0]
+    keys = allowed[:, -1]  # the last query (real or padding) sees every real key
+    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=allowed.device).tril()
+    spans = []
+    for b in range(allowed.shape[0]):
+        real = keys[b].nonzero()
+        if len(real) == 0:
+            return None
+        start, end = int(real[0]), int(real[-1]) + 1
+        if not bool(keys[b, start:end].all()):
+            return None
+        if not torch.equal(allowed[b, start:end], causal[start:end] & keys[b]):
+            return None
+        spans.append((start, end))
+    return spans
 
 
 def _prefix_length(prefix_length: Optional[int], prefix_tokens, tokens: int) -> int:
@@ -224,25 +255,52 @@ def echo_attention_forward(
     prefix_tokens = kwargs.pop("echo_prefix_tokens", ctx.get("prefix_tokens"))
     namespace = kwargs.pop("echo_namespace", ctx.get("namespace", ""))
 
-    if not _can_echo(module, query, key, attention_mask, dropout, kwargs):
+    spans = None if attention_mask is None else _padded_spans(attention_mask, query.shape[2])
+    if (attention_mask is not None and spans is None) or not _can_echo(module, query, key, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-
-    prefix_length = _prefix_length(prefix_length, prefix_tokens, query.shape[2])
-    requests = EchoRequest.per_sequence(
-        query.shape[0],
-        _prefix_embeddings(value, prefix_length),
-        prefix_tokens,
-        prefix_length=prefix_length,
-        layer_id=getattr(module, "layer_idx", 0) or 0,
-        scale=scaling,
-        causal=True,
-        namespace=namespace,
-    )
-    out, meta = _echo_batch(_cache_of(module), query, key, value, requests)
+    fields = dict(layer_id=getattr(module, "layer_idx", 0) or 0, scale=scaling, causal=True, namespace=namespace)
+    cache = _cache_of(module)
+    if spans is None or all(span == (0, query.shape[2]) for span in spans):
+        prefix_length = _prefix_length(prefix_length, prefix_tokens, query.shape[2])
+        requests = EchoRequest.per_sequence(
+            query.shape[0], _prefix_embeddings(value, prefix_length), prefix_tokens,
+            prefix_length=prefix_length, **fields
+        )
+        out, meta = _echo_batch(cache, query, key, value, requests)
+    else:
+        out, meta = _echo_padded(module, cache, query, key, value, attention_mask, spans,
+                                 prefix_length, prefix_tokens, fields, **kwargs)
     module._echo_last_meta = meta
     return out, None
+
+
+def _echo_padded(module, cache, query, key, value, attention_mask, spans, prefix_length, prefix_tokens, fields,
+                 **kwargs):
+    """A padded batch one sequence at a time on its real tokens [start, end);
+    the padding query rows go through SDPA with their own mask rows."""
+    batch, heads, tokens, dim = query.shape
+    out = torch.empty(batch, tokens, heads, dim, dtype=query.dtype, device=query.device)
+    tokens_of = _split(prefix_tokens, batch, _is_token_batch(prefix_tokens), "prefix_tokens")
+    metas = []
+    for b, (start, end) in enumerate(spans):
+        q, k, v = (x[b : b + 1, :, start:end] for x in (query, key, value))
+        length = _prefix_length(prefix_length, tokens_of[b], end - start)
+        embeddings = _prefix_embeddings(v, length)
+        request = EchoRequest(prefix_length=length, prefix_embeddings=None if embeddings is None else embeddings[0],
+                              prefix_tokens=tokens_of[b], **fields)
+        rows, meta = _echo_batch(cache, q, k, v, [request])
+        out[b, start:end] = rows[0]
+        metas.append(meta)
+        for first, last in ((0, start), (end, tokens)):
+            if first < last:
+                pad, _ = sdpa_attention_forward(
+                    module, query[b : b + 1, :, first:last], key[b : b + 1], value[b : b + 1],
+                    attention_mask[b : b + 1, :, first:last], scaling=fields["scale"], **kwargs
+                )
+                out[b, first:last] = pad[0]
+    return out, _merge_meta(metas)
 
 
 register()

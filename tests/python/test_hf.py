@@ -71,16 +71,62 @@ def test_exact_tier_through_prefix_tokens_kwargs(model, ids):
     assert (again - eager).abs().max().item() < 1e-5
 
 
-def test_padding_mask_and_decode_fall_back_to_sdpa(model, ids):
-    sdpa_model_out = logits_with(model, "sdpa", ids[:, :40], attention_mask=torch.ones(1, 40, dtype=torch.long))
+def test_left_padding_is_served_per_sequence(model, ids):
     padded = torch.cat([torch.zeros(1, 8, dtype=torch.long), ids[:, :40]], dim=1)
     mask = torch.cat([torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], dim=1)
     sdpa_padded = logits_with(model, "sdpa", padded, attention_mask=mask)
     echo_hf.enable(model)
     with torch.no_grad():
         echo_padded = model(padded, attention_mask=mask).logits
+        assert all(not m["echo_hit"] and m["tokens_computed"] == 40 for m in echo_hf.last_meta(model).values())
+        again = model(padded, attention_mask=mask).logits
+    # Every position, the padding rows too (SDPA computes those).
     assert (echo_padded - sdpa_padded).abs().max().item() < 1e-5
-    assert echo_hf.stats(model)["total_lookups"] == 0  # masked calls never reach the cache
+    assert (again - sdpa_padded).abs().max().item() < 1e-3
+    assert all(m["echo_hit"] for m in echo_hf.last_meta(model).values())
+    s = echo_hf.stats(model)
+    assert (s["total_lookups"], s["hits"]) == (4, 2)  # 2 layers x 2 calls
+
+
+def test_batched_prompts_of_different_lengths(model):
+    """Left padding (what generate() gets from a tokenizer padding left) and
+    right padding: the real positions match SDPA, each sequence reaches the
+    cache on its own tokens, and greedy generation is SDPA's."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = (40, 31, 24)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in lengths]
+    for side in ("left", "right"):
+        ids = torch.zeros(3, 40, dtype=torch.long)
+        mask = torch.zeros(3, 40, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            span = slice(40 - len(p), 40) if side == "left" else slice(0, len(p))
+            ids[b, span], mask[b, span] = p, 1
+        sdpa = logits_with(model, "sdpa", ids, attention_mask=mask)
+        echo_hf.enable(model)
+        with torch.no_grad(), echo_hf.echo_context(prefix_length=16):
+            echo = model(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert (echo[real] - sdpa[real]).abs().max().item() < 1e-5, side
+        assert echo_hf.stats(model)["total_lookups"] == 3 * 2, side
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    model.set_attn_implementation("echo")
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_other_masks_and_decode_fall_back_to_sdpa(model, ids):
+    # A hole in the middle is no padding: SDPA serves it.
+    mask = torch.ones(1, 40, dtype=torch.long)
+    mask[0, 10:14] = 0
+    sdpa = logits_with(model, "sdpa", ids[:, :40], attention_mask=mask)
+    echo_hf.enable(model)
+    with torch.no_grad():
+        echo = model(ids[:, :40], attention_mask=mask).logits
+    assert (echo - sdpa).abs().max().item() < 1e-5
+    assert echo_hf.stats(model)["total_lookups"] == 0
     # Greedy generation (prefill through the cache, decode steps through SDPA).
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
@@ -89,7 +135,6 @@ def test_padding_mask_and_decode_fall_back_to_sdpa(model, ids):
     with torch.no_grad():
         got = model.generate(ids[:, :24], max_new_tokens=6, do_sample=False)
     assert torch.equal(got, want)
-    assert sdpa_model_out.shape == (1, 40, 128)
 
 
 def test_batched_prompts(model):

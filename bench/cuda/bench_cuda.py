@@ -1,0 +1,243 @@
+"""Side-by-side timing of AttentionEcho's CUDA kernels and PyTorch's attention
+in one process, on the same bf16 tensors and the same stream.
+
+    python3 bench/cuda/bench_cuda.py --shim build/cuda/libae_cuda_shim.so \
+        [--tokens 4096 8192 16384 32768] [--json out.json]
+
+Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
+  miss        our exact kernel, with and without the tile-mass capture
+              (block 128 and 64), against SDPA (cuDNN, flash) and FlexAttention
+  sparse      our kernel over a kept-tile plan (random 128-blocks, always the
+              sink and the diagonal) at kept 0.5 / 0.3 / 0.1, against
+              FlexAttention with the same block mask
+  exact hit   the exact tier's copy of the prefix rows (p = T), and that copy
+              plus 512 suffix rows computed exactly
+Times are medians of CUDA-event-timed repeats after warm-up; TFLOP/s counts
+the causal attention's 2 * H * T^2 * D (sparse: the kept tiles' share).
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+H, HKV, D, BLOCK = 32, 8, 128, 128
+PEAK = 790.0  # bf16 dense TFLOP/s measured on this H200 type (8192^3 matmul)
+
+
+def load_shim(path):
+    lib = ctypes.CDLL(path)
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    problem = [p, i64, i64, p, p, i64, i64, p, i64, i64, i32, i32, i32, i32, i32, i32, i32, i32, f32]
+    lib.ae_last_error.restype = ctypes.c_char_p
+    lib.ae_attention.argtypes = problem + [p]
+    lib.ae_attention_mass.argtypes = problem + [i32, i32, p, p]
+    lib.ae_plan_create.argtypes = [p, p, i32, i32, i32, i32, p]
+    lib.ae_plan_create.restype = p
+    lib.ae_plan_destroy.argtypes = [p]
+    lib.ae_sparse.argtypes = problem + [p, p]
+    lib.ae_copy_rows.argtypes = [p, i64, i64, p, i64, i64, i32, i32, i32, i32, i32, p]
+    lib.ae_keep_pool_memory.argtypes = [i32]
+    return lib
+
+
+def check(lib, status):
+    if status != 0:
+        raise RuntimeError(lib.ae_last_error().decode())
+
+
+def stream():
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def view(t):
+    """(pointer, head stride, token stride) of a [1, heads, tokens, D] tensor."""
+    return ctypes.c_void_p(t.data_ptr()), t.stride(1), t.stride(2)
+
+
+def problem_args(q, k, v, out, query_offset=0):
+    T = k.shape[2]
+    qp, qh, qt = view(q)
+    kp, kh, kt = view(k)
+    vp, _, _ = view(v)
+    op, oh, ot = view(out)
+    return [qp, qh, qt, kp, vp, kh, kt, op, oh, ot, 1, H, HKV, T, D, 1, 0, query_offset, 1.0 / math.sqrt(D)]
+
+
+def median_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def random_kept(T, kept, generator):
+    """Random kept 128-tiles per (head, query tile) over the causal tiles:
+    tile 0 and the diagonal always, the others with one probability chosen so
+    that the kept share of all causal tiles is `kept`. Returns the bool table
+    [H, n, n] and the CSR arrays of TileSet."""
+    n = T // BLOCK
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device="cuda"))
+    forced = torch.eye(n, dtype=torch.bool, device="cuda")
+    forced[:, 0] = True
+    total, n_forced = causal.sum().item(), forced.sum().item()
+    prob = max(0.0, (kept * total - n_forced) / (total - n_forced))
+    table = (torch.rand(H, n, n, device="cuda", generator=generator) < prob) & causal
+    table |= forced
+    counts = table.sum(-1).flatten()
+    offsets = torch.zeros(H * n + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts.cpu(), 0)
+    cols = table.nonzero()[:, 2].to(torch.int16).cpu()  # row-major order: ascending per (h, I)
+    share = table.sum().item() / (H * total)
+    return table, offsets.to(torch.int32).contiguous(), cols.contiguous(), share
+
+
+def flex_mask(table):
+    """FlexAttention's BlockMask for kept causal 128-tiles table [H, n, n]:
+    the diagonal tiles partial (causal mask_mod), the kept tiles below it full,
+    which is what create_block_mask builds, without evaluating the mask per
+    element over T x T."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = table.shape[-1]
+    ar = torch.arange(n, device="cuda", dtype=torch.int32)
+    full = table & torch.tril(torch.ones(n, n, dtype=torch.bool, device="cuda"), diagonal=-1)
+    full_num = full.sum(-1, dtype=torch.int32)[None]
+    full_idx = torch.argsort((~full).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
+    num = torch.ones(1, H, n, dtype=torch.int32, device="cuda")
+    idx = ((ar[:, None] + ar[None, :]) % n).expand(H, n, n).contiguous()[None]
+    # The mask_mod carries the whole mask too (eager flex evaluates only it).
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
+                                    mask_mod=lambda b, h, qi, ki: (qi >= ki) & table[h, qi // BLOCK, ki // BLOCK])
+
+
+def tflops(T, ms, share=1.0):
+    return 2.0 * H * T * T * D * share / (ms * 1e-3) / 1e12
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shim", required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.3, 0.1])
+    ap.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines (compare builds)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    lib = load_shim(args.shim)
+    check(lib, lib.ae_keep_pool_memory(torch.cuda.current_device()))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, H={H} Hkv={HKV} D={D} bf16 causal")
+    results = []
+
+    def record(T, name, ms, share=1.0, **extra):
+        row = {"T": T, "kernel": name, "ms": ms, "tflops": tflops(T, ms, share), **extra}
+        row["peak_fraction"] = row["tflops"] / PEAK
+        results.append(row)
+        more = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"T={T:6d} {name:28s} {ms:8.3f} ms {row['tflops']:6.1f} TFLOP/s ({row['peak_fraction']:.0%}) {more}",
+              flush=True)
+
+    for T in args.tokens:
+        reps = 20 if T <= 8192 else 8
+        q = torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        out = torch.empty_like(q)
+        base = problem_args(q, k, v, out)
+
+        def ours():
+            check(lib, lib.ae_attention(*base, stream()))
+
+        def ours_mass(block):
+            return lambda: check(lib, lib.ae_attention_mass(*base, T, block, None, stream()))
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).float()
+        ours()
+        torch.cuda.synchronize()
+        err = ((out.float() - ref).norm() / ref.norm()).item()  # bf16 vs bf16: a few 1e-3
+        del ref
+        miss = median_ms(ours, reps)
+        record(T, "ours exact (miss)", miss, rel_err=err)
+        for block in (128, 64):
+            ms = median_ms(ours_mass(block), reps)
+            record(T, f"ours exact + mass b{block}", ms, overhead=ms / miss - 1)
+
+        if args.ours_only:
+            continue
+        sdpa = {}
+        for backend, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            try:
+                sdpa[name] = median_ms(run, reps)
+                record(T, f"sdpa {name}", sdpa[name], ours_over=miss / sdpa[name])
+            except RuntimeError as e:
+                print(f"T={T} sdpa {name}: unavailable ({str(e).splitlines()[0]})")
+        fastest_sdpa = min(sdpa.values()) if sdpa else float("nan")
+
+        n = T // BLOCK
+        causal_mask = flex_mask(torch.tril(torch.ones(H, n, n, dtype=torch.bool, device="cuda")))
+        flex_causal = median_ms(lambda: flex(q, k, v, block_mask=causal_mask, enable_gqa=True), reps)
+        record(T, "flex causal", flex_causal)
+
+        for kept in args.kept:
+            table, offsets, cols, share = random_kept(T, kept, gen)
+            plan = lib.ae_plan_create(ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(cols.data_ptr()), H,
+                                      T // BLOCK, BLOCK, T, stream())
+            if not plan:
+                raise RuntimeError(lib.ae_last_error().decode())
+            sparse = lambda: check(lib, lib.ae_sparse(*base, ctypes.c_void_p(plan), stream()))
+            ms = median_ms(sparse, reps)
+            mask = flex_mask(table)
+            flex_out = flex(q, k, v, block_mask=mask, enable_gqa=True)
+            sparse()
+            torch.cuda.synchronize()
+            agree = ((out.float() - flex_out.float()).norm() / flex_out.float().norm()).item()
+            flex_ms = median_ms(lambda: flex(q, k, v, block_mask=mask, enable_gqa=True), reps)
+            record(T, f"ours sparse kept {kept}", ms, share, kept_share=share, vs_flex=flex_ms / ms,
+                   vs_fastest_sdpa=fastest_sdpa / ms, over_share_x_miss=ms / (share * miss), diff_vs_flex=agree)
+            record(T, f"flex sparse kept {kept}", flex_ms, share, kept_share=share)
+            lib.ae_plan_destroy(ctypes.c_void_p(plan))
+
+        cached = torch.randn_like(q)
+        sp, sh, st = view(cached)
+        op, oh, ot = view(out)
+        copy = lambda: check(lib, lib.ae_copy_rows(sp, sh, st, op, oh, ot, 1, H, T, D, T, stream()))
+        ms = median_ms(copy, reps)
+        record(T, "exact hit: copy p=T rows", ms, miss_over=miss / ms)
+        p = T - 512
+        suffix = problem_args(q[:, :, p:], k, v, out[:, :, p:], query_offset=p)
+
+        def exact_hit():
+            check(lib, lib.ae_copy_rows(sp, sh, st, op, oh, ot, 1, H, T, D, p, stream()))
+            check(lib, lib.ae_attention(*suffix, stream()))
+        ms = median_ms(exact_hit, reps)
+        record(T, "exact hit: copy + 512 rows", ms, miss_over=miss / ms)
+        del q, k, v, out, cached
+        torch.cuda.empty_cache()
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+// Host entry points of the CUDA kernels: argument checks, the attention
+// kernel's block loop (flash_attention.cuh does the per-warp math), the tile
+// mass reduction, the sparse plan and the row copy.
+#include "kernels/cuda/cuda_attention.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/errors.hpp"
+#include "kernels/cuda/flash_attention.cuh"
+
+namespace attention_echo::kernels::cuda {
+namespace {
+
+using namespace detail;
+
+static_assert(kBlockRows == kRowsPerBlock, "the header's block size is the kernel's");
+static_assert(kWarps <= 8, "a plan entry has 8 warp bits");
+
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+__host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+template <typename T, int D, bool kMass>
+__global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  // Q, then two stages of (K, V): chunk it + 1 loads while chunk it computes.
+  T* qs = reinterpret_cast<T*>(smem);
+  auto ks = [&](int stage) { return qs + (kBlockRows + 2 * stage * kChunkKeys) * D; };
+  auto vs = [&](int stage) { return qs + (kBlockRows + (2 * stage + 1) * kChunkKeys) * D; };
+  const int head = blockIdx.y;
+  const int kv = head / p.group;
+  // Causal blocks further down the sequence have more keys: start them first.
+  const int block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int row0 = p.query_offset + block * kBlockRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const T* qh = static_cast<const T*>(p.q) + head * p.q_head_stride;
+  const T* kh = static_cast<const T*>(p.k) + kv * p.k_head_stride;
+  const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride;
+
+  const std::uint32_t* plan = nullptr;
+  int count;
+  if (p.plan_offsets != nullptr) {
+    const std::uint32_t first = p.plan_offsets[head * gridDim.x + block];
+    plan = p.plan_entries + first;
+    count = static_cast<int>(p.plan_offsets[head * gridDim.x + block + 1] - first);
+  } else {
+    const int last = min(row0 + kBlockRows, p.row_end) - 1;
+    count = ceil_div(min(key_end(p, last), p.tokens), kChunkKeys);
+  }
+  auto entry = [&](int it) { return plan != nullptr ? plan[it] : (static_cast<std::uint32_t>(it) | 0xffu << 16); };
+
+  auto load_chunk = [&](int it) {
+    const int first = static_cast<int>(entry(it) & 0xffffu) * kChunkKeys;
+    load_tile<T, D>(ks(it & 1), kh, p.k_token_stride, first, kChunkKeys, p.tokens);
+    load_tile<T, D>(vs(it & 1), vh, p.v_token_stride, first, kChunkKeys, p.tokens);
+  };
+  load_tile<T, D>(qs, qh, p.q_token_stride, row0 - p.query_offset, kBlockRows, p.row_end - p.query_offset);
+  if (count > 0) load_chunk(0);
+  cp_async_commit();
+  if (count > 1) load_chunk(1);
+  cp_async_commit();
+
+  WarpState<T, D, kMass> st;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) st.o[dn][0] = st.o[dn][1] = st.o[dn][2] = st.o[dn][3] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    st.m[i] = -INFINITY;
+    st.m_ref[i] = 0.0f;
+    st.l[i] = 0.0f;
+    st.tile_sum[i] = 0.0f;
+  }
+  st.tile = -1;
+  const int wrow0 = row0 + warp * kWarpRows;
+  const int row[2] = {wrow0 + (lane >> 2), wrow0 + (lane >> 2) + 8};
+  const int end[2] = {key_end(p, row[0]), key_end(p, row[1])};
+  const bool warp_has_rows = wrow0 < p.row_end;
+  // key_end grows with the row: the warp's first and last rows bound it.
+  const int warp_min_end = key_end(p, wrow0);
+  const int warp_max_end = key_end(p, min(wrow0 + kWarpRows, p.row_end) - 1);
+
+  float s[kChunkKeys / 8][4];
+  for (int it = 0; it < count; ++it) {
+    const std::uint32_t e = entry(it);
+    const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
+    cp_async_wait_one();  // this chunk's group has landed; the next one's may still fly
+    __syncthreads();
+    if (it == 0)
+#pragma unroll
+      for (int kd = 0; kd < D / 16; ++kd)
+        ldmatrix_x4(st.q[kd], qs + swizzle<D>(warp * kWarpRows + (lane & 15), kd * 16 + (lane >> 4) * 8));
+    if (warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end) {
+      warp_scores(st, s, p, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, row, end, head);
+      warp_values(st, s, vs(it & 1));
+    }
+    __syncthreads();  // every warp is done with this stage
+    if (it + 2 < count) load_chunk(it + 2);
+    cp_async_commit();  // possibly empty: one group per chunk keeps the wait count uniform
+  }
+  cp_async_wait_all();
+
+  if constexpr (kMass) flush_tile(st, p, head, row);
+  T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
+  const int t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float l = quad_sum(st.l[i]);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gets zeros
+    if constexpr (kMass) {
+      if (t == 0 && row[i] < p.mass_prefix) p.row_lse[head * p.mass_prefix + row[i]] = st.m_ref[i] + __log2f(l);
+    }
+    if (row[i] >= p.row_end) continue;
+    T* out = oh + (row[i] - p.query_offset) * p.out_token_stride + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(st.o[dn][2 * i] * inv, st.o[dn][2 * i + 1] * inv);
+  }
+}
+
+// mass[(h * tiles + I) * tiles + J]: the mean over query tile I's rows of
+// 2^(L[h][J][row] - lse[h][row]), over the tiles a row sees. One block per
+// (I, h), a warp per J, lanes over rows.
+__global__ void tile_mass_kernel(const float* mass_log, const float* row_lse, float* mass, int prefix, int block,
+                                 int tiles, int causal) {
+  const int tile = blockIdx.x, head = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int first = tile * block, last = min(first + block, prefix);
+  for (int j = warp; j < tiles; j += kWarps) {
+    float sum = 0.0f;
+    for (int r = first + lane; r < last; r += 32)
+      if (!causal || j * block <= r)
+        sum += exp2f(mass_log[(static_cast<std::int64_t>(head) * tiles + j) * prefix + r] -
+                     row_lse[static_cast<std::int64_t>(head) * prefix + r]);
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) mass[(static_cast<std::int64_t>(head) * tiles + tile) * tiles + j] = sum / (last - first);
+  }
+}
+
+// Rows [0, rows) of every head, 16 bytes a thread.
+__global__ void copy_rows_kernel(const uint4* src, std::int64_t src_head, std::int64_t src_token, uint4* dst,
+                                 std::int64_t dst_head, std::int64_t dst_token, int heads, int rows, int pieces) {
+  const std::int64_t total = static_cast<std::int64_t>(heads) * rows * pieces;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const int piece = static_cast<int>(i % pieces);
+    const std::int64_t hr = i / pieces;
+    const int r = static_cast<int>(hr % rows), h = static_cast<int>(hr / rows);
+    dst[h * dst_head + r * dst_token + piece] = src[h * src_head + r * src_token + piece];
+  }
+}
+
+// --- argument checks ---
+
+template <typename V>
+void check_view(std::string_view name, const V& view) {
+  if (view.data == nullptr) throw_invalid(name, "must not be null");
+  if (view.heads <= 0 || view.tokens < 0 || view.dim <= 0) throw_invalid(name, "heads and dim must be positive");
+  if (reinterpret_cast<std::uintptr_t>(view.data) % 16 != 0 || view.head_stride % 8 != 0 || view.token_stride % 8 != 0)
+    throw_invalid(name, "data must be 16-byte aligned and strides multiples of 8 elements");
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, view.data) != cudaSuccess ||
+      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
+    cudaGetLastError();  // clear the sticky error of a host pointer
+    throw_invalid(name, "must be in CUDA device memory");
+  }
+}
+
+void check_problem(const DeviceProblem& p) {
+  check_view("query", p.q);
+  check_view("key", p.k);
+  check_view("value", p.v);
+  check_view("out", p.out);
+  if (p.q.dim != 64 && p.q.dim != 128)
+    throw_invalid("query", "dim must be 64 or 128 on CUDA, got " + std::to_string(p.q.dim));
+  if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
+    throw_invalid("key", "query, key, value and out must have one dtype");
+  if (p.k.dim != p.q.dim || p.v.dim != p.q.dim || p.out.dim != p.q.dim)
+    throw_invalid("key", "dim must match query's");
+  if (p.q.heads % p.k.heads != 0) throw_invalid("key", "query heads must be a multiple of kv heads");
+  if (p.v.heads != p.k.heads || p.v.tokens != p.k.tokens) throw_invalid("value", "shape must match key's");
+  if (p.out.heads != p.q.heads || p.out.tokens != p.q.tokens) throw_invalid("out", "shape must match query's");
+  if (p.query_offset < 0 || p.query_offset + p.q.tokens != p.k.tokens)
+    throw_invalid("query", "tokens must be key tokens - query_offset");
+  if (p.k.tokens > 0xffff * kChunkKeys) throw_invalid("key", "tokens must be < 4194240 on CUDA");
+  if (p.prefix_length < 0 || p.prefix_length > p.k.tokens) throw_invalid("prefix_length", "must be in [0, T]");
+  if (!(std::isfinite(p.scale) && p.scale > 0.0f)) throw_invalid("scale", "must be positive and finite");
+}
+
+KernelParams make_params(const DeviceProblem& p, int row_end) {
+  constexpr float kLog2e = 1.44269504088896340736f;
+  KernelParams k{};
+  k.q = p.q.data;
+  k.k = p.k.data;
+  k.v = p.v.data;
+  k.out = p.out.data;
+  k.q_head_stride = p.q.head_stride, k.q_token_stride = p.q.token_stride;
+  k.k_head_stride = p.k.head_stride, k.k_token_stride = p.k.token_stride;
+  k.v_head_stride = p.v.head_stride, k.v_token_stride = p.v.token_stride;
+  k.out_head_stride = p.out.head_stride, k.out_token_stride = p.out.token_stride;
+  k.group = p.q.heads / p.k.heads;
+  k.tokens = p.k.tokens;
+  k.query_offset = p.query_offset;
+  k.row_end = row_end;
+  k.causal = p.causal ? 1 : 0;
+  k.prefix_length = p.prefix_length;
+  k.scale_log2 = p.scale * kLog2e;
+  return k;
+}
+
+template <typename T, int D, bool kMass>
+void launch(const KernelParams& params, int heads, cudaStream_t stream) {
+  constexpr int kSmem = (kBlockRows + 4 * kChunkKeys) * D * static_cast<int>(sizeof(T));
+  static const bool configured = [] {
+    check_cuda(cudaFuncSetAttribute(attention_kernel<T, D, kMass>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute");
+    return true;
+  }();
+  (void)configured;
+  const int blocks = ceil_div(params.row_end - params.query_offset, kBlockRows);
+  if (blocks == 0) return;
+  attention_kernel<T, D, kMass><<<dim3(blocks, heads), kThreads, kSmem, stream>>>(params);
+  check_cuda(cudaGetLastError(), "attention kernel launch");
+}
+
+template <bool kMass>
+void dispatch(const DeviceProblem& p, const KernelParams& params, void* stream) {
+  const bool bf16 = p.q.dtype == DType::kBF16;
+  const auto s = as_stream(stream);
+  if (p.q.dim == 128)
+    bf16 ? launch<__nv_bfloat16, 128, kMass>(params, p.q.heads, s) : launch<__half, 128, kMass>(params, p.q.heads, s);
+  else
+    bf16 ? launch<__nv_bfloat16, 64, kMass>(params, p.q.heads, s) : launch<__half, 64, kMass>(params, p.q.heads, s);
+}
+
+void check_block(int block) {
+  if (block <= 0 || block % kChunkKeys != 0)
+    throw_invalid("block", "must be a positive multiple of " + std::to_string(kChunkKeys) + " on CUDA");
+}
+
+}  // namespace
+
+// --- DeviceBuffer, DeviceTileMass, DeviceTilePlan ---
+
+DeviceBuffer::DeviceBuffer(std::size_t bytes, void* stream) : data_(nullptr, Free{stream}), bytes_(bytes) {
+  if (bytes == 0) return;
+  void* p = nullptr;
+  check_cuda(cudaMallocAsync(&p, bytes, as_stream(stream)), "cudaMallocAsync");
+  data_.reset(p);
+}
+
+void DeviceBuffer::Free::operator()(void* p) const {
+  cudaFreeAsync(p, as_stream(stream));  // a destructor cannot throw: an error stays sticky for the next call
+}
+
+TileMass DeviceTileMass::to_host(void* stream) const {
+  TileMass host;
+  host.block = block;
+  host.tiles = tiles;
+  host.mass.resize(static_cast<std::size_t>(heads) * tiles * tiles);
+  if (!host.mass.empty()) {
+    check_cuda(cudaMemcpyAsync(host.mass.data(), mass.data(), host.mass.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                               as_stream(stream)),
+               "cudaMemcpyAsync");
+    check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+  }
+  return host;
+}
+
+DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : heads_(kept.heads), rows_(rows) {
+  if (kept.block <= 0 || kept.block % kChunkKeys != 0)
+    throw_invalid("kept", "block must be a positive multiple of " + std::to_string(kChunkKeys) + " on CUDA");
+  if (kept.heads <= 0 || kept.tiles < 0 || kept.offsets.size() != static_cast<std::size_t>(kept.heads) * kept.tiles + 1 ||
+      kept.offsets.back() != kept.cols.size())
+    throw_invalid("kept", "offsets do not match heads * tiles and cols");
+  for (auto col : kept.cols)
+    if (col >= kept.tiles) throw_invalid("kept", "tile index out of range");
+  if (rows < 0 || rows > kept.tiles * kept.block) throw_invalid("rows", "must be in [0, kept tiles * block]");
+
+  const int blocks = ceil_div(rows, kBlockRows);
+  const int chunks_per_tile = kept.block / kChunkKeys;
+  std::vector<std::uint8_t> warps(static_cast<std::size_t>(kept.tiles) * chunks_per_tile);
+  std::vector<std::uint32_t> offsets{0}, entries;
+  for (int h = 0; h < kept.heads; ++h)
+    for (int b = 0; b < blocks; ++b) {
+      std::fill(warps.begin(), warps.end(), 0);
+      for (int w = 0; w < kWarps && b * kBlockRows + w * kWarpRows < rows; ++w) {
+        const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + (b * kBlockRows + w * kWarpRows) / kept.block;
+        for (auto i = kept.offsets[slot]; i < kept.offsets[slot + 1]; ++i)
+          for (int c = 0; c < chunks_per_tile; ++c) warps[kept.cols[i] * chunks_per_tile + c] |= 1u << w;
+      }
+      for (std::size_t c = 0; c < warps.size(); ++c)
+        if (warps[c] != 0) entries.push_back(static_cast<std::uint32_t>(c) | static_cast<std::uint32_t>(warps[c]) << 16);
+      offsets.push_back(static_cast<std::uint32_t>(entries.size()));
+    }
+  offsets_ = DeviceBuffer(offsets.size() * sizeof(std::uint32_t), stream);
+  entries_ = DeviceBuffer(entries.size() * sizeof(std::uint32_t), stream);
+  // Pageable sources: the copies have read them by the time they return.
+  check_cuda(cudaMemcpyAsync(offsets_.data(), offsets.data(), offsets_.bytes(), cudaMemcpyHostToDevice, as_stream(stream)),
+             "cudaMemcpyAsync");
+  if (!entries.empty())
+    check_cuda(cudaMemcpyAsync(entries_.data(), entries.data(), entries_.bytes(), cudaMemcpyHostToDevice,
+                               as_stream(stream)),
+               "cudaMemcpyAsync");
+}
+
+// --- entry points ---
+
+void exact_attention(const DeviceProblem& problem, void* stream) {
+  check_problem(problem);
+  dispatch<false>(problem, make_params(problem, problem.k.tokens), stream);
+}
+
+DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream) {
+  check_problem(problem);
+  check_block(block);
+  if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 to record tile mass");
+  if (prefix < 0 || prefix > problem.k.tokens) throw_invalid("prefix", "must be in [0, T]");
+  if (!problem.causal && problem.prefix_length != prefix)
+    throw_invalid("prefix", "must equal the problem's prefix_length for non-causal tile mass");
+  const int heads = problem.q.heads, tiles = ceil_div(prefix, block);
+  DeviceTileMass result{block, tiles, heads,
+                        DeviceBuffer(static_cast<std::size_t>(heads) * tiles * tiles * sizeof(float), stream)};
+  KernelParams params = make_params(problem, problem.k.tokens);
+  if (prefix == 0) {
+    dispatch<false>(problem, params, stream);
+    return result;
+  }
+  const DeviceBuffer log(static_cast<std::size_t>(heads) * tiles * prefix * sizeof(float), stream);
+  const DeviceBuffer lse(static_cast<std::size_t>(heads) * prefix * sizeof(float), stream);
+  params.mass_log = static_cast<float*>(log.data());
+  params.row_lse = static_cast<float*>(lse.data());
+  params.mass_prefix = prefix;
+  params.mass_block = block;
+  params.mass_tiles = tiles;
+  dispatch<true>(problem, params, stream);
+  tile_mass_kernel<<<dim3(tiles, heads), kThreads, 0, as_stream(stream)>>>(
+      params.mass_log, params.row_lse, static_cast<float*>(result.mass.data()), prefix, block, tiles, params.causal);
+  check_cuda(cudaGetLastError(), "tile mass kernel launch");
+  return result;
+}
+
+void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream) {
+  check_problem(problem);
+  if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 for prefix rows");
+  if (plan.heads() != problem.q.heads) throw_invalid("plan", "heads != the problem's query heads");
+  if (plan.rows() > problem.k.tokens) throw_invalid("plan", "rows must be <= T");
+  KernelParams params = make_params(problem, plan.rows());
+  params.plan_offsets = plan.offsets();
+  params.plan_entries = plan.entries();
+  dispatch<false>(problem, params, stream);
+}
+
+void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, void* stream) {
+  check_view("src", src);
+  check_view("dst", dst);
+  if (dst.heads != src.heads || dst.dim != src.dim || dst.dtype != src.dtype)
+    throw_invalid("dst", "heads, dim and dtype must match src's");
+  if (src.dim % 8 != 0) throw_invalid("src", "dim must be a multiple of 8");
+  if (rows < 0 || rows > src.tokens || rows > dst.tokens) throw_invalid("rows", "must be in [0, min(src, dst tokens)]");
+  if (rows == 0) return;
+  const int pieces = src.dim / 8;  // 16-byte pieces of a 2-byte row
+  const std::int64_t total = static_cast<std::int64_t>(src.heads) * rows * pieces;
+  const int blocks = static_cast<int>(std::min<std::int64_t>((total + 255) / 256, 132 * 16));
+  copy_rows_kernel<<<blocks, 256, 0, as_stream(stream)>>>(
+      static_cast<const uint4*>(src.data), src.head_stride / 8, src.token_stride / 8, static_cast<uint4*>(dst.data),
+      dst.head_stride / 8, dst.token_stride / 8, src.heads, rows, pieces);
+  check_cuda(cudaGetLastError(), "copy kernel launch");
+}
+
+}  // namespace attention_echo::kernels::cuda

@@ -1,0 +1,135 @@
+// The CUDA kernels (built with -DAE_CUDA=ON, which defines AE_HAVE_CUDA):
+// FlashAttention-2-style exact attention on fp16/bf16 views in device memory
+// with fp32 accumulation, the same kernel over a cached kept-tile plan (the
+// sparse tier's hit), the tile-mass capture a sparse miss needs, and the exact
+// tier's row copy. Every call is asynchronous on the caller's stream; nothing
+// here synchronises the device except where a function says so.
+//
+// Semantics are the host kernels' (attention_kernel.hpp): rows are sequence
+// positions, q and out hold positions [query_offset, T); causal rows see keys
+// j <= i; non-causal rows i < prefix_length see the prefix keys, the others
+// every key. Key tiles are aligned at token 0 and walked in ascending order,
+// so a row gets the same bits from every entry point (exact, with or without
+// mass capture, sparse with every tile kept).
+//
+// This header needs no CUDA headers: streams are passed as void*
+// (a cudaStream_t; nullptr is the legacy default stream).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "kernels/attention_kernel.hpp"
+
+namespace attention_echo::kernels::cuda {
+
+enum class DType { kF16, kBF16 };
+
+// Per-head token rows in device memory, like HeadsView (element (h, t, d) at
+// data[h * head_stride + t * token_stride + d], in elements of dtype). The
+// kernels load 16-byte vectors: data must be 16-byte aligned and both strides
+// multiples of 8 elements.
+template <typename T>
+struct BasicDeviceHeads {
+  T* data = nullptr;
+  DType dtype = DType::kBF16;
+  int heads = 0;
+  int tokens = 0;
+  int dim = 0;
+  std::ptrdiff_t head_stride = 0;
+  std::ptrdiff_t token_stride = 0;
+
+  // [heads, tokens, dim], row-major.
+  static BasicDeviceHeads contiguous(T* data, DType dtype, int heads, int tokens, int dim) {
+    return {data, dtype, heads, tokens, dim, static_cast<std::ptrdiff_t>(tokens) * dim, dim};
+  }
+};
+using DeviceHeads = BasicDeviceHeads<const void>;
+using MutableDeviceHeads = BasicDeviceHeads<void>;
+
+struct DeviceProblem {
+  DeviceHeads q;           // [H, T - query_offset, D]
+  DeviceHeads k;           // [Hkv, T, D]
+  DeviceHeads v;           // [Hkv, T, D]
+  MutableDeviceHeads out;  // like q
+  float scale = 1.0f;  // positive
+  bool causal = true;
+  int prefix_length = 0;
+  int query_offset = 0;
+};
+
+// Device memory owned by a result, allocated and freed in the order of the
+// stream it was made on (cudaMallocAsync / cudaFreeAsync).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(std::size_t bytes, void* stream);
+  void* data() const { return data_.get(); }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  struct Free {
+    void* stream;
+    void operator()(void* p) const;
+  };
+  std::unique_ptr<void, Free> data_{nullptr, Free{nullptr}};
+  std::size_t bytes_ = 0;
+};
+
+// The tile mass of a miss, on the device: mass[(h * tiles + I) * tiles + J]
+// as TileMass defines it (float32).
+struct DeviceTileMass {
+  int block = 0;
+  int tiles = 0;
+  int heads = 0;
+  DeviceBuffer mass;
+
+  // Copies it to the host (synchronises the stream): the form select_tiles reads.
+  TileMass to_host(void* stream) const;
+};
+
+// A TileSet as the sparse kernel walks it: per (query head, block of
+// kRowsPerBlock rows) the ascending key chunks any of its warps keeps, each
+// with a bit per warp that keeps it. Built once per cached kept set and kept
+// on the device.
+class DeviceTilePlan {
+ public:
+  // kept.block must be a positive multiple of 64; rows is the number of
+  // prefix rows the plan serves (<= kept.tiles * kept.block).
+  DeviceTilePlan(const TileSet& kept, int rows, void* stream);
+  int heads() const { return heads_; }
+  int rows() const { return rows_; }
+  std::size_t bytes() const { return offsets_.bytes() + entries_.bytes(); }
+  const std::uint32_t* offsets() const { return static_cast<const std::uint32_t*>(offsets_.data()); }
+  const std::uint32_t* entries() const { return static_cast<const std::uint32_t*>(entries_.data()); }
+
+ private:
+  int heads_ = 0;
+  int rows_ = 0;
+  DeviceBuffer offsets_;
+  DeviceBuffer entries_;
+};
+
+// Query rows per thread block of the attention kernel.
+inline constexpr int kRowsPerBlock = 128;
+
+// Exact rows [query_offset, T) of every head into problem.out.
+void exact_attention(const DeviceProblem& problem, void* stream);
+
+// Exact rows [0, T) plus the tile mass of the prefix block [0, prefix) in
+// tiles of `block` tokens (a positive multiple of 64). Needs query_offset 0;
+// non-causal needs prefix_length == prefix. The output bits are
+// exact_attention's.
+DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream);
+
+// Prefix rows [0, plan.rows()) of every head over their kept key tiles only
+// (clipped to each row's own keys). Needs query_offset 0. With every tile
+// kept it equals exact_attention bit for bit.
+void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream);
+
+// Rows [0, rows) of every head from src to dst (the exact tier's copy of
+// prefix output rows into and out of its stored payload).
+void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, void* stream);
+
+}  // namespace attention_echo::kernels::cuda

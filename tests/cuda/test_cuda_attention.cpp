@@ -1,0 +1,402 @@
+// The CUDA kernels (src/kernels/cuda) against a float64 reference on the
+// host, computed from the same fp16/bf16-rounded inputs. Built only with
+// -DAE_CUDA=ON; every test skips when no CUDA device is present.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels/attention_kernel.hpp"
+#include "kernels/cuda/cuda_attention.hpp"
+
+namespace attention_echo::kernels::cuda {
+namespace {
+
+void ok(cudaError_t status) {
+  if (status != cudaSuccess) throw std::runtime_error(cudaGetErrorString(status));
+}
+
+// fp16/bf16 bits <-> float on the host.
+std::uint16_t to_bits(float x, DType dtype) {
+  std::uint16_t bits;
+  if (dtype == DType::kBF16) {
+    const __nv_bfloat16 v = __float2bfloat16(x);
+    std::memcpy(&bits, &v, 2);
+  } else {
+    const __half v = __float2half(x);
+    std::memcpy(&bits, &v, 2);
+  }
+  return bits;
+}
+float from_bits(std::uint16_t bits, DType dtype) {
+  if (dtype == DType::kBF16) {
+    __nv_bfloat16 v;
+    std::memcpy(&v, &bits, 2);
+    return __bfloat162float(v);
+  }
+  __half v;
+  std::memcpy(&v, &bits, 2);
+  return __half2float(v);
+}
+
+// One [heads, tokens, dim] tensor on the device and its rounded values on the host.
+struct Tensor {
+  int heads, tokens, dim;
+  DType dtype;
+  std::vector<float> host;
+  void* device = nullptr;
+
+  Tensor(int h, int t, int d, DType type) : heads(h), tokens(t), dim(d), dtype(type), host(size()) {
+    ok(cudaMalloc(&device, bytes()));
+  }
+  Tensor(const Tensor&) = delete;
+  ~Tensor() { cudaFree(device); }
+  std::size_t size() const { return static_cast<std::size_t>(heads) * tokens * dim; }
+  std::size_t bytes() const { return size() * 2; }
+  float at(int h, int t, int d) const { return host[(static_cast<std::size_t>(h) * tokens + t) * dim + d]; }
+
+  // Values mean + sigma * N(0, 1), rounded to dtype, uploaded.
+  void fill(std::mt19937& rng, float mean, float sigma) {
+    std::normal_distribution<float> normal(mean, sigma);
+    std::vector<std::uint16_t> bits(size());
+    for (std::size_t i = 0; i < size(); ++i) {
+      bits[i] = to_bits(normal(rng), dtype);
+      host[i] = from_bits(bits[i], dtype);
+    }
+    ok(cudaMemcpy(device, bits.data(), bytes(), cudaMemcpyHostToDevice));
+  }
+  // All bits set: NaN in fp16 and bf16, so an unwritten element shows.
+  void poison() { ok(cudaMemset(device, 0xff, bytes())); }
+  std::vector<float> download() const {
+    std::vector<std::uint16_t> bits(size());
+    ok(cudaMemcpy(bits.data(), device, bytes(), cudaMemcpyDeviceToHost));
+    std::vector<float> out(size());
+    for (std::size_t i = 0; i < size(); ++i) out[i] = from_bits(bits[i], dtype);
+    return out;
+  }
+  std::vector<std::uint16_t> download_bits() const {
+    std::vector<std::uint16_t> bits(size());
+    ok(cudaMemcpy(bits.data(), device, bytes(), cudaMemcpyDeviceToHost));
+    return bits;
+  }
+  DeviceHeads view() const { return DeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
+  MutableDeviceHeads mutable_view() { return MutableDeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
+};
+
+struct Case {
+  int heads, kv_heads, tokens, dim;
+  DType dtype;
+  bool causal = true;
+  int prefix_length = 0;
+  int query_offset = 0;
+  float mean = 0.0f, sigma = 1.0f;  // of q and k
+};
+
+// q, k, v and out of one problem, filled with fresh random values.
+struct Problem {
+  Case c;
+  Tensor q, k, v, out;
+  Problem(const Case& cs, unsigned seed)
+      : c(cs),
+        q(cs.heads, cs.tokens - cs.query_offset, cs.dim, cs.dtype),
+        k(cs.kv_heads, cs.tokens, cs.dim, cs.dtype),
+        v(cs.kv_heads, cs.tokens, cs.dim, cs.dtype),
+        out(cs.heads, cs.tokens - cs.query_offset, cs.dim, cs.dtype) {
+    std::mt19937 rng(seed);
+    q.fill(rng, cs.mean, cs.sigma);
+    k.fill(rng, cs.mean, cs.sigma);
+    v.fill(rng, 0.0f, 1.0f);
+    out.poison();
+  }
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(c.dim)); }
+  DeviceProblem device() {
+    return {q.view(), k.view(), v.view(), out.mutable_view(), scale(), c.causal, c.prefix_length, c.query_offset};
+  }
+  int key_end(int i) const {
+    if (c.causal) return i + 1;
+    return i < c.prefix_length ? c.prefix_length : c.tokens;
+  }
+  int kv(int h) const { return h / (c.heads / c.kv_heads); }
+
+  // Softmax probabilities of row i (a position) of head h over keys
+  // [0, key_end(i)) that `allowed` admits, in float64.
+  std::vector<double> probabilities(int h, int i, const std::function<bool(int)>& allowed) const {
+    std::vector<double> p(key_end(i), 0.0);
+    double max = -INFINITY;
+    for (int j = 0; j < key_end(i); ++j) {
+      if (!allowed(j)) continue;
+      double dot = 0.0;
+      for (int d = 0; d < c.dim; ++d)
+        dot += static_cast<double>(q.at(h, i - c.query_offset, d)) * k.at(kv(h), j, d);
+      p[j] = dot * scale();
+      max = std::max(max, p[j]);
+    }
+    double sum = 0.0;
+    for (int j = 0; j < key_end(i); ++j) sum += p[j] = allowed(j) ? std::exp(p[j] - max) : 0.0;
+    for (double& x : p) x /= sum;
+    return p;
+  }
+  std::vector<double> reference_row(int h, int i, const std::function<bool(int)>& allowed) const {
+    const auto p = probabilities(h, i, allowed);
+    std::vector<double> o(c.dim, 0.0);
+    for (int j = 0; j < key_end(i); ++j)
+      for (int d = 0; d < c.dim; ++d) o[d] += p[j] * v.at(kv(h), j, d);
+    return o;
+  }
+};
+
+bool every_key(int) { return true; }
+
+// ||out - ref|| / ||ref|| over the given rows (positions) of every head;
+// fails on any non-finite output.
+double relative_error(const Problem& p, const std::vector<float>& out, const std::vector<int>& rows,
+                      const std::function<bool(int, int, int)>& allowed) {
+  double err = 0.0, norm = 0.0;
+  for (int h = 0; h < p.c.heads; ++h)
+    for (int i : rows) {
+      const auto ref = p.reference_row(h, i, [&](int j) { return allowed(h, i, j); });
+      for (int d = 0; d < p.c.dim; ++d) {
+        const float o = out[(static_cast<std::size_t>(h) * p.out.tokens + i - p.c.query_offset) * p.c.dim + d];
+        if (!std::isfinite(o)) return INFINITY;
+        err += (o - ref[d]) * (o - ref[d]);
+        norm += ref[d] * ref[d];
+      }
+    }
+  return std::sqrt(err / norm);
+}
+
+std::vector<int> all_rows(const Problem& p) {
+  std::vector<int> rows(p.out.tokens);
+  for (int i = 0; i < p.out.tokens; ++i) rows[i] = p.c.query_offset + i;
+  return rows;
+}
+
+// bf16 keeps 8 significant bits, fp16 11: the output's own rounding and P's
+// rounding before P V bound the error.
+double tolerance(DType dtype) { return dtype == DType::kBF16 ? 1e-2 : 2e-3; }
+
+class CudaAttention : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+      cudaGetLastError();
+      GTEST_SKIP() << "no CUDA device";
+    }
+  }
+  double exact_error(const Case& c, unsigned seed, const std::vector<int>* rows = nullptr) {
+    Problem p(c, seed);
+    exact_attention(p.device(), nullptr);
+    ok(cudaDeviceSynchronize());
+    return relative_error(p, p.out.download(), rows ? *rows : all_rows(p),
+                          [](int, int, int) { return true; });
+  }
+};
+
+TEST_F(CudaAttention, CausalGqaRaggedLengthBf16) {
+  EXPECT_LT(exact_error({8, 2, 1000, 128, DType::kBF16}, 1), tolerance(DType::kBF16));
+}
+
+TEST_F(CudaAttention, CausalShortRaggedF16) {
+  for (int t : {1, 17, 130})
+    EXPECT_LT(exact_error({4, 4, t, 64, DType::kF16}, 2 + t), tolerance(DType::kF16)) << "T = " << t;
+}
+
+TEST_F(CudaAttention, NonCausalBidirectionalPrefixMqaF16) {
+  Case c{4, 1, 777, 64, DType::kF16};
+  c.causal = false;
+  c.prefix_length = 300;
+  EXPECT_LT(exact_error(c, 3), tolerance(DType::kF16));
+}
+
+TEST_F(CudaAttention, SuffixRowsFromQueryOffset) {
+  Case c{4, 2, 1000, 128, DType::kBF16};
+  c.query_offset = 700;
+  EXPECT_LT(exact_error(c, 4), tolerance(DType::kBF16));
+}
+
+TEST_F(CudaAttention, LogitsNearOverflow) {
+  // q.k * scale around 700: exp of a logit overflows float32 by far; only the
+  // running max keeps the softmax finite.
+  Case c{4, 2, 600, 128, DType::kBF16};
+  c.mean = 8.0f;
+  c.sigma = 2.0f;
+  EXPECT_LT(exact_error(c, 5), tolerance(DType::kBF16));
+}
+
+TEST_F(CudaAttention, LongSequence32kGqa) {
+  Case c{4, 1, 32768, 128, DType::kBF16};
+  std::vector<int> rows{0, 1, 63, 64, 127, 128, 1000, 4095, 16383, 32766, 32767};
+  std::mt19937 rng(6);
+  for (int i = 0; i < 12; ++i) rows.push_back(static_cast<int>(rng() % 32768));
+  EXPECT_LT(exact_error(c, 6, &rows), tolerance(DType::kBF16));
+}
+
+// Mean probability mass of (query tile, key tile) in float64.
+std::vector<double> reference_mass(const Problem& p, int prefix, int block) {
+  const int tiles = (prefix + block - 1) / block;
+  std::vector<double> mass(static_cast<std::size_t>(p.c.heads) * tiles * tiles, 0.0);
+  for (int h = 0; h < p.c.heads; ++h)
+    for (int i = 0; i < prefix; ++i) {
+      const auto prob = p.probabilities(h, i, every_key);
+      const int tile = i / block, rows = std::min((tile + 1) * block, prefix) - tile * block;
+      for (std::size_t j = 0; j < prob.size(); ++j)
+        mass[(static_cast<std::size_t>(h) * tiles + tile) * tiles + j / block] += prob[j] / rows;
+    }
+  return mass;
+}
+
+void expect_mass(const Case& c, int prefix, int block) {
+  Problem p(c, 7 + block);
+  const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);
+  const auto ref = reference_mass(p, prefix, block);
+  ASSERT_EQ(mass.tiles, (prefix + block - 1) / block);
+  ASSERT_EQ(mass.mass.size(), ref.size());
+  double worst = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(mass.mass[i] - ref[i]));
+  EXPECT_LT(worst, 1e-4) << "block " << block;
+  EXPECT_LT(relative_error(p, p.out.download(), all_rows(p), [](int, int, int) { return true; }),
+            tolerance(c.dtype));
+}
+
+TEST_F(CudaAttention, TileMassCausalMatchesReference) {
+  expect_mass({4, 2, 700, 64, DType::kBF16}, 600, 64);
+  expect_mass({4, 2, 700, 128, DType::kBF16}, 700, 128);
+}
+
+TEST_F(CudaAttention, TileMassNonCausalMatchesReference) {
+  Case c{2, 2, 900, 64, DType::kF16};
+  c.causal = false;
+  c.prefix_length = 500;
+  expect_mass(c, 500, 128);
+}
+
+TEST_F(CudaAttention, MassCaptureKeepsOutputBits) {
+  Problem a({8, 2, 1500, 128, DType::kBF16}, 8);
+  exact_attention(a.device(), nullptr);
+  const auto plain = a.out.download_bits();
+  a.out.poison();
+  exact_attention_with_tile_mass(a.device(), 1200, 64, nullptr);
+  ok(cudaDeviceSynchronize());
+  EXPECT_EQ(a.out.download_bits(), plain);
+}
+
+TileSet all_causal_tiles(int heads, int tiles, int block) {
+  TileSet kept{block, tiles, heads, {0}, {}};
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < tiles; ++i) {
+      for (int j = 0; j <= i; ++j) kept.cols.push_back(static_cast<std::uint16_t>(j));
+      kept.offsets.push_back(static_cast<std::uint32_t>(kept.cols.size()));
+    }
+  return kept;
+}
+
+TEST_F(CudaAttention, SparseWithEveryTileKeptEqualsExact) {
+  Problem a({4, 2, 1100, 128, DType::kBF16}, 9);
+  exact_attention(a.device(), nullptr);
+  const auto exact = a.out.download_bits();
+  a.out.poison();
+  const int prefix = 1000, block = 128;
+  const DeviceTilePlan plan(all_causal_tiles(4, (prefix + block - 1) / block, block), prefix, nullptr);
+  sparse_attention(a.device(), plan, nullptr);
+  const auto sparse = a.out.download_bits();
+  for (int h = 0; h < 4; ++h)
+    for (int i = 0; i < prefix; ++i)
+      for (int d = 0; d < 128; ++d) {
+        const std::size_t at = (static_cast<std::size_t>(h) * 1100 + i) * 128 + d;
+        ASSERT_EQ(sparse[at], exact[at]) << "head " << h << " row " << i << " dim " << d;
+      }
+}
+
+bool kept_key(const TileSet& kept, int h, int i, int j) {
+  const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + i / kept.block;
+  for (auto at = kept.offsets[slot]; at < kept.offsets[slot + 1]; ++at)
+    if (kept.cols[at] == j / kept.block) return true;
+  return false;
+}
+
+TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
+  for (int block : {64, 128}) {
+    Problem p({4, 2, 1300, 64, DType::kBF16}, 10 + block);
+    const int prefix = 1200;
+    const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);
+    const TileSet kept = select_tiles(mass, 4, 0.6);
+    const std::size_t causal_tiles = static_cast<std::size_t>(4) * mass.tiles * (mass.tiles + 1) / 2;
+    ASSERT_LT(kept.cols.size(), causal_tiles) << "the test needs dropped tiles";
+    p.out.poison();
+    sparse_attention(p.device(), DeviceTilePlan(kept, prefix, nullptr), nullptr);
+    ok(cudaDeviceSynchronize());
+    std::vector<int> rows(prefix);
+    for (int i = 0; i < prefix; ++i) rows[i] = i;
+    EXPECT_LT(relative_error(p, p.out.download(), rows,
+                             [&](int h, int i, int j) { return kept_key(kept, h, i, j); }),
+              tolerance(DType::kBF16))
+        << "block " << block;
+  }
+}
+
+TEST_F(CudaAttention, CopyRowsAnyStrides) {
+  const int heads = 3, tokens = 200, dim = 64, rows = 150;
+  Tensor src(heads, tokens, dim, DType::kF16), dst(heads, tokens, dim, DType::kF16);
+  std::mt19937 rng(11);
+  src.fill(rng, 0.0f, 1.0f);
+  dst.poison();
+  // dst token-major [tokens, heads, dim]: the layout a QKV projection makes.
+  const MutableDeviceHeads token_major{dst.device, DType::kF16, heads, tokens, dim, dim,
+                                       static_cast<std::ptrdiff_t>(heads) * dim};
+  copy_rows(src.view(), token_major, rows, nullptr);
+  const auto bits = dst.download_bits();
+  const auto want = src.download_bits();
+  for (int h = 0; h < heads; ++h)
+    for (int t = 0; t < tokens; ++t)
+      for (int d = 0; d < dim; ++d) {
+        const auto got = bits[(static_cast<std::size_t>(t) * heads + h) * dim + d];
+        if (t < rows)
+          ASSERT_EQ(got, want[(static_cast<std::size_t>(h) * tokens + t) * dim + d]);
+        else
+          ASSERT_EQ(got, 0xffff) << "row " << t << " past rows was written";
+      }
+}
+
+template <typename F>
+void expect_invalid(F&& call, const std::string& argument) {
+  try {
+    call();
+    FAIL() << "no exception; expected one naming " << argument;
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind(argument + ":", 0), 0u) << e.what();
+  }
+}
+
+TEST_F(CudaAttention, BadArgumentsNameTheArgument) {
+  Problem p({2, 1, 300, 64, DType::kBF16}, 12);
+  std::vector<std::uint16_t> host(p.q.size());
+  DeviceProblem on_host = p.device();
+  on_host.q.data = host.data();
+  expect_invalid([&] { exact_attention(on_host, nullptr); }, "query");
+  DeviceProblem odd_dim = p.device();
+  odd_dim.q.dim = odd_dim.k.dim = odd_dim.v.dim = odd_dim.out.dim = 32;
+  expect_invalid([&] { exact_attention(odd_dim, nullptr); }, "query");
+  DeviceProblem mixed = p.device();
+  mixed.k.dtype = DType::kF16;
+  expect_invalid([&] { exact_attention(mixed, nullptr); }, "key");
+  DeviceProblem no_scale = p.device();
+  no_scale.scale = 0.0f;
+  expect_invalid([&] { exact_attention(no_scale, nullptr); }, "scale");
+  expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 200, 32, nullptr); }, "block");
+  expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 301, 64, nullptr); }, "prefix");
+  expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 32), 100, nullptr); }, "kept");
+  expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 64), 300, nullptr); }, "rows");
+}
+
+}  // namespace
+}  // namespace attention_echo::kernels::cuda
