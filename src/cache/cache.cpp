@@ -139,9 +139,7 @@ bool AttentionEchoCache::Impl::fetch_from_l2(const Call& call) {
   auto entry = l2->fetch(call);
   if (!entry) return false;
   std::lock_guard lock(mutex);
-  const int evicted = store.insert(std::move(*entry));
-  if (evicted > 0) stats.evictions += static_cast<std::uint64_t>(evicted);
-  return evicted >= 0;
+  return store.insert(std::move(*entry), [this](const Entry& victim) { count_eviction(victim); }) >= 0;
 }
 
 // Same space, tokens and k fingerprint (same tokens under other weights is a
