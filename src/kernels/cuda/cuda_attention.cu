@@ -95,12 +95,6 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
     const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
     cp_async_wait_one();  // this chunk's group has landed; the next one's may still fly
     __syncthreads();
-    if constexpr (kQInRegisters) {
-      if (it == 0)
-#pragma unroll
-        for (int kd = 0; kd < D / 16; ++kd)
-          ldmatrix_x4(st.q[kd], qs + swizzle<D>(warp * kWarpRows + (lane & 15), kd * 16 + (lane >> 4) * 8));
-    }
     if (warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end) {
       warp_scores(st, s, p, qs, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, first, head);
       warp_values(st, s, vs(it & 1));

@@ -45,9 +45,6 @@ inline constexpr int kChunkKeys = 64;
 inline constexpr int kThreads = kWarps * 32;
 // A thread's rows: g, g + 8 of each m16 tile (g = lane / 4).
 inline constexpr int kThreadRows = 2 * kWarpTiles;
-// One m16 tile per warp keeps its Q fragments in registers; two reload them
-// from shared memory each chunk (registers would not hold both tiles' Q).
-inline constexpr bool kQInRegisters = kWarpTiles == 1;
 
 struct KernelParams {
   const void* q;
@@ -182,7 +179,6 @@ template <typename T, int D, bool kMass>
 struct WarpState {
   static constexpr int kKeyTiles = kChunkKeys / 8;  // n8 tiles of S
   static constexpr int kDimTiles = D / 8;           // n8 tiles of O
-  std::uint32_t q[kQInRegisters ? D / 16 : 1][4];
   float o[kWarpTiles][kDimTiles][4];
   float m[kThreadRows], m_ref[kThreadRows], l[kThreadRows];
   // Tile mass: this thread's part of the current key tile's sum, and the
@@ -209,17 +205,12 @@ __device__ __forceinline__ void flush_tile(WarpState<T, D, kMass>& st, const Ker
   }
 }
 
-// Q fragment (m16 x k16) of m16 tile mt at dims [16 kd, 16 kd + 16).
-template <typename T, int D, bool kMass>
-__device__ __forceinline__ void q_fragment(std::uint32_t (&a)[4], const WarpState<T, D, kMass>& st, const T* qs,
-                                           int mt, int kd) {
-  if constexpr (kQInRegisters) {
-#pragma unroll
-    for (int x = 0; x < 4; ++x) a[x] = st.q[kd][x];
-  } else {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    ldmatrix_x4(a, qs + swizzle<D>(warp * kWarpRows + mt * 16 + (lane & 15), kd * 16 + (lane >> 4) * 8));
-  }
+// Q fragment (m16 x k16) of m16 tile mt at dims [16 kd, 16 kd + 16), read
+// from shared memory each chunk: registers would not hold both tiles' Q.
+template <int D, typename T>
+__device__ __forceinline__ void q_fragment(std::uint32_t (&a)[4], const T* qs, int mt, int kd) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  ldmatrix_x4(a, qs + swizzle<D>(warp * kWarpRows + mt * 16 + (lane & 15), kd * 16 + (lane >> 4) * 8));
 }
 
 // Scores of one 64-key chunk for one warp: s = Q K^T from the chunk's K tile,
@@ -239,7 +230,7 @@ __device__ __forceinline__ void warp_scores(WarpState<T, D, kMass>& st,
   for (int kd = 0; kd < D / 16; ++kd) {
     std::uint32_t a[kWarpTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < kWarpTiles; ++mt) q_fragment(a[mt], st, qs, mt, kd);
+    for (int mt = 0; mt < kWarpTiles; ++mt) q_fragment<D>(a[mt], qs, mt, kd);
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       std::uint32_t b[4];
