@@ -30,7 +30,7 @@ cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream);
 __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 template <typename T, int D, bool kMass>
-__global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) {
+__global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   // Q, then two stages of (K, V): chunk it + 1 loads while chunk it computes.
   T* qs = reinterpret_cast<T*>(smem);
@@ -71,35 +71,32 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) 
 
   WarpState<T, D, kMass> st;
 #pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) st.o[dn][0] = st.o[dn][1] = st.o[dn][2] = st.o[dn][3] = 0.0f;
+  for (int mt = 0; mt < kWarpTiles; ++mt)
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    st.m[i] = -INFINITY;
-    st.m_ref[i] = 0.0f;
-    st.l[i] = 0.0f;
-    st.tile_sum[i] = 0.0f;
+    for (int dn = 0; dn < D / 8; ++dn) st.o[mt][dn][0] = st.o[mt][dn][1] = st.o[mt][dn][2] = st.o[mt][dn][3] = 0.0f;
+  const int wrow0 = row0 + warp * kWarpRows;
+  const int first = wrow0 + (lane >> 2);
+#pragma unroll
+  for (int r = 0; r < kThreadRows; ++r) {
+    st.m[r] = -INFINITY;
+    st.m_ref[r] = 0.0f;
+    st.l[r] = 0.0f;
+    st.tile_sum[r] = 0.0f;
   }
   st.tile = -1;
-  const int wrow0 = row0 + warp * kWarpRows;
-  const int row[2] = {wrow0 + (lane >> 2), wrow0 + (lane >> 2) + 8};
-  const int end[2] = {key_end(p, row[0]), key_end(p, row[1])};
   const bool warp_has_rows = wrow0 < p.row_end;
   // key_end grows with the row: the warp's first and last rows bound it.
   const int warp_min_end = key_end(p, wrow0);
   const int warp_max_end = key_end(p, min(wrow0 + kWarpRows, p.row_end) - 1);
 
-  float s[kChunkKeys / 8][4];
+  float s[kWarpTiles][kChunkKeys / 8][4];
   for (int it = 0; it < count; ++it) {
     const std::uint32_t e = entry(it);
     const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
     cp_async_wait_one();  // this chunk's group has landed; the next one's may still fly
     __syncthreads();
-    if (it == 0)
-#pragma unroll
-      for (int kd = 0; kd < D / 16; ++kd)
-        ldmatrix_x4(st.q[kd], qs + swizzle<D>(warp * kWarpRows + (lane & 15), kd * 16 + (lane >> 4) * 8));
     if (warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end) {
-      warp_scores(st, s, p, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, row, end, head);
+      warp_scores(st, s, p, qs, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, first, head);
       warp_values(st, s, vs(it & 1));
     }
     __syncthreads();  // every warp is done with this stage
@@ -108,21 +105,24 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(KernelParams p) 
   }
   cp_async_wait_all();
 
-  if constexpr (kMass) flush_tile(st, p, head, row);
+  if constexpr (kMass) flush_tile(st, p, head, first);
   T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
   const int t = lane & 3;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float l = quad_sum(st.l[i]);
+  for (int r = 0; r < kThreadRows; ++r) {
+    const int mt = r / 2, i = r % 2;
+    const int row = thread_row(first, r);
+    const float l = quad_sum(st.l[r]);
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gets zeros
     if constexpr (kMass) {
-      if (t == 0 && row[i] < p.mass_prefix) p.row_lse[head * p.mass_prefix + row[i]] = st.m_ref[i] + __log2f(l);
+      if (t == 0 && row < p.mass_prefix) p.row_lse[head * p.mass_prefix + row] = st.m_ref[r] + __log2f(l);
     }
-    if (row[i] >= p.row_end) continue;
-    T* out = oh + (row[i] - p.query_offset) * p.out_token_stride + 2 * t;
+    if (row >= p.row_end) continue;
+    T* out = oh + (row - p.query_offset) * p.out_token_stride + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(st.o[dn][2 * i] * inv, st.o[dn][2 * i + 1] * inv);
+      *reinterpret_cast<std::uint32_t*>(out + dn * 8) =
+          Mma<T>::pack(st.o[mt][dn][2 * i] * inv, st.o[mt][dn][2 * i + 1] * inv);
   }
 }
 

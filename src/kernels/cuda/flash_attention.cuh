@@ -1,9 +1,10 @@
 // The attention kernel: FlashAttention-2 on mma.sync m16n8k16 tensor-core
 // instructions (fp16/bf16 operands, fp32 accumulators), for head dims 64 and
-// 128. A thread block owns kRowsPerBlock query rows of one head (8 warps of
-// 16 rows); it streams 64-key chunks of K and V through shared memory
-// (cp.async: V's load runs under Q K^T, the next K's under P V) and keeps the
-// online-softmax state and the output rows in registers.
+// 128. A thread block owns kRowsPerBlock query rows of one head (4 warps of
+// 32 rows); it streams 64-key chunks of K and V through two shared-memory
+// stages (cp.async: the next chunk loads while this one computes) and keeps
+// the online-softmax state and the output rows in registers (at D = 128 ptxas
+// spills about 100 bytes a thread: the measured rate includes that).
 //
 // Per row, in log2 units (s = log2(e) * scale * q.k):
 //   m' = max(m, max_j s_j), alpha = 2^(m_ref - m'_ref), p_j = 2^(s_j - m'_ref),
@@ -31,14 +32,19 @@
 
 namespace attention_echo::kernels::cuda::detail {
 
-// 8 warps, one block per multiprocessor (about 230 registers a thread): 4
-// warps with two blocks per multiprocessor measured 4-7% slower on the H200
-// (docs/cuda/NOTES.md).
-inline constexpr int kWarps = 8;
-inline constexpr int kWarpRows = 16;
+// Each warp owns kWarpTiles m16 tiles of query rows; a block is 128 rows.
+// Two tiles (4 warps, two blocks per multiprocessor) share every K and V
+// fragment a warp reads from shared memory between two tiles' MMAs: 271
+// TFLOP/s at T = 32k against 239 with one tile and 8 warps (H200,
+// docs/cuda/NOTES.md).
+inline constexpr int kWarpTiles = 2;
+inline constexpr int kWarps = 8 / kWarpTiles;
+inline constexpr int kWarpRows = 16 * kWarpTiles;
 inline constexpr int kBlockRows = kWarps * kWarpRows;
 inline constexpr int kChunkKeys = 64;
 inline constexpr int kThreads = kWarps * 32;
+// A thread's rows: g, g + 8 of each m16 tile (g = lane / 4).
+inline constexpr int kThreadRows = 2 * kWarpTiles;
 
 struct KernelParams {
   const void* q;
@@ -167,133 +173,159 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
-// One thread's share of its warp's 16 rows: rows g and g + 8 of the warp
-// (g = lane / 4), index 0 and 1 below.
+// One thread's share of its warp's rows; row r of the thread is m16 tile
+// r / 2, row g + 8 (r % 2) of it (thread_row).
 template <typename T, int D, bool kMass>
 struct WarpState {
   static constexpr int kKeyTiles = kChunkKeys / 8;  // n8 tiles of S
   static constexpr int kDimTiles = D / 8;           // n8 tiles of O
-  std::uint32_t q[D / 16][4];
-  float o[kDimTiles][4];
-  float m[2], m_ref[2], l[2];
+  float o[kWarpTiles][kDimTiles][4];
+  float m[kThreadRows], m_ref[kThreadRows], l[kThreadRows];
   // Tile mass: this thread's part of the current key tile's sum, and the
   // tile (-1: none, past the prefix block).
-  float tile_sum[2];
+  float tile_sum[kThreadRows];
   int tile;
 };
 
+// Row r of the thread whose row 0 is `first` (recomputed, not stored: registers are tight).
+__device__ __forceinline__ int thread_row(int first, int r) { return first + (r / 2) * 16 + (r % 2) * 8; }
+
 template <typename T, int D, bool kMass>
-__device__ __forceinline__ void flush_tile(WarpState<T, D, kMass>& st, const KernelParams& p, int head,
-                                           const int (&row)[2]) {
+__device__ __forceinline__ void flush_tile(WarpState<T, D, kMass>& st, const KernelParams& p, int head, int first) {
   if (st.tile < 0) return;
   const int t = threadIdx.x & 3;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float sum = quad_sum(st.tile_sum[i]);
-    if (t == 0 && row[i] < p.mass_prefix)
-      p.mass_log[(static_cast<std::int64_t>(head) * p.mass_tiles + st.tile) * p.mass_prefix + row[i]] =
-          st.m_ref[i] + __log2f(sum);
-    st.tile_sum[i] = 0.0f;
+  for (int r = 0; r < kThreadRows; ++r) {
+    const float sum = quad_sum(st.tile_sum[r]);
+    const int row = thread_row(first, r);
+    if (t == 0 && row < p.mass_prefix)
+      p.mass_log[(static_cast<std::int64_t>(head) * p.mass_tiles + st.tile) * p.mass_prefix + row] =
+          st.m_ref[r] + __log2f(sum);
+    st.tile_sum[r] = 0.0f;
   }
+}
+
+// Q fragment (m16 x k16) of m16 tile mt at dims [16 kd, 16 kd + 16), read
+// from shared memory each chunk: registers would not hold both tiles' Q.
+template <int D, typename T>
+__device__ __forceinline__ void q_fragment(std::uint32_t (&a)[4], const T* qs, int mt, int kd) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  ldmatrix_x4(a, qs + swizzle<D>(warp * kWarpRows + mt * 16 + (lane & 15), kd * 16 + (lane >> 4) * 8));
 }
 
 // Scores of one 64-key chunk for one warp: s = Q K^T from the chunk's K tile,
 // masked, turned into probabilities; rescales l, o and the tile sum.
 template <typename T, int D, bool kMass>
-__device__ __forceinline__ void warp_scores(WarpState<T, D, kMass>& st, float (&s)[kChunkKeys / 8][4],
-                                            const KernelParams& p, const T* ks, int chunk_begin, bool mask,
-                                            const int (&row)[2], const int (&end)[2], int head) {
+__device__ __forceinline__ void warp_scores(WarpState<T, D, kMass>& st,
+                                            float (&s)[kWarpTiles][kChunkKeys / 8][4], const KernelParams& p,
+                                            const T* qs, const T* ks, int chunk_begin, bool mask,
+                                            int first, int head) {
   constexpr int NT = kChunkKeys / 8;
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+  for (int mt = 0; mt < kWarpTiles; ++mt)
 #pragma unroll
-  for (int kd = 0; kd < D / 16; ++kd)
+    for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+  for (int kd = 0; kd < D / 16; ++kd) {
+    std::uint32_t a[kWarpTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kWarpTiles; ++mt) q_fragment<D>(a[mt], qs, mt, kd);
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
       std::uint32_t b[4];
       const int key = np * 16 + (lane >> 4) * 8 + (lane & 7);
       const int col = kd * 16 + ((lane >> 3) & 1) * 8;
       ldmatrix_x4(b, ks + swizzle<D>(key, col));
-      Mma<T>::run(s[2 * np], st.q[kd], b[0], b[1]);
-      Mma<T>::run(s[2 * np + 1], st.q[kd], b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kWarpTiles; ++mt) {
+        Mma<T>::run(s[mt][2 * np], a[mt], b[0], b[1]);
+        Mma<T>::run(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
     }
+  }
 
   const int t = lane & 3;
-  float alpha[2], ref[2];
+  float alpha[kThreadRows], ref[kThreadRows];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int r = 0; r < kThreadRows; ++r) {
+    const int mt = r / 2, i = r % 2;
     // Raw scores until the exponent: the scale (positive) rides in its FMA.
     float mx = -INFINITY;
+    const int end = key_end(p, thread_row(first, r));
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float& x = s[n][2 * i + e];
-        if (mask && chunk_begin + n * 8 + 2 * t + e >= end[i]) x = -INFINITY;
+        float& x = s[mt][n][2 * i + e];
+        if (mask && chunk_begin + n * 8 + 2 * t + e >= end) x = -INFINITY;
         mx = fmaxf(mx, x);
       }
-    mx = fmaxf(st.m[i], quad_max(mx) * p.scale_log2);
-    ref[i] = mx == -INFINITY ? 0.0f : mx;
-    alpha[i] = fast_exp2(st.m[i] - ref[i]);  // 0 while the row had seen no key (m = -inf)
-    st.m[i] = mx;
+    mx = fmaxf(st.m[r], quad_max(mx) * p.scale_log2);
+    ref[r] = mx == -INFINITY ? 0.0f : mx;
+    alpha[r] = fast_exp2(st.m[r] - ref[r]);  // 0 while the row had seen no key (m = -inf)
+    st.m[r] = mx;
   }
   if constexpr (kMass) {
     // A finished tile's sums are relative to the reference before this chunk.
     const int tile = chunk_begin < p.mass_prefix ? chunk_begin / p.mass_block : -1;
     if (tile != st.tile) {
-      flush_tile(st, p, head, row);
+      flush_tile(st, p, head, first);
       st.tile = tile;
     }
   }
-  st.m_ref[0] = ref[0];
-  st.m_ref[1] = ref[1];
-  float chunk_sum[2] = {0.0f, 0.0f};
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+  for (int r = 0; r < kThreadRows; ++r) {
+    const int mt = r / 2, i = r % 2;
+    st.m_ref[r] = ref[r];
+    float chunk_sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float& x = s[n][2 * i + e];
-        x = fast_exp2(fmaf(x, p.scale_log2, -st.m_ref[i]));
-        chunk_sum[i] += x;
+        float& x = s[mt][n][2 * i + e];
+        x = fast_exp2(fmaf(x, p.scale_log2, -ref[r]));
+        chunk_sum += x;
       }
+    st.l[r] = st.l[r] * alpha[r] + chunk_sum;
+    if constexpr (kMass) {
+      if (st.tile >= 0) st.tile_sum[r] = st.tile_sum[r] * alpha[r] + chunk_sum;
+    }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) st.l[i] = st.l[i] * alpha[i] + chunk_sum[i];
-  if constexpr (kMass) {
-    if (st.tile >= 0)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) st.tile_sum[i] = st.tile_sum[i] * alpha[i] + chunk_sum[i];
-  }
-#pragma unroll
-  for (int dn = 0; dn < WarpState<T, D, kMass>::kDimTiles; ++dn) {
-    st.o[dn][0] *= alpha[0];
-    st.o[dn][1] *= alpha[0];
-    st.o[dn][2] *= alpha[1];
-    st.o[dn][3] *= alpha[1];
+    for (int dn = 0; dn < WarpState<T, D, kMass>::kDimTiles; ++dn) {
+      st.o[mt][dn][2 * i] *= alpha[r];
+      st.o[mt][dn][2 * i + 1] *= alpha[r];
+    }
   }
 }
 
 // O += P V for one warp from the chunk's V tile.
 template <typename T, int D, bool kMass>
-__device__ __forceinline__ void warp_values(WarpState<T, D, kMass>& st, const float (&s)[kChunkKeys / 8][4],
-                                            const T* vs) {
+__device__ __forceinline__ void warp_values(WarpState<T, D, kMass>& st,
+                                            const float (&s)[kWarpTiles][kChunkKeys / 8][4], const T* vs) {
   constexpr int NT = kChunkKeys / 8;
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
-    const std::uint32_t a[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                                Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    std::uint32_t a[kWarpTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kWarpTiles; ++mt) {
+      a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       std::uint32_t b[4];
       const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
       const int col = dp * 16 + (lane >> 4) * 8;
       ldmatrix_x4_trans(b, vs + swizzle<D>(key, col));
-      Mma<T>::run(st.o[2 * dp], a, b[0], b[1]);
-      Mma<T>::run(st.o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kWarpTiles; ++mt) {
+        Mma<T>::run(st.o[mt][2 * dp], a[mt], b[0], b[1]);
+        Mma<T>::run(st.o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
