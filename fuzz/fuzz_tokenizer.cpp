@@ -1,7 +1,8 @@
 // The llama2.c tokenizer: input = u16 vocabulary size, u8 text length, the
 // text, then the tokenizer.bin bytes. Construction must throw (std::
-// runtime_error for a bad file) or give a tokenizer whose encode returns ids
-// in the vocabulary, each of which decodes.
+// invalid_argument for a bad vocabulary size, std::runtime_error for a bad
+// file) or give a tokenizer whose encode returns ids in the vocabulary,
+// each of which decodes.
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -27,6 +28,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       tokenizer.decode(previous, id);
       previous = id;
     }
+  } catch (const std::invalid_argument&) {
   } catch (const std::runtime_error&) {
   }
   return 0;

@@ -239,6 +239,12 @@ TEST(EngineTokenizer, APieceLongerThanTheFileIsRefusedBeforeAllocating) {
   }
 }
 
+// Found by fuzz_tokenizer: a vocabulary of 1 or 2 pieces loaded, and encode
+// returned BOS (id 1) outside it.
+TEST(EngineTokenizer, AVocabularyWithoutBosAndEosIsRefused) {
+  for (int vocab : {-1, 0, 1, 2}) EXPECT_THROW(llama::Tokenizer(kTokenizer, vocab), std::invalid_argument) << vocab;
+}
+
 TEST(EngineTokenizer, ByteVocabularyHasNoDummyPrefix) {
   const std::string path = std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/tokenizer.bin";
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "no bundled model";

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -223,6 +224,33 @@ TEST(Snapshot, ForeignFilesAreRefusedNamingWhatDiffers) {
   expect_refused(cache, temp_path("does_not_exist.bin"), "cannot open");
   std::remove(good.c_str());
   std::remove(bad.c_str());
+}
+
+// Found by fuzz_snapshot: a sparse payload whose tile block is 0 (under a
+// valid checksum) divided by zero in validation. Any block but 32 or 64 is
+// refused.
+TEST(Snapshot, ASparsePayloadWithABadTileBlockIsRefused) {
+  AttentionEchoCache source(config_for(EchoMode::kSparse));
+  Qkv x = make_qkv(kH, kHkv, kT, kD, 5);
+  call(source, x, request_for(x, kP));  // one entry: namespace "", a key, no tokens, a sparse payload
+  const std::string path = temp_path("bad_block.bin");
+  source.save(path);
+  std::string bytes = read_bytes(path);
+  // Body: hash_dim, fingerprint, count; the entry: namespace, 4 shape ints,
+  // mask, uses, key (128 floats), tokens (none), k fingerprint, prefix,
+  // payload count; the payload: tier, section length, then its tile block.
+  const std::size_t block_at = kBodyAt + 20 + 8 + 16 + 1 + 8 + (8 + 128 * 4) + 8 + 8 + 4 + 4 + 1 + 8;
+  std::int32_t block = 0;
+  std::memcpy(&block, bytes.data() + block_at, 4);
+  ASSERT_EQ(block, 32);  // the layout above is right
+  for (std::int32_t bad : {0, -1, 33, std::numeric_limits<std::int32_t>::max()}) {
+    std::memcpy(bytes.data() + block_at, &bad, 4);
+    fix_checksum(bytes);
+    write_bytes(path, bytes);
+    AttentionEchoCache cache(config_for(EchoMode::kSparse));
+    expect_refused(cache, path, "tile set shape");
+  }
+  std::remove(path.c_str());
 }
 
 // Entries record their head shape and, for the exact tier, a fingerprint

@@ -29,7 +29,9 @@ double kept_fraction(const kernels::TileSet& kept, int rows) {
 }
 
 std::string tile_set_problem(const kernels::TileSet& t, const KeySpace& space, int prefix) {
-  if (t.heads != space.heads || t.tiles != (prefix + t.block - 1) / t.block || (t.block != 32 && t.block != 64))
+  // The block first: the tile count divides by it (a block of 0 in a file
+  // was a division by zero, found by fuzz_snapshot).
+  if ((t.block != 32 && t.block != 64) || t.heads != space.heads || t.tiles != (prefix + t.block - 1) / t.block)
     return "tile set shape";
   if (t.offsets.size() != static_cast<std::size_t>(t.heads) * t.tiles + 1 || t.offsets.front() != 0 ||
       t.offsets.back() != t.cols.size())

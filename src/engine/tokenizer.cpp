@@ -37,7 +37,10 @@ std::vector<int> Tokenizer::encode(std::string_view text) const {
 
 Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_unique<Impl>()) {
   Impl& t = *impl_;
-  if (vocab_size <= 0) throw std::invalid_argument("vocab_size must be positive");
+  // encode emits BOS (1) and EOS (2): a smaller vocabulary would give ids
+  // outside it (found by fuzz_tokenizer).
+  if (vocab_size < 3)
+    throw std::invalid_argument("vocab_size must be at least 3 (<unk>, BOS, EOS), got " + std::to_string(vocab_size));
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error(path + ": cannot open tokenizer");
   const std::streamoff size = in.tellg();
