@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -218,6 +219,26 @@ TEST(EngineTokenizer, RoundTripsAndFallsBackToBytes) {
   EXPECT_THROW(tok.decode(1, 512), std::invalid_argument);
 }
 
+// Found by fuzz_tokenizer: a piece length up to the header's max_len was
+// allocated before the file was checked to hold it (gigabytes for a few
+// bytes of input).
+TEST(EngineTokenizer, APieceLongerThanTheFileIsRefusedBeforeAllocating) {
+  const std::string path = temp_path("lying_tokenizer.bin");
+  const std::int32_t max_len = std::numeric_limits<std::int32_t>::max();
+  const float score = 0.0f;
+  std::vector<char> bytes(12);
+  std::memcpy(bytes.data(), &max_len, 4);
+  std::memcpy(bytes.data() + 4, &score, 4);
+  std::memcpy(bytes.data() + 8, &max_len, 4);  // token 0 claims 2 GiB
+  write_bytes(path, bytes);
+  try {
+    llama::Tokenizer(path, 4);
+    ADD_FAILURE() << "loaded a lying tokenizer";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("runs past the end of the file"), std::string::npos) << e.what();
+  }
+}
+
 TEST(EngineTokenizer, ByteVocabularyHasNoDummyPrefix) {
   const std::string path = std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/tokenizer.bin";
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "no bundled model";
@@ -285,6 +306,29 @@ TEST(EngineBadFiles, EveryTruncatedGgufThrows) {
   const std::uint64_t huge = 1ULL << 60;
   std::memcpy(bad.data() + 8, &huge, 8);
   write_bytes(path, bad);
+  EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
+}
+
+// Found by fuzz_llama2c_loader: a NaN weight loaded and failed later as an
+// invalid "query" inside the forward. Non-finite weights are a corrupt file.
+TEST(EngineBadFiles, NonFiniteWeightsAreRefusedNamingTheTensor) {
+  const std::vector<char> good = read_bytes(kModel);
+  const std::string path = temp_path("non_finite.bin");
+  for (float bad_value : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    std::vector<char> bad = good;
+    std::memcpy(bad.data() + 28, &bad_value, 4);  // the first weight, past the 7-int header
+    write_bytes(path, bad);
+    try {
+      llama::load_weights(path);
+      ADD_FAILURE() << "loaded a non-finite weight";
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+    }
+  }
+  llama::Weights w = llama::load_llama2c(kModel);
+  w.layers.back().w_up[5] = std::numeric_limits<float>::infinity();
+  write_bytes(path, write_gguf(w, false));
   EXPECT_THROW(llama::load_gguf(path), std::runtime_error);
 }
 

@@ -177,6 +177,13 @@ TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
   auto near = prompt;
   near[20] = edited(near[20]);
   EXPECT_EQ(planner.plan(near, 0, "tenant-b").route, serving::Plan::Route::kReuse);
+  // A tenant's clear drops its stored K/V only.
+  serving::Plan b = planner.plan(prompt, 0, "tenant-b");
+  planner.execute(engine, prompt, b);
+  planner.clear("tenant-a");
+  EXPECT_EQ(planner.stored_prompts(), 1u);
+  EXPECT_EQ(planner.plan(prompt, 0, "tenant-a").kv.length, 0);
+  EXPECT_EQ(planner.plan(prompt, 0, "tenant-b").kv.length, 199);
 }
 
 // The first blend calibrates the guard: it is also computed exactly, served
@@ -208,6 +215,41 @@ TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
     }
     EXPECT_EQ(argmax(logits), argmax(exact));
   }
+}
+
+// Calibrated before serving: the samples are measured (estimate and KL of
+// a blend against the exact prefill), nothing is stored, and the first blend
+// served is an ordinary one.
+TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  const std::vector<std::vector<int>> passages = {text_tokens(20, 3), text_tokens(100, 4), text_tokens(100, 5),
+                                                  text_tokens(100, 6)};
+  const auto samples = planner.calibrate(engine, passages);
+  ASSERT_EQ(samples.size(), 3u);
+  for (const auto& s : samples) {
+    EXPECT_GT(s.estimate, 0.0);
+    EXPECT_GE(s.kl, 0.0);
+  }
+  EXPECT_EQ(planner.stored_prompts(), 0u);
+  const auto base = text_tokens(600, 9);
+  engine.timers() = {};
+  last_logits(engine, base);
+  planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+  serving::Plan seed = planner.plan(base);
+  planner.execute(engine, base, seed);
+  auto near = base;
+  near[50] = edited(near[50]);
+  serving::Plan plan = planner.plan(near);
+  ASSERT_EQ(plan.route, serving::Plan::Route::kBlend);
+  planner.execute(engine, near, plan);
+  EXPECT_FALSE(plan.report.blend_calibration);
+  EXPECT_THROW(planner.calibrate(engine, std::span(passages).first(2)), std::invalid_argument);
+  const std::vector<std::vector<int>> short_text = {text_tokens(20, 3), text_tokens(100, 4), text_tokens(20, 5)};
+  EXPECT_THROW(planner.calibrate(engine, short_text), std::invalid_argument);
+  serving::Planner off(model().config());
+  EXPECT_THROW(off.calibrate(engine, passages), std::invalid_argument);
 }
 
 TEST(Planner, BadInputThrowsAndStoresNothing) {

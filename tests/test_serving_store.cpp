@@ -184,6 +184,27 @@ TEST(KVBlockStore, ExactBlocksReplaceApproximateOnesAndOnlyExactRecordsAreDonors
   EXPECT_TRUE(store.similar("", a, 4).empty());
 }
 
+TEST(KVBlockStore, ClearOfANamespaceDropsOnlyItsRecordsAndBlocks) {
+  KVBlockStore store({2, 4, 16}, 1 << 20);
+  const auto a = random_tokens(40, 14), b = random_tokens(50, 15);
+  ASSERT_TRUE(store.insert("tenant-a", a, FakeKV(a).kp(), FakeKV(a).vp(), false, 0.0));
+  ASSERT_TRUE(store.insert("tenant-a", b, FakeKV(b).kp(), FakeKV(b).vp(), false, 0.0));
+  const std::size_t a_bytes = store.bytes();
+  ASSERT_TRUE(store.insert("tenant-b", a, FakeKV(a).kp(), FakeKV(a).vp(), false, 0.0));  // same tokens
+  const std::size_t b_bytes = store.bytes() - a_bytes;
+
+  store.clear("tenant-a");
+  EXPECT_EQ(store.size(), 1u);
+  EXPECT_EQ(store.bytes(), b_bytes);  // every block of tenant-a went, none of tenant-b's
+  EXPECT_EQ(store.longest_prefix("tenant-a", a).length, 0);
+  EXPECT_TRUE(store.similar("tenant-a", a, 4).empty());
+  EXPECT_EQ(store.longest_prefix("tenant-b", a).length, 40);
+  EXPECT_EQ(store.similar("tenant-b", a, 4).size(), 1u);
+  store.clear("tenant-b");
+  EXPECT_EQ(store.size(), 0u);
+  EXPECT_EQ(store.bytes(), 0u);
+}
+
 TEST(TokenProfile, SimilarRequestsScoreHigherThanUnrelatedOnes) {
   const auto a = random_tokens(400, 12);
   auto near = a;

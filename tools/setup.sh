@@ -5,8 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+# clang + libclang-rt-14-dev: the libFuzzer targets (tools/fuzz.sh; bookworm's
+# clang is 14, its fuzzer and sanitizer runtimes are in libclang-rt-14-dev).
+# redis-server + libhiredis-dev: the shared L2 store and its tests.
 for pkg in g++ cmake ninja-build libgtest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev python3-venv \
-    redis-server libhiredis-dev; do
+           clang libclang-rt-14-dev redis-server libhiredis-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test on a fresh machine: installs what is needed, then
 #   1. the C++ suite (ctest) in Release,
-#   2. the same suite under AddressSanitizer + UBSan, and under ThreadSanitizer,
+#   2. the same suite under AddressSanitizer + UBSan (LeakSanitizer on), and
+#      under ThreadSanitizer, then each libFuzzer target for 60 s (fuzz.sh),
 #   3. cmake --install + a find_package(attention_echo) consumer, two aecho
 #      processes sharing one Redis (the shared L2 store, short form),
 #   4. the Python wheel (pip wheel .), installed into the venv, its pytest
@@ -21,13 +22,17 @@ step "C++ tests under AddressSanitizer + UBSan"
 cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAE_SANITIZE=address,undefined \
   -DAE_BUILD_EXAMPLES=OFF -DAE_BUILD_CLI=OFF >/dev/null
 cmake --build build/asan -j "$JOBS"
-ctest --test-dir build/asan --output-on-failure -j "$JOBS"
+# LeakSanitizer is ASan's default on Linux; said explicitly so a leak fails CI.
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build/asan --output-on-failure -j "$JOBS"
 
 step "C++ tests under ThreadSanitizer"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAE_SANITIZE=thread \
   -DAE_BUILD_EXAMPLES=OFF -DAE_BUILD_CLI=OFF >/dev/null
 cmake --build build/tsan -j "$JOBS"
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" ctest --test-dir build/tsan --output-on-failure -j "$JOBS"
+
+step "fuzzing: each libFuzzer target for ${AE_FUZZ_SECONDS:-60} s under ASan + UBSan"
+bash tools/fuzz.sh "${AE_FUZZ_SECONDS:-60}"
 
 step "install + find_package consumer"
 rm -rf build/prefix build/consumer

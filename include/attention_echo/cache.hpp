@@ -68,6 +68,10 @@ struct CacheStats {
   // Snapshot entries load() did not keep: larger than max_bytes on their own,
   // or evicted to fit capacity / max_bytes (a snapshot of a larger cache).
   std::uint64_t snapshot_dropped = 0;
+  // Entries computed on a miss but not stored: larger than max_bytes on
+  // their own (the call is served exactly; the cache never grows past its
+  // budget for one entry).
+  std::uint64_t oversize_skipped = 0;
   std::uint64_t hits() const { return hits_exact + hits_sparse + hits_dense; }
   // The counter a call served by `tier` adds one to: hits_exact, hits_sparse,
   // hits_dense, or misses for Tier::kNone (computed exactly). Reports and the
@@ -100,7 +104,19 @@ class AttentionEchoCache {
   // The shared L2 store's counters (config.store_url); zeros without one.
   L2Stats l2_stats() const;
 
-  // Snapshot: versioned, checksummed; save writes a temp file and renames it.
+  // ---- tenants: per-namespace stats and clear (README, "Reliability") ----
+  // A namespace's counters (calls made with that EchoRequest::name_space,
+  // evictions of its entries, its snapshot drops) and its entries and bytes.
+  // stats() holds the sum over namespaces. A namespace never seen: zeros.
+  CacheStats stats(std::string_view name_space) const;
+  // Namespaces with entries or counters, sorted.
+  std::vector<std::string> namespaces() const;
+  // Drops that namespace's entries and counters; stats() loses exactly what
+  // stats(name_space) held, other namespaces keep theirs.
+  void clear(std::string_view name_space);
+
+  // Snapshot: versioned, checksummed; save writes a temp file, fsyncs it and
+  // renames it over path (a crash leaves the previous snapshot or the new one).
   // load replaces the cache's entries, or throws and leaves them as they were.
   // Entries the limits cannot hold are not loaded and are counted in
   // stats().snapshot_dropped. Both throw std::runtime_error naming the file

@@ -25,6 +25,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "attention_echo/cache.hpp"
 #include "attention_echo/l2_store.hpp"
@@ -48,7 +49,7 @@ struct BlendConfig {
   // and the next-token KL between the two is measured.
   double max_error = 0.2;
   double max_kl = 1e-3;      // next-token KL (nats) the calibrated guard aims under
-  int calibrate_every = 32;  // 0: never calibrate (guard at max_error alone)
+  int calibrate_every = 32;  // 0: never calibrate while serving (guard at max_error alone)
   int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
@@ -60,15 +61,29 @@ struct BlendConfig {
 // same model may share it. Thread-safe.
 class BlendCalibration {
  public:
-  // Whether the next blend should be a calibration one, counting it.
+  // Whether the next blend should be a calibration one (none taken yet, or
+  // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);
   void add(double estimate, double kl, const BlendConfig& config);
   double threshold(const BlendConfig& config) const;
+  long long samples() const;
 
  private:
   mutable std::mutex mutex_;
-  long long blends_ = 0;
+  long long samples_ = 0;
+  long long blends_since_sample_ = 0;
   double bound_ = INFINITY;
+};
+
+// The shortest text Planner::calibrate takes: its blends must be long
+// enough for the planner to consider blending at all.
+inline constexpr int kMinCalibrationSample = 256;
+
+// One calibration blend: the guard's estimate and the next-token KL (nats)
+// the blend measured against computing the prompt exactly.
+struct CalibrationSample {
+  double estimate = 0.0;
+  double kl = 0.0;
 };
 
 struct PlannerConfig {
@@ -133,12 +148,26 @@ class Planner {
   // rows, all when negative), leaves its K/V in plan.kv, stores it and fills
   // plan.report.
   llama::ForwardResult execute(llama::Engine& engine, std::span<const int> tokens, Plan& plan, int keep_rows = 1);
+  // Calibrates the blend guard before serving, so no request pays for it,
+  // from `passages` of the workload's text (a shared head such as a system
+  // prompt first; kMinCalibrationSample tokens or more in all, at most the
+  // context): blends of prompts made of them from their concatenation's
+  // K/V, each also computed exactly: the passages after the head in
+  // reverse order (chunks that moved), an 8-token edit inside one, and 32
+  // tokens inserted after the head (every later position shifted). The
+  // samples go to the planner's BlendCalibration; the first blend served
+  // is then an ordinary one. Stores nothing. Throws std::invalid_argument
+  // naming `passages`, or when blending is off.
+  std::vector<CalibrationSample> calibrate(llama::Engine& engine, std::span<const std::vector<int>> passages);
   // Teaches the cost model what a forward over `rows` rows without reuse
   // cost, in CPU seconds: in total and in attention.
   void observe(int rows, double total_cpu_s, double attention_cpu_s);
 
   std::size_t stored_prompts() const;
   std::size_t stored_bytes() const;
+  // Drops the stored K/V of one namespace (a tenant leaving); other
+  // namespaces keep theirs.
+  void clear(std::string_view name_space);
   // The shared L2 store's counters (PlannerConfig::store_url), keys being
   // K/V blocks; zeros without one.
   L2Stats l2_stats() const;

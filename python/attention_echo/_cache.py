@@ -14,13 +14,13 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from . import _core
 from ._config import EchoConfig
-from ._convert import empty_like, int_in, matrix_in, qkv_in, restore, scale_in
+from ._convert import empty_like, int_in, matrix_in, namespace_in, qkv_in, restore, scale_in
 from ._request import EchoRequest
 
 __all__ = ["AttentionEchoCache", "attention"]
@@ -139,7 +139,8 @@ class AttentionEchoCache:
         """Consistent snapshot: the seed's keys (hits, misses, total_lookups,
         hit_rate, cache_size, capacity, ops_saved) and ours (hits per tier,
         rejected, evictions, bytes, max_bytes, tokens echoed/computed,
-        flops_saved)."""
+        flops_saved, snapshot_dropped, oversize_skipped: misses whose entry
+        alone exceeds max_bytes, served but not stored)."""
         return self._impl.stats()
 
     @property
@@ -150,9 +151,24 @@ class AttentionEchoCache:
         backing off), reconnects, writes, lookup_seconds, max_lookup_seconds."""
         return self._impl.l2_stats()
 
-    def clear(self) -> None:
-        """Drop every entry and zero the stats."""
-        self._impl.clear()
+    def clear(self, namespace: Optional[str] = None) -> None:
+        """Drop every entry and zero the stats; with a namespace, drop only
+        that tenant's entries and counters (``stats`` loses exactly what
+        ``namespace_stats(namespace)`` held)."""
+        if namespace is None:
+            self._impl.clear()
+        else:
+            self._impl.clear_namespace(namespace_in(namespace))
+
+    def namespace_stats(self, namespace: str) -> Dict[str, Any]:
+        """``stats`` of one namespace: the calls made in it, evictions of its
+        entries, its entries and bytes. ``stats`` is their sum over
+        ``namespaces()``; a namespace never seen has zeros."""
+        return self._impl.namespace_stats(namespace_in(namespace))
+
+    def namespaces(self) -> List[str]:
+        """Namespaces with entries or counters, sorted."""
+        return self._impl.namespaces()
 
     def save(self, path) -> None:
         """Write a versioned, checksummed snapshot (temp file + rename);

@@ -118,6 +118,12 @@ def int_in(x, name: str) -> int:
     return value
 
 
+def namespace_in(x) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"namespace must be a str, got {type(x).__name__}")
+    return x
+
+
 def scale_in(x) -> Optional[float]:
     if x is None:
         return None

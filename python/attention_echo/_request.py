@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-from ._convert import int_in, matrix_in, scale_in, tokens_in
+from ._convert import int_in, matrix_in, namespace_in, scale_in, tokens_in
 
 __all__ = ["EchoRequest"]
 
@@ -50,8 +50,7 @@ class EchoRequest:
     namespace: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.namespace, str):
-            raise TypeError(f"namespace must be a str, got {type(self.namespace).__name__}")
+        namespace_in(self.namespace)
         converted = {
             "prefix_length": int_in(self.prefix_length, "prefix_length"),
             "prefix_embeddings": matrix_in(self.prefix_embeddings, "prefix_embeddings"),

@@ -10,11 +10,12 @@ report of what each prompt reused and the guard's error estimate::
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
 from . import _core
+from ._convert import namespace_in
 
 __all__ = ["LlamaServer"]
 
@@ -52,17 +53,37 @@ class LlamaServer:
     def stored_prompts(self) -> int:
         return self._server.stored_prompts
 
+    def clear(self, namespace: str) -> None:
+        """Drops one namespace's stored K/V (a tenant leaving); the others keep theirs."""
+        self._server.clear_namespace(namespace_in(namespace))
+
     def prefill(self, tokens: Sequence[int], namespace: str = "") -> Tuple[np.ndarray, dict]:
         """Prefills ``tokens`` (ids in the vocabulary, 1 to context_length of
         them) and returns the last row's next-token logits and the reuse
         report. Prompts never reuse work across namespaces."""
-        if not isinstance(namespace, str):
-            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
-        array = np.asarray(tokens)
-        if array.size and array.dtype.kind not in "iu":  # [] is float64 to NumPy; the core names it empty
-            raise TypeError(f"tokens must be integers, got dtype {array.dtype}")
-        if array.ndim != 1:
-            raise ValueError(f"tokens must be one-dimensional, got shape {array.shape}")
-        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
-            raise ValueError("tokens: id is outside the vocabulary")
-        return self._server.prefill(np.ascontiguousarray(array, dtype=np.int32), namespace)
+        namespace = namespace_in(namespace)
+        return self._server.prefill(_token_array(tokens, "tokens"), namespace)
+
+    def calibrate(self, passages: Sequence[Sequence[int]]) -> List[dict]:
+        """Calibrates the blend guard before serving, from ``passages`` of the
+        workload's text (a shared head first, then at least two more; 256
+        tokens or more in all): blends of them in another order, with an
+        edit and with an insertion, each also computed exactly. Returns each
+        blend's guard estimate and measured next-token KL (nats)."""
+        if isinstance(passages, (str, bytes)) or not isinstance(passages, Sequence):
+            raise TypeError(f"passages must be a sequence of token sequences, got {type(passages).__name__}")
+        arrays = [_token_array(p, "passages") for p in passages]
+        return self._server.calibrate([a.tolist() for a in arrays])
+
+
+def _token_array(tokens: Sequence[int], name: str) -> np.ndarray:
+    """``tokens`` as a contiguous int32 array; TypeError/ValueError naming
+    ``name`` for what the core cannot take (the core checks the vocabulary)."""
+    array = np.asarray(tokens)
+    if array.size and array.dtype.kind not in "iu":  # [] is float64 to NumPy; the core names it empty
+        raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name}: id is outside the vocabulary")
+    return np.ascontiguousarray(array, dtype=np.int32)

@@ -12,6 +12,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <climits>
 #include <cstdint>
@@ -110,6 +111,7 @@ nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
   d["rejected"] = s.rejected;
   d["evictions"] = s.evictions;
   d["snapshot_dropped"] = s.snapshot_dropped;  // snapshot entries load() could not keep
+  d["oversize_skipped"] = s.oversize_skipped;  // misses whose entry alone exceeds max_bytes
   d["bytes"] = s.bytes;
   d["max_bytes"] = config.max_bytes;
   d["tokens_echoed"] = s.tokens_echoed;
@@ -256,7 +258,19 @@ NB_MODULE(_core, m) {
       .def("stats", [](const ae::AttentionEchoCache& self) { return stats_dict(self.stats(), self.config()); })
       .def("l2_stats", [](const ae::AttentionEchoCache& self) { return l2_stats_dict(self.l2_stats()); })
       .def("size", &ae::AttentionEchoCache::size)
-      .def("clear", &ae::AttentionEchoCache::clear, nb::call_guard<nb::gil_scoped_release>())
+      .def("clear", nb::overload_cast<>(&ae::AttentionEchoCache::clear), nb::call_guard<nb::gil_scoped_release>())
+      // Tenants: per-namespace stats and clear.
+      .def(
+          "namespace_stats",
+          [](const ae::AttentionEchoCache& self, const std::string& name_space) {
+            return stats_dict(self.stats(name_space), self.config());
+          },
+          "namespace"_a)
+      .def("namespaces", &ae::AttentionEchoCache::namespaces)
+      .def(
+          "clear_namespace",
+          [](ae::AttentionEchoCache& self, const std::string& name_space) { self.clear(name_space); },
+          "namespace"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("config", &ae::AttentionEchoCache::config)
       .def("save", &ae::AttentionEchoCache::save, "path"_a, nb::call_guard<nb::gil_scoped_release>())
       .def("load", &ae::AttentionEchoCache::load, "path"_a, nb::call_guard<nb::gil_scoped_release>());
@@ -299,6 +313,9 @@ NB_MODULE(_core, m) {
       .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
       .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })
       .def(
+          "clear_namespace", [](LlamaServer& self, const std::string& name_space) { self.planner.clear(name_space); },
+          "namespace"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def(
           "prefill",
           [](LlamaServer& self, Tokens tokens, const std::string& name_space) {
             const std::span<const int> ids(tokens.data(), tokens.shape(0));
@@ -311,7 +328,25 @@ NB_MODULE(_core, m) {
             }
             return nb::make_tuple(to_numpy(std::move(result.logits)), prefill_report(plan));
           },
-          "tokens"_a.noconvert(), "namespace"_a);
+          "tokens"_a.noconvert(), "namespace"_a)
+      .def(
+          "calibrate",
+          [](LlamaServer& self, const std::vector<std::vector<int>>& passages) {
+            std::vector<ae::serving::CalibrationSample> samples;
+            {
+              nb::gil_scoped_release release;
+              samples = self.planner.calibrate(self.engine, passages);
+            }
+            nb::list out;
+            for (const auto& s : samples) {
+              nb::dict d;
+              d["estimate"] = s.estimate;
+              d["kl"] = s.kl;
+              out.append(d);
+            }
+            return out;
+          },
+          "passages"_a);
 
   // Test hook: the address nanobind hands to C++ for an array, to check that
   // contiguous float32 inputs cross without a copy.

@@ -139,9 +139,7 @@ bool AttentionEchoCache::Impl::fetch_from_l2(const Call& call) {
   auto entry = l2->fetch(call);
   if (!entry) return false;
   std::lock_guard lock(mutex);
-  const int evicted = store.insert(std::move(*entry));
-  if (evicted > 0) stats.evictions += static_cast<std::uint64_t>(evicted);
-  return evicted >= 0;
+  return store.insert(std::move(*entry), [this](const Entry& victim) { count_eviction(victim); }) >= 0;
 }
 
 // Same space, tokens and k fingerprint (same tokens under other weights is a
@@ -255,16 +253,29 @@ void AttentionEchoCache::Impl::finish(const Call& call, std::optional<Entry> ent
                                       std::optional<std::uint64_t> replaced) {
   std::lock_guard lock(mutex);
   if (replaced) store.remove(*replaced);
-  if (entry) {
-    const int evicted = store.insert(std::move(*entry));
-    if (evicted > 0) stats.evictions += static_cast<std::uint64_t>(evicted);
-  }
-  stats.lookups += 1;
-  stats.*CacheStats::counter(call.result.tier) += 1;
-  stats.rejected += call.result.rejected;
-  stats.tokens_echoed += static_cast<std::uint64_t>(call.result.tokens_echoed);
-  stats.tokens_computed += static_cast<std::uint64_t>(call.result.tokens_computed);
-  stats.flops_saved += call.flops_saved;
+  const bool oversize =
+      entry && store.insert(std::move(*entry), [this](const Entry& victim) { count_eviction(victim); }) < 0;
+  const EchoResult& r = call.result;
+  count(call.space.name_space, [&](CacheStats& s) {
+    s.lookups += 1;
+    s.*CacheStats::counter(r.tier) += 1;
+    s.rejected += r.rejected;
+    s.tokens_echoed += static_cast<std::uint64_t>(r.tokens_echoed);
+    s.tokens_computed += static_cast<std::uint64_t>(r.tokens_computed);
+    s.flops_saved += call.flops_saved;
+    s.oversize_skipped += oversize;
+  });
+}
+
+void AttentionEchoCache::Impl::count(std::string_view name_space, const std::function<void(CacheStats&)>& add) {
+  add(stats);
+  auto it = namespace_stats.find(name_space);
+  if (it == namespace_stats.end()) it = namespace_stats.emplace(std::string(name_space), CacheStats{}).first;
+  add(it->second);
+}
+
+void AttentionEchoCache::Impl::count_eviction(const Entry& victim) {
+  count(victim.space.name_space, [](CacheStats& s) { s.evictions += 1; });
 }
 
 EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k, const HeadsView& v,
@@ -275,7 +286,7 @@ EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k,
     compute_exact(call, 0);
     call.result.tokens_computed = q.tokens;
     std::lock_guard lock(mutex);
-    stats.tokens_computed += static_cast<std::uint64_t>(q.tokens);
+    count(call.space.name_space, [&](CacheStats& s) { s.tokens_computed += static_cast<std::uint64_t>(q.tokens); });
     return call.result;
   }
   std::optional<std::uint64_t> replaced;
@@ -329,6 +340,46 @@ void AttentionEchoCache::clear() {
   std::lock_guard lock(impl_->mutex);
   impl_->store.clear();
   impl_->stats = {};
+  impl_->namespace_stats.clear();
+}
+
+CacheStats AttentionEchoCache::stats(std::string_view name_space) const {
+  std::lock_guard lock(impl_->mutex);
+  const auto it = impl_->namespace_stats.find(name_space);
+  CacheStats s = it == impl_->namespace_stats.end() ? CacheStats{} : it->second;
+  const cache::EntryStore::Usage used = impl_->store.usage(name_space);
+  s.entries = used.entries;
+  s.bytes = used.bytes;
+  return s;
+}
+
+std::vector<std::string> AttentionEchoCache::namespaces() const {
+  std::lock_guard lock(impl_->mutex);
+  std::vector<std::string> names = impl_->store.namespaces();
+  for (const auto& [name, counters] : impl_->namespace_stats) names.push_back(name);
+  std::ranges::sort(names);
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  return names;
+}
+
+void AttentionEchoCache::clear(std::string_view name_space) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->store.clear(name_space);
+  const auto it = impl_->namespace_stats.find(name_space);
+  if (it == impl_->namespace_stats.end()) return;
+  const CacheStats& gone = it->second;
+  CacheStats& total = impl_->stats;
+  for (Tier tier : {Tier::kNone, Tier::kExact, Tier::kSparse, Tier::kDense})
+    total.*CacheStats::counter(tier) -= gone.*CacheStats::counter(tier);
+  total.lookups -= gone.lookups;
+  total.rejected -= gone.rejected;
+  total.evictions -= gone.evictions;
+  total.tokens_echoed -= gone.tokens_echoed;
+  total.tokens_computed -= gone.tokens_computed;
+  total.flops_saved -= gone.flops_saved;
+  total.snapshot_dropped -= gone.snapshot_dropped;
+  total.oversize_skipped -= gone.oversize_skipped;
+  impl_->namespace_stats.erase(it);
 }
 
 const EchoConfig& AttentionEchoCache::config() const { return impl_->config; }

@@ -5,9 +5,12 @@
 // wait on another call's compute.
 #pragma once
 
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 
 #include "attention_echo/cache.hpp"
 #include "attention_echo/thread_pool.hpp"
@@ -48,6 +51,12 @@ struct AttentionEchoCache::Impl {
   void compute_exact(const cache::Call& call, int row_begin);
   void finish(const cache::Call& call, std::optional<cache::Entry> entry, std::optional<std::uint64_t> replaced);
 
+  // Under the mutex: `add` applied to the cache-wide stats and to those of
+  // name_space (the sum over namespaces stays the cache-wide value).
+  void count(std::string_view name_space, const std::function<void(CacheStats&)>& add);
+  // Under the mutex: the eviction callback of EntryStore::insert.
+  void count_eviction(const cache::Entry& victim);
+
   const EchoConfig config;
   const cache::TierSet tiers;
   const cache::Guard guard;
@@ -57,6 +66,8 @@ struct AttentionEchoCache::Impl {
   mutable std::mutex mutex;
   cache::EntryStore store;
   CacheStats stats;
+  // Counters per namespace (entries and bytes come from store.usage).
+  std::map<std::string, CacheStats, std::less<>> namespace_stats;
   const std::optional<cache::L2Entries> l2;  // config.store_url set: the shared store
 };
 

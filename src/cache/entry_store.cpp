@@ -71,10 +71,13 @@ void EntryStore::remove(std::uint64_t id) {
     if (sem->second.size() == 0) semantic_.erase(sem);
   }
   bytes_ -= e.bytes();
+  auto used = usage_.find(e.space.name_space);
+  used->second.bytes -= e.bytes();
+  if (--used->second.entries == 0) usage_.erase(used);
   entries_.erase(it);
 }
 
-int EntryStore::insert(Entry entry) {
+int EntryStore::insert(Entry entry, const std::function<void(const Entry&)>& on_evict) {
   const std::size_t need = entry.bytes();
   if (need > max_bytes_) return -1;
   if (!entry.tokens.empty()) {
@@ -82,7 +85,9 @@ int EntryStore::insert(Entry entry) {
   }
   int evicted = 0;
   while (!order_.empty() && (entries_.size() >= capacity_ || bytes_ + need > max_bytes_)) {
-    remove(std::get<2>(*order_.begin()));
+    const std::uint64_t victim = std::get<2>(*order_.begin());
+    if (on_evict) on_evict(entries_.at(victim));
+    remove(victim);
     ++evicted;
   }
   entry.id = next_id_++;
@@ -95,6 +100,9 @@ int EntryStore::insert(Entry entry) {
     sem->second.add(id, entry.key);
   }
   bytes_ += need;
+  Usage& used = usage_[entry.space.name_space];
+  ++used.entries;
+  used.bytes += need;
   order_.insert(order_key(entry));
   entries_.emplace(id, std::move(entry));
   return evicted;
@@ -105,7 +113,26 @@ void EntryStore::clear() {
   exact_.clear();
   semantic_.clear();
   order_.clear();
+  usage_.clear();
   bytes_ = 0;
+}
+
+void EntryStore::clear(std::string_view name_space) {
+  std::vector<std::uint64_t> ids;
+  for (const auto& [id, e] : entries_)
+    if (e.space.name_space == name_space) ids.push_back(id);
+  for (std::uint64_t id : ids) remove(id);
+}
+
+EntryStore::Usage EntryStore::usage(std::string_view name_space) const {
+  auto it = usage_.find(name_space);
+  return it == usage_.end() ? Usage{} : it->second;
+}
+
+std::vector<std::string> EntryStore::namespaces() const {
+  std::vector<std::string> out;
+  for (const auto& [name, used] : usage_) out.push_back(name);
+  return out;
 }
 
 std::vector<const Entry*> EntryStore::entries_by_age() const {

@@ -5,9 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <set>
 #include <span>
+#include <string>
+#include <string_view>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -26,6 +29,15 @@ class EntryStore {
   std::size_t size() const { return entries_.size(); }
   std::size_t bytes() const { return bytes_; }
 
+  // What one namespace holds (tenants: per-namespace stats).
+  struct Usage {
+    std::size_t entries = 0;
+    std::size_t bytes = 0;
+  };
+  Usage usage(std::string_view name_space) const;
+  // Namespaces holding at least one entry.
+  std::vector<std::string> namespaces() const;
+
   // Entry with these exact tokens in this space, or null.
   const Entry* find_exact(const KeySpace& space, std::span<const std::int32_t> tokens) const;
   // Up to k entries of this space by similarity >= min_similarity, best first.
@@ -36,10 +48,12 @@ class EntryStore {
   void touch(std::uint64_t id);  // a hit: update recency / frequency
   void remove(std::uint64_t id);
   // Inserts, first removing an entry with the same exact tokens and evicting
-  // by policy until both limits hold. Returns the number of evictions; an
-  // entry larger than max_bytes on its own is not stored (returns -1).
-  int insert(Entry entry);
+  // by policy until both limits hold, telling on_evict about each victim
+  // before it goes. Returns the number of evictions; an entry larger than
+  // max_bytes on its own is not stored (returns -1).
+  int insert(Entry entry, const std::function<void(const Entry&)>& on_evict = {});
   void clear();
+  void clear(std::string_view name_space);  // that namespace's entries only
 
   // Every entry, oldest-used first (the order a reload should insert them).
   std::vector<const Entry*> entries_by_age() const;
@@ -59,6 +73,7 @@ class EntryStore {
   std::unordered_map<std::uint64_t, std::uint64_t> exact_;  // exact_hash -> id
   std::map<KeySpace, index::SemanticIndex> semantic_;
   std::set<OrderKey> order_;  // eviction victim first
+  std::map<std::string, Usage, std::less<>> usage_;  // namespaces with entries
 };
 
 }  // namespace attention_echo::cache

@@ -1,13 +1,21 @@
 // Snapshot files: "AECHOSNP", u32 version, u64 body size, u64 FNV-1a of the
 // body, then the body (little-endian, fixed-width fields): hash_dim, the
-// entry count, and per entry its lookup fields, prefix and one section per
-// tier payload (u8 tier, u64 length, what the tier writes). save() writes a
-// temp file and renames it over the target, so a crash never leaves half a
-// snapshot; load() parses and checks everything into a fresh store before
-// swapping it in, so a bad file leaves the cache as it was.
+// semantic keyer's fingerprint, the entry count, and per entry its lookup
+// fields, prefix and one section per tier payload (u8 tier, u64 length, what
+// the tier writes). save() writes a temp file of its own, fsyncs it, renames
+// it over the target and fsyncs the directory, so a crash at any point
+// leaves either the previous snapshot or the new one, never half of one;
+// load() parses and checks everything into a fresh store before swapping it
+// in, so a bad file leaves the cache as it was.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -20,7 +28,53 @@ namespace {
 
 constexpr char kMagic[8] = {'A', 'E', 'C', 'H', 'O', 'S', 'N', 'P'};
 // 2: a section per tier payload instead of fixed exact/sparse/dense fields.
-constexpr std::uint32_t kVersion = 2;
+// 3: the semantic keyer's fingerprint after hash_dim.
+constexpr std::uint32_t kVersion = 3;
+
+// The key of a fixed probe, hashed: keys stored under another projection
+// (seed, generator or pooling) would match nothing they should, so such a
+// file is refused rather than loaded.
+std::uint64_t keyer_fingerprint(const index::SemanticKeyer& keyer) {
+  float probe[2 * 8];
+  for (int i = 0; i < 16; ++i) probe[i] = static_cast<float>(i % 5) - 1.5f;
+  const std::vector<float> key = keyer.key({probe, 2, 8});
+  return fnv1a({reinterpret_cast<const char*>(key.data()), key.size() * sizeof(float)});
+}
+
+[[noreturn]] void fail_io(const std::string& path, const std::string& what) {
+  throw std::runtime_error("snapshot " + path + ": " + what + ": " + std::strerror(errno));
+}
+
+// bytes to `path` durably: a temp file unique to this call beside it
+// (concurrent saves do not share one), written and fsynced, renamed over
+// path, then the directory fsynced so the rename itself survives a crash.
+void write_durably(const std::string& path, std::string_view bytes) {
+  static std::atomic<std::uint64_t> serial{0};
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(serial++);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail_io(path, "cannot create " + tmp);
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  const bool synced = done == bytes.size() && ::fsync(fd) == 0;
+  const bool closed = ::close(fd) == 0;
+  if (!synced || !closed || ::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    ::unlink(tmp.c_str());
+    errno = error;
+    fail_io(path, "cannot write " + tmp);
+  }
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {  // best effort: the file is complete either way
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
 
 }  // namespace
 
@@ -110,6 +164,7 @@ void AttentionEchoCache::save(const std::string& path) const {
     std::lock_guard lock(impl_->mutex);
     const auto entries = impl_->store.entries_by_age();
     body.put<std::int32_t>(static_cast<std::int32_t>(impl_->config.hash_dim));
+    body.put<std::uint64_t>(keyer_fingerprint(impl_->keyer));
     body.put<std::uint64_t>(entries.size());
     for (const cache::Entry* e : entries) cache::write_entry(body, *e, impl_->tiers);
   }
@@ -119,14 +174,7 @@ void AttentionEchoCache::save(const std::string& path) const {
   file.put<std::uint64_t>(body.bytes().size());
   file.put<std::uint64_t>(fnv1a(body.bytes()));
   file.put_raw(body.bytes());
-
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(file.bytes().data(), static_cast<std::streamsize>(file.bytes().size()));
-    if (!out.flush()) throw std::runtime_error("snapshot " + path + ": write failed");
-  }
-  std::filesystem::rename(tmp, path);
+  write_durably(path, file.bytes());
 }
 
 void AttentionEchoCache::load(const std::string& path) {
@@ -148,6 +196,8 @@ void AttentionEchoCache::load(const std::string& path) {
   const int hash_dim = r.get<std::int32_t>("hash_dim");
   if (hash_dim != impl_->config.hash_dim)
     r.fail("hash_dim " + std::to_string(hash_dim) + " != config's " + std::to_string(impl_->config.hash_dim));
+  if (r.get<std::uint64_t>("keyer fingerprint") != keyer_fingerprint(impl_->keyer))
+    r.fail("semantic keys from another projection (seed or version)");
   const auto count = r.get<std::uint64_t>("entry count");
   std::vector<cache::Entry> entries;
   for (std::uint64_t i = 0; i < count; ++i) entries.push_back(cache::read_entry(r, hash_dim, impl_->tiers));
@@ -155,14 +205,18 @@ void AttentionEchoCache::load(const std::string& path) {
 
   cache::EntryStore fresh(impl_->config.eviction_policy, static_cast<std::size_t>(impl_->config.capacity),
                           static_cast<std::size_t>(impl_->config.max_bytes));
-  std::uint64_t dropped = 0;
+  std::map<std::string, std::uint64_t> dropped;  // per namespace
   for (auto& e : entries) {
-    const int evicted = fresh.insert(std::move(e));
-    dropped += evicted < 0 ? 1 : static_cast<std::uint64_t>(evicted);
+    const std::string name_space = e.space.name_space;
+    const auto drop = [&](const cache::Entry& victim) { ++dropped[victim.space.name_space]; };
+    if (fresh.insert(std::move(e), drop) < 0) ++dropped[name_space];
   }
   std::lock_guard lock(impl_->mutex);
   impl_->store = std::move(fresh);
-  impl_->stats.snapshot_dropped += dropped;
+  for (const auto& namespace_dropped : dropped) {
+    const std::uint64_t n = namespace_dropped.second;  // (clang 14 cannot capture a structured binding)
+    impl_->count(namespace_dropped.first, [n](CacheStats& s) { s.snapshot_dropped += n; });
+  }
 }
 
 }  // namespace attention_echo

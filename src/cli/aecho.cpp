@@ -189,6 +189,15 @@ int run_bench(const BenchArgs& a) {
               model.config().n_kv_heads, context, mode.c_str(), a.seed, a.requests, threads, ae::attention_isa());
   std::fflush(stdout);
 
+  const ae::bench::CalibrationReport calibration =
+      ae::bench::calibrate_blend(model, ae::bench::calibration_passages(heldout, tokenizer, context, a.seed), options);
+  if (calibration.ran) {
+    std::printf("blend guard calibrated before serving in %.2f s:", calibration.seconds);
+    for (const auto& s : calibration.samples) std::printf(" (estimate %.3f, KL %.1e)", s.estimate, s.kl);
+    std::printf(" -> threshold %.3f\n\n", calibration.threshold);
+    std::fflush(stdout);
+  }
+
   std::vector<ae::bench::ScenarioReport> reports;
   for (const auto& name : names) {
     const auto s = ae::bench::make_scenario(name, heldout, tokenizer, context, a.requests, a.seed);
@@ -200,7 +209,8 @@ int run_bench(const BenchArgs& a) {
     nlohmann::ordered_json meta = {{"model", model_path},     {"mode", mode},
                                          {"context", context},      {"seed", a.seed},
                                          {"threads", threads},      {"attention_isa", ae::attention_isa()},
-                                         {"gemm_isa", ae::attention_isa()}};
+                                         {"gemm_isa", ae::attention_isa()},
+                                         {"blend_calibration", ae::bench::to_json(calibration)}};
     if (!a.store.empty()) meta["store"] = a.store;
     json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
     if (!json.flush()) throw std::runtime_error(a.json + ": write failed");

@@ -391,6 +391,29 @@ class Bench {
 
 }  // namespace
 
+CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std::vector<int>> passages,
+                                  const BenchOptions& options) {
+  CalibrationReport report;
+  std::size_t tokens = 0;
+  for (const auto& p : passages) tokens += p.size();
+  if (!options.blend.enabled || tokens < serving::kMinCalibrationSample) return report;  // too short to blend
+  ThreadPool pool(options.threads);
+  llama::Engine engine(model, pool);
+  serving::Planner planner(model.config(), {.blend = options.blend, .calibration = options.calibration});
+  const auto start = std::chrono::steady_clock::now();
+  report.samples = planner.calibrate(engine, passages);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  report.threshold = options.calibration->threshold(options.blend);
+  report.ran = true;
+  return report;
+}
+
+nlohmann::ordered_json to_json(const CalibrationReport& report) {
+  nlohmann::ordered_json samples = nlohmann::ordered_json::array();
+  for (const serving::CalibrationSample& s : report.samples) samples.push_back({{"estimate", s.estimate}, {"kl", s.kl}});
+  return {{"ran", report.ran}, {"seconds", report.seconds}, {"samples", samples}, {"threshold", report.threshold}};
+}
+
 ScenarioReport run_scenario(const llama::Model& model, const Scenario& scenario, const BenchOptions& options,
                             const Progress& progress) {
   if (scenario.requests.empty()) throw std::invalid_argument("scenario: no requests");

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -141,6 +142,25 @@ struct ScenarioReport {
   std::vector<ModeReport> modes;  // none, exact-prefix, echo
   SharedStoreReport shared_store;
 };
+
+// Text to calibrate echo mode's blend guard on before a run: an
+// instruction line and four passages retrieved from the held-out text as
+// the RAG scenarios retrieve them, drawn from a stream of their own.
+std::vector<std::vector<int>> calibration_passages(std::string_view heldout, const llama::Tokenizer& tokenizer,
+                                                   int context, std::uint64_t seed);
+
+// Echo mode's blend guard, calibrated before the scenarios run
+// (serving::Planner::calibrate on calibration_passages): a one-time
+// startup cost, reported here and in no request's time.
+struct CalibrationReport {
+  bool ran = false;   // false: blending off, or the context too short to blend
+  double seconds = 0.0;
+  std::vector<serving::CalibrationSample> samples;
+  double threshold = 0.0;  // the guard's estimate threshold after it
+};
+CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std::vector<int>> passages,
+                                  const BenchOptions& options);
+nlohmann::ordered_json to_json(const CalibrationReport& report);
 
 // Called after each request with (done, total).
 using Progress = std::function<void(int, int)>;

@@ -361,6 +361,14 @@ Scenario chat_edit(Builder& b, int requests) {
 
 }  // namespace
 
+std::vector<std::vector<int>> calibration_passages(std::string_view heldout, const llama::Tokenizer& tokenizer,
+                                                   int context, std::uint64_t seed) {
+  Builder b(heldout, tokenizer, context, seed * 131 + 7);
+  std::vector<std::vector<int>> passages = {b.encode("Answer the question using these passages.\n\n")};
+  for (auto& p : retrieved_passages(b, 4)) passages.push_back(std::move(p));
+  return passages;
+}
+
 const std::vector<std::string>& scenario_names() {
   static const std::vector<std::string> names = {"chatbot", "rag", "code", "near-dup", "rag-shuffled", "chat-edit"};
   return names;

@@ -270,6 +270,8 @@ std::size_t KVState::bytes() const {
 }
 
 struct Engine::Impl {
+  // A constructor, not aggregate init: clang before 16 cannot make_unique an aggregate.
+  Impl(const Model::Packed& packed, ThreadPool& threads) : m(packed), pool(threads) {}
   const Model::Packed& m;
   ThreadPool& pool;
   Timers timers;

@@ -20,6 +20,27 @@ namespace {
   throw std::runtime_error(path + ": " + what);
 }
 
+// A checkpoint with a NaN or Inf weight is corrupt: refused here, with the
+// tensor named, rather than failing later as non-finite activations.
+Weights require_finite(Weights w, const std::string& path) {
+  auto check = [&](const std::vector<float>& tensor, const std::string& name) {
+    for (float x : tensor)
+      if (!std::isfinite(x)) bad_file(path, "tensor " + name + " has a non-finite value");
+  };
+  check(w.token_embedding, "token_embedding");
+  for (std::size_t l = 0; l < w.layers.size(); ++l) {
+    const Weights::Layer& layer = w.layers[l];
+    const std::string at = " of layer " + std::to_string(l);
+    for (const auto& [tensor, name] : {std::pair{&layer.attn_norm, "attn_norm"}, {&layer.wq, "wq"}, {&layer.wk, "wk"},
+                                       {&layer.wv, "wv"}, {&layer.wo, "wo"}, {&layer.ffn_norm, "ffn_norm"},
+                                       {&layer.w_gate, "w_gate"}, {&layer.w_down, "w_down"}, {&layer.w_up, "w_up"}})
+      check(*tensor, name + at);
+  }
+  check(w.final_norm, "final_norm");
+  check(w.classifier, "classifier");
+  return w;
+}
+
 std::vector<char> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error(path + ": cannot open file");
@@ -352,14 +373,14 @@ void ModelConfig::validate() const {
        "dimensions are implausibly large");
 }
 
-Weights load_llama2c(const std::string& path) { return parse_llama2c(read_file(path), path); }
+Weights load_llama2c(const std::string& path) { return require_finite(parse_llama2c(read_file(path), path), path); }
 
-Weights load_gguf(const std::string& path) { return parse_gguf(read_file(path), path); }
+Weights load_gguf(const std::string& path) { return require_finite(parse_gguf(read_file(path), path), path); }
 
 Weights load_weights(const std::string& path) {
   const std::vector<char> bytes = read_file(path);
-  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0) return parse_gguf(bytes, path);
-  return parse_llama2c(bytes, path);
+  const bool gguf = bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0;
+  return require_finite(gguf ? parse_gguf(bytes, path) : parse_llama2c(bytes, path), path);
 }
 
 }  // namespace attention_echo::llama

@@ -38,8 +38,10 @@ std::vector<int> Tokenizer::encode(std::string_view text) const {
 Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_unique<Impl>()) {
   Impl& t = *impl_;
   if (vocab_size <= 0) throw std::invalid_argument("vocab_size must be positive");
-  std::ifstream in(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw std::runtime_error(path + ": cannot open tokenizer");
+  const std::streamoff size = in.tellg();
+  in.seekg(0);
   auto fail = [&](const std::string& what) { throw std::runtime_error(path + ": " + what); };
   std::int32_t max_len = 0;
   if (!in.read(reinterpret_cast<char*>(&max_len), 4) || max_len <= 0) fail("bad tokenizer header");
@@ -50,6 +52,10 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_
     if (!in.read(reinterpret_cast<char*>(&t.scores[i]), 4) || !in.read(reinterpret_cast<char*>(&len), 4))
       fail("truncated tokenizer (token " + std::to_string(i) + " of " + std::to_string(vocab_size) + ")");
     if (len < 0 || len > max_len) fail("token " + std::to_string(i) + " has bad length " + std::to_string(len));
+    // Checked against the bytes left before allocating: a lying length is
+    // a truncated file, not a gigabyte allocation (found by fuzz_tokenizer).
+    if (len > size - in.tellg())
+      fail("token " + std::to_string(i) + " length " + std::to_string(len) + " runs past the end of the file");
     t.pieces[i].resize(len);
     if (!in.read(t.pieces[i].data(), len)) fail("truncated tokenizer (token " + std::to_string(i) + ")");
   }

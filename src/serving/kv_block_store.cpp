@@ -79,6 +79,23 @@ struct KVBlockStore::Impl {
   std::vector<std::uint64_t>& children_of(std::uint64_t parent, std::uint64_t root) {
     return parent == root ? roots[root] : nodes.at(parent).children;
   }
+
+  // Removes a record, and the blocks no other record uses (children first:
+  // a child's records are a subset of its parent's).
+  void remove(std::list<StoredRecord>::iterator it) {
+    const std::uint64_t root = namespace_root(it->record.name_space);
+    for (auto h = it->chain.rbegin(); h != it->chain.rend(); ++h) {
+      Node& node = nodes.at(*h);
+      if (--node.refs > 0) continue;
+      bytes -= node.block->data.size() * sizeof(float) + node.tokens.size() * sizeof(int);
+      std::erase(children_of(node.parent, root), *h);
+      nodes.erase(*h);
+    }
+    bytes -= it->record.tokens.size() * sizeof(int) + it->record.anchors.bytes();
+    if (auto d = donors.find(it->record.name_space); d != donors.end()) d->second.remove(it->record.id);
+    by_id.erase(it->record.id);
+    lru.erase(it);
+  }
 };
 
 KVBlockStore::KVBlockStore(Shape shape, std::size_t max_bytes)
@@ -218,19 +235,7 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   m.lru.push_front(std::move(stored));
   m.by_id[rec.id] = m.lru.begin();
   while (m.bytes > max_bytes_ && m.lru.size() > 1) {
-    Impl::StoredRecord& victim = m.lru.back();
-    const std::uint64_t vroot = namespace_root(victim.record.name_space);
-    for (auto h = victim.chain.rbegin(); h != victim.chain.rend(); ++h) {
-      Node& node = m.nodes.at(*h);
-      if (--node.refs > 0) continue;
-      m.bytes -= node.block->data.size() * sizeof(float) + node.tokens.size() * sizeof(int);
-      std::erase(m.children_of(node.parent, vroot), *h);
-      m.nodes.erase(*h);
-    }
-    m.bytes -= victim.record.tokens.size() * sizeof(int) + victim.record.anchors.bytes();
-    if (auto d = m.donors.find(victim.record.name_space); d != m.donors.end()) d->second.remove(victim.record.id);
-    m.by_id.erase(victim.record.id);
-    m.lru.pop_back();
+    m.remove(std::prev(m.lru.end()));
     ++evictions_;
   }
   return true;
@@ -258,6 +263,15 @@ void KVBlockStore::clear() {
   const std::uint64_t next = impl_->next_id;
   impl_ = std::make_unique<Impl>();
   impl_->next_id = next;
+}
+
+void KVBlockStore::clear(std::string_view name_space) {
+  Impl& m = *impl_;
+  for (auto it = m.lru.begin(); it != m.lru.end();) {
+    const auto next = std::next(it);
+    if (it->record.name_space == name_space) m.remove(it);
+    it = next;
+  }
 }
 
 }  // namespace attention_echo::serving

@@ -123,6 +123,9 @@ class KVBlockStore {
   std::size_t bytes() const;  // unique blocks and tokens
   std::uint64_t evictions() const { return evictions_; }
   void clear();
+  // Drops that namespace's records and the blocks only they used; no block
+  // is shared across namespaces (chains start at the namespace's root).
+  void clear(std::string_view name_space);
 
  private:
   struct Node;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -35,6 +36,7 @@ constexpr float kDonorProfile = 0.25f;
 // not even looked for (on a 260K-parameter model with 100-token prompts the
 // lookup alone cost ~5% of a prefill).
 constexpr int kMinBlendRows = 128;
+static_assert(kMinCalibrationSample >= 2 * kMinBlendRows, "calibration blends must be long enough to be planned");
 // The cache route is priced only for prompts with a stored neighbour at
 // least this similar in token profile: a first-seen prompt would only pay
 // the cache's capture cost (the sparse tier's first pass records tile mass
@@ -117,22 +119,56 @@ double next_token_kl(const std::vector<float>& p_logits, const std::vector<float
   return std::max(kl, 0.0);
 }
 
+// Prompts a blend meets, made of passages (the first a shared head) whose
+// concatenation is the donor: the rest reversed (moved chunks, as RAG
+// passages in another order), 8 tokens in the middle of one passage
+// replaced by its first 8 (an edit), and 32 tokens of the last passage inserted
+// after the head (every later position shifted: K re-rotated).
+std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<int>> passages) {
+  auto concat = [](auto first, auto last) {
+    std::vector<int> out;
+    for (auto p = first; p != last; ++p) out.insert(out.end(), p->begin(), p->end());
+    return out;
+  };
+  std::vector<int> moved = passages.front();
+  for (auto p = passages.rbegin(); p + 1 != passages.rend(); ++p) moved.insert(moved.end(), p->begin(), p->end());
+  std::vector<std::vector<int>> edited_passages(passages.begin(), passages.end());
+  std::vector<int>& middle = edited_passages[passages.size() / 2];
+  const std::size_t at = middle.size() / 2;
+  for (std::size_t i = at; i < std::min(at + 8, middle.size()); ++i) middle[i] = middle[i - at];
+  std::vector<int> inserted = passages.front();
+  const std::vector<int>& last = passages.back();
+  inserted.insert(inserted.end(), last.begin(), last.begin() + std::min<std::size_t>(32, last.size()));
+  const std::vector<int> rest = concat(passages.begin() + 1, passages.end());
+  inserted.insert(inserted.end(), rest.begin(), rest.end());
+  inserted.resize(inserted.size() - std::min<std::size_t>(32, last.size()));  // the donor's length
+  return {moved, concat(edited_passages.begin(), edited_passages.end()), inserted};
+}
+
 }  // namespace
 
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   std::lock_guard lock(mutex_);
-  return config.calibrate_every > 0 && blends_++ % config.calibrate_every == 0;
+  if (config.calibrate_every == 0) return false;
+  return samples_ == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
 
 void BlendCalibration::add(double estimate, double kl, const BlendConfig& config) {
-  if (!(kl > config.max_kl / 100)) return;  // too quiet to say where the limit is
   std::lock_guard lock(mutex_);
+  ++samples_;
+  blends_since_sample_ = 0;
+  if (!(kl > config.max_kl / 100)) return;  // too quiet to say where the limit is
   bound_ = std::min(bound_, estimate * std::sqrt(config.max_kl / kl));
 }
 
 double BlendCalibration::threshold(const BlendConfig& config) const {
   std::lock_guard lock(mutex_);
   return std::min(config.max_error, bound_);
+}
+
+long long BlendCalibration::samples() const {
+  std::lock_guard lock(mutex_);
+  return samples_;
 }
 
 struct Planner::Impl {
@@ -151,14 +187,14 @@ struct Planner::Impl {
         calibration(c.calibration ? c.calibration : std::make_shared<BlendCalibration>()),
         l2(make_l2(config, store.shape())) {}
 
-  void validate_tokens(std::span<const int> tokens) const {
-    if (tokens.empty()) throw std::invalid_argument("tokens: empty");
+  void validate_tokens(std::span<const int> tokens, const std::string& name = "tokens") const {
+    if (tokens.empty()) throw std::invalid_argument(name + ": empty");
     if (static_cast<int>(tokens.size()) > model.seq_len)
-      throw std::invalid_argument("tokens: " + std::to_string(tokens.size()) + " exceed the model's context of " +
+      throw std::invalid_argument(name + ": " + std::to_string(tokens.size()) + " exceed the model's context of " +
                                   std::to_string(model.seq_len));
     for (int t : tokens)
       if (t < 0 || t >= model.vocab_size)
-        throw std::invalid_argument("tokens: id " + std::to_string(t) + " is outside the vocabulary");
+        throw std::invalid_argument(name + ": id " + std::to_string(t) + " is outside the vocabulary");
   }
 
   // K/V of a stored prefix's first `rows` rows, copied out of its blocks
@@ -212,21 +248,21 @@ struct Planner::Impl {
     return best;
   }
 
-  void store_local(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
-                   double error) {
+  void store_in(KVBlockStore& to, std::string_view ns, std::span<const int> tokens, const llama::KVState& kv,
+                bool exact, double error) const {
     std::vector<const float*> k, v;
     for (int l = 0; l < model.n_layers; ++l) {
       k.push_back(kv.k[l].data());
       v.push_back(kv.v[l].data());
     }
-    store.insert(ns, tokens.first(kv.length), k, v, !exact, error);
+    to.insert(ns, tokens.first(kv.length), k, v, !exact, error);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
   // ones this process computed) through to L2 as well.
   void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
                     double error, int computed_from) {
-    store_local(ns, tokens, kv, exact, error);
+    store_in(store, ns, tokens, kv, exact, error);
     if (l2 && exact)
       l2->put(ns, tokens, store.block_hashes(ns, tokens.first(kv.length)), computed_from / config.block_tokens, kv);
   }
@@ -246,7 +282,7 @@ struct Planner::Impl {
     exact.blocks.resize(first);
     exact.blocks.insert(exact.blocks.end(), fetched.begin(), fetched.end());
     exact.length = static_cast<int>(exact.blocks.size()) * B;
-    store_local(ns, tokens, gather(exact, exact.length), true, 0.0);
+    store_in(store, ns, tokens, gather(exact, exact.length), true, 0.0);
     return {first * B, exact.length};
   }
 };
@@ -370,12 +406,47 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   return result;
 }
 
+std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
+                                                  std::span<const std::vector<int>> passages) {
+  Impl& m = *impl_;
+  if (passages.size() < 3) throw std::invalid_argument("passages: need a head and at least two more");
+  std::vector<int> donor;
+  for (const std::vector<int>& p : passages) {
+    if (p.empty()) throw std::invalid_argument("passages: an empty passage");
+    donor.insert(donor.end(), p.begin(), p.end());
+  }
+  m.validate_tokens(donor, "passages");
+  if (donor.size() < kMinCalibrationSample)
+    throw std::invalid_argument("passages: need at least " + std::to_string(kMinCalibrationSample) + " tokens in all");
+  if (!m.config.blend.enabled) throw std::invalid_argument("calibrate: blending is off in this planner");
+  llama::KVState donor_kv;
+  engine.forward(donor, donor_kv, {}, 1);
+  KVBlockStore scratch(m.store.shape(), std::numeric_limits<std::size_t>::max());
+  m.store_in(scratch, {}, donor, donor_kv, true, 0.0);
+  const KVBlockStore::Prefix stored = scratch.longest_prefix({}, donor);
+  const TokenAnchors anchors = index_anchors(donor);
+  BlendConfig unguarded = m.config.blend;  // measure every sample, however far off
+  unguarded.max_error = INFINITY;
+  std::vector<CalibrationSample> samples;
+  for (const std::vector<int>& prompt : calibration_prompts(passages)) {
+    llama::KVState kv, exact_kv;
+    llama::ForwardResult blended;
+    const BlendOutcome out = blend_prefill(engine, prompt, scratch.rows(stored.blocks),
+                                           align_tokens(prompt, donor, anchors), kv, unguarded, blended);
+    const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, 1);
+    samples.push_back({out.estimated_error, next_token_kl(exact.logits, blended.logits)});
+    m.calibration->add(samples.back().estimate, samples.back().kl, m.config.blend);
+  }
+  return samples;
+}
+
 void Planner::observe(int rows, double total_cpu_s, double attention_cpu_s) {
   impl_->cost.observe(rows, total_cpu_s, attention_cpu_s);
 }
 
 std::size_t Planner::stored_prompts() const { return impl_->store.size(); }
 std::size_t Planner::stored_bytes() const { return impl_->store.bytes(); }
+void Planner::clear(std::string_view name_space) { impl_->store.clear(name_space); }
 L2Stats Planner::l2_stats() const { return impl_->l2 ? impl_->l2->stats() : L2Stats{}; }
 
 }  // namespace attention_echo::serving

@@ -40,6 +40,21 @@ def test_repeat_skips_and_near_duplicate_blends(prompt):
     assert int(np.argmax(logits)) == int(np.argmax(exact))
 
 
+def test_calibration_before_serving(prompt):
+    server = LlamaServer(MODEL, threads=2)
+    passages = [prompt[:40], prompt[40:300], prompt[300:560], prompt[560:820]]
+    samples = server.calibrate(passages)
+    assert len(samples) == 3
+    assert all(s["estimate"] > 0 and s["kl"] >= 0 for s in samples)
+    assert server.stored_prompts == 0
+    with pytest.raises(ValueError, match="passages"):
+        server.calibrate(passages[:2])
+    with pytest.raises(ValueError, match="passages"):
+        server.calibrate([[1, 2], [3, 4], [server.vocab_size] * 300])
+    with pytest.raises(TypeError, match="passages"):
+        server.calibrate("not tokens")
+
+
 def test_namespaces_do_not_share(prompt):
     server = LlamaServer(MODEL, threads=2)
     server.prefill(prompt, namespace="a")
