@@ -399,7 +399,10 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   if (!options.blend.enabled || tokens < serving::kMinCalibrationSample) return report;  // too short to blend
   ThreadPool pool(options.threads);
   llama::Engine engine(model, pool);
-  serving::Planner planner(model.config(), {.blend = options.blend, .calibration = options.calibration});
+  serving::PlannerConfig config;  // calibration only: no cache, no shared store
+  config.blend = options.blend;
+  config.calibration = options.calibration;
+  serving::Planner planner(model.config(), config);
   const auto start = std::chrono::steady_clock::now();
   report.samples = planner.calibrate(engine, passages);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
