@@ -268,7 +268,7 @@ struct Planner::Impl {
   }
 
   // The blocks past the exact stored prefix that L2 holds, into the store
-  // (one round trip, within the lookup deadline). Returns the token range
+  // (as many as arrive within the lookup deadline). Returns the token range
   // they cover, empty when none.
   std::pair<int, int> fill_from_l2(std::string_view ns, std::span<const int> tokens,
                                    const KVBlockStore::Prefix& stored) {
