@@ -136,7 +136,7 @@ class RedisServer {
     if (pid_ > 0) return true;
     const std::vector<std::string> args{binary_, "--port", std::to_string(port_), "--bind", "127.0.0.1",
                                         "--save", "", "--appendonly", "no", "--dir", dir_,
-                                        "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
+                                        "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru",
                                         "--loglevel", "warning", "--logfile", dir_ + "/redis.log"};
     std::vector<char*> argv;
     for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));

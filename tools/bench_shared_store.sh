@@ -10,8 +10,10 @@
 #
 # Usage: tools/bench_shared_store.sh [BUILD_DIR]     (default build/release)
 # Environment: SCENARIO (chatbot), REQUESTS (16), CONTEXT (the model's, at
-# most 4096), DEADLINE_MS (20: a lookup moves up to ~2 MB of K/V here),
-# OUT (a directory for the JSON and the server's log; default a temp dir).
+# most 4096), DEADLINE_MS (100) and WRITE_TIMEOUT_MS (1000): a 2,000-token
+# prompt of the bundled model is 32 MB of K/V, which the defaults (3 ms,
+# 50 ms) cannot move; OUT (a directory for the JSON, the text reports and
+# the server's log; default a temp dir).
 # Short form (CI): REQUESTS=4 CONTEXT=256 tools/bench_shared_store.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,8 @@ aecho="$build/aecho"
 command -v redis-server >/dev/null || { echo "bench_shared_store: redis-server not installed (tools/setup.sh)" >&2; exit 1; }
 scenario=${SCENARIO:-chatbot}
 requests=${REQUESTS:-16}
-deadline=${DEADLINE_MS:-20}
+deadline=${DEADLINE_MS:-100}
+write_timeout=${WRITE_TIMEOUT_MS:-1000}
 out=${OUT:-$(mktemp -d /tmp/ae_shared_store.XXXXXX)}
 mkdir -p "$out"
 
@@ -36,7 +39,7 @@ for _ in $(seq 100); do
 done
 redis-cli -p "$port" ping >/dev/null
 
-url="redis://127.0.0.1:$port?deadline_ms=$deadline"
+url="redis://127.0.0.1:$port?deadline_ms=$deadline&write_timeout_ms=$write_timeout"
 args=(bench --scenario "$scenario" --requests "$requests" --store "$url")
 [ -n "${CONTEXT:-}" ] && args+=(--context "$CONTEXT")
 echo "shared store: redis-server on 127.0.0.1:$port, aecho ${args[*]}"

@@ -399,7 +399,7 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   if (!options.blend.enabled || tokens < serving::kMinCalibrationSample) return report;  // too short to blend
   ThreadPool pool(options.threads);
   llama::Engine engine(model, pool);
-  serving::PlannerConfig config;  // no store: calibration keeps nothing
+  serving::PlannerConfig config;  // calibration only: no cache, no shared store
   config.blend = options.blend;
   config.calibration = options.calibration;
   serving::Planner planner(model.config(), config);

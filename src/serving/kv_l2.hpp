@@ -1,7 +1,7 @@
 // The planner's K/V blocks in the shared L2 store (attention_echo/l2_store.hpp):
 // exact blocks a forward computed are written through; a prompt whose
-// stored prefix ends early reads the following blocks from L2 in one round
-// trip, within the lookup deadline. Blended (approximate) K/V never leaves
+// stored prefix ends early reads the following blocks from L2, 8 per round
+// trip, as many as arrive within the lookup deadline. Blended (approximate) K/V never leaves
 // the process.
 //
 // A block is named by the chain hash the KVBlockStore gives it (namespace

@@ -257,6 +257,7 @@ struct Planner::Impl {
     }
     to.insert(ns, tokens.first(kv.length), k, v, !exact, error);
   }
+
   // Into the store, and exact K/V of the rows from `computed_from` on (the
   // ones this process computed) through to L2 as well.
   void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
@@ -267,7 +268,7 @@ struct Planner::Impl {
   }
 
   // The blocks past the exact stored prefix that L2 holds, into the store
-  // (one round trip, within the lookup deadline). Returns the token range
+  // (as many as arrive within the lookup deadline). Returns the token range
   // they cover, empty when none.
   std::pair<int, int> fill_from_l2(std::string_view ns, std::span<const int> tokens,
                                    const KVBlockStore::Prefix& stored) {

@@ -170,14 +170,17 @@ class RedisStore final : public L2Store {
     if (!c) return replies;
     const SigpipeBlock no_sigpipe;
     std::size_t sent = 0;
+    // Each command is flushed before the next is added, so hiredis's output
+    // buffer holds one value at a time, not a prompt's tens of MB of K/V.
     auto send = [&](std::size_t upto) {
       for (; sent < upto; ++sent) {
         const Command& command = commands[sent];
         if (redisAppendCommandArgv(c->context, static_cast<int>(command.argv.size()),
-                                   const_cast<const char**>(command.argv.data()), command.lengths.data()) != REDIS_OK)
+                                   const_cast<const char**>(command.argv.data()), command.lengths.data()) != REDIS_OK ||
+            !flush(c->context, deadline))
           return false;
       }
-      return flush(c->context, deadline);
+      return true;
     };
     bool ok = send(one_at_a_time ? 1 : commands.size());
     while (ok && replies.size() < commands.size()) {
