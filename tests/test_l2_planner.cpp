@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention_echo/engine.hpp"
+#include "engine_fixtures.hpp"
 #include "core/l2_key.hpp"
 #include "redis_server.hpp"
 #include "serving/kv_block_store.hpp"
@@ -17,6 +18,8 @@
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
 namespace serving = attention_echo::serving;
+using ae::testing::last_logits;
+using ae::testing::max_abs_diff;
 using ae::testing::RedisServer;
 
 namespace {
@@ -40,17 +43,6 @@ serving::PlannerConfig with_store(const std::string& url, std::uint64_t fingerpr
   c.store_url = url;
   c.model_fingerprint = fingerprint;
   return c;
-}
-
-std::vector<float> plain_logits(llama::Engine& engine, const std::vector<int>& tokens) {
-  llama::KVState kv;
-  return engine.forward(tokens, kv, {}).logits;
-}
-
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
-  return worst;
 }
 
 TEST(ModelFingerprint, NamesTheWeights) {
@@ -82,7 +74,7 @@ TEST(PlannerL2, ASecondPlannerReusesTheBlocksTheFirstComputed) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
   const auto prompt = random_tokens(200, 1);
-  const auto reference = plain_logits(engine, prompt);
+  const auto reference = last_logits(engine, prompt);
 
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan first = a.plan(prompt);
@@ -133,7 +125,7 @@ TEST(PlannerL2, ABadBlockIsRejectedAndEndsTheRun) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
   const auto prompt = random_tokens(200, 3);
-  const auto reference = plain_logits(engine, prompt);
+  const auto reference = last_logits(engine, prompt);
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan p = a.plan(prompt);
   a.execute(engine, prompt, p);
@@ -166,7 +158,7 @@ TEST(PlannerL2, ADownServerChangesNothingButSpeed) {
   const auto prompt = random_tokens(120, 4);
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan p = a.plan(prompt);
-  EXPECT_LE(max_abs_diff(a.execute(engine, prompt, p).logits, plain_logits(engine, prompt)), 1e-4);
+  EXPECT_LE(max_abs_diff(a.execute(engine, prompt, p).logits, last_logits(engine, prompt)), 1e-4);
   serving::Plan again = a.plan(prompt);  // L1 still serves
   EXPECT_EQ(again.kv.length, 119);
   const ae::L2Stats s = a.l2_stats();

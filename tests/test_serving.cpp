@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention_echo/engine.hpp"
+#include "engine_fixtures.hpp"
 #include "serving/kv_blend.hpp"
 #include "serving/kv_block_store.hpp"
 #include "serving/token_alignment.hpp"
@@ -17,6 +18,8 @@
 namespace ae = attention_echo;
 namespace llama = attention_echo::llama;
 namespace serving = attention_echo::serving;
+using ae::testing::last_logits;
+using ae::testing::max_abs_diff;
 
 namespace {
 
@@ -44,17 +47,6 @@ std::vector<int> text_tokens(int n, std::uint64_t seed) {
 
 // Another ordinary token than t (ids 0-2 are <unk>, BOS, EOS).
 int edited(int t) { return 3 + (t - 3 + 1) % (model().config().vocab_size - 3); }
-
-std::vector<float> last_logits(llama::Engine& engine, const std::vector<int>& tokens) {
-  llama::KVState kv;
-  return engine.forward(tokens, kv, {}).logits;
-}
-
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double worst = 0.0;
-  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
-  return worst;
-}
 
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
