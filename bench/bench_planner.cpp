@@ -137,7 +137,7 @@ void BM_PlanExecute(benchmark::State& state) {
     const auto t1 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(planner.execute(engine, prompt, plan));
     const auto t2 = std::chrono::steady_clock::now();
-    if (plan.report.reused != kStored) state.SkipWithError("the stored prefix was not reused");
+    if (plan.report.reused < kStored) state.SkipWithError("the stored prefix was not reused");
     plan_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     execute_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
     total_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t0).count());
