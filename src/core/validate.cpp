@@ -20,7 +20,20 @@ std::string shape(const BasicHeadsView<const float>& v) {
 void require_data(std::string_view name, const HeadsView& v) {
   if (v.heads < 1 || v.tokens < 1 || v.dim < 1)
     throw_invalid(name, "every dimension must be >= 1, got " + shape(v));
-  if (v.data == nullptr) throw_invalid(name, "data is null");
+  if (v.data == nullptr && v.pages == nullptr) throw_invalid(name, "data is null");
+}
+
+void require_unpaged(std::string_view name, const HeadsView& v) {
+  if (v.pages != nullptr) throw_invalid(name, "must not be paged (only key and value views may be)");
+}
+
+// Paged K/V: pages of whole kernel steps (tensor.hpp), and value paged like key.
+void require_pages(const HeadsView& k, const HeadsView& v) {
+  if (k.pages != nullptr && (k.page_tokens <= 0 || k.page_tokens % kKeyChunk != 0))
+    throw_invalid("key", "page_tokens must be a positive multiple of " + std::to_string(kKeyChunk) + ", got " +
+                             std::to_string(k.page_tokens));
+  if ((v.pages == nullptr) != (k.pages == nullptr) || (v.pages != nullptr && v.page_tokens != k.page_tokens))
+    throw_invalid("value", "must be paged exactly like key (both or neither, same page_tokens)");
 }
 
 // A float is NaN or Inf exactly when its exponent bits are all ones. Testing
@@ -62,6 +75,8 @@ void validate_keys(const HeadsView& q, const HeadsView& k, const HeadsView& v, i
   require_data("query", q);
   require_data("key", k);
   require_data("value", v);
+  require_unpaged("query", q);
+  require_pages(k, v);
   require_device("key", k, q);
   require_device("value", v, q);
   if (k.dim != q.dim) throw_invalid("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
@@ -81,6 +96,7 @@ void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const Hea
                                const MutableHeadsView& out, int prefix_length, int query_offset) {
   validate_keys(q, k, v, query_offset);
   require_data("out", as_const(out));
+  require_unpaged("out", as_const(out));
   require_device("out", as_const(out), q);
   if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
     throw_invalid("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
@@ -96,6 +112,7 @@ void validate_attention_rows(const HeadsView& q, const HeadsView& k, const Heads
                              const MutableHeadsView& out) {
   validate_keys(q, k, v, 0);
   require_data("out", as_const(out));
+  require_unpaged("out", as_const(out));
   require_device("out", as_const(out), q);
   if (rows.empty()) throw_invalid("rows", "must not be empty");
   for (std::size_t r = 0; r < rows.size(); ++r)
