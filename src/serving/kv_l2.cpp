@@ -29,10 +29,8 @@ std::string KVBlocksL2::key_of(std::string_view name_space, std::uint64_t hash) 
   return k;
 }
 
-std::vector<Block> KVBlocksL2::fetch(std::string_view name_space,
-                                                              std::span<const int> tokens,
-                                                              std::span<const std::uint64_t> hashes,
-                                                              int first) const {
+std::vector<Block> KVBlocksL2::fetch(std::string_view name_space, std::span<const int> tokens,
+                                     std::span<const std::uint64_t> hashes, int first) const {
   std::vector<std::string> keys;
   for (std::size_t b = first; b < hashes.size(); ++b) keys.push_back(key_of(name_space, hashes[b]));
   std::vector<Block> blocks;
@@ -50,8 +48,7 @@ std::vector<Block> KVBlocksL2::fetch(std::string_view name_space,
   return blocks;
 }
 
-Block KVBlocksL2::decode(const std::string& bytes, const std::string& key,
-                                                  std::span<const int> tokens) const {
+Block KVBlocksL2::decode(const std::string& bytes, const std::string& key, std::span<const int> tokens) const {
   try {
     BinaryReader header(bytes, "L2 value " + key);
     if (header.get<std::uint32_t>("format") != kL2Format) return nullptr;

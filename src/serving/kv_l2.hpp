@@ -34,7 +34,7 @@ class KVBlocksL2 {
   // Full blocks first, first + 1, ... of `tokens` (hashes: their chain
   // hashes, KVBlockStore::block_hashes) as long as L2 holds them, checked.
   std::vector<Block> fetch(std::string_view name_space, std::span<const int> tokens,
-                                                    std::span<const std::uint64_t> hashes, int first) const;
+                           std::span<const std::uint64_t> hashes, int first) const;
   // Writes full blocks first, first + 1, ... of kv (a prompt's exact K/V,
   // pages of block_tokens) through.
   void put(std::string_view name_space, std::span<const int> tokens, std::span<const std::uint64_t> hashes,
@@ -44,8 +44,7 @@ class KVBlocksL2 {
 
  private:
   std::string key_of(std::string_view name_space, std::uint64_t hash) const;
-  Block decode(const std::string& bytes, const std::string& key,
-                                        std::span<const int> tokens) const;
+  Block decode(const std::string& bytes, const std::string& key, std::span<const int> tokens) const;
 
   std::shared_ptr<L2Store> store_;
   KVBlockStore::Shape shape_;
