@@ -151,8 +151,8 @@ struct KVState {
   // and each page the rows fall in that is shared is replaced by a copy of
   // its own. Sets layers and kv_dim with the first page. Throws
   // std::invalid_argument("kv: ...") when the state's shape or page_tokens
-  // does not fit, or rows before t0 are missing.
-  void make_writable(int t0, int t1, int layers, int kv_dim);
+  // does not fit, or rows before t0 are missing; nothing changes then.
+  void make_writable(int t0, int t1, int model_layers, int model_kv_dim);
   // Row t of layer l's K or V to write into: only rows the last
   // make_writable covered, before the state is copied or shared again.
   float* writable_k(int layer, int t) { return const_cast<float*>(k(layer, t)); }

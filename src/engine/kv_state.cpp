@@ -12,6 +12,7 @@ void KVState::make_writable(int t0, int t1, int model_layers, int model_kv_dim) 
   if (page_tokens <= 0 || page_tokens % kKeyChunk != 0)
     throw std::invalid_argument("kv: page_tokens must be a positive multiple of " + std::to_string(kKeyChunk) +
                                 ", got " + std::to_string(page_tokens));
+  if (t0 > static_cast<int>(pages.size()) * page_tokens) throw std::invalid_argument("kv: missing rows before t0");
   if (pages.empty()) {
     layers = model_layers;
     kv_dim = model_kv_dim;
@@ -20,16 +21,16 @@ void KVState::make_writable(int t0, int t1, int model_layers, int model_kv_dim) 
                                 " values, the model needs " + std::to_string(model_layers) + " x " +
                                 std::to_string(model_kv_dim));
   }
-  if (t0 > static_cast<int>(pages.size()) * page_tokens) throw std::invalid_argument("kv: missing rows before t0");
   const std::size_t page_floats = std::size_t{2} * layers * page_tokens * kv_dim;
   for (int p = t0 / page_tokens; p * page_tokens < t1; ++p) {
-    if (p == static_cast<int>(pages.size()))
+    if (p == static_cast<int>(pages.size())) {
       pages.push_back(std::make_shared<KVPage>(KVPage{std::vector<float>(page_floats)}));
-    // Held elsewhere too (the store, a copy of this state): frozen, so this
-    // state writes into a copy of its own. A count of 1 cannot rise behind
-    // our back: a new holder can only copy this very pointer.
-    else if (pages[p].use_count() > 1)
+    } else if (pages[p].use_count() > 1) {
+      // Held elsewhere too (the store, a copy of this state): frozen, so
+      // this state writes into a copy of its own. A count of 1 cannot rise
+      // behind our back: a new holder can only copy this very pointer.
       pages[p] = std::make_shared<KVPage>(*pages[p]);
+    }
   }
   // Every page is made non-const (make_shared<KVPage>) and is now this
   // state's alone, so writable_k/v writing through it is defined.

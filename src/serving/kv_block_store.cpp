@@ -183,7 +183,8 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
                           bool approximate, double error) {
   const int B = shape_.block_tokens;
   if (tokens.empty()) throw std::invalid_argument("tokens: empty");
-  if (kv.length < static_cast<int>(tokens.size())) throw std::invalid_argument("kv: fewer rows than tokens");
+  if (kv.length < static_cast<int>(tokens.size()) || kv.pages.size() * B < tokens.size())
+    throw std::invalid_argument("kv: fewer rows than tokens");
   if (kv.page_tokens != B || kv.layers != shape_.layers || kv.kv_dim != shape_.kv_dim)
     throw std::invalid_argument("kv: pages of another shape than the store's blocks");
   Impl& m = *impl_;
