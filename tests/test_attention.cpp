@@ -353,6 +353,9 @@ TEST(Attention, RejectsBadInput) {
   expect_invalid("query", [&] { call(HeadsView::paged(q_pages, 64, 4, 8, 16, 64), k_paged, v_paged, out); });
   float* out_pages[] = {x.out.data()};
   expect_invalid("out", [&] { call(q, k_paged, v_paged, MutableHeadsView::paged(out_pages, 64, 4, 8, 16, 64)); });
+  x.k[40] = INFINITY;  // token 1 of the paged view
+  expect_invalid("key", [&] { call(q, k_paged, v_paged, out); });
+  x.k[40] = 0.0f;
   AttentionOptions bad_prefix;
   bad_prefix.prefix_length = 9;
   expect_invalid("prefix_length", [&] { call(q, k, v, out, bad_prefix); });

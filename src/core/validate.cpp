@@ -1,5 +1,6 @@
 #include "core/validate.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -49,15 +50,27 @@ bool row_is_finite(const float* row, int n) {
   return bad == 0;
 }
 
+// Tokens from t on whose rows lie token_stride apart: to the end of t's
+// page, or of the view.
+int rows_in_run(const HeadsView& v, int t) {
+  return v.pages == nullptr ? v.tokens - t : std::min(v.page_tokens - t % v.page_tokens, v.tokens - t);
+}
+
+// Walks each run of rows by pointer: a paged view's row() divides, which
+// cost 5% of a decode-sized attention() call when done for every row.
 void require_finite(std::string_view name, const HeadsView& v) {
   for (int h = 0; h < v.heads; ++h)
-    for (int t = 0; t < v.tokens; ++t) {
-      const float* row = v.row(h, t);
-      if (row_is_finite(row, v.dim)) continue;
-      for (int d = 0; d < v.dim; ++d)
-        if (!std::isfinite(row[d]))
-          throw_invalid(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t) + ", " +
-                         std::to_string(d) + "]");
+    for (int t0 = 0, run = 0; t0 < v.tokens; t0 += run) {
+      const float* first = v.row(h, t0);
+      run = rows_in_run(v, t0);
+      for (int i = 0; i < run; ++i) {
+        const float* row = first + i * v.token_stride;
+        if (row_is_finite(row, v.dim)) continue;
+        for (int d = 0; d < v.dim; ++d)
+          if (!std::isfinite(row[d]))
+            throw_invalid(name, "contains NaN or Inf at [" + std::to_string(h) + ", " + std::to_string(t0 + i) +
+                                    ", " + std::to_string(d) + "]");
+      }
     }
 }
 
