@@ -10,12 +10,20 @@
 // substituted, a unique 32-token tail), as in the near-dup scenario; each
 // query is a fresh member of a random family.
 //
+// BM_PlanExecute: what reusing a long stored prefix costs end to end on the
+// bundled model (models/echo-llama-6m, 2 threads): plan() (lookup and
+// handing the prefix's K/V to the plan) and execute() (the new rows'
+// forward and storing the prompt) of a prompt whose first 2000 tokens are
+// stored, followed by 64 new ones (a fresh tail each iteration), medians.
+//
 //   bench_planner                              # 1e2, 1e3, 1e4 stored prompts
+//   bench_planner --benchmark_filter=PlanExecute
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention_echo/engine.hpp"
@@ -96,6 +104,49 @@ void BM_PlannerLookup(benchmark::State& state) {
   state.counters["blend_plans"] = static_cast<double>(blends) / static_cast<double>(us.size());
 }
 BENCHMARK(BM_PlannerLookup)->Arg(100)->Arg(1000)->Arg(10000)->Iterations(1)->Unit(benchmark::kMillisecond);
+
+double median_ms(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void BM_PlanExecute(benchmark::State& state) {
+  constexpr int kStored = 2000, kNew = 64;
+  const llama::Model model(llama::load_weights(std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/model.bin"));
+  attention_echo::ThreadPool pool(2);
+  llama::Engine engine(model, pool);
+  serving::Planner planner(model.config());
+  std::mt19937_64 rng(11);
+  auto random_tokens = [&](int n) {
+    std::vector<int> t(n);
+    for (int& x : t) x = 3 + static_cast<int>(rng() % (model.config().vocab_size - 3));
+    return t;
+  };
+  const std::vector<int> stored = random_tokens(kStored);
+  {
+    serving::Plan plan = planner.plan(stored);
+    planner.execute(engine, stored, plan);
+  }
+  std::vector<double> plan_ms, execute_ms, total_ms;
+  for (auto _ : state) {
+    std::vector<int> prompt = stored;
+    const auto tail = random_tokens(kNew);
+    prompt.insert(prompt.end(), tail.begin(), tail.end());
+    const auto t0 = std::chrono::steady_clock::now();
+    serving::Plan plan = planner.plan(prompt);
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(planner.execute(engine, prompt, plan));
+    const auto t2 = std::chrono::steady_clock::now();
+    if (plan.report.reused < kStored) state.SkipWithError("the stored prefix was not reused");
+    plan_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    execute_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+    total_ms.push_back(std::chrono::duration<double, std::milli>(t2 - t0).count());
+  }
+  state.counters["plan_ms"] = median_ms(plan_ms);
+  state.counters["execute_ms"] = median_ms(execute_ms);
+  state.counters["total_ms"] = median_ms(total_ms);
+}
+BENCHMARK(BM_PlanExecute)->Iterations(40)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

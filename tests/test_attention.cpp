@@ -341,6 +341,21 @@ TEST(Attention, RejectsBadInput) {
   expect_invalid("key", [&] { call(q, HeadsView::contiguous(x.k.data(), 3, 4, 16), v, out); });
   expect_invalid("value", [&] { call(q, k, HeadsView::contiguous(x.v.data(), 1, 8, 16), out); });
   expect_invalid("out", [&] { call(q, k, v, MutableHeadsView::contiguous(x.out.data(), 4, 7, 16)); });
+  // Paged views: key and value only, alike, in pages of whole kernel steps.
+  const float* k_pages[] = {x.k.data()};
+  const float* v_pages[] = {x.v.data()};
+  const HeadsView k_paged = HeadsView::paged(k_pages, 64, 2, 8, 16, 32);
+  const HeadsView v_paged = HeadsView::paged(v_pages, 64, 2, 8, 16, 32);
+  expect_invalid("key", [&] { call(q, HeadsView::paged(k_pages, 32, 2, 8, 16, 32), v_paged, out); });
+  expect_invalid("value", [&] { call(q, k_paged, v, out); });
+  expect_invalid("value", [&] { call(q, k_paged, HeadsView::paged(v_pages, 128, 2, 8, 16, 32), out); });
+  const float* q_pages[] = {x.q.data()};
+  expect_invalid("query", [&] { call(HeadsView::paged(q_pages, 64, 4, 8, 16, 64), k_paged, v_paged, out); });
+  float* out_pages[] = {x.out.data()};
+  expect_invalid("out", [&] { call(q, k_paged, v_paged, MutableHeadsView::paged(out_pages, 64, 4, 8, 16, 64)); });
+  x.k[40] = INFINITY;  // token 1 of the paged view
+  expect_invalid("key", [&] { call(q, k_paged, v_paged, out); });
+  x.k[40] = 0.0f;
   AttentionOptions bad_prefix;
   bad_prefix.prefix_length = 9;
   expect_invalid("prefix_length", [&] { call(q, k, v, out, bad_prefix); });
@@ -386,6 +401,74 @@ TEST(Attention, RejectsBadInput) {
   offset.query_offset = 1;
   expect_invalid("problem", [&] { backend.sparse_rows(offset, 8, all_tiles(4, 1, 32)); });
   expect_invalid("row_begin", [&] { backend.exact_rows(offset, 0, 8); });
+}
+
+// K or V of a token-major problem copied into pages of page_tokens tokens,
+// each its own buffer with rows `stride` floats apart (wider than the row,
+// as a KVState page's plane is a layer's kv_dim), the way the engine hands
+// its K/V to attention().
+struct Paged {
+  std::vector<std::vector<float>> buffers;
+  std::vector<const float*> starts;
+  HeadsView view;
+  Paged(const HeadsView& src, int page_tokens, int stride) {
+    for (int t0 = 0; t0 < src.tokens; t0 += page_tokens) {
+      std::vector<float>& page = buffers.emplace_back(static_cast<std::size_t>(page_tokens) * stride, -7.0f);
+      for (int t = t0; t < std::min(t0 + page_tokens, src.tokens); ++t)
+        for (int h = 0; h < src.heads; ++h)
+          std::copy_n(src.row(h, t), src.dim, page.data() + (t - t0) * stride + h * src.dim);
+    }
+    for (const auto& b : buffers) starts.push_back(b.data());
+    view = HeadsView::paged(starts.data(), page_tokens, src.heads, src.tokens, src.dim, stride);
+  }
+};
+
+// Paged K/V (several pages, a partial last one) give every row the same bits
+// as contiguous K/V, through every entry point that reads keys, on every ISA.
+TEST(Attention, PagedKeysAndValuesAreBitIdenticalToContiguous) {
+  ThreadPool pool(2);
+  for (Isa isa : supported_isas()) {
+    IsaScope scope(isa);
+    for (int page_tokens : {64, 128}) {
+      Inputs x = make_inputs(4, 2, 300, 40, 9u, 1.0f, /*token_major=*/true);
+      const Paged k(x.kv(), page_tokens, 2 * 40 + 24), v(x.vv(), page_tokens, 2 * 40 + 24);
+      auto same = [&](const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+            << to_string(isa) << " page_tokens " << page_tokens << ": " << what;
+      };
+      for (bool causal : {true, false}) {
+        AttentionOptions options;
+        options.causal = causal;
+        options.prefix_length = 130;
+        attention(x.qv(), x.kv(), x.vv(), x.ov(), options, pool);
+        const std::vector<float> contiguous = x.out;
+        attention(x.qv(), k.view, v.view, x.ov(), options, pool);
+        same(contiguous, x.out, causal ? "attention, causal" : "attention, non-causal");
+      }
+      // The new rows of a prefill that starts past stored rows (mid-page).
+      AttentionOptions offset;
+      offset.query_offset = 150;
+      const int n = x.tokens - offset.query_offset;
+      const HeadsView q_new = HeadsView::token_major(x.q.data() + 150 * 4 * 40, 4, n, 40);
+      std::vector<float> a(static_cast<std::size_t>(n) * 4 * 40), b(a.size());
+      attention(q_new, x.kv(), x.vv(), MutableHeadsView::token_major(a.data(), 4, n, 40), offset, pool);
+      attention(q_new, k.view, v.view, MutableHeadsView::token_major(b.data(), 4, n, 40), offset, pool);
+      same(a, b, "query_offset");
+      const std::vector<int> rows = {0, 63, 64, 65, 127, 128, 200, 299};
+      std::vector<float> ra(rows.size() * 4 * 40), rb(ra.size());
+      const auto out_a = MutableHeadsView::token_major(ra.data(), 4, static_cast<int>(rows.size()), 40);
+      const auto out_b = MutableHeadsView::token_major(rb.data(), 4, static_cast<int>(rows.size()), 40);
+      attention_rows(x.qv(), x.kv(), x.vv(), rows, out_a, {}, pool);
+      attention_rows(x.qv(), k.view, v.view, rows, out_b, {}, pool);
+      same(ra, rb, "attention_rows");
+      const kernels::AttentionProblem paged{x.qv(), k.view, v.view, x.ov(), 1.0f / std::sqrt(40.0f), true, 0};
+      CpuBackend(pool).exact_rows(x.problem(), 0, x.tokens);
+      const std::vector<float> exact = x.out;
+      CpuBackend(pool).sparse_rows(paged, 256, all_tiles(4, 4, 64));
+      same(std::vector<float>(exact.begin(), exact.begin() + 256 * 4 * 40),
+           std::vector<float>(x.out.begin(), x.out.begin() + 256 * 4 * 40), "sparse_rows, every tile kept");
+    }
+  }
 }
 
 // Rows [offset, T) given alone (a chunked prefill or decode step) against

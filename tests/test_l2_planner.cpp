@@ -73,31 +73,32 @@ TEST(PlannerL2, ASecondPlannerReusesTheBlocksTheFirstComputed) {
   AE_REQUIRE_REDIS(server);
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
-  const auto prompt = random_tokens(200, 1);
+  const auto prompt = random_tokens(800, 1);
   const auto reference = last_logits(engine, prompt);
 
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan first = a.plan(prompt);
   EXPECT_EQ(first.kv.length, 0);
   a.execute(engine, prompt, first);
-  EXPECT_EQ(a.l2_stats().writes, 12u);  // the 12 full blocks of 16 tokens
+  EXPECT_EQ(a.l2_stats().writes, 12u);  // the 12 full blocks of 64 tokens
 
   serving::Planner b(model().config(), with_store(server.url()));  // another replica: empty store
   serving::Plan plan = b.plan(prompt);
   EXPECT_EQ(plan.route, serving::Plan::Route::kReuse);
-  EXPECT_EQ(plan.kv.length, 192);
-  EXPECT_EQ(plan.report.reused_from_l2, 192);
+  EXPECT_EQ(plan.kv.length, 768);
+  EXPECT_EQ(plan.report.reused_from_l2, 768);
   EXPECT_EQ(b.l2_stats().hits, 12u);
   EXPECT_LE(max_abs_diff(b.execute(engine, prompt, plan).logits, reference), 1e-4);
   EXPECT_EQ(b.l2_stats().writes, 0u);  // nothing it computed fills a new block
 
-  // A prompt sharing the first 100 tokens: 6 blocks from B's own store now.
+  // A prompt sharing the first 400 tokens: 6 blocks and 16 rows of the 7th
+  // from B's own store now.
   auto other = prompt;
-  const auto tail = random_tokens(200, 99);
-  for (int i = 100; i < 200; ++i) other[i] = tail[i];
-  if (other[100] == prompt[100]) other[100] = 3 + (prompt[100] - 2) % (model().config().vocab_size - 3);
+  const auto tail = random_tokens(800, 99);
+  for (int i = 400; i < 800; ++i) other[i] = tail[i];
+  if (other[400] == prompt[400]) other[400] = 3 + (prompt[400] - 2) % (model().config().vocab_size - 3);
   serving::Plan again = b.plan(other);
-  EXPECT_EQ(again.kv.length, 100);
+  EXPECT_EQ(again.kv.length, 400);
   EXPECT_EQ(again.report.reused_from_l2, 0);
 }
 
@@ -106,7 +107,7 @@ TEST(PlannerL2, ModelsAndNamespacesNeverShareBlocks) {
   AE_REQUIRE_REDIS(server);
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
-  const auto prompt = random_tokens(100, 2);
+  const auto prompt = random_tokens(400, 2);
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan p = a.plan(prompt, 0, "tenant-a");
   a.execute(engine, prompt, p);
@@ -116,7 +117,7 @@ TEST(PlannerL2, ModelsAndNamespacesNeverShareBlocks) {
   serving::Planner b(model().config(), with_store(server.url()));
   EXPECT_EQ(b.plan(prompt, 0, "tenant-b").kv.length, 0);
   EXPECT_EQ(other_model.l2_stats().hits + b.l2_stats().hits, 0u);
-  EXPECT_EQ(b.plan(prompt, 0, "tenant-a").kv.length, 96);  // the check can fail
+  EXPECT_EQ(b.plan(prompt, 0, "tenant-a").kv.length, 384);  // the check can fail
 }
 
 TEST(PlannerL2, ABadBlockIsRejectedAndEndsTheRun) {
@@ -124,14 +125,14 @@ TEST(PlannerL2, ABadBlockIsRejectedAndEndsTheRun) {
   AE_REQUIRE_REDIS(server);
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
-  const auto prompt = random_tokens(200, 3);
+  const auto prompt = random_tokens(800, 3);
   const auto reference = last_logits(engine, prompt);
   serving::Planner a(model().config(), with_store(server.url()));
   serving::Plan p = a.plan(prompt);
   a.execute(engine, prompt, p);
 
   // Block 5's value, bit-flipped.
-  const serving::KVBlockStore names({model().config().n_layers, model().config().kv_dim(), 16}, 1);
+  const serving::KVBlockStore names({model().config().n_layers, model().config().kv_dim()}, 1);
   const std::string suffix = ":" + ae::hex64(names.block_hashes("", prompt)[5]);
   std::vector<std::string> key;
   for (const std::string& k : ae::testing::keys_of(server))
@@ -144,7 +145,7 @@ TEST(PlannerL2, ABadBlockIsRejectedAndEndsTheRun) {
 
   serving::Planner b(model().config(), with_store(server.url()));
   serving::Plan plan = b.plan(prompt);
-  EXPECT_EQ(plan.kv.length, 80);  // blocks 0-4
+  EXPECT_EQ(plan.kv.length, 320);  // blocks 0-4
   EXPECT_EQ(b.l2_stats().rejected, 1u);
   EXPECT_LE(max_abs_diff(b.execute(engine, prompt, plan).logits, reference), 1e-4);
 }

@@ -55,14 +55,15 @@ struct Donor {
   serving::KVBlockStore store;
   std::vector<int> tokens;
   Donor(llama::Engine& engine, std::vector<int> t)
-      : store({model().config().n_layers, model().config().kv_dim(), 16}, std::size_t{1} << 30), tokens(std::move(t)) {
+      : store({model().config().n_layers, model().config().kv_dim()}, std::size_t{1} << 30), tokens(std::move(t)) {
     llama::KVState kv;
     engine.forward(tokens, kv, {});
-    std::vector<const float*> k, v;
-    for (int l = 0; l < model().config().n_layers; ++l) k.push_back(kv.k[l].data()), v.push_back(kv.v[l].data());
-    store.insert("", tokens, k, v, false, 0.0);
+    store.insert("", tokens, kv, false, 0.0);
   }
-  serving::BlockRows rows() { return store.rows(store.similar("", tokens, 1).front().record->blocks); }
+  llama::KVState rows() {
+    const serving::KVBlockStore::Record& r = *store.similar("", tokens, 1).front().record;
+    return store.state(r.blocks, static_cast<int>(r.tokens.size()));
+  }
 };
 
 TEST(KVBlend, RerotatedKeysEqualKeysComputedAtTheNewPosition) {
@@ -79,13 +80,13 @@ TEST(KVBlend, RerotatedKeysEqualKeysComputedAtTheNewPosition) {
   const int kvd = c.kv_dim();
   double worst = 0.0;
   for (int j = 0; j < static_cast<int>(a.size()); ++j) {
-    std::vector<float> forward(ka.k[0].begin() + j * kvd, ka.k[0].begin() + (j + 1) * kvd);
-    std::vector<float> back(kb.k[0].begin() + (j + 25) * kvd, kb.k[0].begin() + (j + 26) * kvd);
+    std::vector<float> forward(ka.k(0, j), ka.k(0, j) + kvd);
+    std::vector<float> back(kb.k(0, j + 25), kb.k(0, j + 25) + kvd);
     engine.rerotate_k(forward.data(), j, j + 25);
     engine.rerotate_k(back.data(), j + 25, j);
     for (int d = 0; d < kvd; ++d) {
-      worst = std::max(worst, double(std::fabs(forward[d] - kb.k[0][(j + 25) * kvd + d])));
-      worst = std::max(worst, double(std::fabs(back[d] - ka.k[0][j * kvd + d])));
+      worst = std::max(worst, double(std::fabs(forward[d] - kb.k(0, j + 25)[d])));
+      worst = std::max(worst, double(std::fabs(back[d] - ka.k(0, j)[d])));
     }
   }
   EXPECT_LE(worst, 1e-5);
@@ -149,6 +150,73 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   EXPECT_FALSE(out.blended);
   EXPECT_GT(out.estimated_error, serving::BlendConfig{}.max_error);
   if (out.served) EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+}
+
+// The engine's K/V pages: their size changes no bit of the logits, and a
+// prefix of a state (ending inside a page) goes on without touching the
+// state it shares pages with: only the page it writes into is copied.
+TEST(KVPages, PageSizeChangesNothingAndAPrefixCopiesOnlyThePageItWrites) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const auto a = text_tokens(300, 21);
+  llama::KVState small, large;
+  large.page_tokens = 128;
+  const auto logits = engine.forward(a, small, {}).logits;
+  EXPECT_EQ(engine.forward(a, large, {}).logits, logits);
+  EXPECT_EQ(small.pages.size(), 5u);
+  EXPECT_EQ(large.pages.size(), 3u);
+
+  const std::vector<float> page1 = small.pages[1]->data;
+  llama::KVState branch = small.prefix(100);  // ends inside page 1 (rows 64-127)
+  EXPECT_EQ(branch.pages.size(), 2u);
+  auto b = a;
+  b.resize(100);
+  const auto tail = text_tokens(150, 22);
+  b.insert(b.end(), tail.begin(), tail.end());
+  const auto reused = engine.forward(std::span<const int>(b).subspan(100), branch, {}).logits;
+  EXPECT_LE(max_abs_diff(reused, last_logits(engine, b)), 1e-4);
+  EXPECT_EQ(branch.pages[0].get(), small.pages[0].get());  // read in place, shared
+  EXPECT_NE(branch.pages[1].get(), small.pages[1].get());  // written: copied first
+  EXPECT_EQ(small.pages[1]->data, page1);
+  EXPECT_EQ(small.length, 300);
+
+  llama::KVState bad;
+  bad.page_tokens = 100;
+  EXPECT_THROW(engine.forward(a, bad, {}), std::invalid_argument);
+  EXPECT_TRUE(bad.pages.empty());
+}
+
+// A stored prefix reaches the engine without a copy: the plan's pages are
+// the blocks the store kept, which are the pages the first prompt's forward
+// wrote; the prefix ends inside a block, which only the new prompt's copy
+// changes.
+TEST(Planner, StoredPrefixIsHandedToTheEngineWithoutACopy) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config());
+  const auto first_tokens = text_tokens(300, 23);
+  serving::Plan first = planner.plan(first_tokens);
+  planner.execute(engine, first_tokens, first);
+  const std::vector<float> block3 = first.kv.pages[3]->data;
+
+  auto next = first_tokens;
+  next.resize(200);  // 3 full blocks and 8 rows of the 4th
+  const auto tail = text_tokens(100, 24);
+  next.insert(next.end(), tail.begin(), tail.end());
+  if (next[200] == first_tokens[200]) next[200] = edited(next[200]);
+  serving::Plan plan = planner.plan(next);
+  ASSERT_EQ(plan.kv.length, 200);
+  ASSERT_EQ(plan.kv.pages.size(), 4u);
+  for (int p = 0; p < 4; ++p) EXPECT_EQ(plan.kv.pages[p].get(), first.kv.pages[p].get()) << "page " << p;
+  const auto logits = planner.execute(engine, next, plan).logits;
+  EXPECT_LE(max_abs_diff(logits, last_logits(engine, next)), 1e-4);
+  for (int p = 0; p < 3; ++p) EXPECT_EQ(plan.kv.pages[p].get(), first.kv.pages[p].get()) << "page " << p;
+  EXPECT_NE(plan.kv.pages[3].get(), first.kv.pages[3].get());
+  EXPECT_EQ(first.kv.pages[3]->data, block3);  // the stored block is unchanged
+  serving::Plan again = planner.plan(first_tokens);  // and still serves its prompt
+  EXPECT_EQ(again.kv.length, 299);
+  EXPECT_LE(max_abs_diff(planner.execute(engine, first_tokens, again).logits, last_logits(engine, first_tokens)),
+            1e-4);
 }
 
 TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
@@ -263,7 +331,14 @@ TEST(Planner, BadInputThrowsAndStoresNothing) {
   expect_rejected(std::vector<int>(c.seq_len + 1, 5), 0, "tokens");
   expect_rejected({1, 2, 3}, 3, "prefix_length");
   EXPECT_EQ(planner.stored_prompts(), 0u);
-  EXPECT_THROW(serving::Planner(c, {.block_tokens = 0}), std::invalid_argument);
+  for (int block_tokens : {0, 100}) {
+    try {
+      serving::Planner bad(c, {.block_tokens = block_tokens});
+      ADD_FAILURE() << "block_tokens " << block_tokens << " accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("block_tokens", 0), 0u) << e.what();
+    }
+  }
   EXPECT_THROW(serving::Planner(c, {.blend = {.recompute_ratio = 1.5}}), std::invalid_argument);
   EXPECT_THROW(serving::Planner(c, {.blend = {.max_kl = 0.0}}), std::invalid_argument);
 }

@@ -95,88 +95,112 @@ TEST(TokenAlignment, UnrelatedTokensDoNotAlign) {
   EXPECT_THROW(align_tokens(random_tokens(5, 1), random_tokens(5, 1), 0), std::invalid_argument);
 }
 
-// A fake model state: K/V rows whose values encode (layer, position, token).
-struct FakeKV {
-  int layers = 2, kv_dim = 4;
-  std::vector<std::vector<float>> k, v;
-  FakeKV(const std::vector<int>& tokens, float salt = 0.0f) {
-    for (int l = 0; l < layers; ++l) {
-      k.emplace_back(tokens.size() * kv_dim);
-      v.emplace_back(tokens.size() * kv_dim);
-      for (std::size_t t = 0; t < tokens.size(); ++t)
-        for (int d = 0; d < kv_dim; ++d) {
-          k[l][t * kv_dim + d] = l * 1e4f + t + 0.1f * d + salt;
-          v[l][t * kv_dim + d] = -(l * 1e4f + tokens[t] + 0.1f * d) - salt;
-        }
-    }
-  }
-  std::vector<const float*> kp() const { return {k[0].data(), k[1].data()}; }
-  std::vector<const float*> vp() const { return {v[0].data(), v[1].data()}; }
-};
-
-float stored_k(const KVBlockStore::Prefix& p, int layer, int t, int d, int B = 16, int kvd = 4) {
-  const KVBlock& b = *p.blocks[t / B];
-  return b.data[(2 * layer) * B * kvd + (t % B) * kvd + d];
+// A request's K/V as the engine leaves it, in pages of the test store's
+// shape (2 layers, kv_dim 4, 64 tokens): K of layer l, row t, element d is
+// l * 1e4 + t + 0.1 d + salt; V depends on the token id instead.
+llama::KVState fake_kv(const std::vector<int>& tokens, float salt = 0.0f) {
+  llama::KVState kv;
+  const int T = static_cast<int>(tokens.size());
+  kv.make_writable(0, T, 2, 4);
+  for (int l = 0; l < 2; ++l)
+    for (int t = 0; t < T; ++t)
+      for (int d = 0; d < 4; ++d) {
+        kv.writable_k(l, t)[d] = l * 1e4f + t + 0.1f * d + salt;
+        kv.writable_v(l, t)[d] = -(l * 1e4f + tokens[t] + 0.1f * d) - salt;
+      }
+  kv.length = T;
+  return kv;
 }
 
+constexpr KVBlockStore::Shape kShape{2, 4, 64};
+
 TEST(KVBlockStore, LongestPrefixAtTokenGranularity) {
-  KVBlockStore store({2, 4, 16}, 1 << 20);
-  const auto a = random_tokens(100, 7);
-  const FakeKV kv(a);
-  ASSERT_TRUE(store.insert("", a, kv.kp(), kv.vp(), false, 0.0));
+  KVBlockStore store(kShape, 1 << 22);
+  const auto a = random_tokens(400, 7);
+  const llama::KVState kv = fake_kv(a);
+  ASSERT_TRUE(store.insert("", a, kv, false, 0.0));
   auto b = a;
-  b[37] = 12345;  // shares 37 tokens: 2 full blocks and 5 rows of the third
+  b[148] = 12345;  // shares 148 tokens: 2 full blocks and 20 rows of the third
   const auto p = store.longest_prefix("", b);
-  EXPECT_EQ(p.length, 37);
+  EXPECT_EQ(p.length, 148);
   ASSERT_EQ(p.blocks.size(), 3u);
   EXPECT_FALSE(p.approximate);
-  for (int t = 0; t < 37; ++t) EXPECT_EQ(stored_k(p, 1, t, 2), kv.k[1][t * 4 + 2]);
-  EXPECT_EQ(store.longest_prefix("", a).length, 100);  // the partial tail block too
+  const llama::KVState stored = store.state(p.blocks, p.length);
+  for (int t = 0; t < 148; ++t) EXPECT_EQ(stored.k(1, t)[2], kv.k(1, t)[2]);
+  EXPECT_EQ(store.longest_prefix("", a).length, 400);  // the partial tail block too
   EXPECT_EQ(store.longest_prefix("other", a).length, 0);  // namespaces never mix
 }
 
+TEST(KVBlockStore, InsertKeepsTheStatesPagesAndStateSharesThem) {
+  KVBlockStore store(kShape, 1 << 22);
+  const auto a = random_tokens(150, 16);  // 2 full blocks and a partial one
+  llama::KVState kv = fake_kv(a);
+  ASSERT_TRUE(store.insert("", a, kv, false, 0.0));
+  const auto p = store.longest_prefix("", a);
+  ASSERT_EQ(p.blocks.size(), 3u);
+  for (std::size_t b = 0; b < 3; ++b) EXPECT_EQ(p.blocks[b].get(), kv.pages[b].get()) << "block " << b;
+  const llama::KVState shared = store.state(p.blocks, 100);
+  EXPECT_EQ(shared.pages.size(), 2u);
+  EXPECT_EQ(shared.pages[1].get(), kv.pages[1].get());
+  // The sequence goes on: the stored partial block is copied before the
+  // engine writes past it; the full ones stay shared.
+  const float before = p.blocks[2]->data[22 * 4];  // layer 0's K, row 150
+  kv.make_writable(150, 160, 2, 4);
+  kv.writable_k(0, 150)[0] = before + 1.0f;
+  EXPECT_NE(kv.pages[2].get(), p.blocks[2].get());
+  EXPECT_EQ(p.blocks[2]->data[22 * 4], before);
+  EXPECT_EQ(kv.k(0, 150)[0], before + 1.0f);
+  EXPECT_EQ(kv.pages[1].get(), p.blocks[1].get());
+  EXPECT_EQ(kv.k(0, 140)[3], p.blocks[2]->data[12 * 4 + 3]);  // copied rows kept
+  // Pages of another shape are refused, nothing stored.
+  llama::KVState other = fake_kv(a);
+  other.page_tokens = 128;
+  EXPECT_THROW(store.insert("x", a, other, false, 0.0), std::invalid_argument);
+  EXPECT_THROW(store.insert("x", a, kv.prefix(100), false, 0.0), std::invalid_argument);
+  EXPECT_EQ(store.size(), 1u);
+}
+
 TEST(KVBlockStore, SharedPrefixesShareBlocksAndEvictLeastRecentlyUsed) {
-  const auto base = random_tokens(64, 8);
-  const std::size_t block_bytes = 2 * 2 * 16 * 4 * sizeof(float) + 16 * sizeof(int);
-  // A record costs its tokens and its donor index (73 8-grams of 80 tokens).
-  const std::size_t record_bytes = 80 * sizeof(int) + index_anchors(random_tokens(80, 0)).bytes();
+  const auto base = random_tokens(256, 8);
+  const std::size_t block_bytes = 2 * 2 * 64 * 4 * sizeof(float) + 64 * sizeof(int);
+  // A record costs its tokens and its donor index (the 8-grams of 320 tokens).
+  const std::size_t record_bytes = 320 * sizeof(int) + index_anchors(random_tokens(320, 0)).bytes();
   const std::size_t budget = 10 * block_bytes + 3 * record_bytes;
-  KVBlockStore store({2, 4, 16}, budget);
+  KVBlockStore store(kShape, budget);
   auto x = base, y = base;
-  x.insert(x.end(), {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16});
-  y.insert(y.end(), {21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36});
-  ASSERT_TRUE(store.insert("", x, FakeKV(x).kp(), FakeKV(x).vp(), false, 0));
+  for (int i = 0; i < 64; ++i) x.push_back(1 + i), y.push_back(101 + i);
+  ASSERT_TRUE(store.insert("", x, fake_kv(x), false, 0));
   const std::size_t one = store.bytes();
-  ASSERT_TRUE(store.insert("", y, FakeKV(y).kp(), FakeKV(y).vp(), false, 0));
+  ASSERT_TRUE(store.insert("", y, fake_kv(y), false, 0));
   EXPECT_EQ(store.bytes() - one, block_bytes + record_bytes);  // 4 blocks shared
   // A third, unrelated request pushes the least recently used record out.
-  EXPECT_EQ(store.longest_prefix("", x).length, 80);  // touch x
-  const auto z = random_tokens(80, 9);
-  ASSERT_TRUE(store.insert("", z, FakeKV(z).kp(), FakeKV(z).vp(), false, 0));
+  EXPECT_EQ(store.longest_prefix("", x).length, 320);  // touch x
+  const auto z = random_tokens(320, 9);
+  ASSERT_TRUE(store.insert("", z, fake_kv(z), false, 0));
   EXPECT_LE(store.bytes(), budget);
   EXPECT_EQ(store.evictions(), 1u);
-  EXPECT_EQ(store.longest_prefix("", x).length, 80);
-  EXPECT_EQ(store.longest_prefix("", y).length, 64);  // its own last block went with it
+  EXPECT_EQ(store.longest_prefix("", x).length, 320);
+  EXPECT_EQ(store.longest_prefix("", y).length, 256);  // its own last block went with it
   // A request larger than the whole budget is refused, nothing changes.
   const auto huge = random_tokens(2000, 10);
   const std::size_t before = store.bytes();
-  EXPECT_FALSE(store.insert("", huge, FakeKV(huge).kp(), FakeKV(huge).vp(), false, 0));
+  EXPECT_FALSE(store.insert("", huge, fake_kv(huge), false, 0));
   EXPECT_EQ(store.bytes(), before);
 }
 
 TEST(KVBlockStore, ExactBlocksReplaceApproximateOnesAndOnlyExactRecordsAreDonors) {
-  KVBlockStore store({2, 4, 16}, 1 << 20);
+  KVBlockStore store(kShape, 1 << 22);
   const auto a = random_tokens(40, 11);
-  const FakeKV approx(a, 0.5f), exact(a);
-  ASSERT_TRUE(store.insert("ns", a, approx.kp(), approx.vp(), true, 0.01));
+  ASSERT_TRUE(store.insert("ns", a, fake_kv(a, 0.5f), true, 0.01));
   auto p = store.longest_prefix("ns", a);
   EXPECT_TRUE(p.approximate);
   EXPECT_DOUBLE_EQ(p.error, 0.01);
   EXPECT_TRUE(store.similar("ns", a, 4).empty());
-  ASSERT_TRUE(store.insert("ns", a, exact.kp(), exact.vp(), false, 0.0));
+  const llama::KVState exact = fake_kv(a);
+  ASSERT_TRUE(store.insert("ns", a, exact, false, 0.0));
   p = store.longest_prefix("ns", a);
   EXPECT_FALSE(p.approximate);
-  EXPECT_EQ(stored_k(p, 0, 5, 1), exact.k[0][5 * 4 + 1]);
+  EXPECT_EQ(store.state(p.blocks, p.length).k(0, 5)[1], exact.k(0, 5)[1]);
   const auto donors = store.similar("ns", a, 4);
   ASSERT_EQ(donors.size(), 1u);
   EXPECT_EQ(donors[0].record->tokens, a);
@@ -185,12 +209,12 @@ TEST(KVBlockStore, ExactBlocksReplaceApproximateOnesAndOnlyExactRecordsAreDonors
 }
 
 TEST(KVBlockStore, ClearOfANamespaceDropsOnlyItsRecordsAndBlocks) {
-  KVBlockStore store({2, 4, 16}, 1 << 20);
+  KVBlockStore store(kShape, 1 << 22);
   const auto a = random_tokens(40, 14), b = random_tokens(50, 15);
-  ASSERT_TRUE(store.insert("tenant-a", a, FakeKV(a).kp(), FakeKV(a).vp(), false, 0.0));
-  ASSERT_TRUE(store.insert("tenant-a", b, FakeKV(b).kp(), FakeKV(b).vp(), false, 0.0));
+  ASSERT_TRUE(store.insert("tenant-a", a, fake_kv(a), false, 0.0));
+  ASSERT_TRUE(store.insert("tenant-a", b, fake_kv(b), false, 0.0));
   const std::size_t a_bytes = store.bytes();
-  ASSERT_TRUE(store.insert("tenant-b", a, FakeKV(a).kp(), FakeKV(a).vp(), false, 0.0));  // same tokens
+  ASSERT_TRUE(store.insert("tenant-b", a, fake_kv(a), false, 0.0));  // same tokens
   const std::size_t b_bytes = store.bytes() - a_bytes;
 
   store.clear("tenant-a");

@@ -115,14 +115,58 @@ class Model {
   std::unique_ptr<Packed> packed_;
 };
 
-// Per-layer K and V of a sequence's first `length` tokens, token-major
-// [length, kv_dim] per layer (K already rotated).
+// One page of a sequence's K/V: the K and V rows of every layer for
+// page_tokens consecutive positions, layer l's K at
+// data[2l * page_tokens * kv_dim] and its V at data[(2l + 1) * page_tokens *
+// kv_dim], row t of a plane t * kv_dim after its start. The serving store
+// keeps these same objects as its blocks (serving/kv_block_store.hpp).
+struct KVPage {
+  std::vector<float> data;  // [2 * layers][page_tokens][kv_dim]
+};
+
+// Per-layer K and V (K already rotated) of a sequence's first `length`
+// tokens, in pages of page_tokens positions that are shared, never copied:
+// a copy of the state, prefix(), and the serving store (which keeps the
+// pages a forward wrote and hands stored ones to the next prompt) hold the
+// same page objects. A page anyone else also holds is frozen: the engine
+// copies it before writing into it (copy-on-write), which happens to at
+// most the one page where a shared prefix ends inside a page.
+//
+// page_tokens is a positive multiple of kKeyChunk (64, tensor.hpp): the
+// attention kernel then reads the pages in place, one page per step of
+// keys. It can be changed only while the state has no pages.
 struct KVState {
+  static constexpr int kDefaultPageTokens = 64;
+
   int length = 0;
-  std::vector<std::vector<float>> k, v;
-  // The first `tokens` rows of this state.
+  int page_tokens = kDefaultPageTokens;
+  int layers = 0;  // the pages' shape, set with the first page
+  int kv_dim = 0;
+  std::vector<std::shared_ptr<const KVPage>> pages;
+
+  // Row t of layer l's K or V, for t below pages.size() * page_tokens.
+  const float* k(int layer, int t) const { return row(2 * layer, t); }
+  const float* v(int layer, int t) const { return row(2 * layer + 1, t); }
+  // Readies rows [t0, t1) for writing: pages up to row t1 are added (zeroed)
+  // and each page the rows fall in that is shared is replaced by a copy of
+  // its own. Sets layers and kv_dim with the first page. Throws
+  // std::invalid_argument("kv: ...") when the state's shape or page_tokens
+  // does not fit, or rows before t0 are missing; nothing changes then.
+  void make_writable(int t0, int t1, int model_layers, int model_kv_dim);
+  // Row t of layer l's K or V to write into: only rows the last
+  // make_writable covered, before the state is copied or shared again.
+  float* writable_k(int layer, int t) { return const_cast<float*>(k(layer, t)); }
+  float* writable_v(int layer, int t) { return const_cast<float*>(v(layer, t)); }
+  // The first `tokens` rows of this state, sharing its pages.
   KVState prefix(int tokens) const;
+  // Bytes of the pages the state holds (shared ones counted in full).
   std::size_t bytes() const;
+
+ private:
+  const float* row(int plane, int t) const {
+    return pages[t / page_tokens]->data.data() +
+           (static_cast<std::size_t>(plane) * page_tokens + t % page_tokens) * kv_dim;
+  }
 };
 
 // How a forward call computes attention for its rows.

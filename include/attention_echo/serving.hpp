@@ -88,7 +88,10 @@ struct CalibrationSample {
 
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;
-  int block_tokens = 16;                // K/V block size of the store
+  // K/V block size of the store, which is the page size of the plans' K/V
+  // (llama::KVState): a positive multiple of 64. Stored blocks go to the
+  // engine as they are, and its pages to the store, without a copy.
+  int block_tokens = llama::KVState::kDefaultPageTokens;
   // The cache route (priced only with blending off); must outlive the planner.
   AttentionEchoCache* cache = nullptr;
   BlendConfig blend;
@@ -125,7 +128,7 @@ struct Plan {
   Route route = Route::kReuse;
   std::string name_space;
   int prefix_length = 0;   // the shared context the application declared (cache route)
-  llama::KVState kv;       // the stored prefix's K/V; after execute: the prompt's
+  llama::KVState kv;       // the stored prefix's K/V (the store's own blocks); after execute: the prompt's
   bool reused_exact = true;
   double reused_error = 0.0;
   std::shared_ptr<const BlendPlan> blend;  // kBlend only

@@ -25,10 +25,22 @@ inline std::string to_string(const Device& device) {
   return device.kind == DeviceKind::kCpu ? "cpu" : "cuda:" + std::to_string(device.index);
 }
 
+// Keys per step of the CPU attention kernel: it walks keys in chunks that
+// never cross a multiple of kKeyChunk, so K/V kept in pages of a multiple of
+// kKeyChunk tokens hand every step one page, read in place.
+inline constexpr int kKeyChunk = 64;
+
 // Per-head token rows: element (h, t, d) lives at
 // data[h * head_stride + t * token_stride + d]. The innermost (D) stride is
 // always 1; the other two let callers pass [H, T, D] or [T, H, D] buffers
 // without a copy.
+//
+// Paged (pages non-null, data null): token t lives in page t / page_tokens,
+// element (h, t, d) at pages[t / page_tokens][h * head_stride +
+// (t % page_tokens) * token_stride + d]; pages holds one pointer per
+// page_tokens tokens. This is how the engine's K/V (llama::KVState) reaches
+// attention(): only key and value views may be paged, page_tokens a positive
+// multiple of kKeyChunk, and only the CPU backend reads them.
 template <typename T>
 struct BasicHeadsView {
   T* data = nullptr;
@@ -38,8 +50,13 @@ struct BasicHeadsView {
   std::ptrdiff_t head_stride = 0;
   std::ptrdiff_t token_stride = 0;
   Device device{};  // host memory unless said otherwise
+  T* const* pages = nullptr;
+  int page_tokens = 0;
 
-  T* row(int h, int t) const { return data + h * head_stride + t * token_stride; }
+  T* row(int h, int t) const {
+    if (pages == nullptr) return data + h * head_stride + t * token_stride;
+    return pages[t / page_tokens] + h * head_stride + (t % page_tokens) * token_stride;
+  }
 
   // [heads, tokens, dim], row-major.
   static BasicHeadsView contiguous(T* data, int heads, int tokens, int dim, Device device = {}) {
@@ -49,13 +66,19 @@ struct BasicHeadsView {
   static BasicHeadsView token_major(T* data, int heads, int tokens, int dim, Device device = {}) {
     return {data, heads, tokens, dim, dim, static_cast<std::ptrdiff_t>(heads) * dim, device};
   }
+  // token_major() rows split over pages of page_tokens tokens, each page's
+  // rows token_stride apart (a KVState page's plane: kv_dim).
+  static BasicHeadsView paged(T* const* pages, int page_tokens, int heads, int tokens, int dim,
+                              std::ptrdiff_t token_stride) {
+    return {nullptr, heads, tokens, dim, dim, token_stride, Device::cpu(), pages, page_tokens};
+  }
 };
 
 using HeadsView = BasicHeadsView<const float>;
 using MutableHeadsView = BasicHeadsView<float>;
 
 inline HeadsView as_const(const MutableHeadsView& v) {
-  return {v.data, v.heads, v.tokens, v.dim, v.head_stride, v.token_stride, v.device};
+  return {v.data, v.heads, v.tokens, v.dim, v.head_stride, v.token_stride, v.device, v.pages, v.page_tokens};
 }
 
 // Row-major [rows, cols] matrix of float32 (prefix embeddings).

@@ -10,7 +10,8 @@
 
 namespace attention_echo {
 
-// q [H,Tq,D], k/v [Hkv,T,D], out like q, all on one device; Hkv divides H;
+// q [H,Tq,D], k/v [Hkv,T,D], out like q, all on one device; only k and v
+// may be paged, both alike, page_tokens a multiple of kKeyChunk; Hkv divides H;
 // Tq, T, D >= 1; query_offset >= 0 and query_offset + Tq == T (q's rows are
 // positions [query_offset, T) of the sequence); 0 <= prefix_length <= T.
 // q/k/v finite, checked here for host memory only: device memory is its

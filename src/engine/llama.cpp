@@ -251,24 +251,6 @@ Model::Model(Model&&) noexcept = default;
 const ModelConfig& Model::config() const { return packed_->config; }
 std::uint64_t Model::fingerprint() const { return packed_->fingerprint; }
 
-KVState KVState::prefix(int tokens) const {
-  if (tokens < 0 || tokens > length) throw std::invalid_argument("tokens: prefix longer than the state");
-  KVState out;
-  out.length = tokens;
-  for (std::size_t l = 0; l < k.size(); ++l) {
-    const std::size_t n = k[l].size() / std::max(length, 1) * tokens;
-    out.k.emplace_back(k[l].begin(), k[l].begin() + n);
-    out.v.emplace_back(v[l].begin(), v[l].begin() + n);
-  }
-  return out;
-}
-
-std::size_t KVState::bytes() const {
-  std::size_t n = 0;
-  for (std::size_t l = 0; l < k.size(); ++l) n += (k[l].size() + v[l].size()) * sizeof(float);
-  return n;
-}
-
 struct Engine::Impl {
   // A constructor, not aggregate init: clang before 16 cannot make_unique an aggregate.
   Impl(const Model::Packed& packed, ThreadPool& threads) : m(packed), pool(threads) {}
@@ -276,6 +258,7 @@ struct Engine::Impl {
   ThreadPool& pool;
   Timers timers;
   std::vector<float> xb, qkv, q_at, att, gu;  // scratch, reused across calls
+  std::vector<const float*> k_pages, v_pages;  // the paged K/V views' page starts
 
   // Rows of x (hidden states of positions pos(i), i < n) through the
   // attention RMSNorm (into xb: the cache keys on it) and the QKV projection
@@ -286,27 +269,30 @@ struct Engine::Impl {
   // att [n, dim] (the rows' attention outputs) through wo into x, then the
   // SwiGLU MLP: x += down(silu(gate(xb)) * up(xb)).
   void finish(int layer, float* x, int n);
-  // kv's layer as [t1, kv_dim] rows (kept rows below t0 must be there).
-  void size_layer(int layer, int t0, int t1, KVState& kv) const;
+  // Checks the layer and rows, and readies kv's rows [t0, t1) for writing
+  // (rows below t0 must be there).
+  void prepare(int layer, int t0, int t1, KVState& kv) const;
+  // Layer `layer`'s K and V of positions [0, tokens) as paged views of kv.
+  std::pair<HeadsView, HeadsView> kv_views(const KVState& kv, int layer, int tokens);
 };
 
-void Engine::Impl::size_layer(int layer, int t0, int t1, KVState& kv) const {
+void Engine::Impl::prepare(int layer, int t0, int t1, KVState& kv) const {
   const ModelConfig& c = m.config;
-  const int kvd = c.kv_dim();
   if (layer < 0 || layer >= c.n_layers) throw std::invalid_argument("layer: out of range");
   if (t0 < 0 || t1 > c.seq_len || t0 >= t1) throw std::invalid_argument("rows: need 0 <= t0 < t1 <= seq_len");
-  if (kv.k.size() != static_cast<std::size_t>(c.n_layers)) {
-    kv.k.resize(c.n_layers);
-    kv.v.resize(c.n_layers);
+  kv.make_writable(t0, t1, c.n_layers, c.kv_dim());
+}
+
+std::pair<HeadsView, HeadsView> Engine::Impl::kv_views(const KVState& kv, int layer, int tokens) {
+  const ModelConfig& c = m.config;
+  k_pages.clear();
+  v_pages.clear();
+  for (int t = 0; t < tokens; t += kv.page_tokens) {
+    k_pages.push_back(kv.k(layer, t));
+    v_pages.push_back(kv.v(layer, t));
   }
-  if (kv.k[layer].size() < static_cast<std::size_t>(t0) * kvd) throw std::invalid_argument("kv: missing rows before t0");
-  // Reserving the whole context once keeps a prefill that starts from
-  // reused rows from reallocating (and copying) every layer's K/V again.
-  for (auto* buffer : {&kv.k[layer], &kv.v[layer]}) {
-    if (buffer->capacity() < static_cast<std::size_t>(c.seq_len) * kvd)
-      buffer->reserve(static_cast<std::size_t>(c.seq_len) * kvd);
-    buffer->resize(std::max(buffer->size(), static_cast<std::size_t>(t1) * kvd));
-  }
+  return {HeadsView::paged(k_pages.data(), kv.page_tokens, c.n_kv_heads, tokens, c.head_dim(), c.kv_dim()),
+          HeadsView::paged(v_pages.data(), kv.page_tokens, c.n_kv_heads, tokens, c.head_dim(), c.kv_dim())};
 }
 
 template <typename Position>
@@ -320,16 +306,15 @@ void Engine::Impl::project(int layer, const float* x, int n, Position pos, KVSta
   });
   grow(qkv, static_cast<std::size_t>(n) * width);
   gemm(xb.data(), dim, n, w.wqkv, qkv.data(), width, false, pool);
-  float* K = kv.k[layer].data();
-  float* V = kv.v[layer].data();
   for_rows(pool, n, [&](int r0, int r1) {
     for (int i = r0; i < r1; ++i) {
       float* r = qkv.data() + static_cast<std::size_t>(i) * width;
-      const std::size_t at = static_cast<std::size_t>(pos(i));
-      rope(r, c.n_heads, hd, m.rope_cos.data() + at * half, m.rope_sin.data() + at * half);
-      rope(r + dim, c.n_kv_heads, hd, m.rope_cos.data() + at * half, m.rope_sin.data() + at * half);
-      std::copy(r + dim, r + dim + kvd, K + at * kvd);
-      std::copy(r + dim + kvd, r + width, V + at * kvd);
+      const int at = pos(i);
+      const std::size_t table = static_cast<std::size_t>(at) * half;
+      rope(r, c.n_heads, hd, m.rope_cos.data() + table, m.rope_sin.data() + table);
+      rope(r + dim, c.n_kv_heads, hd, m.rope_cos.data() + table, m.rope_sin.data() + table);
+      std::copy(r + dim, r + dim + kvd, kv.writable_k(layer, at));
+      std::copy(r + dim + kvd, r + width, kv.writable_v(layer, at));
     }
   });
 }
@@ -365,18 +350,20 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   const ModelConfig& c = e.m.config;
   const int n = t1 - t0, dim = c.dim, hd = c.head_dim(), width = dim + 2 * c.kv_dim();
   if (route.cache && t0 != 0) throw std::invalid_argument("route: the echo cache needs the whole sequence (t0 == 0)");
-  e.size_layer(layer, t0, t1, kv);
+  e.prepare(layer, t0, t1, kv);
   e.project(layer, x, n, [t0](int i) { return t0 + i; }, kv);
 
   // q and out are the new rows [t0, t1); keys are every row [0, t1).
   grow(e.att, static_cast<std::size_t>(n) * dim);
   const HeadsView q{e.qkv.data(), c.n_heads, n, hd, hd, width};
-  const HeadsView k = HeadsView::token_major(kv.k[layer].data(), c.n_kv_heads, t1, hd);
-  const HeadsView v = HeadsView::token_major(kv.v[layer].data(), c.n_kv_heads, t1, hd);
   const MutableHeadsView out = MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd);
   EchoResult echo;
   const Stamp start = Stamp::now();
   if (route.cache) {
+    // t0 == 0: every key row is new, so the K and V columns of qkv (RoPE'd
+    // in place by project) are all of them, contiguous for the cache.
+    const HeadsView k{e.qkv.data() + dim, c.n_kv_heads, n, hd, hd, width};
+    const HeadsView v{e.qkv.data() + dim + c.kv_dim(), c.n_kv_heads, n, hd, hd, width};
     EchoRequest request;
     request.prefix_length = route.prefix_length;
     // xb (the normed layer input) is exactly what Q/K/V are made from.
@@ -388,6 +375,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   } else {
     AttentionOptions options;
     options.query_offset = t0;
+    const auto [k, v] = e.kv_views(kv, layer, t1);
     attention(q, k, v, out, options, e.pool);
   }
   start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
@@ -396,7 +384,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
 }
 
 void Engine::project_kv(int layer, const float* x, int t0, int t1, KVState& kv) {
-  impl_->size_layer(layer, t0, t1, kv);
+  impl_->prepare(layer, t0, t1, kv);
   impl_->project(layer, x, t1 - t0, [t0](int i) { return t0 + i; }, kv);
 }
 
@@ -406,7 +394,7 @@ void Engine::layer_forward_rows(int layer, float* x, std::span<const int> positi
   const int n = static_cast<int>(positions.size()), dim = c.dim, hd = c.head_dim(), width = dim + 2 * c.kv_dim();
   if (n == 0) throw std::invalid_argument("positions: empty");
   const int T = positions.back() + 1;
-  e.size_layer(layer, 0, T, kv);
+  e.prepare(layer, positions.front(), T, kv);
   e.project(layer, x, n, [positions](int i) { return positions[i]; }, kv);
   // attention_rows reads q at the rows' positions of a [T, dim] buffer.
   grow(e.q_at, static_cast<std::size_t>(T) * dim);
@@ -415,9 +403,8 @@ void Engine::layer_forward_rows(int layer, float* x, std::span<const int> positi
                 e.q_at.data() + static_cast<std::size_t>(positions[i]) * dim);
   grow(e.att, static_cast<std::size_t>(n) * dim);
   const Stamp start = Stamp::now();
-  attention_rows(HeadsView::token_major(e.q_at.data(), c.n_heads, T, hd),
-                 HeadsView::token_major(kv.k[layer].data(), c.n_kv_heads, T, hd),
-                 HeadsView::token_major(kv.v[layer].data(), c.n_kv_heads, T, hd), positions,
+  const auto [k, v] = e.kv_views(kv, layer, T);
+  attention_rows(HeadsView::token_major(e.q_at.data(), c.n_heads, T, hd), k, v, positions,
                  MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd), {}, e.pool);
   start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
   e.finish(layer, x, n);

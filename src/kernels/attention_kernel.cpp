@@ -16,6 +16,8 @@
 namespace attention_echo::kernels {
 namespace {
 
+static_assert(kKeyChunk % kChunk == 0, "a page of a multiple of kKeyChunk tokens holds whole chunks");
+
 constexpr float kLog2e = 1.44269504088896340736f;
 constexpr float kLn2 = 0.69314718055994530942f;  // 1 / kLog2e: log2 units back to logits
 // Query tokens per task: one full RowBlock per head, and still 32 tasks at
@@ -43,6 +45,7 @@ struct Workspace {
   std::vector<float*> capture;
   std::vector<const float*> cached;
   std::vector<float> shift;
+  std::vector<const float*> k_pages, v_pages;
 
   float* aligned_scratch(int dim) {
     scratch.resize(scratch_floats(dim) + 16);
@@ -56,6 +59,12 @@ Workspace& workspace() {
   return w;
 }
 
+// Where each page of a paged K or V view starts for kv head `kv`.
+void page_starts(const HeadsView& view, int kv, std::vector<const float*>& starts) {
+  starts.clear();
+  for (int t = 0; t < view.tokens; t += view.page_tokens) starts.push_back(view.row(kv, t));
+}
+
 // A block for rows that all read one kv head; chunks are set by the caller.
 RowBlock make_block(const AttentionProblem& p, std::span<const Row> rows, Workspace& w) {
   RowBlock b;
@@ -67,8 +76,16 @@ RowBlock make_block(const AttentionProblem& p, std::span<const Row> rows, Worksp
     b.key_end[r] = p.key_end(rows[r].token);
   }
   const int kv = p.kv_head(rows[0].head);
-  b.k = p.k.row(kv, 0);
-  b.v = p.v.row(kv, 0);
+  if (p.k.pages != nullptr) {
+    page_starts(p.k, kv, w.k_pages);
+    page_starts(p.v, kv, w.v_pages);
+    b.k_pages = w.k_pages.data();
+    b.v_pages = w.v_pages.data();
+    b.page_tokens = p.k.page_tokens;
+  } else {
+    b.k = p.k.row(kv, 0);
+    b.v = p.v.row(kv, 0);
+  }
   b.k_stride = p.k.token_stride;
   b.v_stride = p.v.token_stride;
   b.logit_scale = p.scale * kLog2e;

@@ -6,7 +6,9 @@
 // Every method checks its own arguments and that every view it reads or
 // writes is on device() (std::invalid_argument naming the argument); the
 // problem's shapes are assumed validated (validate_attention_inputs).
-// Methods are const and safe to call concurrently. A call is one virtual
+// Key and value views may be paged (tensor.hpp): a backend reads them or
+// rejects them (std::invalid_argument naming the view); CpuBackend reads
+// them in place. Methods are const and safe to call concurrently. A call is one virtual
 // dispatch per entry point, never per tile. Rows are bit-identical across
 // entry points and thread counts for one backend and ISA.
 #pragma once

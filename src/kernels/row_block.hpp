@@ -54,6 +54,12 @@ struct RowBlock {
   const float* v = nullptr;
   std::ptrdiff_t k_stride = 0;
   std::ptrdiff_t v_stride = 0;
+  // Paged K/V (k_pages non-null; k and v unused): page p's token 0 of the kv
+  // head at k_pages[p] and v_pages[p], token t in page t / page_tokens. A
+  // chunk never crosses a page (page_tokens is a multiple of kChunk).
+  const float* const* k_pages = nullptr;
+  const float* const* v_pages = nullptr;
+  int page_tokens = 0;
   float logit_scale = 1.0f;  // softmax scale times log2(e): the loop uses exp2
   const KeyChunk* chunks = nullptr;  // ascending
   int chunk_count = 0;

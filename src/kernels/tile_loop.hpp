@@ -88,7 +88,7 @@ class TileLoop {
   void run() {
     load_queries();
     for (int c = 0; c < b_.chunk_count; ++c) {
-      prefetch(b_.v, b_.v_stride, b_.chunks[c]);
+      prefetch(chunk_rows(b_.v, b_.v_pages, b_.v_stride, b_.chunks[c]), b_.v_stride, b_.chunks[c]);
       if (b_.cached != nullptr) {
         load_scores(b_.chunks[c]);
       } else {
@@ -100,7 +100,7 @@ class TileLoop {
         if (b_.cached != nullptr)
           prefetch_cached(b_.chunks[c + 1]);
         else
-          prefetch(b_.k, b_.k_stride, b_.chunks[c + 1]);
+          prefetch(chunk_rows(b_.k, b_.k_pages, b_.k_stride, b_.chunks[c + 1]), b_.k_stride, b_.chunks[c + 1]);
       }
       accumulate(b_.chunks[c], c == 0);
     }
@@ -128,10 +128,18 @@ class TileLoop {
     }
   }
 
-  // Requests the chunk's rows of base (k or v) into L2.
-  void prefetch(const float* base, std::ptrdiff_t stride, const KeyChunk& chunk) {
-    for (int j = chunk.begin; j < chunk.end; ++j)
-      for (int d = 0; d < dim_; d += 16) __builtin_prefetch(base + j * stride + d, 0, 2);
+  // The chunk's first key row of k or v (base, or its page when paged): the
+  // chunk's other rows follow it `stride` apart.
+  const float* chunk_rows(const float* base, const float* const* pages, std::ptrdiff_t stride,
+                          const KeyChunk& chunk) const {
+    if (pages == nullptr) return base + chunk.begin * stride;
+    return pages[chunk.begin / b_.page_tokens] + (chunk.begin % b_.page_tokens) * stride;
+  }
+
+  // Requests the chunk's rows (first: chunk_rows) into L2.
+  void prefetch(const float* first, std::ptrdiff_t stride, const KeyChunk& chunk) {
+    for (int j = 0; j < chunk.end - chunk.begin; ++j)
+      for (int d = 0; d < dim_; d += 16) __builtin_prefetch(first + j * stride + d, 0, 2);
   }
 
   // s[j][r] = sum_d qt[d][r] * k_j[d], RV row vectors x NK keys at a time.
@@ -173,7 +181,7 @@ class TileLoop {
   }
 
   void scores(const KeyChunk& chunk) {
-    const float* k0 = b_.k + chunk.begin * b_.k_stride;
+    const float* k0 = chunk_rows(b_.k, b_.k_pages, b_.k_stride, chunk);
     const int keys = chunk.end - chunk.begin;
     const int vectors = lanes_ / W;
     int rv = 0;
@@ -338,7 +346,7 @@ class TileLoop {
 
   void accumulate(const KeyChunk& chunk, bool first) {
     const int keys = chunk.end - chunk.begin;
-    const float* v0 = b_.v + chunk.begin * b_.v_stride;
+    const float* v0 = chunk_rows(b_.v, b_.v_pages, b_.v_stride, chunk);
     std::ptrdiff_t v_stride = b_.v_stride;
     if (dim_ % W != 0) {
       // Whole vectors only: copy the chunk's values into zero-padded rows.

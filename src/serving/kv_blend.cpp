@@ -28,7 +28,7 @@ struct Deviation {
 
 class Blend {
  public:
-  Blend(Engine& engine, std::span<const int> tokens, BlockRows donor, const TokenAlignment& alignment, KVState& kv,
+  Blend(Engine& engine, std::span<const int> tokens, const KVState& donor, const TokenAlignment& alignment, KVState& kv,
         const BlendConfig& options)
       : e_(engine),
         c_(engine.config()),
@@ -42,7 +42,9 @@ class Blend {
         kvd_(c_.kv_dim()) {}
 
   BlendOutcome run(llama::ForwardResult& result) {
-    size_kv();
+    // Rows past the skip, all of this prompt's own pages (the page where
+    // the stored prefix ends is copied here, if shared).
+    kv_.make_writable(skip_, T_, c_.n_layers, kvd_);
     std::vector<float> x = e_.embed(tokens_.subspan(skip_));
     e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
     out_.first_layer_rows = T_ - skip_;
@@ -75,17 +77,6 @@ class Blend {
     return out_;
   }
 
-  void size_kv() {
-    kv_.k.resize(c_.n_layers);
-    kv_.v.resize(c_.n_layers);
-    for (int l = 0; l < c_.n_layers; ++l) {
-      kv_.k[l].resize(static_cast<std::size_t>(T_) * kvd_);
-      kv_.v[l].resize(static_cast<std::size_t>(T_) * kvd_);
-    }
-  }
-  float* k_row(int l, int i) { return kv_.k[l].data() + static_cast<std::size_t>(i) * kvd_; }
-  float* v_row(int l, int i) { return kv_.v[l].data() + static_cast<std::size_t>(i) * kvd_; }
-
   // The donor's K/V of row i in layer l, K rotated to position i.
   void donor_rows(int l, int i, float* k, float* v) const {
     const int j = align_.donor_position[i];
@@ -97,7 +88,8 @@ class Blend {
   // Every aligned row past the skip gets the donor's K/V for layer l.
   void donor_layer(int l) {
     for (int i = skip_; i < T_; ++i)
-      if (align_.donor_position[i] >= 0 && !is_selected_[i - skip_]) donor_rows(l, i, k_row(l, i), v_row(l, i));
+      if (align_.donor_position[i] >= 0 && !is_selected_[i - skip_])
+        donor_rows(l, i, kv_.writable_k(l, i), kv_.writable_v(l, i));
   }
 
   // Layer 1: project every row, rank the aligned ones by how far their
@@ -111,8 +103,8 @@ class Blend {
     for (int i = skip_; i < T_; ++i) {
       if (align_.donor_position[i] < 0) continue;
       donor_rows(1, i, k.data(), v.data());
-      dev[i - skip_].add(k_row(1, i), k.data(), kvd_);
-      dev[i - skip_].add(v_row(1, i), v.data(), kvd_);
+      dev[i - skip_].add(kv_.k(1, i), k.data(), kvd_);
+      dev[i - skip_].add(kv_.v(1, i), v.data(), kvd_);
       ranked.emplace_back(dev[i - skip_].diff2, i);
     }
     std::sort(ranked.begin(), ranked.end(), std::greater<>());
@@ -159,8 +151,8 @@ class Blend {
     if (l < 2) return true;
     Deviation sample;
     for (std::size_t p = 0; p < probes_.size(); ++p) {
-      sample.add(k_row(l, probes_[p]), &k[p * kvd_], kvd_);
-      sample.add(v_row(l, probes_[p]), &v[p * kvd_], kvd_);
+      sample.add(kv_.k(l, probes_[p]), &k[p * kvd_], kvd_);
+      sample.add(kv_.v(l, probes_[p]), &v[p * kvd_], kvd_);
     }
     out_.estimated_error = std::max(out_.estimated_error, sample.relative());
     return out_.estimated_error <= opt_.max_error;
@@ -169,7 +161,7 @@ class Blend {
   Engine& e_;
   const llama::ModelConfig& c_;
   std::span<const int> tokens_;
-  BlockRows donor_;
+  const KVState& donor_;
   const TokenAlignment& align_;
   KVState& kv_;
   const BlendConfig& opt_;
@@ -182,7 +174,7 @@ class Blend {
 
 }  // namespace
 
-BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, BlockRows donor,
+BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
                            llama::ForwardResult& result) {
   if (alignment.donor_position.size() != tokens.size())

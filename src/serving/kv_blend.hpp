@@ -41,10 +41,12 @@ struct BlendOutcome {
 };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
-// exact) from `donor` aligned by `alignment`, keeping the logits of the last
+// exact) from `donor` (a stored prompt's K/V, KVBlockStore::state) aligned
+// by `alignment`, writing the donor's rows (K re-rotated where they moved)
+// into kv's own pages, keeping the logits of the last
 // row in result. Throws std::invalid_argument on inconsistent arguments.
 // Needs an engine of at least two layers and 0 <= kv.length < tokens.size().
-BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, BlockRows donor,
+BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, const llama::KVState& donor,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            llama::ForwardResult& result);
 

@@ -2,11 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <list>
 #include <map>
 #include <stdexcept>
+#include <string>
 
+#include "attention_echo/tensor.hpp"
 #include "index/semantic_index.hpp"
 
 namespace attention_echo::serving {
@@ -52,9 +53,12 @@ std::vector<float> token_profile(std::span<const int> tokens, int dim) {
 
 // One block in the chain. refs: records whose block list includes it; a
 // node goes when the last such record is evicted (children first, since a
-// child's records are a subset of its parent's).
+// child's records are a subset of its parent's). approximate, error: from
+// the forward that stored it (a blend, and its guard's estimate).
 struct KVBlockStore::Node {
-  std::shared_ptr<const KVBlock> block;
+  Block block;
+  bool approximate = false;
+  double error = 0.0;
   std::vector<int> tokens;
   std::uint64_t parent = 0;
   std::vector<std::uint64_t> children;
@@ -102,7 +106,21 @@ KVBlockStore::KVBlockStore(Shape shape, std::size_t max_bytes)
     : shape_(shape), max_bytes_(max_bytes), impl_(std::make_unique<Impl>()) {
   if (shape.layers <= 0) throw std::invalid_argument("shape.layers: must be positive");
   if (shape.kv_dim <= 0) throw std::invalid_argument("shape.kv_dim: must be positive");
-  if (shape.block_tokens <= 0) throw std::invalid_argument("shape.block_tokens: must be positive");
+  if (shape.block_tokens <= 0 || shape.block_tokens % kKeyChunk != 0)
+    throw std::invalid_argument("shape.block_tokens: must be a positive multiple of " + std::to_string(kKeyChunk) +
+                                " (the engine's page size)");
+}
+
+llama::KVState KVBlockStore::state(std::span<const Block> blocks, int rows) const {
+  if (rows < 0 || rows > static_cast<int>(blocks.size()) * shape_.block_tokens)
+    throw std::invalid_argument("rows: must be in [0, the blocks' rows]");
+  llama::KVState kv;
+  kv.length = rows;
+  kv.page_tokens = shape_.block_tokens;
+  kv.layers = shape_.layers;
+  kv.kv_dim = shape_.kv_dim;
+  kv.pages.assign(blocks.begin(), blocks.begin() + (rows + shape_.block_tokens - 1) / shape_.block_tokens);
+  return kv;
 }
 
 KVBlockStore::~KVBlockStore() = default;
@@ -128,15 +146,15 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
   auto use = [&](const Node& node, int rows) {
     out.blocks.push_back(node.block);
     out.length += rows;
-    out.approximate |= node.block->approximate;
-    out.error = std::max(out.error, node.block->error);
+    out.approximate |= node.approximate;
+    out.error = std::max(out.error, node.error);
     owner = node.owner;
   };
   // Full blocks by hash, then the best partial match among the children.
   while (out.length + B <= T) {
     const std::uint64_t h = chain(at, tokens.subspan(out.length, B));
     const auto it = m.nodes.find(h);
-    if (it == m.nodes.end() || (exact_only && it->second.block->approximate) ||
+    if (it == m.nodes.end() || (exact_only && it->second.approximate) ||
         !std::equal(it->second.tokens.begin(), it->second.tokens.end(), tokens.begin() + out.length))
       break;
     use(it->second, B);
@@ -150,7 +168,7 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
       at == root ? (found == m.roots.end() ? nullptr : &found->second) : &m.nodes.at(at).children;
   for (std::size_t c = 0; children && c < children->size(); ++c) {
     const Node& n = m.nodes.at((*children)[c]);
-    if (exact_only && n.block->approximate) continue;
+    if (exact_only && n.approximate) continue;
     const std::size_t limit = std::min(n.tokens.size(), rest.size());
     const int rows = static_cast<int>(std::mismatch(n.tokens.begin(), n.tokens.begin() + limit, rest.begin()).first -
                                       n.tokens.begin());
@@ -161,12 +179,14 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
   return out;
 }
 
-bool KVBlockStore::insert(std::string_view name_space, std::span<const int> tokens, std::span<const float* const> k,
-                          std::span<const float* const> v, bool approximate, double error) {
-  const int B = shape_.block_tokens, L = shape_.layers, kvd = shape_.kv_dim;
-  if (k.size() != static_cast<std::size_t>(L) || v.size() != static_cast<std::size_t>(L))
-    throw std::invalid_argument("k, v: need one pointer per layer");
+bool KVBlockStore::insert(std::string_view name_space, std::span<const int> tokens, const llama::KVState& kv,
+                          bool approximate, double error) {
+  const int B = shape_.block_tokens;
   if (tokens.empty()) throw std::invalid_argument("tokens: empty");
+  if (kv.length < static_cast<int>(tokens.size()) || kv.pages.size() * B < tokens.size())
+    throw std::invalid_argument("kv: fewer rows than tokens");
+  if (kv.page_tokens != B || kv.layers != shape_.layers || kv.kv_dim != shape_.kv_dim)
+    throw std::invalid_argument("kv: pages of another shape than the store's blocks");
   Impl& m = *impl_;
   const std::uint64_t root = namespace_root(name_space);
   Impl::StoredRecord stored;
@@ -177,27 +197,17 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   if (!approximate) rec.anchors = index_anchors(tokens);
   stored.bytes = tokens.size() * sizeof(int) + rec.anchors.bytes();
 
-  // Walk (and extend) the chain; fresh blocks copy their rows of k and v.
+  // Walk (and extend) the chain; fresh blocks are kv's own pages.
   std::size_t total = stored.bytes;  // every block it uses, shared or not
   std::uint64_t parent = root;
   for (int t0 = 0; t0 < static_cast<int>(tokens.size()); t0 += B) {
     const auto part = tokens.subspan(t0, std::min<std::size_t>(B, tokens.size() - t0));
     const std::uint64_t h = chain(parent, part);
     auto it = m.nodes.find(h);
-    const bool replace = it != m.nodes.end() && it->second.block->approximate && !approximate;
+    const bool replace = it != m.nodes.end() && it->second.approximate && !approximate;
     if (it == m.nodes.end() || replace) {
-      auto block = std::make_shared<KVBlock>();
-      block->tokens = static_cast<int>(part.size());
-      block->approximate = approximate;
-      block->error = error;
-      block->data.resize(static_cast<std::size_t>(2) * L * B * kvd);
-      for (int l = 0; l < L; ++l) {
-        const std::size_t rows = part.size() * kvd;
-        std::memcpy(block->data.data() + (2 * l) * B * kvd, k[l] + std::size_t(t0) * kvd, rows * sizeof(float));
-        std::memcpy(block->data.data() + (2 * l + 1) * B * kvd, v[l] + std::size_t(t0) * kvd, rows * sizeof(float));
-      }
-      if (!replace) stored.bytes += block->data.size() * sizeof(float) + part.size() * sizeof(int);
-      rec.blocks.push_back(std::move(block));
+      rec.blocks.push_back(kv.pages[t0 / B]);
+      if (!replace) stored.bytes += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
     } else {
       rec.blocks.push_back(it->second.block);
     }
@@ -220,7 +230,11 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
       node.parent = parent;
       m.children_of(parent, root).push_back(h);
     }
-    if (added || (node.block->approximate && !approximate)) node.block = rec.blocks[b];
+    if (added || (node.approximate && !approximate)) {
+      node.block = rec.blocks[b];
+      node.approximate = approximate;
+      node.error = error;
+    }
     ++node.refs;
     parent = h;
   }

@@ -7,6 +7,13 @@
 // inside a block reuses that block's leading rows (token granularity, like
 // a radix tree).
 //
+// A block is a page of the engine's K/V (llama::KVPage), the very object: a
+// prompt's forward writes its K/V into pages, insert() keeps them as blocks
+// without a copy, and state() hands stored blocks to the next prompt's
+// llama::KVState, again without a copy (the engine copies a shared page
+// only to write into it). So block_tokens is the engine's page size, a
+// positive multiple of 64 (llama::KVState).
+//
 // Requests are also kept as records (tokens + block list) so the KV-blend
 // tier can use a similar one as a donor. Eviction is LRU over records under a
 // byte budget counted once per unique block.
@@ -26,6 +33,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "attention_echo/llama.hpp"
 #include "serving/token_alignment.hpp"
 
 namespace attention_echo::serving {
@@ -36,47 +44,28 @@ namespace attention_echo::serving {
 // model call.
 std::vector<float> token_profile(std::span<const int> tokens, int dim = 128);
 
-// K and V rows of `tokens` consecutive positions for every layer:
-// layer l's K at data[(2 * l) * block_tokens * kv_dim], its V after it.
-struct KVBlock {
-  int tokens = 0;
-  bool approximate = false;
-  double error = 0.0;  // guard estimate of the request that produced it
-  std::vector<float> data;
-};
-
-// Rows of a block list (a stored prefix or record): row t of layer l.
-struct BlockRows {
-  std::span<const std::shared_ptr<const KVBlock>> blocks;
-  int block_tokens = 0;
-  int kv_dim = 0;
-  const float* k(int layer, int t) const { return at(2 * layer, t); }
-  const float* v(int layer, int t) const { return at(2 * layer + 1, t); }
-
- private:
-  const float* at(int plane, int t) const {
-    return blocks[t / block_tokens]->data.data() +
-           (static_cast<std::size_t>(plane) * block_tokens + t % block_tokens) * kv_dim;
-  }
-};
+// A stored block: the K/V rows of every layer for block_tokens positions
+// (llama::KVPage's layout), shared with the states that use it.
+using Block = std::shared_ptr<const llama::KVPage>;
 
 class KVBlockStore {
  public:
   struct Shape {
     int layers = 0;
     int kv_dim = 0;
-    int block_tokens = 16;
+    int block_tokens = llama::KVState::kDefaultPageTokens;
   };
-  // Throws std::invalid_argument naming a non-positive field.
+  // Throws std::invalid_argument naming a non-positive field, or a
+  // block_tokens that is not a multiple of 64.
   KVBlockStore(Shape shape, std::size_t max_bytes);
   ~KVBlockStore();
   KVBlockStore(KVBlockStore&&) noexcept;
   KVBlockStore& operator=(KVBlockStore&&) noexcept;
 
   const Shape& shape() const { return shape_; }
-  BlockRows rows(std::span<const std::shared_ptr<const KVBlock>> blocks) const {
-    return {blocks, shape_.block_tokens, shape_.kv_dim};
-  }
+  // The first `rows` rows of a block list (a Prefix's or a Record's) as a
+  // KVState that shares the blocks as its pages.
+  llama::KVState state(std::span<const Block> blocks, int rows) const;
 
   // Where a stored prefix's rows live: row t of the prefix is row
   // t % block_tokens of blocks[t / block_tokens].
@@ -84,7 +73,7 @@ class KVBlockStore {
     int length = 0;
     bool approximate = false;
     double error = 0.0;  // max over the blocks used
-    std::vector<std::shared_ptr<const KVBlock>> blocks;
+    std::vector<Block> blocks;
   };
   // The chain hashes naming the full blocks of `tokens` in this namespace,
   // first block first: the same on every machine (the shared L2 store's keys).
@@ -93,17 +82,20 @@ class KVBlockStore {
   // exact_only: stop before the first block an approximate forward stored.
   Prefix longest_prefix(std::string_view name_space, std::span<const int> tokens, bool exact_only = false);
 
-  // Stores rows [0, tokens.size()) of a request, K and V per layer given
-  // token-major [tokens, kv_dim]. Returns false (storing nothing) when the
-  // request alone exceeds the byte budget.
-  bool insert(std::string_view name_space, std::span<const int> tokens, std::span<const float* const> k,
-              std::span<const float* const> v, bool approximate, double error);
+  // Stores rows [0, tokens.size()) of a request from kv (pages of this
+  // store's shape), keeping kv's own pages as the blocks it did not have:
+  // from then on they are shared, so the engine copies one before writing
+  // into it (the trailing partial one when the sequence goes on). Returns
+  // false (storing nothing) when the request alone exceeds the byte budget.
+  // Throws std::invalid_argument naming tokens or kv, storing nothing.
+  bool insert(std::string_view name_space, std::span<const int> tokens, const llama::KVState& kv, bool approximate,
+              double error);
 
   struct Record {
     std::uint64_t id = 0;
     std::string name_space;
     std::vector<int> tokens;
-    std::vector<std::shared_ptr<const KVBlock>> blocks;  // rows as in Prefix
+    std::vector<Block> blocks;  // rows as in Prefix
     bool approximate = false;
     TokenAnchors anchors;  // exact records: the donor index of align_tokens
   };

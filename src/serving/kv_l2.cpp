@@ -29,13 +29,11 @@ std::string KVBlocksL2::key_of(std::string_view name_space, std::uint64_t hash) 
   return k;
 }
 
-std::vector<std::shared_ptr<const KVBlock>> KVBlocksL2::fetch(std::string_view name_space,
-                                                              std::span<const int> tokens,
-                                                              std::span<const std::uint64_t> hashes,
-                                                              int first) const {
+std::vector<Block> KVBlocksL2::fetch(std::string_view name_space, std::span<const int> tokens,
+                                     std::span<const std::uint64_t> hashes, int first) const {
   std::vector<std::string> keys;
   for (std::size_t b = first; b < hashes.size(); ++b) keys.push_back(key_of(name_space, hashes[b]));
-  std::vector<std::shared_ptr<const KVBlock>> blocks;
+  std::vector<Block> blocks;
   if (keys.empty()) return blocks;
   const auto values = store_->get(keys);
   const std::size_t B = shape_.block_tokens;
@@ -50,8 +48,7 @@ std::vector<std::shared_ptr<const KVBlock>> KVBlocksL2::fetch(std::string_view n
   return blocks;
 }
 
-std::shared_ptr<const KVBlock> KVBlocksL2::decode(const std::string& bytes, const std::string& key,
-                                                  std::span<const int> tokens) const {
+Block KVBlocksL2::decode(const std::string& bytes, const std::string& key, std::span<const int> tokens) const {
   try {
     BinaryReader header(bytes, "L2 value " + key);
     if (header.get<std::uint32_t>("format") != kL2Format) return nullptr;
@@ -64,8 +61,7 @@ std::shared_ptr<const KVBlock> KVBlocksL2::decode(const std::string& bytes, cons
               block_tokens = body.get<std::int32_t>("block_tokens");
     if (layers != shape_.layers || kv_dim != shape_.kv_dim || block_tokens != shape_.block_tokens) return nullptr;
     if (!std::ranges::equal(body.get_vector<std::int32_t>("tokens"), tokens)) return nullptr;
-    auto block = std::make_shared<KVBlock>();
-    block->tokens = block_tokens;
+    auto block = std::make_shared<llama::KVPage>();
     block->data = body.get_vector<float>("k/v");
     if (!body.done() || block->data.size() != std::size_t{2} * layers * block_tokens * kv_dim) return nullptr;
     return block;
@@ -76,20 +72,16 @@ std::shared_ptr<const KVBlock> KVBlocksL2::decode(const std::string& bytes, cons
 
 void KVBlocksL2::put(std::string_view name_space, std::span<const int> tokens, std::span<const std::uint64_t> hashes,
                      int first, const llama::KVState& kv) const {
-  const std::size_t B = shape_.block_tokens, kvd = shape_.kv_dim, rows = B * kvd;
+  const std::size_t B = shape_.block_tokens;
+  if (kv.page_tokens != shape_.block_tokens) throw std::invalid_argument("kv: pages of another size than the blocks");
   std::vector<L2Write> writes;
   for (std::size_t b = first; b < hashes.size() && (b + 1) * B <= static_cast<std::size_t>(kv.length); ++b) {
     const std::string key = key_of(name_space, hashes[b]);
-    std::vector<float> data(2 * shape_.layers * rows);  // KVBlock::data's layout
-    for (int l = 0; l < shape_.layers; ++l) {
-      std::copy_n(kv.k[l].begin() + b * rows, rows, data.begin() + (2 * l) * rows);
-      std::copy_n(kv.v[l].begin() + b * rows, rows, data.begin() + (2 * l + 1) * rows);
-    }
     BinaryWriter body;
     body.put_string(key);
     for (int field : {shape_.layers, shape_.kv_dim, shape_.block_tokens}) body.put<std::int32_t>(field);
     body.put_vector(std::vector<std::int32_t>(tokens.begin() + b * B, tokens.begin() + (b + 1) * B));
-    body.put_vector(data);
+    body.put_vector(kv.pages[b]->data);  // a page is a block
     BinaryWriter value;
     value.put<std::uint32_t>(kL2Format);
     value.put<std::uint64_t>(fnv1a(body.bytes()));

@@ -9,7 +9,7 @@
 // the same. Key (README "Shared store (Redis)"):
 //   ae:<format>:kv:<model fingerprint>:<namespace>:<layers>.<kv_dim>.<block_tokens>:<chain hash>
 // Value: u32 format, u64 FNV-1a of the body, body = the key again, the
-// shape, the block's tokens and its K/V rows of every layer (KVBlock::data).
+// shape, the block's tokens and its K/V rows of every layer (llama::KVPage::data).
 // A value whose checksum, key, shape or tokens disagree is rejected
 // (L2Stats::rejected) and ends the run of blocks read.
 #pragma once
@@ -33,10 +33,10 @@ class KVBlocksL2 {
 
   // Full blocks first, first + 1, ... of `tokens` (hashes: their chain
   // hashes, KVBlockStore::block_hashes) as long as L2 holds them, checked.
-  std::vector<std::shared_ptr<const KVBlock>> fetch(std::string_view name_space, std::span<const int> tokens,
-                                                    std::span<const std::uint64_t> hashes, int first) const;
-  // Writes full blocks first, first + 1, ... of kv (a prompt's exact K/V)
-  // through.
+  std::vector<Block> fetch(std::string_view name_space, std::span<const int> tokens,
+                           std::span<const std::uint64_t> hashes, int first) const;
+  // Writes full blocks first, first + 1, ... of kv (a prompt's exact K/V,
+  // pages of block_tokens) through.
   void put(std::string_view name_space, std::span<const int> tokens, std::span<const std::uint64_t> hashes,
            int first, const llama::KVState& kv) const;
 
@@ -44,8 +44,7 @@ class KVBlocksL2 {
 
  private:
   std::string key_of(std::string_view name_space, std::uint64_t hash) const;
-  std::shared_ptr<const KVBlock> decode(const std::string& bytes, const std::string& key,
-                                        std::span<const int> tokens) const;
+  Block decode(const std::string& bytes, const std::string& key, std::span<const int> tokens) const;
 
   std::shared_ptr<L2Store> store_;
   KVBlockStore::Shape shape_;

@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -17,7 +15,7 @@
 namespace attention_echo::serving {
 
 struct BlendPlan {
-  std::vector<std::shared_ptr<const KVBlock>> donor;
+  llama::KVState donor;  // shares the donor record's blocks
   TokenAlignment alignment;
   CostModel::BlendShape shape;
 };
@@ -82,7 +80,9 @@ double qkv_share(const llama::ModelConfig& c) {
 }
 
 void validate_config(const PlannerConfig& c) {
-  if (c.block_tokens < 1) throw std::invalid_argument("block_tokens: must be positive");
+  if (c.block_tokens < 1 || c.block_tokens % kKeyChunk != 0)
+    throw std::invalid_argument("block_tokens: must be a positive multiple of " + std::to_string(kKeyChunk) +
+                                " (the engine's page size)");
   const BlendConfig& b = c.blend;
   if (!(b.recompute_ratio >= 0.0 && b.recompute_ratio <= 1.0))
     throw std::invalid_argument("blend.recompute_ratio: must be in [0, 1]");
@@ -197,28 +197,6 @@ struct Planner::Impl {
         throw std::invalid_argument(name + ": id " + std::to_string(t) + " is outside the vocabulary");
   }
 
-  // K/V of a stored prefix's first `rows` rows, copied out of its blocks
-  // into one buffer per layer reserved for the whole context.
-  llama::KVState gather(const KVBlockStore::Prefix& prefix, int rows) const {
-    llama::KVState kv;
-    const int kvd = model.kv_dim(), B = config.block_tokens;
-    const BlockRows src = store.rows(prefix.blocks);
-    kv.k.resize(model.n_layers);
-    kv.v.resize(model.n_layers);
-    for (int l = 0; l < model.n_layers; ++l)
-      for (auto* plane : {&kv.k[l], &kv.v[l]}) {
-        plane->reserve(static_cast<std::size_t>(model.seq_len) * kvd);
-        plane->resize(static_cast<std::size_t>(rows) * kvd);
-        for (int t = 0; t < rows; t += B) {
-          const int n = std::min(B, rows - t);
-          std::memcpy(plane->data() + static_cast<std::size_t>(t) * kvd,
-                      plane == &kv.k[l] ? src.k(l, t) : src.v(l, t), sizeof(float) * n * kvd);
-        }
-      }
-    kv.length = rows;
-    return kv;
-  }
-
   // The cheapest blend from the stored prompts most like this one, or null.
   std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip,
                                         const std::vector<KVBlockStore::Similar>& donors, double& best_cost) const {
@@ -241,28 +219,19 @@ struct Planner::Impl {
       const double c = cost.blend(shape) + cost.blend_restart_rate() * cost.reuse(T, skip);
       if (c < best_cost) {
         best_cost = c;
-        best = std::make_shared<BlendPlan>(BlendPlan{donor->blocks, std::move(a), shape});
+        best = std::make_shared<BlendPlan>(
+            BlendPlan{store.state(donor->blocks, static_cast<int>(donor->tokens.size())), std::move(a), shape});
       }
       if (10 * aligned >= 9 * (T - 1 - skip)) break;  // a donor covering 90%: the rest cannot do much better
     }
     return best;
   }
 
-  void store_in(KVBlockStore& to, std::string_view ns, std::span<const int> tokens, const llama::KVState& kv,
-                bool exact, double error) const {
-    std::vector<const float*> k, v;
-    for (int l = 0; l < model.n_layers; ++l) {
-      k.push_back(kv.k[l].data());
-      v.push_back(kv.v[l].data());
-    }
-    to.insert(ns, tokens.first(kv.length), k, v, !exact, error);
-  }
-
   // Into the store, and exact K/V of the rows from `computed_from` on (the
   // ones this process computed) through to L2 as well.
   void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
                     double error, int computed_from) {
-    store_in(store, ns, tokens, kv, exact, error);
+    store.insert(ns, tokens.first(kv.length), kv, !exact, error);
     if (l2 && exact)
       l2->put(ns, tokens, store.block_hashes(ns, tokens.first(kv.length)), computed_from / config.block_tokens, kv);
   }
@@ -282,7 +251,7 @@ struct Planner::Impl {
     exact.blocks.resize(first);
     exact.blocks.insert(exact.blocks.end(), fetched.begin(), fetched.end());
     exact.length = static_cast<int>(exact.blocks.size()) * B;
-    store_in(store, ns, tokens, gather(exact, exact.length), true, 0.0);
+    store.insert(ns, tokens.first(exact.length), store.state(exact.blocks, exact.length), false, 0.0);
     return {first * B, exact.length};
   }
 };
@@ -301,6 +270,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   Plan plan;
   plan.name_space = std::string(name_space);
   plan.prefix_length = prefix_length;
+  plan.kv.page_tokens = m.config.block_tokens;  // the store keeps the pages the forward writes
 
   KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
   const auto [l2_from, l2_to] = m.fill_from_l2(name_space, tokens, stored);
@@ -330,13 +300,13 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
     if (auto chosen = m.best_blend(tokens, skip, neighbours, best)) {
       plan.route = Plan::Route::kBlend;
       plan.blend = std::move(chosen);
-      plan.kv = m.gather(exact, skip);
+      plan.kv = m.store.state(exact.blocks, skip);
       count_l2();
       return plan;
     }
   }
   if (plan.route == Plan::Route::kReuse && L > 0) {
-    plan.kv = m.gather(stored, L);
+    plan.kv = m.store.state(stored.blocks, L);
     plan.reused_exact = !stored.approximate;
     plan.reused_error = stored.error;
   }
@@ -357,8 +327,8 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     guard.max_error = m.calibration->threshold(guard);
     const double start = process_cpu_s();
     llama::ForwardResult result;
-    const BlendOutcome out = blend_prefill(engine, tokens, m.store.rows(plan.blend->donor), plan.blend->alignment,
-                                           plan.kv, guard, result);
+    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv, guard,
+                                           result);
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
@@ -420,10 +390,8 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     throw std::invalid_argument("passages: need at least " + std::to_string(kMinCalibrationSample) + " tokens in all");
   if (!m.config.blend.enabled) throw std::invalid_argument("calibrate: blending is off in this planner");
   llama::KVState donor_kv;
+  donor_kv.page_tokens = m.config.block_tokens;
   engine.forward(donor, donor_kv, {}, 1);
-  KVBlockStore scratch(m.store.shape(), std::numeric_limits<std::size_t>::max());
-  m.store_in(scratch, {}, donor, donor_kv, true, 0.0);
-  const KVBlockStore::Prefix stored = scratch.longest_prefix({}, donor);
   const TokenAnchors anchors = index_anchors(donor);
   BlendConfig unguarded = m.config.blend;  // measure every sample, however far off
   unguarded.max_error = INFINITY;
@@ -431,8 +399,8 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
-    const BlendOutcome out = blend_prefill(engine, prompt, scratch.rows(stored.blocks),
-                                           align_tokens(prompt, donor, anchors), kv, unguarded, blended);
+    const BlendOutcome out =
+        blend_prefill(engine, prompt, donor_kv, align_tokens(prompt, donor, anchors), kv, unguarded, blended);
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, 1);
     samples.push_back({out.estimated_error, next_token_kl(exact.logits, blended.logits)});
     m.calibration->add(samples.back().estimate, samples.back().kl, m.config.blend);
