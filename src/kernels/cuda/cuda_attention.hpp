@@ -19,12 +19,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 
 #include "kernels/attention_kernel.hpp"
 
 namespace attention_echo::kernels::cuda {
 
-enum class DType { kF16, kBF16 };
+// The library's dtype; the kernels take kF16 and kBF16.
+using attention_echo::DType;
 
 // Per-head token rows in device memory, like HeadsView (element (h, t, d) at
 // data[h * head_stride + t * token_stride + d], in elements of dtype). The
@@ -59,21 +61,27 @@ struct DeviceProblem {
   int query_offset = 0;
 };
 
-// Device memory owned by a result, allocated and freed in the order of the
-// stream it was made on (cudaMallocAsync / cudaFreeAsync).
+// Device memory of the current device. With a stream: scratch a call
+// allocates and frees in the order of that stream (cudaMallocAsync /
+// cudaFreeAsync). Without: memory that outlives the call that made it (cache
+// payloads, plans), freed with cudaFree, which waits for the device's queued
+// work, since a kernel any stream queued may still read it and the stream
+// that made it may be gone.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   DeviceBuffer(std::size_t bytes, void* stream);
+  explicit DeviceBuffer(std::size_t bytes);
   void* data() const { return data_.get(); }
   std::size_t bytes() const { return bytes_; }
 
  private:
   struct Free {
     void* stream;
+    bool ordered;
     void operator()(void* p) const;
   };
-  std::unique_ptr<void, Free> data_{nullptr, Free{nullptr}};
+  std::unique_ptr<void, Free> data_{nullptr, Free{nullptr, false}};
   std::size_t bytes_ = 0;
 };
 
@@ -92,7 +100,7 @@ struct DeviceTileMass {
 // A TileSet as the sparse kernel walks it: per (query head, block of
 // kRowsPerBlock rows) the ascending key chunks any of its warps keeps, each
 // with a bit per warp that keeps it. Built once per cached kept set and kept
-// on the device.
+// on the device (memory that outlives the stream it was made on).
 class DeviceTilePlan {
  public:
   // kept.block must be a positive multiple of 64; rows is the number of
@@ -123,10 +131,29 @@ void exact_attention(const DeviceProblem& problem, void* stream);
 // exact_attention's.
 DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream);
 
-// Prefix rows [0, plan.rows()) of every head over their kept key tiles only
-// (clipped to each row's own keys). Needs query_offset 0. With every tile
-// kept it equals exact_attention bit for bit.
-void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream);
+// Prefix rows [0, rows) of every head (rows <= plan.rows(); -1: all of the
+// plan's) over their kept key tiles only (clipped to each row's own keys).
+// Needs query_offset 0. With every tile kept it equals exact_attention bit
+// for bit.
+void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream, int rows = -1);
+
+// Throws std::invalid_argument naming the argument unless the kernels run
+// the problem: every view in memory of the current device, 16-byte aligned
+// with strides of 8 elements, one dtype (float16 or bfloat16), head dim 64 or
+// 128, consistent shapes. Every entry point checks it.
+void check_problem(const DeviceProblem& problem);
+
+// A hash of k's rows [0, prefix) of every head: each row's bytes hashed with
+// its (head, token) as seed, the row hashes summed (an order-free reduction,
+// so the value is the same every run). Waits for the stream.
+std::uint64_t k_fingerprint(const DeviceHeads& k, int prefix, void* stream);
+
+// The verification guard's measure on the device: over the positions `rows`
+// (ascending, query_offset 0) of problem.out, the maximum over heads of
+// ||out - exact|| / ||exact|| (||out - exact|| where exact is 0), the exact
+// rows computed in float32 (split over key ranges, then combined) and
+// compared without being written. Waits for the stream.
+double max_row_error(const DeviceProblem& problem, std::span<const int> rows, void* stream);
 
 // Rows [0, rows) of every head from src to dst (the exact tier's copy of
 // prefix output rows into and out of its stored payload).
