@@ -84,6 +84,11 @@ class CudaBackend final : public Backend {
 
   void check_problem(const AnyAttentionProblem& problem) const override {
     require_devices(problem);
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || device_ < 0 || device_ >= devices) {
+      cudaGetLastError();  // no device at all leaves a sticky error
+      throw_invalid("query", "is on " + to_string(device()) + ", which this machine does not have");
+    }
     const DeviceScope scope(device_);
     cuda::check_problem(device_problem(problem));
   }
