@@ -53,7 +53,8 @@ int to_int(std::size_t n, const char* name) {
   return static_cast<int>(n);
 }
 
-ae::DType dtype_of(const AnyArray& a, const char* name) {
+template <typename Array>
+ae::DType dtype_of(const Array& a, const char* name) {
   const nb::dlpack::dtype t = a.dtype();
   if (t == nb::dtype<float>()) return ae::DType::kF32;
   if (t.lanes == 1 && t.bits == 16 && t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float))
@@ -63,15 +64,16 @@ ae::DType dtype_of(const AnyArray& a, const char* name) {
   fail(name, "dtype must be float32, float16 or bfloat16");
 }
 
-ae::Device device_of(const AnyArray& a, const char* name) {
+template <typename Array>
+ae::Device device_of(const Array& a, const char* name) {
   if (a.device_type() == nb::device::cpu::value) return ae::Device::cpu();
   if (a.device_type() == nb::device::cuda::value) return ae::Device::cuda(a.device_id());
   fail(name, "must be in host or CUDA device memory");
 }
 
 // (T, D) is one head; (H, T, D) is H heads. Strides are in elements.
-template <typename Void>
-ae::BasicAnyHeadsView<Void> heads_view(const AnyArray& a, const char* name) {
+template <typename Void, typename Array>
+ae::BasicAnyHeadsView<Void> heads_view(const Array& a, const char* name) {
   if (a.ndim() != 2 && a.ndim() != 3)
     fail(name, "must have shape (T, D) or (H, T, D), got ndim " + std::to_string(a.ndim()));
   const std::size_t nd = a.ndim();
@@ -205,6 +207,11 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
 NB_MODULE(_core, m) {
   m.doc() = "C++ core of attention_echo (use the attention_echo package, not this module)";
   m.attr("__version__") = AE_VERSION;
+#ifdef AE_HAVE_CUDA
+  m.attr("has_cuda") = true;  // built with AE_CUDA: the cache takes CUDA tensors
+#else
+  m.attr("has_cuda") = false;
+#endif
 
   // ---- EchoConfig: plain fields; the Python dataclass EchoConfig fills one. ----
   nb::class_<ae::EchoConfig>(m, "EchoConfig")
