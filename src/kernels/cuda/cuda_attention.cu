@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -27,6 +30,30 @@ void check_cuda(cudaError_t status, const char* what) {
 }
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// The stream-ordered pool scratch comes from, one per device. It keeps what
+// it reserved between calls (release threshold: everything), as PyTorch's
+// caching allocator does: the default pool returns memory to the driver at
+// every synchronisation, and a miss then mapped its tile-mass scratch
+// (H x tiles x prefix floats, 2.1 GB at 32k tokens) afresh each time. Its
+// own pool, so the device's default pool keeps the process's settings.
+cudaMemPool_t scratch_pool() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::map<int, cudaMemPool_t> pools;  // never destroyed: the process's lifetime
+  const std::lock_guard lock(mutex);
+  auto [it, added] = pools.try_emplace(device, nullptr);
+  if (!added) return it->second;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location = {cudaMemLocationTypeDevice, device};
+  cudaMemPool_t pool = nullptr;
+  check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+  std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+  check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  return it->second = pool;
+}
 
 // A device buffer's contents on the host, once the stream gets there (waits for it).
 template <typename T>
@@ -279,7 +306,7 @@ void check_block(int block) {
 DeviceBuffer::DeviceBuffer(std::size_t bytes, void* stream) : data_(nullptr, Free{stream, true}), bytes_(bytes) {
   if (bytes == 0) return;
   void* p = nullptr;
-  check_cuda(cudaMallocAsync(&p, bytes, as_stream(stream)), "cudaMallocAsync");
+  check_cuda(cudaMallocFromPoolAsync(&p, bytes, scratch_pool(), as_stream(stream)), "cudaMallocFromPoolAsync");
   data_.reset(p);
 }
 

@@ -62,8 +62,9 @@ struct DeviceProblem {
 };
 
 // Device memory of the current device. With a stream: scratch a call
-// allocates and frees in the order of that stream (cudaMallocAsync /
-// cudaFreeAsync). Without: memory that outlives the call that made it (cache
+// allocates and frees in the order of that stream (cudaMallocFromPoolAsync /
+// cudaFreeAsync, from a pool of the backend's that keeps freed memory for
+// the next call). Without: memory that outlives the call that made it (cache
 // payloads, plans), freed with cudaFree, which waits for the device's queued
 // work, since a kernel any stream queued may still read it and the stream
 // that made it may be gone.
