@@ -57,9 +57,8 @@ class SparseTier final : public ReuseTier {
   bool approximate() const override { return true; }
 
   std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const override {
-    const kernels::TileMass mass = backend.exact_rows_with_tile_mass(call.problem, call.prefix, block_);
     auto p = std::make_unique<SparsePayload>();
-    p->kept = backend.prepare_tiles(kernels::select_tiles(mass, call.space.heads, keep_mass_));
+    p->kept = backend.exact_rows_with_kept_tiles(call.problem, call.prefix, block_, keep_mass_);
     return p;
   }
 

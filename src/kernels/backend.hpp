@@ -6,9 +6,9 @@
 // (float16/bfloat16 views, asynchronous on one stream).
 //
 // Payloads live where their backend computes: a tier allocates its stored
-// rows through allocate() and the backend prepares its kept tiles
-// (prepare_tiles), so a CUDA cache entry keeps them in device memory and the
-// cache's metadata and index stay on the host. Like llama.cpp's backend
+// rows through allocate() and the backend makes its kept tiles
+// (exact_rows_with_kept_tiles), so a CUDA cache entry keeps them in device
+// memory and the cache's metadata and index stay on the host. Like llama.cpp's backend
 // buffers, the tier sees only bytes and views.
 //
 // Every method checks its own arguments and that every view it reads or
@@ -99,22 +99,21 @@ class Backend {
   // sequence positions, so [query_offset, T) is all of them.
   virtual void exact_rows(const AnyAttentionProblem& problem, int row_begin, int row_end) const = 0;
 
-  // A sparse-mode miss in one pass: exact rows [0, T), plus the mean
-  // attention mass of every (query tile, key tile) of the prefix block
-  // [0, prefix) in tiles of `block` tokens (a positive multiple of 32; of 64
-  // on CUDA), in host memory for select_tiles. Recording does not change a
-  // bit of the output.
-  virtual TileMass exact_rows_with_tile_mass(const AnyAttentionProblem& problem, int prefix, int block) const = 0;
+  // A sparse-mode miss in one pass: exact rows [0, T), and the key tiles
+  // select_tiles keeps (keep_mass of each query tile's attention mass) of the
+  // prefix block [0, prefix) in tiles of `block` tokens (a positive multiple
+  // of 32; of 64 on CUDA), in the form this backend's sparse_rows reads.
+  // Recording the mass does not change a bit of the output.
+  virtual std::unique_ptr<const KeptTiles> exact_rows_with_kept_tiles(const AnyAttentionProblem& problem, int prefix,
+                                                                      int block, double keep_mass) const = 0;
 
   // A dense-mode miss in one pass: exact rows [0, T) and the prefix block's
   // logits and mean query (see dense_echo.hpp). Host only.
   virtual DenseLogits exact_rows_with_dense_logits(const AnyAttentionProblem& problem, int prefix) const = 0;
 
-  // The kept tiles in the form this backend's sparse_rows reads.
-  virtual std::unique_ptr<const KeptTiles> prepare_tiles(TileSet kept) const = 0;
-
   // Sparse echo: prefix rows [0, rows) over their kept key tiles only
-  // (kept from prepare_tiles of this backend's kind).
+  // (kept from exact_rows_with_kept_tiles of this backend's kind, or, on the
+  // host, any KeptTiles).
   virtual void sparse_rows(const AnyAttentionProblem& problem, int rows, const KeptTiles& kept) const = 0;
 
   // Dense echo: prefix rows [0, rows) from cached logits plus the Taylor step.

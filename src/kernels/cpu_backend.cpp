@@ -49,19 +49,22 @@ void CpuBackend::exact_rows(const AnyAttentionProblem& problem, int row_begin, i
   kernels::exact_rows(target(), host(problem), row_begin, row_end, nullptr, 0, nullptr);
 }
 
-TileMass CpuBackend::exact_rows_with_tile_mass(const AnyAttentionProblem& problem, int prefix, int block) const {
+TileMass CpuBackend::exact_rows_with_tile_mass(const AttentionProblem& problem, int prefix, int block) const {
+  check_problem(problem);
   TileMass mass;
   mass.block = block;
-  kernels::exact_rows(target(), host(problem), problem.query_offset, problem.rows_end(), &mass, prefix, nullptr);
+  kernels::exact_rows(target(), problem, problem.query_offset, problem.rows_end(), &mass, prefix, nullptr);
   return mass;
+}
+
+std::unique_ptr<const KeptTiles> CpuBackend::exact_rows_with_kept_tiles(const AnyAttentionProblem& problem, int prefix,
+                                                                        int block, double keep_mass) const {
+  const TileMass mass = exact_rows_with_tile_mass(host(problem), prefix, block);
+  return std::make_unique<KeptTiles>(select_tiles(mass, problem.q.heads, keep_mass));
 }
 
 DenseLogits CpuBackend::exact_rows_with_dense_logits(const AnyAttentionProblem& problem, int prefix) const {
   return kernels::exact_rows_with_dense_logits(target(), host(problem), prefix);
-}
-
-std::unique_ptr<const KeptTiles> CpuBackend::prepare_tiles(TileSet kept) const {
-  return std::make_unique<KeptTiles>(std::move(kept));
 }
 
 void CpuBackend::sparse_rows(const AnyAttentionProblem& problem, int rows, const KeptTiles& kept) const {

@@ -21,9 +21,9 @@ class CpuBackend final : public Backend {
   Device device() const override { return Device::cpu(); }
   void check_problem(const AnyAttentionProblem& problem) const override;
   void exact_rows(const AnyAttentionProblem& problem, int row_begin, int row_end) const override;
-  TileMass exact_rows_with_tile_mass(const AnyAttentionProblem& problem, int prefix, int block) const override;
+  std::unique_ptr<const KeptTiles> exact_rows_with_kept_tiles(const AnyAttentionProblem& problem, int prefix,
+                                                              int block, double keep_mass) const override;
   DenseLogits exact_rows_with_dense_logits(const AnyAttentionProblem& problem, int prefix) const override;
-  std::unique_ptr<const KeptTiles> prepare_tiles(TileSet kept) const override;
   void sparse_rows(const AnyAttentionProblem& problem, int rows, const KeptTiles& kept) const override;
   void dense_echo_rows(const AnyAttentionProblem& problem, int rows, const DenseLogits& cached,
                        float adjustment_strength, bool enable_jacobian) const override;
@@ -33,6 +33,10 @@ class CpuBackend final : public Backend {
   std::uint64_t k_fingerprint(const AnyHeadsView& k, int prefix) const override;
   std::shared_ptr<const Fence> fence() const override { return nullptr; }
   void wait(const Fence&) const override {}
+
+  // Exact rows [0, T) and the tile mass they record (exact_rows_with_kept_tiles
+  // selects from it; tests read it).
+  TileMass exact_rows_with_tile_mass(const AttentionProblem& problem, int prefix, int block) const;
 
   // Exact outputs of the given rows (attention_rows, and the guard's
   // reference): result.row(h, r) gets row rows[r] of head h; result is

@@ -13,6 +13,7 @@
 #include <functional>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kernels/attention_kernel.hpp"
@@ -165,7 +166,7 @@ TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
     Problem p({4, 2, 1300, 64, DType::kBF16}, 10 + block);
     const int prefix = 1200;
     const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);
-    const TileSet kept = select_tiles(mass, 4, 0.6);
+    const TileSet kept = kernels::select_tiles(mass, 4, 0.6);
     const std::size_t causal_tiles = static_cast<std::size_t>(4) * mass.tiles * (mass.tiles + 1) / 2;
     ASSERT_LT(kept.cols.size(), causal_tiles) << "the test needs dropped tiles";
     p.out.poison();
@@ -178,6 +179,34 @@ TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
               tolerance(DType::kBF16))
         << "block " << block;
   }
+}
+
+void expect_same_tiles(const TileSet& device, const TileSet& host, const std::string& what) {
+  EXPECT_EQ(device.offsets, host.offsets) << what;
+  EXPECT_EQ(device.cols, host.cols) << what;
+}
+
+// The device's selection (bisection on the masses' bits) keeps what the
+// host's (a heaviest-first walk) keeps, on recorded mass and on masses made
+// of ties and zeros.
+TEST_F(CudaAttention, DeviceTileSelectionEqualsTheHosts) {
+  Problem p({4, 2, 1300, 64, DType::kBF16}, 31);
+  const DeviceTileMass recorded = exact_attention_with_tile_mass(p.device(), 1200, 64, nullptr);
+  const TileMass host = recorded.to_host(nullptr);
+  for (double keep : {0.0, 0.5, 0.9, 0.98, 1.0})
+    expect_same_tiles(select_tiles(recorded, keep, nullptr), kernels::select_tiles(host, 4, keep),
+                      "recorded, keep " + std::to_string(keep));
+
+  const int heads = 3, tiles = 70;  // more than two words of bits a row
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(0, 3);
+  TileMass ties{64, tiles, std::vector<float>(static_cast<std::size_t>(heads) * tiles * tiles)};
+  for (float& x : ties.mass) x = 0.125f * level(rng);  // many equal masses, a quarter of them zero
+  DeviceTileMass uploaded{64, tiles, heads, DeviceBuffer(ties.mass.size() * sizeof(float), nullptr)};
+  ok(cudaMemcpy(uploaded.mass.data(), ties.mass.data(), uploaded.mass.bytes(), cudaMemcpyHostToDevice));
+  for (double keep : {0.3, 0.7, 1.0})
+    expect_same_tiles(select_tiles(uploaded, keep, nullptr), kernels::select_tiles(ties, heads, keep),
+                      "ties, keep " + std::to_string(keep));
 }
 
 TEST_F(CudaAttention, CopyRowsAnyStrides) {

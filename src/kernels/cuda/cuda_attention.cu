@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -185,6 +186,67 @@ __global__ void tile_mass_kernel(const float* mass_log, const float* row_lse, fl
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) mass[(static_cast<std::int64_t>(head) * tiles + tile) * tiles + j] = sum / (last - first);
   }
+}
+
+// A sum over the block, the same bits every run (fixed reduction order);
+// every thread gets it.
+__device__ double block_sum(double x) {
+  __shared__ double warp_sums[kWarps];
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  __syncthreads();  // warp_sums of an earlier call are read
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = x;
+  __syncthreads();
+  double sum = 0.0;
+  for (int w = 0; w < kWarps; ++w) sum += warp_sums[w];
+  return sum;
+}
+
+// One block per row (h * tiles + I) of the tile mass: the kept set
+// select_tiles defines (the sink, the diagonal, then the heaviest others,
+// ties by lower index, until keep_mass of the row is covered; never a tile
+// without mass), found without sorting. The float bits of non-negative
+// masses order like the masses, so the threshold is bisected on them: the
+// largest b whose others of mass >= b still cover what is needed. The others
+// above b are kept, and of those exactly at b the lowest indices that
+// complete it. Written as a bit per tile.
+__global__ void select_tiles_kernel(const float* mass, int tiles, double keep_mass, std::uint32_t* kept, int words) {
+  const int row = blockIdx.x, diagonal = row % tiles;
+  const float* m = mass + static_cast<std::int64_t>(row) * tiles;
+  std::uint32_t* bits = kept + static_cast<std::int64_t>(row) * words;
+  auto bits_of = [&](int j) { return __float_as_uint(m[j]); };
+  auto other = [&](int j) { return j != 0 && j != diagonal; };
+  auto others_from = [&](std::uint32_t b) {  // the others' mass at or above bit pattern b
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < tiles; j += blockDim.x)
+      if (other(j) && bits_of(j) >= b) sum += m[j];
+    return block_sum(sum);
+  };
+  double total = 0.0;
+  for (int j = threadIdx.x; j < tiles; j += blockDim.x) total += m[j];
+  const double need = keep_mass * block_sum(total) - m[0] - (diagonal != 0 ? m[diagonal] : 0.0);
+  constexpr std::uint32_t kInf = 0x7f800000u;
+  std::uint32_t keep_from = kInf, tie = 0;  // the sink and the diagonal alone; no ties
+  if (need > 0.0 && others_from(1) < need) {
+    keep_from = 1;  // rounding: every other tile with mass, and still short
+  } else if (need > 0.0) {
+    std::uint32_t lo = 1, hi = kInf;  // others_from(lo) >= need > others_from(hi)
+    while (hi - lo > 1) {
+      const std::uint32_t mid = lo + (hi - lo) / 2;
+      (others_from(mid) >= need ? lo : hi) = mid;
+    }
+    keep_from = hi, tie = lo;
+  }
+  double covered = tie != 0 ? others_from(keep_from) : 0.0;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < tiles; j += blockDim.x)
+    if (!other(j) || bits_of(j) >= keep_from) atomicOr(bits + j / 32, 1u << (j % 32));
+  if (threadIdx.x != 0 || tie == 0) return;
+  for (int j = 1; j < tiles && covered < need; ++j)
+    if (other(j) && bits_of(j) == tie) {
+      atomicOr(bits + j / 32, 1u << (j % 32));
+      covered += m[j];
+    }
 }
 
 // Rows [0, rows) of every head, 16 bytes a thread.
@@ -369,6 +431,25 @@ DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : he
     check_cuda(cudaMemcpyAsync(entries_.data(), entries.data(), entries_.bytes(), cudaMemcpyHostToDevice,
                                as_stream(stream)),
                "cudaMemcpyAsync");
+}
+
+TileSet select_tiles(const DeviceTileMass& mass, double keep_mass, void* stream) {
+  if (!(keep_mass >= 0.0 && keep_mass <= 1.0)) throw_invalid("keep_mass", "must be in [0, 1]");
+  TileSet kept{mass.block, mass.tiles, mass.heads, {0}, {}};
+  const int rows = mass.heads * mass.tiles, words = ceil_div(mass.tiles, 32);
+  if (rows == 0) return kept;
+  const DeviceBuffer bits(static_cast<std::size_t>(rows) * words * sizeof(std::uint32_t), stream);
+  select_tiles_kernel<<<rows, kThreads, 0, as_stream(stream)>>>(static_cast<const float*>(mass.mass.data()), mass.tiles,
+                                                                keep_mass, static_cast<std::uint32_t*>(bits.data()), words);
+  check_cuda(cudaGetLastError(), "tile selection kernel launch");
+  const std::vector<std::uint32_t> host = download<std::uint32_t>(bits, stream);
+  for (int r = 0; r < rows; ++r) {
+    for (int w = 0; w < words; ++w)
+      for (std::uint32_t word = host[static_cast<std::size_t>(r) * words + w]; word != 0; word &= word - 1)
+        kept.cols.push_back(static_cast<std::uint16_t>(w * 32 + std::countr_zero(word)));
+    kept.offsets.push_back(static_cast<std::uint32_t>(kept.cols.size()));
+  }
+  return kept;
 }
 
 // --- entry points ---

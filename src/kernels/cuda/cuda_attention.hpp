@@ -120,6 +120,11 @@ class DeviceTilePlan {
   DeviceBuffer entries_;
 };
 
+// The kept tiles of a recorded tile mass, as select_tiles
+// (attention_kernel.hpp) keeps them, selected on the device: only a bit per
+// tile comes to the host. Waits for the stream.
+TileSet select_tiles(const DeviceTileMass& mass, double keep_mass, void* stream);
+
 // Query rows per thread block of the attention kernel.
 inline constexpr int kRowsPerBlock = 128;
 

@@ -111,18 +111,17 @@ class CudaBackend final : public Backend {
     exact_attention(p, stream_);
   }
 
-  TileMass exact_rows_with_tile_mass(const AnyAttentionProblem& problem, int prefix, int block) const override {
+  // The tile mass stays on the device: the selection runs there and only
+  // the kept set (a bit per tile) comes back to build the plan from.
+  std::unique_ptr<const KeptTiles> exact_rows_with_kept_tiles(const AnyAttentionProblem& problem, int prefix,
+                                                              int block, double keep_mass) const override {
     require_devices(problem);
     const DeviceScope scope(device_);
-    return exact_attention_with_tile_mass(device_problem(problem), prefix, block, stream_).to_host(stream_);
+    const DeviceTileMass mass = exact_attention_with_tile_mass(device_problem(problem), prefix, block, stream_);
+    return std::make_unique<DeviceKeptTiles>(select_tiles(mass, keep_mass, stream_), stream_);
   }
 
   DenseLogits exact_rows_with_dense_logits(const AnyAttentionProblem&, int) const override { host_only(); }
-
-  std::unique_ptr<const KeptTiles> prepare_tiles(TileSet kept) const override {
-    const DeviceScope scope(device_);
-    return std::make_unique<DeviceKeptTiles>(std::move(kept), stream_);
-  }
 
   void sparse_rows(const AnyAttentionProblem& problem, int rows, const KeptTiles& kept) const override {
     require_devices(problem);
