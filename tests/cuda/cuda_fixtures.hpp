@@ -93,13 +93,11 @@ struct Tensor {
     ok(cudaMemcpy(bits.data(), device, bytes(), cudaMemcpyDeviceToHost));
     return bits;
   }
-  DeviceHeads view() const { return DeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
-  // As the library's views (CUDA device 0).
-  AnyHeadsView any() const { return AnyHeadsView::contiguous(device, dtype, heads, tokens, dim, Device::cuda(0)); }
-  MutableAnyHeadsView mutable_any() {
-    return MutableAnyHeadsView::contiguous(device, dtype, heads, tokens, dim, Device::cuda(0));
+  // [heads, tokens, dim] on CUDA device 0.
+  DeviceHeads view() const { return DeviceHeads::contiguous(device, dtype, heads, tokens, dim, Device::cuda(0)); }
+  MutableDeviceHeads mutable_view() {
+    return MutableDeviceHeads::contiguous(device, dtype, heads, tokens, dim, Device::cuda(0));
   }
-  MutableDeviceHeads mutable_view() { return MutableDeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
 };
 
 struct Case {

@@ -79,7 +79,7 @@ class CudaCache : public ::testing::Test {
     r.prefix_embeddings = x.embeddings(prefix);
     if (tokens) r.prefix_tokens = std::span<const std::int32_t>(x.tokens_ids).first(prefix);
     r.stream = stream;
-    const EchoResult result = cache.attention_with_echo(d.q.any(), d.k.any(), d.v.any(), d.out.mutable_any(), r);
+    const EchoResult result = cache.attention_with_echo(d.q.view(), d.k.view(), d.v.view(), d.out.mutable_view(), r);
     ok(cudaDeviceSynchronize());
     return result;
   }
@@ -171,7 +171,7 @@ TEST_F(CudaCache, BadInputThrowsNamingTheArgumentAndChangesNothing) {
   auto expect_invalid = [&](const std::string& name, const AnyHeadsView& q, const AnyHeadsView& k,
                             AttentionEchoCache& c) {
     try {
-      c.attention_with_echo(q, k, d.v.any(), d.out.mutable_any(), r);
+      c.attention_with_echo(q, k, d.v.view(), d.out.mutable_view(), r);
       ADD_FAILURE() << "no throw for " << name;
     } catch (const std::invalid_argument& e) {
       EXPECT_EQ(std::string(e.what()).rfind(name + ":", 0), 0u) << e.what();
@@ -179,18 +179,18 @@ TEST_F(CudaCache, BadInputThrowsNamingTheArgumentAndChangesNothing) {
     EXPECT_EQ(c.stats().lookups, 0u);
     EXPECT_EQ(c.size(), 0u);
   };
-  AnyHeadsView host_memory = d.q.any();
+  AnyHeadsView host_memory = d.q.view();
   host_memory.data = x.q.data();  // says cuda:0, is host memory
-  expect_invalid("query", host_memory, d.k.any(), cache);
-  AnyHeadsView f16_key = d.k.any();
+  expect_invalid("query", host_memory, d.k.view(), cache);
+  AnyHeadsView f16_key = d.k.view();
   f16_key.dtype = DType::kF16;
-  expect_invalid("key", d.q.any(), f16_key, cache);
-  AnyHeadsView missing_device = d.q.any();
+  expect_invalid("key", d.q.view(), f16_key, cache);
+  AnyHeadsView missing_device = d.q.view();
   missing_device.device = Device::cuda(64);
-  expect_invalid("key", missing_device, d.k.any(), cache);  // key is on another device than query
+  expect_invalid("key", missing_device, d.k.view(), cache);  // key is on another device than query
   try {
-    AnyHeadsView k = d.k.any(), v = d.v.any();
-    MutableAnyHeadsView out = d.out.mutable_any();
+    AnyHeadsView k = d.k.view(), v = d.v.view();
+    MutableAnyHeadsView out = d.out.mutable_view();
     k.device = v.device = out.device = missing_device.device;
     cache.attention_with_echo(missing_device, k, v, out, r);
     ADD_FAILURE() << "no throw for a device the machine does not have";
@@ -200,11 +200,11 @@ TEST_F(CudaCache, BadInputThrowsNamingTheArgumentAndChangesNothing) {
   EchoConfig dense = config();
   dense.mode = EchoMode::kDense;
   AttentionEchoCache dense_cache(dense);
-  expect_invalid("mode", d.q.any(), d.k.any(), dense_cache);
+  expect_invalid("mode", d.q.view(), d.k.view(), dense_cache);
   EchoConfig small_blocks = config();
   small_blocks.block_size = 32;
   AttentionEchoCache small_cache(small_blocks);
-  expect_invalid("block_size", d.q.any(), d.k.any(), small_cache);
+  expect_invalid("block_size", d.q.view(), d.k.view(), small_cache);
 }
 
 TEST_F(CudaCache, DeviceBudgetEvictsOnItsDeviceAndSkipsWhatCannotFit) {
@@ -238,9 +238,9 @@ TEST_F(CudaCache, AHitOnAnotherStreamReadsWhatTheMissWrote) {
   r.prefix_embeddings = x.embeddings(2048);
   r.prefix_tokens = x.tokens_ids;
   r.stream = first;
-  cache.attention_with_echo(d.q.any(), d.k.any(), d.v.any(), d.out.mutable_any(), r);
+  cache.attention_with_echo(d.q.view(), d.k.view(), d.v.view(), d.out.mutable_view(), r);
   r.stream = second;  // no synchronisation in between
-  EXPECT_EQ(cache.attention_with_echo(again.q.any(), again.k.any(), again.v.any(), again.out.mutable_any(), r).tier,
+  EXPECT_EQ(cache.attention_with_echo(again.q.view(), again.k.view(), again.v.view(), again.out.mutable_view(), r).tier,
             Tier::kExact);
   ok(cudaDeviceSynchronize());
   EXPECT_EQ(again.out.download_bits(), d.out.download_bits());

@@ -28,27 +28,13 @@ namespace attention_echo::kernels::cuda {
 // The library's dtype; the kernels take kF16 and kBF16.
 using attention_echo::DType;
 
-// Per-head token rows in device memory, like HeadsView (element (h, t, d) at
-// data[h * head_stride + t * token_stride + d], in elements of dtype). The
-// kernels load 16-byte vectors: data must be 16-byte aligned and both strides
-// multiples of 8 elements.
-template <typename T>
-struct BasicDeviceHeads {
-  T* data = nullptr;
-  DType dtype = DType::kBF16;
-  int heads = 0;
-  int tokens = 0;
-  int dim = 0;
-  std::ptrdiff_t head_stride = 0;
-  std::ptrdiff_t token_stride = 0;
-
-  // [heads, tokens, dim], row-major.
-  static BasicDeviceHeads contiguous(T* data, DType dtype, int heads, int tokens, int dim) {
-    return {data, dtype, heads, tokens, dim, static_cast<std::ptrdiff_t>(tokens) * dim, dim};
-  }
-};
-using DeviceHeads = BasicDeviceHeads<const void>;
-using MutableDeviceHeads = BasicDeviceHeads<void>;
+// Per-head token rows in device memory: the library's views of any dtype
+// (tensor.hpp). The kernels run on the current device and check that each
+// pointer is that device's memory; they do not read the view's device
+// label. They load 16-byte vectors: data must be 16-byte aligned and both
+// strides multiples of 8 elements.
+using DeviceHeads = AnyHeadsView;
+using MutableDeviceHeads = MutableAnyHeadsView;
 
 struct DeviceProblem {
   DeviceHeads q;           // [H, T - query_offset, D]

@@ -71,11 +71,6 @@ class EventFence final : public Fence {
   cudaEvent_t event_ = nullptr;
 };
 
-template <typename Void>
-BasicDeviceHeads<Void> device_view(const BasicAnyHeadsView<Void>& v) {
-  return {v.data, v.dtype, v.heads, v.tokens, v.dim, v.head_stride, v.token_stride};
-}
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, void* stream) : device_(device), stream_(stream) {}
@@ -150,13 +145,13 @@ class CudaBackend final : public Backend {
     require_device("src", src.device);
     require_device("dst", dst.device);
     const DeviceScope scope(device_);
-    cuda::copy_rows(device_view(src), device_view(dst), rows, stream_);
+    cuda::copy_rows(src, dst, rows, stream_);
   }
 
   std::uint64_t k_fingerprint(const AnyHeadsView& k, int prefix) const override {
     require_device("key", k.device);
     const DeviceScope scope(device_);
-    return cuda::k_fingerprint(device_view(k), prefix, stream_);
+    return cuda::k_fingerprint(k, prefix, stream_);
   }
 
   std::shared_ptr<const Fence> fence() const override {
@@ -179,8 +174,7 @@ class CudaBackend final : public Backend {
   }
 
   static DeviceProblem device_problem(const AnyAttentionProblem& p) {
-    return {device_view(p.q), device_view(p.k), device_view(p.v), device_view(p.out),
-            p.scale,          p.causal,         p.prefix_length,  p.query_offset};
+    return {p.q, p.k, p.v, p.out, p.scale, p.causal, p.prefix_length, p.query_offset};
   }
 
   [[noreturn]] static void host_only() { throw_invalid("mode", "dense echo runs on the host only"); }
