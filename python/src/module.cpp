@@ -39,8 +39,9 @@ namespace {
 // Any strides; the wrapper guarantees dtype float32, CPU and a unit last stride.
 using InArray = nb::ndarray<const float, nb::device::cpu>;
 using OutArray = nb::ndarray<float, nb::device::cpu>;
-// Any dtype and device; the core checks what its backend runs.
-using AnyArray = nb::ndarray<>;
+// Any dtype and device (inputs may be read-only); the core checks what its backend runs.
+using AnyInArray = nb::ndarray<nb::ro>;
+using AnyOutArray = nb::ndarray<>;
 using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Tokens = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -246,7 +247,7 @@ NB_MODULE(_core, m) {
       .def(nb::init<ae::EchoConfig>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())
       .def(
           "attention_with_echo",
-          [](ae::AttentionEchoCache& self, AnyArray q, AnyArray k, AnyArray v, AnyArray out,
+          [](ae::AttentionEchoCache& self, AnyInArray q, AnyInArray k, AnyInArray v, AnyOutArray out,
              int prefix_length, std::optional<Matrix> prefix_embeddings, int layer_id,
              std::optional<float> scale, bool causal, std::optional<Tokens> prefix_tokens,
              const std::string& name_space, std::uintptr_t stream) {
