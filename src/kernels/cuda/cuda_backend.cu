@@ -94,6 +94,9 @@ class CudaBackend final : public Backend {
     require_devices(problem);
     if (row_begin < problem.query_offset || row_begin > row_end || row_end != problem.rows_end())
       throw_invalid("row_begin", "rows must be [row_begin, T) with row_begin >= query_offset on CUDA");
+    // No rows (a hit that served them all): q and out past their last row
+    // need not point into an allocation any more, so nothing is checked.
+    if (row_begin == row_end) return;
     const DeviceScope scope(device_);
     DeviceProblem p = device_problem(problem);
     const int skip = row_begin - problem.query_offset;
