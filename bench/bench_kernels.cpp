@@ -125,10 +125,10 @@ kernels::TileSet pattern(int tiles, double fraction) {
 void Sparse(benchmark::State& state) {
   const int prefix = int(state.range(0));
   const int tiles = prefix / kBlock;
-  const auto kept = pattern(tiles, state.range(1) / 100.0);
+  const kernels::KeptTiles kept(pattern(tiles, state.range(1) / 100.0));
   auto problem = inputs(prefix, kSparseDim).problem();
   for (auto _ : state) backend().sparse_rows(problem, prefix, kept);
-  const double fraction = double(kept.cols.size()) / (double(kHeads) * tiles * (tiles + 1) / 2);
+  const double fraction = double(kept.tiles().cols.size()) / (double(kHeads) * tiles * (tiles + 1) / 2);
   state.counters["kept"] = fraction;
   set_counters(state, fraction * causal_flops(prefix, kSparseDim));
 }

@@ -24,6 +24,7 @@ namespace {
 
 using kernels::AttentionProblem;
 using kernels::CpuBackend;
+using kernels::KeptTiles;
 using attention_echo::Isa;
 using testing::reference_attention;
 
@@ -247,7 +248,7 @@ TEST(SparseRows, AllTilesKeptEqualsExact) {
       backend.exact_rows(x.problem(), 0, x.tokens);
       const std::vector<float> exact = x.out;
       std::fill(x.out.begin(), x.out.end(), 0.0f);
-      backend.sparse_rows(x.problem(), prefix, all_tiles(x.heads, (prefix + block - 1) / block, block));
+      backend.sparse_rows(x.problem(), prefix, KeptTiles(all_tiles(x.heads, (prefix + block - 1) / block, block)));
       for (int h = 0; h < x.heads; ++h)
         EXPECT_EQ(std::memcmp(x.out.data() + static_cast<std::size_t>(h) * x.tokens * x.dim,
                               exact.data() + static_cast<std::size_t>(h) * x.tokens * x.dim,
@@ -291,7 +292,7 @@ TEST(SparseRows, ErrorIsAboutTheOmittedMass) {
   const double lower = static_cast<double>(heads) * tiles * (tiles + 1) / 2;
   EXPECT_LT(kept.cols.size() / lower, 0.5) << "the pattern should be sparse";
 
-  backend.sparse_rows(x.problem(), prefix, kept);
+  backend.sparse_rows(x.problem(), prefix, KeptTiles(kept));
   // Dropping mass e from a row moves it by at most 2 e / (1 - e) max_j |v_j|.
   double max_v = 0.0;
   for (int j = 0; j < heads * tokens; ++j)
@@ -389,7 +390,7 @@ TEST(Attention, RejectsBadInput) {
   const auto result = MutableHeadsView::contiguous(x.out.data(), 4, 1, 16);
   expect_invalid("rows", [&] { backend.selected_rows(problem, rows, result); });
   expect_invalid("result", [&] { backend.selected_rows(problem, rows, MutableHeadsView::contiguous(x.out.data(), 4, 2, 16)); });
-  expect_invalid("kept", [&] { backend.sparse_rows(problem, 8, all_tiles(3, 1, 32)); });
+  expect_invalid("kept", [&] { backend.sparse_rows(problem, 8, KeptTiles(all_tiles(3, 1, 32))); });
   expect_invalid("keep_mass", [&] { kernels::select_tiles(kernels::TileMass{32, 0, {}}, 0, -0.1); });
   expect_invalid("rows", [&] { backend.copy_rows(q, out, 9); });
   expect_invalid("dst", [&] { backend.copy_rows(q, MutableHeadsView::contiguous(x.out.data(), 2, 8, 16), 1); });
@@ -399,7 +400,7 @@ TEST(Attention, RejectsBadInput) {
   auto offset = problem;
   offset.q.tokens = offset.out.tokens = 7;
   offset.query_offset = 1;
-  expect_invalid("problem", [&] { backend.sparse_rows(offset, 8, all_tiles(4, 1, 32)); });
+  expect_invalid("problem", [&] { backend.sparse_rows(offset, 8, KeptTiles(all_tiles(4, 1, 32))); });
   expect_invalid("row_begin", [&] { backend.exact_rows(offset, 0, 8); });
 }
 
@@ -424,7 +425,8 @@ struct Paged {
 };
 
 // Paged K/V (several pages, a partial last one) give every row the same bits
-// as contiguous K/V, through every entry point that reads keys, on every ISA.
+// as contiguous K/V through attention() and attention_rows() (the engine's
+// two calls), on every ISA.
 TEST(Attention, PagedKeysAndValuesAreBitIdenticalToContiguous) {
   ThreadPool pool(2);
   for (Isa isa : supported_isas()) {
@@ -461,12 +463,6 @@ TEST(Attention, PagedKeysAndValuesAreBitIdenticalToContiguous) {
       attention_rows(x.qv(), x.kv(), x.vv(), rows, out_a, {}, pool);
       attention_rows(x.qv(), k.view, v.view, rows, out_b, {}, pool);
       same(ra, rb, "attention_rows");
-      const kernels::AttentionProblem paged{x.qv(), k.view, v.view, x.ov(), 1.0f / std::sqrt(40.0f), true, 0};
-      CpuBackend(pool).exact_rows(x.problem(), 0, x.tokens);
-      const std::vector<float> exact = x.out;
-      CpuBackend(pool).sparse_rows(paged, 256, all_tiles(4, 4, 64));
-      same(std::vector<float>(exact.begin(), exact.begin() + 256 * 4 * 40),
-           std::vector<float>(x.out.begin(), x.out.begin() + 256 * 4 * 40), "sparse_rows, every tile kept");
     }
   }
 }
@@ -549,7 +545,7 @@ TEST(CpuBackend, RejectsViewsNotInHostMemory) {
     expect_invalid(name, [&] { backend.exact_rows(problem, 0, 8); });
     expect_invalid(name, [&] { backend.exact_rows_with_tile_mass(problem, 8, 32); });
     expect_invalid(name, [&] { backend.exact_rows_with_dense_logits(problem, 8); });
-    expect_invalid(name, [&] { backend.sparse_rows(problem, 8, all_tiles(2, 1, 32)); });
+    expect_invalid(name, [&] { backend.sparse_rows(problem, 8, KeptTiles(all_tiles(2, 1, 32))); });
     expect_invalid(name, [&] { backend.dense_echo_rows(problem, 8, kernels::DenseLogits{}, 1.0f, true); });
     expect_invalid(name, [&] { backend.selected_rows(problem, rows, x.ov()); });
   }

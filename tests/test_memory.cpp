@@ -35,9 +35,9 @@ struct BigPart final : cache::TierPayload {
   std::size_t bytes() const override { return data.size() * sizeof(float); }
 };
 
-cache::Entry entry_with_tokens(std::int32_t first) {
+cache::Entry entry_with_tokens(std::int32_t first, Device device = Device::cpu()) {
   cache::Entry e;
-  e.space = {"", -1, 1, 1, 8, true};
+  e.space = {"", -1, 1, 1, 8, true, device};
   e.tokens = {first, first + 1};
   auto payload = std::make_shared<cache::Payload>();
   payload->prefix = 2;
@@ -47,7 +47,7 @@ cache::Entry entry_with_tokens(std::int32_t first) {
 }
 
 TEST(Memory, APayloadHeldByACallOutlivesTheEvictionOfItsEntry) {
-  cache::EntryStore store(EvictionPolicy::kLru, 1, std::size_t{1} << 20);
+  cache::EntryStore store(EvictionPolicy::kLru, 1, std::size_t{1} << 20, std::size_t{1} << 20);
   store.insert(entry_with_tokens(1));
   const std::int32_t tokens[] = {1, 2};
   const cache::Entry* found = store.find_exact({"", -1, 1, 1, 8, true}, tokens);
@@ -59,6 +59,29 @@ TEST(Memory, APayloadHeldByACallOutlivesTheEvictionOfItsEntry) {
   const auto* part = dynamic_cast<const BigPart*>(held->find(Tier::kExact));
   ASSERT_NE(part, nullptr);
   EXPECT_EQ(part->data[999], 1.5f);  // still readable (ASan would catch a free)
+}
+
+// A CUDA entry's payload counts against that device's budget only, and a
+// full device evicts entries on that device, not host entries (bookkeeping
+// only: no GPU needed).
+TEST(Memory, DevicePayloadsHaveTheirOwnBudgetPerDevice) {
+  const std::size_t part = BigPart{}.bytes(), tokens = 2 * sizeof(std::int32_t);
+  cache::EntryStore store(EvictionPolicy::kLru, 100, 10 * (part + tokens), 2 * part);
+  ASSERT_EQ(store.insert(entry_with_tokens(1)), 0);                    // host
+  ASSERT_EQ(store.insert(entry_with_tokens(3, Device::cuda(0))), 0);   // device 0
+  ASSERT_EQ(store.insert(entry_with_tokens(5, Device::cuda(0))), 0);   // device 0 full now
+  ASSERT_EQ(store.insert(entry_with_tokens(7, Device::cuda(1))), 0);   // another device: room
+  EXPECT_EQ(store.bytes(), 4 * (part + tokens));
+  EXPECT_EQ(store.insert(entry_with_tokens(9, Device::cuda(0))), 1);   // evicts device 0's oldest
+  const std::int32_t host[] = {1, 2}, oldest[] = {3, 4}, newer[] = {5, 6};
+  EXPECT_NE(store.find_exact({"", -1, 1, 1, 8, true}, host), nullptr);  // the older host entry stays
+  EXPECT_EQ(store.find_exact({"", -1, 1, 1, 8, true, Device::cuda(0)}, oldest), nullptr);
+  EXPECT_NE(store.find_exact({"", -1, 1, 1, 8, true, Device::cuda(0)}, newer), nullptr);
+  EXPECT_EQ(store.find_exact({"", -1, 1, 1, 8, true, Device::cuda(1)}, newer), nullptr);  // spaces differ by device
+  EXPECT_EQ(store.insert(entry_with_tokens(11, Device::cuda(0)), [](const cache::Entry&) {}), 1);
+  cache::EntryStore tiny(EvictionPolicy::kLru, 100, 1 << 20, part - 1);
+  EXPECT_EQ(tiny.insert(entry_with_tokens(1, Device::cuda(0))), -1);  // larger than the device budget alone
+  EXPECT_EQ(tiny.insert(entry_with_tokens(1)), 0);                    // the host's budget is separate
 }
 
 // Two threads, capacity 1: every call evicts the entry the other thread may

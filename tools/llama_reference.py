@@ -117,8 +117,10 @@ def rope(x, pos0=0):
 
 
 @torch.no_grad()
-def forward(c, tokens):
-    """Logits [T, vocab] for a token list (positions 0..T-1)."""
+def forward(c, tokens, on_qkv=None):
+    """Logits [T, vocab] for a token list (positions 0..T-1). on_qkv(layer,
+    q, k, v), if given, sees each layer's [T, heads, hd] q and k (after RoPE)
+    and v (kv heads), as the attention reads them."""
     tokens = torch.as_tensor(list(tokens), dtype=torch.long)
     T = tokens.numel()
     if T > c.seq_len:
@@ -132,6 +134,8 @@ def forward(c, tokens):
         q = rope((h @ c.wq[l].T).view(T, H, hd))
         k = rope((h @ c.wk[l].T).view(T, Hkv, hd))
         v = (h @ c.wv[l].T).view(T, Hkv, hd)
+        if on_qkv is not None:
+            on_qkv(l, q, k, v)
         k = k.repeat_interleave(rep, dim=1)  # head h -> kv head h // rep
         v = v.repeat_interleave(rep, dim=1)
         s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + mask

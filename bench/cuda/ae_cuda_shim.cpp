@@ -7,7 +7,6 @@
 
 #include <cstdint>
 #include <exception>
-#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -62,18 +61,6 @@ DeviceProblem problem(const void* q, std::int64_t q_hs, std::int64_t q_ts, const
 extern "C" {
 
 const char* ae_last_error() { return last_error.c_str(); }
-
-// Lets the stream-ordered pool keep freed memory (the scratch of the mass
-// capture) instead of returning it to the driver at every synchronisation.
-int ae_keep_pool_memory(int device) {
-  return guarded([&] {
-    cudaMemPool_t pool;
-    if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess) throw std::runtime_error("no default pool");
-    std::uint64_t threshold = std::numeric_limits<std::uint64_t>::max();
-    if (cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold) != cudaSuccess)
-      throw std::runtime_error("cudaMemPoolSetAttribute failed");
-  });
-}
 
 int ae_attention(AE_PROBLEM_ARGS, void* stream) {
   return guarded([&] { exact_attention(AE_PROBLEM, stream); });

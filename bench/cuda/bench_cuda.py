@@ -42,7 +42,6 @@ def load_shim(path):
     lib.ae_plan_destroy.argtypes = [p]
     lib.ae_sparse.argtypes = problem + [p, p]
     lib.ae_copy_rows.argtypes = [p, i64, i64, p, i64, i64, i32, i32, i32, i32, i32, p]
-    lib.ae_keep_pool_memory.argtypes = [i32]
     return lib
 
 
@@ -137,7 +136,6 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     lib = load_shim(args.shim)
-    check(lib, lib.ae_keep_pool_memory(torch.cuda.current_device()))
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)

@@ -36,6 +36,10 @@ struct EchoRequest {
   bool causal = true;
   std::span<const std::int32_t> prefix_tokens;  // empty: no exact tier
   std::string_view name_space;               // entries never cross namespaces
+  // CUDA views: the cudaStream_t the call's work is ordered on (null: the
+  // legacy default stream). attention_with_echo returns once the work is
+  // queued; out is ready when the stream gets there.
+  void* stream = nullptr;
 };
 
 struct EchoResult {
@@ -92,6 +96,14 @@ class AttentionEchoCache {
   // touching the cache or out.
   EchoResult attention_with_echo(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                  const MutableHeadsView& out, const EchoRequest& request);
+  // The same on views of any dtype: float32 in host memory, or (a build with
+  // AE_CUDA) float16/bfloat16 in CUDA device memory, where the call runs on
+  // request.stream and the entries it makes keep their payloads in that
+  // device's memory (device_max_bytes). All four views share one device and
+  // dtype; entries are never served across devices or dtypes. Dense mode is
+  // host-only.
+  EchoResult attention_with_echo(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                                 const MutableAnyHeadsView& out, const EchoRequest& request);
 
   // L2-normalised R * mean_pool(embeddings), R a fixed-seed projection: the
   // same bytes on every run and machine. Throws on bad embeddings.

@@ -44,7 +44,8 @@ struct EchoConfig {
   bool per_layer = false;             // layer id is part of the key space
 
   // --- ours ---
-  long long max_bytes = 1LL << 30;    // hard limit on stored bytes (keys+payloads)
+  long long max_bytes = 1LL << 30;    // hard limit on stored host bytes (keys, tokens, host payloads)
+  long long device_max_bytes = 1LL << 30;  // the same per CUDA device, for the payloads kept there
   EchoMode mode = EchoMode::kSparse;
   double max_error = 0.05;            // guard: relative L2 error; inf = off
   long long verify_rows = 8;          // guard: exact rows checked per head

@@ -1,9 +1,10 @@
 """AttentionEchoCache: the seed's Python API over the C++ cache.
 
 This layer only converts arguments (``_convert``: arrays and tensors to
-float32 CPU views without copies where possible; ``EchoRequest``: the other
-arguments), allocates the output, which C++ writes in place, and converts it
-back to the input's dtype (and device). Types and ranks are checked in
+float32 CPU views without copies where possible, CUDA tensors left on their
+device in their dtype; ``EchoRequest``: the other arguments), allocates the
+output, which C++ writes in place, and converts it back to the input's dtype
+(and device). Types and ranks are checked in
 Python; every check on shapes and values (NaN/Inf, prefix length, config)
 happens in C++, before the cache is touched, and arrives as ValueError naming
 the argument.
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import _core
 from ._config import EchoConfig
-from ._convert import empty_like, int_in, matrix_in, namespace_in, qkv_in, restore, scale_in
+from ._convert import empty_like, int_in, matrix_in, namespace_in, qkv_in, restore, scale_in, stream_of
 from ._request import EchoRequest
 
 __all__ = ["AttentionEchoCache", "attention"]
@@ -90,8 +91,12 @@ class AttentionEchoCache:
 
         Args:
             query, key, value: NumPy arrays or torch tensors (any float dtype;
-                contiguous float32 passes without a copy). Query head ``h``
-                reads kv head ``h // (H // Hkv)``.
+                contiguous float32 passes without a copy). CUDA tensors
+                (float16 or bfloat16, head dim 64 or 128, a build with
+                AE_CUDA) stay on their device: the call runs on torch's
+                current stream and returns a CUDA tensor, with the entry's
+                payloads in device memory (``device_max_bytes``). Query head
+                ``h`` reads kv head ``h // (H // Hkv)``.
             prefix_length: rows ``i < prefix_length`` are the cacheable prefix
                 (clipped to T, as the seed did).
             prefix_embeddings: (P, E) or (E,) embeddings of the prefix, for the
@@ -103,8 +108,8 @@ class AttentionEchoCache:
             causal: causal (default) or bidirectional attention.
             prefix_tokens: token ids of the prefix, enables the exact tier.
             namespace: entries never cross namespaces (e.g. tenants, models).
-            out: optional preallocated float32 output (C-contiguous, the
-                query's shape), written in place and returned.
+            out: optional preallocated float32 NumPy output (C-contiguous,
+                the query's shape), written in place and returned.
 
         Returns:
             ``(output, meta)``: output shaped and typed like ``query``; meta
@@ -113,19 +118,21 @@ class AttentionEchoCache:
             ``tier`` ("none"/"exact"/"sparse"/"dense"), ``estimated_error``,
             ``rejected``, ``kept_fraction``.
         """
-        q, k, v = qkv_in(query, key, value)
+        q, k, v = qkv_in(query, key, value, device=True)
         out = _out_for(q, out)
         request = EchoRequest(prefix_length, prefix_embeddings, layer_id, scale, causal, prefix_tokens, namespace)
         meta = self._run(q, k, v, out, request)
         return restore(out, query), meta
 
     def _run(self, q, k, v, out, request: EchoRequest) -> Dict[str, Any]:
-        """Core call on prepared arrays (float32 CPU, unit last stride); writes
-        ``out`` in place. Shared by the torch and Hugging Face layers."""
+        """Core call on prepared arrays (float32 CPU, or CUDA tensors as
+        ``cuda_heads`` makes them; unit last stride); writes ``out`` in place.
+        Shared by the torch and Hugging Face layers."""
         r = request
         p = min(r.prefix_length, q.shape[-2])  # the seed clipped to T
         return self._impl.attention_with_echo(
-            q, k, v, out, p, r.prefix_embeddings, r.layer_id, r.scale, r.causal, r.prefix_tokens, r.namespace
+            q, k, v, out, p, r.prefix_embeddings, r.layer_id, r.scale, r.causal, r.prefix_tokens, r.namespace,
+            stream_of(q),
         )
 
     def compute_semantic_key(self, embeddings) -> np.ndarray:

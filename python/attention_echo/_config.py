@@ -33,7 +33,7 @@ class EchoConfig:
     per_layer: bool = _D.per_layer  #: layer id is part of the key space
 
     # --- ours ---
-    max_bytes: int = _D.max_bytes  #: hard limit on stored bytes
+    max_bytes: int = _D.max_bytes  #: hard limit on stored host bytes (keys, tokens, host payloads)
     mode: str = _D.mode  #: approximate tier: "off", "sparse" or "dense" ("exact" is accepted for "off")
     max_error: float = _D.max_error  #: guard: max relative L2 error (inf = off)
     verify_rows: int = _D.verify_rows  #: guard: exact rows checked per head
@@ -42,6 +42,7 @@ class EchoConfig:
     sparse_mass: float = _D.sparse_mass  #: sparse tier: attention mass the kept tiles cover
     block_size: int = _D.block_size  #: sparse tier tile edge: 32 or 64
     store_url: str = _D.store_url  #: shared L2 store: "" or "redis://HOST:PORT[?deadline_ms=3&...]"
+    device_max_bytes: int = _D.device_max_bytes  #: the same limit per CUDA device, for payloads kept there
 
     def __post_init__(self) -> None:
         self._to_core()

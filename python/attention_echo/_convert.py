@@ -3,7 +3,9 @@
 NumPy arrays and PyTorch tensors become float32 CPU arrays whose last
 dimension is contiguous (contiguous float32 inputs, and any other strides with
 a unit last stride, pass without a copy); outputs are converted back to the
-caller's dtype and device. Types and ranks are checked here, naming the
+caller's dtype and device. Where the cache takes them (``device=True``), CUDA
+tensors stay on their device in their own dtype (float16 or bfloat16; the core
+refuses others), so q, k and v never travel to the host. Types and ranks are checked here, naming the
 argument; checks on shapes and values happen in C++.
 """
 
@@ -23,8 +25,9 @@ def _torch_tensor_type():
     return torch.Tensor if torch is not None else None
 
 
-def heads_in(x, name: str):
-    """``x`` as a float32 CPU array (NumPy or torch) with a unit last stride."""
+def heads_in(x, name: str, device: bool = False):
+    """``x`` as a float32 CPU array (NumPy or torch) with a unit last stride;
+    with ``device``, a CUDA tensor as ``cuda_heads`` makes it."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
@@ -39,12 +42,35 @@ def heads_in(x, name: str):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() not in (2, 3):
             raise ValueError(f"{name} must have shape (T, D) or (H, T, D), got shape {tuple(x.shape)}")
-        return torch_f32(x)
+        return cuda_heads(x) if device and x.is_cuda else torch_f32(x)
     raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
 
 
-def qkv_in(query, key, value):
-    return heads_in(query, "query"), heads_in(key, "key"), heads_in(value, "value")
+def qkv_in(query, key, value, device: bool = False):
+    return heads_in(query, "query", device), heads_in(key, "key", device), heads_in(value, "value", device)
+
+
+def cuda_heads(x):
+    """A CUDA tensor as the CUDA kernels load it: detached, in its own dtype
+    and device, with a unit last stride, 16-byte aligned and strides of 8
+    elements (a copy only where it is not, e.g. an odd slice)."""
+    import torch
+
+    x = x.detach()
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1]):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def stream_of(x) -> int:
+    """The cudaStream_t a call on ``x`` runs on: torch's current stream of
+    x's device for a CUDA tensor (so the call is ordered with the caller's
+    kernels), 0 for host arrays."""
+    if not getattr(x, "is_cuda", False):
+        return 0
+    import torch
+
+    return torch.cuda.current_stream(x.device).cuda_stream
 
 
 def torch_f32(x):
@@ -134,15 +160,20 @@ def scale_in(x) -> Optional[float]:
 
 
 def empty_like(x):
+    """A float32 host output for a prepared input, or for a CUDA tensor one of
+    its dtype on its device."""
     if isinstance(x, np.ndarray):
         return np.empty(x.shape, dtype=np.float32)
     import torch
 
+    if x.is_cuda:
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device)
     return torch.empty(tuple(x.shape), dtype=torch.float32)
 
 
 def restore(out, like):
-    """``out`` (float32, CPU) in the dtype and device of the caller's ``like``."""
+    """``out`` in the dtype and device of the caller's ``like`` (no copy when
+    it already is: a CUDA output)."""
     if isinstance(like, np.ndarray):
         return out if like.dtype == np.float32 else out.astype(like.dtype)
     return out.to(device=like.device, dtype=like.dtype)

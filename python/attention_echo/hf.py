@@ -35,12 +35,19 @@ How the request maps onto the cache:
   real token. The padding query rows are computed by SDPA with their mask
   rows, as ``"sdpa"`` computes them.
 
+On CUDA (a build with AE_CUDA) float16/bfloat16 layers with head dim 64 or
+128 stay on the device: q, k and v go to the kernels as they are, the output
+is a CUDA tensor, the cache keeps its payloads in device memory, and only the
+prefix embeddings' (1, Hkv * head_dim) mean goes to the host for the
+semantic key.
+
 Falls back to transformers' own SDPA attention (same result as
 ``attn_implementation="sdpa"``) when the cache cannot serve the call: any
 other attention mask, decode steps or chunks whose query length
 differs from the key length (KV cache), dropout, softcapping, sliding windows,
-attention sinks, non-causal layers, and calls that need gradients (the echo
-path is inference-only; a UserWarning says so once).
+attention sinks, non-causal layers, CUDA layers of another dtype or head dim,
+and calls that need gradients (the echo path is inference-only; a UserWarning
+says so once).
 """
 
 from __future__ import annotations
@@ -162,6 +169,9 @@ def last_meta(model: torch.nn.Module) -> Dict[int, Dict[str, Any]]:
 
 def _can_echo(module, query, key, dropout, kwargs) -> bool:
     if dropout > 0.0:
+        return False
+    # The CUDA kernels take float16/bfloat16 and head dims 64 and 128; other CUDA layers stay on SDPA.
+    if query.is_cuda and (query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] not in (64, 128)):
         return False
     if query.shape[2] != key.shape[2]:  # decode step / chunked prefill against a KV cache
         return False

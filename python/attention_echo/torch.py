@@ -8,8 +8,9 @@ once per module when they are called with gradients enabled.
 CPU float32 tensors reach the C++ core without copies (DLPack): each sequence
 of a batch is passed as a strided (heads, tokens, head_dim) view of the
 (B, T, heads * head_dim) projection, and the output is written in place into
-the (B, T, hidden) result. Other dtypes/devices are converted to CPU float32
-and back.
+the (B, T, hidden) result. CUDA float16/bfloat16 tensors do the same on their
+device, on torch's current stream (a build with AE_CUDA). Other dtypes and
+devices are converted to CPU float32 and back.
 
 Differences from the seed, on purpose:
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from ._cache import AttentionEchoCache
 from ._config import EchoConfig
-from ._convert import torch_f32
+from ._convert import cuda_heads, torch_f32
 from ._request import EchoRequest
 
 __all__ = ["EchoAttention", "EchoMultiHeadAttention", "echo_attention"]
@@ -101,9 +102,14 @@ def _echo_batch(
     batch, heads, tokens, dim = query.shape
     dtype, device = query.dtype, query.device
 
-    q, k, v = torch_f32(query), torch_f32(key), torch_f32(value)
-    direct = out is not None and out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(-1) == 1
-    result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=torch.float32)
+    # CUDA tensors stay on the device in their dtype; the rest goes through float32 on the host.
+    prepare = cuda_heads if query.is_cuda else torch_f32
+    q, k, v = prepare(query), prepare(key), prepare(value)
+    # The caller's out is written in place when it is what the core writes: q's dtype and device, with
+    # the layout the CUDA kernels load (contiguous) or a unit last stride on the host.
+    direct = (out is not None and out.dtype == q.dtype and out.device == q.device
+              and (out.is_contiguous() if q.is_cuda else out.stride(-1) == 1))
+    result = out if direct else torch.empty(batch, tokens, heads, dim, dtype=q.dtype, device=q.device)
     # result[b].transpose(0, 1): the (H, T, D) view of the token-major output.
     metas = [cache._run(q[b], k[b], v[b], result[b].transpose(0, 1), requests[b]) for b in range(batch)]
     if out is not None and not direct:

@@ -1,9 +1,10 @@
 // attention_echo._core: the nanobind layer over the C++ library.
 //
 // Kept deliberately thin. Arrays arrive as float32 CPU ndarrays (NumPy via
-// the buffer protocol / DLPack, PyTorch via DLPack) whose last dimension is
-// contiguous; they are handed to the core as HeadsView with their own strides,
-// so no copy is made. The pure-Python wrapper (attention_echo/_cache.py) does
+// the buffer protocol / DLPack, PyTorch via DLPack), or for the cache as
+// float16/bfloat16 CUDA arrays (PyTorch via DLPack, with the stream to run
+// on), whose last dimension is contiguous; they are handed to the core as
+// views with their own strides, dtype and device, so no copy is made. The pure-Python wrapper (attention_echo/_cache.py) does
 // the type and dtype conversions and allocates the output; this file only maps
 // shapes and strides, releases the GIL around C++ work and turns results into
 // Python objects. std::invalid_argument from the core becomes ValueError
@@ -38,6 +39,9 @@ namespace {
 // Any strides; the wrapper guarantees dtype float32, CPU and a unit last stride.
 using InArray = nb::ndarray<const float, nb::device::cpu>;
 using OutArray = nb::ndarray<float, nb::device::cpu>;
+// Any dtype and device (inputs may be read-only); the core checks what its backend runs.
+using AnyInArray = nb::ndarray<nb::ro>;
+using AnyOutArray = nb::ndarray<>;
 using Matrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Tokens = nb::ndarray<const std::int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -50,16 +54,36 @@ int to_int(std::size_t n, const char* name) {
   return static_cast<int>(n);
 }
 
+template <typename Array>
+ae::DType dtype_of(const Array& a, const char* name) {
+  const nb::dlpack::dtype t = a.dtype();
+  if (t == nb::dtype<float>()) return ae::DType::kF32;
+  if (t.lanes == 1 && t.bits == 16 && t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float))
+    return ae::DType::kF16;
+  if (t.lanes == 1 && t.bits == 16 && t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bfloat))
+    return ae::DType::kBF16;
+  fail(name, "dtype must be float32, float16 or bfloat16");
+}
+
+template <typename Array>
+ae::Device device_of(const Array& a, const char* name) {
+  if (a.device_type() == nb::device::cpu::value) return ae::Device::cpu();
+  if (a.device_type() == nb::device::cuda::value) return ae::Device::cuda(a.device_id());
+  fail(name, "must be in host or CUDA device memory");
+}
+
 // (T, D) is one head; (H, T, D) is H heads. Strides are in elements.
-template <typename T, typename Array>
-ae::BasicHeadsView<T> heads_view(const Array& a, const char* name) {
+template <typename Void, typename Array>
+ae::BasicAnyHeadsView<Void> heads_view(const Array& a, const char* name) {
   if (a.ndim() != 2 && a.ndim() != 3)
     fail(name, "must have shape (T, D) or (H, T, D), got ndim " + std::to_string(a.ndim()));
   const std::size_t nd = a.ndim();
   if (a.shape(nd - 1) > 1 && a.stride(nd - 1) != 1)
     fail(name, "last dimension must be contiguous (stride 1)");
-  ae::BasicHeadsView<T> view;
-  view.data = static_cast<T*>(a.data());
+  ae::BasicAnyHeadsView<Void> view;
+  view.data = static_cast<Void*>(a.data());
+  view.dtype = dtype_of(a, name);
+  view.device = device_of(a, name);
   view.dim = to_int(a.shape(nd - 1), name);
   view.tokens = to_int(a.shape(nd - 2), name);
   view.token_stride = static_cast<std::ptrdiff_t>(a.stride(nd - 2));
@@ -114,6 +138,7 @@ nb::dict stats_dict(const ae::CacheStats& s, const ae::EchoConfig& config) {
   d["oversize_skipped"] = s.oversize_skipped;  // misses whose entry alone exceeds max_bytes
   d["bytes"] = s.bytes;
   d["max_bytes"] = config.max_bytes;
+  d["device_max_bytes"] = config.device_max_bytes;
   d["tokens_echoed"] = s.tokens_echoed;
   d["tokens_computed"] = s.tokens_computed;
   d["flops_saved"] = s.flops_saved;
@@ -183,6 +208,11 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
 NB_MODULE(_core, m) {
   m.doc() = "C++ core of attention_echo (use the attention_echo package, not this module)";
   m.attr("__version__") = AE_VERSION;
+#ifdef AE_HAVE_CUDA
+  m.attr("has_cuda") = true;  // built with AE_CUDA: the cache takes CUDA tensors
+#else
+  m.attr("has_cuda") = false;
+#endif
 
   // ---- EchoConfig: plain fields; the Python dataclass EchoConfig fills one. ----
   nb::class_<ae::EchoConfig>(m, "EchoConfig")
@@ -199,6 +229,7 @@ NB_MODULE(_core, m) {
           [](ae::EchoConfig& c, const std::string& s) { c.eviction_policy = ae::parse_eviction_policy(s); })
       .def_rw("per_layer", &ae::EchoConfig::per_layer)
       .def_rw("max_bytes", &ae::EchoConfig::max_bytes)
+      .def_rw("device_max_bytes", &ae::EchoConfig::device_max_bytes)
       .def_prop_rw(
           "mode", [](const ae::EchoConfig& c) { return std::string(ae::to_string(c.mode)); },
           [](ae::EchoConfig& c, const std::string& s) { c.mode = ae::parse_echo_mode(s); })
@@ -216,14 +247,14 @@ NB_MODULE(_core, m) {
       .def(nb::init<ae::EchoConfig>(), "config"_a, nb::call_guard<nb::gil_scoped_release>())
       .def(
           "attention_with_echo",
-          [](ae::AttentionEchoCache& self, InArray q, InArray k, InArray v, OutArray out,
+          [](ae::AttentionEchoCache& self, AnyInArray q, AnyInArray k, AnyInArray v, AnyOutArray out,
              int prefix_length, std::optional<Matrix> prefix_embeddings, int layer_id,
              std::optional<float> scale, bool causal, std::optional<Tokens> prefix_tokens,
-             const std::string& name_space) {
-            const auto qv = heads_view<const float>(q, "query");
-            const auto kv = heads_view<const float>(k, "key");
-            const auto vv = heads_view<const float>(v, "value");
-            const auto ov = heads_view<float>(out, "out");
+             const std::string& name_space, std::uintptr_t stream) {
+            const auto qv = heads_view<const void>(q, "query");
+            const auto kv = heads_view<const void>(k, "key");
+            const auto vv = heads_view<const void>(v, "value");
+            const auto ov = heads_view<void>(out, "out");
             ae::EchoRequest req;
             req.prefix_length = prefix_length;
             req.prefix_embeddings = matrix_view(prefix_embeddings, "prefix_embeddings");
@@ -233,6 +264,7 @@ NB_MODULE(_core, m) {
             if (prefix_tokens)
               req.prefix_tokens = std::span<const std::int32_t>(prefix_tokens->data(), prefix_tokens->shape(0));
             req.name_space = name_space;
+            req.stream = reinterpret_cast<void*>(stream);
             ae::EchoResult r;
             {
               nb::gil_scoped_release release;
@@ -242,7 +274,7 @@ NB_MODULE(_core, m) {
           },
           "query"_a.noconvert(), "key"_a.noconvert(), "value"_a.noconvert(), "out"_a.noconvert(),
           "prefix_length"_a, "prefix_embeddings"_a.noconvert().none(), "layer_id"_a,
-          "scale"_a.none(), "causal"_a, "prefix_tokens"_a.noconvert().none(), "namespace"_a)
+          "scale"_a.none(), "causal"_a, "prefix_tokens"_a.noconvert().none(), "namespace"_a, "stream"_a = 0)
       .def(
           "compute_semantic_key",
           [](const ae::AttentionEchoCache& self, Matrix emb) {
@@ -280,10 +312,10 @@ NB_MODULE(_core, m) {
       "attention",
       [](InArray q, InArray k, InArray v, OutArray out, std::optional<float> scale, bool causal,
          int prefix_length) {
-        const auto qv = heads_view<const float>(q, "query");
-        const auto kv = heads_view<const float>(k, "key");
-        const auto vv = heads_view<const float>(v, "value");
-        const auto ov = heads_view<float>(out, "out");
+        const auto qv = ae::as_float(heads_view<const void>(q, "query"));
+        const auto kv = ae::as_float(heads_view<const void>(k, "key"));
+        const auto vv = ae::as_float(heads_view<const void>(v, "value"));
+        const auto ov = ae::as_float(heads_view<void>(out, "out"));
         ae::AttentionOptions opt;
         opt.scale = scale;
         opt.causal = causal;

@@ -8,6 +8,10 @@
 #include "cache/cache_impl.hpp"
 #include "core/errors.hpp"
 #include "core/validate.hpp"
+#include "kernels/cpu_backend.hpp"
+#ifdef AE_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.hpp"
+#endif
 
 namespace attention_echo {
 
@@ -74,15 +78,27 @@ AttentionEchoCache::Impl::Impl(EchoConfig c)
       pool(static_cast<int>(config.threads)),
       keyer(static_cast<int>(config.hash_dim)),
       store(config.eviction_policy, static_cast<std::size_t>(config.capacity),
-            static_cast<std::size_t>(config.max_bytes)),
+            static_cast<std::size_t>(config.max_bytes), static_cast<std::size_t>(config.device_max_bytes)),
       l2(make_l2(config, tiers)) {}
 
-void AttentionEchoCache::Impl::validate_request(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                                                const MutableHeadsView& out, const EchoRequest& req) const {
-  validate_attention_inputs(q, k, v, out, req.prefix_length);
-  // All four views are on q's device now; one the backend cannot read must
-  // be refused here, before a lookup touches the store.
-  backend.require_device("query", q.device);
+std::unique_ptr<kernels::Backend> AttentionEchoCache::Impl::backend_for(Device device, void* stream) {
+  if (device == Device::cpu()) return std::make_unique<kernels::CpuBackend>(pool);
+#ifdef AE_HAVE_CUDA
+  if (device.kind == DeviceKind::kCuda) return kernels::cuda::make_backend(device.index, stream);
+#endif
+  (void)stream;
+  throw_invalid("query", "is on " + to_string(device) + ", which this build does not run (AE_CUDA=OFF)");
+}
+
+// Everything but the views' shapes (validate_attention_inputs, before the
+// call was planned): what the backend can run, then the request's fields.
+void AttentionEchoCache::Impl::validate_request(const Call& call, const EchoRequest& req,
+                                                const kernels::Backend& backend) const {
+  backend.check_problem(call.problem);
+  if (call.space.device != Device::cpu() && config.mode == EchoMode::kDense)
+    throw_invalid("mode", "dense echo runs on the host only: use sparse or off with CUDA tensors");
+  if (call.space.device != Device::cpu() && config.mode == EchoMode::kSparse && config.block_size % 64 != 0)
+    throw_invalid("block_size", "must be 64 with CUDA tensors (the kernel's key chunk)");
   if (req.scale) validate_scale(*req.scale);
   if (req.layer_id < 0) throw_invalid("layer_id", "must be non-negative");
   if (req.prefix_length > 0) {
@@ -95,8 +111,8 @@ void AttentionEchoCache::Impl::validate_request(const HeadsView& q, const HeadsV
                                    std::to_string(req.prefix_length));
 }
 
-Call AttentionEchoCache::Impl::plan(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                                    const MutableHeadsView& out, const EchoRequest& req) const {
+Call AttentionEchoCache::Impl::plan(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                                    const MutableAnyHeadsView& out, const EchoRequest& req) const {
   Call call;
   call.problem = {q, k, v, out, req.scale.value_or(1.0f / std::sqrt(static_cast<float>(q.dim))), req.causal,
                   req.prefix_length};
@@ -105,12 +121,9 @@ Call AttentionEchoCache::Impl::plan(const HeadsView& q, const HeadsView& k, cons
   // change them, so such prefixes are not cached.
   if (!req.causal && call.prefix != req.prefix_length) call.prefix = 0;
   call.space = {std::string(req.name_space), config.per_layer ? req.layer_id : -1, q.heads, k.heads, q.dim,
-                req.causal};
+                req.causal, q.device, q.dtype};
   call.embeddings = req.prefix_embeddings;
-  if (!req.prefix_tokens.empty()) {
-    call.tokens = req.prefix_tokens.first(call.prefix);
-    call.k_fingerprint = backend.k_fingerprint(k, call.prefix);
-  }
+  if (!req.prefix_tokens.empty()) call.tokens = req.prefix_tokens.first(call.prefix);
   call.result.layer_id = req.layer_id;
   return call;
 }
@@ -122,7 +135,9 @@ std::optional<AttentionEchoCache::Impl::Candidate> AttentionEchoCache::Impl::fin
   if (tier.match() == cache::Match::kSimilarKey && call.key.empty())
     call.key = keyer.key(call.embeddings);  // outside the lock: it is compute
   auto found = find_in_l1(call, tier);
-  if (!found && l2 && cache::L2Entries::covers(call, tier.match()) && fetch_from_l2(call))
+  // L2 holds host entries only (a device payload is not written through).
+  if (!found && l2 && call.space.device == Device::cpu() && cache::L2Entries::covers(call, tier.match()) &&
+      fetch_from_l2(call))
     found = find_in_l1(call, tier);
   return found;
 }
@@ -179,9 +194,11 @@ std::optional<AttentionEchoCache::Impl::Candidate> AttentionEchoCache::Impl::fin
 // The tier writes the prefix rows it can serve, the guard checks them if the
 // tier is approximate, the rest is computed exactly. Returns false when the
 // guard rejects (out is then garbage).
-bool AttentionEchoCache::Impl::serve(Call& call, const ReuseTier& tier, const Candidate& cand) {
+bool AttentionEchoCache::Impl::serve(Call& call, const ReuseTier& tier, const Candidate& cand,
+                                     const kernels::Backend& backend) {
   EchoResult& r = call.result;
   r.similarity = cand.similarity;
+  if (cand.payload->written) backend.wait(*cand.payload->written);
   const cache::Served served = tier.serve(call, *cand.part, cand.payload->prefix, backend);
   r.kept_fraction = served.kept_fraction;
   const double exact_cost = block_flops(call.space, served.rows);
@@ -196,7 +213,7 @@ bool AttentionEchoCache::Impl::serve(Call& call, const ReuseTier& tier, const Ca
       return false;
     }
   }
-  compute_exact(call, served.rows);
+  backend.exact_rows(call.problem, served.rows, call.problem.q.tokens);
   r.echo_hit = true;
   r.tier = tier.kind();
   r.tokens_echoed = served.rows;
@@ -207,7 +224,7 @@ bool AttentionEchoCache::Impl::serve(Call& call, const ReuseTier& tier, const Ca
 
 // Miss (or rejected hit): exact attention for every row, each enabled tier
 // capturing what it needs, and a new entry when any did.
-std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
+std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call, const kernels::Backend& backend) {
   auto payload = std::make_shared<cache::Payload>();
   payload->prefix = call.prefix;
   bool by_tokens = false, by_key = false;
@@ -220,7 +237,7 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
     return t->capture_stage() == cache::Capture::kInKernel && can_capture(call, *t);
   });
   if (in_kernel != enabled.end()) capture(**in_kernel);  // runs the exact kernel
-  else compute_exact(call, 0);
+  else backend.exact_rows(call.problem, 0, call.problem.q.tokens);
   for (const ReuseTier* t : enabled)
     if (t->capture_stage() == cache::Capture::kFromOutput && can_capture(call, *t)) capture(*t);
 
@@ -231,6 +248,7 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
   r.tokens_computed = call.problem.q.tokens;
   r.kept_fraction = 1.0;
   if (payload->parts.empty()) return std::nullopt;
+  payload->written = backend.fence();
 
   // Indexed only where one of its payloads can be found from.
   Entry e;
@@ -242,11 +260,6 @@ std::optional<Entry> AttentionEchoCache::Impl::compute_miss(Call& call) {
   }
   e.payload = std::move(payload);
   return e;
-}
-
-// Rows [row_begin, T) of every head, exactly.
-void AttentionEchoCache::Impl::compute_exact(const Call& call, int row_begin) {
-  backend.exact_rows(call.problem, row_begin, call.problem.q.tokens);
 }
 
 void AttentionEchoCache::Impl::finish(const Call& call, std::optional<Entry> entry,
@@ -278,12 +291,15 @@ void AttentionEchoCache::Impl::count_eviction(const Entry& victim) {
   count(victim.space.name_space, [](CacheStats& s) { s.evictions += 1; });
 }
 
-EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                                         const MutableHeadsView& out, const EchoRequest& req) {
-  validate_request(q, k, v, out, req);
+EchoResult AttentionEchoCache::Impl::run(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                                         const MutableAnyHeadsView& out, const EchoRequest& req) {
+  validate_attention_inputs(q, k, v, out, req.prefix_length);
+  const std::unique_ptr<kernels::Backend> backend = backend_for(q.device, req.stream);
   Call call = plan(q, k, v, out, req);
+  validate_request(call, req, *backend);
+  if (!call.tokens.empty()) call.k_fingerprint = backend->k_fingerprint(k, call.prefix);
   if (call.prefix == 0) {  // nothing reusable: plain attention, not a lookup
-    compute_exact(call, 0);
+    backend->exact_rows(call.problem, 0, q.tokens);
     call.result.tokens_computed = q.tokens;
     std::lock_guard lock(mutex);
     count(call.space.name_space, [&](CacheStats& s) { s.tokens_computed += static_cast<std::uint64_t>(q.tokens); });
@@ -293,16 +309,16 @@ EchoResult AttentionEchoCache::Impl::run(const HeadsView& q, const HeadsView& k,
   for (const ReuseTier* tier : tiers.enabled()) {
     const auto candidate = find(call, *tier);
     if (!candidate) continue;
-    if (serve(call, *tier, *candidate)) {
+    if (serve(call, *tier, *candidate, *backend)) {
       finish(call, std::nullopt, std::nullopt);
       return call.result;
     }
     replaced = candidate->id;  // the guard refused it: the fresh entry replaces it
     break;
   }
-  auto entry = compute_miss(call);
+  auto entry = compute_miss(call, *backend);
   std::optional<L2Write> written;  // write-through, encoded and sent outside the lock
-  if (entry && l2) written = l2->encode(*entry);
+  if (entry && l2 && entry->on_host()) written = l2->encode(*entry);
   finish(call, std::move(entry), replaced);
   if (written) l2->put(*written);
   return call.result;
@@ -315,6 +331,12 @@ AttentionEchoCache::~AttentionEchoCache() = default;
 
 EchoResult AttentionEchoCache::attention_with_echo(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                                    const MutableHeadsView& out, const EchoRequest& request) {
+  return impl_->run(q, k, v, out, request);
+}
+
+EchoResult AttentionEchoCache::attention_with_echo(const AnyHeadsView& q, const AnyHeadsView& k,
+                                                   const AnyHeadsView& v, const MutableAnyHeadsView& out,
+                                                   const EchoRequest& request) {
   return impl_->run(q, k, v, out, request);
 }
 

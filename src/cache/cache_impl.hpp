@@ -19,7 +19,7 @@
 #include "cache/l2_entries.hpp"
 #include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
-#include "kernels/cpu_backend.hpp"
+#include "kernels/backend.hpp"
 
 namespace attention_echo {
 
@@ -34,21 +34,23 @@ struct AttentionEchoCache::Impl {
 
   explicit Impl(EchoConfig config);
 
-  EchoResult run(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
-                 const EchoRequest& request);
+  EchoResult run(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                 const MutableAnyHeadsView& out, const EchoRequest& request);
 
-  void validate_request(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
-                        const EchoRequest& request) const;
-  cache::Call plan(const HeadsView& q, const HeadsView& k, const HeadsView& v, const MutableHeadsView& out,
-                   const EchoRequest& request) const;
+  // The backend a call runs on: the host's on this cache's pool, or a CUDA
+  // backend on the views' device and the request's stream.
+  std::unique_ptr<kernels::Backend> backend_for(Device device, void* stream);
+  void validate_request(const cache::Call& call, const EchoRequest& request, const kernels::Backend& backend) const;
+  cache::Call plan(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                   const MutableAnyHeadsView& out, const EchoRequest& request) const;
   std::optional<Candidate> find(cache::Call& call, const cache::ReuseTier& tier);
   std::optional<Candidate> find_in_l1(cache::Call& call, const cache::ReuseTier& tier);
   bool fetch_from_l2(const cache::Call& call);
   std::optional<Candidate> find_by_tokens(const cache::Call& call, Tier tier);
   std::optional<Candidate> find_similar(cache::Call& call, Tier tier);
-  bool serve(cache::Call& call, const cache::ReuseTier& tier, const Candidate& candidate);
-  std::optional<cache::Entry> compute_miss(cache::Call& call);
-  void compute_exact(const cache::Call& call, int row_begin);
+  bool serve(cache::Call& call, const cache::ReuseTier& tier, const Candidate& candidate,
+             const kernels::Backend& backend);
+  std::optional<cache::Entry> compute_miss(cache::Call& call, const kernels::Backend& backend);
   void finish(const cache::Call& call, std::optional<cache::Entry> entry, std::optional<std::uint64_t> replaced);
 
   // Under the mutex: `add` applied to the cache-wide stats and to those of
@@ -61,7 +63,6 @@ struct AttentionEchoCache::Impl {
   const cache::TierSet tiers;
   const cache::Guard guard;
   ThreadPool pool;
-  const kernels::CpuBackend backend{pool};  // every kernel call goes through it
   index::SemanticKeyer keyer;
   mutable std::mutex mutex;
   cache::EntryStore store;

@@ -13,10 +13,12 @@
 #include <vector>
 
 #include "attention_echo/cache.hpp"
+#include "kernels/backend.hpp"
 
 namespace attention_echo::cache {
 
-// Entries are never served across key spaces.
+// Entries are never served across key spaces; a payload is in the memory of
+// its space's device, in its dtype.
 struct KeySpace {
   std::string name_space;
   int layer = -1;  // -1 unless per_layer
@@ -24,6 +26,8 @@ struct KeySpace {
   int kv_heads = 0;
   int dim = 0;
   bool causal = true;
+  Device device;
+  DType dtype = DType::kF32;
   auto operator<=>(const KeySpace&) const = default;
 };
 
@@ -31,11 +35,16 @@ struct KeySpace {
 // (ReuseTier in tier.hpp).
 struct TierPayload {
   virtual ~TierPayload() = default;
-  virtual std::size_t bytes() const = 0;  // counted against max_bytes
+  // On the entry's device: counted against max_bytes on the host,
+  // device_max_bytes on a CUDA device.
+  virtual std::size_t bytes() const = 0;
 };
 
 struct Payload {
   int prefix = 0;  // prefix rows the payloads cover
+  // Done when the miss's writes to the parts are (null on the host): a hit
+  // waits for it, since the miss that made them may have run on another stream.
+  std::shared_ptr<const kernels::Fence> written;
   std::vector<std::pair<Tier, std::unique_ptr<const TierPayload>>> parts;  // at most one per tier
 
   const TierPayload* find(Tier tier) const {
@@ -60,9 +69,14 @@ struct Entry {
   std::uint64_t last_used = 0;
   std::uint64_t uses = 0;
 
-  std::size_t bytes() const {
-    return key.size() * sizeof(float) + tokens.size() * sizeof(std::int32_t) + payload->bytes();
+  bool on_host() const { return space.device == Device::cpu(); }
+  // Counted against max_bytes: the key and tokens, and a host payload.
+  std::size_t host_bytes() const {
+    return key.size() * sizeof(float) + tokens.size() * sizeof(std::int32_t) + (on_host() ? payload->bytes() : 0);
   }
+  // Counted against device_max_bytes of space.device: a device payload.
+  std::size_t device_bytes() const { return on_host() ? 0 : payload->bytes(); }
+  std::size_t bytes() const { return host_bytes() + device_bytes(); }
 };
 
 }  // namespace attention_echo::cache

@@ -15,7 +15,8 @@ std::uint64_t mix(std::uint64_t h, std::uint64_t x) {
 
 std::uint64_t EntryStore::exact_hash(const KeySpace& space, std::span<const std::int32_t> tokens) const {
   std::uint64_t h = std::hash<std::string>{}(space.name_space);
-  for (int field : {space.layer, space.heads, space.kv_heads, space.dim, int(space.causal)})
+  for (int field : {space.layer, space.heads, space.kv_heads, space.dim, int(space.causal),
+                    int(space.device.kind), space.device.index, int(space.dtype)})
     h = mix(h, static_cast<std::uint64_t>(field));
   for (std::int32_t t : tokens) h = mix(h, static_cast<std::uint32_t>(t));
   return mix(h, tokens.size());
@@ -70,26 +71,50 @@ void EntryStore::remove(std::uint64_t id) {
     sem->second.remove(id);
     if (sem->second.size() == 0) semantic_.erase(sem);
   }
-  bytes_ -= e.bytes();
+  bytes_ -= e.host_bytes();
+  if (!e.on_host() && (device_bytes_[e.space.device] -= e.device_bytes()) == 0) device_bytes_.erase(e.space.device);
   auto used = usage_.find(e.space.name_space);
   used->second.bytes -= e.bytes();
   if (--used->second.entries == 0) usage_.erase(used);
   entries_.erase(it);
 }
 
+std::size_t EntryStore::bytes() const {
+  std::size_t total = bytes_;
+  for (const auto& [device, used] : device_bytes_) total += used;
+  return total;
+}
+
+std::uint64_t EntryStore::victim(const Device* device) const {
+  for (const OrderKey& key : order_) {
+    const std::uint64_t id = std::get<2>(key);
+    if (device == nullptr || entries_.at(id).space.device == *device) return id;
+  }
+  return 0;
+}
+
+bool EntryStore::device_full(const Device& device, std::size_t need) const {
+  if (need == 0) return false;
+  const auto it = device_bytes_.find(device);
+  return (it == device_bytes_.end() ? 0 : it->second) + need > device_max_bytes_;
+}
+
 int EntryStore::insert(Entry entry, const std::function<void(const Entry&)>& on_evict) {
-  const std::size_t need = entry.bytes();
-  if (need > max_bytes_) return -1;
+  const std::size_t need = entry.host_bytes(), device_need = entry.device_bytes();
+  if (need > max_bytes_ || device_need > device_max_bytes_) return -1;
   if (!entry.tokens.empty()) {
     if (const Entry* same = find_exact(entry.space, entry.tokens)) remove(same->id);
   }
   int evicted = 0;
-  while (!order_.empty() && (entries_.size() >= capacity_ || bytes_ + need > max_bytes_)) {
-    const std::uint64_t victim = std::get<2>(*order_.begin());
-    if (on_evict) on_evict(entries_.at(victim));
-    remove(victim);
+  auto evict = [&](std::uint64_t id) {
+    if (on_evict) on_evict(entries_.at(id));
+    remove(id);
     ++evicted;
-  }
+  };
+  while (!order_.empty() && (entries_.size() >= capacity_ || bytes_ + need > max_bytes_)) evict(victim(nullptr));
+  // The device's budget only frees by evicting entries on that device (there
+  // is one while its bytes are above zero).
+  while (device_full(entry.space.device, device_need)) evict(victim(&entry.space.device));
   entry.id = next_id_++;
   entry.last_used = ++tick_;
   entry.uses = std::max<std::uint64_t>(entry.uses, 1);
@@ -100,9 +125,10 @@ int EntryStore::insert(Entry entry, const std::function<void(const Entry&)>& on_
     sem->second.add(id, entry.key);
   }
   bytes_ += need;
+  if (device_need > 0) device_bytes_[entry.space.device] += device_need;
   Usage& used = usage_[entry.space.name_space];
   ++used.entries;
-  used.bytes += need;
+  used.bytes += entry.bytes();
   order_.insert(order_key(entry));
   entries_.emplace(id, std::move(entry));
   return evicted;
@@ -115,6 +141,7 @@ void EntryStore::clear() {
   order_.clear();
   usage_.clear();
   bytes_ = 0;
+  device_bytes_.clear();
 }
 
 void EntryStore::clear(std::string_view name_space) {

@@ -23,11 +23,12 @@ namespace attention_echo::cache {
 
 class EntryStore {
  public:
-  EntryStore(EvictionPolicy policy, std::size_t capacity, std::size_t max_bytes)
-      : policy_(policy), capacity_(capacity), max_bytes_(max_bytes) {}
+  EntryStore(EvictionPolicy policy, std::size_t capacity, std::size_t max_bytes, std::size_t device_max_bytes)
+      : policy_(policy), capacity_(capacity), max_bytes_(max_bytes), device_max_bytes_(device_max_bytes) {}
 
   std::size_t size() const { return entries_.size(); }
-  std::size_t bytes() const { return bytes_; }
+  // Host and device bytes together.
+  std::size_t bytes() const;
 
   // What one namespace holds (tenants: per-namespace stats).
   struct Usage {
@@ -48,9 +49,10 @@ class EntryStore {
   void touch(std::uint64_t id);  // a hit: update recency / frequency
   void remove(std::uint64_t id);
   // Inserts, first removing an entry with the same exact tokens and evicting
-  // by policy until both limits hold, telling on_evict about each victim
-  // before it goes. Returns the number of evictions; an entry larger than
-  // max_bytes on its own is not stored (returns -1).
+  // by policy until the limits hold (capacity and max_bytes: any entry;
+  // device_max_bytes: entries on the new entry's device), telling on_evict
+  // about each victim before it goes. Returns the number of evictions; an
+  // entry larger than a limit on its own is not stored (returns -1).
   int insert(Entry entry, const std::function<void(const Entry&)>& on_evict = {});
   void clear();
   void clear(std::string_view name_space);  // that namespace's entries only
@@ -62,11 +64,16 @@ class EntryStore {
   using OrderKey = std::tuple<std::uint64_t, std::uint64_t, std::uint64_t>;  // (rank, last_used, id)
   OrderKey order_key(const Entry& e) const;
   std::uint64_t exact_hash(const KeySpace& space, std::span<const std::int32_t> tokens) const;
+  // The first entry in eviction order on `device` (null: on any).
+  std::uint64_t victim(const Device* device) const;
+  bool device_full(const Device& device, std::size_t need) const;
 
   EvictionPolicy policy_;
   std::size_t capacity_;
   std::size_t max_bytes_;
-  std::size_t bytes_ = 0;
+  std::size_t device_max_bytes_;
+  std::size_t bytes_ = 0;                       // host bytes
+  std::map<Device, std::size_t> device_bytes_;  // CUDA devices holding payloads
   std::uint64_t tick_ = 0;
   std::uint64_t next_id_ = 1;
   std::unordered_map<std::uint64_t, Entry> entries_;

@@ -19,7 +19,7 @@ class Guard {
   };
 
   // Checks prefix rows [0, rows) of problem.out, which a tier just wrote.
-  Verdict check(const kernels::AttentionProblem& problem, int rows, const kernels::Backend& backend) const;
+  Verdict check(const kernels::AnyAttentionProblem& problem, int rows, const kernels::Backend& backend) const;
 
  private:
   double max_error_;

@@ -18,6 +18,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cache/cache_impl.hpp"
 #include "cache/entry_codec.hpp"
@@ -162,7 +163,9 @@ void AttentionEchoCache::save(const std::string& path) const {
   BinaryWriter body;
   {
     std::lock_guard lock(impl_->mutex);
-    const auto entries = impl_->store.entries_by_age();
+    // Device payloads stay out: a snapshot is host memory, read back into host entries.
+    auto entries = impl_->store.entries_by_age();
+    std::erase_if(entries, [](const cache::Entry* e) { return !e->on_host(); });
     body.put<std::int32_t>(static_cast<std::int32_t>(impl_->config.hash_dim));
     body.put<std::uint64_t>(keyer_fingerprint(impl_->keyer));
     body.put<std::uint64_t>(entries.size());
@@ -204,7 +207,8 @@ void AttentionEchoCache::load(const std::string& path) {
   if (!r.done()) r.fail("trailing bytes");
 
   cache::EntryStore fresh(impl_->config.eviction_policy, static_cast<std::size_t>(impl_->config.capacity),
-                          static_cast<std::size_t>(impl_->config.max_bytes));
+                          static_cast<std::size_t>(impl_->config.max_bytes),
+                          static_cast<std::size_t>(impl_->config.device_max_bytes));
   std::map<std::string, std::uint64_t> dropped;  // per namespace
   for (auto& e : entries) {
     const std::string name_space = e.space.name_space;

@@ -28,7 +28,7 @@ namespace attention_echo::cache {
 // One attention_with_echo call: the request as the tiers see it, and the
 // result the cache fills in.
 struct Call {
-  kernels::AttentionProblem problem;
+  kernels::AnyAttentionProblem problem;
   int prefix = 0;                        // cached prefix rows: min(prefix_length, max_prefix_length)
   KeySpace space;
   MatrixView embeddings;                 // the semantic key's source

@@ -2,18 +2,23 @@
 // tiles carry sparse_mass of each query tile's attention; a similar prefix's
 // hit recomputes exact values on those tiles only, with the new q/k/v.
 #include <algorithm>
+#include <utility>
 
 #include "cache/tier.hpp"
 
 namespace attention_echo::cache {
 namespace {
 
+// The kept tiles as the capturing backend prepared them (a device plan for
+// a CUDA call), with their TileSet on the host.
 struct SparsePayload final : TierPayload {
-  kernels::TileSet tiles;
-  std::size_t bytes() const override {
-    return tiles.offsets.size() * sizeof(std::uint32_t) + tiles.cols.size() * sizeof(std::uint16_t);
-  }
+  std::unique_ptr<const kernels::KeptTiles> kept;
+  std::size_t bytes() const override { return kept->bytes(); }
 };
+
+const kernels::TileSet& tiles_of(const TierPayload& payload) {
+  return static_cast<const SparsePayload&>(payload).kept->tiles();
+}
 
 // Kept tiles of the causal prefix block [0, rows) over all of its tiles.
 double kept_fraction(const kernels::TileSet& kept, int rows) {
@@ -52,42 +57,42 @@ class SparseTier final : public ReuseTier {
   bool approximate() const override { return true; }
 
   std::unique_ptr<const TierPayload> capture(const Call& call, const kernels::Backend& backend) const override {
-    const kernels::TileMass mass = backend.exact_rows_with_tile_mass(call.problem, call.prefix, block_);
     auto p = std::make_unique<SparsePayload>();
-    p->tiles = kernels::select_tiles(mass, call.space.heads, keep_mass_);
+    p->kept = backend.exact_rows_with_kept_tiles(call.problem, call.prefix, block_, keep_mass_);
     return p;
   }
 
   // Rows [0, min(p, p_c)): cost is the kept share of the tiles.
   Served serve(const Call& call, const TierPayload& payload, int stored_prefix,
                const kernels::Backend& backend) const override {
-    const kernels::TileSet& tiles = static_cast<const SparsePayload&>(payload).tiles;
+    const kernels::KeptTiles& kept = *static_cast<const SparsePayload&>(payload).kept;
     const int rows = std::min(call.prefix, stored_prefix);
-    backend.sparse_rows(call.problem, rows, tiles);
-    const double kept = kept_fraction(tiles, rows);
-    return {rows, kept, kept};
+    backend.sparse_rows(call.problem, rows, kept);
+    const double share = kept_fraction(kept.tiles(), rows);
+    return {rows, share, share};
   }
 
   void write(const TierPayload& payload, BinaryWriter& out) const override {
-    const kernels::TileSet& t = static_cast<const SparsePayload&>(payload).tiles;
+    const kernels::TileSet& t = tiles_of(payload);
     for (int field : {t.block, t.tiles, t.heads}) out.put<std::int32_t>(field);
     out.put_vector(t.offsets);
     out.put_vector(t.cols);
   }
 
   std::unique_ptr<const TierPayload> read(BinaryReader& in) const override {
-    auto p = std::make_unique<SparsePayload>();
-    kernels::TileSet& t = p->tiles;
+    kernels::TileSet t;
     t.block = in.get<std::int32_t>("tile block");
     t.tiles = in.get<std::int32_t>("tile count");
     t.heads = in.get<std::int32_t>("tile heads");
     t.offsets = in.get_vector<std::uint32_t>("tile offsets");
     t.cols = in.get_vector<std::uint16_t>("tile columns");
+    auto p = std::make_unique<SparsePayload>();
+    p->kept = std::make_unique<kernels::KeptTiles>(std::move(t));  // snapshots hold host entries only
     return p;
   }
 
   std::string validate(const TierPayload& payload, const KeySpace& space, int prefix) const override {
-    return tile_set_problem(static_cast<const SparsePayload&>(payload).tiles, space, prefix);
+    return tile_set_problem(tiles_of(payload), space, prefix);
   }
 
  private:

@@ -44,6 +44,7 @@ void EchoConfig::validate() const {
     throw_invalid_field("adjustment_strength", "must be between 0 and 1");
   if (hash_dim <= 0) throw_invalid_field("hash_dim", "must be positive");
   if (max_bytes <= 0) throw_invalid_field("max_bytes", "must be positive");
+  if (device_max_bytes <= 0) throw_invalid_field("device_max_bytes", "must be positive");
   if (std::isnan(max_error) || max_error < 0.0)
     throw_invalid_field("max_error", "must be non-negative (inf disables the guard)");
   if (verify_rows < 1) throw_invalid_field("verify_rows", "must be at least 1");

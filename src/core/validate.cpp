@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "core/errors.hpp"
 
@@ -13,15 +14,23 @@
 namespace attention_echo {
 namespace {
 
-std::string shape(const BasicHeadsView<const float>& v) {
+template <typename View>
+std::string shape(const View& v) {
   return "[" + std::to_string(v.heads) + ", " + std::to_string(v.tokens) + ", " +
          std::to_string(v.dim) + "]";
 }
 
-void require_data(std::string_view name, const HeadsView& v) {
+template <typename View>
+void require_data(std::string_view name, const View& v) {
   if (v.heads < 1 || v.tokens < 1 || v.dim < 1)
     throw_invalid(name, "every dimension must be >= 1, got " + shape(v));
-  if (v.data == nullptr && v.pages == nullptr) throw_invalid(name, "data is null");
+  if constexpr (requires { v.pages; }) {
+    if (v.data == nullptr && v.pages == nullptr) throw_invalid(name, "data is null");
+  } else if (v.data == nullptr) {
+    // A paged float32 view converts to one with null data: only attention()
+    // and attention_rows() read pages.
+    throw_invalid(name, "data is null (paged views are read by attention() and attention_rows() only)");
+  }
 }
 
 void require_unpaged(std::string_view name, const HeadsView& v) {
@@ -74,7 +83,8 @@ void require_finite(std::string_view name, const HeadsView& v) {
     }
 }
 
-void require_device(std::string_view name, const HeadsView& v, const HeadsView& q) {
+template <typename View>
+void require_device(std::string_view name, const View& v, const View& q) {
   if (v.device != q.device) throw_invalid(name, "on " + to_string(v.device) + ", query on " + to_string(q.device));
 }
 
@@ -84,12 +94,15 @@ namespace {
 
 // What every attention entry point needs of q against k and v: q's rows are
 // positions [query_offset, T) of k's T.
-void validate_keys(const HeadsView& q, const HeadsView& k, const HeadsView& v, int query_offset) {
+template <typename View>
+void validate_keys(const View& q, const View& k, const View& v, int query_offset) {
   require_data("query", q);
   require_data("key", k);
   require_data("value", v);
-  require_unpaged("query", q);
-  require_pages(k, v);
+  if constexpr (std::is_same_v<View, HeadsView>) {
+    require_unpaged("query", q);
+    require_pages(k, v);
+  }
   require_device("key", k, q);
   require_device("value", v, q);
   if (k.dim != q.dim) throw_invalid("key", "head dim " + std::to_string(k.dim) + " != query's " + std::to_string(q.dim));
@@ -103,22 +116,38 @@ void validate_keys(const HeadsView& q, const HeadsView& k, const HeadsView& v, i
     throw_invalid("value", "shape " + shape(v) + " != key's " + shape(k));
 }
 
+// Shapes and devices of q, k, v and out, whatever their dtype.
+template <typename View>
+void validate_shapes(const View& q, const View& k, const View& v, const View& out, int prefix_length,
+                     int query_offset) {
+  validate_keys(q, k, v, query_offset);
+  require_data("out", out);
+  if constexpr (std::is_same_v<View, HeadsView>) require_unpaged("out", out);
+  require_device("out", out, q);
+  if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
+    throw_invalid("out", "shape " + shape(out) + " != query's " + shape(q));
+  if (prefix_length < 0 || prefix_length > k.tokens)
+    throw_invalid("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
+}
+
 }  // namespace
 
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                const MutableHeadsView& out, int prefix_length, int query_offset) {
-  validate_keys(q, k, v, query_offset);
-  require_data("out", as_const(out));
-  require_unpaged("out", as_const(out));
-  require_device("out", as_const(out), q);
-  if (out.heads != q.heads || out.tokens != q.tokens || out.dim != q.dim)
-    throw_invalid("out", "shape " + shape(as_const(out)) + " != query's " + shape(q));
-  if (prefix_length < 0 || prefix_length > k.tokens)
-    throw_invalid("prefix_length", "must be in [0, " + std::to_string(k.tokens) + "], got " + std::to_string(prefix_length));
+  validate_shapes(q, k, v, as_const(out), prefix_length, query_offset);
   if (q.device != Device::cpu()) return;
   require_finite("query", q);
   require_finite("key", k);
   require_finite("value", v);
+}
+
+void validate_attention_inputs(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                               const MutableAnyHeadsView& out, int prefix_length) {
+  for (auto [name, view] : {std::pair{"key", k}, std::pair{"value", v}, std::pair{"out", as_const(out)}})
+    if (view.dtype != q.dtype) throw_invalid(name, "dtype " + to_string(view.dtype) + " != query's " + to_string(q.dtype));
+  if (q.dtype == DType::kF32 && q.device == Device::cpu())
+    return validate_attention_inputs(as_float(q), as_float(k), as_float(v), as_float(out), prefix_length);
+  validate_shapes(q, k, v, as_const(out), prefix_length, 0);
 }
 
 void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,

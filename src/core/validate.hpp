@@ -19,6 +19,12 @@ namespace attention_echo {
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
                                const MutableHeadsView& out, int prefix_length, int query_offset = 0);
 
+// The same for views of any dtype, query_offset 0: k, v and out of q's
+// dtype; float32 host views are checked as above, device views for shapes
+// only (their backend checks dtype and layout).
+void validate_attention_inputs(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
+                               const MutableAnyHeadsView& out, int prefix_length);
+
 // q/k/v as above with query_offset 0; rows ascending in [0, T); out
 // [H, rows.size(), D]; only q's rows at `rows` are read (and checked).
 void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,

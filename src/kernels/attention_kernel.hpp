@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "attention_echo/tensor.hpp"
@@ -25,11 +26,14 @@ struct RowBlock;
 
 // Rows are named by their position i in the sequence: q and out hold
 // positions [query_offset, T) (query_offset + q.tokens == T == k.tokens).
-struct AttentionProblem {
-  HeadsView q;           // [H, T - query_offset, D]
-  HeadsView k;           // [Hkv, T, D]
-  HeadsView v;           // [Hkv, T, D]
-  MutableHeadsView out;  // like q
+// AttentionProblem is the host drivers' float32 form; AnyAttentionProblem,
+// views of any dtype and device, is what the backend seam takes.
+template <typename In, typename Out>
+struct BasicAttentionProblem {
+  In q;     // [H, T - query_offset, D]
+  In k;     // [Hkv, T, D]
+  In v;     // [Hkv, T, D]
+  Out out;  // like q
   float scale = 1.0f;
   bool causal = true;
   int prefix_length = 0;  // see attention.hpp for the non-causal mask
@@ -37,15 +41,28 @@ struct AttentionProblem {
 
   // One past the last position: T.
   int rows_end() const { return query_offset + q.tokens; }
-  const float* query(int h, int i) const { return q.row(h, i - query_offset); }
-  float* output(int h, int i) const { return out.row(h, i - query_offset); }
+  auto query(int h, int i) const { return q.row(h, i - query_offset); }
+  auto output(int h, int i) const { return out.row(h, i - query_offset); }
   // One past the last key row i attends to.
   int key_end(int i) const {
     if (causal) return i + 1;
     return i < prefix_length ? prefix_length : k.tokens;
   }
   int kv_head(int h) const { return h / (q.heads / k.heads); }
+
+  // A float32 problem as one of any dtype (the backend seam's form). A
+  // template, so the any-dtype problem itself declares no conversion to its
+  // own type.
+  template <typename To>
+    requires(std::is_same_v<To, BasicAttentionProblem<AnyHeadsView, MutableAnyHeadsView>> &&
+             !std::is_same_v<In, AnyHeadsView>)
+  operator To() const {
+    return {q, k, v, out, scale, causal, prefix_length, query_offset};
+  }
 };
+
+using AttentionProblem = BasicAttentionProblem<HeadsView, MutableHeadsView>;
+using AnyAttentionProblem = BasicAttentionProblem<AnyHeadsView, MutableAnyHeadsView>;
 
 // What one CPU call runs on: the tile loop compiled for the ISA the backend
 // chose for the call, and the pool its tasks go to.

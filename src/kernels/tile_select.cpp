@@ -11,9 +11,12 @@ namespace attention_echo::kernels {
 namespace {
 
 // Fewest tiles of one (h, I) row covering keep_mass of its total: the sink
-// and the diagonal first, then the heaviest others until covered. Tiles with
-// no mass are never needed, which also ends the loop when rounding keeps
-// the running sum a hair under a keep_mass of 1.
+// and the diagonal first, then the heaviest others (ties: the lower index)
+// until covered. Tiles with no mass are never needed, which also ends the
+// loop when rounding keeps the running sum a hair under a keep_mass of 1.
+// Kept sets are mostly a few tiles of hundreds, so the order is found
+// heaviest-first in growing batches (partial sorts) rather than by sorting
+// the whole row: 512-tile rows (32k tokens) were 400 ms of a GPU miss.
 void select_row(const float* mass, int tiles, int diagonal, double keep_mass, std::vector<int>& order,
                 std::vector<char>& keep) {
   keep.assign(tiles, 0);
@@ -22,12 +25,16 @@ void select_row(const float* mass, int tiles, int diagonal, double keep_mass, st
   double covered = mass[0] + (diagonal != 0 ? mass[diagonal] : 0.0);
   order.resize(tiles);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return mass[a] > mass[b]; });
-  for (int j : order) {
-    if (covered >= keep_mass * total || mass[j] <= 0.0f) break;
-    if (keep[j]) continue;
-    keep[j] = 1;
-    covered += mass[j];
+  const auto heavier = [&](int a, int b) { return mass[a] > mass[b] || (mass[a] == mass[b] && a < b); };
+  for (int done = 0, batch = std::min(tiles, 16); done < tiles; batch = std::min(tiles, 4 * batch)) {
+    std::partial_sort(order.begin() + done, order.begin() + batch, order.end(), heavier);
+    for (; done < batch; ++done) {
+      const int j = order[done];
+      if (covered >= keep_mass * total || mass[j] <= 0.0f) return;
+      if (keep[j]) continue;
+      keep[j] = 1;
+      covered += mass[j];
+    }
   }
 }
 

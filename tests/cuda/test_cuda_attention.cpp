@@ -13,185 +13,22 @@
 #include <functional>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "kernels/attention_kernel.hpp"
 #include "kernels/cuda/cuda_attention.hpp"
+#include "cuda/cuda_fixtures.hpp"
 
 namespace attention_echo::kernels::cuda {
 namespace {
 
-void ok(cudaError_t status) {
-  if (status != cudaSuccess) throw std::runtime_error(cudaGetErrorString(status));
-}
-
-// fp16/bf16 bits <-> float on the host.
-std::uint16_t to_bits(float x, DType dtype) {
-  std::uint16_t bits;
-  if (dtype == DType::kBF16) {
-    const __nv_bfloat16 v = __float2bfloat16(x);
-    std::memcpy(&bits, &v, 2);
-  } else {
-    const __half v = __float2half(x);
-    std::memcpy(&bits, &v, 2);
-  }
-  return bits;
-}
-float from_bits(std::uint16_t bits, DType dtype) {
-  if (dtype == DType::kBF16) {
-    __nv_bfloat16 v;
-    std::memcpy(&v, &bits, 2);
-    return __bfloat162float(v);
-  }
-  __half v;
-  std::memcpy(&v, &bits, 2);
-  return __half2float(v);
-}
-
-// One [heads, tokens, dim] tensor on the device and its rounded values on the host.
-struct Tensor {
-  int heads, tokens, dim;
-  DType dtype;
-  std::vector<float> host;
-  void* device = nullptr;
-
-  Tensor(int h, int t, int d, DType type) : heads(h), tokens(t), dim(d), dtype(type), host(size()) {
-    ok(cudaMalloc(&device, bytes()));
-  }
-  Tensor(const Tensor&) = delete;
-  ~Tensor() { cudaFree(device); }
-  std::size_t size() const { return static_cast<std::size_t>(heads) * tokens * dim; }
-  std::size_t bytes() const { return size() * 2; }
-  float at(int h, int t, int d) const { return host[(static_cast<std::size_t>(h) * tokens + t) * dim + d]; }
-
-  // Values mean + sigma * N(0, 1), rounded to dtype, uploaded.
-  void fill(std::mt19937& rng, float mean, float sigma) {
-    std::normal_distribution<float> normal(mean, sigma);
-    std::vector<std::uint16_t> bits(size());
-    for (std::size_t i = 0; i < size(); ++i) {
-      bits[i] = to_bits(normal(rng), dtype);
-      host[i] = from_bits(bits[i], dtype);
-    }
-    ok(cudaMemcpy(device, bits.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  // All bits set: NaN in fp16 and bf16, so an unwritten element shows.
-  void poison() { ok(cudaMemset(device, 0xff, bytes())); }
-  std::vector<float> download() const {
-    std::vector<std::uint16_t> bits(size());
-    ok(cudaMemcpy(bits.data(), device, bytes(), cudaMemcpyDeviceToHost));
-    std::vector<float> out(size());
-    for (std::size_t i = 0; i < size(); ++i) out[i] = from_bits(bits[i], dtype);
-    return out;
-  }
-  std::vector<std::uint16_t> download_bits() const {
-    std::vector<std::uint16_t> bits(size());
-    ok(cudaMemcpy(bits.data(), device, bytes(), cudaMemcpyDeviceToHost));
-    return bits;
-  }
-  DeviceHeads view() const { return DeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
-  MutableDeviceHeads mutable_view() { return MutableDeviceHeads::contiguous(device, dtype, heads, tokens, dim); }
-};
-
-struct Case {
-  int heads, kv_heads, tokens, dim;
-  DType dtype;
-  bool causal = true;
-  int prefix_length = 0;
-  int query_offset = 0;
-  float mean = 0.0f, sigma = 1.0f;  // of q and k
-};
-
-// q, k, v and out of one problem, filled with fresh random values.
-struct Problem {
-  Case c;
-  Tensor q, k, v, out;
-  Problem(const Case& cs, unsigned seed)
-      : c(cs),
-        q(cs.heads, cs.tokens - cs.query_offset, cs.dim, cs.dtype),
-        k(cs.kv_heads, cs.tokens, cs.dim, cs.dtype),
-        v(cs.kv_heads, cs.tokens, cs.dim, cs.dtype),
-        out(cs.heads, cs.tokens - cs.query_offset, cs.dim, cs.dtype) {
-    std::mt19937 rng(seed);
-    q.fill(rng, cs.mean, cs.sigma);
-    k.fill(rng, cs.mean, cs.sigma);
-    v.fill(rng, 0.0f, 1.0f);
-    out.poison();
-  }
-  float scale() const { return 1.0f / std::sqrt(static_cast<float>(c.dim)); }
-  DeviceProblem device() {
-    return {q.view(), k.view(), v.view(), out.mutable_view(), scale(), c.causal, c.prefix_length, c.query_offset};
-  }
-  int key_end(int i) const {
-    if (c.causal) return i + 1;
-    return i < c.prefix_length ? c.prefix_length : c.tokens;
-  }
-  int kv(int h) const { return h / (c.heads / c.kv_heads); }
-
-  // Softmax probabilities of row i (a position) of head h over keys
-  // [0, key_end(i)) that `allowed` admits, in float64.
-  std::vector<double> probabilities(int h, int i, const std::function<bool(int)>& allowed) const {
-    std::vector<double> p(key_end(i), 0.0);
-    double max = -INFINITY;
-    for (int j = 0; j < key_end(i); ++j) {
-      if (!allowed(j)) continue;
-      double dot = 0.0;
-      for (int d = 0; d < c.dim; ++d)
-        dot += static_cast<double>(q.at(h, i - c.query_offset, d)) * k.at(kv(h), j, d);
-      p[j] = dot * scale();
-      max = std::max(max, p[j]);
-    }
-    double sum = 0.0;
-    for (int j = 0; j < key_end(i); ++j) sum += p[j] = allowed(j) ? std::exp(p[j] - max) : 0.0;
-    for (double& x : p) x /= sum;
-    return p;
-  }
-  std::vector<double> reference_row(int h, int i, const std::function<bool(int)>& allowed) const {
-    const auto p = probabilities(h, i, allowed);
-    std::vector<double> o(c.dim, 0.0);
-    for (int j = 0; j < key_end(i); ++j)
-      for (int d = 0; d < c.dim; ++d) o[d] += p[j] * v.at(kv(h), j, d);
-    return o;
-  }
-};
-
-bool every_key(int) { return true; }
-
-// ||out - ref|| / ||ref|| over the given rows (positions) of every head;
-// fails on any non-finite output.
-double relative_error(const Problem& p, const std::vector<float>& out, const std::vector<int>& rows,
-                      const std::function<bool(int, int, int)>& allowed) {
-  double err = 0.0, norm = 0.0;
-  for (int h = 0; h < p.c.heads; ++h)
-    for (int i : rows) {
-      const auto ref = p.reference_row(h, i, [&](int j) { return allowed(h, i, j); });
-      for (int d = 0; d < p.c.dim; ++d) {
-        const float o = out[(static_cast<std::size_t>(h) * p.out.tokens + i - p.c.query_offset) * p.c.dim + d];
-        if (!std::isfinite(o)) return INFINITY;
-        err += (o - ref[d]) * (o - ref[d]);
-        norm += ref[d] * ref[d];
-      }
-    }
-  return std::sqrt(err / norm);
-}
-
-std::vector<int> all_rows(const Problem& p) {
-  std::vector<int> rows(p.out.tokens);
-  for (int i = 0; i < p.out.tokens; ++i) rows[i] = p.c.query_offset + i;
-  return rows;
-}
-
-// bf16 keeps 8 significant bits, fp16 11: the output's own rounding and P's
-// rounding before P V bound the error.
-double tolerance(DType dtype) { return dtype == DType::kBF16 ? 1e-2 : 2e-3; }
+using namespace testing;
 
 class CudaAttention : public ::testing::Test {
  protected:
   void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-      cudaGetLastError();
-      GTEST_SKIP() << "no CUDA device";
-    }
+    if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   }
   double exact_error(const Case& c, unsigned seed, const std::vector<int>* rows = nullptr) {
     Problem p(c, seed);
@@ -329,7 +166,7 @@ TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
     Problem p({4, 2, 1300, 64, DType::kBF16}, 10 + block);
     const int prefix = 1200;
     const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);
-    const TileSet kept = select_tiles(mass, 4, 0.6);
+    const TileSet kept = kernels::select_tiles(mass, 4, 0.6);
     const std::size_t causal_tiles = static_cast<std::size_t>(4) * mass.tiles * (mass.tiles + 1) / 2;
     ASSERT_LT(kept.cols.size(), causal_tiles) << "the test needs dropped tiles";
     p.out.poison();
@@ -342,6 +179,34 @@ TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
               tolerance(DType::kBF16))
         << "block " << block;
   }
+}
+
+void expect_same_tiles(const TileSet& device, const TileSet& host, const std::string& what) {
+  EXPECT_EQ(device.offsets, host.offsets) << what;
+  EXPECT_EQ(device.cols, host.cols) << what;
+}
+
+// The device's selection (bisection on the masses' bits) keeps what the
+// host's (a heaviest-first walk) keeps, on recorded mass and on masses made
+// of ties and zeros.
+TEST_F(CudaAttention, DeviceTileSelectionEqualsTheHosts) {
+  Problem p({4, 2, 1300, 64, DType::kBF16}, 31);
+  const DeviceTileMass recorded = exact_attention_with_tile_mass(p.device(), 1200, 64, nullptr);
+  const TileMass host = recorded.to_host(nullptr);
+  for (double keep : {0.0, 0.5, 0.9, 0.98, 1.0})
+    expect_same_tiles(select_tiles(recorded, keep, nullptr), kernels::select_tiles(host, 4, keep),
+                      "recorded, keep " + std::to_string(keep));
+
+  const int heads = 3, tiles = 70;  // more than two words of bits a row
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> level(0, 3);
+  TileMass ties{64, tiles, std::vector<float>(static_cast<std::size_t>(heads) * tiles * tiles)};
+  for (float& x : ties.mass) x = 0.125f * level(rng);  // many equal masses, a quarter of them zero
+  DeviceTileMass uploaded{64, tiles, heads, DeviceBuffer(ties.mass.size() * sizeof(float), nullptr)};
+  ok(cudaMemcpy(uploaded.mass.data(), ties.mass.data(), uploaded.mass.bytes(), cudaMemcpyHostToDevice));
+  for (double keep : {0.3, 0.7, 1.0})
+    expect_same_tiles(select_tiles(uploaded, keep, nullptr), kernels::select_tiles(ties, heads, keep),
+                      "ties, keep " + std::to_string(keep));
 }
 
 TEST_F(CudaAttention, CopyRowsAnyStrides) {

@@ -5,7 +5,12 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -27,7 +32,48 @@ void check_cuda(cudaError_t status, const char* what) {
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
+// The stream-ordered pool scratch comes from, one per device. It keeps what
+// it reserved between calls (release threshold: everything), as PyTorch's
+// caching allocator does: the default pool returns memory to the driver at
+// every synchronisation, and every call (each synchronises once, for the
+// fingerprint or the guard) then mapped its scratch afresh; a 32k exact hit
+// went from 0.57 to 0.36 ms (H200, bench_echo.py). It holds the largest
+// scratch a call needed: the tile mass's, H x tiles x prefix floats, 2.1 GB
+// at 32k tokens. Its own pool, so the device's default pool keeps the
+// process's settings.
+cudaMemPool_t scratch_pool() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::map<int, cudaMemPool_t> pools;  // never destroyed: the process's lifetime
+  const std::lock_guard lock(mutex);
+  auto [it, added] = pools.try_emplace(device, nullptr);
+  if (!added) return it->second;
+  cudaMemPoolProps props{};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location = {cudaMemLocationTypeDevice, device};
+  cudaMemPool_t pool = nullptr;
+  check_cuda(cudaMemPoolCreate(&pool, &props), "cudaMemPoolCreate");
+  std::uint64_t keep = std::numeric_limits<std::uint64_t>::max();
+  check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  return it->second = pool;
+}
+
+// A device buffer's contents on the host, once the stream gets there (waits for it).
+template <typename T>
+std::vector<T> download(const DeviceBuffer& buffer, void* stream) {
+  std::vector<T> host(buffer.bytes() / sizeof(T));
+  if (host.empty()) return host;
+  check_cuda(cudaMemcpyAsync(host.data(), buffer.data(), buffer.bytes(), cudaMemcpyDeviceToHost, as_stream(stream)),
+             "cudaMemcpyAsync");
+  check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+  return host;
+}
+
 __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T, int D, bool kMass>
 __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelParams p) {
@@ -49,9 +95,9 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
   const std::uint32_t* plan = nullptr;
   int count;
   if (p.plan_offsets != nullptr) {
-    const std::uint32_t first = p.plan_offsets[head * gridDim.x + block];
+    const std::uint32_t first = p.plan_offsets[head * p.plan_blocks + block];
     plan = p.plan_entries + first;
-    count = static_cast<int>(p.plan_offsets[head * gridDim.x + block + 1] - first);
+    count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - first);
   } else {
     const int last = min(row0 + kBlockRows, p.row_end) - 1;
     count = ceil_div(min(key_end(p, last), p.tokens), kChunkKeys);
@@ -145,6 +191,67 @@ __global__ void tile_mass_kernel(const float* mass_log, const float* row_lse, fl
   }
 }
 
+// A sum over the block, the same bits every run (fixed reduction order);
+// every thread gets it.
+__device__ double block_sum(double x) {
+  __shared__ double warp_sums[kWarps];
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  __syncthreads();  // warp_sums of an earlier call are read
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = x;
+  __syncthreads();
+  double sum = 0.0;
+  for (int w = 0; w < kWarps; ++w) sum += warp_sums[w];
+  return sum;
+}
+
+// One block per row (h * tiles + I) of the tile mass: the kept set
+// select_tiles defines (the sink, the diagonal, then the heaviest others,
+// ties by lower index, until keep_mass of the row is covered; never a tile
+// without mass), found without sorting. The float bits of non-negative
+// masses order like the masses, so the threshold is bisected on them: the
+// largest b whose others of mass >= b still cover what is needed. The others
+// above b are kept, and of those exactly at b the lowest indices that
+// complete it. Written as a bit per tile.
+__global__ void select_tiles_kernel(const float* mass, int tiles, double keep_mass, std::uint32_t* kept, int words) {
+  const int row = blockIdx.x, diagonal = row % tiles;
+  const float* m = mass + static_cast<std::int64_t>(row) * tiles;
+  std::uint32_t* bits = kept + static_cast<std::int64_t>(row) * words;
+  auto bits_of = [&](int j) { return __float_as_uint(m[j]); };
+  auto other = [&](int j) { return j != 0 && j != diagonal; };
+  auto others_from = [&](std::uint32_t b) {  // the others' mass at or above bit pattern b
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < tiles; j += blockDim.x)
+      if (other(j) && bits_of(j) >= b) sum += m[j];
+    return block_sum(sum);
+  };
+  double total = 0.0;
+  for (int j = threadIdx.x; j < tiles; j += blockDim.x) total += m[j];
+  const double need = keep_mass * block_sum(total) - m[0] - (diagonal != 0 ? m[diagonal] : 0.0);
+  constexpr std::uint32_t kInf = 0x7f800000u;
+  std::uint32_t keep_from = kInf, tie = 0;  // the sink and the diagonal alone; no ties
+  if (need > 0.0 && others_from(1) < need) {
+    keep_from = 1;  // rounding: every other tile with mass, and still short
+  } else if (need > 0.0) {
+    std::uint32_t lo = 1, hi = kInf;  // others_from(lo) >= need > others_from(hi)
+    while (hi - lo > 1) {
+      const std::uint32_t mid = lo + (hi - lo) / 2;
+      (others_from(mid) >= need ? lo : hi) = mid;
+    }
+    keep_from = hi, tie = lo;
+  }
+  double covered = tie != 0 ? others_from(keep_from) : 0.0;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < tiles; j += blockDim.x)
+    if (!other(j) || bits_of(j) >= keep_from) atomicOr(bits + j / 32, 1u << (j % 32));
+  if (threadIdx.x != 0 || tie == 0) return;
+  for (int j = 1; j < tiles && covered < need; ++j)
+    if (other(j) && bits_of(j) == tie) {
+      atomicOr(bits + j / 32, 1u << (j % 32));
+      covered += m[j];
+    }
+}
+
 // Rows [0, rows) of every head, 16 bytes a thread.
 __global__ void copy_rows_kernel(const uint4* src, std::int64_t src_head, std::int64_t src_token, uint4* dst,
                                  std::int64_t dst_head, std::int64_t dst_token, int heads, int rows, int pieces) {
@@ -172,13 +279,22 @@ void check_view(std::string_view name, const V& view) {
     cudaGetLastError();  // clear the sticky error of a host pointer
     throw_invalid(name, "must be in CUDA device memory");
   }
+  int current = 0;
+  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (attributes.device != current)
+    throw_invalid(name, "is on cuda:" + std::to_string(attributes.device) + ", the call runs on cuda:" +
+                            std::to_string(current));
 }
+
+}  // namespace
 
 void check_problem(const DeviceProblem& p) {
   check_view("query", p.q);
   check_view("key", p.k);
   check_view("value", p.v);
   check_view("out", p.out);
+  if (p.q.dtype != DType::kF16 && p.q.dtype != DType::kBF16)
+    throw_invalid("query", "dtype must be float16 or bfloat16 on CUDA, got " + to_string(p.q.dtype));
   if (p.q.dim != 64 && p.q.dim != 128)
     throw_invalid("query", "dim must be 64 or 128 on CUDA, got " + std::to_string(p.q.dim));
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
@@ -194,6 +310,8 @@ void check_problem(const DeviceProblem& p) {
   if (p.prefix_length < 0 || p.prefix_length > p.k.tokens) throw_invalid("prefix_length", "must be in [0, T]");
   if (!(std::isfinite(p.scale) && p.scale > 0.0f)) throw_invalid("scale", "must be positive and finite");
 }
+
+namespace {
 
 KernelParams make_params(const DeviceProblem& p, int row_end) {
   constexpr float kLog2e = 1.44269504088896340736f;
@@ -250,30 +368,27 @@ void check_block(int block) {
 
 // --- DeviceBuffer, DeviceTileMass, DeviceTilePlan ---
 
-DeviceBuffer::DeviceBuffer(std::size_t bytes, void* stream) : data_(nullptr, Free{stream}), bytes_(bytes) {
+DeviceBuffer::DeviceBuffer(std::size_t bytes, void* stream) : data_(nullptr, Free{stream, true}), bytes_(bytes) {
   if (bytes == 0) return;
   void* p = nullptr;
-  check_cuda(cudaMallocAsync(&p, bytes, as_stream(stream)), "cudaMallocAsync");
+  check_cuda(cudaMallocFromPoolAsync(&p, bytes, scratch_pool(), as_stream(stream)), "cudaMallocFromPoolAsync");
   data_.reset(p);
 }
 
-void DeviceBuffer::Free::operator()(void* p) const {
-  cudaFreeAsync(p, as_stream(stream));  // a destructor cannot throw: an error stays sticky for the next call
+DeviceBuffer::DeviceBuffer(std::size_t bytes) : data_(nullptr, Free{nullptr, false}), bytes_(bytes) {
+  if (bytes == 0) return;
+  void* p = nullptr;
+  check_cuda(cudaMalloc(&p, bytes), "cudaMalloc");
+  data_.reset(p);
 }
 
-TileMass DeviceTileMass::to_host(void* stream) const {
-  TileMass host;
-  host.block = block;
-  host.tiles = tiles;
-  host.mass.resize(static_cast<std::size_t>(heads) * tiles * tiles);
-  if (!host.mass.empty()) {
-    check_cuda(cudaMemcpyAsync(host.mass.data(), mass.data(), host.mass.size() * sizeof(float), cudaMemcpyDeviceToHost,
-                               as_stream(stream)),
-               "cudaMemcpyAsync");
-    check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
-  }
-  return host;
+// A destructor cannot throw: an error stays sticky for the next call.
+void DeviceBuffer::Free::operator()(void* p) const {
+  if (ordered) cudaFreeAsync(p, as_stream(stream));
+  else cudaFree(p);
 }
+
+TileMass DeviceTileMass::to_host(void* stream) const { return {block, tiles, download<float>(mass, stream)}; }
 
 DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : heads_(kept.heads), rows_(rows) {
   if (kept.block <= 0 || kept.block % kChunkKeys != 0)
@@ -287,22 +402,31 @@ DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : he
 
   const int blocks = ceil_div(rows, kBlockRows);
   const int chunks_per_tile = kept.block / kChunkKeys;
+  // Per block only the chunks its warps keep are touched (a few of hundreds
+  // at 32k tokens), so the plan costs what it holds, not blocks x chunks.
   std::vector<std::uint8_t> warps(static_cast<std::size_t>(kept.tiles) * chunks_per_tile);
-  std::vector<std::uint32_t> offsets{0}, entries;
+  std::vector<std::uint32_t> offsets{0}, entries, touched;
   for (int h = 0; h < kept.heads; ++h)
     for (int b = 0; b < blocks; ++b) {
-      std::fill(warps.begin(), warps.end(), 0);
+      touched.clear();
       for (int w = 0; w < kWarps && b * kBlockRows + w * kWarpRows < rows; ++w) {
         const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + (b * kBlockRows + w * kWarpRows) / kept.block;
         for (auto i = kept.offsets[slot]; i < kept.offsets[slot + 1]; ++i)
-          for (int c = 0; c < chunks_per_tile; ++c) warps[kept.cols[i] * chunks_per_tile + c] |= 1u << w;
+          for (int c = 0; c < chunks_per_tile; ++c) {
+            const std::uint32_t chunk = kept.cols[i] * chunks_per_tile + c;
+            if (warps[chunk] == 0) touched.push_back(chunk);
+            warps[chunk] |= 1u << w;
+          }
       }
-      for (std::size_t c = 0; c < warps.size(); ++c)
-        if (warps[c] != 0) entries.push_back(static_cast<std::uint32_t>(c) | static_cast<std::uint32_t>(warps[c]) << 16);
+      std::sort(touched.begin(), touched.end());  // the kernel walks chunks ascending
+      for (std::uint32_t chunk : touched) {
+        entries.push_back(chunk | static_cast<std::uint32_t>(warps[chunk]) << 16);
+        warps[chunk] = 0;
+      }
       offsets.push_back(static_cast<std::uint32_t>(entries.size()));
     }
-  offsets_ = DeviceBuffer(offsets.size() * sizeof(std::uint32_t), stream);
-  entries_ = DeviceBuffer(entries.size() * sizeof(std::uint32_t), stream);
+  offsets_ = DeviceBuffer(offsets.size() * sizeof(std::uint32_t));
+  entries_ = DeviceBuffer(entries.size() * sizeof(std::uint32_t));
   // Pageable sources: the copies have read them by the time they return.
   check_cuda(cudaMemcpyAsync(offsets_.data(), offsets.data(), offsets_.bytes(), cudaMemcpyHostToDevice, as_stream(stream)),
              "cudaMemcpyAsync");
@@ -310,6 +434,25 @@ DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : he
     check_cuda(cudaMemcpyAsync(entries_.data(), entries.data(), entries_.bytes(), cudaMemcpyHostToDevice,
                                as_stream(stream)),
                "cudaMemcpyAsync");
+}
+
+TileSet select_tiles(const DeviceTileMass& mass, double keep_mass, void* stream) {
+  if (!(keep_mass >= 0.0 && keep_mass <= 1.0)) throw_invalid("keep_mass", "must be in [0, 1]");
+  TileSet kept{mass.block, mass.tiles, mass.heads, {0}, {}};
+  const int rows = mass.heads * mass.tiles, words = ceil_div(mass.tiles, 32);
+  if (rows == 0) return kept;
+  const DeviceBuffer bits(static_cast<std::size_t>(rows) * words * sizeof(std::uint32_t), stream);
+  select_tiles_kernel<<<rows, kThreads, 0, as_stream(stream)>>>(static_cast<const float*>(mass.mass.data()), mass.tiles,
+                                                                keep_mass, static_cast<std::uint32_t*>(bits.data()), words);
+  check_cuda(cudaGetLastError(), "tile selection kernel launch");
+  const std::vector<std::uint32_t> host = download<std::uint32_t>(bits, stream);
+  for (int r = 0; r < rows; ++r) {
+    for (int w = 0; w < words; ++w)
+      for (std::uint32_t word = host[static_cast<std::size_t>(r) * words + w]; word != 0; word &= word - 1)
+        kept.cols.push_back(static_cast<std::uint16_t>(w * 32 + std::countr_zero(word)));
+    kept.offsets.push_back(static_cast<std::uint32_t>(kept.cols.size()));
+  }
+  return kept;
 }
 
 // --- entry points ---
@@ -348,14 +491,16 @@ DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int 
   return result;
 }
 
-void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream) {
+void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream, int rows) {
   check_problem(problem);
+  if (rows < 0) rows = plan.rows();
   if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 for prefix rows");
   if (plan.heads() != problem.q.heads) throw_invalid("plan", "heads != the problem's query heads");
-  if (plan.rows() > problem.k.tokens) throw_invalid("plan", "rows must be <= T");
-  KernelParams params = make_params(problem, plan.rows());
+  if (rows > plan.rows() || rows > problem.k.tokens) throw_invalid("rows", "must be <= the plan's rows and T");
+  KernelParams params = make_params(problem, rows);
   params.plan_offsets = plan.offsets();
   params.plan_entries = plan.entries();
+  params.plan_blocks = ceil_div(plan.rows(), kBlockRows);
   dispatch<false>(problem, params, stream);
 }
 
@@ -374,6 +519,183 @@ void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, 
       static_cast<const uint4*>(src.data), src.head_stride / 8, src.token_stride / 8, static_cast<uint4*>(dst.data),
       dst.head_stride / 8, dst.token_stride / 8, src.heads, rows, pieces);
   check_cuda(cudaGetLastError(), "copy kernel launch");
+}
+
+// --- k fingerprint and guard rows ---
+
+namespace {
+
+constexpr std::uint64_t kHashMul = 0x9fb21c651e98df25ULL;
+
+__host__ __device__ std::uint64_t hash_step(std::uint64_t h, std::uint64_t word) {
+  h = (h ^ word) * kHashMul;
+  return h ^ (h >> 32);
+}
+
+// One thread per (head, token) row: its 8-byte words hashed from a seed of
+// the row's index, so equal rows at other positions differ; rows summed mod
+// 2^64, which no scheduling order changes. Strides in bytes.
+__global__ void fingerprint_kernel(const unsigned char* k, std::int64_t head_stride, std::int64_t token_stride,
+                                   int heads, int prefix, int words, unsigned long long* sum) {
+  unsigned long long local = 0;
+  const std::int64_t total = static_cast<std::int64_t>(heads) * prefix;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const auto* row = reinterpret_cast<const std::uint64_t*>(k + (i / prefix) * head_stride + (i % prefix) * token_stride);
+    std::uint64_t h = hash_step(0x243f6a8885a308d3ULL, static_cast<std::uint64_t>(i));
+    for (int w = 0; w < words; ++w) h = hash_step(h, row[w]);
+    local += h;
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  if ((threadIdx.x & 31) == 0) atomicAdd(sum, local);
+}
+
+// Keys per block of the guard's row kernel: enough blocks to fill the GPU
+// with 8 rows of a few heads, few enough partial states to combine.
+constexpr int kGuardSplit = 1024;
+
+// One block per (guard row, head, split of kGuardSplit keys): its warps take
+// every kWarps-th key, each lane D/32 dims; the split's online-softmax state
+// (m in log2 units, l, o[D]) goes to partial[(r, head, split)].
+template <typename T, int D>
+__global__ void guard_partials_kernel(KernelParams p, const int* rows, int splits, float* partial) {
+  constexpr int kPer = D / 32;
+  const int r = blockIdx.x, head = blockIdx.y, split = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = rows[r], begin = split * kGuardSplit, end = min(key_end(p, row), begin + kGuardSplit);
+  const int kv = head / p.group;
+  const T* q = static_cast<const T*>(p.q) + head * p.q_head_stride + (row - p.query_offset) * p.q_token_stride;
+  const T* kh = static_cast<const T*>(p.k) + kv * p.k_head_stride + lane * kPer;
+  const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride + lane * kPer;
+  float qf[kPer], o[kPer];
+  for (int i = 0; i < kPer; ++i) qf[i] = to_float(q[lane * kPer + i]) * p.scale_log2, o[i] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int j = begin + warp; j < end; j += kWarps) {
+    float s = 0.0f;
+    for (int i = 0; i < kPer; ++i) s += qf[i] * to_float(kh[j * p.k_token_stride + i]);
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    const float m_new = fmaxf(m, s), alpha = exp2f(m - m_new), e = exp2f(s - m_new);
+    l = l * alpha + e;
+    for (int i = 0; i < kPer; ++i) o[i] = o[i] * alpha + e * to_float(vh[j * p.v_token_stride + i]);
+    m = m_new;
+  }
+  __shared__ float warp_m[kWarps], warp_l[kWarps], warp_o[kWarps][D];
+  if (lane == 0) warp_m[warp] = m, warp_l[warp] = l;
+  for (int i = 0; i < kPer; ++i) warp_o[warp][lane * kPer + i] = o[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float top = -INFINITY, weight[kWarps], sum = 0.0f;
+  for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_m[w]);
+  for (int w = 0; w < kWarps; ++w) {
+    weight[w] = warp_m[w] == -INFINITY ? 0.0f : exp2f(warp_m[w] - top);
+    sum += weight[w] * warp_l[w];
+  }
+  float* state = partial + ((static_cast<std::int64_t>(r) * gridDim.y + head) * splits + split) * (D + 2);
+  for (int i = 0; i < kPer; ++i) {
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += weight[w] * warp_o[w][lane * kPer + i];
+    state[2 + lane * kPer + i] = acc;
+  }
+  if (lane == 0) state[0] = top, state[1] = sum;
+}
+
+// One block of D threads per head: each guard row's split states combined
+// into the exact row and compared with out's row; error[head] gets
+// ||out - exact|| / ||exact|| over the rows.
+template <typename T, int D>
+__global__ void guard_error_kernel(KernelParams p, const int* rows, int count, int splits, const float* partial,
+                                   float* error) {
+  const int head = blockIdx.x, d = threadIdx.x;
+  double diff2 = 0.0, ref2 = 0.0;
+  for (int r = 0; r < count; ++r) {
+    const float* states = partial + (static_cast<std::int64_t>(r) * gridDim.x + head) * splits * (D + 2);
+    float top = -INFINITY, sum = 0.0f, acc = 0.0f;
+    for (int s = 0; s < splits; ++s) top = fmaxf(top, states[s * (D + 2)]);
+    for (int s = 0; s < splits; ++s) {
+      const float* st = states + s * (D + 2);
+      if (st[0] == -INFINITY) continue;  // a split past the row's keys
+      const float w = exp2f(st[0] - top);
+      sum += w * st[1];
+      acc += w * st[2 + d];
+    }
+    const double exact = acc / sum;
+    const T* out = static_cast<const T*>(p.out) + head * p.out_head_stride + (rows[r] - p.query_offset) * p.out_token_stride;
+    const double diff = to_float(out[d]) - exact;
+    diff2 += diff * diff;
+    ref2 += exact * exact;
+  }
+  __shared__ double shared[2][D / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    diff2 += __shfl_xor_sync(0xffffffffu, diff2, o);
+    ref2 += __shfl_xor_sync(0xffffffffu, ref2, o);
+  }
+  if ((d & 31) == 0) shared[0][d / 32] = diff2, shared[1][d / 32] = ref2;
+  __syncthreads();
+  if (d != 0) return;
+  diff2 = ref2 = 0.0;
+  for (int w = 0; w < D / 32; ++w) diff2 += shared[0][w], ref2 += shared[1][w];
+  error[head] = static_cast<float>(ref2 > 0.0 ? sqrt(diff2 / ref2) : sqrt(diff2));
+}
+
+// f.template operator()<T, D>() for the problem's dtype and head dim.
+template <typename F>
+void with_types(const DeviceProblem& p, F&& f) {
+  const bool bf16 = p.q.dtype == DType::kBF16;
+  if (p.q.dim == 128)
+    bf16 ? f.template operator()<__nv_bfloat16, 128>() : f.template operator()<__half, 128>();
+  else
+    bf16 ? f.template operator()<__nv_bfloat16, 64>() : f.template operator()<__half, 64>();
+}
+
+}  // namespace
+
+std::uint64_t k_fingerprint(const DeviceHeads& k, int prefix, void* stream) {
+  check_view("key", k);
+  if (k.dtype != DType::kF16 && k.dtype != DType::kBF16) throw_invalid("key", "dtype must be float16 or bfloat16");
+  if (k.dim % 4 != 0) throw_invalid("key", "dim must be a multiple of 4");
+  if (prefix < 0 || prefix > k.tokens) throw_invalid("prefix", "must be in [0, key tokens]");
+  const DeviceBuffer sum(sizeof(std::uint64_t), stream);
+  check_cuda(cudaMemsetAsync(sum.data(), 0, sum.bytes(), as_stream(stream)), "cudaMemsetAsync");
+  const std::int64_t rows = static_cast<std::int64_t>(k.heads) * prefix;
+  if (rows > 0) {
+    const int blocks = static_cast<int>(std::min<std::int64_t>((rows + 255) / 256, 132 * 8));
+    fingerprint_kernel<<<blocks, 256, 0, as_stream(stream)>>>(
+        static_cast<const unsigned char*>(k.data), k.head_stride * 2, k.token_stride * 2, k.heads, prefix, k.dim / 4,
+        static_cast<unsigned long long*>(sum.data()));
+    check_cuda(cudaGetLastError(), "fingerprint kernel launch");
+  }
+  return hash_step(download<std::uint64_t>(sum, stream)[0], static_cast<std::uint64_t>(rows));
+}
+
+double max_row_error(const DeviceProblem& problem, std::span<const int> rows, void* stream) {
+  check_problem(problem);
+  if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 for guard rows");
+  for (std::size_t r = 0; r < rows.size(); ++r)
+    if (rows[r] < 0 || rows[r] >= problem.k.tokens || (r > 0 && rows[r] <= rows[r - 1]))
+      throw_invalid("rows", "must be ascending positions in [0, T)");
+  if (rows.empty()) return 0.0;
+  const int heads = problem.q.heads, count = static_cast<int>(rows.size()), dim = problem.q.dim;
+  const KernelParams params = make_params(problem, problem.k.tokens);
+  const int last = rows.back();
+  const int keys = problem.causal ? last + 1 : (last < problem.prefix_length ? problem.prefix_length : problem.k.tokens);
+  const int splits = ceil_div(keys, kGuardSplit);
+  const DeviceBuffer row_list(rows.size_bytes(), stream);
+  const DeviceBuffer partial(static_cast<std::size_t>(count) * heads * splits * (dim + 2) * sizeof(float), stream);
+  const DeviceBuffer error(static_cast<std::size_t>(heads) * sizeof(float), stream);
+  // Pageable source: the copy has read it by the time it returns.
+  check_cuda(cudaMemcpyAsync(row_list.data(), rows.data(), rows.size_bytes(), cudaMemcpyHostToDevice, as_stream(stream)),
+             "cudaMemcpyAsync");
+  const auto* row_data = static_cast<const int*>(row_list.data());
+  with_types(problem, [&]<typename T, int D>() {
+    guard_partials_kernel<T, D><<<dim3(count, heads, splits), kThreads, 0, as_stream(stream)>>>(
+        params, row_data, splits, static_cast<float*>(partial.data()));
+    guard_error_kernel<T, D><<<heads, D, 0, as_stream(stream)>>>(params, row_data, count, splits,
+                                                                  static_cast<const float*>(partial.data()),
+                                                                  static_cast<float*>(error.data()));
+  });
+  check_cuda(cudaGetLastError(), "guard kernel launch");
+  const std::vector<float> per_head = download<float>(error, stream);
+  return *std::max_element(per_head.begin(), per_head.end());
 }
 
 }  // namespace attention_echo::kernels::cuda

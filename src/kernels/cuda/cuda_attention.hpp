@@ -19,34 +19,22 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 
 #include "kernels/attention_kernel.hpp"
 
 namespace attention_echo::kernels::cuda {
 
-enum class DType { kF16, kBF16 };
+// The library's dtype; the kernels take kF16 and kBF16.
+using attention_echo::DType;
 
-// Per-head token rows in device memory, like HeadsView (element (h, t, d) at
-// data[h * head_stride + t * token_stride + d], in elements of dtype). The
-// kernels load 16-byte vectors: data must be 16-byte aligned and both strides
-// multiples of 8 elements.
-template <typename T>
-struct BasicDeviceHeads {
-  T* data = nullptr;
-  DType dtype = DType::kBF16;
-  int heads = 0;
-  int tokens = 0;
-  int dim = 0;
-  std::ptrdiff_t head_stride = 0;
-  std::ptrdiff_t token_stride = 0;
-
-  // [heads, tokens, dim], row-major.
-  static BasicDeviceHeads contiguous(T* data, DType dtype, int heads, int tokens, int dim) {
-    return {data, dtype, heads, tokens, dim, static_cast<std::ptrdiff_t>(tokens) * dim, dim};
-  }
-};
-using DeviceHeads = BasicDeviceHeads<const void>;
-using MutableDeviceHeads = BasicDeviceHeads<void>;
+// Per-head token rows in device memory: the library's views of any dtype
+// (tensor.hpp). The kernels run on the current device and check that each
+// pointer is that device's memory; they do not read the view's device
+// label. They load 16-byte vectors: data must be 16-byte aligned and both
+// strides multiples of 8 elements.
+using DeviceHeads = AnyHeadsView;
+using MutableDeviceHeads = MutableAnyHeadsView;
 
 struct DeviceProblem {
   DeviceHeads q;           // [H, T - query_offset, D]
@@ -59,21 +47,28 @@ struct DeviceProblem {
   int query_offset = 0;
 };
 
-// Device memory owned by a result, allocated and freed in the order of the
-// stream it was made on (cudaMallocAsync / cudaFreeAsync).
+// Device memory of the current device. With a stream: scratch a call
+// allocates and frees in the order of that stream (cudaMallocFromPoolAsync /
+// cudaFreeAsync, from a pool of the backend's that keeps freed memory for
+// the next call). Without: memory that outlives the call that made it (cache
+// payloads, plans), freed with cudaFree, which waits for the device's queued
+// work, since a kernel any stream queued may still read it and the stream
+// that made it may be gone.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   DeviceBuffer(std::size_t bytes, void* stream);
+  explicit DeviceBuffer(std::size_t bytes);
   void* data() const { return data_.get(); }
   std::size_t bytes() const { return bytes_; }
 
  private:
   struct Free {
     void* stream;
+    bool ordered;
     void operator()(void* p) const;
   };
-  std::unique_ptr<void, Free> data_{nullptr, Free{nullptr}};
+  std::unique_ptr<void, Free> data_{nullptr, Free{nullptr, false}};
   std::size_t bytes_ = 0;
 };
 
@@ -92,7 +87,7 @@ struct DeviceTileMass {
 // A TileSet as the sparse kernel walks it: per (query head, block of
 // kRowsPerBlock rows) the ascending key chunks any of its warps keeps, each
 // with a bit per warp that keeps it. Built once per cached kept set and kept
-// on the device.
+// on the device (memory that outlives the stream it was made on).
 class DeviceTilePlan {
  public:
   // kept.block must be a positive multiple of 64; rows is the number of
@@ -111,6 +106,11 @@ class DeviceTilePlan {
   DeviceBuffer entries_;
 };
 
+// The kept tiles of a recorded tile mass, as select_tiles
+// (attention_kernel.hpp) keeps them, selected on the device: only a bit per
+// tile comes to the host. Waits for the stream.
+TileSet select_tiles(const DeviceTileMass& mass, double keep_mass, void* stream);
+
 // Query rows per thread block of the attention kernel.
 inline constexpr int kRowsPerBlock = 128;
 
@@ -123,10 +123,29 @@ void exact_attention(const DeviceProblem& problem, void* stream);
 // exact_attention's.
 DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream);
 
-// Prefix rows [0, plan.rows()) of every head over their kept key tiles only
-// (clipped to each row's own keys). Needs query_offset 0. With every tile
-// kept it equals exact_attention bit for bit.
-void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream);
+// Prefix rows [0, rows) of every head (rows <= plan.rows(); -1: all of the
+// plan's) over their kept key tiles only (clipped to each row's own keys).
+// Needs query_offset 0. With every tile kept it equals exact_attention bit
+// for bit.
+void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream, int rows = -1);
+
+// Throws std::invalid_argument naming the argument unless the kernels run
+// the problem: every view in memory of the current device, 16-byte aligned
+// with strides of 8 elements, one dtype (float16 or bfloat16), head dim 64 or
+// 128, consistent shapes. Every entry point checks it.
+void check_problem(const DeviceProblem& problem);
+
+// A hash of k's rows [0, prefix) of every head: each row's bytes hashed with
+// its (head, token) as seed, the row hashes summed (an order-free reduction,
+// so the value is the same every run). Waits for the stream.
+std::uint64_t k_fingerprint(const DeviceHeads& k, int prefix, void* stream);
+
+// The verification guard's measure on the device: over the positions `rows`
+// (ascending, query_offset 0) of problem.out, the maximum over heads of
+// ||out - exact|| / ||exact|| (||out - exact|| where exact is 0), the exact
+// rows computed in float32 (split over key ranges, then combined) and
+// compared without being written. Waits for the stream.
+double max_row_error(const DeviceProblem& problem, std::span<const int> rows, void* stream);
 
 // Rows [0, rows) of every head from src to dst (the exact tier's copy of
 // prefix output rows into and out of its stored payload).

@@ -63,9 +63,10 @@ struct KernelParams {
   int prefix_length;
   float scale_log2;  // scale * log2(e)
   // Sparse walk (null: dense): entries of (head, block) are
-  // plan_entries[plan_offsets[head * blocks + block] ..], each chunk | warp bits << 16.
+  // plan_entries[plan_offsets[head * plan_blocks + block] ..], each chunk | warp bits << 16.
   const std::uint32_t* plan_offsets;
   const std::uint32_t* plan_entries;
+  int plan_blocks;  // row blocks per head in the plan (>= the grid's when fewer rows are served)
   // Tile mass (kMass only): mass_log[(head * mass_tiles + J) * mass_prefix + row],
   // row_lse[head * mass_prefix + row], rows < mass_prefix.
   float* mass_log;
