@@ -2,7 +2,7 @@
 // the stored prefix output rows are the answer, bit for bit. Captured from
 // the finished output of a miss into memory of the call's backend (device
 // memory for a CUDA call); zero error, so never guarded.
-#include <cstring>
+#include <algorithm>
 
 #include "cache/tier.hpp"
 
@@ -53,7 +53,8 @@ class ExactTier final : public ReuseTier {
     const std::vector<float> rows = in.get_vector<float>("exact rows");
     auto p = std::make_unique<ExactPayload>();
     p->rows = std::make_unique<kernels::HostBuffer>(rows.size() * sizeof(float));
-    std::memcpy(p->rows->data(), rows.data(), p->rows->bytes());
+    // std::copy, not memcpy: an empty payload (a corrupt file's) has null data.
+    std::copy(rows.begin(), rows.end(), static_cast<float*>(p->rows->data()));
     return p;
   }
 
