@@ -33,6 +33,28 @@ std::uint64_t chain(std::uint64_t parent, std::span<const int> tokens) {
   return h;
 }
 
+// The branch index finds, among a node's children, those sharing the
+// request's next tokens without scanning them all (with 64-token blocks a
+// node can have thousands of children, and scanning them cost 30 us a
+// lookup at 1e4 stored prompts): a child is listed under its first g tokens
+// for g = 1 and every multiple of 16 below the block size that it has. The
+// child sharing the most tokens is in the deepest list that exists for the
+// request, so the match stays token-granular.
+constexpr int kBranchStep = 16;
+
+// (g, key) for every branch depth g <= tokens.size() below block_tokens.
+std::vector<std::pair<int, std::uint64_t>> branch_keys(std::uint64_t parent, std::span<const int> tokens,
+                                                       int block_tokens) {
+  std::vector<std::pair<int, std::uint64_t>> keys;
+  std::uint64_t h = mix(parent, 0x62726e6368ULL);  // "brnch": apart from chain()'s hashes
+  const int n = std::min<int>(static_cast<int>(tokens.size()), block_tokens - 1);
+  for (int g = 1; g <= n; ++g) {
+    h = mix(h, static_cast<std::uint32_t>(tokens[g - 1]));
+    if (g == 1 || g % kBranchStep == 0) keys.emplace_back(g, h);
+  }
+  return keys;
+}
+
 }  // namespace
 
 std::vector<float> token_profile(std::span<const int> tokens, int dim) {
@@ -61,7 +83,6 @@ struct KVBlockStore::Node {
   double error = 0.0;
   std::vector<int> tokens;
   std::uint64_t parent = 0;
-  std::vector<std::uint64_t> children;
   int refs = 0;
   std::uint64_t owner = 0;  // the record that last stored it (touched on a hit)
 };
@@ -73,26 +94,32 @@ struct KVBlockStore::Impl {
     std::size_t bytes = 0;             // tokens, plus blocks it was first to store
   };
   std::unordered_map<std::uint64_t, Node> nodes;
-  std::unordered_map<std::uint64_t, std::vector<std::uint64_t>> roots;  // namespace root -> first blocks
+  std::unordered_map<std::uint64_t, std::vector<std::uint64_t>> branches;  // branch key -> children
   std::list<StoredRecord> lru;  // most recent first
   std::unordered_map<std::uint64_t, std::list<StoredRecord>::iterator> by_id;
   std::map<std::string, index::SemanticIndex, std::less<>> donors;  // exact records per namespace
   std::size_t bytes = 0;
   std::uint64_t next_id = 1;
 
-  std::vector<std::uint64_t>& children_of(std::uint64_t parent, std::uint64_t root) {
-    return parent == root ? roots[root] : nodes.at(parent).children;
+  void link(std::uint64_t h, const Node& node, int block_tokens) {
+    for (const auto& [g, key] : branch_keys(node.parent, node.tokens, block_tokens)) branches[key].push_back(h);
+  }
+  void unlink(std::uint64_t h, const Node& node, int block_tokens) {
+    for (const auto& [g, key] : branch_keys(node.parent, node.tokens, block_tokens)) {
+      auto it = branches.find(key);
+      std::erase(it->second, h);
+      if (it->second.empty()) branches.erase(it);
+    }
   }
 
   // Removes a record, and the blocks no other record uses (children first:
   // a child's records are a subset of its parent's).
-  void remove(std::list<StoredRecord>::iterator it) {
-    const std::uint64_t root = namespace_root(it->record.name_space);
+  void remove(std::list<StoredRecord>::iterator it, int block_tokens) {
     for (auto h = it->chain.rbegin(); h != it->chain.rend(); ++h) {
       Node& node = nodes.at(*h);
       if (--node.refs > 0) continue;
       bytes -= node.block->data.size() * sizeof(float) + node.tokens.size() * sizeof(int);
-      std::erase(children_of(node.parent, root), *h);
+      unlink(*h, node, block_tokens);
       nodes.erase(*h);
     }
     bytes -= it->record.tokens.size() * sizeof(int) + it->record.anchors.bytes();
@@ -163,9 +190,10 @@ KVBlockStore::Prefix KVBlockStore::longest_prefix(std::string_view name_space, s
   const auto rest = tokens.subspan(out.length);
   const Node* best = nullptr;
   int best_rows = 0;
-  const auto found = at == root ? m.roots.find(root) : m.roots.end();
-  const std::vector<std::uint64_t>* children =
-      at == root ? (found == m.roots.end() ? nullptr : &found->second) : &m.nodes.at(at).children;
+  const std::vector<std::uint64_t>* children = nullptr;
+  const auto keys = branch_keys(at, rest, B);
+  for (auto k = keys.rbegin(); k != keys.rend() && children == nullptr; ++k)
+    if (const auto it = m.branches.find(k->second); it != m.branches.end()) children = &it->second;
   for (std::size_t c = 0; children && c < children->size(); ++c) {
     const Node& n = m.nodes.at((*children)[c]);
     if (exact_only && n.approximate) continue;
@@ -228,7 +256,7 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
       const int t0 = static_cast<int>(b) * B;
       node.tokens.assign(tokens.begin() + t0, tokens.begin() + std::min<int>(t0 + B, tokens.size()));
       node.parent = parent;
-      m.children_of(parent, root).push_back(h);
+      m.link(h, node, B);
     }
     if (added || (node.approximate && !approximate)) {
       node.block = rec.blocks[b];
@@ -249,7 +277,7 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   m.lru.push_front(std::move(stored));
   m.by_id[rec.id] = m.lru.begin();
   while (m.bytes > max_bytes_ && m.lru.size() > 1) {
-    m.remove(std::prev(m.lru.end()));
+    m.remove(std::prev(m.lru.end()), B);
     ++evictions_;
   }
   return true;
@@ -283,7 +311,7 @@ void KVBlockStore::clear(std::string_view name_space) {
   Impl& m = *impl_;
   for (auto it = m.lru.begin(); it != m.lru.end();) {
     const auto next = std::next(it);
-    if (it->record.name_space == name_space) m.remove(it);
+    if (it->record.name_space == name_space) m.remove(it, shape_.block_tokens);
     it = next;
   }
 }
