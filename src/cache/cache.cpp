@@ -8,7 +8,6 @@
 #include "cache/cache_impl.hpp"
 #include "core/errors.hpp"
 #include "core/validate.hpp"
-#include "kernels/cpu_backend.hpp"
 #ifdef AE_HAVE_CUDA
 #include "kernels/cuda/cuda_backend.hpp"
 #endif
@@ -81,12 +80,14 @@ AttentionEchoCache::Impl::Impl(EchoConfig c)
             static_cast<std::size_t>(config.max_bytes), static_cast<std::size_t>(config.device_max_bytes)),
       l2(make_l2(config, tiers)) {}
 
-std::unique_ptr<kernels::Backend> AttentionEchoCache::Impl::backend_for(Device device, void* stream) {
-  if (device == Device::cpu()) return std::make_unique<kernels::CpuBackend>(pool);
+const kernels::Backend& AttentionEchoCache::Impl::backend_for(Device device, void* stream,
+                                                              std::unique_ptr<kernels::Backend>& made) const {
+  if (device == Device::cpu()) return cpu_backend;
 #ifdef AE_HAVE_CUDA
-  if (device.kind == DeviceKind::kCuda) return kernels::cuda::make_backend(device.index, stream);
+  if (device.kind == DeviceKind::kCuda) return *(made = kernels::cuda::make_backend(device.index, stream));
 #endif
   (void)stream;
+  (void)made;
   throw_invalid("query", "is on " + to_string(device) + ", which this build does not run (AE_CUDA=OFF)");
 }
 
@@ -294,12 +295,13 @@ void AttentionEchoCache::Impl::count_eviction(const Entry& victim) {
 EchoResult AttentionEchoCache::Impl::run(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
                                          const MutableAnyHeadsView& out, const EchoRequest& req) {
   validate_attention_inputs(q, k, v, out, req.prefix_length);
-  const std::unique_ptr<kernels::Backend> backend = backend_for(q.device, req.stream);
+  std::unique_ptr<kernels::Backend> device_backend;
+  const kernels::Backend& backend = backend_for(q.device, req.stream, device_backend);
   Call call = plan(q, k, v, out, req);
-  validate_request(call, req, *backend);
-  if (!call.tokens.empty()) call.k_fingerprint = backend->k_fingerprint(k, call.prefix);
+  validate_request(call, req, backend);
+  if (!call.tokens.empty()) call.k_fingerprint = backend.k_fingerprint(k, call.prefix);
   if (call.prefix == 0) {  // nothing reusable: plain attention, not a lookup
-    backend->exact_rows(call.problem, 0, q.tokens);
+    backend.exact_rows(call.problem, 0, q.tokens);
     call.result.tokens_computed = q.tokens;
     std::lock_guard lock(mutex);
     count(call.space.name_space, [&](CacheStats& s) { s.tokens_computed += static_cast<std::uint64_t>(q.tokens); });
@@ -309,14 +311,14 @@ EchoResult AttentionEchoCache::Impl::run(const AnyHeadsView& q, const AnyHeadsVi
   for (const ReuseTier* tier : tiers.enabled()) {
     const auto candidate = find(call, *tier);
     if (!candidate) continue;
-    if (serve(call, *tier, *candidate, *backend)) {
+    if (serve(call, *tier, *candidate, backend)) {
       finish(call, std::nullopt, std::nullopt);
       return call.result;
     }
     replaced = candidate->id;  // the guard refused it: the fresh entry replaces it
     break;
   }
-  auto entry = compute_miss(call, *backend);
+  auto entry = compute_miss(call, backend);
   std::optional<L2Write> written;  // write-through, encoded and sent outside the lock
   if (entry && l2 && entry->on_host()) written = l2->encode(*entry);
   finish(call, std::move(entry), replaced);

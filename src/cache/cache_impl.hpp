@@ -19,7 +19,7 @@
 #include "cache/l2_entries.hpp"
 #include "cache/tier.hpp"
 #include "index/semantic_key.hpp"
-#include "kernels/backend.hpp"
+#include "kernels/cpu_backend.hpp"
 
 namespace attention_echo {
 
@@ -37,9 +37,10 @@ struct AttentionEchoCache::Impl {
   EchoResult run(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
                  const MutableAnyHeadsView& out, const EchoRequest& request);
 
-  // The backend a call runs on: the host's on this cache's pool, or a CUDA
-  // backend on the views' device and the request's stream.
-  std::unique_ptr<kernels::Backend> backend_for(Device device, void* stream);
+  // The backend a call runs on: the host's (cpu_backend, made once: this is
+  // every call's path), or a CUDA backend for the views' device and the
+  // request's stream, made into `made`, which must outlive the call.
+  const kernels::Backend& backend_for(Device device, void* stream, std::unique_ptr<kernels::Backend>& made) const;
   void validate_request(const cache::Call& call, const EchoRequest& request, const kernels::Backend& backend) const;
   cache::Call plan(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
                    const MutableAnyHeadsView& out, const EchoRequest& request) const;
@@ -63,6 +64,7 @@ struct AttentionEchoCache::Impl {
   const cache::TierSet tiers;
   const cache::Guard guard;
   ThreadPool pool;
+  const kernels::CpuBackend cpu_backend{pool};
   index::SemanticKeyer keyer;
   mutable std::mutex mutex;
   cache::EntryStore store;
