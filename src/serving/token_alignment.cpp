@@ -1,6 +1,7 @@
 #include "serving/token_alignment.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstdlib>
 #include <stdexcept>
 #include <utility>
@@ -35,8 +36,14 @@ bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int 
 
 TokenAnchors index_anchors(std::span<const int> donor, int anchor) {
   if (anchor < 1) throw std::invalid_argument("anchor: must be at least 1");
-  TokenAnchors index{anchor, kgram_hashes(donor, anchor)};
+  TokenAnchors index{anchor, kgram_hashes(donor, anchor), {}};
   std::sort(index.sorted.begin(), index.sorted.end());
+  if (index.sorted.empty()) return index;
+  index.filter.assign(std::bit_ceil(std::max<std::size_t>(1, index.sorted.size() / 4)), 0);  // 16 bits each
+  for (const auto& [h, at] : index.sorted) {
+    const std::uint64_t bit = index.filter_bit(h);
+    index.filter[bit / 64] |= std::uint64_t{1} << (bit % 64);
+  }
   return index;
 }
 
@@ -47,6 +54,12 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
   TokenAlignment a;
   a.donor_position.assign(T, -1);
   std::vector<int>& pos = a.donor_position;
+  // The donor is cold (one of thousands of stored prompts) and the walk
+  // below touches its tokens and filter with a load per step: fetch them
+  // all at once rather than miss per step.
+  for (std::size_t w = 0; w < index.filter.size(); w += 64 / sizeof(std::uint64_t))
+    __builtin_prefetch(&index.filter[w]);
+  for (std::size_t t = 0; t < donor.size(); t += 64 / sizeof(int)) __builtin_prefetch(&donor[t]);
   const auto request_hashes = kgram_hashes(request, anchor);
 
   int offset = 0;  // donor - request position of the last run
@@ -59,7 +72,10 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
     }
     // Else anchor a new run: the matching k-gram nearest to the old offset.
     int best = -1;
-    if (i + anchor <= T) {
+    const int resume = i + offset;  // the run resuming at the old offset is the nearest there can be
+    if (i + anchor <= T && resume >= 0 && resume + anchor <= Td && same_run(request, i, donor, resume, anchor)) {
+      best = resume;
+    } else if (i + anchor <= T && index.may_hold(request_hashes[i].first)) {
       const std::uint64_t h = request_hashes[i].first;
       auto it = std::lower_bound(anchors.begin(), anchors.end(), std::make_pair(h, -1));
       for (; it != anchors.end() && it->first == h; ++it)
