@@ -172,3 +172,34 @@ def test_hf_llama_bf16_matches_sdpa_and_hits_on_repeat(llama):
     assert (second.float() - sdpa_logits.float()).abs().max().item() < 5e-2 * scale
     assert all(m["tier"] == "exact" for m in exact_meta.values())
     assert torch.equal(exact, first)
+
+
+def test_hf_llama_bf16_padded_batch_is_served_per_sequence(llama):
+    """Prompts of different lengths padded left and right (the mask generate()
+    passes): each sequence reaches the cache on its own real tokens on the
+    GPU, and the real positions match SDPA within bf16 tolerance."""
+    import attention_echo.hf as echo_hf
+
+    gen = torch.Generator().manual_seed(4)
+    lengths = (200, 150, 96)
+    prompts = [torch.randint(1, 128, (n,), generator=gen) for n in lengths]
+    for side in ("left", "right"):
+        ids = torch.zeros(3, 200, dtype=torch.long)
+        mask = torch.zeros(3, 200, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            span = slice(200 - len(p), 200) if side == "left" else slice(0, len(p))
+            ids[b, span], mask[b, span] = p, 1
+        ids, mask = ids.cuda(), mask.cuda()
+        llama.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            want = llama(ids, attention_mask=mask).logits
+        echo_hf.enable(llama, config())
+        with torch.no_grad(), echo_hf.echo_context(prefix_length=64):
+            got = llama(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert got.is_cuda, side
+        scale = want[real].float().abs().max().item()
+        assert (got[real].float() - want[real].float()).abs().max().item() < 2e-2 * scale, side
+        metas = echo_hf.last_meta(llama)
+        assert echo_hf.stats(llama)["total_lookups"] == 3 * 2, side  # 3 sequences x 2 layers
+        assert all(not m["echo_hit"] for m in metas.values()), side
