@@ -2,6 +2,8 @@
 // tier's donor map) and the block-hashed K/V store.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -87,6 +89,64 @@ TEST(TokenAlignment, MovedChunksAlignAtAnyPosition) {
   EXPECT_EQ(a.donor_position[0], 128);   // C's first token
   EXPECT_EQ(a.donor_position[64], 0);    // A's
   EXPECT_EQ(a.donor_position[255], 127); // B's last
+}
+
+// The alignment's definition by brute force: a run continues while tokens
+// match; a broken run restarts at the donor position whose next `anchor`
+// tokens match, nearest to the last run's offset (the lower position on a
+// tie), taking the matching tokens just before it too.
+std::vector<int> brute_force_alignment(const std::vector<int>& req, const std::vector<int>& donor, int anchor) {
+  const int T = static_cast<int>(req.size()), Td = static_cast<int>(donor.size());
+  std::vector<int> pos(T, -1);
+  int offset = 0;
+  for (int i = 0; i < T;) {
+    if (i > 0 && pos[i - 1] >= 0 && pos[i - 1] + 1 < Td && donor[pos[i - 1] + 1] == req[i]) {
+      pos[i] = pos[i - 1] + 1;
+      ++i;
+      continue;
+    }
+    int best = -1;
+    for (int j = 0; i + anchor <= T && j + anchor <= Td; ++j)
+      if (std::equal(req.begin() + i, req.begin() + i + anchor, donor.begin() + j) &&
+          (best < 0 || std::abs(j - i - offset) < std::abs(best - i - offset)))
+        best = j;
+    if (best < 0) {
+      ++i;
+      continue;
+    }
+    offset = best - i;
+    for (int b = i - 1, j = best - 1; b >= 0 && j >= 0 && pos[b] < 0 && req[b] == donor[j]; --b, --j) pos[b] = j;
+    for (int n = 0; n < anchor; ++n) pos[i + n] = best + n;
+    i += anchor;
+  }
+  return pos;
+}
+
+TEST(TokenAlignment, MatchesTheBruteForceDefinition) {
+  // Small vocabularies repeat k-grams (many candidates per anchor, filter
+  // false positives); edits of every kind, chunks moved, a fresh tail.
+  std::mt19937_64 rng(99);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int vocab = trial % 3 == 0 ? 3 : trial % 3 == 1 ? 8 : 500;
+    const auto donor = random_tokens(150 + static_cast<int>(rng() % 200), 1000 + trial, vocab);
+    std::vector<int> req = donor;
+    for (int e = 0; e < 6; ++e) {
+      const std::size_t at = rng() % req.size();
+      switch (rng() % 4) {
+        case 0: req[at] = static_cast<int>(rng() % vocab); break;
+        case 1: req.insert(req.begin() + at, static_cast<int>(rng() % vocab)); break;
+        case 2: if (req.size() > 20) req.erase(req.begin() + at); break;
+        default: std::rotate(req.begin(), req.begin() + at, req.end());
+      }
+    }
+    const auto tail = random_tokens(32, 5000 + trial, vocab);
+    req.insert(req.end(), tail.begin(), tail.end());
+    for (int anchor : {4, 8}) {
+      const TokenAlignment a = align_tokens(req, donor, anchor);
+      EXPECT_EQ(a.donor_position, brute_force_alignment(req, donor, anchor)) << "trial " << trial;
+      expect_consistent(a, req, donor);
+    }
+  }
 }
 
 TEST(TokenAlignment, UnrelatedTokensDoNotAlign) {
