@@ -39,7 +39,9 @@ struct TokenAnchors {
     return ((hash * 0x9e3779b97f4a7c15ULL) >> 32) & (filter.size() * 64 - 1);
   }
   bool may_hold(std::uint64_t hash) const {
-    return !filter.empty() && (filter[filter_bit(hash) / 64] >> (filter_bit(hash) % 64) & 1);
+    if (filter.empty()) return false;
+    const std::uint64_t bit = filter_bit(hash);
+    return filter[bit / 64] >> (bit % 64) & 1;
   }
   std::size_t bytes() const { return sorted.size() * sizeof(sorted[0]) + filter.size() * sizeof(filter[0]); }
 };
