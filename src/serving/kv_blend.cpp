@@ -94,13 +94,13 @@ class Blend {
 
   // Layer 1: project every row, rank the aligned ones by how far their
   // fresh K/V are from the donor's, keep the worst recompute_ratio of them,
-  // the unaligned rows, the last row and the guard's probes.
+  // the unaligned rows, the recent rows, the last row and the guard's probes.
   void select(const std::vector<float>& x) {
     e_.project_kv(1, x.data(), skip_, T_, kv_);
     std::vector<std::pair<double, int>> ranked;
     std::vector<float> k(kvd_), v(kvd_);
     std::vector<Deviation> dev(T_ - skip_);
-    for (int i = skip_; i < T_; ++i) {
+    for (int i = skip_; i < T_ - 1 - opt_.recent_rows; ++i) {
       if (align_.donor_position[i] < 0) continue;
       donor_rows(1, i, k.data(), v.data());
       dev[i - skip_].add(kv_.k(1, i), k.data(), kvd_);
@@ -119,7 +119,6 @@ class Blend {
       first.diff2 += dev[i - skip_].diff2;
       first.norm2 += dev[i - skip_].norm2;
     }
-    is_selected_[T_ - 1 - skip_] = true;
     pick_probes(reused);
     out_.estimated_error = first.relative();
     for (int i = skip_; i < T_; ++i)
@@ -184,6 +183,7 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (engine.config().n_layers < 2) throw std::invalid_argument("engine: blending needs at least two layers");
   if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
     throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
+  if (options.recent_rows < 0) throw std::invalid_argument("recent_rows: must be non-negative");
   return Blend(engine, tokens, donor, alignment, kv, options).run(result);
 }
 

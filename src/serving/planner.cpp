@@ -89,6 +89,7 @@ void validate_config(const PlannerConfig& c) {
   if (std::isnan(b.max_error) || b.max_error < 0.0)
     throw std::invalid_argument("blend.max_error: must be non-negative (inf disables the guard)");
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
+  if (b.recent_rows < 0) throw std::invalid_argument("blend.recent_rows: must be non-negative");
   if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
   if (b.calibrate_every < 0) throw std::invalid_argument("blend.calibrate_every: must be non-negative");
   if (!c.store_url.empty()) {
@@ -207,8 +208,9 @@ struct Planner::Impl {
       if (candidate.similarity < kDonorProfile) break;  // best first
       const KVBlockStore::Record* donor = candidate.record;
       TokenAlignment a = align_tokens(tokens, donor->tokens, donor->anchors);
+      const int reusable = T - 1 - b.recent_rows;  // the recent rows and the last are always computed
       int aligned = 0;
-      for (int i = skip; i < T - 1; ++i) aligned += a.donor_position[i] >= 0;
+      for (int i = skip; i < reusable; ++i) aligned += a.donor_position[i] >= 0;
       if (aligned == 0) continue;
       const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
                          std::min(b.probe_rows, aligned);
@@ -222,7 +224,7 @@ struct Planner::Impl {
         best = std::make_shared<BlendPlan>(
             BlendPlan{store.state(donor->blocks, static_cast<int>(donor->tokens.size())), std::move(a), shape});
       }
-      if (10 * aligned >= 9 * (T - 1 - skip)) break;  // a donor covering 90%: the rest cannot do much better
+      if (10 * aligned >= 9 * (reusable - skip)) break;  // a donor covering 90%: the rest cannot do much better
     }
     return best;
   }
@@ -334,7 +336,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
-    if (out.blended) m.cost.observe_blend(plan.blend->shape, process_cpu_s() - start);
+    if (out.blended) {  // priced by the rows it computed: the guard may have recomputed more than planned
+      CostModel::BlendShape done = plan.blend->shape;
+      done.selected = out.recomputed;
+      m.cost.observe_blend(done, process_cpu_s() - start);
+    }
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
       // the prompt is served (and stored) exact.
