@@ -106,7 +106,7 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   llama::ForwardResult result;
   const serving::BlendConfig all{.enabled = true, .recompute_ratio = 1.0, .max_error = INFINITY};
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, result);
-  ASSERT_TRUE(out.served && out.blended);
+  ASSERT_TRUE(out.blended);
   EXPECT_EQ(out.reused, 0);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
 }
@@ -121,7 +121,7 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   llama::KVState kv;
   llama::ForwardResult result;
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
-  ASSERT_TRUE(out.served && out.blended) << "estimate " << out.estimated_error;
+  ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
   EXPECT_GT(out.reused, 400);
   EXPECT_LE(out.estimated_error, serving::BlendConfig{}.max_error);
   const auto exact = last_logits(engine, request);
@@ -152,8 +152,9 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   const serving::BlendConfig guard{.enabled = true, .max_error = 0.1};
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, result);
   EXPECT_FALSE(out.blended);
+  EXPECT_GT(out.stopped_at_layer, 1);  // its layer-1 deviation is small: the deep layers' probes refuse it
   EXPECT_GT(out.estimated_error, guard.max_error);
-  if (out.served) EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
 }
 
 // The engine's K/V pages: their size changes no bit of the logits, and a

@@ -38,12 +38,12 @@ class CostModel {
   double blend(const BlendShape& b) const;
   // What a blend measured against what blend() predicted for it.
   void observe_blend(const BlendShape& b, double total_s);
-  // A blend the guard stopped past layer 1, whose prompt was then computed
-  // again from the stored prefix: the risk a plan prices in.
-  void observe_blend_restart() { ++restarts_; }
-  // Expected share of blends that restart: (restarts + 0.5) / (blends + 2),
-  // a prior of one in four until blends are measured.
-  double blend_restart_rate() const { return (restarts_ + 0.5) / (blends_ + restarts_ + 2.0); }
+  // A blend the guard refused past layer 1, whose rows then went through
+  // the remaining layers exactly: the risk a plan prices in.
+  void observe_blend_refusal() { ++refusals_; }
+  // Expected share of blends refused past layer 1: (refusals + 0.5) /
+  // (blends + refusals + 2), a prior of one in four until blends are measured.
+  double blend_refusal_rate() const { return (refusals_ + 0.5) / (blends_ + refusals_ + 2.0); }
 
  private:
   // Causal (row, key) pairs of rows [a, b).
@@ -56,7 +56,7 @@ class CostModel {
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
   double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
-  int blends_ = 0, restarts_ = 0;
+  int blends_ = 0, refusals_ = 0;
 };
 
 }  // namespace attention_echo::serving

@@ -49,31 +49,29 @@ class Blend {
     e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
     out_.first_layer_rows = T_ - skip_;
     select(x);
-    if (out_.estimated_error > opt_.max_error) return finish_exactly(x, result);
+    if (out_.estimated_error > opt_.max_error) return finish_exactly(1, x, result);
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
-      if (!deep_layer(l)) {
-        out_.stopped_at_layer = l;
-        return out_;
-      }
+      if (!deep_layer(l)) return finish_exactly(l, x, result);
     }
     e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
     kv_.length = T_;
-    out_.served = out_.blended = true;
+    out_.blended = true;
     return out_;
   }
 
  private:
-  // The guard refused the donor at layer 1: every row on through the
-  // remaining layers exactly, from the layer-0 output already computed.
-  BlendOutcome finish_exactly(std::vector<float>& x, llama::ForwardResult& result) {
-    out_.stopped_at_layer = 1;
+  // The guard refused the donor at `layer`: every row on through layers
+  // 1..L-1 exactly, from the layer-0 output x (exact, and kept for this),
+  // overwriting the donor's and the selected rows' K/V. What the blend
+  // did past layer 0 is lost, the rest of its work is not.
+  BlendOutcome finish_exactly(int layer, std::vector<float>& x, llama::ForwardResult& result) {
+    out_.stopped_at_layer = layer;
     out_.reused = 0;
     out_.recomputed = T_ - skip_;
     for (int l = 1; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
     kv_.length = T_;
-    out_.served = true;
     return out_;
   }
 

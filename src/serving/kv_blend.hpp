@@ -17,7 +17,7 @@
 // measured over every reused row). Above max_error at layer 1 (where most
 // bad donors show) the prefill goes on exactly from the layer-0 output it
 // already has, wasting only layer 1's projections; above it deeper, the
-// blend stops and the caller computes the prompt exactly.
+// same, wasting what the blend computed past layer 0.
 #pragma once
 
 #include <span>
@@ -31,13 +31,12 @@
 namespace attention_echo::serving {
 
 struct BlendOutcome {
-  bool served = false;         // result and kv hold the prompt; false: the caller recomputes it
   bool blended = false;        // served from the donor (else computed exactly after layer 0)
   double estimated_error = 0;  // guard estimate (worst layer so far when stopped)
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
-  int stopped_at_layer = -1;   // where the guard stopped it
+  int stopped_at_layer = -1;   // where the guard refused the donor
 };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,

@@ -216,9 +216,10 @@ struct Planner::Impl {
                          std::min(b.probe_rows, aligned);
       if (reused <= 0) continue;
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-      // A restart (the guard stopping it past layer 1) costs the blend so
-      // far plus the exact prefill from the stored prefix.
-      const double c = cost.blend(shape) + cost.blend_restart_rate() * cost.reuse(T, skip);
+      // A refusal past layer 1 costs the blend so far plus every row
+      // through layers 1..L-1 exactly (from layer 0's output).
+      const double L = model.n_layers;
+      const double c = cost.blend(shape) + cost.blend_refusal_rate() * cost.reuse(T, skip) * (L - 1) / L;
       if (c < best_cost) {
         best_cost = c;
         best = std::make_shared<BlendPlan>(
@@ -352,14 +353,10 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
-    if (out.served) {
-      m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
-                     report.reused);
-      return result;
-    }
-    // The guard refused it in a deep layer: back to the exact rows it started from.
-    m.cost.observe_blend_restart();
-    plan.kv.length = report.reused;
+    if (out.stopped_at_layer > 1) m.cost.observe_blend_refusal();
+    m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
+                   report.reused);
+    return result;
   }
   if (plan.route != Plan::Route::kCache) {
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
