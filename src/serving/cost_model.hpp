@@ -38,12 +38,17 @@ class CostModel {
   double blend(const BlendShape& b) const;
   // What a blend measured against what blend() predicted for it.
   void observe_blend(const BlendShape& b, double total_s);
-  // A blend the guard refused past layer 1, whose rows then went through
-  // the remaining layers exactly: the risk a plan prices in.
-  void observe_blend_refusal() { ++refusals_; }
-  // Expected share of blends refused past layer 1: (refusals + 0.5) /
-  // (blends + refusals + 2), a prior of one in four until blends are measured.
-  double blend_refusal_rate() const { return (refusals_ + 0.5) / (blends_ + refusals_ + 2.0); }
+  // A blend the guard refused (its rows then went on exactly from layer 0's
+  // output) past L stored rows of T, and what it cost in all.
+  void observe_blend_refusal(int T, int L, double total_s);
+  // What a blend is expected to cost: refused at the rate measured so far,
+  // (refusals + 1) / (blends + refusals + 2), at the measured cost of a
+  // refusal, a prior of 1.15 exact prefills (measured 1.0-1.2: a refusal at
+  // layer 1 wastes layer 1's projections, a deeper one the blend's work past
+  // layer 0). Where the guard keeps refusing (a model or text whose
+  // calibration allows little deviation) blending is routed around after a
+  // few tries, and a served blend brings it back.
+  double expected_blend(const BlendShape& b) const;
 
  private:
   // Causal (row, key) pairs of rows [a, b).
@@ -56,6 +61,7 @@ class CostModel {
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
   double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
+  double refusal_factor_sum_ = 0;  // measured / reuse(), over refused blends
   int blends_ = 0, refusals_ = 0;
 };
 

@@ -216,10 +216,7 @@ struct Planner::Impl {
                          std::min(b.probe_rows, aligned);
       if (reused <= 0) continue;
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-      // A refusal past layer 1 costs the blend so far plus every row
-      // through layers 1..L-1 exactly (from layer 0's output).
-      const double L = model.n_layers;
-      const double c = cost.blend(shape) + cost.blend_refusal_rate() * cost.reuse(T, skip) * (L - 1) / L;
+      const double c = cost.expected_blend(shape);
       if (c < best_cost) {
         best_cost = c;
         best = std::make_shared<BlendPlan>(
@@ -353,7 +350,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
-    if (out.stopped_at_layer > 1) m.cost.observe_blend_refusal();
+    if (!out.blended) m.cost.observe_blend_refusal(T, report.reused, process_cpu_s() - start);
     m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
                    report.reused);
     return result;
