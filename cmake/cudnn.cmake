@@ -4,10 +4,11 @@
 # include/ and lib/, or the unpacked PyPI wheels), the CUDA toolkit, and the
 # PyPI packages nvidia-cudnn-cu13 / nvidia-cudnn-frontend of the Python that
 # CMake finds (pip's isolated build hides them: use --no-build-isolation or
-# the ROOT hints). Sets ae_cudnn_found, AE_CUDNN_INCLUDE_DIRS, AE_CUDNN_LIBRARIES.
+# the ROOT hints). Sets ae_cudnn_found, AE_CUDNN_INCLUDE_DIRS, AE_CUDNN_LIBRARY (opened
+# at run time when the loader's path has no libcudnn.so.9).
 set(AE_CUDNN_ROOT "" CACHE PATH "cuDNN 9: a folder with include/cudnn.h and lib/libcudnn.so*")
 set(AE_CUDNN_FRONTEND_ROOT "" CACHE PATH "cudnn-frontend: a folder with include/cudnn_frontend.h")
-set(AE_NVRTC_ROOT "" CACHE PATH "NVRTC (cudnn-frontend's headers need nvrtc.h): a folder with include/ and lib/")
+set(AE_NVRTC_ROOT "" CACHE PATH "NVRTC (cudnn-frontend's headers need nvrtc.h): a folder with include/")
 
 set(ae_cudnn_hints ${AE_CUDNN_ROOT} ${AE_CUDNN_ROOT}/nvidia/cudnn ${CUDAToolkit_LIBRARY_ROOT})
 set(ae_frontend_hints ${AE_CUDNN_FRONTEND_ROOT})
@@ -28,16 +29,14 @@ find_path(AE_CUDNN_INCLUDE_DIR cudnn.h HINTS ${ae_cudnn_hints} PATH_SUFFIXES inc
 # The wheel ships only the versioned name.
 find_library(AE_CUDNN_LIBRARY NAMES cudnn libcudnn.so.9 HINTS ${ae_cudnn_hints} PATH_SUFFIXES lib lib64)
 find_path(AE_CUDNN_FRONTEND_INCLUDE_DIR cudnn_frontend.h HINTS ${ae_frontend_hints} PATH_SUFFIXES include)
-# The frontend's headers include nvrtc.h and call NVRTC (for engines of
-# other GPUs than ours); the toolkit may lack it where the pip wheel has it.
+# The frontend's headers include nvrtc.h (NVRTC is opened at run time, for
+# engines of other GPUs than ours); the toolkit may lack it where the pip
+# wheel has it.
 find_path(AE_NVRTC_INCLUDE_DIR nvrtc.h HINTS ${CUDAToolkit_INCLUDE_DIRS} ${ae_nvrtc_hints} PATH_SUFFIXES include)
-find_library(AE_NVRTC_LIBRARY NAMES nvrtc libnvrtc.so.13 libnvrtc.so.12 HINTS ${CUDAToolkit_LIBRARY_DIR} ${ae_nvrtc_hints}
-             PATH_SUFFIXES lib lib64)
 
-if(AE_CUDNN_INCLUDE_DIR AND AE_CUDNN_LIBRARY AND AE_CUDNN_FRONTEND_INCLUDE_DIR AND AE_NVRTC_INCLUDE_DIR AND AE_NVRTC_LIBRARY)
+if(AE_CUDNN_INCLUDE_DIR AND AE_CUDNN_LIBRARY AND AE_CUDNN_FRONTEND_INCLUDE_DIR AND AE_NVRTC_INCLUDE_DIR)
   set(ae_cudnn_found ON)
   set(AE_CUDNN_INCLUDE_DIRS ${AE_CUDNN_INCLUDE_DIR} ${AE_CUDNN_FRONTEND_INCLUDE_DIR} ${AE_NVRTC_INCLUDE_DIR})
-  set(AE_CUDNN_LIBRARIES ${AE_CUDNN_LIBRARY} ${AE_NVRTC_LIBRARY})
 else()
   set(ae_cudnn_found OFF)
 endif()

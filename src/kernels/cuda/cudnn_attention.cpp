@@ -1,11 +1,19 @@
 // cudnn_attention.hpp on cudnn-frontend's graph API: a graph per call shape,
 // built once per thread (cuDNN handles and graphs are not shared across
 // threads) and kept for the process's life.
+//
+// cuDNN is opened at run time (the frontend's dynamic loading,
+// NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING): the library loads and runs every
+// miss on our kernel where cuDNN is absent, and a cuDNN 9 older than the
+// headers works (frontend 1.32 refers to symbols cuDNN 9.19 lacks, so a
+// linked library failed to load there with RTLD_NOW, as ctypes and Python
+// imports open it).
 #include "kernels/cuda/cudnn_attention.hpp"
 
 #include <cuda_runtime.h>
 #include <cudnn.h>
 #include <cudnn_frontend.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <compare>
@@ -16,10 +24,26 @@
 #include <string>
 #include <unordered_map>
 
+// The frontend's handle of the opened library (it declares, we define).
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;
+}
+
 namespace attention_echo::kernels::cuda {
 namespace {
 
 namespace fe = cudnn_frontend;
+
+// libcudnn.so.9 from the loader's path (or a process that already holds it,
+// as PyTorch's does), else the one the build found.
+bool load_cudnn() {
+  static const bool loaded = [] {
+    for (const char* name : {"libcudnn.so.9", AE_CUDNN_LIBRARY_PATH})
+      if ((fe::cudnn_dlhandle = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) return true;
+    return false;
+  }();
+  return loaded;
+}
 
 enum Uid : std::int64_t { kQ = 1, kK, kV, kO, kStats };
 
@@ -41,7 +65,8 @@ struct Built {
 };
 
 void check_cudnn(cudnnStatus_t status, const char* what) {
-  if (status != CUDNN_STATUS_SUCCESS) throw std::runtime_error(std::string(what) + ": " + cudnnGetErrorString(status));
+  if (status != CUDNN_STATUS_SUCCESS)
+    throw std::runtime_error(std::string(what) + ": " + fe::detail::get_error_string(status));
 }
 
 int current_device() {
@@ -57,7 +82,7 @@ cudnnHandle_t handle() {
   auto [it, added] = handles.try_emplace(current_device(), nullptr);
   if (added) {
     try {
-      check_cudnn(cudnnCreate(&it->second), "cudnnCreate");
+      check_cudnn(fe::detail::create_handle(&it->second), "cudnnCreate");
     } catch (...) {
       handles.erase(it);
       throw;
@@ -76,7 +101,9 @@ std::shared_ptr<fe::graph::Tensor_attributes> heads_tensor(fe::graph::Graph& gra
                           .set_stride({heads * head_stride, head_stride, token_stride, 1}));
 }
 
-Built build(const Call& c) {
+// Where the frontend throws (a CUDA runtime library it opens is missing), as
+// where cuDNN refuses: no graph, our kernel runs the call.
+Built build(const Call& c) try {
   auto graph = std::make_shared<fe::graph::Graph>();
   graph->set_io_data_type(c.dtype == DType::kBF16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
@@ -101,6 +128,8 @@ Built build(const Call& c) {
   Built built{graph, 0};
   if (!graph->get_workspace_size(built.workspace).is_good()) return {};
   return built;
+} catch (const std::exception&) {
+  return {};
 }
 
 // The built graph of a call on this thread and device (built on first use).
@@ -114,7 +143,7 @@ const Built& built(const Call& c) {
 
 void execute(const Built& b, const void* q, const void* k, const void* v, void* out, float* stats, void* stream) {
   const cudnnHandle_t h = handle();
-  check_cudnn(cudnnSetStream(h, static_cast<cudaStream_t>(stream)), "cudnnSetStream");
+  check_cudnn(fe::detail::set_stream(h, static_cast<cudaStream_t>(stream)), "cudnnSetStream");
   const DeviceBuffer workspace(static_cast<std::size_t>(b.workspace), stream);
   std::unordered_map<std::int64_t, void*> pack{
       {kQ, const_cast<void*>(q)}, {kK, const_cast<void*>(k)}, {kV, const_cast<void*>(v)}, {kO, out}};
@@ -138,10 +167,10 @@ Call call_of(const DeviceProblem& p, const Part& part, bool stats) {
 
 }  // namespace
 
-int cudnn_version() { return static_cast<int>(cudnnGetVersion()); }
+int cudnn_version() { return load_cudnn() ? static_cast<int>(fe::detail::get_backend_version()) : 0; }
 
 bool cudnn_available() {
-  if (cudnn_version() / 10000 != CUDNN_MAJOR) return false;  // another major's API
+  if (cudnn_version() / 10000 != CUDNN_MAJOR) return false;  // absent, or another major's API
   try {
     handle();
     return true;
