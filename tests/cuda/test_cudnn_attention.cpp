@@ -166,6 +166,7 @@ void expect_capture(const Case& c, int prefix, int block, int samples) {
 TEST_F(Capture, CausalEveryRowIsTheExactMass) {
   expect_capture({4, 2, 700, 64, DType::kBF16}, 600, 64, 64);
   expect_capture({4, 2, 700, 128, DType::kBF16}, 700, 128, 128);
+  expect_capture({2, 1, 2500, 64, DType::kF16}, 2400, 128, 128);  // keys split over blocks
 }
 
 TEST_F(Capture, SampledRowsAreTheirExactMass) {
