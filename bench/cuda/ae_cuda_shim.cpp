@@ -11,6 +11,9 @@
 #include <string>
 
 #include "kernels/cuda/cuda_attention.hpp"
+#include "kernels/cuda/cudnn_attention.hpp"
+#include "kernels/cuda/miss_attention.hpp"
+#include "kernels/cuda/tile_mass_capture.hpp"
 
 using namespace attention_echo::kernels;
 using namespace attention_echo::kernels::cuda;
@@ -75,6 +78,34 @@ int ae_attention_mass(AE_PROBLEM_ARGS, int prefix, int block, float* mass_out, v
                         static_cast<cudaStream_t>(stream)) != cudaSuccess)
       throw std::runtime_error("cudaMemcpyAsync failed");
   });
+}
+
+int ae_cudnn_version() { return cudnn_available() ? cudnn_version() : 0; }
+
+// cuDNN's dense attention; row_lse (device, may be null) gets [heads, rows]
+// float32 natural-log LSE. Fails where cuDNN refuses the problem.
+int ae_cudnn_attention(AE_PROBLEM_ARGS, float* row_lse, void* stream) {
+  return guarded([&] {
+    if (!cudnn_attention(AE_PROBLEM, row_lse, stream)) throw std::runtime_error("cuDNN cannot run this problem");
+  });
+}
+
+// The tile-mass capture from row_lse ([heads, T], query_offset 0) with
+// `samples` rows per tile; mass_out as in ae_attention_mass.
+int ae_capture_mass(AE_PROBLEM_ARGS, const float* row_lse, int prefix, int block, int samples, float* mass_out,
+                    void* stream) {
+  return guarded([&] {
+    const DeviceTileMass mass = capture_tile_mass(AE_PROBLEM, row_lse, prefix, block, samples, stream);
+    if (mass_out != nullptr && mass.mass.bytes() > 0 &&
+        cudaMemcpyAsync(mass_out, mass.mass.data(), mass.mass.bytes(), cudaMemcpyDeviceToDevice,
+                        static_cast<cudaStream_t>(stream)) != cudaSuccess)
+      throw std::runtime_error("cudaMemcpyAsync failed");
+  });
+}
+
+// The routed miss with tile mass (cuDNN + capture, or our fused kernel).
+int ae_miss_mass(AE_PROBLEM_ARGS, int prefix, int block, int samples, void* stream) {
+  return guarded([&] { miss_attention_with_tile_mass(AE_PROBLEM, prefix, block, stream, samples); });
 }
 
 // A kept set in TileSet's CSR form (host arrays) as a device plan; null on error.

@@ -7,6 +7,13 @@ in one process, on the same bf16 tensors and the same stream.
 Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
   miss        our exact kernel, with and without the tile-mass capture
               (block 128 and 64), against SDPA (cuDNN, flash) and FlexAttention
+  cudnn       our cuDNN miss (cudnn-frontend graph; alone, with the row LSE),
+              the tile-mass capture from that LSE alone (16, 8 or all 128
+              rows of each 128-tile), and the routed miss: cuDNN + capture
+  selection   the kept 128-tiles (keep_mass 0.9) chosen from sampled mass
+              against the exact mass, on random and on peaked inputs (a sink
+              and a local band, as bench_echo.py makes them): the share of
+              the exact mass the sampled choice keeps per (head, query tile)
   sparse      our kernel over a kept-tile plan (random 128-blocks, always the
               sink and the diagonal) at kept 0.5 / 0.3 / 0.1, against
               FlexAttention with the same block mask
@@ -21,6 +28,7 @@ import ctypes
 import json
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,9 @@ def load_shim(path):
     lib.ae_plan_destroy.argtypes = [p]
     lib.ae_sparse.argtypes = problem + [p, p]
     lib.ae_copy_rows.argtypes = [p, i64, i64, p, i64, i64, i32, i32, i32, i32, i32, p]
+    lib.ae_cudnn_attention.argtypes = problem + [p, p]
+    lib.ae_capture_mass.argtypes = problem + [p, i32, i32, i32, p, p]
+    lib.ae_miss_mass.argtypes = problem + [i32, i32, i32, p]
     return lib
 
 
@@ -123,6 +134,62 @@ def flex_mask(table):
                                     mask_mod=lambda b, h, qi, ki: (qi >= ki) & table[h, qi // BLOCK, ki // BLOCK])
 
 
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def select(mass, keep):
+    """select_tiles (attention_kernel.hpp) on [H, n, n] mass in torch: the sink
+    and the diagonal, then the heaviest others until keep of the row's mass."""
+    n = mass.shape[-1]
+    forced = torch.eye(n, dtype=torch.bool, device=mass.device)
+    forced[:, 0] = True
+    others = mass.masked_fill(forced, 0.0)
+    need = keep * mass.sum(-1, keepdim=True) - (mass * forced).sum(-1, keepdim=True)
+    values, order = others.sort(-1, descending=True)
+    before = values.cumsum(-1) - values  # mass of the heavier others
+    take = (before < need) & (values > 0)
+    kept = torch.zeros_like(take).scatter(-1, order, take)
+    return kept | forced
+
+
+def selection_stats(lib, q, k, v, out, keep=0.9):
+    """Kept tiles from sampled mass (16 and 8 of 128 rows) against the exact
+    mass: share of the exact mass kept (worst and mean over (head, query
+    tile)), kept share of tiles, and the tiles the two choices differ in."""
+    T = k.shape[2]
+    n = T // BLOCK
+    base = problem_args(q, k, v, out)
+    lse = torch.empty(H, T, device="cuda", dtype=torch.float32)
+    check(lib, lib.ae_cudnn_attention(*base, ptr(lse), stream()))
+    masses = {}
+    for samples in (BLOCK, 16, 8):
+        m = torch.zeros(H, n, n, device="cuda", dtype=torch.float32)
+        check(lib, lib.ae_capture_mass(*base, ptr(lse), T, BLOCK, samples, ptr(m), stream()))
+        masses[samples] = m.double()
+    exact = masses[BLOCK]
+    exact_kept = select(exact, keep)
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device="cuda")).sum().item() * H
+    stats = {"exact_kept_share": exact_kept.sum().item() / causal}
+    for samples in (16, 8):
+        kept = select(masses[samples], keep)
+        covered = (exact * kept).sum(-1) / exact.sum(-1)
+        stats[f"s{samples}"] = {"worst_kept_mass": covered.min().item(), "mean_kept_mass": covered.mean().item(),
+                                "kept_share": kept.sum().item() / causal,
+                                "differing_tiles": (kept != exact_kept).sum().item() / causal,
+                                "max_abs_mass_err": (masses[samples] - exact).abs().max().item()}
+    return stats
+
+
+def peaked(T, gen):
+    """bench_echo.py's inputs: q_t = 3 (k_t + k_0) + noise, a sink and a local band per head."""
+    k = torch.randn(1, HKV, T, D, device="cuda", generator=gen)
+    v = torch.randn(1, HKV, T, D, device="cuda", generator=gen)
+    kq = k.repeat_interleave(H // HKV, dim=1)
+    q = 3.0 * (kq + kq[:, :, :1]) + 0.3 * torch.randn(1, H, T, D, device="cuda", generator=gen)
+    return [x.to(torch.bfloat16) for x in (q, k, v)]
+
+
 def tflops(T, ms, share=1.0):
     return 2.0 * H * T * T * D * share / (ms * 1e-3) / 1e12
 
@@ -133,6 +200,11 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.3, 0.1])
     ap.add_argument("--ours-only", action="store_true", help="skip the PyTorch baselines (compare builds)")
+    ap.add_argument("--no-selection", dest="selection", action="store_false",
+                    help="skip the sampled-mass selection check")
+    ap.add_argument("--capture-only", action="store_true", help="only our miss, the cuDNN miss and the capture rows")
+    ap.add_argument("--no-sparse", dest="skip_sparse", action="store_true",
+                    help="skip the sparse, flex and exact-hit rows")
     ap.add_argument("--json")
     args = ap.parse_args()
     lib = load_shim(args.shim)
@@ -140,7 +212,10 @@ def main():
 
     flex = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, H={H} Hkv={HKV} D={D} bf16 causal")
+    cudnn_version = lib.ae_cudnn_version()
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__} (its cuDNN "
+          f"{torch.backends.cudnn.version()}), our cuDNN {cudnn_version or 'absent'}, "
+          f"H={H} Hkv={HKV} D={D} bf16 causal")
     results = []
 
     def record(T, name, ms, share=1.0, **extra):
@@ -170,12 +245,38 @@ def main():
         ours()
         torch.cuda.synchronize()
         err = ((out.float() - ref).norm() / ref.norm()).item()  # bf16 vs bf16: a few 1e-3
-        del ref
         miss = median_ms(ours, reps)
         record(T, "ours exact (miss)", miss, rel_err=err)
-        for block in (128, 64):
+        for block in () if args.capture_only else (128, 64):
             ms = median_ms(ours_mass(block), reps)
             record(T, f"ours exact + mass b{block}", ms, overhead=ms / miss - 1)
+        if cudnn_version:
+            lse = torch.empty(H, T, device="cuda", dtype=torch.float32)
+            out.fill_(float("nan"))
+            torch.cuda.synchronize()
+            first = time.perf_counter()  # this shape's first call: the graph is built in it
+            check(lib, lib.ae_cudnn_attention(*base, None, stream()))
+            torch.cuda.synchronize()
+            first = (time.perf_counter() - first) * 1e3
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            cudnn_ms = median_ms(lambda: check(lib, lib.ae_cudnn_attention(*base, None, stream())), reps)
+            record(T, "cudnn miss", cudnn_ms, rel_err=err, ours_over=miss / cudnn_ms, first_call_ms=first)
+            ms = median_ms(lambda: check(lib, lib.ae_cudnn_attention(*base, ptr(lse), stream())), reps)
+            record(T, "cudnn miss + lse", ms, overhead=ms / cudnn_ms - 1)
+            for samples in (16, 8, BLOCK):
+                capture = lambda: check(lib, lib.ae_capture_mass(*base, ptr(lse), T, BLOCK, samples, None, stream()))
+                ms = median_ms(capture, reps)
+                # TFLOP/s of the work it does: Q K^T of the sampled rows, half the FLOPs of their attention
+                record(T, f"capture {samples}/{BLOCK} rows alone", ms, samples / BLOCK / 2, of_cudnn_miss=ms / cudnn_ms)
+                routed = lambda: check(lib, lib.ae_miss_mass(*base, T, BLOCK, samples, stream()))
+                ms = median_ms(routed, reps)
+                record(T, f"cudnn miss + capture {samples}/{BLOCK}", ms, overhead=ms / cudnn_ms - 1,
+                       vs_ours_mass=ms / miss)
+        del ref
+        if args.capture_only:
+            del q, k, v, out
+            torch.cuda.empty_cache()
+            continue
 
         def ours_sparse(kept):
             """Times our sparse kernel on random kept tiles; returns (ms, share, table, run)."""
@@ -187,6 +288,16 @@ def main():
             plans.append(plan)
             run = lambda: check(lib, lib.ae_sparse(*base, ctypes.c_void_p(plan), stream()))
             return median_ms(run, reps), share, table, run
+
+        if cudnn_version and args.selection:
+            for name, (sq, sk, sv) in (("random", (q, k, v)), ("peaked", peaked(T, gen))):
+                stats = selection_stats(lib, sq, sk, sv, out)
+                results.append({"T": T, "selection": name, **stats})
+                print(f"T={T:6d} selection {name}: exact keeps {stats['exact_kept_share']:.3f} of tiles; "
+                      + "; ".join(f"{s}: kept mass worst {v['worst_kept_mass']:.4f} mean {v['mean_kept_mass']:.4f}, "
+                                  f"share {v['kept_share']:.3f}, differing {v['differing_tiles']:.4f}, "
+                                  f"max |err| {v['max_abs_mass_err']:.2e}"
+                                  for s, v in stats.items() if s != "exact_kept_share"), flush=True)
 
         plans = []
         if args.ours_only:
@@ -208,6 +319,10 @@ def main():
             except RuntimeError as e:
                 print(f"T={T} sdpa {name}: unavailable ({str(e).splitlines()[0]})")
         fastest_sdpa = min(sdpa.values()) if sdpa else float("nan")
+        if args.skip_sparse:
+            del q, k, v, out
+            torch.cuda.empty_cache()
+            continue
 
         n = T // BLOCK
         causal_mask = flex_mask(torch.tril(torch.ones(H, n, n, dtype=torch.bool, device="cuda")))

@@ -15,6 +15,10 @@ steps=()
 while [[ $# -gt 0 && $1 != -- ]]; do steps+=("$1"); shift; done
 [[ ${1:-} == -- ]] && shift
 [[ ${#steps[@]} -eq 0 ]] && steps=(tests memcheck python echo bench)
+# The cuDNN miss opens libcudnn.so.9 at run time: prefer torch's wheel's (the
+# version torch's SDPA runs) over a system one.
+CUDNN_LIB=$(python3 -c "import nvidia.cudnn, os; print(os.path.join(nvidia.cudnn.__path__[0], 'lib'))" 2>/dev/null) &&
+  export LD_LIBRARY_PATH=$CUDNN_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for step in "${steps[@]}"; do
   case $step in

@@ -164,6 +164,24 @@ struct Problem {
 
 inline bool every_key(int) { return true; }
 
+// Mean probability mass of (query tile, key tile) in float64 over each
+// tile's rows, or over `samples` evenly spaced rows of each tile (the first
+// included; 0: every row), as capture_tile_mass samples them.
+inline std::vector<double> reference_mass(const Problem& p, int prefix, int block, int samples = 0) {
+  const int tiles = (prefix + block - 1) / block, stride = samples > 0 ? block / samples : 1;
+  std::vector<double> mass(static_cast<std::size_t>(p.c.heads) * tiles * tiles, 0.0);
+  for (int h = 0; h < p.c.heads; ++h)
+    for (int i = 0; i < prefix; ++i) {
+      if ((i % block) % stride != 0) continue;
+      const auto prob = p.probabilities(h, i, every_key);
+      const int tile = i / block, last = std::min((tile + 1) * block, prefix);
+      const int rows = (last - tile * block + stride - 1) / stride;
+      for (std::size_t j = 0; j < prob.size(); ++j)
+        mass[(static_cast<std::size_t>(h) * tiles + tile) * tiles + j / block] += prob[j] / rows;
+    }
+  return mass;
+}
+
 // ||out - ref|| / ||ref|| over the given rows (positions) of every head;
 // fails on any non-finite output.
 inline double relative_error(const Problem& p, const std::vector<float>& out, const std::vector<int>& rows,

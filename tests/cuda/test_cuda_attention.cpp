@@ -78,20 +78,6 @@ TEST_F(CudaAttention, LongSequence32kGqa) {
   EXPECT_LT(exact_error(c, 6, &rows), tolerance(DType::kBF16));
 }
 
-// Mean probability mass of (query tile, key tile) in float64.
-std::vector<double> reference_mass(const Problem& p, int prefix, int block) {
-  const int tiles = (prefix + block - 1) / block;
-  std::vector<double> mass(static_cast<std::size_t>(p.c.heads) * tiles * tiles, 0.0);
-  for (int h = 0; h < p.c.heads; ++h)
-    for (int i = 0; i < prefix; ++i) {
-      const auto prob = p.probabilities(h, i, every_key);
-      const int tile = i / block, rows = std::min((tile + 1) * block, prefix) - tile * block;
-      for (std::size_t j = 0; j < prob.size(); ++j)
-        mass[(static_cast<std::size_t>(h) * tiles + tile) * tiles + j / block] += prob[j] / rows;
-    }
-  return mass;
-}
-
 void expect_mass(const Case& c, int prefix, int block) {
   Problem p(c, 7 + block);
   const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);

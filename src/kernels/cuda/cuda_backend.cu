@@ -10,6 +10,7 @@
 
 #include "core/errors.hpp"
 #include "kernels/cuda/cuda_attention.hpp"
+#include "kernels/cuda/miss_attention.hpp"
 
 namespace attention_echo::kernels::cuda {
 namespace {
@@ -106,7 +107,7 @@ class CudaBackend final : public Backend {
     p.q.tokens -= skip;
     p.out.tokens -= skip;
     p.query_offset = row_begin;
-    exact_attention(p, stream_);
+    miss_attention(p, stream_);
   }
 
   // The tile mass stays on the device: the selection runs there and only
@@ -115,7 +116,7 @@ class CudaBackend final : public Backend {
                                                               int block, double keep_mass) const override {
     require_devices(problem);
     const DeviceScope scope(device_);
-    const DeviceTileMass mass = exact_attention_with_tile_mass(device_problem(problem), prefix, block, stream_);
+    const DeviceTileMass mass = miss_attention_with_tile_mass(device_problem(problem), prefix, block, stream_);
     return std::make_unique<DeviceKeptTiles>(select_tiles(mass, keep_mass, stream_), stream_);
   }
 

@@ -1,0 +1,35 @@
+// The tile mass of a miss whose attention ran elsewhere (cuDNN records no
+// mass), from the rows' log-sum-exp: mass(I, J) is the mean over query tile
+// I's rows of sum over J's keys the row sees of exp(scale q.k - lse). One
+// pass of Q K^T over every row costs more than cuDNN's whole miss (1.3-1.5x
+// on an H200), so by default only kMassSamples rows of every tile (evenly
+// spaced, the tile's first included) are recomputed and their mean is the
+// estimate. samples == block gives the exact mass. BENCHMARKS.md section 6
+// has the cost (8 of 128 rows: 10% of the cuDNN miss at T = 32k, 12-15% at
+// 8k-16k, 25% at 4k, where the capture is latency-bound) and what the
+// estimate changes in the kept-tile selection; the sparse tier's guard
+// measures the error of every hit anyway.
+#pragma once
+
+#include "kernels/cuda/cuda_attention.hpp"
+
+namespace attention_echo::kernels::cuda {
+
+// Sampled rows per tile of the miss's capture: 8 of 128 cost 0.5x what 16
+// did at T = 32k (1.43 against 2.90 ms, H200) and kept the same tiles on
+// peaked inputs (bench_cuda.py's selection rows).
+inline constexpr int kMassSamples = 8;
+
+// Throws std::invalid_argument naming the argument unless capture_tile_mass
+// takes these: query_offset 0, prefix in [0, T] (non-causal: the problem's
+// prefix_length), block a positive multiple of 64, samples 8 or a multiple
+// of 16 that divides block.
+void check_tile_mass_args(const DeviceProblem& problem, int prefix, int block, int samples);
+
+// The tile mass of the prefix block [0, prefix) in tiles of `block` tokens,
+// from row_lse (device memory, [H, T] floats, natural log, as
+// cudnn_attention writes it). Reads q and k only.
+DeviceTileMass capture_tile_mass(const DeviceProblem& problem, const float* row_lse, int prefix, int block,
+                                 int samples, void* stream);
+
+}  // namespace attention_echo::kernels::cuda
