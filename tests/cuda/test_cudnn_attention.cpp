@@ -99,6 +99,21 @@ TEST_F(Cudnn, LongSequence32kGqa) {
 }
 
 // The row log-sum-exp cuDNN writes is log sum_j exp(scale q.k_j), natural log.
+// A shape's graphs are built only once its misses have done the work they
+// are worth (miss_attention.hpp's policy); with and without the row LSE
+// are separate graphs.
+TEST_F(Cudnn, GraphsAreBuiltOnceTheirShapeEarnedThem) {
+  Problem p({4, 2, 333, 64, DType::kBF16}, 31);  // a shape no other test builds
+  const double work = 4.0 * 333 * 333 * 64;     // one causal call: every row over every key
+  EXPECT_FALSE(cudnn_graphs_earned(p.device(), false, 2.5 * work));
+  EXPECT_FALSE(cudnn_graphs_earned(p.device(), false, 2.5 * work));
+  EXPECT_TRUE(cudnn_graphs_earned(p.device(), false, 2.5 * work));
+  ASSERT_TRUE(cudnn_attention(p.device(), nullptr, nullptr));
+  EXPECT_TRUE(cudnn_graphs_earned(p.device(), false, 1e30));  // built
+  EXPECT_FALSE(cudnn_graphs_earned(p.device(), true, 1e30));
+  ok(cudaDeviceSynchronize());
+}
+
 TEST_F(Cudnn, RowLseIsTheNaturalLogSumExp) {
   Case c{4, 2, 500, 128, DType::kBF16};
   c.query_offset = 100;

@@ -132,9 +132,20 @@ Built build(const Call& c) try {
   return {};
 }
 
+// This thread's graphs per device and call, and the work of the calls not
+// yet built (for cudnn_graphs_earned).
+struct ThreadGraphs {
+  std::map<std::pair<int, Call>, Built> built;
+  std::map<std::pair<int, Call>, double> pending_work;
+};
+ThreadGraphs& thread_graphs() {
+  thread_local ThreadGraphs graphs;
+  return graphs;
+}
+
 // The built graph of a call on this thread and device (built on first use).
 const Built& built(const Call& c) {
-  thread_local std::map<std::pair<int, Call>, Built> graphs;
+  auto& graphs = thread_graphs().built;
   const auto key = std::make_pair(current_device(), c);
   auto it = graphs.find(key);
   if (it == graphs.end()) it = graphs.emplace(key, build(c)).first;
@@ -165,6 +176,20 @@ Call call_of(const DeviceProblem& p, const Part& part, bool stats) {
           stats ? static_cast<std::int64_t>(p.q.tokens) : 0, part.causal, p.scale};
 }
 
+// Causal: one call. Non-causal: the prefix rows over the prefix keys, then
+// the rows past it over every key (either may be empty). Returns the count.
+int parts_of(const DeviceProblem& p, Part (&parts)[2]) {
+  const int T = p.k.tokens, first = p.query_offset;
+  int count = 0;
+  if (p.causal) {
+    if (first < T) parts[count++] = {first, T, T, true};
+  } else {
+    if (first < p.prefix_length) parts[count++] = {first, p.prefix_length, p.prefix_length, false};
+    if (std::max(first, p.prefix_length) < T) parts[count++] = {std::max(first, p.prefix_length), T, T, false};
+  }
+  return count;
+}
+
 }  // namespace
 
 int cudnn_version() { return load_cudnn() ? static_cast<int>(fe::detail::get_backend_version()) : 0; }
@@ -179,20 +204,27 @@ bool cudnn_available() {
   }
 }
 
+bool cudnn_graphs_earned(const DeviceProblem& p, bool row_lse, double build_work) {
+  ThreadGraphs& graphs = thread_graphs();
+  Part parts[2];
+  const int count = parts_of(p, parts);
+  bool earned = true;
+  for (int i = 0; i < count; ++i) {
+    const auto key = std::make_pair(current_device(), call_of(p, parts[i], row_lse));
+    if (graphs.built.count(key) != 0) continue;
+    double& work = graphs.pending_work[key];
+    work += double(p.q.heads) * (parts[i].end - parts[i].begin) * parts[i].keys * p.q.dim;
+    if (work < build_work) earned = false;
+  }
+  return earned;
+}
+
 bool cudnn_attention(const DeviceProblem& p, float* row_lse, void* stream) {
   check_problem(p);
-  const int T = p.k.tokens, first = p.query_offset;
-  // Causal: one call. Non-causal: the prefix rows over the prefix keys, then
-  // the rows past it over every key (either may be empty).
+  const int first = p.query_offset;
   Part parts[2];
-  int count = 0;
-  if (p.causal) {
-    parts[count++] = {first, T, T, true};
-  } else {
-    if (first < p.prefix_length) parts[count++] = {first, p.prefix_length, p.prefix_length, false};
-    if (std::max(first, p.prefix_length) < T) parts[count++] = {std::max(first, p.prefix_length), T, T, false};
-  }
-  if (first == T) return true;
+  const int count = parts_of(p, parts);
+  if (count == 0) return true;
   if (!cudnn_available()) return false;
   const Built* graphs[2] = {nullptr, nullptr};
   for (int i = 0; i < count; ++i) {

@@ -32,4 +32,12 @@ int cudnn_version();
 // nothing queued, where cuDNN cannot run the problem.
 bool cudnn_attention(const DeviceProblem& problem, float* row_lse, void* stream);
 
+// Whether this thread has cuDNN's graphs for `problem` (with the row
+// log-sum-exp or without), or the misses of its shape asked here so far,
+// this one included, have done `build_work` (heads x rows x keys x dim) in
+// all: what building them is worth (miss_attention.hpp's policy). A graph
+// belongs to one sequence length, and a serving process sees a new one on
+// most prompts.
+bool cudnn_graphs_earned(const DeviceProblem& problem, bool row_lse, double build_work);
+
 }  // namespace attention_echo::kernels::cuda

@@ -8,23 +8,39 @@
 
 namespace attention_echo::kernels::cuda {
 
-bool miss_uses_cudnn() {
-  static const bool forced_off = [] {
+namespace {
+
+enum class CudnnUse { kNever, kEarned, kAlways };
+
+CudnnUse cudnn_use() {
+  static const CudnnUse use = [] {
     const char* value = std::getenv("AE_CUDNN");
-    return value != nullptr && std::strcmp(value, "0") == 0;
+    if ((value != nullptr && std::strcmp(value, "0") == 0) || !cudnn_available()) return CudnnUse::kNever;
+    return value != nullptr && std::strcmp(value, "1") == 0 ? CudnnUse::kAlways : CudnnUse::kEarned;
   }();
-  return !forced_off && cudnn_available();
+  return use;
 }
 
+// Whether this miss goes to cuDNN (which may still refuse the problem).
+bool cudnn_takes(const DeviceProblem& problem, bool row_lse) {
+  switch (cudnn_use()) {
+    case CudnnUse::kNever: return false;
+    case CudnnUse::kEarned: return cudnn_graphs_earned(problem, row_lse, kCudnnBuildWork);
+    case CudnnUse::kAlways: return true;
+  }
+  return false;
+}
+
+}  // namespace
+
 void miss_attention(const DeviceProblem& problem, void* stream) {
-  if (miss_uses_cudnn() && cudnn_attention(problem, nullptr, stream)) return;
-  exact_attention(problem, stream);
+  if (!(cudnn_takes(problem, false) && cudnn_attention(problem, nullptr, stream))) exact_attention(problem, stream);
 }
 
 DeviceTileMass miss_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream,
                                              int samples) {
   check_tile_mass_args(problem, prefix, block, samples);
-  if (miss_uses_cudnn()) {
+  if (cudnn_takes(problem, true)) {
     const DeviceBuffer lse(static_cast<std::size_t>(problem.q.heads) * problem.k.tokens * sizeof(float), stream);
     if (cudnn_attention(problem, static_cast<float*>(lse.data()), stream))
       return capture_tile_mass(problem, static_cast<const float*>(lse.data()), prefix, block, samples, stream);

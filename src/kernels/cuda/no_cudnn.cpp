@@ -12,4 +12,6 @@ bool cudnn_attention(const DeviceProblem& problem, float*, void*) {
   return false;
 }
 
+bool cudnn_graphs_earned(const DeviceProblem&, bool, double) { return false; }
+
 }  // namespace attention_echo::kernels::cuda
