@@ -43,17 +43,9 @@ double CostModel::blend(const BlendShape& b) const {
   return factor * modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
 }
 
-void CostModel::observe_blend_refusal(int T, int L, double total_s) {
-  const double exact = reuse(T, L);
-  if (exact <= 0) return;
-  refusal_factor_sum_ += std::clamp(total_s / exact, 0.5, 4.0);
-  ++refusals_;
-}
-
 double CostModel::expected_blend(const BlendShape& b) const {
   const double rate = (refusals_ + 1.0) / (blends_ + refusals_ + 2.0);
-  const double refusal = refusals_ ? refusal_factor_sum_ / refusals_ : 1.15;
-  return (1.0 - rate) * blend(b) + rate * refusal * reuse(b.T, b.L);
+  return blend(b) + rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
 }
 
 void CostModel::observe_blend(const BlendShape& b, double total_s) {

@@ -38,16 +38,15 @@ class CostModel {
   double blend(const BlendShape& b) const;
   // What a blend measured against what blend() predicted for it.
   void observe_blend(const BlendShape& b, double total_s);
-  // A blend the guard refused (its rows then went on exactly from layer 0's
-  // output) past L stored rows of T, and what it cost in all.
-  void observe_blend_refusal(int T, int L, double total_s);
-  // What a blend is expected to cost: refused at the rate measured so far,
-  // (refusals + 1) / (blends + refusals + 2), at the measured cost of a
-  // refusal, a prior of 1.15 exact prefills (measured 1.0-1.2: a refusal at
-  // layer 1 wastes layer 1's projections, a deeper one the blend's work past
-  // layer 0). Where the guard keeps refusing (a model or text whose
+  // A blend the guard refused past layer 1: its work past layer 0 is lost
+  // and every row goes through layers 1..L-1 exactly.
+  void observe_blend_refusal() { ++refusals_; }
+  // What a blend is expected to cost: itself, plus layers 1..L-1 of every
+  // row at the rate of refusals past layer 1 measured so far, (refusals + 1)
+  // / (blends + refusals + 2). (A refusal at layer 1 costs only layer 1's
+  // projections.) Where the guard keeps refusing (a model or text whose
   // calibration allows little deviation) blending is routed around after a
-  // few tries, and a served blend brings it back.
+  // few tries.
   double expected_blend(const BlendShape& b) const;
 
  private:
@@ -61,7 +60,6 @@ class CostModel {
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
   double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
-  double refusal_factor_sum_ = 0;  // measured / reuse(), over refused blends
   int blends_ = 0, refusals_ = 0;
 };
 

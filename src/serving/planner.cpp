@@ -350,7 +350,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
-    if (!out.blended) m.cost.observe_blend_refusal(T, report.reused, process_cpu_s() - start);
+    if (out.stopped_at_layer > 1) m.cost.observe_blend_refusal();
     m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
                    report.reused);
     return result;
