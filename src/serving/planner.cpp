@@ -334,7 +334,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
-    if (out.blended) {  // priced by the rows it computed: the guard may have recomputed more than planned
+    if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
       m.cost.observe_blend(done, process_cpu_s() - start);
