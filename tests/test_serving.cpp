@@ -153,6 +153,7 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, result);
   EXPECT_FALSE(out.blended);
   EXPECT_GT(out.stopped_at_layer, 1);  // its layer-1 deviation is small: the deep layers' probes refuse it
+  EXPECT_EQ(out.refused_logits.size(), result.logits.size());  // finished anyway, to be measured
   EXPECT_GT(out.estimated_error, guard.max_error);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
 }
@@ -315,6 +316,60 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
   EXPECT_THROW(planner.calibrate(engine, short_text), std::invalid_argument);
   serving::Planner off(model().config());
   EXPECT_THROW(off.calibrate(engine, passages), std::invalid_argument);
+}
+
+// The guard is the smallest bound while fewer than ten samples are in, then
+// the (n/10 + 1)-th smallest: one prompt shape in ten may ask for less.
+TEST(BlendCalibration, OneLoudSampleInTenDoesNotSetTheGuard) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  EXPECT_EQ(calibration.threshold(config), 0.2);
+  calibration.add(0.1, 1e-2, config);  // bound 0.1 * sqrt(0.1)
+  calibration.add(0.05, 1e-8, config);  // quiet: no bound
+  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);
+  for (int i = 0; i < 7; ++i) calibration.add(0.05, 1e-8, config);
+  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
+  calibration.add(0.05, 1e-8, config);
+  EXPECT_EQ(calibration.threshold(config), 0.2);  // 10: the one loud sample is the tenth allowed
+  calibration.add(0.05, 1e-2, config);             // a second loud one, lower: bound 0.05 * sqrt(0.1)
+  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);
+  EXPECT_EQ(calibration.samples(), 11);
+}
+
+// A blend the guard refuses past layer 1 is measured: its KL against the
+// exact prefill it was replaced by is reported and calibrates the guard.
+TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const auto base = text_tokens(600, 9);
+  auto near = base;
+  near[50] = edited(near[50]);
+  // The blend's estimate (worst layer) when served, then a guard at half of
+  // it: layer 1 (measured over every reused row) stays under it, a deeper
+  // layer's probes do not.
+  auto blend_once = [&](serving::Planner& planner) {
+    engine.timers() = {};
+    last_logits(engine, base);
+    planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+    serving::Plan seed = planner.plan(base);
+    planner.execute(engine, base, seed);
+    serving::Plan plan = planner.plan(near);
+    EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
+    auto logits = planner.execute(engine, near, plan).logits;
+    return std::make_pair(plan.report, logits);
+  };
+  serving::Planner served(model().config(), {.blend = {.enabled = true, .calibrate_every = 0}});
+  const double estimate = blend_once(served).first.estimated_error;
+  ASSERT_GT(estimate, 0.0);
+  auto calibration = std::make_shared<serving::BlendCalibration>();
+  serving::Planner guarded(model().config(),
+                           {.blend = {.enabled = true, .max_error = estimate / 2, .calibrate_every = 0},
+                            .calibration = calibration});
+  const auto [report, logits] = blend_once(guarded);
+  ASSERT_TRUE(report.blend_rejected);
+  EXPECT_LE(max_abs_diff(logits, last_logits(engine, near)), 1e-4);  // served exactly
+  EXPECT_EQ(calibration->samples(), 1);
+  EXPECT_GT(report.calibration_kl, 0.0);
 }
 
 TEST(Planner, BadInputThrowsAndStoresNothing) {

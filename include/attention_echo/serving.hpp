@@ -62,8 +62,15 @@ struct BlendConfig {
 // (BlendConfig::max_error). A sample whose KL exceeds max_kl / 100 bounds
 // the guard at estimate * sqrt(max_kl / KL) (KL grows about as the square of
 // a small deviation); quieter samples say only that their estimate is safe.
-// The guard is min(max_error, every bound). One per model: planners of the
-// same model may share it. Thread-safe.
+// The guard is min(max_error, the (n/10 + 1)-th smallest bound) over n
+// samples: the smallest while fewer than ten are in, and then one prompt
+// shape in ten may ask for less without refusing every blend (how much KL an
+// estimate means varied by four orders of magnitude between prompt shapes
+// on unseen text, BENCHMARKS.md section 8). Samples come from calibrate(),
+// from one served blend in calibrate_every, and from every blend the guard
+// refuses past layer 1 (finished and measured against the exact prefill
+// that replaces it). One per model: planners of the same model may share
+// it. Thread-safe.
 class BlendCalibration {
  public:
   // Whether the next blend should be a calibration one (none taken yet, or
@@ -77,7 +84,7 @@ class BlendCalibration {
   mutable std::mutex mutex_;
   long long samples_ = 0;
   long long blends_since_sample_ = 0;
-  double bound_ = INFINITY;
+  std::vector<double> bounds_;  // ascending
 };
 
 // The shortest text Planner::calibrate takes: its blends must be long
@@ -119,8 +126,9 @@ struct PrefillReport {
   int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
   double estimated_error = 0.0;  // guard estimate (blend), or the reused K/V's
   bool blend_rejected = false;   // the guard refused it; computed exactly instead
-  // A calibration blend: also computed exactly (and served exactly); the
-  // next-token KL between the two, in nats.
+  // A calibration blend: also computed exactly (and served exactly). The
+  // next-token KL between the blend and the exact prefill, in nats, for it
+  // and for a blend the guard refused past layer 1 (finished, not served).
   bool blend_calibration = false;
   double calibration_kl = 0.0;
   std::vector<EchoResult> echo;  // cache route: per layer

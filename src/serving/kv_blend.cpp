@@ -50,14 +50,22 @@ class Blend {
     out_.first_layer_rows = T_ - skip_;
     select(x);
     if (out_.estimated_error > opt_.max_error) return finish_exactly(1, x, result);
+    int refused_at = -1;
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
-      if (!deep_layer(l)) return finish_exactly(l, x, result);
+      if (!deep_layer(l) && refused_at < 0) refused_at = l;
     }
     e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
-    kv_.length = T_;
-    out_.blended = true;
-    return out_;
+    if (refused_at < 0) {
+      kv_.length = T_;
+      out_.blended = true;
+      return out_;
+    }
+    // Refused past layer 1, the blend is still finished (its selected rows
+    // only) so that the exact prefill that follows measures what it would
+    // have served: a calibration sample at the price of a few layers.
+    out_.refused_logits = std::move(result.logits);
+    return finish_exactly(refused_at, x, result);
   }
 
  private:
@@ -140,7 +148,8 @@ class Blend {
   }
 
   // Layer l over the selected rows; the probes' fresh K/V against the
-  // donor's they replace is the guard's sample for this layer.
+  // donor's they replace is the guard's sample for this layer. False once
+  // the worst layer so far is past max_error.
   bool deep_layer(int l) {
     std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
     for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);

@@ -17,7 +17,8 @@
 // measured over every reused row). Above max_error at layer 1 (where most
 // bad donors show) the prefill goes on exactly from the layer-0 output it
 // already has, wasting only layer 1's projections; above it deeper, the
-// same, wasting what the blend computed past layer 0.
+// blend is finished first (its logits in BlendOutcome::refused_logits, a
+// calibration sample), then the same: its work past layer 0 is lost.
 #pragma once
 
 #include <span>
@@ -37,6 +38,9 @@ struct BlendOutcome {
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
   int stopped_at_layer = -1;   // where the guard refused the donor
+  // Refused past layer 1: the last row's logits of the blend finished anyway
+  // (what it would have served), to be measured against the exact result.
+  std::vector<float> refused_logits;
 };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,

@@ -159,12 +159,14 @@ void BlendCalibration::add(double estimate, double kl, const BlendConfig& config
   ++samples_;
   blends_since_sample_ = 0;
   if (!(kl > config.max_kl / 100)) return;  // too quiet to say where the limit is
-  bound_ = std::min(bound_, estimate * std::sqrt(config.max_kl / kl));
+  const double bound = estimate * std::sqrt(config.max_kl / kl);
+  bounds_.insert(std::upper_bound(bounds_.begin(), bounds_.end(), bound), bound);
 }
 
 double BlendCalibration::threshold(const BlendConfig& config) const {
   std::lock_guard lock(mutex_);
-  return std::min(config.max_error, bound_);
+  const auto outliers = static_cast<std::size_t>(samples_ / 10);
+  return outliers < bounds_.size() ? std::min(config.max_error, bounds_[outliers]) : config.max_error;
 }
 
 long long BlendCalibration::samples() const {
@@ -350,7 +352,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
-    if (out.stopped_at_layer > 1) m.cost.observe_blend_refusal();
+    if (out.stopped_at_layer > 1) {
+      m.cost.observe_blend_refusal();
+      report.calibration_kl = next_token_kl(result.logits, out.refused_logits);
+      m.calibration->add(out.estimated_error, report.calibration_kl, m.config.blend);
+    }
     m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
                    report.reused);
     return result;
