@@ -206,6 +206,16 @@ inline std::vector<int> all_rows(const Problem& p) {
   return rows;
 }
 
+// The rows a 32k test checks against the float64 reference (all of them
+// would take minutes on the host): tile edges, both ends and `random` more.
+inline std::vector<int> long_sequence_rows(int random, unsigned seed) {
+  std::vector<int> rows{0, 1, 63, 64, 127, 128, 1000, 4095, 16383, 32766, 32767};
+  std::mt19937 rng(seed);
+  for (int i = 0; i < random; ++i) rows.push_back(static_cast<int>(rng() % 32768));
+  std::sort(rows.begin(), rows.end());
+  return rows;
+}
+
 // bf16 keeps 8 significant bits, fp16 11: the output's own rounding and P's
 // rounding before P V bound the error.
 inline double tolerance(DType dtype) { return dtype == DType::kBF16 ? 1e-2 : 2e-3; }

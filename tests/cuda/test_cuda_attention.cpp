@@ -72,9 +72,7 @@ TEST_F(CudaAttention, LogitsNearOverflow) {
 
 TEST_F(CudaAttention, LongSequence32kGqa) {
   Case c{4, 1, 32768, 128, DType::kBF16};
-  std::vector<int> rows{0, 1, 63, 64, 127, 128, 1000, 4095, 16383, 32766, 32767};
-  std::mt19937 rng(6);
-  for (int i = 0; i < 12; ++i) rows.push_back(static_cast<int>(rng() % 32768));
+  const std::vector<int> rows = long_sequence_rows(12, 6);
   EXPECT_LT(exact_error(c, 6, &rows), tolerance(DType::kBF16));
 }
 
