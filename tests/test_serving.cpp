@@ -129,6 +129,32 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   EXPECT_EQ(kv.length, static_cast<int>(request.size()));
 }
 
+// A finished blend whose top two next tokens are closer than the logit
+// change its estimate is allowed is computed exactly (here every blend with
+// a non-zero estimate: the check made absurdly wide); off, it is served.
+TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  Donor donor(engine, text_tokens(600, 4));
+  std::vector<int> request = donor.tokens;
+  request[40] = edited(request[40]);
+  const auto alignment = serving::align_tokens(request, donor.tokens);
+  auto blend = [&](double sigmas) {
+    llama::KVState kv;
+    llama::ForwardResult result;
+    const serving::BlendConfig config{.enabled = true, .top1_sigmas = sigmas};
+    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, result);
+    return std::make_pair(out, result.logits);
+  };
+  const auto [strict, logits] = blend(1e9);
+  ASSERT_GT(strict.estimated_error, 0.0);
+  EXPECT_FALSE(strict.blended);
+  EXPECT_EQ(strict.stopped_at_layer, model().config().n_layers);
+  EXPECT_EQ(strict.refused_logits.size(), logits.size());  // what it would have served, to be measured
+  EXPECT_LE(max_abs_diff(logits, last_logits(engine, request)), 1e-4);
+  EXPECT_TRUE(blend(0.0).first.blended);
+}
+
 TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -323,17 +349,56 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
 TEST(BlendCalibration, OneLoudSampleInTenDoesNotSetTheGuard) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
-  EXPECT_EQ(calibration.threshold(config), 0.2);
-  calibration.add(0.1, 1e-2, config);  // bound 0.1 * sqrt(0.1)
-  calibration.add(0.05, 1e-8, config);  // quiet: no bound
-  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);
+  EXPECT_EQ(calibration.threshold({}, config), 0.2);
+  calibration.add(0.1, 1e-2, config);   // bound 0.1 * sqrt(0.1)
+  calibration.add(0.05, 1e-8, config);  // quiet: taken at KL 1e-5, bound 0.5
+  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);
   for (int i = 0; i < 7; ++i) calibration.add(0.05, 1e-8, config);
-  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
+  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
   calibration.add(0.05, 1e-8, config);
-  EXPECT_EQ(calibration.threshold(config), 0.2);  // 10: the one loud sample is the tenth allowed
-  calibration.add(0.05, 1e-2, config);             // a second loud one, lower: bound 0.05 * sqrt(0.1)
-  EXPECT_NEAR(calibration.threshold(config), 0.1 * std::sqrt(0.1), 1e-12);
+  EXPECT_EQ(calibration.threshold({}, config), 0.2);  // 10: the one loud sample is the tenth allowed
+  calibration.add(0.05, 1e-2, config);                 // a second loud one, lower: bound 0.05 * sqrt(0.1)
+  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);
   EXPECT_EQ(calibration.samples(), 11);
+}
+
+// A quiet sample vouches for ten times its estimate, no more.
+TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add(0.005, 0.0, config);
+  EXPECT_NEAR(calibration.threshold({}, config), 0.05, 1e-12);
+}
+
+// A namespace is guarded by the model's samples until it has its own, then
+// by its own: one application's quiet blends are not refused for another
+// prompt shape's loud one, and a loud namespace stays strict.
+TEST(BlendCalibration, ANamespaceIsGuardedByItsOwnSamplesOnceItHasThem) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add(0.1, 1e-1, config);  // the model's: bound 0.01
+  EXPECT_NEAR(calibration.threshold("rag", config), 0.01, 1e-12);
+  calibration.add("rag", 0.08, 1e-7, config);  // quiet: bound 0.8
+  EXPECT_EQ(calibration.threshold("rag", config), 0.2);
+  calibration.add("code", 0.05, 4e-3, config);  // bound 0.025
+  calibration.add("code", 0.02, 1e-6, config);
+  EXPECT_NEAR(calibration.threshold("code", config), 0.025, 1e-12);
+  EXPECT_NEAR(calibration.threshold("chat", config), 0.01, 1e-12);  // no samples: the model's (all of them)
+  EXPECT_EQ(calibration.samples(), 4);
+}
+
+// The refusal rate the planner prices blends at is that of the namespace's
+// recent blends under its guard now: it falls when the guard is loosened.
+TEST(BlendCalibration, RefusalRateFollowsTheCurrentGuard) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  EXPECT_EQ(calibration.refusal_rate("rag", config), 0.5);  // nothing known
+  calibration.add(0.1, 1e-1, config);                       // guard 0.01
+  for (int i = 0; i < 4; ++i) calibration.record_blend("rag", 0.08);
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 5.0 / 6.0, 1e-12);
+  calibration.add("rag", 0.08, 1e-7, config);  // guard 0.2
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 1.0 / 6.0, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
 }
 
 // A blend the guard refuses past layer 1 is measured: its KL against the
@@ -401,6 +466,7 @@ TEST(Planner, BadInputThrowsAndStoresNothing) {
   }
   EXPECT_THROW(serving::Planner(c, {.blend = {.recompute_ratio = 1.5}}), std::invalid_argument);
   EXPECT_THROW(serving::Planner(c, {.blend = {.max_kl = 0.0}}), std::invalid_argument);
+  EXPECT_THROW(serving::Planner(c, {.blend = {.top1_sigmas = -1.0}}), std::invalid_argument);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -54,37 +55,78 @@ struct BlendConfig {
   // and the next-token KL between the two is measured.
   double max_error = 0.2;
   double max_kl = 1e-3;      // next-token KL (nats) the calibrated guard aims under
+  // A blend whose two most likely next tokens are closer in logit than
+  // top1_sigmas times the change the guard lets through is computed
+  // exactly, so that greedy decoding does not change: a logit perturbation
+  // at KL k moves the top two apart by about 2 sqrt(k), and a blend at
+  // estimate e is let through to KL max_kl * (e / guard)^2. On unseen C
+  // headers two blends at KL 5e-5 and 7e-5 flipped the top token. 0: off.
+  double top1_sigmas = 3.0;
   int calibrate_every = 32;  // 0: never calibrate while serving (guard at max_error alone)
   int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
 // What K/V deviation costs a model in output error, from calibration blends
-// (BlendConfig::max_error). A sample whose KL exceeds max_kl / 100 bounds
-// the guard at estimate * sqrt(max_kl / KL) (KL grows about as the square of
-// a small deviation); quieter samples say only that their estimate is safe.
-// The guard is min(max_error, the (n/10 + 1)-th smallest bound) over n
-// samples: the smallest while fewer than ten are in, and then one prompt
-// shape in ten may ask for less without refusing every blend (how much KL an
-// estimate means varied by four orders of magnitude between prompt shapes
-// on unseen text, BENCHMARKS.md section 8). Samples come from calibrate(),
-// from one served blend in calibrate_every, and from every blend the guard
-// refuses past layer 1 (finished and measured against the exact prefill
-// that replaces it). One per model: planners of the same model may share
-// it. Thread-safe.
+// (BlendConfig::max_error). A sample bounds the guard at estimate *
+// sqrt(max_kl / KL) (KL grows about as the square of a small deviation); a
+// quiet one (KL under max_kl / 100) is taken at that floor, vouching for ten
+// times its estimate at most. The guard is min(max_error, the (n/10 + 1)-th
+// smallest bound) over n samples: the smallest while fewer than ten are in,
+// and then one prompt shape in ten may ask for less without refusing every
+// blend.
+//
+// Per namespace. How much KL an estimate means varied by five orders of
+// magnitude between prompt shapes on unseen text (BENCHMARKS.md section 8:
+// blends of RAG prompts ending in a fresh question stayed under KL 2e-4 at
+// estimates up to 0.11 where edited code reached 1.2e-3 at 0.056), and a
+// namespace is one application's traffic, its prompts of one shape. So a
+// namespace is guarded by its own samples once it has kOwnSamples, by
+// every sample of the model (calibrate()'s and every namespace's) before.
+//
+// Samples come from calibrate() (the model's only), from one served blend
+// in calibrate_every, and from every blend the guard refuses past layer 1
+// (finished and measured against the exact prefill that replaces it). The
+// estimates of each namespace's recent blends give the rate at which the
+// current guard would refuse its next one, which the planner prices in.
+// One per model: planners of the same model may share it. Thread-safe.
 class BlendCalibration {
  public:
+  static constexpr long long kOwnSamples = 1;
+
   // Whether the next blend should be a calibration one (none taken yet, or
   // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);
+  // A sample of the model in no namespace (calibrate()).
   void add(double estimate, double kl, const BlendConfig& config);
-  double threshold(const BlendConfig& config) const;
+  // A sample of a blend served in name_space.
+  void add(std::string_view name_space, double estimate, double kl, const BlendConfig& config);
+  double threshold(std::string_view name_space, const BlendConfig& config) const;
+  // Every blend's estimate (its worst layer), guarded or not.
+  void record_blend(std::string_view name_space, double estimate);
+  // (refused + 1) / (n + 2) over the namespace's last n recorded blends,
+  // refused meaning an estimate above the namespace's guard now.
+  double refusal_rate(std::string_view name_space, const BlendConfig& config) const;
   long long samples() const;
 
  private:
+  struct Samples {
+    long long count = 0;
+    std::vector<double> bounds;  // ascending
+    void add(double bound);
+    double threshold(double max_error) const;
+  };
+  struct Namespace {
+    Samples samples;
+    std::vector<double> recent;  // estimates of the last kRecentBlends blends, a ring
+    std::size_t next = 0;
+  };
+  static constexpr std::size_t kRecentBlends = 32;
+  double threshold_locked(std::string_view name_space, const BlendConfig& config) const;
+
   mutable std::mutex mutex_;
-  long long samples_ = 0;
   long long blends_since_sample_ = 0;
-  std::vector<double> bounds_;  // ascending
+  Samples model_;
+  std::map<std::string, Namespace, std::less<>> namespaces_;
 };
 
 // The shortest text Planner::calibrate takes: its blends must be long

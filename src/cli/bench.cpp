@@ -406,7 +406,7 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   const auto start = std::chrono::steady_clock::now();
   report.samples = planner.calibrate(engine, passages);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  report.threshold = options.calibration->threshold(options.blend);
+  report.threshold = options.calibration->threshold({}, options.blend);  // no namespace has samples yet: the model's
   report.ran = true;
   return report;
 }

@@ -43,9 +43,8 @@ double CostModel::blend(const BlendShape& b) const {
   return factor * modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
 }
 
-double CostModel::expected_blend(const BlendShape& b) const {
-  const double rate = (refusals_ + 1.0) / (blends_ + refusals_ + 2.0);
-  return blend(b) + rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
+double CostModel::expected_blend(const BlendShape& b, double refusal_rate) const {
+  return blend(b) + refusal_rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
 }
 
 void CostModel::observe_blend(const BlendShape& b, double total_s) {

@@ -38,16 +38,13 @@ class CostModel {
   double blend(const BlendShape& b) const;
   // What a blend measured against what blend() predicted for it.
   void observe_blend(const BlendShape& b, double total_s);
-  // A blend the guard refused past layer 1: its work past layer 0 is lost
-  // and every row goes through layers 1..L-1 exactly.
-  void observe_blend_refusal() { ++refusals_; }
   // What a blend is expected to cost: itself, plus layers 1..L-1 of every
-  // row at the rate of refusals past layer 1 measured so far, (refusals + 1)
-  // / (blends + refusals + 2). (A refusal at layer 1 costs only layer 1's
-  // projections.) Where the guard keeps refusing (a model or text whose
-  // calibration allows little deviation) blending is routed around after a
-  // few tries.
-  double expected_blend(const BlendShape& b) const;
+  // row at the rate the guard refuses past layer 1 (its work past layer 0
+  // is then lost; BlendCalibration::refusal_rate; a refusal at layer 1
+  // costs only layer 1's projections). Where the guard keeps refusing (a
+  // model or text whose calibration allows little deviation) blending is
+  // routed around after a few tries.
+  double expected_blend(const BlendShape& b, double refusal_rate) const;
 
  private:
   // Causal (row, key) pairs of rows [a, b).
@@ -60,7 +57,7 @@ class CostModel {
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
   double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
-  int blends_ = 0, refusals_ = 0;
+  int blends_ = 0;
 };
 
 }  // namespace attention_echo::serving

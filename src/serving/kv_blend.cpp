@@ -1,6 +1,7 @@
 #include "serving/kv_blend.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -56,6 +57,7 @@ class Blend {
       if (!deep_layer(l) && refused_at < 0) refused_at = l;
     }
     e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
+    if (refused_at < 0 && near_tie(result.logits)) refused_at = c_.n_layers;
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;
@@ -81,6 +83,17 @@ class Blend {
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
     kv_.length = T_;
     return out_;
+  }
+
+  // Whether the top two next tokens are within reach of the logit change
+  // the guard lets through at this estimate (BlendConfig::top1_sigmas).
+  bool near_tie(const std::vector<float>& logits) const {
+    if (logits.size() < 2 || !std::isfinite(opt_.max_error) || opt_.max_error <= 0.0) return false;
+    std::array<float, 2> top{-INFINITY, -INFINITY};
+    for (float l : logits)
+      if (l > top[1]) top = l > top[0] ? std::array<float, 2>{l, top[0]} : std::array<float, 2>{top[0], l};
+    const double allowed_kl = opt_.max_kl * std::pow(out_.estimated_error / opt_.max_error, 2);
+    return top[0] - top[1] < opt_.top1_sigmas * 2.0 * std::sqrt(allowed_kl);
   }
 
   // The donor's K/V of row i in layer l, K rotated to position i.

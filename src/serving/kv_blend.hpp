@@ -18,7 +18,9 @@
 // bad donors show) the prefill goes on exactly from the layer-0 output it
 // already has, wasting only layer 1's projections; above it deeper, the
 // blend is finished first (its logits in BlendOutcome::refused_logits, a
-// calibration sample), then the same: its work past layer 0 is lost.
+// calibration sample), then the same: its work past layer 0 is lost. So is
+// a finished blend whose top two next tokens are nearly tied
+// (BlendConfig::top1_sigmas).
 #pragma once
 
 #include <span>
@@ -37,7 +39,7 @@ struct BlendOutcome {
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
-  int stopped_at_layer = -1;   // where the guard refused the donor
+  int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: a near tie at the head)
   // Refused past layer 1: the last row's logits of the blend finished anyway
   // (what it would have served), to be measured against the exact result.
   std::vector<float> refused_logits;

@@ -91,6 +91,7 @@ void validate_config(const PlannerConfig& c) {
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
   if (b.recent_rows < 0) throw std::invalid_argument("blend.recent_rows: must be non-negative");
   if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
+  if (!(b.top1_sigmas >= 0.0)) throw std::invalid_argument("blend.top1_sigmas: must be non-negative");
   if (b.calibrate_every < 0) throw std::invalid_argument("blend.calibrate_every: must be non-negative");
   if (!c.store_url.empty()) {
     parse_l2_url(c.store_url, "store_url");
@@ -151,27 +152,75 @@ std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<in
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   if (config.calibrate_every == 0) return false;
-  return samples_ == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
+  return model_.count == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
+
+void BlendCalibration::Samples::add(double bound) {
+  ++count;
+  bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
+}
+
+double BlendCalibration::Samples::threshold(double max_error) const {
+  const auto outliers = static_cast<std::size_t>(count / 10);
+  return outliers < bounds.size() ? std::min(max_error, bounds[outliers]) : max_error;
+}
+
+namespace {
+double sample_bound(double estimate, double kl, const BlendConfig& config) {
+  return estimate * std::sqrt(config.max_kl / std::max(kl, config.max_kl / 100));
+}
+}  // namespace
 
 void BlendCalibration::add(double estimate, double kl, const BlendConfig& config) {
   std::lock_guard lock(mutex_);
-  ++samples_;
   blends_since_sample_ = 0;
-  if (!(kl > config.max_kl / 100)) return;  // too quiet to say where the limit is
-  const double bound = estimate * std::sqrt(config.max_kl / kl);
-  bounds_.insert(std::upper_bound(bounds_.begin(), bounds_.end(), bound), bound);
+  model_.add(sample_bound(estimate, kl, config));
 }
 
-double BlendCalibration::threshold(const BlendConfig& config) const {
+void BlendCalibration::add(std::string_view name_space, double estimate, double kl, const BlendConfig& config) {
   std::lock_guard lock(mutex_);
-  const auto outliers = static_cast<std::size_t>(samples_ / 10);
-  return outliers < bounds_.size() ? std::min(config.max_error, bounds_[outliers]) : config.max_error;
+  blends_since_sample_ = 0;
+  const double bound = sample_bound(estimate, kl, config);
+  model_.add(bound);
+  auto it = namespaces_.try_emplace(std::string(name_space)).first;
+  it->second.samples.add(bound);
+}
+
+double BlendCalibration::threshold_locked(std::string_view name_space, const BlendConfig& config) const {
+  const auto it = namespaces_.find(name_space);
+  const bool own = it != namespaces_.end() && it->second.samples.count >= kOwnSamples;
+  return (own ? it->second.samples : model_).threshold(config.max_error);
+}
+
+double BlendCalibration::threshold(std::string_view name_space, const BlendConfig& config) const {
+  std::lock_guard lock(mutex_);
+  return threshold_locked(name_space, config);
+}
+
+void BlendCalibration::record_blend(std::string_view name_space, double estimate) {
+  std::lock_guard lock(mutex_);
+  Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
+  if (n.recent.size() < kRecentBlends) {
+    n.recent.push_back(estimate);
+  } else {
+    n.recent[n.next] = estimate;
+    n.next = (n.next + 1) % kRecentBlends;
+  }
+}
+
+double BlendCalibration::refusal_rate(std::string_view name_space, const BlendConfig& config) const {
+  std::lock_guard lock(mutex_);
+  const auto it = namespaces_.find(name_space);
+  if (it == namespaces_.end()) return 0.5;
+  const double guard = threshold_locked(name_space, config);
+  const auto& recent = it->second.recent;
+  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](double e) { return e > guard; });
+  return (static_cast<double>(refused) + 1.0) / (static_cast<double>(recent.size()) + 2.0);
 }
 
 long long BlendCalibration::samples() const {
   std::lock_guard lock(mutex_);
-  return samples_;
+  return model_.count;
 }
 
 struct Planner::Impl {
@@ -201,11 +250,12 @@ struct Planner::Impl {
   }
 
   // The cheapest blend from the stored prompts most like this one, or null.
-  std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip,
+  std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip, std::string_view name_space,
                                         const std::vector<KVBlockStore::Similar>& donors, double& best_cost) const {
     const int T = static_cast<int>(tokens.size());
     const BlendConfig& b = config.blend;
     std::shared_ptr<BlendPlan> best;
+    const double refusal_rate = calibration->refusal_rate(name_space, b);
     for (const KVBlockStore::Similar& candidate : donors) {
       if (candidate.similarity < kDonorProfile) break;  // best first
       const KVBlockStore::Record* donor = candidate.record;
@@ -218,7 +268,7 @@ struct Planner::Impl {
                          std::min(b.probe_rows, aligned);
       if (reused <= 0) continue;
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-      const double c = cost.expected_blend(shape);
+      const double c = cost.expected_blend(shape, refusal_rate);
       if (c < best_cost) {
         best_cost = c;
         best = std::make_shared<BlendPlan>(
@@ -299,7 +349,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   if (blend) {
     const KVBlockStore::Prefix exact = stored.approximate ? m.store.longest_prefix(name_space, tokens, true) : stored;
     const int skip = std::min(exact.length, T - 1);
-    if (auto chosen = m.best_blend(tokens, skip, neighbours, best)) {
+    if (auto chosen = m.best_blend(tokens, skip, name_space, neighbours, best)) {
       plan.route = Plan::Route::kBlend;
       plan.blend = std::move(chosen);
       plan.kv = m.store.state(exact.blocks, skip);
@@ -326,7 +376,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     llama::KVState exact_prefix;
     if (calibrate) exact_prefix = plan.kv;
     BlendConfig guard = m.config.blend;
-    guard.max_error = m.calibration->threshold(guard);
+    guard.max_error = m.calibration->threshold(plan.name_space, guard);
     const double start = process_cpu_s();
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv, guard,
@@ -336,6 +386,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
+    m.calibration->record_blend(plan.name_space, out.estimated_error);
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
@@ -347,15 +398,14 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, keep_rows);
       report.blend_calibration = true;
       report.calibration_kl = next_token_kl(exact.logits, result.logits);
-      m.calibration->add(out.estimated_error, report.calibration_kl, m.config.blend);
+      m.calibration->add(plan.name_space, out.estimated_error, report.calibration_kl, m.config.blend);
       plan.kv = std::move(exact_prefix);
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
     if (out.stopped_at_layer > 1) {
-      m.cost.observe_blend_refusal();
       report.calibration_kl = next_token_kl(result.logits, out.refused_logits);
-      m.calibration->add(out.estimated_error, report.calibration_kl, m.config.blend);
+      m.calibration->add(plan.name_space, out.estimated_error, report.calibration_kl, m.config.blend);
     }
     m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
                    report.reused);
