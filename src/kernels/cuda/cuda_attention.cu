@@ -17,6 +17,7 @@
 
 #include "core/errors.hpp"
 #include "kernels/cuda/flash_attention.cuh"
+#include "kernels/cuda/sparse_hopper.cuh"
 
 namespace attention_echo::kernels::cuda {
 namespace {
@@ -359,6 +360,30 @@ void dispatch(const DeviceProblem& p, const KernelParams& params, void* stream) 
     bf16 ? launch<__nv_bfloat16, 64, kMass>(params, p.q.heads, s) : launch<__half, 64, kMass>(params, p.q.heads, s);
 }
 
+template <typename T, int D>
+void launch_sparse(const KernelParams& params, int heads, cudaStream_t stream) {
+  constexpr int kSmem = HopperLayout<D>::kBytes;
+  static const bool configured = [] {
+    check_cuda(cudaFuncSetAttribute(sparse_hopper_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute");
+    return true;
+  }();
+  (void)configured;
+  const int blocks = ceil_div(params.row_end, kHopperRows);
+  if (blocks == 0) return;
+  sparse_hopper_kernel<T, D><<<dim3(blocks, heads), kHopperThreads, kSmem, stream>>>(params);
+  check_cuda(cudaGetLastError(), "sparse attention kernel launch");
+}
+
+void dispatch_sparse(const DeviceProblem& p, const KernelParams& params, void* stream) {
+  const bool bf16 = p.q.dtype == DType::kBF16;
+  const auto s = as_stream(stream);
+  if (p.q.dim == 128)
+    bf16 ? launch_sparse<__nv_bfloat16, 128>(params, p.q.heads, s) : launch_sparse<__half, 128>(params, p.q.heads, s);
+  else
+    bf16 ? launch_sparse<__nv_bfloat16, 64>(params, p.q.heads, s) : launch_sparse<__half, 64>(params, p.q.heads, s);
+}
+
 void check_block(int block) {
   if (block <= 0 || block % kChunkKeys != 0)
     throw_invalid("block", "must be a positive multiple of " + std::to_string(kChunkKeys) + " on CUDA");
@@ -501,7 +526,7 @@ void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, 
   params.plan_offsets = plan.offsets();
   params.plan_entries = plan.entries();
   params.plan_blocks = ceil_div(plan.rows(), kBlockRows);
-  dispatch<false>(problem, params, stream);
+  dispatch_sparse(problem, params, stream);
 }
 
 void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, void* stream) {

@@ -1,0 +1,318 @@
+// The sparse hit on Hopper (sm_90a): the kept-tile walk of flash_attention.cuh
+// with the two matrix products on wgmma, the warpgroup-wide asynchronous
+// tensor-core instruction that reads its B operand (and Q) straight from
+// shared memory, in place of mma.sync fed by ldmatrix. The mma.sync kernel
+// reached 230-265 TFLOP/s on an H200 and its shared-memory reads bound it
+// (docs/cuda/NOTES.md); the miss paths keep it.
+//
+// A thread block is one warpgroup (4 warps, 128 threads) over 64 query rows:
+// warp w owns rows 16w .. 16w + 15, a thread rows g and g + 8 (g = lane / 4),
+// the same fragment layout as mma.sync's, so the online softmax is the mma.sync
+// kernel's. Small blocks let two run on a multiprocessor, so one's softmax
+// overlaps the other's matrix products. K and V chunks of 64 keys stream
+// through kHopperStages shared-memory stages by cp.async.
+//
+// Shared-memory tiles are [D / 64][rows][64]: 128-byte rows, 16-byte pieces
+// XOR-swizzled by the row's low 3 bits, the layout wgmma's 128-byte swizzle
+// mode reads (tiles start 1024-byte aligned). Q and K are read K-major
+// (along D); V, stored the same way, is read transposed (MN-major).
+#pragma once
+
+#include "kernels/cuda/flash_attention.cuh"
+
+namespace attention_echo::kernels::cuda::detail {
+
+inline constexpr int kHopperGroups = 2;  // warpgroups a block
+inline constexpr int kHopperRows = 64 * kHopperGroups;
+inline constexpr int kHopperThreads = 128 * kHopperGroups;
+inline constexpr int kHopperStages = 4;
+static_assert(kHopperRows == kBlockRows && kWarpRows == 32, "a block is a plan block; a warpgroup two plan warps");
+
+template <int D>
+struct HopperLayout {
+  static constexpr int kQBytes = kHopperRows * D * 2;
+  static constexpr int kTileBytes = kChunkKeys * D * 2;  // a K or V chunk
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kBytes = kQBytes + kHopperStages * kStageBytes + 1024;  // + room to align to 1024
+};
+
+// m64nNk16 with fp32 accumulators: ss_n64 reads A and B from shared memory
+// (both K-major; accumulate 0 overwrites d), rs_nN reads A from registers and
+// B transposed.
+template <typename T>
+struct Wgmma;
+
+template <>
+struct Wgmma<__nv_bfloat16> {
+  __device__ static void ss_n64(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
+  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+};
+
+template <>
+struct Wgmma<__half> {
+  __device__ static void ss_n64(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
+  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+};
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Reads of accumulators stay after the wait that completes them.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// A shared-memory matrix descriptor, 128-byte swizzle; 8-row groups 1024
+// bytes apart; lbo: the distance between 64-wide column halves where the
+// operand spans two (V read transposed), else unused.
+__device__ __forceinline__ std::uint64_t smem_desc(unsigned addr, unsigned lbo) {
+  return static_cast<std::uint64_t>((addr & 0x3ffffu) >> 4) | static_cast<std::uint64_t>(lbo >> 4) << 16 |
+         static_cast<std::uint64_t>(1024 >> 4) << 32 | 1ull << 62;
+}
+
+// Byte offset of (r, c) in a [D / 64][rows][64] tile.
+__device__ __forceinline__ unsigned swizzle128(int rows, int r, int c) {
+  return (c >> 6) * rows * 128 + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2;
+}
+
+// Rows [first, first + rows) of a head's [tokens, D] slice into the tile at
+// shared address `tile`; tokens at or past `valid` zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile128(unsigned tile, const T* head, std::int64_t token_stride, int first,
+                                             int rows, int valid) {
+  constexpr int kPieces = D / 8;
+  for (int i = threadIdx.x; i < rows * kPieces; i += kHopperThreads) {
+    const int r = i / kPieces, c = (i % kPieces) * 8;
+    const int token = first + r;
+    const bool ok = token < valid;
+    const T* src = ok ? head + token * token_stride + c : head;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzle128(rows, r, c)), "l"(src),
+                 "r"(ok ? 16 : 0));
+  }
+}
+
+// One warpgroup's online-softmax step over one chunk's scores s (m64n64
+// accumulators: s[4n + 2i + e] is row g + 8i, key 8n + 2t + e): masks keys
+// at or past each row's end, rescales l and o, leaves probabilities in s.
+template <int D>
+__device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&o)[D / 2], float (&m)[2], float (&l)[2],
+                                              const KernelParams& p, int chunk_begin, bool mask, int first,
+                                              bool kept) {
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    // A row of a plan warp that does not keep the chunk sees none of it.
+    const int end = kept ? key_end(p, first + 8 * i) : 0;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * n + 2 * i + e];
+        if (mask && chunk_begin + n * 8 + 2 * t + e >= end) x = -INFINITY;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(m[i], quad_max(mx) * p.scale_log2);
+    const float ref = mx == -INFINITY ? 0.0f : mx;
+    const float alpha = fast_exp2(m[i] - ref);  // 0 while the row had seen no key (m = -inf)
+    m[i] = mx;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[4 * n + 2 * i + e];
+        x = fast_exp2(fmaf(x, p.scale_log2, -ref));
+        sum += x;
+      }
+    l[i] = l[i] * alpha + sum;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[4 * dn + 2 * i] *= alpha;
+      o[4 * dn + 2 * i + 1] *= alpha;
+    }
+  }
+}
+
+// O += P V for one chunk, issued: P from s as bf16/fp16 A fragments (the
+// layout mma.sync's A has), V transposed from shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void hopper_values(float (&o)[D / 2], const float (&s)[32], unsigned vs) {
+  std::uint32_t a[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[kk][j] = Mma<T>::pack(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const std::uint64_t b = smem_desc(vs + kk * 16 * 128, kChunkKeys * 128);
+    if constexpr (D == 128) Wgmma<T>::rs_n128(o, a[kk], b);
+    else Wgmma<T>::rs_n64(o, a[kk], b);
+  }
+  wgmma_commit();
+}
+
+// S = Q K^T for one chunk (raw scores, the scale rides in the exponent).
+// Issued, not waited for: qs is this warpgroup's first Q row.
+template <typename T, int D>
+__device__ __forceinline__ void hopper_scores(float (&s)[32], unsigned qs, unsigned ks) {
+  wgmma_fence();
+#pragma unroll
+  for (int kd = 0; kd < D / 16; ++kd) {
+    const unsigned column = (kd % 4) * 32;  // 16 columns of a 128-byte row
+    Wgmma<T>::ss_n64(s, smem_desc(qs + (kd / 4) * kHopperRows * 128 + column, 16),
+                     smem_desc(ks + (kd / 4) * kChunkKeys * 128 + column, 16), kd > 0);
+  }
+  wgmma_commit();
+}
+
+// The sparse walk over a plan (flash_attention.cuh's entry format: a chunk
+// and a bit per 32-row plan warp; warpgroup g holds plan warps 2g, 2g + 1).
+// query_offset is 0. Each warpgroup overlaps the scores of the next chunk
+// with the softmax of this one: iteration it issues S(it + 1), then softmax
+// and P V of chunk it, then waits for both.
+template <typename T, int D>
+__global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(KernelParams p) {
+  using L = HopperLayout<D>;
+  constexpr int S = kHopperStages;
+  extern __shared__ unsigned char smem[];
+  const unsigned qs = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
+  auto ks = [&](int chunk) { return qs + L::kQBytes + (chunk % S) * L::kStageBytes; };
+  auto vs = [&](int chunk) { return ks(chunk) + L::kTileBytes; };
+  const int head = blockIdx.y, kv = head / p.group;
+  // Causal blocks further down the sequence have more keys: start them first.
+  const int block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int row0 = block * kHopperRows;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = warp / 4;
+  const T* kh = static_cast<const T*>(p.k) + kv * p.k_head_stride;
+  const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride;
+  const std::uint32_t at0 = p.plan_offsets[head * p.plan_blocks + block];
+  const std::uint32_t* plan = p.plan_entries + at0;
+  const int count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - at0);
+  const int block_end = key_end(p, min(row0 + kHopperRows, p.row_end) - 1);
+  auto chunk_of = [&](int at) { return static_cast<int>(plan[at] & 0xffffu) * kChunkKeys; };
+  // The plan's entries below the block's last key; entry `at` is chunk `it` of the walk.
+  auto next = [&](int at) {
+    while (at < count && chunk_of(at) >= block_end) ++at;
+    return at;
+  };
+
+  int load_at = next(0);
+  auto load_next = [&](int chunk) {
+    if (load_at < count) {
+      load_tile128<T, D>(ks(chunk), kh, p.k_token_stride, chunk_of(load_at), kChunkKeys, p.tokens);
+      load_tile128<T, D>(vs(chunk), vh, p.v_token_stride, chunk_of(load_at), kChunkKeys, p.tokens);
+      load_at = next(load_at + 1);
+    }
+    cp_async_commit();  // possibly empty: one group per chunk keeps the wait counts uniform
+  };
+  load_tile128<T, D>(qs, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_token_stride, row0, kHopperRows,
+                     p.row_end);
+#pragma unroll
+  for (int chunk = 0; chunk < S - 1; ++chunk) load_next(chunk);
+
+  // This warpgroup's rows and the entries it computes.
+  const int group_row0 = row0 + 64 * group;
+  const std::uint32_t group_bits = 3u << (16 + 2 * group), row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
+  const int group_min_end = key_end(p, group_row0);
+  const int group_max_end = group_row0 < p.row_end ? key_end(p, min(group_row0 + 64, p.row_end) - 1) : 0;
+  auto computes = [&](int at) { return at < count && (plan[at] & group_bits) && chunk_of(at) < group_max_end; };
+  const unsigned group_qs = qs + 64 * group * 128;
+
+  float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, s[32], s_next[32];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
+  int at = next(0);
+  cp_async_wait<S - 2>();  // chunk 0 (and Q)
+  fence_async_shared();
+  __syncthreads();
+  if (computes(at)) hopper_scores<T, D>(s, group_qs, ks(0));
+  wgmma_wait_all();
+  fence_registers(s);
+  for (int it = 0; at < count; ++it) {
+    cp_async_wait<S - 3>();  // chunk it + 1
+    fence_async_shared();
+    __syncthreads();  // every piece of chunk it + 1 landed; chunk it - 1's stage is free
+    load_next(it + S - 1);
+    const int at_next = next(at + 1);
+    if (computes(at_next)) hopper_scores<T, D>(s_next, group_qs, ks(it + 1));
+    const std::uint32_t e = plan[at];
+    if (computes(at)) {
+      const int chunk_begin = chunk_of(at);
+      const bool kept = (e & row_bit) != 0;
+      hopper_softmax<D>(s, o, m, l, p, chunk_begin, chunk_begin + kChunkKeys > group_min_end || !kept, first, kept);
+      hopper_values<T, D>(o, s, vs(it));
+    }
+    wgmma_wait_all();
+    fence_registers(o);
+    fence_registers(s_next);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = s_next[i];
+    at = at_next;
+  }
+  cp_async_wait<0>();
+
+  T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
+  const int t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = first + 8 * i;
+    const float sum = quad_sum(l[i]);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row that saw no key gets zeros
+    if (row >= p.row_end) continue;
+    T* out = oh + row * p.out_token_stride + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(o[4 * dn + 2 * i] * inv, o[4 * dn + 2 * i + 1] * inv);
+  }
+}
+
+}  // namespace attention_echo::kernels::cuda::detail
