@@ -25,7 +25,7 @@ namespace attention_echo::kernels::cuda::detail {
 inline constexpr int kHopperGroups = 2;  // warpgroups a block
 inline constexpr int kHopperRows = 64 * kHopperGroups;
 inline constexpr int kHopperThreads = 128 * kHopperGroups;
-inline constexpr int kHopperStages = 4;
+inline constexpr int kHopperStages = 5;
 static_assert(kHopperRows == kBlockRows && kWarpRows == 32, "a block is a plan block; a warpgroup two plan warps");
 
 template <int D>
@@ -36,65 +36,57 @@ struct HopperLayout {
   static constexpr int kBytes = kQBytes + kHopperStages * kStageBytes + 1024;  // + room to align to 1024
 };
 
-// m64nNk16 with fp32 accumulators: ss_n64 reads A and B from shared memory
-// (both K-major; accumulate 0 overwrites d), rs_nN reads A from registers and
-// B transposed.
+// m64nNk16 with fp32 accumulators, A from registers, B from shared memory
+// (K-major, or MN-major with kTransB); accumulate 0 overwrites d.
 template <typename T>
 struct Wgmma;
 
 template <>
 struct Wgmma<__nv_bfloat16> {
-  __device__ static void ss_n64(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(accumulate));
-  }
-  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b) {
+  template <int kTransB>
+  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransB));
   }
-  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b) {
+  template <int kTransB>
+  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, %70;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransB));
   }
 };
 
 template <>
 struct Wgmma<__half> {
-  __device__ static void ss_n64(float (&d)[32], std::uint64_t a, std::uint64_t b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b), "r"(accumulate));
-  }
-  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b) {
+  template <int kTransB>
+  __device__ static void rs_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransB));
   }
-  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b) {
+  template <int kTransB>
+  __device__ static void rs_n128(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, %70;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransB));
   }
 };
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // Reads of accumulators stay after the wait that completes them.
 template <int N>
 __device__ __forceinline__ void fence_registers(float (&r)[N]) {
@@ -139,9 +131,9 @@ __device__ __forceinline__ void load_tile128(unsigned tile, const T* head, std::
 
 // One warpgroup's online-softmax step over one chunk's scores s (m64n64
 // accumulators: s[4n + 2i + e] is row g + 8i, key 8n + 2t + e): masks keys
-// at or past each row's end, rescales l and o, leaves probabilities in s.
-template <int D>
-__device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&o)[D / 2], float (&m)[2], float (&l)[2],
+// at or past each row's end, rescales l, leaves probabilities in s and the
+// factor o is to be rescaled by in alpha.
+__device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&alpha)[2], float (&m)[2], float (&l)[2],
                                               const KernelParams& p, int chunk_begin, bool mask, int first,
                                               bool kept) {
   const int t = threadIdx.x & 3;
@@ -160,7 +152,7 @@ __device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&o)[D / 2]
       }
     mx = fmaxf(m[i], quad_max(mx) * p.scale_log2);
     const float ref = mx == -INFINITY ? 0.0f : mx;
-    const float alpha = fast_exp2(m[i] - ref);  // 0 while the row had seen no key (m = -inf)
+    alpha[i] = fast_exp2(m[i] - ref);  // 0 while the row had seen no key (m = -inf)
     m[i] = mx;
     float sum = 0.0f;
 #pragma unroll
@@ -171,13 +163,16 @@ __device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&o)[D / 2]
         x = fast_exp2(fmaf(x, p.scale_log2, -ref));
         sum += x;
       }
-    l[i] = l[i] * alpha + sum;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      o[4 * dn + 2 * i] *= alpha;
-      o[4 * dn + 2 * i + 1] *= alpha;
-    }
+    l[i] = l[i] * alpha[i] + sum;
   }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 2], const float (&alpha)[2]) {
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[4 * dn + j] *= alpha[j / 2];
 }
 
 // O += P V for one chunk, issued: P from s as bf16/fp16 A fragments (the
@@ -193,31 +188,43 @@ __device__ __forceinline__ void hopper_values(float (&o)[D / 2], const float (&s
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const std::uint64_t b = smem_desc(vs + kk * 16 * 128, kChunkKeys * 128);
-    if constexpr (D == 128) Wgmma<T>::rs_n128(o, a[kk], b);
-    else Wgmma<T>::rs_n64(o, a[kk], b);
+    if constexpr (D == 128) Wgmma<T>::template rs_n128<1>(o, a[kk], b, 1);
+    else Wgmma<T>::template rs_n64<1>(o, a[kk], b, 1);
   }
-  wgmma_commit();
 }
 
-// S = Q K^T for one chunk (raw scores, the scale rides in the exponent).
-// Issued, not waited for: qs is this warpgroup's first Q row.
-template <typename T, int D>
-__device__ __forceinline__ void hopper_scores(float (&s)[32], unsigned qs, unsigned ks) {
-  wgmma_fence();
+// This warpgroup's Q rows as A fragments, one per 16 columns, held for the
+// whole walk: read from shared memory by every chunk's scores, Q and K
+// together took the multiprocessor's whole shared-memory bandwidth.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(std::uint32_t (&q)[D / 16][4], unsigned qs, int group) {
+  const int lane = threadIdx.x & 31, row = 64 * group + 16 * ((threadIdx.x >> 5) % 4) + (lane & 15);
 #pragma unroll
   for (int kd = 0; kd < D / 16; ++kd) {
-    const unsigned column = (kd % 4) * 32;  // 16 columns of a 128-byte row
-    Wgmma<T>::ss_n64(s, smem_desc(qs + (kd / 4) * kHopperRows * 128 + column, 16),
-                     smem_desc(ks + (kd / 4) * kChunkKeys * 128 + column, 16), kd > 0);
+    const unsigned at = qs + swizzle128(kHopperRows, row, kd * 16 + (lane >> 4) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(q[kd][0]), "=r"(q[kd][1]), "=r"(q[kd][2]), "=r"(q[kd][3])
+                 : "r"(at));
   }
-  wgmma_commit();
+}
+
+// S = Q K^T for one chunk, issued, not waited for (raw scores: the scale
+// rides in the exponent).
+template <typename T, int D>
+__device__ __forceinline__ void hopper_scores(float (&s)[32], const std::uint32_t (&q)[D / 16][4], unsigned ks) {
+  wgmma_fence();
+#pragma unroll
+  for (int kd = 0; kd < D / 16; ++kd)
+    Wgmma<T>::template rs_n64<0>(s, q[kd], smem_desc(ks + (kd / 4) * kChunkKeys * 128 + (kd % 4) * 32, 16), kd > 0);
 }
 
 // The sparse walk over a plan (flash_attention.cuh's entry format: a chunk
 // and a bit per 32-row plan warp; warpgroup g holds plan warps 2g, 2g + 1).
-// query_offset is 0. Each warpgroup overlaps the scores of the next chunk
-// with the softmax of this one: iteration it issues S(it + 1), then softmax
-// and P V of chunk it, then waits for both.
+// query_offset is 0. Each warpgroup overlaps its softmax with its matrix
+// products: iteration it issues S(it + 1), computes the softmax of chunk it
+// while S(it + 1) and P V of chunk it - 1 run, waits for both, then issues
+// P V of chunk it and leaves it running into the next iteration. Chunk
+// it + S - 2 loads meanwhile (S stages: it - 1 .. it + 1 are in use).
 template <typename T, int D>
 __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(KernelParams p) {
   using L = HopperLayout<D>;
@@ -256,48 +263,67 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
   load_tile128<T, D>(qs, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_token_stride, row0, kHopperRows,
                      p.row_end);
 #pragma unroll
-  for (int chunk = 0; chunk < S - 1; ++chunk) load_next(chunk);
+  for (int chunk = 0; chunk < S - 2; ++chunk) load_next(chunk);
 
-  // This warpgroup's rows and the entries it computes.
+  // This warpgroup's rows. It computes every chunk the block loads, masking
+  // the rows whose plan warp does not keep it: a wgmma under a branch ptxas
+  // cannot prove uniform is serialised, which costs more than the chunks one
+  // warpgroup alone keeps (the block's last causal chunk, for the first).
   const int group_row0 = row0 + 64 * group;
-  const std::uint32_t group_bits = 3u << (16 + 2 * group), row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
+  const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
   const int group_min_end = key_end(p, group_row0);
-  const int group_max_end = group_row0 < p.row_end ? key_end(p, min(group_row0 + 64, p.row_end) - 1) : 0;
-  auto computes = [&](int at) { return at < count && (plan[at] & group_bits) && chunk_of(at) < group_max_end; };
-  const unsigned group_qs = qs + 64 * group * 128;
+
 
   float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, s[32], s_next[32];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
   int at = next(0);
-  cp_async_wait<S - 2>();  // chunk 0 (and Q)
+  cp_async_wait<S - 3>();  // chunk 0 (and Q)
   fence_async_shared();
   __syncthreads();
-  if (computes(at)) hopper_scores<T, D>(s, group_qs, ks(0));
-  wgmma_wait_all();
+  std::uint32_t q[D / 16][4];
+  load_q_fragments<D>(q, qs, group);
+  hopper_scores<T, D>(s, q, ks(0));
+  wgmma_commit();
+  wgmma_wait<0>();
   fence_registers(s);
-  for (int it = 0; at < count; ++it) {
-    cp_async_wait<S - 3>();  // chunk it + 1
+  // One chunk; cur holds its scores, next receives the next chunk's (two
+  // buffers swapped by unrolling, not copied).
+  int it = 0;
+  auto step = [&](float (&cur)[32], float (&nxt)[32]) {
+    cp_async_wait<S - 4>();  // chunk it + 1
     fence_async_shared();
-    __syncthreads();  // every piece of chunk it + 1 landed; chunk it - 1's stage is free
-    load_next(it + S - 1);
+    // Every piece of chunk it + 1 landed; chunk it - 2's stage is free (its
+    // P V was waited for in iteration it - 1).
+    __syncthreads();
+    load_next(it + S - 2);
     const int at_next = next(at + 1);
-    if (computes(at_next)) hopper_scores<T, D>(s_next, group_qs, ks(it + 1));
-    const std::uint32_t e = plan[at];
-    if (computes(at)) {
-      const int chunk_begin = chunk_of(at);
-      const bool kept = (e & row_bit) != 0;
-      hopper_softmax<D>(s, o, m, l, p, chunk_begin, chunk_begin + kChunkKeys > group_min_end || !kept, first, kept);
-      hopper_values<T, D>(o, s, vs(it));
-    }
-    wgmma_wait_all();
+    // Past the last chunk this reads a stale stage, unused: a wgmma under a
+    // branch would be serialised.
+    hopper_scores<T, D>(nxt, q, ks(it + 1));
+    wgmma_commit();
+    const int chunk_begin = chunk_of(at);
+    const bool kept = (plan[at] & row_bit) != 0;
+    float alpha[2];
+    hopper_softmax(cur, alpha, m, l, p, chunk_begin, chunk_begin + kChunkKeys > group_min_end || !kept, first, kept);
+    // P V of chunk it - 1 and the scores of chunk it + 1. (Waiting for the
+    // first alone, wait_group 1, made ptxas serialise every wgmma.)
+    wgmma_wait<0>();
     fence_registers(o);
-    fence_registers(s_next);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] = s_next[i];
+    fence_registers(nxt);
+    rescale<D>(o, alpha);
+    hopper_values<T, D>(o, cur, vs(it));
+    wgmma_commit();  // runs on into the next chunk's softmax
     at = at_next;
+    ++it;
+  };
+  while (at < count) {
+    step(s, s_next);
+    if (at < count) step(s_next, s);
   }
+  wgmma_wait<0>();
+  fence_registers(o);
   cp_async_wait<0>();
 
   T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
