@@ -242,21 +242,26 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
   const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride;
   const std::uint32_t at0 = p.plan_offsets[head * p.plan_blocks + block];
   const std::uint32_t* plan = p.plan_entries + at0;
-  const int count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - at0);
+  // The entries below the block's last key: a prefix, chunks ascend.
+  int count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - at0);
   const int block_end = key_end(p, min(row0 + kHopperRows, p.row_end) - 1);
-  auto chunk_of = [&](int at) { return static_cast<int>(plan[at] & 0xffffu) * kChunkKeys; };
-  // The plan's entries below the block's last key; entry `at` is chunk `it` of the walk.
-  auto next = [&](int at) {
-    while (at < count && chunk_of(at) >= block_end) ++at;
-    return at;
-  };
+  while (count > 0 && static_cast<int>(plan[count - 1] & 0xffffu) * kChunkKeys >= block_end) --count;
 
-  int load_at = next(0);
+  // Each entry is read from global memory a chunk ahead of its load (its
+  // latency behind a whole chunk's work, not in front of the load) and kept
+  // beside its stage for the chunk's softmax.
+  __shared__ std::uint32_t stage_entry[S];
+  std::uint32_t upcoming = count > 0 ? plan[0] : 0;
+  int loaded = 0;
   auto load_next = [&](int chunk) {
-    if (load_at < count) {
-      load_tile128<T, D>(ks(chunk), kh, p.k_token_stride, chunk_of(load_at), kChunkKeys, p.tokens);
-      load_tile128<T, D>(vs(chunk), vh, p.v_token_stride, chunk_of(load_at), kChunkKeys, p.tokens);
-      load_at = next(load_at + 1);
+    if (loaded < count) {
+      const std::uint32_t e = upcoming;
+      if (loaded + 1 < count) upcoming = plan[loaded + 1];
+      const int first = static_cast<int>(e & 0xffffu) * kChunkKeys;
+      load_tile128<T, D>(ks(chunk), kh, p.k_token_stride, first, kChunkKeys, p.tokens);
+      load_tile128<T, D>(vs(chunk), vh, p.v_token_stride, first, kChunkKeys, p.tokens);
+      if (threadIdx.x == 0) stage_entry[chunk % S] = e;
+      ++loaded;
     }
     cp_async_commit();  // possibly empty: one group per chunk keeps the wait counts uniform
   };
@@ -273,12 +278,10 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
   const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
   const int group_min_end = key_end(p, group_row0);
 
-
   float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, s[32], s_next[32];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
-  int at = next(0);
   cp_async_wait<S - 3>();  // chunk 0 (and Q)
   fence_async_shared();
   __syncthreads();
@@ -298,13 +301,13 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
     // P V was waited for in iteration it - 1).
     __syncthreads();
     load_next(it + S - 2);
-    const int at_next = next(at + 1);
     // Past the last chunk this reads a stale stage, unused: a wgmma under a
     // branch would be serialised.
     hopper_scores<T, D>(nxt, q, ks(it + 1));
     wgmma_commit();
-    const int chunk_begin = chunk_of(at);
-    const bool kept = (plan[at] & row_bit) != 0;
+    const std::uint32_t e = stage_entry[it % S];
+    const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
+    const bool kept = (e & row_bit) != 0;
     float alpha[2];
     hopper_softmax(cur, alpha, m, l, p, chunk_begin, chunk_begin + kChunkKeys > group_min_end || !kept, first, kept);
     // P V of chunk it - 1 and the scores of chunk it + 1. (Waiting for the
@@ -315,12 +318,11 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
     rescale<D>(o, alpha);
     hopper_values<T, D>(o, cur, vs(it));
     wgmma_commit();  // runs on into the next chunk's softmax
-    at = at_next;
     ++it;
   };
-  while (at < count) {
+  while (it < count) {
     step(s, s_next);
-    if (at < count) step(s_next, s);
+    if (it < count) step(s_next, s);
   }
   wgmma_wait<0>();
   fence_registers(o);
