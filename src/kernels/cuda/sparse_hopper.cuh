@@ -1,21 +1,20 @@
-// The sparse hit on Hopper (sm_90a): the kept-tile walk of flash_attention.cuh
-// with the two matrix products on wgmma, the warpgroup-wide asynchronous
-// tensor-core instruction that reads its B operand (and Q) straight from
-// shared memory, in place of mma.sync fed by ldmatrix. The mma.sync kernel
-// reached 230-265 TFLOP/s on an H200 and its shared-memory reads bound it
-// (docs/cuda/NOTES.md); the miss paths keep it.
+// The sparse hit on Hopper (sm_90a): the kept-tile walk over a plan with
+// both matrix products on wgmma, the warpgroup-wide asynchronous tensor-core
+// instruction that reads its B operand straight from shared memory, in place
+// of mma.sync fed by ldmatrix (flash_attention.cuh's kernel, which the miss
+// paths keep: 250-265 TFLOP/s on an H200 for this walk, against 300-330 here).
 //
-// A thread block is one warpgroup (4 warps, 128 threads) over 64 query rows:
-// warp w owns rows 16w .. 16w + 15, a thread rows g and g + 8 (g = lane / 4),
-// the same fragment layout as mma.sync's, so the online softmax is the mma.sync
-// kernel's. Small blocks let two run on a multiprocessor, so one's softmax
-// overlaps the other's matrix products. K and V chunks of 64 keys stream
-// through kHopperStages shared-memory stages by cp.async.
+// A thread block is a plan block, 128 query rows, as two warpgroups of 64
+// rows: warp w of a warpgroup owns rows 16w .. 16w + 15, a thread rows g and
+// g + 8 (g = lane / 4), mma.sync's fragment layout, so the online softmax is
+// the mma.sync kernel's. Q stays in registers as wgmma A fragments; the
+// plan's 64-key chunks of K and V stream through kHopperStages shared-memory
+// stages by cp.async.
 //
 // Shared-memory tiles are [D / 64][rows][64]: 128-byte rows, 16-byte pieces
 // XOR-swizzled by the row's low 3 bits, the layout wgmma's 128-byte swizzle
-// mode reads (tiles start 1024-byte aligned). Q and K are read K-major
-// (along D); V, stored the same way, is read transposed (MN-major).
+// mode reads (tiles start 1024-byte aligned). K is read K-major (along D);
+// V, stored the same way, is read transposed (MN-major).
 #pragma once
 
 #include "kernels/cuda/flash_attention.cuh"
@@ -194,8 +193,9 @@ __device__ __forceinline__ void hopper_values(float (&o)[D / 2], const float (&s
 }
 
 // This warpgroup's Q rows as A fragments, one per 16 columns, held for the
-// whole walk: read from shared memory by every chunk's scores, Q and K
-// together took the multiprocessor's whole shared-memory bandwidth.
+// whole walk, so each chunk's scores read only K from shared memory (Q read
+// from shared memory by every chunk measured 1.5% slower at T = 32k, within
+// the run-to-run spread).
 template <int D>
 __device__ __forceinline__ void load_q_fragments(std::uint32_t (&q)[D / 16][4], unsigned qs, int group) {
   const int lane = threadIdx.x & 31, row = 64 * group + 16 * ((threadIdx.x >> 5) % 4) + (lane & 15);
