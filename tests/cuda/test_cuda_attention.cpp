@@ -121,21 +121,21 @@ TileSet all_causal_tiles(int heads, int tiles, int block) {
   return kept;
 }
 
-TEST_F(CudaAttention, SparseWithEveryTileKeptEqualsExact) {
-  Problem a({4, 2, 1100, 128, DType::kBF16}, 9);
-  exact_attention(a.device(), nullptr);
-  const auto exact = a.out.download_bits();
-  a.out.poison();
-  const int prefix = 1000, block = 128;
-  const DeviceTilePlan plan(all_causal_tiles(4, (prefix + block - 1) / block, block), prefix, nullptr);
-  sparse_attention(a.device(), plan, nullptr);
-  const auto sparse = a.out.download_bits();
-  for (int h = 0; h < 4; ++h)
-    for (int i = 0; i < prefix; ++i)
-      for (int d = 0; d < 128; ++d) {
-        const std::size_t at = (static_cast<std::size_t>(h) * 1100 + i) * 128 + d;
-        ASSERT_EQ(sparse[at], exact[at]) << "head " << h << " row " << i << " dim " << d;
-      }
+// The sparse hit runs on its own (wgmma) kernel, so its bits differ from the
+// exact kernel's; with every tile kept it computes the same function.
+TEST_F(CudaAttention, SparseWithEveryTileKeptMatchesExact) {
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    Problem a({4, 2, 1100, 128, dtype}, 9);
+    a.out.poison();
+    const int prefix = 1000, block = 128;
+    const DeviceTilePlan plan(all_causal_tiles(4, (prefix + block - 1) / block, block), prefix, nullptr);
+    sparse_attention(a.device(), plan, nullptr);
+    ok(cudaDeviceSynchronize());
+    std::vector<int> rows(prefix);
+    for (int i = 0; i < prefix; ++i) rows[i] = i;
+    EXPECT_LT(relative_error(a, a.out.download(), rows, [](int, int, int) { return true; }), tolerance(dtype))
+        << to_string(dtype);
+  }
 }
 
 bool kept_key(const TileSet& kept, int h, int i, int j) {
@@ -146,8 +146,13 @@ bool kept_key(const TileSet& kept, int h, int i, int j) {
 }
 
 TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
-  for (int block : {64, 128}) {
-    Problem p({4, 2, 1300, 64, DType::kBF16}, 10 + block);
+  struct Shape {
+    int block, dim;
+    DType dtype;
+  };
+  for (const Shape& shape : {Shape{64, 64, DType::kBF16}, Shape{128, 64, DType::kBF16}, Shape{64, 128, DType::kF16}}) {
+    const int block = shape.block;
+    Problem p({4, 2, 1300, shape.dim, shape.dtype}, 10 + block + (shape.dim - 64));
     const int prefix = 1200;
     const auto mass = exact_attention_with_tile_mass(p.device(), prefix, block, nullptr).to_host(nullptr);
     const TileSet kept = kernels::select_tiles(mass, 4, 0.6);
@@ -160,8 +165,8 @@ TEST_F(CudaAttention, SparseFromRecordedMassMatchesKeptReference) {
     for (int i = 0; i < prefix; ++i) rows[i] = i;
     EXPECT_LT(relative_error(p, p.out.download(), rows,
                              [&](int h, int i, int j) { return kept_key(kept, h, i, j); }),
-              tolerance(DType::kBF16))
-        << "block " << block;
+              tolerance(shape.dtype))
+        << "block " << block << ", dim " << shape.dim;
   }
 }
 

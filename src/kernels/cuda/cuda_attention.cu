@@ -1,6 +1,7 @@
 // Host entry points of the CUDA kernels: argument checks, the attention
 // kernel's block loop (flash_attention.cuh does the per-warp math), the tile
-// mass reduction, the sparse plan and the row copy.
+// mass reduction, the sparse plan (walked by sparse_hopper.cuh) and the row
+// copy.
 #include "kernels/cuda/cuda_attention.hpp"
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 
 #include "core/errors.hpp"
 #include "kernels/cuda/flash_attention.cuh"
+#include "kernels/cuda/sparse_hopper.cuh"
 
 namespace attention_echo::kernels::cuda {
 namespace {
@@ -92,22 +94,10 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
   const T* kh = static_cast<const T*>(p.k) + kv * p.k_head_stride;
   const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride;
 
-  const std::uint32_t* plan = nullptr;
-  int count;
-  if (p.plan_offsets != nullptr) {
-    const std::uint32_t first = p.plan_offsets[head * p.plan_blocks + block];
-    plan = p.plan_entries + first;
-    count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - first);
-  } else {
-    const int last = min(row0 + kBlockRows, p.row_end) - 1;
-    count = ceil_div(min(key_end(p, last), p.tokens), kChunkKeys);
-  }
-  auto entry = [&](int it) { return plan != nullptr ? plan[it] : (static_cast<std::uint32_t>(it) | 0xffu << 16); };
-
+  const int count = ceil_div(min(key_end(p, min(row0 + kBlockRows, p.row_end) - 1), p.tokens), kChunkKeys);
   auto load_chunk = [&](int it) {
-    const int first = static_cast<int>(entry(it) & 0xffffu) * kChunkKeys;
-    load_tile<T, D>(ks(it & 1), kh, p.k_token_stride, first, kChunkKeys, p.tokens);
-    load_tile<T, D>(vs(it & 1), vh, p.v_token_stride, first, kChunkKeys, p.tokens);
+    load_tile<T, D>(ks(it & 1), kh, p.k_token_stride, it * kChunkKeys, kChunkKeys, p.tokens);
+    load_tile<T, D>(vs(it & 1), vh, p.v_token_stride, it * kChunkKeys, kChunkKeys, p.tokens);
   };
   load_tile<T, D>(qs, qh, p.q_token_stride, row0 - p.query_offset, kBlockRows, p.row_end - p.query_offset);
   if (count > 0) load_chunk(0);
@@ -137,11 +127,10 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
 
   float s[kWarpTiles][kChunkKeys / 8][4];
   for (int it = 0; it < count; ++it) {
-    const std::uint32_t e = entry(it);
-    const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
+    const int chunk_begin = it * kChunkKeys;
     cp_async_wait_one();  // this chunk's group has landed; the next one's may still fly
     __syncthreads();
-    if (warp_has_rows && ((e >> (16 + warp)) & 1u) && chunk_begin < warp_max_end) {
+    if (warp_has_rows && chunk_begin < warp_max_end) {
       warp_scores(st, s, p, qs, ks(it & 1), chunk_begin, chunk_begin + kChunkKeys > warp_min_end, first, head);
       warp_values(st, s, vs(it & 1));
     }
@@ -359,6 +348,30 @@ void dispatch(const DeviceProblem& p, const KernelParams& params, void* stream) 
     bf16 ? launch<__nv_bfloat16, 64, kMass>(params, p.q.heads, s) : launch<__half, 64, kMass>(params, p.q.heads, s);
 }
 
+template <typename T, int D>
+void launch_sparse(const KernelParams& params, int heads, cudaStream_t stream) {
+  constexpr int kSmem = HopperLayout<D>::kBytes;
+  static const bool configured = [] {
+    check_cuda(cudaFuncSetAttribute(sparse_hopper_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute");
+    return true;
+  }();
+  (void)configured;
+  const int blocks = ceil_div(params.row_end, kHopperRows);
+  if (blocks == 0) return;
+  sparse_hopper_kernel<T, D><<<dim3(blocks, heads), kHopperThreads, kSmem, stream>>>(params);
+  check_cuda(cudaGetLastError(), "sparse attention kernel launch");
+}
+
+void dispatch_sparse(const DeviceProblem& p, const KernelParams& params, void* stream) {
+  const bool bf16 = p.q.dtype == DType::kBF16;
+  const auto s = as_stream(stream);
+  if (p.q.dim == 128)
+    bf16 ? launch_sparse<__nv_bfloat16, 128>(params, p.q.heads, s) : launch_sparse<__half, 128>(params, p.q.heads, s);
+  else
+    bf16 ? launch_sparse<__nv_bfloat16, 64>(params, p.q.heads, s) : launch_sparse<__half, 64>(params, p.q.heads, s);
+}
+
 void check_block(int block) {
   if (block <= 0 || block % kChunkKeys != 0)
     throw_invalid("block", "must be a positive multiple of " + std::to_string(kChunkKeys) + " on CUDA");
@@ -501,7 +514,7 @@ void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, 
   params.plan_offsets = plan.offsets();
   params.plan_entries = plan.entries();
   params.plan_blocks = ceil_div(plan.rows(), kBlockRows);
-  dispatch<false>(problem, params, stream);
+  dispatch_sparse(problem, params, stream);
 }
 
 void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, void* stream) {

@@ -19,10 +19,9 @@
 // log-sum-exp into the mean mass of (query tile, key tile). The output bits
 // do not depend on kMass.
 //
-// Key chunks: the dense walk takes every chunk below the block's key limit;
-// the sparse walk takes a plan's chunks, each with a bit per warp that keeps
-// it. Either way a warp computes only chunks that start below its rows' key
-// end, so every entry point feeds a row the same chunks in the same order.
+// Key chunks: every chunk below the block's key limit; a warp computes only
+// chunks that start below its rows' key end. The sparse hit's walk over a
+// plan's chunks is sparse_hopper.cuh's kernel, on wgmma.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -62,8 +61,9 @@ struct KernelParams {
   int causal;
   int prefix_length;
   float scale_log2;  // scale * log2(e)
-  // Sparse walk (null: dense): entries of (head, block) are
-  // plan_entries[plan_offsets[head * plan_blocks + block] ..], each chunk | warp bits << 16.
+  // Sparse walk (sparse_hopper.cuh only): entries of (head, block) are
+  // plan_entries[plan_offsets[head * plan_blocks + block] ..], each chunk | warp bits << 16,
+  // a bit per kWarpRows rows of the block's kBlockRows.
   const std::uint32_t* plan_offsets;
   const std::uint32_t* plan_entries;
   int plan_blocks;  // row blocks per head in the plan (>= the grid's when fewer rows are served)
