@@ -80,8 +80,8 @@ struct BlendConfig {
 // blends of RAG prompts ending in a fresh question stayed under KL 2e-4 at
 // estimates up to 0.11 where edited code reached 1.2e-3 at 0.056), and a
 // namespace is one application's traffic, its prompts of one shape. So a
-// namespace is guarded by its own samples once it has kOwnSamples, by
-// every sample of the model (calibrate()'s and every namespace's) before.
+// namespace is guarded by its own samples once it has one, by every sample
+// of the model (calibrate()'s and every namespace's) before.
 //
 // Samples come from calibrate() (the model's only), from one served blend
 // in calibrate_every, and from every blend the guard refuses past layer 1
@@ -91,8 +91,6 @@ struct BlendConfig {
 // One per model: planners of the same model may share it. Thread-safe.
 class BlendCalibration {
  public:
-  static constexpr long long kOwnSamples = 1;
-
   // Whether the next blend should be a calibration one (none taken yet, or
   // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);
@@ -110,8 +108,7 @@ class BlendCalibration {
 
  private:
   struct Samples {
-    long long count = 0;
-    std::vector<double> bounds;  // ascending
+    std::vector<double> bounds;  // one per sample, ascending
     void add(double bound);
     double threshold(double max_error) const;
   };

@@ -121,6 +121,11 @@ double next_token_kl(const std::vector<float>& p_logits, const std::vector<float
   return std::max(kl, 0.0);
 }
 
+// Where a calibration sample bounds the guard (BlendCalibration).
+double sample_bound(double estimate, double kl, const BlendConfig& config) {
+  return estimate * std::sqrt(config.max_kl / std::max(kl, config.max_kl / 100));
+}
+
 // Prompts a blend meets, made of passages (the first a shared head) whose
 // concatenation is the donor: the rest reversed (moved chunks, as RAG
 // passages in another order), 8 tokens in the middle of one passage
@@ -152,24 +157,16 @@ std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<in
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   if (config.calibrate_every == 0) return false;
-  return model_.count == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
+  return model_.bounds.empty() || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
 
 void BlendCalibration::Samples::add(double bound) {
-  ++count;
   bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
 }
 
 double BlendCalibration::Samples::threshold(double max_error) const {
-  const auto outliers = static_cast<std::size_t>(count / 10);
-  return outliers < bounds.size() ? std::min(max_error, bounds[outliers]) : max_error;
+  return bounds.empty() ? max_error : std::min(max_error, bounds[bounds.size() / 10]);
 }
-
-namespace {
-double sample_bound(double estimate, double kl, const BlendConfig& config) {
-  return estimate * std::sqrt(config.max_kl / std::max(kl, config.max_kl / 100));
-}
-}  // namespace
 
 void BlendCalibration::add(double estimate, double kl, const BlendConfig& config) {
   std::lock_guard lock(mutex_);
@@ -188,7 +185,7 @@ void BlendCalibration::add(std::string_view name_space, double estimate, double 
 
 double BlendCalibration::threshold_locked(std::string_view name_space, const BlendConfig& config) const {
   const auto it = namespaces_.find(name_space);
-  const bool own = it != namespaces_.end() && it->second.samples.count >= kOwnSamples;
+  const bool own = it != namespaces_.end() && !it->second.samples.bounds.empty();
   return (own ? it->second.samples : model_).threshold(config.max_error);
 }
 
@@ -220,7 +217,7 @@ double BlendCalibration::refusal_rate(std::string_view name_space, const BlendCo
 
 long long BlendCalibration::samples() const {
   std::lock_guard lock(mutex_);
-  return model_.count;
+  return static_cast<long long>(model_.bounds.size());
 }
 
 struct Planner::Impl {
