@@ -88,7 +88,10 @@ struct BlendConfig {
 // (finished and measured against the exact prefill that replaces it). The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
-// One per model: planners of the same model may share it. Thread-safe.
+// A namespace's record (at most 32 estimates and its samples' bounds) lives
+// as long as the calibration: it is what the model was measured to do on
+// that traffic, so Planner::clear leaves it. One per model: planners of the
+// same model may share it. Thread-safe.
 class BlendCalibration {
  public:
   // Whether the next blend should be a calibration one (none taken yet, or
