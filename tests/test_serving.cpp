@@ -437,6 +437,59 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
   EXPECT_GT(report.calibration_kl, 0.0);
 }
 
+// A blend's K/V reused as a prefix is held to the blend's rules: the rows
+// just before the prompt's last are computed, the namespace's guard now
+// must pass the blend's estimate, and a near tie at the head is computed
+// again from the exact prefix.
+TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const auto base = text_tokens(600, 9);
+  auto near = base;
+  near[50] = edited(near[50]);
+  auto again = near;
+  again.back() = edited(again.back());  // all of the blend but its last token
+  const int T = static_cast<int>(again.size()), recent = serving::BlendConfig{}.recent_rows;
+  // A planner holding base exactly and near blended (its guard unbounded
+  // until a sample comes: the blend is served, near tie or not).
+  auto blended = [&](double top1_sigmas, std::shared_ptr<serving::BlendCalibration> calibration) {
+    serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = INFINITY,
+                                                          .top1_sigmas = top1_sigmas, .calibrate_every = 0},
+                                                .calibration = std::move(calibration)});
+    engine.timers() = {};
+    last_logits(engine, base);
+    planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+    serving::Plan seed = planner.plan(base);
+    planner.execute(engine, base, seed);
+    serving::Plan plan = planner.plan(near);
+    EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
+    planner.execute(engine, near, plan);
+    EXPECT_FALSE(plan.report.blend_rejected);
+    return std::make_pair(std::move(planner), plan.report.estimated_error);
+  };
+  const serving::BlendConfig config{.enabled = true};
+  {
+    auto calibration = std::make_shared<serving::BlendCalibration>();
+    auto [planner, estimate] = blended(0.0, calibration);
+    ASSERT_GT(estimate, 0.0);
+    serving::Plan plan = planner.plan(again);
+    EXPECT_EQ(plan.route, serving::Plan::Route::kReuse);
+    EXPECT_FALSE(plan.reused_exact);
+    EXPECT_EQ(plan.kv.length, T - 1 - recent);
+    calibration->add("", estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
+    EXPECT_EQ(planner.plan(again).kv.length, 50);  // the exact prefix only
+  }
+  auto calibration = std::make_shared<serving::BlendCalibration>();
+  auto [planner, estimate] = blended(1e9, calibration);
+  calibration->add("", estimate, config.max_kl, config);  // the guard at the estimate: reuse allowed
+  serving::Plan plan = planner.plan(again);
+  ASSERT_FALSE(plan.reused_exact);
+  const auto logits = planner.execute(engine, again, plan).logits;
+  EXPECT_TRUE(plan.report.reused_exact);  // a near tie at any gap: computed from the exact prefix
+  EXPECT_EQ(plan.report.reused, 50);
+  EXPECT_LE(max_abs_diff(logits, last_logits(engine, again)), 1e-4);
+}
+
 TEST(Planner, BadInputThrowsAndStoresNothing) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);

@@ -57,7 +57,7 @@ class Blend {
       if (!deep_layer(l) && refused_at < 0) refused_at = l;
     }
     e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
-    if (refused_at < 0 && near_tie(result.logits)) refused_at = c_.n_layers;
+    if (refused_at < 0 && near_tie(result.logits, out_.estimated_error, opt_.max_error, opt_)) refused_at = c_.n_layers;
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;
@@ -83,17 +83,6 @@ class Blend {
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
     kv_.length = T_;
     return out_;
-  }
-
-  // Whether the top two next tokens are within reach of the logit change
-  // the guard lets through at this estimate (BlendConfig::top1_sigmas).
-  bool near_tie(const std::vector<float>& logits) const {
-    if (logits.size() < 2 || !std::isfinite(opt_.max_error) || opt_.max_error <= 0.0) return false;
-    std::array<float, 2> top{-INFINITY, -INFINITY};
-    for (float l : logits)
-      if (l > top[1]) top = l > top[0] ? std::array<float, 2>{l, top[0]} : std::array<float, 2>{top[0], l};
-    const double allowed_kl = opt_.max_kl * std::pow(out_.estimated_error / opt_.max_error, 2);
-    return top[0] - top[1] < opt_.top1_sigmas * 2.0 * std::sqrt(allowed_kl);
   }
 
   // The donor's K/V of row i in layer l, K rotated to position i.
@@ -192,6 +181,15 @@ class Blend {
 };
 
 }  // namespace
+
+bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config) {
+  if (logits.size() < 2 || !std::isfinite(guard) || guard <= 0.0) return false;
+  std::array<float, 2> top{-INFINITY, -INFINITY};
+  for (float l : logits)
+    if (l > top[1]) top = l > top[0] ? std::array<float, 2>{l, top[0]} : std::array<float, 2>{top[0], l};
+  const double allowed_kl = config.max_kl * std::pow(estimate / guard, 2);
+  return top[0] - top[1] < config.top1_sigmas * 2.0 * std::sqrt(allowed_kl);
+}
 
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,

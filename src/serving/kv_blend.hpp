@@ -55,4 +55,10 @@ BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, c
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            llama::ForwardResult& result);
 
+// Whether the top two of a row's next-token logits are within reach of the
+// logit change a guard lets through at this estimate: a perturbation at KL
+// k moves them apart by about 2 sqrt(k), and an estimate e under guard g is
+// let through to KL max_kl (e / g)^2 (BlendConfig::top1_sigmas).
+bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config);
+
 }  // namespace attention_echo::serving

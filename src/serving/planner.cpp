@@ -276,6 +276,31 @@ struct Planner::Impl {
     return best;
   }
 
+  // A blend's K/V reused as a prefix is held to the blend's rules: its
+  // estimate under the namespace's guard now (tighter, maybe, than when it
+  // was stored), and the last recent_rows rows before the prompt's last
+  // computed, as a blend computes them. Reused, a blended row near the end
+  // carries its deviation straight into the next token: on unseen code a
+  // blend served at next-token KL 2.2e-3 gave 5.4e-3 to a prompt that
+  // reused all of it but its last token.
+  KVBlockStore::Prefix held_to_guard(std::string_view ns, std::span<const int> tokens,
+                                     KVBlockStore::Prefix stored) {
+    const int limit = static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows;
+    KVBlockStore::Prefix exact = store.longest_prefix(ns, tokens, true);
+    if (stored.error > calibration->threshold(ns, config.blend) || limit <= exact.length) return exact;
+    stored.length = std::min(stored.length, limit);
+    return stored;
+  }
+
+  // Served from blended K/V, a prompt whose two most likely next tokens are
+  // within the guard's reach of each other is computed again from its
+  // exact prefix (BlendConfig::top1_sigmas), as a blend would be.
+  bool recompute_exactly(const Plan& plan, const std::vector<float>& logits) const {
+    if (plan.reused_exact || !config.blend.enabled) return false;
+    const auto last = std::span(logits).last(static_cast<std::size_t>(model.vocab_size));
+    return near_tie(last, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
+  }
+
   // Into the store, and exact K/V of the rows from `computed_from` on (the
   // ones this process computed) through to L2 as well.
   void store_prompt(std::string_view ns, std::span<const int> tokens, const llama::KVState& kv, bool exact,
@@ -324,6 +349,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
   const auto [l2_from, l2_to] = m.fill_from_l2(name_space, tokens, stored);
   if (l2_to > l2_from) stored = m.store.longest_prefix(name_space, tokens);
+  if (stored.approximate && m.config.blend.enabled) stored = m.held_to_guard(name_space, tokens, std::move(stored));
   // Of the K/V the plan starts from, the tokens L2 gave.
   auto count_l2 = [&, l2_from = l2_from, l2_to = l2_to] {
     plan.report.reused_from_l2 = std::clamp(plan.kv.length - l2_from, 0, l2_to - l2_from);
@@ -410,6 +436,14 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   }
   if (plan.route != Plan::Route::kCache) {
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
+    if (m.recompute_exactly(plan, result.logits)) {
+      const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
+      plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
+      plan.reused_exact = true;
+      plan.reused_error = 0.0;
+      report.reused = plan.kv.length;
+      result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
+    }
     report.reused_exact = plan.reused_exact;
     if (!plan.reused_exact) report.estimated_error = plan.reused_error;
     m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error, report.reused);
