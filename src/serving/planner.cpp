@@ -278,11 +278,11 @@ struct Planner::Impl {
 
   // A blend's K/V reused as a prefix is held to the blend's rules: its
   // estimate under the namespace's guard now (tighter, maybe, than when it
-  // was stored), and the last recent_rows rows before the prompt's last
-  // computed, as a blend computes them. Reused, a blended row near the end
-  // carries its deviation straight into the next token: on unseen code a
-  // blend served at next-token KL 2.2e-3 gave 5.4e-3 to a prompt that
-  // reused all of it but its last token.
+  // was stored: the prompts that reuse it are not measured), and the last
+  // recent_rows rows before the prompt's last computed, as a blend computes
+  // them. What a reused blend costs the next token is not bounded by what
+  // it cost its own: on unseen code a blend served at next-token KL 2.2e-3
+  // gave 5.5e-3 to a prompt that reused all of it but its last token.
   KVBlockStore::Prefix held_to_guard(std::string_view ns, std::span<const int> tokens,
                                      KVBlockStore::Prefix stored) {
     const int limit = static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows;
