@@ -439,8 +439,8 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
 
 // A blend's K/V reused as a prefix is held to the blend's rules: the rows
 // just before the prompt's last are computed, the namespace's guard now
-// must pass the blend's estimate, and a near tie at the head is computed
-// again from the exact prefix.
+// must pass the blend's estimate, and a near tie at the head or one reuse
+// in calibrate_every is computed again from the exact prefix, and measured.
 TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -450,12 +450,22 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
   auto again = near;
   again.back() = edited(again.back());  // all of the blend but its last token
   const int T = static_cast<int>(again.size()), recent = serving::BlendConfig{}.recent_rows;
-  // A planner holding base exactly and near blended (its guard unbounded
-  // until a sample comes: the blend is served, near tie or not).
-  auto blended = [&](double top1_sigmas, std::shared_ptr<serving::BlendCalibration> calibration) {
+  const auto exact_logits = last_logits(engine, again);
+  const serving::BlendConfig config{.enabled = true};
+  // A planner holding base exactly and near blended; the guard unbounded
+  // until a sample comes, so the blend is served, near tie or not.
+  struct Blended {
+    serving::Planner planner;
+    std::shared_ptr<serving::BlendCalibration> calibration;
+    double estimate;
+  };
+  auto blended = [&](double top1_sigmas, int calibrate_every) {
+    auto calibration = std::make_shared<serving::BlendCalibration>();
+    if (calibrate_every > 0) calibration->add(0.1, 0.0, config);  // quiet: the next blend is not a calibration one
     serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = INFINITY,
-                                                          .top1_sigmas = top1_sigmas, .calibrate_every = 0},
-                                                .calibration = std::move(calibration)});
+                                                          .top1_sigmas = top1_sigmas,
+                                                          .calibrate_every = calibrate_every},
+                                                .calibration = calibration});
     engine.timers() = {};
     last_logits(engine, base);
     planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
@@ -464,30 +474,40 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
     serving::Plan plan = planner.plan(near);
     EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
     planner.execute(engine, near, plan);
-    EXPECT_FALSE(plan.report.blend_rejected);
-    return std::make_pair(std::move(planner), plan.report.estimated_error);
+    EXPECT_TRUE(!plan.report.blend_rejected && !plan.report.blend_calibration);
+    return Blended{std::move(planner), calibration, plan.report.estimated_error};
   };
-  const serving::BlendConfig config{.enabled = true};
+  // Measured again from the exact prefix, served exact, a sample.
+  auto expect_recomputed = [&](Blended& b, long long samples_before) {
+    serving::Plan plan = b.planner.plan(again);
+    ASSERT_FALSE(plan.reused_exact);
+    const auto logits = b.planner.execute(engine, again, plan).logits;
+    EXPECT_TRUE(plan.report.reused_exact);
+    EXPECT_TRUE(plan.report.blend_calibration);
+    EXPECT_EQ(plan.report.reused, 50);
+    EXPECT_LE(max_abs_diff(logits, exact_logits), 1e-4);
+    EXPECT_EQ(b.calibration->samples(), samples_before + 1);
+  };
   {
-    auto calibration = std::make_shared<serving::BlendCalibration>();
-    auto [planner, estimate] = blended(0.0, calibration);
-    ASSERT_GT(estimate, 0.0);
-    serving::Plan plan = planner.plan(again);
+    Blended b = blended(0.0, 0);
+    ASSERT_GT(b.estimate, 0.0);
+    serving::Plan plan = b.planner.plan(again);
     EXPECT_EQ(plan.route, serving::Plan::Route::kReuse);
-    EXPECT_FALSE(plan.reused_exact);
-    EXPECT_EQ(plan.kv.length, T - 1 - recent);
-    calibration->add("", estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
-    EXPECT_EQ(planner.plan(again).kv.length, 50);  // the exact prefix only
+    b.planner.execute(engine, again, plan);
+    EXPECT_FALSE(plan.report.reused_exact);
+    EXPECT_FALSE(plan.report.blend_calibration);
+    EXPECT_EQ(plan.report.reused, T - 1 - recent);
+    EXPECT_EQ(plan.report.estimated_error, b.estimate);
+    b.calibration->add("", b.estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
+    EXPECT_EQ(b.planner.plan(again).kv.length, 50);   // the exact prefix only
   }
-  auto calibration = std::make_shared<serving::BlendCalibration>();
-  auto [planner, estimate] = blended(1e9, calibration);
-  calibration->add("", estimate, config.max_kl, config);  // the guard at the estimate: reuse allowed
-  serving::Plan plan = planner.plan(again);
-  ASSERT_FALSE(plan.reused_exact);
-  const auto logits = planner.execute(engine, again, plan).logits;
-  EXPECT_TRUE(plan.report.reused_exact);  // a near tie at any gap: computed from the exact prefix
-  EXPECT_EQ(plan.report.reused, 50);
-  EXPECT_LE(max_abs_diff(logits, last_logits(engine, again)), 1e-4);
+  {
+    Blended b = blended(0.0, 2);  // the blend was the first since a sample, the reuse is the second
+    expect_recomputed(b, 1);
+  }
+  Blended b = blended(1e9, 0);
+  b.calibration->add("", b.estimate, config.max_kl, config);  // the guard at the estimate: reuse allowed
+  expect_recomputed(b, 1);  // a near tie at any gap
 }
 
 TEST(Planner, BadInputThrowsAndStoresNothing) {

@@ -168,9 +168,11 @@ struct PrefillReport {
   int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
   double estimated_error = 0.0;  // guard estimate (blend), or the reused K/V's
   bool blend_rejected = false;   // the guard refused it; computed exactly instead
-  // A calibration blend: also computed exactly (and served exactly). The
-  // next-token KL between the blend and the exact prefill, in nats, for it
-  // and for a blend the guard refused past layer 1 (finished, not served).
+  // Also computed exactly (and served exactly): a calibration blend, or a
+  // prompt that reused a blend's K/V computed again from its exact prefix
+  // (one in calibrate_every, or a near tie at the head). The next-token KL
+  // between the approximate and the exact prefill, in nats, for those and
+  // for a blend the guard refused past layer 1 (finished, not served).
   bool blend_calibration = false;
   double calibration_kl = 0.0;
   std::vector<EchoResult> echo;  // cache route: per layer

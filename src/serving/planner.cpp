@@ -292,13 +292,16 @@ struct Planner::Impl {
     return stored;
   }
 
-  // Served from blended K/V, a prompt whose two most likely next tokens are
-  // within the guard's reach of each other is computed again from its
-  // exact prefix (BlendConfig::top1_sigmas), as a blend would be.
-  bool recompute_exactly(const Plan& plan, const std::vector<float>& logits) const {
+  // Whether a prompt served from blended K/V (the plan's approximate
+  // prefix, whose forward gave `logits`) is computed again from its exact
+  // prefix: one in calibrate_every, like a blend, to be measured (reusing
+  // prompts are guarded by their blend's estimate, so their error must
+  // calibrate it too), and any whose two most likely next tokens are within
+  // the guard's reach of each other (BlendConfig::top1_sigmas).
+  bool recompute_exactly(const Plan& plan, std::span<const float> logits) const {
     if (plan.reused_exact || !config.blend.enabled) return false;
-    const auto last = std::span(logits).last(static_cast<std::size_t>(model.vocab_size));
-    return near_tie(last, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
+    return calibration->next_blend_calibrates(config.blend) ||
+           near_tie(logits, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
@@ -436,13 +439,20 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   }
   if (plan.route != Plan::Route::kCache) {
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
-    if (m.recompute_exactly(plan, result.logits)) {
+    const auto last_row = [&](const llama::ForwardResult& r) {
+      return std::vector<float>(r.logits.end() - m.model.vocab_size, r.logits.end());
+    };
+    if (m.recompute_exactly(plan, last_row(result))) {
+      const std::vector<float> approximate = last_row(result);
       const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
       plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
-      plan.reused_exact = true;
-      plan.reused_error = 0.0;
       report.reused = plan.kv.length;
       result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
+      report.blend_calibration = true;
+      report.calibration_kl = next_token_kl(last_row(result), approximate);
+      m.calibration->add(plan.name_space, plan.reused_error, report.calibration_kl, m.config.blend);
+      plan.reused_exact = true;
+      plan.reused_error = 0.0;
     }
     report.reused_exact = plan.reused_exact;
     if (!plan.reused_exact) report.estimated_error = plan.reused_error;
