@@ -441,6 +441,7 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
 // just before the prompt's last are computed, the namespace's guard now
 // must pass the blend's estimate, and a near tie at the head or one reuse
 // in calibrate_every is computed again from the exact prefix, and measured.
+// And it is taken only where it saves a blend's worth of rows.
 TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -498,6 +499,10 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
     EXPECT_FALSE(plan.report.blend_calibration);
     EXPECT_EQ(plan.report.reused, T - 1 - recent);
     EXPECT_EQ(plan.report.estimated_error, b.estimate);
+    auto partial = std::vector<int>(near.begin(), near.begin() + 150);  // 100 blended rows past the exact 50
+    const auto tail = text_tokens(100, 77);  // too short to blend past the blended rows
+    partial.insert(partial.end(), tail.begin(), tail.end());
+    EXPECT_EQ(b.planner.plan(partial).kv.length, 50);  // too few to give up being a donor for
     b.calibration->add("", b.estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
     EXPECT_EQ(b.planner.plan(again).kv.length, 50);   // the exact prefix only
   }

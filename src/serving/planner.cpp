@@ -283,12 +283,17 @@ struct Planner::Impl {
   // them. What a reused blend costs the next token is not bounded by what
   // it cost its own: on unseen code a blend served at next-token KL 2.2e-3
   // gave 5.5e-3 to a prompt that reused all of it but its last token.
+  // And it must be worth it: the prompt's own record becomes approximate,
+  // never a donor, so fewer than kMinBlendRows rows past the exact prefix
+  // are not taken (on near-dup traffic a new document's first prompt took
+  // 22 blended header rows and left the document without a donor: its next
+  // prompt was computed in full).
   KVBlockStore::Prefix held_to_guard(std::string_view ns, std::span<const int> tokens,
                                      KVBlockStore::Prefix stored) {
-    const int limit = static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows;
+    const int length = std::min(stored.length, static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows);
     KVBlockStore::Prefix exact = store.longest_prefix(ns, tokens, true);
-    if (stored.error > calibration->threshold(ns, config.blend) || limit <= exact.length) return exact;
-    stored.length = std::min(stored.length, limit);
+    if (stored.error > calibration->threshold(ns, config.blend) || length - exact.length < kMinBlendRows) return exact;
+    stored.length = length;
     return stored;
   }
 
