@@ -304,7 +304,7 @@ struct Planner::Impl {
   // calibrate it too), and any whose two most likely next tokens are within
   // the guard's reach of each other (BlendConfig::top1_sigmas).
   bool recompute_exactly(const Plan& plan, std::span<const float> logits) const {
-    if (plan.reused_exact || !config.blend.enabled) return false;
+    if (plan.reused_exact || !config.blend.enabled || logits.empty()) return false;  // no logits kept: nothing to measure
     return calibration->next_blend_calibrates(config.blend) ||
            near_tie(logits, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
   }
@@ -445,7 +445,8 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   if (plan.route != Plan::Route::kCache) {
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
     const auto last_row = [&](const llama::ForwardResult& r) {
-      return std::vector<float>(r.logits.end() - m.model.vocab_size, r.logits.end());
+      const auto n = std::min<std::size_t>(r.logits.size(), m.model.vocab_size);
+      return std::vector<float>(r.logits.end() - static_cast<std::ptrdiff_t>(n), r.logits.end());
     };
     if (m.recompute_exactly(plan, last_row(result))) {
       const std::vector<float> approximate = last_row(result);
