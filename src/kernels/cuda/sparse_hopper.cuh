@@ -337,9 +337,8 @@ __device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelP
     wgmma_wait<0>();  // P V of stage it - 1
     fence_registers(o);
     if (lane == 0) mbarrier_arrive(ring.empty(it - 1));
-    // Here, not between the two products, and P packed only now: writing
-    // an in-flight wgmma's inputs (o, or P while P V reads it) made ptxas
-    // serialise every wgmma.
+    // Only now: P V(it - 1) reads o and the P registers until the wait
+    // above. Packing P earlier made ptxas serialise every wgmma (C7513).
     rescale<D>(o, alpha);
     pack_probabilities<T>(a, s);
   }
