@@ -2,7 +2,7 @@
 in one process, on the same bf16 tensors and the same stream.
 
     python3 bench/cuda/bench_cuda.py --shim build/cuda/libae_cuda_shim.so \
-        [--tokens 4096 8192 16384 32768] [--json out.json]
+        [--tokens 4096 8192 16384 32768] [--json out.json] [--compare other.so ...]
 
 Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
   miss        our exact kernel, with and without the tile-mass capture
@@ -16,7 +16,10 @@ Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
               the exact mass the sampled choice keeps per (head, query tile)
   sparse      our kernel over a kept-tile plan (random 128-blocks, always the
               sink and the diagonal) at kept 0.5 / 0.3 / 0.1, against
-              FlexAttention with the same block mask
+              FlexAttention with the same block mask; with --compare, other
+              builds' sparse kernels on the same plans ("compare i" rows,
+              vs_ours = their time / ours), so two kernels are measured in
+              one process
   exact hit   the exact tier's copy of the prefix rows (p = T), and that copy
               plus 512 suffix rows computed exactly
 Times are medians of CUDA-event-timed repeats after warm-up; TFLOP/s counts
@@ -205,9 +208,12 @@ def main():
     ap.add_argument("--capture-only", action="store_true", help="only our miss, the cuDNN miss and the capture rows")
     ap.add_argument("--no-sparse", dest="skip_sparse", action="store_true",
                     help="skip the sparse, flex and exact-hit rows")
+    ap.add_argument("--compare", metavar="SHIM", nargs="+", default=[],
+                    help="other builds' shims: their sparse kernels timed beside ours on the same plans")
     ap.add_argument("--json")
     args = ap.parse_args()
     lib = load_shim(args.shim)
+    others = [load_shim(path) for path in args.compare]
     from torch.nn.attention.flex_attention import flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -278,16 +284,25 @@ def main():
             torch.cuda.empty_cache()
             continue
 
-        def ours_sparse(kept):
-            """Times our sparse kernel on random kept tiles; returns (ms, share, table, run)."""
-            table, offsets, cols, share = random_kept(T, kept, gen)
-            plan = lib.ae_plan_create(ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(cols.data_ptr()), H,
-                                      T // BLOCK, BLOCK, T, stream())
+        def sparse_run(shim, offsets, cols):
+            """A call of shim's sparse kernel over a plan of these kept tiles."""
+            plan = shim.ae_plan_create(ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(cols.data_ptr()), H,
+                                       T // BLOCK, BLOCK, T, stream())
             if not plan:
-                raise RuntimeError(lib.ae_last_error().decode())
-            plans.append(plan)
-            run = lambda: check(lib, lib.ae_sparse(*base, ctypes.c_void_p(plan), stream()))
-            return median_ms(run, reps), share, table, run
+                raise RuntimeError(shim.ae_last_error().decode())
+            plans.append((shim, plan))
+            return lambda: check(shim, shim.ae_sparse(*base, ctypes.c_void_p(plan), stream()))
+
+        def ours_sparse(kept):
+            """Times our sparse kernel on random kept tiles (and --compare's on the
+            same tiles); returns (ms, share, table, run)."""
+            table, offsets, cols, share = random_kept(T, kept, gen)
+            run = sparse_run(lib, offsets, cols)
+            ms = median_ms(run, reps)
+            for i, other in enumerate(others):
+                other_ms = median_ms(sparse_run(other, offsets, cols), reps)
+                record(T, f"compare {i} sparse kept {kept}", other_ms, share, vs_ours=other_ms / ms)
+            return ms, share, table, run
 
         if cudnn_version and args.selection:
             for name, (sq, sk, sv) in (("random", (q, k, v)), ("peaked", peaked(T, gen))):
@@ -305,8 +320,8 @@ def main():
                 ms, share, _, _ = ours_sparse(kept)
                 record(T, f"ours sparse kept {kept}", ms, share, kept_share=share,
                        over_share_x_miss=ms / (share * miss))
-            for plan in plans:
-                lib.ae_plan_destroy(ctypes.c_void_p(plan))
+            for shim, plan in plans:
+                shim.ae_plan_destroy(ctypes.c_void_p(plan))
             continue
         sdpa = {}
         for backend, name in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
@@ -340,8 +355,8 @@ def main():
             record(T, f"ours sparse kept {kept}", ms, share, kept_share=share, vs_flex=flex_ms / ms,
                    vs_fastest_sdpa=fastest_sdpa / ms, over_share_x_miss=ms / (share * miss), diff_vs_flex=agree)
             record(T, f"flex sparse kept {kept}", flex_ms, share, kept_share=share)
-        for plan in plans:
-            lib.ae_plan_destroy(ctypes.c_void_p(plan))
+        for shim, plan in plans:
+            shim.ae_plan_destroy(ctypes.c_void_p(plan))
 
         cached = torch.randn_like(q)
         sp, sh, st = view(cached)

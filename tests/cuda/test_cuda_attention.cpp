@@ -138,6 +138,35 @@ TEST_F(CudaAttention, SparseWithEveryTileKeptMatchesExact) {
   }
 }
 
+// The same values token-major ([tokens, heads, dim], a QKV projection's
+// layout), uploaded into `into`, and the view of them.
+DeviceHeads token_major(const Tensor& src, Tensor& into) {
+  std::vector<float> values(src.size());
+  for (int h = 0; h < src.heads; ++h)
+    for (int t = 0; t < src.tokens; ++t)
+      for (int d = 0; d < src.dim; ++d)
+        values[(static_cast<std::size_t>(t) * src.heads + h) * src.dim + d] = src.at(h, t, d);
+  into.upload(values);
+  return {into.device, src.dtype, src.heads, src.tokens, src.dim, src.dim,
+          static_cast<std::ptrdiff_t>(src.heads) * src.dim, Device::cuda(0)};
+}
+
+// The sparse kernel's copy engine reads through tensor maps built from the
+// views' strides: token-major q, k and v give the head-major bits.
+TEST_F(CudaAttention, SparseOnTokenMajorViewsMatchesHeadMajor) {
+  Problem a({4, 2, 700, 128, DType::kBF16}, 13);
+  const DeviceTilePlan plan(all_causal_tiles(4, (700 + 127) / 128, 128), 700, nullptr);
+  sparse_attention(a.device(), plan, nullptr);
+  Tensor q(4, 700, 128, DType::kBF16), k(2, 700, 128, DType::kBF16), v(2, 700, 128, DType::kBF16);
+  Tensor out(4, 700, 128, DType::kBF16);
+  out.poison();
+  const DeviceProblem strided{token_major(a.q, q), token_major(a.k, k), token_major(a.v, v), out.mutable_view(),
+                              a.scale(), true, 0, 0};
+  sparse_attention(strided, plan, nullptr);
+  ok(cudaDeviceSynchronize());
+  EXPECT_EQ(out.download_bits(), a.out.download_bits());
+}
+
 bool kept_key(const TileSet& kept, int h, int i, int j) {
   const std::size_t slot = static_cast<std::size_t>(h) * kept.tiles + i / kept.block;
   for (auto at = kept.offsets[slot]; at < kept.offsets[slot + 1]; ++at)

@@ -19,6 +19,7 @@
 #include "core/errors.hpp"
 #include "kernels/cuda/flash_attention.cuh"
 #include "kernels/cuda/sparse_hopper.cuh"
+#include "kernels/cuda/tensor_map.cuh"
 
 namespace attention_echo::kernels::cuda {
 namespace {
@@ -349,7 +350,7 @@ void dispatch(const DeviceProblem& p, const KernelParams& params, void* stream) 
 }
 
 template <typename T, int D>
-void launch_sparse(const KernelParams& params, int heads, cudaStream_t stream) {
+void launch_sparse(const DeviceProblem& problem, const KernelParams& params, cudaStream_t stream) {
   constexpr int kSmem = HopperLayout<D>::kBytes;
   static const bool configured = [] {
     check_cuda(cudaFuncSetAttribute(sparse_hopper_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
@@ -359,7 +360,10 @@ void launch_sparse(const KernelParams& params, int heads, cudaStream_t stream) {
   (void)configured;
   const int blocks = ceil_div(params.row_end, kHopperRows);
   if (blocks == 0) return;
-  sparse_hopper_kernel<T, D><<<dim3(blocks, heads), kHopperThreads, kSmem, stream>>>(params);
+  const SparseMaps maps{tile_map(problem.q, params.row_end, kHopperRows),
+                        tile_map(problem.k, problem.k.tokens, kChunkKeys),
+                        tile_map(problem.v, problem.v.tokens, kChunkKeys)};
+  sparse_hopper_kernel<T, D><<<dim3(blocks, problem.q.heads), kHopperThreads, kSmem, stream>>>(params, maps);
   check_cuda(cudaGetLastError(), "sparse attention kernel launch");
 }
 
@@ -367,9 +371,9 @@ void dispatch_sparse(const DeviceProblem& p, const KernelParams& params, void* s
   const bool bf16 = p.q.dtype == DType::kBF16;
   const auto s = as_stream(stream);
   if (p.q.dim == 128)
-    bf16 ? launch_sparse<__nv_bfloat16, 128>(params, p.q.heads, s) : launch_sparse<__half, 128>(params, p.q.heads, s);
+    bf16 ? launch_sparse<__nv_bfloat16, 128>(p, params, s) : launch_sparse<__half, 128>(p, params, s);
   else
-    bf16 ? launch_sparse<__nv_bfloat16, 64>(params, p.q.heads, s) : launch_sparse<__half, 64>(params, p.q.heads, s);
+    bf16 ? launch_sparse<__nv_bfloat16, 64>(p, params, s) : launch_sparse<__half, 64>(p, params, s);
 }
 
 void check_block(int block) {

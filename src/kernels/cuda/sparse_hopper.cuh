@@ -2,35 +2,55 @@
 // both matrix products on wgmma, the warpgroup-wide asynchronous tensor-core
 // instruction that reads its B operand straight from shared memory, in place
 // of mma.sync fed by ldmatrix (flash_attention.cuh's kernel, which the miss
-// paths keep: 250-265 TFLOP/s on an H200 for this walk, against 300-330 here).
+// paths keep: 250-265 TFLOP/s on an H200 for this walk).
 //
-// A thread block is a plan block, 128 query rows, as two warpgroups of 64
-// rows: warp w of a warpgroup owns rows 16w .. 16w + 15, a thread rows g and
-// g + 8 (g = lane / 4), mma.sync's fragment layout, so the online softmax is
-// the mma.sync kernel's. Q stays in registers as wgmma A fragments; the
-// plan's 64-key chunks of K and V stream through kHopperStages shared-memory
-// stages by cp.async.
+// A thread block is a plan block, 128 query rows, and three warpgroups
+// (FlashAttention-3's warp specialisation): a producer, whose one thread has
+// the copy engine (TMA) bring the plan's 64-key chunks of K and V, two to a
+// stage, into a ring of kHopperStages shared-memory stages
+// (hopper_pipeline.cuh's barriers hand them over), and two consumers of 64
+// rows each, each at its own pace: warp w of a consumer owns rows
+// 16w .. 16w + 15, a thread rows g and g + 8 (g = lane / 4), mma.sync's
+// fragment layout, so the online softmax is the mma.sync kernel's. Q stays
+// in registers as wgmma A fragments.
 //
 // Shared-memory tiles are [D / 64][rows][64]: 128-byte rows, 16-byte pieces
-// XOR-swizzled by the row's low 3 bits, the layout wgmma's 128-byte swizzle
-// mode reads (tiles start 1024-byte aligned). K is read K-major (along D);
-// V, stored the same way, is read transposed (MN-major).
+// XOR-swizzled by the row's low 3 bits, the layout the copy engine's and
+// wgmma's 128-byte swizzle modes share (tiles start 1024-byte aligned). K is
+// read K-major (along D); V, stored the same way, is read transposed
+// (MN-major).
 #pragma once
 
 #include "kernels/cuda/flash_attention.cuh"
+#include "kernels/cuda/hopper_pipeline.cuh"
 
 namespace attention_echo::kernels::cuda::detail {
 
-inline constexpr int kHopperGroups = 2;  // warpgroups a block
+inline constexpr int kHopperGroups = 2;  // consumer warpgroups a block
 inline constexpr int kHopperRows = 64 * kHopperGroups;
-inline constexpr int kHopperThreads = 128 * kHopperGroups;
-inline constexpr int kHopperStages = 5;
+inline constexpr int kHopperThreads = 128 * (kHopperGroups + 1);
+// A stage holds two plan chunks (any two: each is its own copy), so each
+// matrix product spans 128 keys and the per-stage costs (barriers, the
+// row max's shuffles, O's rescale) are paid once per 128 keys.
+inline constexpr int kStageChunks = 2;
+inline constexpr int kStageKeys = kStageChunks * kChunkKeys;
+inline constexpr int kHopperStages = 3;
+// setmaxnreg's split of the 64K registers: the producer needs few, a
+// consumer holds O (D / 2), a stage's scores (64) and probabilities (32)
+// and Q's fragments (D / 4).
+inline constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(128 * (kProducerRegisters + kHopperGroups * kConsumerRegisters) <= 65536, "the register file");
 static_assert(kHopperRows == kBlockRows && kWarpRows == 32, "a block is a plan block; a warpgroup two plan warps");
+
+// The tensor maps of q (boxes of kHopperRows rows), k and v (kChunkKeys rows): tensor_map.cuh.
+struct SparseMaps {
+  CUtensorMap q, k, v;
+};
 
 template <int D>
 struct HopperLayout {
   static constexpr int kQBytes = kHopperRows * D * 2;
-  static constexpr int kTileBytes = kChunkKeys * D * 2;  // a K or V chunk
+  static constexpr int kTileBytes = kStageKeys * D * 2;  // a stage's K or V
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kBytes = kQBytes + kHopperStages * kStageBytes + 1024;  // + room to align to 1024
 };
@@ -78,13 +98,6 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-// cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // A shared-memory matrix descriptor, 128-byte swizzle; 8-row groups 1024
 // bytes apart; lbo: the distance between 64-wide column halves where the
 // operand spans two (V read transposed), else unused.
@@ -98,50 +111,39 @@ __device__ __forceinline__ unsigned swizzle128(int rows, int r, int c) {
   return (c >> 6) * rows * 128 + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2;
 }
 
-// Rows [first, first + rows) of a head's [tokens, D] slice into the tile at
-// shared address `tile`; tokens at or past `valid` zero-filled.
-template <typename T, int D>
-__device__ __forceinline__ void load_tile128(unsigned tile, const T* head, std::int64_t token_stride, int first,
-                                             int rows, int valid) {
-  constexpr int kPieces = D / 8;
-  for (int i = threadIdx.x; i < rows * kPieces; i += kHopperThreads) {
-    const int r = i / kPieces, c = (i % kPieces) * 8;
-    const int token = first + r;
-    const bool ok = token < valid;
-    const T* src = ok ? head + token * token_stride + c : head;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzle128(rows, r, c)), "l"(src),
-                 "r"(ok ? 16 : 0));
-  }
-}
-
-// One warpgroup's online-softmax step over one chunk's scores s (m64n64
-// accumulators: s[4n + 2i + e] is row g + 8i, key 8n + 2t + e): masks keys
-// at or past each row's end, rescales l, leaves probabilities in s and the
-// factor o is to be rescaled by in alpha.
-__device__ __forceinline__ void hopper_softmax(float (&s)[32], float (&alpha)[2], float (&m)[2], float (&l)[2],
-                                              const KernelParams& p, int chunk_begin, bool mask, int first,
-                                              bool kept) {
+// One warpgroup's online-softmax step over one stage's scores s (m64n128
+// accumulators: s[4n + 2i + e] is row g + 8i, key 8n + 2t + e, of plan
+// chunk n / 8 of the stage): masks keys at or past each row's end (in the
+// chunks `mask` names) and every key of a chunk the row's plan warp does
+// not keep, rescales l, leaves probabilities in s and the factor o is to be
+// rescaled by in alpha.
+__device__ __forceinline__ void hopper_softmax(float (&s)[kStageKeys / 2], float (&alpha)[2], float (&m)[2],
+                                              float (&l)[2], const KernelParams& p,
+                                              const int (&chunk_begin)[kStageChunks],
+                                              const bool (&mask)[kStageChunks], int first,
+                                              const bool (&kept)[kStageChunks]) {
   const int t = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    // A row of a plan warp that does not keep the chunk sees none of it.
-    const int end = kept ? key_end(p, first + 8 * i) : 0;
+    const int row_end = key_end(p, first + 8 * i);
     float mx = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < kStageKeys / 8; ++n) {
+      const int c = n / 8, end = kept[c] ? row_end : 0;
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[4 * n + 2 * i + e];
-        if (mask && chunk_begin + n * 8 + 2 * t + e >= end) x = -INFINITY;
+        if (mask[c] && chunk_begin[c] + (n % 8) * 8 + 2 * t + e >= end) x = -INFINITY;
         mx = fmaxf(mx, x);
       }
+    }
     mx = fmaxf(m[i], quad_max(mx) * p.scale_log2);
     const float ref = mx == -INFINITY ? 0.0f : mx;
     alpha[i] = fast_exp2(m[i] - ref);  // 0 while the row had seen no key (m = -inf)
     m[i] = mx;
     float sum = 0.0f;
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < kStageKeys / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[4 * n + 2 * i + e];
@@ -160,19 +162,25 @@ __device__ __forceinline__ void rescale(float (&o)[D / 2], const float (&alpha)[
     for (int j = 0; j < 4; ++j) o[4 * dn + j] *= alpha[j / 2];
 }
 
-// O += P V for one chunk, issued: P from s as bf16/fp16 A fragments (the
-// layout mma.sync's A has), V transposed from shared memory.
-template <typename T, int D>
-__device__ __forceinline__ void hopper_values(float (&o)[D / 2], const float (&s)[32], unsigned vs) {
-  std::uint32_t a[4][4];
+// P as bf16/fp16 A fragments of P V (the layout mma.sync's A has): a k16
+// slice of the stage's keys each.
+template <typename T>
+__device__ __forceinline__ void pack_probabilities(std::uint32_t (&a)[kStageKeys / 16][4],
+                                                   const float (&s)[kStageKeys / 2]) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
+  for (int kk = 0; kk < kStageKeys / 16; ++kk)
 #pragma unroll
     for (int j = 0; j < 4; ++j) a[kk][j] = Mma<T>::pack(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+}
+
+// O += P V for one stage, issued, V transposed from shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void hopper_values(float (&o)[D / 2], const std::uint32_t (&a)[kStageKeys / 16][4],
+                                              unsigned vs) {
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const std::uint64_t b = smem_desc(vs + kk * 16 * 128, kChunkKeys * 128);
+  for (int kk = 0; kk < kStageKeys / 16; ++kk) {
+    const std::uint64_t b = smem_desc(vs + kk * 16 * 128, kStageKeys * 128);
     if constexpr (D == 128) Wgmma<T>::template rs_n128<1>(o, a[kk], b, 1);
     else Wgmma<T>::template rs_n64<1>(o, a[kk], b, 1);
   }
@@ -194,38 +202,190 @@ __device__ __forceinline__ void load_q_fragments(std::uint32_t (&q)[D / 16][4], 
   }
 }
 
-// S = Q K^T for one chunk, issued, not waited for (raw scores: the scale
+// S = Q K^T for one stage, issued, not waited for (raw scores: the scale
 // rides in the exponent).
 template <typename T, int D>
-__device__ __forceinline__ void hopper_scores(float (&s)[32], const std::uint32_t (&q)[D / 16][4], unsigned ks) {
+__device__ __forceinline__ void hopper_scores(float (&s)[kStageKeys / 2], const std::uint32_t (&q)[D / 16][4],
+                                              unsigned ks) {
+  static_assert(kStageKeys == 128, "m64n128 scores");
   wgmma_fence();
 #pragma unroll
   for (int kd = 0; kd < D / 16; ++kd)
-    Wgmma<T>::template rs_n64<0>(s, q[kd], smem_desc(ks + (kd / 4) * kChunkKeys * 128 + (kd % 4) * 32, 16), kd > 0);
+    Wgmma<T>::template rs_n128<0>(s, q[kd], smem_desc(ks + (kd / 4) * kStageKeys * 128 + (kd % 4) * 32, 16), kd > 0);
+}
+
+// The block's shared memory: Q, then kHopperStages stages of K and V, from a
+// 1024-byte aligned address; each stage's full and empty barriers and plan
+// entries (read by the consumers' softmax), and Q's barrier. A stage's
+// index is its n-th use over the walk.
+template <int D>
+struct HopperRing {
+  using L = HopperLayout<D>;
+  unsigned qs, bars;
+  std::uint32_t* entries;  // [kHopperStages][kStageChunks]
+  __device__ unsigned ks(int stage) const { return qs + L::kQBytes + (stage % kHopperStages) * L::kStageBytes; }
+  __device__ unsigned vs(int stage) const { return ks(stage) + L::kTileBytes; }
+  __device__ unsigned full(int stage) const { return bars + 8 * (stage % kHopperStages); }
+  __device__ unsigned empty(int stage) const { return bars + 8 * (kHopperStages + stage % kHopperStages); }
+  __device__ unsigned q_full() const { return bars + 16 * kHopperStages; }
+  __device__ std::uint32_t* stage_entries(int stage) const { return entries + (stage % kHopperStages) * kStageChunks; }
+  // The k-th use of a stage completes its barriers' phase k.
+  __device__ static unsigned parity(int stage) { return (stage / kHopperStages) & 1; }
+};
+
+__host__ __device__ constexpr int stages_of(int chunks) { return (chunks + kStageChunks - 1) / kStageChunks; }
+
+// The producer warp: Q, then the plan's chunks into the ring, a stage's
+// worth at a time, each stage once the consumers have released its previous
+// use. A last stage the plan does not fill repeats its first chunk with no
+// row keeping it (finite values, never stale bits). Its lanes read the plan
+// 32 entries at a time (one load's latency per 32 chunks, not per chunk);
+// lane 0 issues.
+template <int D>
+__device__ __forceinline__ void produce(const HopperRing<D>& ring, const SparseMaps& maps, const std::uint32_t* plan,
+                                        int count, int head, int kv, int row0) {
+  constexpr unsigned kQBytes = HopperLayout<D>::kQBytes, kTileBytes = HopperLayout<D>::kTileBytes;
+  static_assert(32 % kStageChunks == 0, "a batch of entries holds whole stages");
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) {
+    mbarrier_expect_bytes(ring.q_full(), kQBytes);
+    for (int half = 0; half < D / 64; ++half)
+      tma_load_3d(ring.qs + half * kHopperRows * 128, maps.q, 64 * half, row0, head, ring.q_full());
+  }
+  std::uint32_t batch = 0;
+  for (int stage = 0; stage < stages_of(count); ++stage) {
+    const int c0 = stage * kStageChunks;
+    if (c0 % 32 == 0) batch = c0 + lane < count ? plan[c0 + lane] : 0;
+    std::uint32_t e[kStageChunks];
+#pragma unroll
+    for (int j = 0; j < kStageChunks; ++j) e[j] = __shfl_sync(0xffffffffu, batch, (c0 + j) % 32);
+    if (lane != 0) continue;
+#pragma unroll
+    for (int j = 1; j < kStageChunks; ++j)
+      if (c0 + j >= count) e[j] = e[0] & 0xffffu;
+    if (stage >= kHopperStages) mbarrier_wait(ring.empty(stage), ring.parity(stage) ^ 1);
+    // The entries before the arrival: its release makes them visible with the stage.
+    for (int j = 0; j < kStageChunks; ++j) ring.stage_entries(stage)[j] = e[j];
+    mbarrier_expect_bytes(ring.full(stage), 2 * kTileBytes);
+    for (int j = 0; j < kStageChunks; ++j) {
+      const int first = static_cast<int>(e[j] & 0xffffu) * kChunkKeys;
+      for (int half = 0; half < D / 64; ++half) {
+        const unsigned at = half * kStageKeys * 128 + j * kChunkKeys * 128;
+        tma_load_3d(ring.ks(stage) + at, maps.k, 64 * half, first, kv, ring.full(stage));
+        tma_load_3d(ring.vs(stage) + at, maps.v, 64 * half, first, kv, ring.full(stage));
+      }
+    }
+  }
+}
+
+// A consumer warpgroup's walk over the block's count chunks for its 64 rows
+// (group 0 or 1), a stage at a time, in FlashAttention-3's order: iteration
+// it issues S(it) and P V of stage it - 1, waits for S(it) alone and
+// computes its softmax while P V runs, then waits for P V (stage it - 1 is
+// then free). The two consumers do not take turns at the tensor cores
+// (FlashAttention-3's ping-pong through named barriers): that measured a tie
+// here (docs/cuda/NOTES.md). A consumer computes every chunk the block
+// walks, masking the rows whose plan warp does not keep it: a wgmma under a
+// branch ptxas cannot prove uniform is serialised, which costs more than the
+// chunks one warpgroup alone keeps (the block's last causal chunk, for the
+// first).
+template <typename T, int D>
+__device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelParams& p, int count, int group,
+                                        int row0, float (&o)[D / 2], float (&l)[2]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int group_row0 = row0 + 64 * group;
+  const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
+  const int group_min_end = key_end(p, group_row0);
+  const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
+  float m[2] = {-INFINITY, -INFINITY}, s[kStageKeys / 2], alpha[2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  l[0] = l[1] = 0.0f;
+  mbarrier_wait(ring.q_full(), 0);  // Q's copy lands before the block can leave
+  const int stages = stages_of(count);
+  if (stages == 0) return;
+  std::uint32_t q[D / 16][4], a[kStageKeys / 16][4];
+  load_q_fragments<D>(q, ring.qs, group);
+  auto softmax = [&](int stage) {
+    int begin[kStageChunks];
+    bool mask[kStageChunks], kept[kStageChunks];
+#pragma unroll
+    for (int j = 0; j < kStageChunks; ++j) {
+      const std::uint32_t e = ring.stage_entries(stage)[j];
+      begin[j] = static_cast<int>(e & 0xffffu) * kChunkKeys;
+      kept[j] = (e & row_bit) != 0;
+      mask[j] = begin[j] + kChunkKeys > group_min_end || !kept[j];
+    }
+    hopper_softmax(s, alpha, m, l, p, begin, mask, first, kept);
+  };
+  mbarrier_wait(ring.full(0), 0);
+  hopper_scores<T, D>(s, q, ring.ks(0));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(s);
+  softmax(0);
+  pack_probabilities<T>(a, s);
+  for (int it = 1; it < stages; ++it) {
+    mbarrier_wait(ring.full(it), ring.parity(it));
+    hopper_scores<T, D>(s, q, ring.ks(it));
+    wgmma_commit();
+    hopper_values<T, D>(o, a, ring.vs(it - 1));
+    wgmma_commit();
+    wgmma_wait<1>();  // S(it)
+    fence_registers(s);
+    softmax(it);
+    wgmma_wait<0>();  // P V of stage it - 1
+    fence_registers(o);
+    if (lane == 0) mbarrier_arrive(ring.empty(it - 1));
+    // Only now: P V(it - 1) reads o and the P registers until the wait
+    // above. Packing P earlier made ptxas serialise every wgmma (C7513).
+    rescale<D>(o, alpha);
+    pack_probabilities<T>(a, s);
+  }
+  hopper_values<T, D>(o, a, ring.vs(stages - 1));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(o);
+}
+
+// The walk's outputs: o / l for this thread's rows g and g + 8 (rows that saw
+// no key get zeros).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const KernelParams& p, int head, int first, const float (&o)[D / 2],
+                                           const float (&l)[2]) {
+  T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
+  const int t = threadIdx.x & 3;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = first + 8 * i;
+    const float sum = quad_sum(l[i]);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (row >= p.row_end) continue;
+    T* out = oh + row * p.out_token_stride + 2 * t;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(o[4 * dn + 2 * i] * inv, o[4 * dn + 2 * i + 1] * inv);
+  }
 }
 
 // The sparse walk over a plan (flash_attention.cuh's entry format: a chunk
-// and a bit per 32-row plan warp; warpgroup g holds plan warps 2g, 2g + 1).
-// query_offset is 0. Each warpgroup overlaps its softmax with its matrix
-// products: iteration it issues S(it + 1), computes the softmax of chunk it
-// while S(it + 1) and P V of chunk it - 1 run, waits for both, then issues
-// P V of chunk it and leaves it running into the next iteration. Chunk
-// it + S - 2 loads meanwhile (S stages: it - 1 .. it + 1 are in use).
+// and a bit per 32-row plan warp; consumer g holds plan warps 2g, 2g + 1).
+// query_offset is 0. Warpgroup 0 produces (its other warps leave at once,
+// their registers handed to the consumers); warpgroups 1 and 2 consume: no
+// block-wide barrier per chunk, so one consumer's softmax runs beside the
+// other's matrix products.
 template <typename T, int D>
-__global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(KernelParams p) {
-  using L = HopperLayout<D>;
-  constexpr int S = kHopperStages;
+__global__ void __launch_bounds__(kHopperThreads, 1)
+    sparse_hopper_kernel(const KernelParams p, const __grid_constant__ SparseMaps maps) {
   extern __shared__ unsigned char smem[];
-  const unsigned qs = (static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u;
-  auto ks = [&](int chunk) { return qs + L::kQBytes + (chunk % S) * L::kStageBytes; };
-  auto vs = [&](int chunk) { return ks(chunk) + L::kTileBytes; };
+  __shared__ alignas(8) std::uint64_t barriers[2 * kHopperStages + 1];
+  __shared__ std::uint32_t entries[kHopperStages * kStageChunks];
+  const HopperRing<D> ring{(static_cast<unsigned>(__cvta_generic_to_shared(smem)) + 1023u) & ~1023u,
+                           static_cast<unsigned>(__cvta_generic_to_shared(barriers)), entries};
   const int head = blockIdx.y, kv = head / p.group;
   // Causal blocks further down the sequence have more keys: start them first.
   const int block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int row0 = block * kHopperRows;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, group = warp / 4;
-  const T* kh = static_cast<const T*>(p.k) + kv * p.k_head_stride;
-  const T* vh = static_cast<const T*>(p.v) + kv * p.v_head_stride;
   const std::uint32_t at0 = p.plan_offsets[head * p.plan_blocks + block];
   const std::uint32_t* plan = p.plan_entries + at0;
   // The entries below the block's last key: a prefix, chunks ascend.
@@ -233,100 +393,26 @@ __global__ void __launch_bounds__(kHopperThreads, 1) sparse_hopper_kernel(Kernel
   const int block_end = key_end(p, min(row0 + kHopperRows, p.row_end) - 1);
   while (count > 0 && static_cast<int>(plan[count - 1] & 0xffffu) * kChunkKeys >= block_end) --count;
 
-  // Each entry is read from global memory a chunk ahead of its load (its
-  // latency behind a whole chunk's work, not in front of the load) and kept
-  // beside its stage for the chunk's softmax.
-  __shared__ std::uint32_t stage_entry[S];
-  std::uint32_t upcoming = count > 0 ? plan[0] : 0;
-  int loaded = 0;
-  auto load_next = [&](int chunk) {
-    if (loaded < count) {
-      const std::uint32_t e = upcoming;
-      if (loaded + 1 < count) upcoming = plan[loaded + 1];
-      const int first = static_cast<int>(e & 0xffffu) * kChunkKeys;
-      load_tile128<T, D>(ks(chunk), kh, p.k_token_stride, first, kChunkKeys, p.tokens);
-      load_tile128<T, D>(vs(chunk), vh, p.v_token_stride, first, kChunkKeys, p.tokens);
-      if (threadIdx.x == 0) stage_entry[chunk % S] = e;
-      ++loaded;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kHopperStages; ++s) {
+      mbarrier_init(ring.full(s), 1);
+      mbarrier_init(ring.empty(s), 4 * kHopperGroups);  // each consumer warp's
     }
-    cp_async_commit();  // possibly empty: one group per chunk keeps the wait counts uniform
-  };
-  load_tile128<T, D>(qs, static_cast<const T*>(p.q) + head * p.q_head_stride, p.q_token_stride, row0, kHopperRows,
-                     p.row_end);
-#pragma unroll
-  for (int chunk = 0; chunk < S - 2; ++chunk) load_next(chunk);
-
-  // This warpgroup's rows. It computes every chunk the block loads, masking
-  // the rows whose plan warp does not keep it: a wgmma under a branch ptxas
-  // cannot prove uniform is serialised, which costs more than the chunks one
-  // warpgroup alone keeps (the block's last causal chunk, for the first).
-  const int group_row0 = row0 + 64 * group;
-  const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
-  const int group_min_end = key_end(p, group_row0);
-
-  float o[D / 2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, s[32], s_next[32];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
-  cp_async_wait<S - 3>();  // chunk 0 (and Q)
-  fence_async_shared();
+    mbarrier_init(ring.q_full(), 1);
+    mbarrier_init_fence();
+  }
   __syncthreads();
-  std::uint32_t q[D / 16][4];
-  load_q_fragments<D>(q, qs, group);
-  hopper_scores<T, D>(s, q, ks(0));
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_registers(s);
-  // One chunk; cur holds its scores, next receives the next chunk's (two
-  // buffers swapped by unrolling, not copied).
-  int it = 0;
-  auto step = [&](float (&cur)[32], float (&nxt)[32]) {
-    cp_async_wait<S - 4>();  // chunk it + 1
-    fence_async_shared();
-    // Every piece of chunk it + 1 landed; chunk it - 2's stage is free (its
-    // P V was waited for in iteration it - 1).
-    __syncthreads();
-    load_next(it + S - 2);
-    // Past the last chunk this reads a stale stage, unused: a wgmma under a
-    // branch would be serialised.
-    hopper_scores<T, D>(nxt, q, ks(it + 1));
-    wgmma_commit();
-    const std::uint32_t e = stage_entry[it % S];
-    const int chunk_begin = static_cast<int>(e & 0xffffu) * kChunkKeys;
-    const bool kept = (e & row_bit) != 0;
-    float alpha[2];
-    hopper_softmax(cur, alpha, m, l, p, chunk_begin, chunk_begin + kChunkKeys > group_min_end || !kept, first, kept);
-    // P V of chunk it - 1 and the scores of chunk it + 1. (Waiting for the
-    // first alone, wait_group 1, made ptxas serialise every wgmma.)
-    wgmma_wait<0>();
-    fence_registers(o);
-    fence_registers(nxt);
-    rescale<D>(o, alpha);
-    hopper_values<T, D>(o, cur, vs(it));
-    wgmma_commit();  // runs on into the next chunk's softmax
-    ++it;
-  };
-  while (it < count) {
-    step(s, s_next);
-    if (it < count) step(s_next, s);
+  const int warp = threadIdx.x >> 5;
+  if (warp < 4) {
+    release_registers<kProducerRegisters>();
+    if (warp == 0) produce<D>(ring, maps, plan, count, head, kv, row0);
+    return;
   }
-  wgmma_wait<0>();
-  fence_registers(o);
-  cp_async_wait<0>();
-
-  T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
-  const int t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = first + 8 * i;
-    const float sum = quad_sum(l[i]);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // a row that saw no key gets zeros
-    if (row >= p.row_end) continue;
-    T* out = oh + row * p.out_token_stride + 2 * t;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(o[4 * dn + 2 * i] * inv, o[4 * dn + 2 * i + 1] * inv);
-  }
+  claim_registers<kConsumerRegisters>();
+  const int group = warp / 4 - 1;
+  float o[D / 2], l[2];
+  consume<T, D>(ring, p, count, group, row0, o, l);
+  store_rows<T, D>(p, head, row0 + 64 * group + (warp % 4) * 16 + ((threadIdx.x & 31) >> 2), o, l);
 }
 
 }  // namespace attention_echo::kernels::cuda::detail
