@@ -170,7 +170,7 @@ struct PrefillReport {
   bool blend_rejected = false;   // the guard refused it; computed exactly instead
   // Also computed exactly (and served exactly): a calibration blend, or a
   // prompt that reused a blend's K/V computed again from its exact prefix
-  // (one in calibrate_every, or a near tie at the head). The next-token KL
+  // (a near tie at the head). The next-token KL
   // between the approximate and the exact prefill, in nats, for those and
   // for a blend the guard refused past layer 1 (finished, not served).
   bool blend_calibration = false;

@@ -299,14 +299,18 @@ struct Planner::Impl {
 
   // Whether a prompt served from blended K/V (the plan's approximate
   // prefix, whose forward gave `logits`) is computed again from its exact
-  // prefix: one in calibrate_every, like a blend, to be measured (reusing
-  // prompts are guarded by their blend's estimate, so their error must
-  // calibrate it too), and any whose two most likely next tokens are within
-  // the guard's reach of each other (BlendConfig::top1_sigmas).
+  // prefix: when its two most likely next tokens are within the guard's
+  // reach of each other (BlendConfig::top1_sigmas), as a blend would be.
+  // Not also one in calibrate_every: sharing the blends' count, that moved
+  // their calibrations onto other requests, which on the bundled model
+  // cost near-dup a full prefill (2.27 -> 1.91x exact prefix reuse), and
+  // its samples changed the ones chat-edit's guard starts from, so one of
+  // its blends was refused, its donors' chain changed and ended in a blend
+  // at KL 9e-4 that flipped a near tie (top-1 15 of 16; a guard miss that
+  // can happen without it too).
   bool recompute_exactly(const Plan& plan, std::span<const float> logits) const {
-    if (plan.reused_exact || !config.blend.enabled || logits.empty()) return false;  // no logits kept: nothing to measure
-    return calibration->next_blend_calibrates(config.blend) ||
-           near_tie(logits, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
+    if (plan.reused_exact || !config.blend.enabled) return false;
+    return near_tie(logits, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
