@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_echo/engine.hpp"
@@ -49,6 +50,23 @@ std::vector<int> text_tokens(int n, std::uint64_t seed) {
 int edited(int t) { return 3 + (t - 3 + 1) % (model().config().vocab_size - 3); }
 
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
+
+// base stored exactly in `planner` (its cost model taught by a measured
+// forward, as a server's would be, so a test holds at any speed, sanitizers
+// included), then near planned, expected to blend, and executed.
+std::pair<serving::Plan, std::vector<float>> store_then_blend(llama::Engine& engine, serving::Planner& planner,
+                                                              const std::vector<int>& base,
+                                                              const std::vector<int>& near) {
+  engine.timers() = {};
+  last_logits(engine, base);
+  planner.observe(static_cast<int>(base.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+  serving::Plan seed = planner.plan(base);
+  planner.execute(engine, base, seed);
+  serving::Plan plan = planner.plan(near);
+  EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
+  auto logits = planner.execute(engine, near, plan).logits;
+  return {std::move(plan), std::move(logits)};
+}
 
 // A stored donor: its tokens' K/V in a block store, as the planner keeps it.
 struct Donor {
@@ -413,14 +431,7 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
   // it: layer 1 (measured over every reused row) stays under it, a deeper
   // layer's probes do not.
   auto blend_once = [&](serving::Planner& planner) {
-    engine.timers() = {};
-    last_logits(engine, base);
-    planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
-    serving::Plan seed = planner.plan(base);
-    planner.execute(engine, base, seed);
-    serving::Plan plan = planner.plan(near);
-    EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
-    auto logits = planner.execute(engine, near, plan).logits;
+    auto [plan, logits] = store_then_blend(engine, planner, base, near);
     return std::make_pair(plan.report, logits);
   };
   serving::Planner served(model().config(), {.blend = {.enabled = true, .calibrate_every = 0}});
@@ -465,14 +476,7 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
     serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = INFINITY,
                                                           .top1_sigmas = top1_sigmas, .calibrate_every = 0},
                                                 .calibration = calibration});
-    engine.timers() = {};
-    last_logits(engine, base);
-    planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
-    serving::Plan seed = planner.plan(base);
-    planner.execute(engine, base, seed);
-    serving::Plan plan = planner.plan(near);
-    EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
-    planner.execute(engine, near, plan);
+    const serving::Plan plan = store_then_blend(engine, planner, base, near).first;
     EXPECT_TRUE(!plan.report.blend_rejected && !plan.report.blend_calibration);
     return Blended{std::move(planner), calibration, plan.report.estimated_error};
   };
