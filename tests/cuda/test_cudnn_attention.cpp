@@ -185,6 +185,7 @@ TEST_F(Capture, SampledRowsAreTheirExactMass) {
   expect_capture({4, 2, 700, 128, DType::kBF16}, 690, 128, 16);
   expect_capture({4, 1, 700, 64, DType::kF16}, 650, 128, 8);
   expect_capture({2, 2, 500, 128, DType::kBF16}, 500, 64, 32);
+  expect_capture({2, 1, 4600, 64, DType::kF16}, 4500, 64, 8);  // over 64 tiles: the longer key split
 }
 
 TEST_F(Capture, NonCausalPrefix) {
@@ -235,6 +236,43 @@ TEST_F(Capture, MissRouteGivesOutputAndMass) {
   ok(cudaDeviceSynchronize());
   EXPECT_LT(relative_error(p, p.out.download(), all_rows(p), [](int, int, int) { return true; }),
             tolerance(DType::kBF16));
+}
+
+// The route on cuDNN on a caller's stream: cuDNN and the capture come after
+// what the stream queued before (here q's upload) and before what it queues
+// after (the output's download).
+TEST_F(Capture, MissRouteOnCudnnKeepsTheCallersStreamOrder) {
+  if (!cudnn_available()) GTEST_SKIP() << "no cuDNN in this build or process";
+  Case c{8, 2, 2048, 128, DType::kBF16};
+  Problem p(c, 62);
+  const DeviceBuffer lse(static_cast<std::size_t>(c.heads) * c.tokens * sizeof(float));
+  // The graph with the row LSE built: the route takes cuDNN from here.
+  ASSERT_TRUE(cudnn_attention(p.device(), static_cast<float*>(lse.data()), nullptr));
+  ok(cudaDeviceSynchronize());
+  std::vector<std::uint16_t> q_bits(p.q.size()), out_bits(p.out.size());
+  for (std::size_t i = 0; i < q_bits.size(); ++i) q_bits[i] = to_bits(p.q.host[i], c.dtype);
+  ok(cudaHostRegister(q_bits.data(), p.q.bytes(), cudaHostRegisterDefault));
+  ok(cudaHostRegister(out_bits.data(), p.out.bytes(), cudaHostRegisterDefault));
+  cudaStream_t stream = nullptr;
+  ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  ok(cudaMemset(p.q.device, 0, p.q.bytes()));  // what a route that ran early would read
+  p.out.poison();
+  ok(cudaDeviceSynchronize());
+  ok(cudaMemcpyAsync(p.q.device, q_bits.data(), p.q.bytes(), cudaMemcpyHostToDevice, stream));
+  const TileMass mass = [&] {
+    const DeviceTileMass device_mass = miss_attention_with_tile_mass(p.device(), 2048, 128, stream);
+    ok(cudaMemcpyAsync(out_bits.data(), p.out.device, p.out.bytes(), cudaMemcpyDeviceToHost, stream));
+    return device_mass.to_host(stream);
+  }();
+  ok(cudaStreamSynchronize(stream));  // the mass's stream-ordered free
+  ok(cudaStreamDestroy(stream));
+  ok(cudaHostUnregister(q_bits.data()));
+  ok(cudaHostUnregister(out_bits.data()));
+  std::vector<float> out(out_bits.size());
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = from_bits(out_bits[i], c.dtype);
+  const std::vector<int> rows{0, 1, 127, 128, 1000, 2047};
+  EXPECT_LT(relative_error(p, out, rows, [](int, int, int) { return true; }), tolerance(DType::kBF16));
+  EXPECT_LT(worst_difference(mass.mass, reference_mass(p, 2048, 128, kMassSamples)), 1e-3);
 }
 
 TEST_F(Capture, BadArgumentsNameTheArgument) {

@@ -5,8 +5,8 @@
 // on an H200), so by default only kMassSamples rows of every tile (evenly
 // spaced, the tile's first included) are recomputed and their mean is the
 // estimate. samples == block gives the exact mass. BENCHMARKS.md section 6
-// has the cost (8 of 128 rows: 10% of the cuDNN miss at T = 32k, 12-15% at
-// 8k-16k, 25% at 4k, where the capture is latency-bound) and what the
+// has the cost (8 of 128 rows after cuDNN's miss: +14% at T = 4k-8k, where
+// the capture is latency-bound, +10% at 16k, +6% at 32k) and what the
 // estimate changes in the kept-tile selection; the sparse tier's guard
 // measures the error of every hit anyway.
 #pragma once
