@@ -106,8 +106,8 @@ std::optional<KVBlocksL2> make_l2(const PlannerConfig& c, const KVBlockStore::Sh
 }
 
 // KL(p || q) of the next-token distributions given by two logit rows.
-double next_token_kl(const std::vector<float>& p_logits, const std::vector<float>& q_logits) {
-  auto log_softmax = [](const std::vector<float>& logits) {
+double next_token_kl(std::span<const float> p_logits, std::span<const float> q_logits) {
+  auto log_softmax = [](std::span<const float> logits) {
     const double max = *std::max_element(logits.begin(), logits.end());
     double sum = 0.0;
     for (float l : logits) sum += std::exp(l - max);
@@ -449,11 +449,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
   if (plan.route != Plan::Route::kCache) {
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
     const auto last_row = [&](const llama::ForwardResult& r) {
-      const auto n = std::min<std::size_t>(r.logits.size(), m.model.vocab_size);
-      return std::vector<float>(r.logits.end() - static_cast<std::ptrdiff_t>(n), r.logits.end());
+      return std::span<const float>(r.logits).last(std::min<std::size_t>(r.logits.size(), m.model.vocab_size));
     };
     if (m.recompute_exactly(plan, last_row(result))) {
-      const std::vector<float> approximate = last_row(result);
+      const auto approximate_row = last_row(result);
+      const std::vector<float> approximate(approximate_row.begin(), approximate_row.end());  // result is replaced
       const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
       plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
       report.reused = plan.kv.length;
