@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -41,8 +42,11 @@ struct TempCleanup : ::testing::Environment {
 };
 [[maybe_unused]] auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new TempCleanup);
 
+// Throws when the file is missing: the tests that edit a checkpoint's bytes
+// would otherwise write past an empty buffer (AE_SHARED_DIR not found).
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open (test data under AE_SHARED_DIR)");
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
