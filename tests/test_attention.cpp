@@ -374,6 +374,11 @@ TEST(Attention, RejectsBadInput) {
   x.k[7] = 0.0f;
   x.v[3] = -INFINITY;
   expect_invalid("value", [&] { call(q, k, v, out); });
+  // Unchecked values reach the output instead (row 0 of head 0 reads v's row 0).
+  AttentionOptions unchecked;
+  unchecked.check_finite = false;
+  call(q, k, v, out, unchecked);
+  EXPECT_TRUE(std::isnan(x.out[3]) || std::isinf(x.out[3]));
   x.v[3] = 0.0f;
 
   AttentionOptions bad_offset;

@@ -133,9 +133,9 @@ void validate_shapes(const View& q, const View& k, const View& v, const View& ou
 }  // namespace
 
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                               const MutableHeadsView& out, int prefix_length, int query_offset) {
+                               const MutableHeadsView& out, int prefix_length, int query_offset, bool check_finite) {
   validate_shapes(q, k, v, as_const(out), prefix_length, query_offset);
-  if (q.device != Device::cpu()) return;
+  if (q.device != Device::cpu() || !check_finite) return;
   require_finite("query", q);
   require_finite("key", k);
   require_finite("value", v);
@@ -151,7 +151,7 @@ void validate_attention_inputs(const AnyHeadsView& q, const AnyHeadsView& k, con
 }
 
 void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,
-                             const MutableHeadsView& out) {
+                             const MutableHeadsView& out, bool check_finite) {
   validate_keys(q, k, v, 0);
   require_data("out", as_const(out));
   require_unpaged("out", as_const(out));
@@ -162,7 +162,7 @@ void validate_attention_rows(const HeadsView& q, const HeadsView& k, const Heads
       throw_invalid("rows", "must be ascending positions in [0, " + std::to_string(q.tokens) + ")");
   if (out.heads != q.heads || out.tokens != static_cast<int>(rows.size()) || out.dim != q.dim)
     throw_invalid("out", "shape " + shape(as_const(out)) + " != [query heads, rows, dim]");
-  if (q.device != Device::cpu()) return;
+  if (q.device != Device::cpu() || !check_finite) return;
   for (int t : rows) require_finite("query", {q.row(0, t), q.heads, 1, q.dim, q.head_stride, q.token_stride});
   require_finite("key", k);
   require_finite("value", v);

@@ -14,10 +14,11 @@ namespace attention_echo {
 // may be paged, both alike, page_tokens a multiple of kKeyChunk; Hkv divides H;
 // Tq, T, D >= 1; query_offset >= 0 and query_offset + Tq == T (q's rows are
 // positions [query_offset, T) of the sequence); 0 <= prefix_length <= T.
-// q/k/v finite, checked here for host memory only: device memory is its
-// backend's to check.
+// q/k/v finite, checked here for host memory only (and with check_finite):
+// device memory is its backend's to check.
 void validate_attention_inputs(const HeadsView& q, const HeadsView& k, const HeadsView& v,
-                               const MutableHeadsView& out, int prefix_length, int query_offset = 0);
+                               const MutableHeadsView& out, int prefix_length, int query_offset = 0,
+                               bool check_finite = true);
 
 // The same for views of any dtype, query_offset 0: k, v and out of q's
 // dtype; float32 host views are checked as above, device views for shapes
@@ -26,9 +27,10 @@ void validate_attention_inputs(const AnyHeadsView& q, const AnyHeadsView& k, con
                                const MutableAnyHeadsView& out, int prefix_length);
 
 // q/k/v as above with query_offset 0; rows ascending in [0, T); out
-// [H, rows.size(), D]; only q's rows at `rows` are read (and checked).
+// [H, rows.size(), D]; only q's rows at `rows` are read (and checked, with
+// check_finite).
 void validate_attention_rows(const HeadsView& q, const HeadsView& k, const HeadsView& v, std::span<const int> rows,
-                             const MutableHeadsView& out);
+                             const MutableHeadsView& out, bool check_finite = true);
 
 // rows, cols >= 1, in host memory (the semantic key is computed there) and
 // every value finite.

@@ -375,6 +375,7 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   } else {
     AttentionOptions options;
     options.query_offset = t0;
+    options.check_finite = false;  // this engine's own projections of finite weights
     const auto [k, v] = e.kv_views(kv, layer, t1);
     attention(q, k, v, out, options, e.pool);
   }
@@ -404,8 +405,10 @@ void Engine::layer_forward_rows(int layer, float* x, std::span<const int> positi
   grow(e.att, static_cast<std::size_t>(n) * dim);
   const Stamp start = Stamp::now();
   const auto [k, v] = e.kv_views(kv, layer, T);
+  AttentionOptions options;
+  options.check_finite = false;  // this engine's own projections of finite weights
   attention_rows(HeadsView::token_major(e.q_at.data(), c.n_heads, T, hd), k, v, positions,
-                 MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd), {}, e.pool);
+                 MutableHeadsView::token_major(e.att.data(), c.n_heads, n, hd), options, e.pool);
   start.add_since(e.timers.attention_s, e.timers.attention_cpu_s);
   e.finish(layer, x, n);
 }
