@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 H, HKV, D, BLOCK = 32, 8, 128, 128
+# The capture's sampled rows per tile, timed and checked: (block, samples...);
+# 64 is the cache's tile (EchoConfig.block_size), whose default takes 4.
+CAPTURE_SAMPLES = ((128, (16, 8)), (64, (8, 4)))
 PEAK = 790.0  # bf16 dense TFLOP/s measured on this H200 type (8192^3 matmul)
 
 
@@ -168,28 +171,28 @@ def select(mass, keep):
     return kept | forced
 
 
-def selection_stats(lib, q, k, v, out, keep=0.9):
-    """Kept tiles from sampled mass (16 and 8 of 128 rows) against the exact
-    mass: share of the exact mass kept (worst and mean over (head, query
-    tile)), kept share of tiles, and the tiles the two choices differ in."""
+def selection_stats(lib, q, k, v, out, block, sample_counts, keep=0.9):
+    """Kept tiles from sampled mass (sample_counts rows of each block) against
+    the exact mass: share of the exact mass kept (worst and mean over (head,
+    query tile)), kept share of tiles, and the tiles the two choices differ in."""
     T = k.shape[2]
-    n = T // BLOCK
+    n = T // block
     base = problem_args(q, k, v, out)
     lse = torch.empty(H, T, device="cuda", dtype=torch.float32)
     check(lib, lib.ae_cudnn_attention(*base, ptr(lse), stream()))
     masses = {}
-    for samples in (BLOCK, 16, 8):
+    for samples in (block, *sample_counts):
         m = torch.zeros(H, n, n, device="cuda", dtype=torch.float32)
-        check(lib, lib.ae_capture_mass(*base, ptr(lse), T, BLOCK, samples, ptr(m), stream()))
+        check(lib, lib.ae_capture_mass(*base, ptr(lse), T, block, samples, ptr(m), stream()))
         masses[samples] = m.double()
-    exact = masses[BLOCK]
+    exact = masses[block]
     exact_kept = select(exact, keep)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool, device="cuda")).sum().item() * H
     stats = {"exact_kept_share": exact_kept.sum().item() / causal}
-    for samples in (16, 8):
+    for samples in sample_counts:
         kept = select(masses[samples], keep)
         covered = (exact * kept).sum(-1) / exact.sum(-1)
-        stats[f"s{samples}"] = {"worst_kept_mass": covered.min().item(), "mean_kept_mass": covered.mean().item(),
+        stats[f"s{samples}/{block}"] = {"worst_kept_mass": covered.min().item(), "mean_kept_mass": covered.mean().item(),
                                 "kept_share": kept.sum().item() / causal,
                                 "differing_tiles": (kept != exact_kept).sum().item() / causal,
                                 "max_abs_mass_err": (masses[samples] - exact).abs().max().item()}
@@ -282,16 +285,21 @@ def main():
             record(T, "cudnn miss", cudnn_ms, rel_err=err, ours_over=miss / cudnn_ms, first_call_ms=first)
             ms = median_ms(lambda: check(lib, lib.ae_cudnn_attention(*base, ptr(lse), stream())), reps)
             record(T, "cudnn miss + lse", ms, overhead=ms / cudnn_ms - 1)
-            for samples in (16, 8, BLOCK):
-                capture = lambda: check(lib, lib.ae_capture_mass(*base, ptr(lse), T, BLOCK, samples, None, stream()))
-                ms = median_ms(capture, reps)
-                # TFLOP/s of the work it does: Q K^T of the sampled rows, half the FLOPs of their attention
-                record(T, f"capture {samples}/{BLOCK} rows alone", ms, samples / BLOCK / 2, of_cudnn_miss=ms / cudnn_ms)
-                routed = lambda: check(lib, lib.ae_miss_mass(*base, T, BLOCK, samples, stream()))
-                # Against cuDNN's miss timed in turns with it: at 16k cuDNN's median moved 6% between rounds.
-                cudnn_again, ms = interleaved_ms([cudnn, routed], reps)
-                record(T, f"cudnn miss + capture {samples}/{BLOCK}", ms, overhead=ms / cudnn_again - 1,
-                       vs_ours_mass=ms / miss, cudnn_ms=cudnn_again)
+            for block, sample_counts in CAPTURE_SAMPLES:
+                for samples in (*sample_counts, block):
+                    capture = lambda: check(lib, lib.ae_capture_mass(*base, ptr(lse), T, block, samples, None,
+                                                                     stream()))
+                    ms = median_ms(capture, reps)
+                    # TFLOP/s of the work it does: Q K^T of the sampled rows, half the FLOPs of their attention
+                    record(T, f"capture {samples}/{block} rows alone", ms, samples / block / 2,
+                           of_cudnn_miss=ms / cudnn_ms)
+                    if samples == block:
+                        continue
+                    routed = lambda: check(lib, lib.ae_miss_mass(*base, T, block, samples, stream()))
+                    # Against cuDNN's miss timed in turns with it: at 16k cuDNN's median moved 6% between rounds.
+                    cudnn_again, ms = interleaved_ms([cudnn, routed], reps)
+                    record(T, f"cudnn miss + capture {samples}/{block}", ms, overhead=ms / cudnn_again - 1,
+                           vs_ours_mass=ms / miss, cudnn_ms=cudnn_again)
         del ref
         if args.capture_only:
             del q, k, v, out
@@ -320,13 +328,19 @@ def main():
 
         if cudnn_version and args.selection:
             for name, (sq, sk, sv) in (("random", (q, k, v)), ("peaked", peaked(T, gen))):
-                stats = selection_stats(lib, sq, sk, sv, out)
+                stats = {}
+                for block, sample_counts in CAPTURE_SAMPLES:
+                    found = selection_stats(lib, sq, sk, sv, out, block, sample_counts)
+                    stats[f"exact_kept_share/{block}"] = found.pop("exact_kept_share")
+                    stats.update(found)
                 results.append({"T": T, "selection": name, **stats})
-                print(f"T={T:6d} selection {name}: exact keeps {stats['exact_kept_share']:.3f} of tiles; "
-                      + "; ".join(f"{s}: kept mass worst {v['worst_kept_mass']:.4f} mean {v['mean_kept_mass']:.4f}, "
+                print(f"T={T:6d} selection {name}: "
+                      + "; ".join(f"exact keeps {v:.3f} of {s[len('exact_kept_share/'):]}-tiles"
+                                  if not isinstance(v, dict) else
+                                  f"{s}: kept mass worst {v['worst_kept_mass']:.4f} mean {v['mean_kept_mass']:.4f}, "
                                   f"share {v['kept_share']:.3f}, differing {v['differing_tiles']:.4f}, "
                                   f"max |err| {v['max_abs_mass_err']:.2e}"
-                                  for s, v in stats.items() if s != "exact_kept_share"), flush=True)
+                                  for s, v in stats.items()), flush=True)
 
         plans = []
         if args.ours_only:

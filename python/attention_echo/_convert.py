@@ -53,11 +53,13 @@ def qkv_in(query, key, value, device: bool = False):
 def cuda_heads(x):
     """A CUDA tensor as the CUDA kernels load it: detached, in its own dtype
     and device, with a unit last stride, 16-byte aligned and strides of 8
-    elements (a copy only where it is not, e.g. an odd slice)."""
+    elements, none 0 (a copy only where it is not, e.g. an odd slice or an
+    expand()ed kv head)."""
     import torch
 
     x = x.detach()
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1]):
+    broadcast = any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape))
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s % 8 for s in x.stride()[:-1]) or broadcast:
         x = x.clone(memory_format=torch.contiguous_format)
     return x
 

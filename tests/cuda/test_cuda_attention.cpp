@@ -275,6 +275,10 @@ TEST_F(CudaAttention, BadArgumentsNameTheArgument) {
   DeviceProblem no_scale = p.device();
   no_scale.scale = 0.0f;
   expect_invalid([&] { exact_attention(no_scale, nullptr); }, "scale");
+  Problem gqa({4, 2, 300, 64, DType::kBF16}, 13);
+  DeviceProblem broadcast = gqa.device();
+  broadcast.k.head_stride = 0;  // both kv heads read head 0's rows (torch's expand())
+  expect_invalid([&] { exact_attention(broadcast, nullptr); }, "key");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 200, 32, nullptr); }, "block");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 301, 64, nullptr); }, "prefix");
   expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 32), 100, nullptr); }, "kept");

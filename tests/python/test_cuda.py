@@ -71,6 +71,25 @@ def test_miss_exact_and_sparse_hits_stay_on_the_gpu():
     assert cache.stats["bytes"] >= H * 2048 * D * 2  # the exact rows, in device memory
 
 
+def test_broadcast_kv_heads_are_served_like_contiguous_ones():
+    """An expand()ed kv head (stride 0 between heads: the tensor maps of the
+    sparse kernel cannot step by 0) is copied on the device and served like
+    its contiguous copy, on the miss and on the sparse hit."""
+    q, k, v = qkv(2048, 4)
+    q2, k2, v2 = qkv(2048, 4, noise=0.02)
+    k0, v0, k20, v20 = (x[:1].expand(HKV, -1, -1) for x in (k, v, k2, v2))
+    assert k0.stride(0) == 0
+    emb = embeddings(4, 2048)
+    served = []
+    for kk, vv, kk2, vv2 in ((k0, v0, k20, v20), tuple(x.contiguous() for x in (k0, v0, k20, v20))):
+        cache = AttentionEchoCache(config())
+        miss, _ = cache.attention_with_echo(q, kk, vv, 2048, emb)
+        hit, meta = cache.attention_with_echo(q2, kk2, vv2, 2048, emb)
+        assert meta["tier"] == "sparse"
+        served.append((miss, hit))
+    assert torch.equal(served[0][0], served[1][0]) and torch.equal(served[0][1], served[1][1])
+
+
 def host_copies(fn):
     """(direction, bytes) of every host<->device copy the GPU ran during fn()."""
     from torch.profiler import ProfilerActivity, profile

@@ -263,6 +263,10 @@ void check_view(std::string_view name, const V& view) {
   if (view.heads <= 0 || view.tokens < 0 || view.dim <= 0) throw_invalid(name, "heads and dim must be positive");
   if (reinterpret_cast<std::uintptr_t>(view.data) % 16 != 0 || view.head_stride % 8 != 0 || view.token_stride % 8 != 0)
     throw_invalid(name, "data must be 16-byte aligned and strides multiples of 8 elements");
+  // The tensor maps the sparse kernel loads through cannot step by 0 (a
+  // broadcast view, e.g. torch's expand() of one kv head).
+  if ((view.heads > 1 && view.head_stride == 0) || (view.tokens > 1 && view.token_stride == 0))
+    throw_invalid(name, "strides must be positive (a broadcast view must be made contiguous)");
   cudaPointerAttributes attributes{};
   if (cudaPointerGetAttributes(&attributes, view.data) != cudaSuccess ||
       (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {

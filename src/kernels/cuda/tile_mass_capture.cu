@@ -157,15 +157,18 @@ __global__ void __launch_bounds__(kThreads) capture_kernel(CaptureParams p) {
   }
 
   int current = -1;  // the key tile acc sums
+  // Lanes whose row r lies in one query tile: row g + 8 r sits in lane
+  // 4 g + t, so samples 4 puts rows 0-3 and 4-7 in tiles of their own (lanes
+  // 0-15, 16-31); samples 8 or a multiple of 16, the whole warp.
+  const int tile_lanes = 4 * min(p.samples, 8);
   auto flush = [&] {
 #pragma unroll
     for (int i = 0; i < kWarpItems; ++i)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float sum = tr.acc[i][r];
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        // Every lane's row r of an item lies in one tile (16-row items, samples 8 or a multiple of 16).
-        if (lane == 0 && current >= 0 && tr.tile[i][r] < p.tiles && sum > 0.0f)
+        for (int o = tile_lanes / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane % tile_lanes == 0 && current >= 0 && tr.tile[i][r] < p.tiles && sum > 0.0f)
           atomicAdd(p.mass + (static_cast<std::int64_t>(tr.head[i]) * p.tiles + tr.tile[i][r]) * p.tiles + current,
                     sum / tile_rows(p, tr.tile[i][r]));
         tr.acc[i][r] = 0.0f;
@@ -252,8 +255,8 @@ void check_tile_mass_args(const DeviceProblem& problem, int prefix, int block, i
     throw_invalid("prefix", "must equal the problem's prefix_length for non-causal tile mass");
   if (block <= 0 || block % kChunkKeys != 0)
     throw_invalid("block", "must be a positive multiple of " + std::to_string(kChunkKeys) + " on CUDA");
-  if (samples <= 0 || block % samples != 0 || (samples != 8 && samples % kItemRows != 0))
-    throw_invalid("samples", "must be 8 or a multiple of 16 that divides block");
+  if (samples <= 0 || block % samples != 0 || (samples != 4 && samples != 8 && samples % kItemRows != 0))
+    throw_invalid("samples", "must be 4, 8 or a multiple of 16 that divides block");
 }
 
 DeviceTileMass capture_tile_mass(const DeviceProblem& problem, const float* row_lse, int prefix, int block,

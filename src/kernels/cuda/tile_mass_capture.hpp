@@ -17,12 +17,16 @@ namespace attention_echo::kernels::cuda {
 
 // Sampled rows per tile of the miss's capture: 8 of 128 cost 0.5x what 16
 // did at T = 32k (1.43 against 2.90 ms, H200) and kept the same tiles on
-// peaked inputs (bench_cuda.py's selection rows).
+// peaked inputs (bench_cuda.py's selection rows). The cache's 64-token tiles
+// take 8 too: 4 of 64 would cut the capture from +21-32% of cuDNN's miss to
+// +6-19%, but on the bundled model's q/k the tiles it keeps at sparse_mass
+// 0.98 held up to 8 points less of the worst tile row's exact mass (0.82-0.97
+// against 0.88-0.97; model_selection.py, BENCHMARKS.md section 6).
 inline constexpr int kMassSamples = 8;
 
 // Throws std::invalid_argument naming the argument unless capture_tile_mass
 // takes these: query_offset 0, prefix in [0, T] (non-causal: the problem's
-// prefix_length), block a positive multiple of 64, samples 8 or a multiple
+// prefix_length), block a positive multiple of 64, samples 4, 8 or a multiple
 // of 16 that divides block.
 void check_tile_mass_args(const DeviceProblem& problem, int prefix, int block, int samples);
 
