@@ -83,6 +83,25 @@ TEST(Cache, SimilarPrefixHitsSparseWithMeasuredError) {
   EXPECT_EQ(cache.stats().hits_sparse, 1u);
 }
 
+// Every tile edge the config takes serves a sparse hit within the guard,
+// keeping fewer tiles than the causal prefix block has.
+TEST(Cache, SparseTierTakesEveryBlockSize) {
+  constexpr int kLongT = 640, kLongP = 512;
+  for (int block : {32, 64, 128}) {
+    EchoConfig c = small_config();
+    c.block_size = block;
+    AttentionEchoCache cache(c);
+    Qkv a = make_qkv(kH, kHkv, kLongT, kD, 3);
+    call(cache, a, request_for(a, kLongP));
+    Qkv b = make_qkv(kH, kHkv, kLongT, kD, 3, 0.05f);
+    const EchoResult r = call(cache, b, request_for(b, kLongP));
+    ASSERT_EQ(r.tier, Tier::kSparse) << "block " << block;
+    EXPECT_LT(r.kept_fraction, 1.0) << "block " << block;
+    EXPECT_LE(r.estimated_error, c.max_error) << "block " << block;
+    EXPECT_LT(rel_l2(b.out, exact_output(b)), 0.1) << "block " << block;
+  }
+}
+
 TEST(Cache, DifferentPrefixMisses) {
   AttentionEchoCache cache(small_config());
   Qkv a = make_qkv(kH, kHkv, kT, kD, 1);
@@ -606,6 +625,7 @@ TEST(Config, ValidationNamesTheField) {
   rejects([](EchoConfig& c) { c.threads = -1; }, "threads");
   rejects([](EchoConfig& c) { c.sparse_mass = 0; }, "sparse_mass");
   rejects([](EchoConfig& c) { c.block_size = 48; }, "block_size");
+  rejects([](EchoConfig& c) { c.block_size = 256; }, "block_size");
   EXPECT_THROW(AttentionEchoCache(EchoConfig{.capacity = -5}), std::invalid_argument);
   EXPECT_THROW(parse_eviction_policy("fifo"), std::invalid_argument);
   EXPECT_THROW(parse_echo_mode("fast"), std::invalid_argument);

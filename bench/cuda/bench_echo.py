@@ -1,7 +1,7 @@
 """End-to-end AttentionEchoCache.attention_with_echo on CUDA tensors against
 torch SDPA, in one process on the same bf16 tensors and stream.
 
-    python3 bench/cuda/bench_echo.py [--tokens 4096 8192 16384 32768]
+    python3 bench/cuda/bench_echo.py [--tokens 4096 8192 16384 32768] [--block 64]
         [--model models/echo-llama-6m/model.bin] [--json out.json]
 
 Timings (H = 32, Hkv = 8, D = 128, causal, bf16; prefix = T, so every row is
@@ -73,12 +73,12 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def bench_tokens(t, repeats):
+def bench_tokens(t, repeats, block):
     q, k, v = peaked_qkv(t, 1)
     q2, k2, v2 = peaked_qkv(t, 1, noise=0.02)
     emb = torch.randn(16).repeat(64, 1)  # one semantic key for both: similarity 1
     tokens = np.arange(t, dtype=np.int32)  # as a serving loop keeps them (a list costs ~2 ms to convert at 32k)
-    config = dict(capacity=4, max_prefix_length=t, block_size=64, device_max_bytes=16 << 30)
+    config = dict(capacity=4, max_prefix_length=t, block_size=block, device_max_bytes=16 << 30)
     cache, plain = AttentionEchoCache(EchoConfig(**config)), AttentionEchoCache(EchoConfig(mode="off", **config))
     sdpa = lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
     miss = lambda: cache.attention_with_echo(q, k, v, t, emb, prefix_tokens=tokens)
@@ -101,7 +101,7 @@ def bench_tokens(t, repeats):
     return row
 
 
-def model_kept(path, tokens):
+def model_kept(path, tokens, block):
     sys.path.append(os.path.join(os.path.dirname(__file__), "..", "..", "tools"))  # after PYTHONPATH
     import llama_reference
 
@@ -110,7 +110,7 @@ def model_kept(path, tokens):
     with open(heldout, "rb") as f:
         text = f.read()[: tokens - 1]
     edited = bytes(b ^ 1 if i % 50 == 49 else b for i, b in enumerate(text))
-    config = EchoConfig(capacity=64, max_prefix_length=tokens, block_size=64, per_layer=True)
+    config = EchoConfig(capacity=64, max_prefix_length=tokens, block_size=block, per_layer=True)
     cache = AttentionEchoCache(config)
     rows = [dict(layer=l) for l in range(c.n_layers)]
 
@@ -134,21 +134,23 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--model")
     parser.add_argument("--model-tokens", type=int, default=4096)
+    parser.add_argument("--block", type=int, default=64, choices=(64, 128), help="the cache's block_size")
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    print(f"{result['gpu']}, torch {result['torch']}; bf16 H={H} Hkv={HKV} D={D} causal, prefix = T")
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "block": args.block, "rows": []}
+    print(f"{result['gpu']}, torch {result['torch']}; bf16 H={H} Hkv={HKV} D={D} causal, prefix = T, "
+          f"block_size {args.block}")
     print("T | SDPA ms | miss ms (x SDPA) | miss off ms | exact hit ms (SDPA / it) | sparse hit ms (SDPA / it) | "
           "kept | guard err | miss vs SDPA | sparse vs exact")
     for t in args.tokens:
-        r = bench_tokens(t, 10 if t <= 8192 else 5)
+        r = bench_tokens(t, 10 if t <= 8192 else 5, args.block)
         result["rows"].append(r)
         print(f"{t} | {r['sdpa_ms']:.3f} | {r['miss_ms']:.2f} ({r['miss_ms'] / r['sdpa_ms']:.2f}x) | {r['miss_off_ms']:.2f} | "
               f"{r['exact_hit_ms']:.3f} ({r['sdpa_ms'] / r['exact_hit_ms']:.1f}x) | "
               f"{r['sparse_hit_ms']:.3f} ({r['sdpa_ms'] / r['sparse_hit_ms']:.2f}x) | {r['kept']:.3f} | "
               f"{r['guard_error']:.4f} | {r['miss_vs_sdpa']:.1e} | {r['sparse_vs_exact']:.1e}", flush=True)
     if args.model:
-        result["model"] = model_kept(args.model, args.model_tokens)
+        result["model"] = model_kept(args.model, args.model_tokens, args.block)
         for r in result["model"]:
             print(r["layer"], {k: v for k, v in r.items() if k != "layer"}, flush=True)
     if args.json:

@@ -52,7 +52,10 @@ struct EchoConfig {
   double length_tolerance = 0.1;      // |p - p_c| <= tol * p_c for an echo hit
   long long threads = 0;              // 0 = all hardware threads
   double sparse_mass = 0.98;          // sparse tier: attention mass the kept tiles cover
-  long long block_size = 64;          // sparse tier tile edge: 32 or 64
+  // Sparse tier tile edge: 32, 64 or 128 (64 or 128 with CUDA tensors, where
+  // 128 keeps the miss's tile-mass capture at +6-15% of cuDNN's miss on an
+  // H200 and 64 costs +21-32%: BENCHMARKS.md section 6).
+  long long block_size = 64;
   // Shared L2 store beside the in-process entries: "" for none, else
   // "redis://HOST:PORT[?deadline_ms=3&...]" (l2_store.hpp: parse_l2_url).
   // Misses are written through; an L1 miss looks there within the deadline.

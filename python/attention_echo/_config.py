@@ -40,7 +40,7 @@ class EchoConfig:
     length_tolerance: float = _D.length_tolerance  #: |p - p_c| <= tol * p_c for an echo hit
     threads: int = _D.threads  #: 0 = all hardware threads
     sparse_mass: float = _D.sparse_mass  #: sparse tier: attention mass the kept tiles cover
-    block_size: int = _D.block_size  #: sparse tier tile edge: 32 or 64
+    block_size: int = _D.block_size  #: sparse tier tile edge: 32, 64 or 128 (CUDA: 64 or 128)
     store_url: str = _D.store_url  #: shared L2 store: "" or "redis://HOST:PORT[?deadline_ms=3&...]"
     device_max_bytes: int = _D.device_max_bytes  #: the same limit per CUDA device, for payloads kept there
 

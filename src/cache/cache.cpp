@@ -99,7 +99,7 @@ void AttentionEchoCache::Impl::validate_request(const Call& call, const EchoRequ
   if (call.space.device != Device::cpu() && config.mode == EchoMode::kDense)
     throw_invalid("mode", "dense echo runs on the host only: use sparse or off with CUDA tensors");
   if (call.space.device != Device::cpu() && config.mode == EchoMode::kSparse && config.block_size % 64 != 0)
-    throw_invalid("block_size", "must be 64 with CUDA tensors (the kernel's key chunk)");
+    throw_invalid("block_size", "must be 64 or 128 with CUDA tensors (multiples of the kernel's key chunk)");
   if (req.scale) validate_scale(*req.scale);
   if (req.layer_id < 0) throw_invalid("layer_id", "must be non-negative");
   if (req.prefix_length > 0) {

@@ -52,7 +52,8 @@ void EchoConfig::validate() const {
     throw_invalid_field("length_tolerance", "must be between 0 and 1");
   if (threads < 0) throw_invalid_field("threads", "must be non-negative (0 = all hardware threads)");
   if (!(sparse_mass > 0.0 && sparse_mass <= 1.0)) throw_invalid_field("sparse_mass", "must be in (0, 1]");
-  if (block_size != 32 && block_size != 64) throw_invalid_field("block_size", "must be 32 or 64");
+  if (block_size != 32 && block_size != 64 && block_size != 128)
+    throw_invalid_field("block_size", "must be 32, 64 or 128");
   if (!store_url.empty()) parse_l2_url(store_url, "store_url");
 }
 

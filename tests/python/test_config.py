@@ -29,7 +29,7 @@ def test_our_fields_exist_with_sane_defaults():
     assert 0 <= c.length_tolerance <= 1
     assert c.threads >= 0
     assert 0 < c.sparse_mass <= 1
-    assert c.block_size in (32, 64)
+    assert c.block_size in (32, 64, 128)
 
 
 def test_is_a_dataclass_with_keywords_and_positionals():
