@@ -12,6 +12,7 @@
 
 #include "attention_echo/engine.hpp"
 #include "engine_fixtures.hpp"
+#include "serving/blend_plan.hpp"
 #include "serving/kv_blend.hpp"
 #include "serving/kv_block_store.hpp"
 #include "serving/token_alignment.hpp"
@@ -294,6 +295,30 @@ TEST(Planner, IdenticalPromptIsAPlainSkipAndNamespacesNeverMix) {
   EXPECT_EQ(planner.stored_prompts(), 1u);
   EXPECT_EQ(planner.plan(prompt, 0, "tenant-a").kv.length, 0);
   EXPECT_EQ(planner.plan(prompt, 0, "tenant-b").kv.length, 199);
+}
+
+// Of two stored prompts that both cover the new one, the one that ends like
+// it is the donor, though the other is more alike (two tokens differ against
+// eight): rows after a donor's own change near the end carry K/V made in its
+// context, and the next token reads those rows most.
+TEST(Planner, AmongCoveringDonorsTheOneThatEndsLikeThePromptIsTaken) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  const auto prompt = text_tokens(1000, 29);
+  const int T = static_cast<int>(prompt.size());
+  auto changed_near_end = prompt;  // and at 10, so neither donor is a stored prefix past 20
+  for (int i : {10, T - 200}) changed_near_end[i] = edited(changed_near_end[i]);
+  auto shifted = prompt;  // 8 tokens inserted at 20: its rows past them sit 8 positions later
+  const auto inserted = text_tokens(8, 30);
+  shifted.insert(shifted.begin() + 20, inserted.begin(), inserted.end());
+  for (const auto* donor : {&changed_near_end, &shifted}) {
+    serving::Plan stored = planner.plan(*donor);
+    planner.execute(engine, *donor, stored);
+  }
+  const serving::Plan plan = planner.plan(prompt);
+  ASSERT_EQ(plan.route, serving::Plan::Route::kBlend);
+  EXPECT_EQ(plan.blend->alignment.donor_position[T - 50], T - 50 + 8);
 }
 
 // The first blend calibrates the guard: it is also computed exactly, served
