@@ -138,6 +138,88 @@ TEST_F(CudaAttention, SparseWithEveryTileKeptMatchesExact) {
   }
 }
 
+// The dense causal walk (the sparse kernel over every causal chunk, one plan
+// shared by all heads): exact rows and each row's log-sum-exp, for ragged
+// and tiny T, GQA/MQA, both dtypes and head dims, logits near overflow.
+TEST_F(CudaAttention, DenseCausalWalkMatchesReferenceWithRowLse) {
+  std::vector<Case> cases{{8, 2, 1000, 128, DType::kBF16},
+                          {4, 4, 1, 64, DType::kF16},
+                          {4, 4, 130, 64, DType::kF16},
+                          {4, 1, 333, 128, DType::kF16}};
+  Case hot{4, 2, 600, 128, DType::kBF16};
+  hot.mean = 8.0f;
+  hot.sigma = 2.0f;
+  cases.push_back(hot);
+  for (const Case& c : cases) {
+    Problem p(c, 70 + c.tokens);
+    p.out.poison();
+    const DeviceBuffer lse(static_cast<std::size_t>(c.heads) * c.tokens * sizeof(float));
+    dense_causal_attention(p.device(), static_cast<float*>(lse.data()), nullptr);
+    ok(cudaDeviceSynchronize());
+    EXPECT_LT(relative_error(p, p.out.download(), all_rows(p), [](int, int, int) { return true; }),
+              tolerance(c.dtype))
+        << "T = " << c.tokens << ", dim " << c.dim;
+    std::vector<float> got(static_cast<std::size_t>(c.heads) * c.tokens);
+    ok(cudaMemcpy(got.data(), lse.data(), lse.bytes(), cudaMemcpyDeviceToHost));
+    double worst = 0.0;
+    for (int h = 0; h < c.heads; ++h)
+      for (int i : {0, c.tokens / 2, c.tokens - 1}) {
+        std::vector<double> logits(i + 1);
+        for (int j = 0; j <= i; ++j) {
+          double dot = 0.0;
+          for (int d = 0; d < c.dim; ++d) dot += static_cast<double>(p.q.at(h, i, d)) * p.k.at(p.kv(h), j, d);
+          logits[j] = dot * p.scale();
+        }
+        const double max = *std::max_element(logits.begin(), logits.end());
+        double sum = 0.0;
+        for (double x : logits) sum += std::exp(x - max);
+        const double want = max + std::log(sum);
+        worst = std::max(worst, std::abs(got[static_cast<std::size_t>(h) * c.tokens + i] - want) /
+                                    std::max(1.0, std::abs(want)));
+      }
+    EXPECT_LT(worst, 1e-4) << "T = " << c.tokens << ", dim " << c.dim;
+  }
+  Case bidirectional{4, 2, 300, 64, DType::kBF16};
+  bidirectional.causal = false;
+  bidirectional.prefix_length = 100;
+  Problem p(bidirectional, 79);
+  EXPECT_THROW(dense_causal_attention(p.device(), nullptr, nullptr), std::invalid_argument);
+}
+
+// Rows computed from a query_offset (an exact hit's suffix) get the bits the
+// same rows get in the whole walk (the miss), also where the offset falls
+// inside a block; the rows before it are left alone.
+TEST_F(CudaAttention, DenseCausalWalkRowsDoNotDependOnTheQueryOffset) {
+  for (int offset : {300, 384}) {
+    Problem p({8, 2, 1000, 128, DType::kBF16}, 81);
+    dense_causal_attention(p.device(), nullptr, nullptr);
+    ok(cudaDeviceSynchronize());
+    const std::vector<std::uint16_t> whole = p.out.download_bits();
+    p.out.poison();
+    const std::vector<std::uint16_t> poisoned = p.out.download_bits();
+    DeviceProblem suffix = p.device();
+    const std::size_t skip = static_cast<std::size_t>(offset) * suffix.q.token_stride * 2;
+    suffix.q.data = static_cast<const char*>(suffix.q.data) + skip;
+    suffix.out.data = static_cast<char*>(suffix.out.data) + skip;
+    suffix.q.tokens -= offset;
+    suffix.out.tokens -= offset;
+    suffix.query_offset = offset;
+    dense_causal_attention(suffix, nullptr, nullptr);
+    ok(cudaDeviceSynchronize());
+    const std::vector<std::uint16_t> got = p.out.download_bits();
+    std::size_t differing = 0, touched = 0;
+    for (int h = 0; h < 8; ++h)
+      for (int t = 0; t < 1000; ++t)
+        for (int d = 0; d < 128; ++d) {
+          const std::size_t i = (static_cast<std::size_t>(h) * 1000 + t) * 128 + d;
+          if (t >= offset) differing += got[i] != whole[i];
+          else touched += got[i] != poisoned[i];
+        }
+    EXPECT_EQ(differing, 0u) << "offset " << offset;
+    EXPECT_EQ(touched, 0u) << "offset " << offset;
+  }
+}
+
 // The same values token-major ([tokens, heads, dim], a QKV projection's
 // layout), uploaded into `into`, and the view of them.
 DeviceHeads token_major(const Tensor& src, Tensor& into) {

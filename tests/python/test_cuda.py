@@ -79,6 +79,7 @@ def test_broadcast_kv_heads_are_served_like_contiguous_ones():
     q2, k2, v2 = qkv(2048, 4, noise=0.02)
     k0, v0, k20, v20 = (x[:1].expand(HKV, -1, -1) for x in (k, v, k2, v2))
     assert k0.stride(0) == 0
+    q, q2 = q[: H // HKV].repeat(HKV, 1, 1), q2[: H // HKV].repeat(HKV, 1, 1)  # peaked on kv head 0's keys
     emb = embeddings(4, 2048)
     served = []
     for kk, vv, kk2, vv2 in ((k0, v0, k20, v20), tuple(x.contiguous() for x in (k0, v0, k20, v20))):

@@ -362,9 +362,9 @@ void launch_sparse(const DeviceProblem& problem, const KernelParams& params, cud
     return true;
   }();
   (void)configured;
-  const int blocks = ceil_div(params.row_end, kHopperRows);
-  if (blocks == 0) return;
-  const SparseMaps maps{tile_map(problem.q, params.row_end, kHopperRows),
+  const int blocks = ceil_div(params.row_end, kHopperRows) - params.query_offset / kHopperRows;
+  if (params.row_end <= params.query_offset) return;
+  const SparseMaps maps{tile_map(problem.q, params.row_end - params.query_offset, kHopperRows),
                         tile_map(problem.k, problem.k.tokens, kChunkKeys),
                         tile_map(problem.v, problem.v.tokens, kChunkKeys)};
   sparse_hopper_kernel<T, D><<<dim3(blocks, problem.q.heads), kHopperThreads, kSmem, stream>>>(params, maps);
@@ -446,8 +446,32 @@ DeviceTilePlan::DeviceTilePlan(const TileSet& kept, int rows, void* stream) : he
       }
       offsets.push_back(static_cast<std::uint32_t>(entries.size()));
     }
-  offsets_ = DeviceBuffer(offsets.size() * sizeof(std::uint32_t));
-  entries_ = DeviceBuffer(entries.size() * sizeof(std::uint32_t));
+  upload(offsets, entries, stream, false);
+}
+
+DeviceTilePlan::DeviceTilePlan(int rows, void* stream) : heads_(1), rows_(rows) {
+  if (rows < 0 || rows > 0xffff * kChunkKeys) throw_invalid("rows", "must be in [0, 4194240]");
+  std::vector<std::uint32_t> offsets{0}, entries;
+  for (int b = 0; b * kBlockRows < rows; ++b) {
+    std::uint32_t warps = 0;  // the block's warps that hold rows
+    for (int w = 0; w < kWarps && b * kBlockRows + w * kWarpRows < rows; ++w) warps |= 1u << w;
+    const int end = std::min(rows, (b + 1) * kBlockRows);  // keys the block's last row sees
+    for (int chunk = 0; chunk * kChunkKeys < end; ++chunk)
+      entries.push_back(static_cast<std::uint32_t>(chunk) | warps << 16);
+    offsets.push_back(static_cast<std::uint32_t>(entries.size()));
+  }
+  upload(offsets, entries, stream, true);
+}
+
+// Stored plans outlive the stream they were made on, so only a call's own
+// plan is stream-ordered.
+void DeviceTilePlan::upload(const std::vector<std::uint32_t>& offsets, const std::vector<std::uint32_t>& entries,
+                            void* stream, bool stream_ordered) {
+  const auto buffer = [&](std::size_t bytes) {
+    return stream_ordered ? DeviceBuffer(bytes, stream) : DeviceBuffer(bytes);
+  };
+  offsets_ = buffer(offsets.size() * sizeof(std::uint32_t));
+  entries_ = buffer(entries.size() * sizeof(std::uint32_t));
   // Pageable sources: the copies have read them by the time they return.
   check_cuda(cudaMemcpyAsync(offsets_.data(), offsets.data(), offsets_.bytes(), cudaMemcpyHostToDevice, as_stream(stream)),
              "cudaMemcpyAsync");
@@ -521,7 +545,23 @@ void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, 
   KernelParams params = make_params(problem, rows);
   params.plan_offsets = plan.offsets();
   params.plan_entries = plan.entries();
-  params.plan_blocks = ceil_div(plan.rows(), kBlockRows);
+  params.plan_head_stride = ceil_div(plan.rows(), kBlockRows);
+  dispatch_sparse(problem, params, stream);
+}
+
+void dense_causal_attention(const DeviceProblem& problem, float* row_lse, void* stream) {
+  check_problem(problem);
+  if (!problem.causal) throw_invalid("problem", "the dense walk takes causal problems");
+  if (row_lse != nullptr && problem.query_offset != 0) throw_invalid("row_lse", "needs query_offset 0");
+  const int rows = problem.k.tokens;
+  if (rows == problem.query_offset) return;
+  const DeviceTilePlan plan(rows, stream);
+  KernelParams params = make_params(problem, rows);
+  params.plan_offsets = plan.offsets();
+  params.plan_entries = plan.entries();
+  params.plan_head_stride = 0;
+  params.row_lse = row_lse;
+  params.mass_prefix = rows;  // row_lse's head stride
   dispatch_sparse(problem, params, stream);
 }
 

@@ -93,6 +93,10 @@ class DeviceTilePlan {
   // kept.block must be a positive multiple of 64; rows is the number of
   // prefix rows the plan serves (<= kept.tiles * kept.block).
   DeviceTilePlan(const TileSet& kept, int rows, void* stream);
+  // One head's every causal chunk of rows [0, rows): the dense causal walk
+  // (dense_causal_attention), shared by all heads. A call's own: its memory
+  // is stream-ordered on `stream`.
+  DeviceTilePlan(int rows, void* stream);
   int heads() const { return heads_; }
   int rows() const { return rows_; }
   std::size_t bytes() const { return offsets_.bytes() + entries_.bytes(); }
@@ -100,6 +104,9 @@ class DeviceTilePlan {
   const std::uint32_t* entries() const { return static_cast<const std::uint32_t*>(entries_.data()); }
 
  private:
+  void upload(const std::vector<std::uint32_t>& offsets, const std::vector<std::uint32_t>& entries, void* stream,
+              bool stream_ordered);
+
   int heads_ = 0;
   int rows_ = 0;
   DeviceBuffer offsets_;
@@ -125,9 +132,18 @@ DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int 
 
 // Prefix rows [0, rows) of every head (rows <= plan.rows(); -1: all of the
 // plan's) over their kept key tiles only (clipped to each row's own keys).
-// Needs query_offset 0. With every tile kept it equals exact_attention bit
-// for bit.
+// Needs query_offset 0. With every tile kept it is exact attention (within
+// rounding of exact_attention: another kernel, on wgmma).
 void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, void* stream, int rows = -1);
+
+// Exact rows [query_offset, T) of a causal problem by the sparse kernel
+// walking every causal chunk: on an H200 1.05-1.14x cuDNN's time and half
+// exact_attention's (BENCHMARKS.md section 6), so a miss that cuDNN does not
+// take runs here. A row's bits do not depend on query_offset (an exact hit's
+// recomputed suffix equals the miss's). row_lse (device memory, may be null;
+// query_offset 0 only) gets each row's natural-log log-sum-exp, [heads, T],
+// as cudnn_attention writes it.
+void dense_causal_attention(const DeviceProblem& problem, float* row_lse, void* stream);
 
 // Throws std::invalid_argument naming the argument unless the kernels run
 // the problem: every view in memory of the current device, 16-byte aligned

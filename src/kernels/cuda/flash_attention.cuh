@@ -62,13 +62,16 @@ struct KernelParams {
   int prefix_length;
   float scale_log2;  // scale * log2(e)
   // Sparse walk (sparse_hopper.cuh only): entries of (head, block) are
-  // plan_entries[plan_offsets[head * plan_blocks + block] ..], each chunk | warp bits << 16,
+  // plan_entries[plan_offsets[head * plan_head_stride + block] ..], each chunk | warp bits << 16,
   // a bit per kWarpRows rows of the block's kBlockRows.
   const std::uint32_t* plan_offsets;
   const std::uint32_t* plan_entries;
-  int plan_blocks;  // row blocks per head in the plan (>= the grid's when fewer rows are served)
+  // Row blocks per head in the plan (>= the grid's when fewer rows are
+  // served); 0: one plan serves every head.
+  int plan_head_stride;
   // Tile mass (kMass only): mass_log[(head * mass_tiles + J) * mass_prefix + row],
-  // row_lse[head * mass_prefix + row], rows < mass_prefix.
+  // row_lse[head * mass_prefix + row], rows < mass_prefix (sparse_hopper.cuh
+  // writes row_lse too where it is not null, natural log).
   float* mass_log;
   float* row_lse;
   int mass_prefix;

@@ -31,19 +31,29 @@ bool cudnn_takes(const DeviceProblem& problem, bool row_lse) {
   return false;
 }
 
+// What cuDNN does not take: the sparse kernel's dense causal walk where it
+// runs the problem (half our FA2 kernel's time), else that kernel.
+bool dense_walk_takes(const DeviceProblem& problem) { return problem.causal; }
+
 }  // namespace
 
 void miss_attention(const DeviceProblem& problem, void* stream) {
-  if (!(cudnn_takes(problem, false) && cudnn_attention(problem, nullptr, stream))) exact_attention(problem, stream);
+  if (cudnn_takes(problem, false) && cudnn_attention(problem, nullptr, stream)) return;
+  if (dense_walk_takes(problem)) return dense_causal_attention(problem, nullptr, stream);
+  exact_attention(problem, stream);
 }
 
 DeviceTileMass miss_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream,
                                              int samples) {
   check_tile_mass_args(problem, prefix, block, samples);
-  if (cudnn_takes(problem, true)) {
-    const DeviceBuffer lse(static_cast<std::size_t>(problem.q.heads) * problem.k.tokens * sizeof(float), stream);
-    if (cudnn_attention(problem, static_cast<float*>(lse.data()), stream))
-      return capture_tile_mass(problem, static_cast<const float*>(lse.data()), prefix, block, samples, stream);
+  const DeviceBuffer lse(static_cast<std::size_t>(problem.q.heads) * problem.k.tokens * sizeof(float), stream);
+  auto capture = [&] {
+    return capture_tile_mass(problem, static_cast<const float*>(lse.data()), prefix, block, samples, stream);
+  };
+  if (cudnn_takes(problem, true) && cudnn_attention(problem, static_cast<float*>(lse.data()), stream)) return capture();
+  if (dense_walk_takes(problem)) {
+    dense_causal_attention(problem, static_cast<float*>(lse.data()), stream);
+    return capture();
   }
   return exact_attention_with_tile_mass(problem, prefix, block, stream);
 }

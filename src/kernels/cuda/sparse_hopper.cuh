@@ -243,14 +243,14 @@ __host__ __device__ constexpr int stages_of(int chunks) { return (chunks + kStag
 // lane 0 issues.
 template <int D>
 __device__ __forceinline__ void produce(const HopperRing<D>& ring, const SparseMaps& maps, const std::uint32_t* plan,
-                                        int count, int head, int kv, int row0) {
+                                        int count, int head, int kv, int q_row0) {
   constexpr unsigned kQBytes = HopperLayout<D>::kQBytes, kTileBytes = HopperLayout<D>::kTileBytes;
   static_assert(32 % kStageChunks == 0, "a batch of entries holds whole stages");
   const int lane = threadIdx.x & 31;
   if (lane == 0) {
     mbarrier_expect_bytes(ring.q_full(), kQBytes);
     for (int half = 0; half < D / 64; ++half)
-      tma_load_3d(ring.qs + half * kHopperRows * 128, maps.q, 64 * half, row0, head, ring.q_full());
+      tma_load_3d(ring.qs + half * kHopperRows * 128, maps.q, 64 * half, q_row0, head, ring.q_full());
   }
   std::uint32_t batch = 0;
   for (int stage = 0; stage < stages_of(count); ++stage) {
@@ -291,13 +291,14 @@ __device__ __forceinline__ void produce(const HopperRing<D>& ring, const SparseM
 // first).
 template <typename T, int D>
 __device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelParams& p, int count, int group,
-                                        int row0, float (&o)[D / 2], float (&l)[2]) {
+                                        int row0, float (&o)[D / 2], float (&l)[2], float (&m)[2]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int group_row0 = row0 + 64 * group;
   const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
   const int group_min_end = key_end(p, group_row0);
   const int first = group_row0 + (warp % 4) * 16 + (lane >> 2);
-  float m[2] = {-INFINITY, -INFINITY}, s[kStageKeys / 2], alpha[2];
+  float s[kStageKeys / 2], alpha[2];
+  m[0] = m[1] = -INFINITY;
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   l[0] = l[1] = 0.0f;
@@ -349,10 +350,12 @@ __device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelP
 }
 
 // The walk's outputs: o / l for this thread's rows g and g + 8 (rows that saw
-// no key get zeros).
+// no key get zeros; rows before query_offset, which q does not hold, none),
+// and where p.row_lse is set each row's log-sum-exp of its scaled scores
+// (natural log; m is the quad's running max in log2 units).
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(const KernelParams& p, int head, int first, const float (&o)[D / 2],
-                                           const float (&l)[2]) {
+                                           const float (&l)[2], const float (&m)[2]) {
   T* oh = static_cast<T*>(p.out) + head * p.out_head_stride;
   const int t = threadIdx.x & 3;
 #pragma unroll
@@ -360,8 +363,11 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, int head, int 
     const int row = first + 8 * i;
     const float sum = quad_sum(l[i]);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    if (row >= p.row_end) continue;
-    T* out = oh + row * p.out_token_stride + 2 * t;
+    if (row >= p.row_end || row < p.query_offset) continue;
+    if (p.row_lse != nullptr && t == 0)
+      p.row_lse[static_cast<std::int64_t>(head) * p.mass_prefix + row] =
+          sum > 0.0f ? (m[i] + __log2f(sum)) * 0.69314718055994530942f : -INFINITY;
+    T* out = oh + (row - p.query_offset) * p.out_token_stride + 2 * t;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
       *reinterpret_cast<std::uint32_t*>(out + dn * 8) = Mma<T>::pack(o[4 * dn + 2 * i] * inv, o[4 * dn + 2 * i + 1] * inv);
@@ -370,7 +376,10 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, int head, int 
 
 // The sparse walk over a plan (flash_attention.cuh's entry format: a chunk
 // and a bit per 32-row plan warp; consumer g holds plan warps 2g, 2g + 1).
-// query_offset is 0. Warpgroup 0 produces (its other warps leave at once,
+// Rows [query_offset, row_end): the grid starts at query_offset's block, q
+// and out hold rows from query_offset on (a block that straddles it loads
+// its earlier q rows as zeros and stores none of them), so a row gets the
+// same bits whichever query_offset it is computed under. Warpgroup 0 produces (its other warps leave at once,
 // their registers handed to the consumers); warpgroups 1 and 2 consume: no
 // block-wide barrier per chunk, so one consumer's softmax runs beside the
 // other's matrix products.
@@ -384,12 +393,12 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
                            static_cast<unsigned>(__cvta_generic_to_shared(barriers)), entries};
   const int head = blockIdx.y, kv = head / p.group;
   // Causal blocks further down the sequence have more keys: start them first.
-  const int block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int block = p.query_offset / kHopperRows + (p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   const int row0 = block * kHopperRows;
-  const std::uint32_t at0 = p.plan_offsets[head * p.plan_blocks + block];
+  const std::uint32_t at0 = p.plan_offsets[head * p.plan_head_stride + block];
   const std::uint32_t* plan = p.plan_entries + at0;
   // The entries below the block's last key: a prefix, chunks ascend.
-  int count = static_cast<int>(p.plan_offsets[head * p.plan_blocks + block + 1] - at0);
+  int count = static_cast<int>(p.plan_offsets[head * p.plan_head_stride + block + 1] - at0);
   const int block_end = key_end(p, min(row0 + kHopperRows, p.row_end) - 1);
   while (count > 0 && static_cast<int>(plan[count - 1] & 0xffffu) * kChunkKeys >= block_end) --count;
 
@@ -405,14 +414,14 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   const int warp = threadIdx.x >> 5;
   if (warp < 4) {
     release_registers<kProducerRegisters>();
-    if (warp == 0) produce<D>(ring, maps, plan, count, head, kv, row0);
+    if (warp == 0) produce<D>(ring, maps, plan, count, head, kv, row0 - p.query_offset);
     return;
   }
   claim_registers<kConsumerRegisters>();
   const int group = warp / 4 - 1;
-  float o[D / 2], l[2];
-  consume<T, D>(ring, p, count, group, row0, o, l);
-  store_rows<T, D>(p, head, row0 + 64 * group + (warp % 4) * 16 + ((threadIdx.x & 31) >> 2), o, l);
+  float o[D / 2], l[2], m[2];
+  consume<T, D>(ring, p, count, group, row0, o, l, m);
+  store_rows<T, D>(p, head, row0 + 64 * group + (warp % 4) * 16 + ((threadIdx.x & 31) >> 2), o, l, m);
 }
 
 }  // namespace attention_echo::kernels::cuda::detail
