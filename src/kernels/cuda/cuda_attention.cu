@@ -362,8 +362,8 @@ void launch_sparse(const DeviceProblem& problem, const KernelParams& params, cud
     return true;
   }();
   (void)configured;
-  const int blocks = ceil_div(params.row_end, kHopperRows) - params.query_offset / kHopperRows;
   if (params.row_end <= params.query_offset) return;
+  const int blocks = ceil_div(params.row_end, kHopperRows) - params.query_offset / kHopperRows;
   const SparseMaps maps{tile_map(problem.q, params.row_end - params.query_offset, kHopperRows),
                         tile_map(problem.k, problem.k.tokens, kChunkKeys),
                         tile_map(problem.v, problem.v.tokens, kChunkKeys)};

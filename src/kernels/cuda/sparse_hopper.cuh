@@ -379,10 +379,10 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, int head, int 
 // Rows [query_offset, row_end): the grid starts at query_offset's block, q
 // and out hold rows from query_offset on (a block that straddles it loads
 // its earlier q rows as zeros and stores none of them), so a row gets the
-// same bits whichever query_offset it is computed under. Warpgroup 0 produces (its other warps leave at once,
-// their registers handed to the consumers); warpgroups 1 and 2 consume: no
-// block-wide barrier per chunk, so one consumer's softmax runs beside the
-// other's matrix products.
+// same bits whichever query_offset it is computed under. Warpgroup 0
+// produces (its other warps leave at once, their registers handed to the
+// consumers); warpgroups 1 and 2 consume: no block-wide barrier per chunk,
+// so one consumer's softmax runs beside the other's matrix products.
 template <typename T, int D>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     sparse_hopper_kernel(const KernelParams p, const __grid_constant__ SparseMaps maps) {
