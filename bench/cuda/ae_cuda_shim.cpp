@@ -61,6 +61,14 @@ DeviceProblem problem(const void* q, std::int64_t q_hs, std::int64_t q_ts, const
   problem(q, q_hs, q_ts, k, v, kv_hs, kv_ts, out, o_hs, o_ts, bf16, heads, kv_heads, tokens, dim, causal, \
           prefix_length, query_offset, scale)
 
+// mass_out (device, may be null) receives the mass, [heads, tiles, tiles] float32.
+void copy_mass(const DeviceTileMass& mass, float* mass_out, void* stream) {
+  if (mass_out != nullptr && mass.mass.bytes() > 0 &&
+      cudaMemcpyAsync(mass_out, mass.mass.data(), mass.mass.bytes(), cudaMemcpyDeviceToDevice,
+                      static_cast<cudaStream_t>(stream)) != cudaSuccess)
+    throw std::runtime_error("cudaMemcpyAsync failed");
+}
+
 extern "C" {
 
 const char* ae_last_error() { return last_error.c_str(); }
@@ -73,10 +81,7 @@ int ae_attention(AE_PROBLEM_ARGS, void* stream) {
 int ae_attention_mass(AE_PROBLEM_ARGS, int prefix, int block, float* mass_out, void* stream) {
   return guarded([&] {
     const DeviceTileMass mass = exact_attention_with_tile_mass(AE_PROBLEM, prefix, block, stream);
-    if (mass_out != nullptr && mass.mass.bytes() > 0 &&
-        cudaMemcpyAsync(mass_out, mass.mass.data(), mass.mass.bytes(), cudaMemcpyDeviceToDevice,
-                        static_cast<cudaStream_t>(stream)) != cudaSuccess)
-      throw std::runtime_error("cudaMemcpyAsync failed");
+    copy_mass(mass, mass_out, stream);
   });
 }
 
@@ -96,16 +101,26 @@ int ae_capture_mass(AE_PROBLEM_ARGS, const float* row_lse, int prefix, int block
                     void* stream) {
   return guarded([&] {
     const DeviceTileMass mass = capture_tile_mass(AE_PROBLEM, row_lse, prefix, block, samples, stream);
-    if (mass_out != nullptr && mass.mass.bytes() > 0 &&
-        cudaMemcpyAsync(mass_out, mass.mass.data(), mass.mass.bytes(), cudaMemcpyDeviceToDevice,
-                        static_cast<cudaStream_t>(stream)) != cudaSuccess)
-      throw std::runtime_error("cudaMemcpyAsync failed");
+    copy_mass(mass, mass_out, stream);
   });
 }
 
 // The routed miss with tile mass (cuDNN + capture, or our fused kernel).
 int ae_miss_mass(AE_PROBLEM_ARGS, int prefix, int block, int samples, void* stream) {
   return guarded([&] { miss_attention_with_tile_mass(AE_PROBLEM, prefix, block, stream, samples); });
+}
+
+// The dense causal walk (dense_causal_attention); row_lse as in ae_cudnn_attention.
+int ae_walk(AE_PROBLEM_ARGS, float* row_lse, void* stream) {
+  return guarded([&] { dense_causal_attention(AE_PROBLEM, row_lse, stream); });
+}
+
+// The walk recording the exact tile mass in the same pass; mass_out as in ae_attention_mass.
+int ae_walk_mass(AE_PROBLEM_ARGS, int prefix, int block, float* mass_out, void* stream) {
+  return guarded([&] {
+    const DeviceTileMass mass = dense_causal_attention_with_tile_mass(AE_PROBLEM, prefix, block, stream);
+    copy_mass(mass, mass_out, stream);
+  });
 }
 
 // A kept set in TileSet's CSR form (host arrays) as a device plan; null on error.

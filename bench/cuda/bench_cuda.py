@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 H, HKV, D, BLOCK = 32, 8, 128, 128
 # The capture's sampled rows per tile, timed and checked: (block, samples...);
-# 64 is the cache's tile (EchoConfig.block_size), whose default takes 4.
+# 64 is the cache's default tile (EchoConfig.block_size); the capture takes 8.
 CAPTURE_SAMPLES = ((128, (16, 8)), (64, (8, 4)))
 PEAK = 790.0  # bf16 dense TFLOP/s measured on this H200 type (8192^3 matmul)
 
@@ -60,6 +60,8 @@ def load_shim(path):
     lib.ae_cudnn_attention.argtypes = problem + [p, p]
     lib.ae_capture_mass.argtypes = problem + [p, i32, i32, i32, p, p]
     lib.ae_miss_mass.argtypes = problem + [i32, i32, i32, p]
+    lib.ae_walk.argtypes = problem + [p, p]
+    lib.ae_walk_mass.argtypes = problem + [i32, i32, p, p]
     return lib
 
 
@@ -300,6 +302,20 @@ def main():
                     cudnn_again, ms = interleaved_ms([cudnn, routed], reps)
                     record(T, f"cudnn miss + capture {samples}/{block}", ms, overhead=ms / cudnn_again - 1,
                            vs_ours_mass=ms / miss, cudnn_ms=cudnn_again)
+        # The dense walk (what a miss runs before its shape earns cuDNN) and
+        # the walk recording the exact tile mass in the same pass, in turns.
+        walk = lambda: check(lib, lib.ae_walk(*base, None, stream()))
+        walk()
+        torch.cuda.synchronize()
+        walk_err = ((out.float() - ref).norm() / ref.norm()).item()
+        for block in (64, 128):
+            walk_mass = lambda: check(lib, lib.ae_walk_mass(*base, T, block, None, stream()))
+            walk_ms, ms = interleaved_ms([walk, walk_mass], reps)
+            if block == 64:
+                record(T, "walk miss", walk_ms, rel_err=walk_err,
+                       **({"of_cudnn_miss": walk_ms / cudnn_ms} if cudnn_version else {}))
+            record(T, f"walk miss + exact mass b{block}", ms, overhead=ms / walk_ms - 1,
+                   **({"of_cudnn_miss": ms / cudnn_ms} if cudnn_version else {}))
         del ref
         if args.capture_only:
             del q, k, v, out

@@ -182,6 +182,14 @@ inline std::vector<double> reference_mass(const Problem& p, int prefix, int bloc
   return mass;
 }
 
+// The largest absolute difference; infinite where the sizes differ.
+inline double worst_difference(const std::vector<float>& got, const std::vector<double>& want) {
+  double worst = got.size() == want.size() ? 0.0 : INFINITY;
+  for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i)
+    worst = std::max(worst, std::abs(got[i] - want[i]));
+  return worst;
+}
+
 // ||out - ref|| / ||ref|| over the given rows (positions) of every head;
 // fails on any non-finite output.
 inline double relative_error(const Problem& p, const std::vector<float>& out, const std::vector<int>& rows,

@@ -186,6 +186,36 @@ TEST_F(CudaAttention, DenseCausalWalkMatchesReferenceWithRowLse) {
   EXPECT_THROW(dense_causal_attention(p.device(), nullptr, nullptr), std::invalid_argument);
 }
 
+// The walk's tile mass, recorded per 64-key chunk in the same pass, against
+// float64 over every row (not sampled), for both tile sizes, a prefix block
+// shorter than T and ragged T; the output bits are the plain walk's.
+TEST_F(CudaAttention, DenseCausalWalkRecordsTheExactTileMass) {
+  struct MassCase {
+    Case c;
+    int prefix, block;
+  };
+  Case hot{4, 2, 600, 128, DType::kBF16};
+  hot.mean = 8.0f;
+  hot.sigma = 2.0f;
+  const std::vector<MassCase> cases{{{8, 2, 1000, 128, DType::kBF16}, 1000, 64},
+                                    {{8, 2, 1000, 128, DType::kBF16}, 777, 128},
+                                    {{4, 4, 333, 64, DType::kF16}, 300, 64},
+                                    {{4, 1, 70, 64, DType::kF16}, 70, 128},
+                                    {hot, 600, 64}};
+  for (const MassCase& m : cases) {
+    Problem p(m.c, 90 + m.prefix);
+    dense_causal_attention(p.device(), nullptr, nullptr);
+    ok(cudaDeviceSynchronize());
+    const std::vector<std::uint16_t> plain = p.out.download_bits();
+    p.out.poison();
+    const TileMass mass = dense_causal_attention_with_tile_mass(p.device(), m.prefix, m.block, nullptr).to_host(nullptr);
+    EXPECT_EQ(p.out.download_bits(), plain) << "T = " << m.c.tokens;
+    ASSERT_EQ(mass.tiles, (m.prefix + m.block - 1) / m.block);
+    EXPECT_LT(worst_difference(mass.mass, reference_mass(p, m.prefix, m.block)), 1e-4)
+        << "T = " << m.c.tokens << ", prefix " << m.prefix << ", block " << m.block;
+  }
+}
+
 // Rows computed from a query_offset (an exact hit's suffix) get the bits the
 // same rows get in the whole walk (the miss), also where the offset falls
 // inside a block; the rows before it are left alone.
@@ -363,6 +393,8 @@ TEST_F(CudaAttention, BadArgumentsNameTheArgument) {
   expect_invalid([&] { exact_attention(broadcast, nullptr); }, "key");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 200, 32, nullptr); }, "block");
   expect_invalid([&] { exact_attention_with_tile_mass(p.device(), 301, 64, nullptr); }, "prefix");
+  expect_invalid([&] { dense_causal_attention_with_tile_mass(p.device(), 200, 96, nullptr); }, "block");
+  expect_invalid([&] { dense_causal_attention_with_tile_mass(p.device(), 301, 64, nullptr); }, "prefix");
   expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 32), 100, nullptr); }, "kept");
   expect_invalid([&] { DeviceTilePlan(all_causal_tiles(2, 4, 64), 300, nullptr); }, "rows");
 }

@@ -133,13 +133,6 @@ TEST_F(Cudnn, RowLseIsTheNaturalLogSumExp) {
   EXPECT_LT(worst, 1e-3);
 }
 
-double worst_difference(const std::vector<float>& got, const std::vector<double>& want) {
-  double worst = got.size() == want.size() ? 0.0 : INFINITY;
-  for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i)
-    worst = std::max(worst, std::abs(got[i] - want[i]));
-  return worst;
-}
-
 // Our kernel's row LSE is not exposed: the capture's LSE comes from cuDNN
 // where it runs, else from a float64 host computation uploaded.
 DeviceBuffer row_lse(Problem& p) {

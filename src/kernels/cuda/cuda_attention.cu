@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
     const float l = quad_sum(st.l[r]);
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that saw no key gets zeros
     if constexpr (kMass) {
-      if (t == 0 && row < p.mass_prefix) p.row_lse[head * p.mass_prefix + row] = st.m_ref[r] + __log2f(l);
+      if (t == 0 && row < p.mass_prefix)
+        p.row_lse[head * p.mass_prefix + row] = (st.m_ref[r] + __log2f(l)) * 0.69314718055994530942f;
     }
     if (row >= p.row_end) continue;
     T* out = oh + (row - p.query_offset) * p.out_token_stride + 2 * t;
@@ -162,20 +163,30 @@ __global__ void __launch_bounds__(kThreads, kWarpTiles) attention_kernel(KernelP
   }
 }
 
-// mass[(h * tiles + I) * tiles + J]: the mean over query tile I's rows of
-// 2^(L[h][J][row] - lse[h][row]), over the tiles a row sees. One block per
-// (I, h), a warp per J, lanes over rows.
-__global__ void tile_mass_kernel(const float* mass_log, const float* row_lse, float* mass, int prefix, int block,
-                                 int tiles, int causal) {
+// mass[(h * tiles + I) * tiles + J]: the mean over query tile I's rows
+// (those below prefix) of the sum over J's log2 partials L of 2^(L - lse),
+// lse the row's log-sum-exp (row_lse holds it in natural log), over the
+// tiles a row sees. The partials are per `parts` keys (block: one per tile, the mma.sync
+// kernel's; 64: one per chunk, the dense walk's), entries of them per head,
+// rows `stride` apart in mass_log and row_lse. One block per (I, h), a warp
+// per J, lanes over rows.
+__global__ void tile_mass_kernel(const float* mass_log, const float* row_lse, float* mass, int prefix, int stride,
+                                 int block, int tiles, int parts, int entries, int causal) {
   const int tile = blockIdx.x, head = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int first = tile * block, last = min(first + block, prefix);
   for (int j = warp; j < tiles; j += kWarps) {
     float sum = 0.0f;
-    for (int r = first + lane; r < last; r += 32)
-      if (!causal || j * block <= r)
-        sum += exp2f(mass_log[(static_cast<std::int64_t>(head) * tiles + j) * prefix + r] -
-                     row_lse[static_cast<std::int64_t>(head) * prefix + r]);
+    if (causal && j > tile) {  // above the diagonal: no row sees it
+      if (lane == 0) mass[(static_cast<std::int64_t>(head) * tiles + tile) * tiles + j] = 0.0f;
+      continue;
+    }
+    for (int r = first + lane; r < last; r += 32) {
+      const float lse = row_lse[static_cast<std::int64_t>(head) * stride + r] * 1.44269504088896340736f;
+      for (int e = j * block / parts; e < min((j + 1) * block / parts, entries); ++e)
+        if (!causal || e * parts <= r)
+          sum += exp2f(mass_log[(static_cast<std::int64_t>(head) * entries + e) * stride + r] - lse);
+    }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) mass[(static_cast<std::int64_t>(head) * tiles + tile) * tiles + j] = sum / (last - first);
   }
@@ -353,11 +364,12 @@ void dispatch(const DeviceProblem& p, const KernelParams& params, void* stream) 
     bf16 ? launch<__nv_bfloat16, 64, kMass>(params, p.q.heads, s) : launch<__half, 64, kMass>(params, p.q.heads, s);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kMass>
 void launch_sparse(const DeviceProblem& problem, const KernelParams& params, cudaStream_t stream) {
   constexpr int kSmem = HopperLayout<D>::kBytes;
   static const bool configured = [] {
-    check_cuda(cudaFuncSetAttribute(sparse_hopper_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+    check_cuda(cudaFuncSetAttribute(sparse_hopper_kernel<T, D, kMass>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kSmem),
                "cudaFuncSetAttribute");
     return true;
   }();
@@ -367,17 +379,21 @@ void launch_sparse(const DeviceProblem& problem, const KernelParams& params, cud
   const SparseMaps maps{tile_map(problem.q, params.row_end - params.query_offset, kHopperRows),
                         tile_map(problem.k, problem.k.tokens, kChunkKeys),
                         tile_map(problem.v, problem.v.tokens, kChunkKeys)};
-  sparse_hopper_kernel<T, D><<<dim3(blocks, problem.q.heads), kHopperThreads, kSmem, stream>>>(params, maps);
+  sparse_hopper_kernel<T, D, kMass><<<dim3(blocks, problem.q.heads), kHopperThreads, kSmem, stream>>>(params, maps);
   check_cuda(cudaGetLastError(), "sparse attention kernel launch");
 }
 
+// The sparse kernel for p's dtype and head dim; kMass: recording the tile
+// mass (params.mass_log set), a separate instantiation so the sparse hit and
+// the plain walk carry none of it.
+template <bool kMass>
 void dispatch_sparse(const DeviceProblem& p, const KernelParams& params, void* stream) {
   const bool bf16 = p.q.dtype == DType::kBF16;
   const auto s = as_stream(stream);
   if (p.q.dim == 128)
-    bf16 ? launch_sparse<__nv_bfloat16, 128>(p, params, s) : launch_sparse<__half, 128>(p, params, s);
+    bf16 ? launch_sparse<__nv_bfloat16, 128, kMass>(p, params, s) : launch_sparse<__half, 128, kMass>(p, params, s);
   else
-    bf16 ? launch_sparse<__nv_bfloat16, 64>(p, params, s) : launch_sparse<__half, 64>(p, params, s);
+    bf16 ? launch_sparse<__nv_bfloat16, 64, kMass>(p, params, s) : launch_sparse<__half, 64, kMass>(p, params, s);
 }
 
 void check_block(int block) {
@@ -500,6 +516,19 @@ TileSet select_tiles(const DeviceTileMass& mass, double keep_mass, void* stream)
   return kept;
 }
 
+namespace {
+
+// The tile mass from the partials and row log-sum-exps a kernel recorded
+// under params (mass_* and row_lse).
+void reduce_tile_mass(const KernelParams& params, int prefix, int block, DeviceTileMass& result, void* stream) {
+  tile_mass_kernel<<<dim3(result.tiles, result.heads), kThreads, 0, as_stream(stream)>>>(
+      params.mass_log, params.row_lse, static_cast<float*>(result.mass.data()), prefix, params.mass_prefix, block,
+      result.tiles, params.mass_block, params.mass_tiles, params.causal);
+  check_cuda(cudaGetLastError(), "tile mass kernel launch");
+}
+
+}  // namespace
+
 // --- entry points ---
 
 void exact_attention(const DeviceProblem& problem, void* stream) {
@@ -530,9 +559,7 @@ DeviceTileMass exact_attention_with_tile_mass(const DeviceProblem& problem, int 
   params.mass_block = block;
   params.mass_tiles = tiles;
   dispatch<true>(problem, params, stream);
-  tile_mass_kernel<<<dim3(tiles, heads), kThreads, 0, as_stream(stream)>>>(
-      params.mass_log, params.row_lse, static_cast<float*>(result.mass.data()), prefix, block, tiles, params.causal);
-  check_cuda(cudaGetLastError(), "tile mass kernel launch");
+  reduce_tile_mass(params, prefix, block, result, stream);
   return result;
 }
 
@@ -546,23 +573,61 @@ void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, 
   params.plan_offsets = plan.offsets();
   params.plan_entries = plan.entries();
   params.plan_head_stride = ceil_div(plan.rows(), kBlockRows);
-  dispatch_sparse(problem, params, stream);
+  dispatch_sparse<false>(problem, params, stream);
 }
+
+namespace {
+
+// The dense walk's parameters: rows [query_offset, T) over `plan`, every
+// causal chunk of one head, shared by all heads.
+KernelParams dense_walk_params(const DeviceProblem& problem, const DeviceTilePlan& plan) {
+  KernelParams params = make_params(problem, problem.k.tokens);
+  params.plan_offsets = plan.offsets();
+  params.plan_entries = plan.entries();
+  params.plan_head_stride = 0;
+  params.mass_prefix = problem.k.tokens;  // row stride of row_lse and mass_log
+  return params;
+}
+
+}  // namespace
 
 void dense_causal_attention(const DeviceProblem& problem, float* row_lse, void* stream) {
   check_problem(problem);
   if (!problem.causal) throw_invalid("problem", "the dense walk takes causal problems");
   if (row_lse != nullptr && problem.query_offset != 0) throw_invalid("row_lse", "needs query_offset 0");
-  const int rows = problem.k.tokens;
-  if (rows == problem.query_offset) return;
-  const DeviceTilePlan plan(rows, stream);
-  KernelParams params = make_params(problem, rows);
-  params.plan_offsets = plan.offsets();
-  params.plan_entries = plan.entries();
-  params.plan_head_stride = 0;
+  if (problem.k.tokens == problem.query_offset) return;
+  const DeviceTilePlan plan(problem.k.tokens, stream);
+  KernelParams params = dense_walk_params(problem, plan);
   params.row_lse = row_lse;
-  params.mass_prefix = rows;  // row_lse's head stride
-  dispatch_sparse(problem, params, stream);
+  dispatch_sparse<false>(problem, params, stream);
+}
+
+DeviceTileMass dense_causal_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block,
+                                                    void* stream) {
+  check_problem(problem);
+  check_block(block);
+  if (!problem.causal) throw_invalid("problem", "the dense walk takes causal problems");
+  if (problem.query_offset != 0) throw_invalid("problem", "query_offset must be 0 to record tile mass");
+  const int rows = problem.k.tokens, heads = problem.q.heads, tiles = ceil_div(prefix, block);
+  if (prefix < 0 || prefix > rows) throw_invalid("prefix", "must be in [0, T]");
+  DeviceTileMass result{block, tiles, heads,
+                        DeviceBuffer(static_cast<std::size_t>(heads) * tiles * tiles * sizeof(float), stream)};
+  if (prefix == 0) {
+    dense_causal_attention(problem, nullptr, stream);
+    return result;
+  }
+  const int chunks = ceil_div(prefix, kChunkKeys);
+  const DeviceBuffer log(static_cast<std::size_t>(heads) * chunks * rows * sizeof(float), stream);
+  const DeviceBuffer lse(static_cast<std::size_t>(heads) * rows * sizeof(float), stream);
+  const DeviceTilePlan plan(rows, stream);
+  KernelParams params = dense_walk_params(problem, plan);
+  params.row_lse = static_cast<float*>(lse.data());
+  params.mass_log = static_cast<float*>(log.data());
+  params.mass_block = kChunkKeys;
+  params.mass_tiles = chunks;
+  dispatch_sparse<true>(problem, params, stream);
+  reduce_tile_mass(params, prefix, block, result, stream);
+  return result;
 }
 
 void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, void* stream) {

@@ -145,6 +145,15 @@ void sparse_attention(const DeviceProblem& problem, const DeviceTilePlan& plan, 
 // as cudnn_attention writes it.
 void dense_causal_attention(const DeviceProblem& problem, float* row_lse, void* stream);
 
+// dense_causal_attention's rows [0, T) (the same bits) plus the exact tile
+// mass of the prefix block [0, prefix) in tiles of `block` tokens (a
+// positive multiple of 64), recorded in the same pass: each row's sum of p
+// over every 64-key chunk, then a small kernel against the rows'
+// log-sum-exp. On an H200 it costs less than sampling 8 rows of every
+// 64-token tile after the miss (BENCHMARKS.md section 6). Needs query_offset 0.
+DeviceTileMass dense_causal_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block,
+                                                    void* stream);
+
 // Throws std::invalid_argument naming the argument unless the kernels run
 // the problem: every view in memory of the current device, 16-byte aligned
 // with strides of 8 elements, one dtype (float16 or bfloat16), head dim 64 or

@@ -69,9 +69,10 @@ struct KernelParams {
   // Row blocks per head in the plan (>= the grid's when fewer rows are
   // served); 0: one plan serves every head.
   int plan_head_stride;
-  // Tile mass (kMass only): mass_log[(head * mass_tiles + J) * mass_prefix + row],
-  // row_lse[head * mass_prefix + row], rows < mass_prefix (sparse_hopper.cuh
-  // writes row_lse too where it is not null, natural log).
+  // Tile mass (kMass; sparse_hopper.cuh where mass_log is set, with
+  // mass_block 64): mass_log[(head * mass_tiles + J) * mass_prefix + row],
+  // row_lse[head * mass_prefix + row] (natural log), rows < mass_prefix.
+  // sparse_hopper.cuh writes row_lse wherever it is not null.
   float* mass_log;
   float* row_lse;
   int mass_prefix;

@@ -46,15 +46,13 @@ void miss_attention(const DeviceProblem& problem, void* stream) {
 DeviceTileMass miss_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream,
                                              int samples) {
   check_tile_mass_args(problem, prefix, block, samples);
-  const DeviceBuffer lse(static_cast<std::size_t>(problem.q.heads) * problem.k.tokens * sizeof(float), stream);
-  auto capture = [&] {
-    return capture_tile_mass(problem, static_cast<const float*>(lse.data()), prefix, block, samples, stream);
-  };
-  if (cudnn_takes(problem, true) && cudnn_attention(problem, static_cast<float*>(lse.data()), stream)) return capture();
-  if (dense_walk_takes(problem)) {
-    dense_causal_attention(problem, static_cast<float*>(lse.data()), stream);
-    return capture();
+  if (cudnn_takes(problem, true)) {
+    const DeviceBuffer lse(static_cast<std::size_t>(problem.q.heads) * problem.k.tokens * sizeof(float), stream);
+    const auto row_lse = static_cast<float*>(lse.data());
+    if (cudnn_attention(problem, row_lse, stream))
+      return capture_tile_mass(problem, row_lse, prefix, block, samples, stream);
   }
+  if (dense_walk_takes(problem)) return dense_causal_attention_with_tile_mass(problem, prefix, block, stream);
   return exact_attention_with_tile_mass(problem, prefix, block, stream);
 }
 

@@ -28,10 +28,10 @@ inline constexpr double kCudnnBuildWork = 300.0 * 32 * 16384.0 * 16384.0 * 128;
 void miss_attention(const DeviceProblem& problem, void* stream);
 
 // Rows [0, T) plus the tile mass of the prefix block (as
-// exact_attention_with_tile_mass): on cuDNN and the dense walk, which give
-// each row's log-sum-exp, the mass is captured by a second kernel from
-// `samples` rows per tile (tile_mass_capture.hpp); on our FA2 kernel it is
-// recorded exactly in the same pass.
+// exact_attention_with_tile_mass): after cuDNN, which gives each row's
+// log-sum-exp, the mass is captured by a second kernel from `samples` rows
+// per tile (tile_mass_capture.hpp); the dense walk and our FA2 kernel record
+// it exactly in the same pass.
 DeviceTileMass miss_attention_with_tile_mass(const DeviceProblem& problem, int prefix, int block, void* stream,
                                              int samples = kMassSamples);
 

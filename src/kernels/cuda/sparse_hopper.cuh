@@ -111,18 +111,51 @@ __device__ __forceinline__ unsigned swizzle128(int rows, int r, int c) {
   return (c >> 6) * rows * 128 + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2;
 }
 
+// Tile mass (kMass: the dense walk's miss with mass): the log2 partial
+// L = ref + log2(sum of p over the chunk's keys) of each kept chunk below
+// p.mass_tiles, per row, at mass_log[(head * mass_tiles + chunk) *
+// mass_prefix + row] (flash_attention.cuh's format with 64-key tiles). ref
+// is the row's running max after this stage, the one the chunk's p are
+// relative to, so L is exact when written: no later rescale. sum[i][c] is
+// this thread's part of row g + 8i's sum over chunk c; the quad's four
+// lanes reduce the four (row, chunk) sums in three shuffles, each lane
+// ending with one whole sum to store (lane t: row t & 1, chunk t >> 1).
+// One lane storing all four after four quad sums cost +31-44% over the walk
+// where this (with the reduction skipping tiles above the diagonal) costs
+// +15-20% (H200, BENCHMARKS.md section 6).
+__device__ __forceinline__ void record_stage_mass(const KernelParams& p, int head, int first, const float (&ref)[2],
+                                                  const float (&sum)[2][kStageChunks],
+                                                  const int (&chunk_begin)[kStageChunks],
+                                                  const bool (&kept)[kStageChunks]) {
+  static_assert(kStageChunks == 2, "four (row, chunk) sums over a quad's four lanes");
+  const int t = threadIdx.x & 3, i = t & 1, c = t >> 1;
+  // Lanes t and t ^ 1 hold parts (other keys) of the same four sums: keep row i's.
+  const float mine0 = i ? sum[1][0] : sum[0][0], theirs0 = i ? sum[0][0] : sum[1][0];
+  const float mine1 = i ? sum[1][1] : sum[0][1], theirs1 = i ? sum[0][1] : sum[1][1];
+  const float row0 = mine0 + __shfl_xor_sync(0xffffffffu, theirs0, 1);
+  const float row1 = mine1 + __shfl_xor_sync(0xffffffffu, theirs1, 1);
+  // Lanes t and t ^ 2: keep chunk c.
+  const float total = (c ? row1 : row0) + __shfl_xor_sync(0xffffffffu, c ? row0 : row1, 2);
+  const int chunk = (c ? chunk_begin[1] : chunk_begin[0]) / kChunkKeys, row = first + 8 * i;
+  if ((c ? kept[1] : kept[0]) && chunk < p.mass_tiles && row < p.row_end)
+    p.mass_log[(static_cast<std::int64_t>(head) * p.mass_tiles + chunk) * p.mass_prefix + row] =
+        (i ? ref[1] : ref[0]) + __log2f(total);
+}
+
 // One warpgroup's online-softmax step over one stage's scores s (m64n128
 // accumulators: s[4n + 2i + e] is row g + 8i, key 8n + 2t + e, of plan
 // chunk n / 8 of the stage): masks keys at or past each row's end (in the
 // chunks `mask` names) and every key of a chunk the row's plan warp does
 // not keep, rescales l, leaves probabilities in s and the factor o is to be
-// rescaled by in alpha.
+// rescaled by in alpha, and with kMass records the tile mass.
+template <bool kMass>
 __device__ __forceinline__ void hopper_softmax(float (&s)[kStageKeys / 2], float (&alpha)[2], float (&m)[2],
-                                              float (&l)[2], const KernelParams& p,
+                                              float (&l)[2], const KernelParams& p, int head,
                                               const int (&chunk_begin)[kStageChunks],
                                               const bool (&mask)[kStageChunks], int first,
                                               const bool (&kept)[kStageChunks]) {
   const int t = threadIdx.x & 3;
+  float ref[2], sum[2][kStageChunks] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row_end = key_end(p, first + 8 * i);
@@ -138,20 +171,20 @@ __device__ __forceinline__ void hopper_softmax(float (&s)[kStageKeys / 2], float
       }
     }
     mx = fmaxf(m[i], quad_max(mx) * p.scale_log2);
-    const float ref = mx == -INFINITY ? 0.0f : mx;
-    alpha[i] = fast_exp2(m[i] - ref);  // 0 while the row had seen no key (m = -inf)
+    ref[i] = mx == -INFINITY ? 0.0f : mx;
+    alpha[i] = fast_exp2(m[i] - ref[i]);  // 0 while the row had seen no key (m = -inf)
     m[i] = mx;
-    float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < kStageKeys / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[4 * n + 2 * i + e];
-        x = fast_exp2(fmaf(x, p.scale_log2, -ref));
-        sum += x;
+        x = fast_exp2(fmaf(x, p.scale_log2, -ref[i]));
+        sum[i][n / 8] += x;
       }
-    l[i] = l[i] * alpha[i] + sum;
+    l[i] = l[i] * alpha[i] + (sum[i][0] + sum[i][1]);
   }
+  if constexpr (kMass) record_stage_mass(p, head, first, ref, sum, chunk_begin, kept);
 }
 
 template <int D>
@@ -289,9 +322,9 @@ __device__ __forceinline__ void produce(const HopperRing<D>& ring, const SparseM
 // branch ptxas cannot prove uniform is serialised, which costs more than the
 // chunks one warpgroup alone keeps (the block's last causal chunk, for the
 // first).
-template <typename T, int D>
-__device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelParams& p, int count, int group,
-                                        int row0, float (&o)[D / 2], float (&l)[2], float (&m)[2]) {
+template <typename T, int D, bool kMass>
+__device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelParams& p, int head, int count,
+                                        int group, int row0, float (&o)[D / 2], float (&l)[2], float (&m)[2]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int group_row0 = row0 + 64 * group;
   const std::uint32_t row_bit = 1u << (16 + 2 * group + (warp % 4) / 2);
@@ -317,7 +350,7 @@ __device__ __forceinline__ void consume(const HopperRing<D>& ring, const KernelP
       kept[j] = (e & row_bit) != 0;
       mask[j] = begin[j] + kChunkKeys > group_min_end || !kept[j];
     }
-    hopper_softmax(s, alpha, m, l, p, begin, mask, first, kept);
+    hopper_softmax<kMass>(s, alpha, m, l, p, head, begin, mask, first, kept);
   };
   mbarrier_wait(ring.full(0), 0);
   hopper_scores<T, D>(s, q, ring.ks(0));
@@ -383,7 +416,7 @@ __device__ __forceinline__ void store_rows(const KernelParams& p, int head, int 
 // produces (its other warps leave at once, their registers handed to the
 // consumers); warpgroups 1 and 2 consume: no block-wide barrier per chunk,
 // so one consumer's softmax runs beside the other's matrix products.
-template <typename T, int D>
+template <typename T, int D, bool kMass>
 __global__ void __launch_bounds__(kHopperThreads, 1)
     sparse_hopper_kernel(const KernelParams p, const __grid_constant__ SparseMaps maps) {
   extern __shared__ unsigned char smem[];
@@ -420,7 +453,7 @@ __global__ void __launch_bounds__(kHopperThreads, 1)
   claim_registers<kConsumerRegisters>();
   const int group = warp / 4 - 1;
   float o[D / 2], l[2], m[2];
-  consume<T, D>(ring, p, count, group, row0, o, l, m);
+  consume<T, D, kMass>(ring, p, head, count, group, row0, o, l, m);
   store_rows<T, D>(p, head, row0 + 64 * group + (warp % 4) * 16 + ((threadIdx.x & 31) >> 2), o, l, m);
 }
 

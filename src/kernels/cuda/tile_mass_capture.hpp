@@ -1,5 +1,6 @@
-// The tile mass of a miss whose attention ran elsewhere (cuDNN records no
-// mass), from the rows' log-sum-exp: mass(I, J) is the mean over query tile
+// The tile mass of a miss whose attention ran on cuDNN (which records no
+// mass; our kernels record it exactly in the same pass), from the rows'
+// log-sum-exp: mass(I, J) is the mean over query tile
 // I's rows of sum over J's keys the row sees of exp(scale q.k - lse). One
 // pass of Q K^T over every row costs more than cuDNN's whole miss (1.3-1.5x
 // on an H200), so by default only kMassSamples rows of every tile (evenly
