@@ -69,8 +69,8 @@ struct KernelParams {
   // Row blocks per head in the plan (>= the grid's when fewer rows are
   // served); 0: one plan serves every head.
   int plan_head_stride;
-  // Tile mass (kMass; sparse_hopper.cuh where mass_log is set, with
-  // mass_block 64): mass_log[(head * mass_tiles + J) * mass_prefix + row],
+  // Tile mass (kMass here and in sparse_hopper.cuh, whose tiles are its
+  // 64-key chunks): mass_log[(head * mass_tiles + J) * mass_prefix + row],
   // row_lse[head * mass_prefix + row] (natural log), rows < mass_prefix.
   // sparse_hopper.cuh writes row_lse wherever it is not null.
   float* mass_log;
