@@ -124,7 +124,7 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   llama::KVState kv;
   llama::ForwardResult result;
   const serving::BlendConfig all{.enabled = true, .recompute_ratio = 1.0, .max_error = INFINITY};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, result);
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, INFINITY, result);
   ASSERT_TRUE(out.blended);
   EXPECT_EQ(out.reused, 0);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
@@ -139,10 +139,14 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   const auto alignment = serving::align_tokens(request, donor.tokens);
   llama::KVState kv;
   llama::ForwardResult result;
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, {.enabled = true}, result);
+  const serving::BlendConfig config{.enabled = true};
+  const auto out =
+      serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, config.max_error, result);
   ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
   EXPECT_GT(out.reused, 400);
-  EXPECT_LE(out.estimated_error, serving::BlendConfig{}.max_error);
+  EXPECT_LE(out.deviation, config.max_error);
+  EXPECT_EQ(out.estimated_error, serving::guard_estimate(out.deviation, result.logits, model().config().vocab_size));
+  EXPECT_LE(out.estimated_error, config.max_error);
   const auto exact = last_logits(engine, request);
   EXPECT_EQ(argmax(result.logits), argmax(exact));
   EXPECT_EQ(kv.length, static_cast<int>(request.size()));
@@ -162,7 +166,8 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
     llama::KVState kv;
     llama::ForwardResult result;
     const serving::BlendConfig config{.enabled = true, .top1_sigmas = sigmas};
-    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, result);
+    const auto out =
+        serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, config.max_error, result);
     return std::make_pair(out, result.logits);
   };
   const auto [strict, logits] = blend(1e9);
@@ -172,6 +177,27 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   EXPECT_EQ(strict.refused_logits.size(), logits.size());  // what it would have served, to be measured
   EXPECT_LE(max_abs_diff(logits, last_logits(engine, request)), 1e-4);
   EXPECT_TRUE(blend(0.0).first.blended);
+}
+
+// The estimate is the deviation weighed by the next-token entropy: the
+// larger of the last guard row's and the guard rows' mean.
+TEST(KVBlend, TheEstimateWeighsTheDeviationByNextTokenEntropy) {
+  constexpr int V = 8;
+  const std::vector<float> uniform(V, 0.0f);
+  std::vector<float> certain(V, -100.0f);
+  certain[3] = 100.0f;
+  EXPECT_NEAR(serving::guard_estimate(0.1, uniform, V), 0.1 * std::sqrt(std::log(double(V))), 1e-12);
+  EXPECT_LT(serving::guard_estimate(0.1, certain, V), 1e-12);
+  std::vector<float> rows = uniform;  // an uncertain row, then a certain last one: the mean counts
+  rows.insert(rows.end(), certain.begin(), certain.end());
+  EXPECT_NEAR(serving::guard_estimate(0.1, rows, V), 0.1 * std::sqrt(std::log(double(V)) / 2), 1e-9);
+  std::vector<float> last_uncertain = certain;  // the last row's counts where it is larger
+  last_uncertain.insert(last_uncertain.end(), uniform.begin(), uniform.end());
+  EXPECT_NEAR(serving::guard_estimate(0.1, last_uncertain, V), 0.1 * std::sqrt(std::log(double(V))), 1e-9);
+  EXPECT_THROW(serving::guard_estimate(0.1, std::vector<float>(V + 1, 0.0f), V), std::invalid_argument);
+  EXPECT_NEAR(serving::next_token_kl(uniform, uniform), 0.0, 1e-12);
+  EXPECT_NEAR(serving::next_token_kl(certain, uniform), std::log(double(V)), 1e-9);
+  EXPECT_THROW(serving::next_token_kl(uniform, rows), std::invalid_argument);
 }
 
 TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
@@ -195,11 +221,11 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   // deep layers' probes, with and without recent rows recomputed): a guard
   // at half of that must refuse the donor.
   const serving::BlendConfig guard{.enabled = true, .max_error = 0.1};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, result);
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, guard.max_error, result);
   EXPECT_FALSE(out.blended);
   EXPECT_GT(out.stopped_at_layer, 1);  // its layer-1 deviation is small: the deep layers' probes refuse it
   EXPECT_EQ(out.refused_logits.size(), result.logits.size());  // finished anyway, to be measured
-  EXPECT_GT(out.estimated_error, guard.max_error);
+  EXPECT_GT(out.deviation, guard.max_error);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
 }
 
@@ -475,8 +501,9 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
 
 // A blend's K/V reused as a prefix is held to the blend's rules: the rows
 // just before the prompt's last are computed, the namespace's guard now
-// must pass the blend's estimate, and a near tie at the head is computed
-// again from the exact prefix, and measured.
+// must pass the blend's deviation under this prompt's guard rows, and a
+// near tie at the head is computed again from the exact prefix, and
+// measured.
 // And it is taken only where it saves a blend's worth of rows.
 TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
   ae::ThreadPool pool(2);
@@ -525,16 +552,16 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
     EXPECT_FALSE(plan.report.reused_exact);
     EXPECT_FALSE(plan.report.blend_calibration);
     EXPECT_EQ(plan.report.reused, T - 1 - recent);
-    EXPECT_EQ(plan.report.estimated_error, b.estimate);
+    EXPECT_GT(plan.report.estimated_error, 0.0);  // the blend's deviation under this prompt's guard rows
     auto partial = std::vector<int>(near.begin(), near.begin() + 150);  // 100 blended rows past the exact 50
     const auto tail = text_tokens(100, 77);  // too short to blend past the blended rows
     partial.insert(partial.end(), tail.begin(), tail.end());
     EXPECT_EQ(b.planner.plan(partial).kv.length, 50);  // too few to give up being a donor for
     b.calibration->add("", b.estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
-    EXPECT_EQ(b.planner.plan(again).kv.length, 50);   // the exact prefix only
+    expect_recomputed(b, 1);
   }
   Blended b = blended(1e9);
-  b.calibration->add("", b.estimate, config.max_kl, config);  // the guard at the estimate: reuse allowed
+  b.calibration->add("", 1.0, config.max_kl, config);  // the guard at 1.0: reuse allowed
   expect_recomputed(b, 1);  // a near tie at any gap
 }
 

@@ -45,14 +45,16 @@ struct BlendConfig {
   // estimate misses (on unseen C headers, a blend at estimate 0.054 reached
   // next-token KL 1.8e-2 with 0 of them; 2.8e-4 with 16).
   int recent_rows = 16;
-  // Guard: estimated relative L2 deviation of the reused rows' K/V from
-  // their exact values, worst layer; a blend above it is computed exactly.
-  // How much output error a given K/V deviation causes depends on the model
-  // (the bundled model kept next-token KL below 3e-6 at estimates up to 0.46;
-  // a 260K-parameter model reached 1e-2 at 0.1), so the planner calibrates it
-  // at run time (BlendCalibration): the first blend, and every
-  // calibrate_every-th after it, is also computed exactly and served exactly,
-  // and the next-token KL between the two is measured.
+  // Guard: the cap on the relative L2 deviation of the reused rows' K/V
+  // from their exact values (worst layer) and on the blend's error
+  // estimate, that deviation times sqrt(next-token entropy)
+  // (kv_blend.hpp); a blend above either is computed exactly. How much
+  // output error an estimate means depends on the model (the bundled model
+  // kept next-token KL below 3e-6 at deviations up to 0.46; a
+  // 260K-parameter model reached 1e-2 at 0.1), so the planner calibrates
+  // the estimate's bound at run time (BlendCalibration): the first blend,
+  // and every calibrate_every-th after it, is also computed exactly and
+  // served exactly, and the next-token KL between the two is measured.
   double max_error = 0.2;
   double max_kl = 1e-3;      // next-token KL (nats) the calibrated guard aims under
   // A blend whose two most likely next tokens are closer in logit than

@@ -25,8 +25,9 @@ class LlamaServer:
 
     ``blend``: reuse a similar stored prompt's K/V (CacheBlend's idea) where
     the planner's cost model says it pays; ``recompute_ratio`` of the aligned
-    rows are recomputed per layer, and a blend whose estimated K/V deviation
-    exceeds ``max_error`` is computed exactly instead.
+    rows are recomputed per layer, and a blend whose K/V deviation or error
+    estimate (the deviation times the square root of the next-token entropy,
+    calibrated at run time) exceeds ``max_error`` is computed exactly instead.
     """
 
     def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,

@@ -53,6 +53,7 @@ struct BenchArgs {
   bool blend = true;
   double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
   double blend_max_error = ae::serving::BlendConfig{}.max_error;
+  double blend_max_kl = ae::serving::BlendConfig{}.max_kl;
   std::string store;
 };
 
@@ -140,7 +141,10 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.threads = a.threads;
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
-  options.blend = {.enabled = a.blend, .recompute_ratio = a.recompute_ratio, .max_error = a.blend_max_error};
+  options.blend = {.enabled = a.blend,
+                   .recompute_ratio = a.recompute_ratio,
+                   .max_error = a.blend_max_error,
+                   .max_kl = a.blend_max_kl};
   options.store_url = a.store;
   if (!a.store.empty()) {
     try {
@@ -291,13 +295,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   bench.add_option("--blend-max-error", bn.blend_max_error,
-                   "KV blend's guard: max estimated K/V deviation of reused rows (inf: off)")
+                   "KV blend's guard: max K/V deviation of reused rows and max estimate (inf: off)")
       ->check(CLI::Validator(
           [](std::string& text) {
             const double x = std::strtod(text.c_str(), nullptr);
             return x >= 0.0 ? std::string() : "must be >= 0 (inf: off), got " + text;
           },
           "FLOAT >= 0"))
+      ->capture_default_str();
+  bench.add_option("--blend-max-kl", bn.blend_max_kl,
+                   "KV blend's calibrated guard: next-token KL (nats) it aims under, per guard row")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   bench.add_option("--json", bn.json, "also write every figure as JSON to this file");
   bench.add_option("--store", bn.store,

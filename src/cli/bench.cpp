@@ -90,6 +90,7 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt promp
 struct Fidelity {
   double hidden_rel_error = 0.0, kl = 0.0;
   bool top1_agrees = true;
+  double nll_change = 0.0;  // continuation NLL, mean nats per token, minus no reuse's
 };
 
 Fidelity add_fidelity(ModeReport& m, const Served& base, const Served& s) {
@@ -107,7 +108,7 @@ Fidelity add_fidelity(ModeReport& m, const Served& base, const Served& s) {
   double kl = 0.0;
   for (std::size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
   m.kl_sum += std::max(kl, 0.0);
-  return {rel, std::max(kl, 0.0), top1};
+  return {rel, std::max(kl, 0.0), top1, (s.nll - base.nll) / std::max(s.nll_tokens, 1)};
 }
 
 void add_timing(ModeReport& m, const ScenarioRequest& r, const Served& s) {
@@ -210,6 +211,7 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"hidden_rel_error", q.hidden_rel_error},
                    {"kl", q.kl},
                    {"top1_agrees", q.top1_agrees},
+                   {"nll_change", q.nll_change},
                    {"prefill_ms", q.prefill_ms},
                    {"reused_from_l2", q.reused_from_l2}});
   return out;
@@ -373,7 +375,8 @@ class Bench {
     m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
                              rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
                              rep.estimated_error, rep.calibration_kl,
-                             f.hidden_rel_error, f.kl, f.top1_agrees, 1e3 * s.prefill_s, rep.reused_from_l2});
+                             f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change, 1e3 * s.prefill_s,
+                             rep.reused_from_l2});
     SharedStoreReport& shared = report_.shared_store;
     shared.prompt_tokens += static_cast<long long>(r.tokens.size());
     shared.reused_l1 += rep.reused - rep.reused_from_l2;

@@ -115,6 +115,7 @@ struct ModeReport {
     double estimated_error = 0.0, calibration_kl = 0.0;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
+    double nll_change = 0.0;  // continuation NLL (nats per token) minus no reuse's
     double prefill_ms = 0.0;
     int reused_from_l2 = 0;  // of `reused`: tokens the shared L2 store gave
   };

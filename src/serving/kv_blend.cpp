@@ -6,12 +6,42 @@
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
+#include <string>
 
 namespace attention_echo::serving {
 namespace {
 
 using llama::Engine;
 using llama::KVState;
+
+std::vector<double> log_softmax(std::span<const float> logits) {
+  const double max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float l : logits) sum += std::exp(l - max);
+  const double log_sum = std::log(sum);
+  std::vector<double> out(logits.size());
+  for (std::size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - max - log_sum;
+  return out;
+}
+
+double entropy(const std::vector<double>& log_p) {
+  double h = 0.0;
+  for (double l : log_p) h -= std::exp(l) * l;
+  return std::max(h, 0.0);
+}
+
+// KL(p || q), nats.
+double kl(const std::vector<double>& log_p, const std::vector<double>& log_q) {
+  double d = 0.0;
+  for (std::size_t i = 0; i < log_p.size(); ++i) d += std::exp(log_p[i]) * (log_p[i] - log_q[i]);
+  return std::max(d, 0.0);
+}
+
+std::size_t checked_rows(std::span<const float> logits, int vocab, const char* name) {
+  if (vocab < 1 || logits.empty() || logits.size() % static_cast<std::size_t>(vocab) != 0)
+    throw std::invalid_argument(std::string(name) + ": must hold one or more rows of vocab logits");
+  return logits.size() / static_cast<std::size_t>(vocab);
+}
 
 // Squared L2 distance and squared norm of a fresh K/V row pair against a
 // donor's, accumulated.
@@ -30,7 +60,7 @@ struct Deviation {
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, const KVState& donor, const TokenAlignment& alignment, KVState& kv,
-        const BlendConfig& options)
+        const BlendConfig& options, double max_estimate)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
@@ -38,6 +68,7 @@ class Blend {
         align_(alignment),
         kv_(kv),
         opt_(options),
+        max_estimate_(max_estimate),
         T_(static_cast<int>(tokens.size())),
         skip_(kv.length),
         kvd_(c_.kv_dim()) {}
@@ -50,14 +81,19 @@ class Blend {
     e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
     out_.first_layer_rows = T_ - skip_;
     select(x);
-    if (out_.estimated_error > opt_.max_error) return finish_exactly(1, x, result);
+    if (out_.deviation > opt_.max_error) {
+      out_.estimated_error = out_.deviation * std::sqrt(std::log(double(c_.vocab_size)));
+      return finish_exactly(1, x, result);
+    }
     int refused_at = -1;
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
       if (!deep_layer(l) && refused_at < 0) refused_at = l;
     }
-    e_.head(x_.data() + static_cast<std::size_t>(selected_.size() - 1) * c_.dim, 1, result);
-    if (refused_at < 0 && near_tie(result.logits, out_.estimated_error, opt_.max_error, opt_)) refused_at = c_.n_layers;
+    head_of_guard_rows(result);
+    if (refused_at < 0 && (out_.estimated_error > max_estimate_ ||
+                           near_tie(result.logits, out_.estimated_error, max_estimate_, opt_)))
+      refused_at = c_.n_layers;
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;
@@ -83,6 +119,16 @@ class Blend {
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
     kv_.length = T_;
     return out_;
+  }
+
+  // The guard rows (the tail of the selected ones) through the head: their
+  // logits give the estimate, the last row's go to result.
+  void head_of_guard_rows(llama::ForwardResult& result) {
+    const int rows = guard_rows(opt_, T_ - skip_), V = c_.vocab_size;
+    e_.head(x_.data() + (selected_.size() - rows) * c_.dim, rows, result);
+    out_.estimated_error = guard_estimate(out_.deviation, result.logits, V);
+    result.logits.erase(result.logits.begin(), result.logits.end() - V);
+    result.hidden.erase(result.hidden.begin(), result.hidden.end() - c_.dim);
   }
 
   // The donor's K/V of row i in layer l, K rotated to position i.
@@ -128,7 +174,7 @@ class Blend {
       first.norm2 += dev[i - skip_].norm2;
     }
     pick_probes(reused);
-    out_.estimated_error = first.relative();
+    out_.deviation = first.relative();
     for (int i = skip_; i < T_; ++i)
       if (is_selected_[i - skip_]) selected_.push_back(i);
     out_.recomputed = static_cast<int>(selected_.size());
@@ -151,7 +197,7 @@ class Blend {
 
   // Layer l over the selected rows; the probes' fresh K/V against the
   // donor's they replace is the guard's sample for this layer. False once
-  // the worst layer so far is past max_error.
+  // the worst layer's deviation so far is past max_error.
   bool deep_layer(int l) {
     std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
     for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
@@ -162,8 +208,8 @@ class Blend {
       sample.add(kv_.k(l, probes_[p]), &k[p * kvd_], kvd_);
       sample.add(kv_.v(l, probes_[p]), &v[p * kvd_], kvd_);
     }
-    out_.estimated_error = std::max(out_.estimated_error, sample.relative());
-    return out_.estimated_error <= opt_.max_error;
+    out_.deviation = std::max(out_.deviation, sample.relative());
+    return out_.deviation <= opt_.max_error;
   }
 
   Engine& e_;
@@ -173,6 +219,7 @@ class Blend {
   const TokenAlignment& align_;
   KVState& kv_;
   const BlendConfig& opt_;
+  const double max_estimate_;
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
   std::vector<int> selected_, probes_;
@@ -181,6 +228,24 @@ class Blend {
 };
 
 }  // namespace
+
+int guard_rows(const BlendConfig& config, int computed_rows) { return std::min(config.recent_rows + 1, computed_rows); }
+
+double guard_estimate(double deviation, std::span<const float> logits, int vocab) {
+  const std::size_t rows = checked_rows(logits, vocab, "logits");
+  double mean = 0.0, last = 0.0;
+  for (std::size_t r = 0; r < rows; ++r) {
+    last = entropy(log_softmax(logits.subspan(r * vocab, vocab)));
+    mean += last / static_cast<double>(rows);
+  }
+  return deviation * std::sqrt(std::max(mean, last));
+}
+
+double next_token_kl(std::span<const float> exact, std::span<const float> approximate) {
+  if (exact.empty() || approximate.size() != exact.size())
+    throw std::invalid_argument("approximate: one logit row the size of exact's needed");
+  return kl(log_softmax(exact), log_softmax(approximate));
+}
 
 bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config) {
   if (logits.size() < 2 || !std::isfinite(guard) || guard <= 0.0) return false;
@@ -193,7 +258,7 @@ bool near_tie(std::span<const float> logits, double estimate, double guard, cons
 
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
-                           llama::ForwardResult& result) {
+                           double max_estimate, llama::ForwardResult& result) {
   if (alignment.donor_position.size() != tokens.size())
     throw std::invalid_argument("alignment: one donor position per token needed");
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
@@ -202,7 +267,8 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
     throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
   if (options.recent_rows < 0) throw std::invalid_argument("recent_rows: must be non-negative");
-  return Blend(engine, tokens, donor, alignment, kv, options).run(result);
+  if (std::isnan(max_estimate) || max_estimate < 0.0) throw std::invalid_argument("max_estimate: must be non-negative");
+  return Blend(engine, tokens, donor, alignment, kv, options, max_estimate).run(result);
 }
 
 }  // namespace attention_echo::serving

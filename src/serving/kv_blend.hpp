@@ -13,14 +13,24 @@
 //
 // The guard: a deterministic sample of the reused rows is computed along
 // with the selected ones; the relative L2 deviation of their fresh K/V from
-// the donor's, worst layer, is the request's error estimate (layer 1 is
-// measured over every reused row). Above max_error at layer 1 (where most
-// bad donors show) the prefill goes on exactly from the layer-0 output it
-// already has, wasting only layer 1's projections; above it deeper, the
-// blend is finished first (its logits in BlendOutcome::refused_logits, a
-// calibration sample), then the same: its work past layer 0 is lost. So is
-// a finished blend whose top two next tokens are nearly tied
-// (BlendConfig::top1_sigmas).
+// the donor's, worst layer, is the request's K/V deviation (layer 1 is
+// measured over every reused row). Above max_error at layer 1 (where
+// unrelated donors show) the prefill goes on exactly from the layer-0
+// output it already has, wasting only layer 1's projections. Otherwise the
+// blend is finished and its error estimate is the deviation times the
+// square root of a next-token entropy (nats): the larger of the last row's
+// and the mean over the guard rows (the prompt's last recent_rows + 1,
+// computed in full by every blend, standing in for the tokens that will
+// follow). A logit perturbation costs KL in proportion to the
+// distribution's spread (KL ~ Var_p(delta) / 2), so the last row's entropy
+// makes the estimate rank the next token's KL, which the deviation alone
+// barely did; the guard rows' mean keeps a prompt whose next token is
+// nearly certain from hiding a deviation the tokens after it will read
+// (BENCHMARKS.md section 8). Above the guard's bound, past max_error
+// deeper, or with its top two next tokens nearly tied
+// (BlendConfig::top1_sigmas), the blend is refused: its last row's logits
+// go to BlendOutcome::refused_logits (a calibration sample) and the prompt
+// is computed exactly from layer 1 on: its work past layer 0 is lost.
 #pragma once
 
 #include <span>
@@ -35,11 +45,14 @@ namespace attention_echo::serving {
 
 struct BlendOutcome {
   bool blended = false;        // served from the donor (else computed exactly after layer 0)
-  double estimated_error = 0;  // guard estimate (worst layer so far when stopped)
+  double deviation = 0;        // relative K/V deviation of the reused rows, worst layer (so far when stopped)
+  // guard_estimate; stopped at layer 1, before the head: the deviation
+  // times sqrt(ln vocab), the most any distribution makes of it.
+  double estimated_error = 0;
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
-  int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: a near tie at the head)
+  int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: at the head)
   // Refused past layer 1: the last row's logits of the blend finished anyway
   // (what it would have served), to be measured against the exact result.
   std::vector<float> refused_logits;
@@ -48,12 +61,27 @@ struct BlendOutcome {
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
 // exact) from `donor` (a stored prompt's K/V, KVBlockStore::state) aligned
 // by `alignment`, writing the donor's rows (K re-rotated where they moved)
-// into kv's own pages, keeping the logits of the last
-// row in result. Throws std::invalid_argument on inconsistent arguments.
-// Needs an engine of at least two layers and 0 <= kv.length < tokens.size().
+// into kv's own pages, keeping the logits of the last row in result. The
+// guard refuses an estimate above `max_estimate` (the calibrated bound,
+// BlendCalibration::threshold; config.max_error uncalibrated). Throws
+// std::invalid_argument on inconsistent arguments. Needs an engine of at
+// least two layers and 0 <= kv.length < tokens.size().
 BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, const llama::KVState& donor,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
-                           llama::ForwardResult& result);
+                           double max_estimate, llama::ForwardResult& result);
+
+// The rows whose next-token logits the guard measures, the last of a
+// prompt's `computed_rows` (those past the stored prefix).
+int guard_rows(const BlendConfig& config, int computed_rows);
+
+// The guard's error estimate of K/V deviating by `deviation` under the
+// guard rows' logits ([rows, vocab]): deviation * sqrt(max(mean entropy,
+// the last row's entropy)), entropies in nats.
+double guard_estimate(double deviation, std::span<const float> logits, int vocab);
+
+// KL(exact || approximate) of two rows' next-token distributions, nats.
+// Throws std::invalid_argument unless both are non-empty and of one size.
+double next_token_kl(std::span<const float> exact, std::span<const float> approximate);
 
 // Whether the top two of a row's next-token logits are within reach of the
 // logit change a guard lets through at this estimate: a perturbation at KL

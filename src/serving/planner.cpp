@@ -101,20 +101,17 @@ std::optional<KVBlocksL2> make_l2(const PlannerConfig& c, const KVBlockStore::Sh
   return KVBlocksL2(connect_redis(parse_l2_url(c.store_url, "store_url")), c.model_fingerprint, shape);
 }
 
-// KL(p || q) of the next-token distributions given by two logit rows.
-double next_token_kl(std::span<const float> p_logits, std::span<const float> q_logits) {
-  auto log_softmax = [](std::span<const float> logits) {
-    const double max = *std::max_element(logits.begin(), logits.end());
-    double sum = 0.0;
-    for (float l : logits) sum += std::exp(l - max);
-    std::vector<double> out(logits.size());
-    for (std::size_t i = 0; i < logits.size(); ++i) out[i] = logits[i] - max - std::log(sum);
-    return out;
-  };
-  const auto p = log_softmax(p_logits), q = log_softmax(q_logits);
-  double kl = 0.0;
-  for (std::size_t i = 0; i < p.size(); ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
-  return std::max(kl, 0.0);
+// Drops all but the last `rows` rows of a forward's hidden states and
+// logits (all kept when rows < 0).
+void keep_last_rows(llama::ForwardResult& r, int rows, const llama::ModelConfig& c) {
+  if (rows < 0 || r.logits.size() <= static_cast<std::size_t>(rows) * c.vocab_size) return;
+  r.logits.erase(r.logits.begin(), r.logits.end() - static_cast<std::ptrdiff_t>(rows) * c.vocab_size);
+  r.hidden.erase(r.hidden.begin(), r.hidden.end() - static_cast<std::ptrdiff_t>(rows) * c.dim);
+}
+
+// The last `rows` rows of a forward's logits.
+std::span<const float> last_logits(const llama::ForwardResult& r, int rows, const llama::ModelConfig& c) {
+  return std::span<const float>(r.logits).last(static_cast<std::size_t>(rows) * c.vocab_size);
 }
 
 // How many tokens a and b end alike.
@@ -298,12 +295,13 @@ struct Planner::Impl {
   }
 
   // A blend's K/V reused as a prefix is held to the blend's rules: its
-  // estimate under the namespace's guard now (tighter, maybe, than when it
-  // was stored: the prompts that reuse it are not measured), and the last
-  // recent_rows rows before the prompt's last computed, as a blend computes
-  // them. What a reused blend costs the next token is not bounded by what
-  // it cost its own: on unseen code a blend served at next-token KL 2.2e-3
-  // gave 5.5e-3 to a prompt that reused all of it but its last token.
+  // deviation under max_error, the last recent_rows rows before the
+  // prompt's last computed, as a blend computes them, and its estimate
+  // under this prompt's next-token distribution within the namespace's
+  // guard now (recompute_exactly). What a reused blend costs the next
+  // token is not bounded by what it cost its own: on unseen code a blend
+  // served at next-token KL 2.2e-3 gave 5.5e-3 to a prompt that reused all
+  // of it but its last token.
   // And it must be worth it: the prompt's own record becomes approximate,
   // never a donor, so fewer than kMinBlendRows rows past the exact prefix
   // are not taken (on near-dup traffic a new document's first prompt took
@@ -313,15 +311,18 @@ struct Planner::Impl {
                                      KVBlockStore::Prefix stored) {
     const int length = std::min(stored.length, static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows);
     KVBlockStore::Prefix exact = store.longest_prefix(ns, tokens, true);
-    if (stored.error > calibration->threshold(ns, config.blend) || length - exact.length < kMinBlendRows) return exact;
+    if (stored.error > config.blend.max_error || length - exact.length < kMinBlendRows) return exact;
     stored.length = length;
     return stored;
   }
 
   // Whether a prompt served from blended K/V (the plan's approximate
-  // prefix, whose forward gave `logits`) is computed again from its exact
-  // prefix: when its two most likely next tokens are within the guard's
-  // reach of each other (BlendConfig::top1_sigmas), as a blend would be.
+  // prefix; `estimate` its deviation's guard_estimate under this prompt's
+  // guard rows, `logits` its last row's) is computed again from its exact
+  // prefix, as a blend would be: when the estimate is past the namespace's
+  // guard now (tighter, maybe, than when it was stored: the prompts that
+  // reuse it are not measured), or its two most likely next tokens are
+  // within the guard's reach of each other (BlendConfig::top1_sigmas).
   // Not also one in calibrate_every: sharing the blends' count, that moved
   // their calibrations onto other requests, which on the bundled model
   // cost near-dup a full prefill (2.27 -> 1.91x exact prefix reuse), and
@@ -329,9 +330,9 @@ struct Planner::Impl {
   // its blends was refused, its donors' chain changed and ended in a blend
   // at KL 9e-4 that flipped a near tie (top-1 15 of 16; a guard miss that
   // can happen without it too).
-  bool recompute_exactly(const Plan& plan, std::span<const float> logits) const {
-    if (plan.reused_exact || !config.blend.enabled) return false;
-    return near_tie(logits, plan.reused_error, calibration->threshold(plan.name_space, config.blend), config.blend);
+  bool recompute_exactly(const Plan& plan, double estimate, std::span<const float> logits) const {
+    const double guard = calibration->threshold(plan.name_space, config.blend);
+    return estimate > guard || near_tie(logits, estimate, guard, config.blend);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
@@ -431,12 +432,12 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     const bool calibrate = m.calibration->next_blend_calibrates(m.config.blend);
     llama::KVState exact_prefix;
     if (calibrate) exact_prefix = plan.kv;
-    BlendConfig guard = m.config.blend;
-    guard.max_error = m.calibration->threshold(plan.name_space, guard);
+    const double guard = m.calibration->threshold(plan.name_space, m.config.blend);
     const double start = process_cpu_s();
     llama::ForwardResult result;
-    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv, guard,
-                                           result);
+    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv,
+                                           m.config.blend, guard, result);
+    const double blend_cpu_s = process_cpu_s() - start;
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
@@ -446,7 +447,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
-      m.cost.observe_blend(done, process_cpu_s() - start);
+      m.cost.observe_blend(done, blend_cpu_s);
     }
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
@@ -463,31 +464,37 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
       report.calibration_kl = next_token_kl(result.logits, out.refused_logits);
       m.calibration->add(plan.name_space, out.estimated_error, report.calibration_kl, m.config.blend);
     }
-    m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.estimated_error : 0.0,
-                   report.reused);
+    m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.deviation : 0.0, report.reused);
     return result;
   }
   if (plan.route != Plan::Route::kCache) {
-    llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
-    const auto last_row = [&](const llama::ForwardResult& r) {
-      return std::span<const float>(r.logits).last(std::min<std::size_t>(r.logits.size(), m.model.vocab_size));
-    };
-    if (m.recompute_exactly(plan, last_row(result))) {
-      const auto approximate_row = last_row(result);
+    // Approximate K/V reused: the guard rows' logits too, for its estimate.
+    const bool guarded = !plan.reused_exact && m.config.blend.enabled;
+    const int rows = guard_rows(m.config.blend, T - plan.kv.length);
+    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
+    // Blended K/V: its deviation's estimate under this prompt's guard rows;
+    // echoed K/V (the cache's, blending off): the echo's estimate, stored.
+    const double reused_estimate =
+        guarded ? guard_estimate(plan.reused_error, last_logits(result, rows, m.model), m.model.vocab_size)
+                : plan.reused_error;
+    if (guarded && m.recompute_exactly(plan, reused_estimate, last_logits(result, 1, m.model))) {
+      const auto approximate_row = last_logits(result, 1, m.model);
       const std::vector<float> approximate(approximate_row.begin(), approximate_row.end());  // result is replaced
       const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
       plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
       report.reused = plan.kv.length;
-      result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep_rows);
+      result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
       report.blend_calibration = true;
-      report.calibration_kl = next_token_kl(last_row(result), approximate);
-      m.calibration->add(plan.name_space, plan.reused_error, report.calibration_kl, m.config.blend);
+      report.calibration_kl = next_token_kl(last_logits(result, 1, m.model), approximate);
+      m.calibration->add(plan.name_space, reused_estimate, report.calibration_kl, m.config.blend);
       plan.reused_exact = true;
       plan.reused_error = 0.0;
     }
     report.reused_exact = plan.reused_exact;
-    if (!plan.reused_exact) report.estimated_error = plan.reused_error;
+    if (!plan.reused_exact) report.estimated_error = reused_estimate;
     m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error, report.reused);
+    keep_last_rows(result, keep_rows, m.model);
     return result;
   }
   if (!m.config.cache) throw std::invalid_argument("plan: routed through the cache, but this planner has none");
@@ -527,8 +534,8 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
-    const BlendOutcome out =
-        blend_prefill(engine, prompt, donor_kv, align_tokens(prompt, donor, anchors), kv, unguarded, blended);
+    const BlendOutcome out = blend_prefill(engine, prompt, donor_kv, align_tokens(prompt, donor, anchors), kv,
+                                           unguarded, INFINITY, blended);
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, 1);
     samples.push_back({out.estimated_error, next_token_kl(exact.logits, blended.logits)});
     m.calibration->add(samples.back().estimate, samples.back().kl, m.config.blend);

@@ -1,6 +1,7 @@
 """`aecho bench` end to end on the small aidreams checkpoint: every scenario
 runs, the table and the JSON carry every mode and metric, bad options are
 usage errors (exit 2)."""
+import math
 import json
 import os
 import subprocess
@@ -49,13 +50,15 @@ def test_all_scenarios_table_and_json(tmp_path):
         for q in detail:
             assert q["route"] in ("reuse", "blend", "cache")
             assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
+            assert math.isfinite(q["nll_change"])
 
 
 @pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
                                   ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"],
                                   ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"],
                                   ["--scenario", "rag", "--recompute-ratio", "2"],
-                                  ["--scenario", "rag", "--blend-max-error", "-1"]])
+                                  ["--scenario", "rag", "--blend-max-error", "-1"],
+                                  ["--scenario", "rag", "--blend-max-kl", "0"]])
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
