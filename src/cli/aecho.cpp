@@ -304,7 +304,7 @@ int main(int argc, char** argv) {
           "FLOAT >= 0"))
       ->capture_default_str();
   bench.add_option("--blend-max-kl", bn.blend_max_kl,
-                   "KV blend's calibrated guard: next-token KL (nats) it aims under, per guard row")
+                   "KV blend's calibrated guard: next-token KL (nats) it aims under")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   bench.add_option("--json", bn.json, "also write every figure as JSON to this file");

@@ -437,7 +437,6 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv,
                                            m.config.blend, guard, result);
-    const double blend_cpu_s = process_cpu_s() - start;
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
@@ -447,7 +446,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
-      m.cost.observe_blend(done, blend_cpu_s);
+      m.cost.observe_blend(done, process_cpu_s() - start);
     }
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
