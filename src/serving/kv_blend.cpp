@@ -6,7 +6,6 @@
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
-#include <string>
 
 namespace attention_echo::serving {
 namespace {
@@ -35,12 +34,6 @@ double kl(const std::vector<double>& log_p, const std::vector<double>& log_q) {
   double d = 0.0;
   for (std::size_t i = 0; i < log_p.size(); ++i) d += std::exp(log_p[i]) * (log_p[i] - log_q[i]);
   return std::max(d, 0.0);
-}
-
-std::size_t checked_rows(std::span<const float> logits, int vocab, const char* name) {
-  if (vocab < 1 || logits.empty() || logits.size() % static_cast<std::size_t>(vocab) != 0)
-    throw std::invalid_argument(std::string(name) + ": must hold one or more rows of vocab logits");
-  return logits.size() / static_cast<std::size_t>(vocab);
 }
 
 // Squared L2 distance and squared norm of a fresh K/V row pair against a
@@ -124,11 +117,10 @@ class Blend {
   // The guard rows (the tail of the selected ones) through the head: their
   // logits give the estimate, the last row's go to result.
   void head_of_guard_rows(llama::ForwardResult& result) {
-    const int rows = guard_rows(opt_, T_ - skip_), V = c_.vocab_size;
+    const int rows = guard_rows(opt_, T_ - skip_);
     e_.head(x_.data() + (selected_.size() - rows) * c_.dim, rows, result);
-    out_.estimated_error = guard_estimate(out_.deviation, result.logits, V);
-    result.logits.erase(result.logits.begin(), result.logits.end() - V);
-    result.hidden.erase(result.hidden.begin(), result.hidden.end() - c_.dim);
+    out_.estimated_error = guard_estimate(out_.deviation, result.logits, c_.vocab_size);
+    keep_last_rows(result, 1, c_);
   }
 
   // The donor's K/V of row i in layer l, K rotated to position i.
@@ -229,10 +221,18 @@ class Blend {
 
 }  // namespace
 
+void keep_last_rows(llama::ForwardResult& result, int rows, const llama::ModelConfig& c) {
+  if (rows < 0 || result.logits.size() <= static_cast<std::size_t>(rows) * c.vocab_size) return;
+  result.logits.erase(result.logits.begin(), result.logits.end() - static_cast<std::ptrdiff_t>(rows) * c.vocab_size);
+  result.hidden.erase(result.hidden.begin(), result.hidden.end() - static_cast<std::ptrdiff_t>(rows) * c.dim);
+}
+
 int guard_rows(const BlendConfig& config, int computed_rows) { return std::min(config.recent_rows + 1, computed_rows); }
 
 double guard_estimate(double deviation, std::span<const float> logits, int vocab) {
-  const std::size_t rows = checked_rows(logits, vocab, "logits");
+  if (vocab < 1 || logits.empty() || logits.size() % static_cast<std::size_t>(vocab) != 0)
+    throw std::invalid_argument("logits: must hold one or more rows of vocab logits");
+  const std::size_t rows = logits.size() / static_cast<std::size_t>(vocab);
   double mean = 0.0, last = 0.0;
   for (std::size_t r = 0; r < rows; ++r) {
     last = entropy(log_softmax(logits.subspan(r * vocab, vocab)));

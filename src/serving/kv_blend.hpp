@@ -70,6 +70,10 @@ BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, c
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            double max_estimate, llama::ForwardResult& result);
 
+// Drops all but the last `rows` rows of a forward's hidden states and
+// logits (all kept when rows < 0).
+void keep_last_rows(llama::ForwardResult& result, int rows, const llama::ModelConfig& c);
+
 // The rows whose next-token logits the guard measures, the last of a
 // prompt's `computed_rows` (those past the stored prefix).
 int guard_rows(const BlendConfig& config, int computed_rows);

@@ -101,14 +101,6 @@ std::optional<KVBlocksL2> make_l2(const PlannerConfig& c, const KVBlockStore::Sh
   return KVBlocksL2(connect_redis(parse_l2_url(c.store_url, "store_url")), c.model_fingerprint, shape);
 }
 
-// Drops all but the last `rows` rows of a forward's hidden states and
-// logits (all kept when rows < 0).
-void keep_last_rows(llama::ForwardResult& r, int rows, const llama::ModelConfig& c) {
-  if (rows < 0 || r.logits.size() <= static_cast<std::size_t>(rows) * c.vocab_size) return;
-  r.logits.erase(r.logits.begin(), r.logits.end() - static_cast<std::ptrdiff_t>(rows) * c.vocab_size);
-  r.hidden.erase(r.hidden.begin(), r.hidden.end() - static_cast<std::ptrdiff_t>(rows) * c.dim);
-}
-
 // The last `rows` rows of a forward's logits.
 std::span<const float> last_logits(const llama::ForwardResult& r, int rows, const llama::ModelConfig& c) {
   return std::span<const float>(r.logits).last(static_cast<std::size_t>(rows) * c.vocab_size);
