@@ -25,6 +25,9 @@ using ae::testing::max_abs_diff;
 
 namespace {
 
+// The calibrated bounds off: BlendConfig::max_error alone guards.
+constexpr serving::BlendGuard kUnguarded{INFINITY, INFINITY};
+
 const llama::Model& model() {
   static const llama::Model m(llama::load_weights(std::string(AE_SOURCE_DIR) + "/models/echo-llama-6m/model.bin"));
   return m;
@@ -124,7 +127,7 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   llama::KVState kv;
   llama::ForwardResult result;
   const serving::BlendConfig all{.enabled = true, .recompute_ratio = 1.0, .max_error = INFINITY};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, INFINITY, result);
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, kUnguarded, result);
   ASSERT_TRUE(out.blended);
   EXPECT_EQ(out.reused, 0);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
@@ -141,7 +144,7 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   llama::ForwardResult result;
   const serving::BlendConfig config{.enabled = true};
   const auto out =
-      serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, config.max_error, result);
+      serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, kUnguarded, result);
   ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
   EXPECT_GT(out.reused, 400);
   EXPECT_LE(out.deviation, config.max_error);
@@ -166,15 +169,17 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
     llama::KVState kv;
     llama::ForwardResult result;
     const serving::BlendConfig config{.enabled = true, .top1_sigmas = sigmas};
-    const auto out =
-        serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, config.max_error, result);
+    const serving::BlendGuard guard{config.max_error, config.max_error};  // finite: a near tie is measured against it
+    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, guard, result);
     return std::make_pair(out, result.logits);
   };
   const auto [strict, logits] = blend(1e9);
   ASSERT_GT(strict.estimated_error, 0.0);
   EXPECT_FALSE(strict.blended);
   EXPECT_EQ(strict.stopped_at_layer, model().config().n_layers);
-  EXPECT_EQ(strict.refused_logits.size(), logits.size());  // what it would have served, to be measured
+  ASSERT_TRUE(strict.refusal_sample.has_value());  // what it would have served, measured
+  EXPECT_EQ(strict.refusal_sample->estimate, strict.estimated_error);
+  EXPECT_GE(strict.refusal_sample->continuation_kl, 0.0);
   EXPECT_LE(max_abs_diff(logits, last_logits(engine, request)), 1e-4);
   EXPECT_TRUE(blend(0.0).first.blended);
 }
@@ -195,9 +200,26 @@ TEST(KVBlend, TheEstimateWeighsTheDeviationByNextTokenEntropy) {
   last_uncertain.insert(last_uncertain.end(), uniform.begin(), uniform.end());
   EXPECT_NEAR(serving::guard_estimate(0.1, last_uncertain, V), 0.1 * std::sqrt(std::log(double(V))), 1e-9);
   EXPECT_THROW(serving::guard_estimate(0.1, std::vector<float>(V + 1, 0.0f), V), std::invalid_argument);
-  EXPECT_NEAR(serving::next_token_kl(uniform, uniform), 0.0, 1e-12);
-  EXPECT_NEAR(serving::next_token_kl(certain, uniform), std::log(double(V)), 1e-9);
-  EXPECT_THROW(serving::next_token_kl(uniform, rows), std::invalid_argument);
+}
+
+// A sample's next-token KL is the last row's, its continuation KL the mean
+// over the guard rows.
+TEST(KVBlend, ASampleMeasuresTheLastRowAndTheGuardRowsMean) {
+  constexpr int V = 8;
+  const std::vector<float> uniform(V, 0.0f);
+  std::vector<float> certain(V, -100.0f);
+  certain[3] = 100.0f;
+  std::vector<float> exact = certain, approximate = uniform;  // row 0 off by ln V, row 1 exact
+  exact.insert(exact.end(), uniform.begin(), uniform.end());
+  approximate.insert(approximate.end(), uniform.begin(), uniform.end());
+  const auto s = serving::measure_sample(0.1, 0.2, exact, approximate, V);
+  EXPECT_EQ(s.estimate, 0.1);
+  EXPECT_EQ(s.deviation, 0.2);
+  EXPECT_NEAR(s.kl, 0.0, 1e-12);
+  EXPECT_NEAR(s.continuation_kl, std::log(double(V)) / 2, 1e-9);
+  EXPECT_THROW(serving::measure_sample(0.1, 0.2, exact, uniform, V), std::invalid_argument);
+  EXPECT_THROW(serving::measure_sample(0.1, 0.2, std::vector<float>(V + 1), std::vector<float>(V + 1), V),
+               std::invalid_argument);
 }
 
 TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
@@ -221,10 +243,10 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   // deep layers' probes, with and without recent rows recomputed): a guard
   // at half of that must refuse the donor.
   const serving::BlendConfig guard{.enabled = true, .max_error = 0.1};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, guard.max_error, result);
+  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, kUnguarded, result);
   EXPECT_FALSE(out.blended);
   EXPECT_GT(out.stopped_at_layer, 1);  // its layer-1 deviation is small: the deep layers' probes refuse it
-  EXPECT_EQ(out.refused_logits.size(), result.logits.size());  // finished anyway, to be measured
+  EXPECT_TRUE(out.refusal_sample.has_value());  // finished anyway, measured
   EXPECT_GT(out.deviation, guard.max_error);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
 }
@@ -413,21 +435,26 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
   EXPECT_THROW(off.calibrate(engine, passages), std::invalid_argument);
 }
 
+// A sample of the next-token error alone (its continuation quiet).
+serving::CalibrationSample next_token(double estimate, double kl) {
+  return {.estimate = estimate, .kl = kl, .deviation = 0.0, .continuation_kl = 0.0};
+}
+
 // The guard is the smallest bound while fewer than ten samples are in, then
 // the (n/10 + 1)-th smallest: one prompt shape in ten may ask for less.
 TEST(BlendCalibration, OneLoudSampleInTenDoesNotSetTheGuard) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
-  EXPECT_EQ(calibration.threshold({}, config), 0.2);
-  calibration.add(0.1, 1e-2, config);   // bound 0.1 * sqrt(0.1)
-  calibration.add(0.05, 1e-8, config);  // quiet: taken at KL 1e-5, bound 0.5
-  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);
-  for (int i = 0; i < 7; ++i) calibration.add(0.05, 1e-8, config);
-  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
-  calibration.add(0.05, 1e-8, config);
-  EXPECT_EQ(calibration.threshold({}, config), 0.2);  // 10: the one loud sample is the tenth allowed
-  calibration.add(0.05, 1e-2, config);                 // a second loud one, lower: bound 0.05 * sqrt(0.1)
-  EXPECT_NEAR(calibration.threshold({}, config), 0.1 * std::sqrt(0.1), 1e-12);
+  EXPECT_EQ(calibration.threshold({}, config).estimate, 0.2);
+  calibration.add(next_token(0.1, 1e-2), config);   // bound 0.1 * sqrt(0.1)
+  calibration.add(next_token(0.05, 1e-8), config);  // quiet: taken at KL 1e-5, bound 0.5
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
+  for (int i = 0; i < 7; ++i) calibration.add(next_token(0.05, 1e-8), config);
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
+  calibration.add(next_token(0.05, 1e-8), config);
+  EXPECT_EQ(calibration.threshold({}, config).estimate, 0.2);  // 10: the one loud sample is the tenth allowed
+  calibration.add(next_token(0.05, 1e-2), config);  // a second loud one, lower: bound 0.05 * sqrt(0.1)
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
   EXPECT_EQ(calibration.samples(), 11);
 }
 
@@ -435,8 +462,20 @@ TEST(BlendCalibration, OneLoudSampleInTenDoesNotSetTheGuard) {
 TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
-  calibration.add(0.005, 0.0, config);
-  EXPECT_NEAR(calibration.threshold({}, config), 0.05, 1e-12);
+  calibration.add(next_token(0.005, 0.0), config);
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.05, 1e-12);
+}
+
+// The two bounds are calibrated apart, each on the error it predicts: a
+// blend whose next token was safe but whose guard rows were not bounds the
+// deviation, not the estimate.
+TEST(BlendCalibration, TheDeviationIsBoundedByTheGuardRowsError) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3, .max_continuation_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add({.estimate = 0.01, .kl = 1e-7, .deviation = 0.15, .continuation_kl = 1e-1}, config);
+  const serving::BlendGuard guard = calibration.threshold({}, config);
+  EXPECT_NEAR(guard.estimate, 0.1, 1e-12);     // quiet: ten times the estimate
+  EXPECT_NEAR(guard.deviation, 0.015, 1e-12);  // 0.15 * sqrt(1e-3 / 1e-1)
 }
 
 // A namespace is guarded by the model's samples until it has its own, then
@@ -445,28 +484,31 @@ TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
 TEST(BlendCalibration, ANamespaceIsGuardedByItsOwnSamplesOnceItHasThem) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
-  calibration.add(0.1, 1e-1, config);  // the model's: bound 0.01
-  EXPECT_NEAR(calibration.threshold("rag", config), 0.01, 1e-12);
-  calibration.add("rag", 0.08, 1e-7, config);  // quiet: bound 0.8
-  EXPECT_EQ(calibration.threshold("rag", config), 0.2);
-  calibration.add("code", 0.05, 4e-3, config);  // bound 0.025
-  calibration.add("code", 0.02, 1e-6, config);
-  EXPECT_NEAR(calibration.threshold("code", config), 0.025, 1e-12);
-  EXPECT_NEAR(calibration.threshold("chat", config), 0.01, 1e-12);  // no samples: the model's (all of them)
+  calibration.add(next_token(0.1, 1e-1), config);  // the model's: bound 0.01
+  EXPECT_NEAR(calibration.threshold("rag", config).estimate, 0.01, 1e-12);
+  calibration.add("rag", next_token(0.08, 1e-7), config);  // quiet: bound 0.8
+  EXPECT_EQ(calibration.threshold("rag", config).estimate, 0.2);
+  calibration.add("code", next_token(0.05, 4e-3), config);  // bound 0.025
+  calibration.add("code", next_token(0.02, 1e-6), config);
+  EXPECT_NEAR(calibration.threshold("code", config).estimate, 0.025, 1e-12);
+  EXPECT_NEAR(calibration.threshold("chat", config).estimate, 0.01, 1e-12);  // no samples: the model's (all of them)
   EXPECT_EQ(calibration.samples(), 4);
 }
 
 // The refusal rate the planner prices blends at is that of the namespace's
-// recent blends under its guard now: it falls when the guard is loosened.
+// recent blends under its guard now, either bound: it falls when the guard
+// is loosened.
 TEST(BlendCalibration, RefusalRateFollowsTheCurrentGuard) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
   EXPECT_EQ(calibration.refusal_rate("rag", config), 0.5);  // nothing known
-  calibration.add(0.1, 1e-1, config);                       // guard 0.01
-  for (int i = 0; i < 4; ++i) calibration.record_blend("rag", 0.08);
+  calibration.add(next_token(0.1, 1e-1), config);           // guard 0.01
+  for (int i = 0; i < 4; ++i) calibration.record_blend("rag", 0.08, 0.0);
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 5.0 / 6.0, 1e-12);
-  calibration.add("rag", 0.08, 1e-7, config);  // guard 0.2
+  calibration.add("rag", next_token(0.08, 1e-7), config);  // guard 0.2
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 1.0 / 6.0, 1e-12);
+  calibration.record_blend("rag", 0.0, 0.3);  // past the deviation bound
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 2.0 / 7.0, 1e-12);
   EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
 }
 
@@ -557,11 +599,14 @@ TEST(Planner, ABlendReusedAsAPrefixIsHeldToTheBlendsRules) {
     const auto tail = text_tokens(100, 77);  // too short to blend past the blended rows
     partial.insert(partial.end(), tail.begin(), tail.end());
     EXPECT_EQ(b.planner.plan(partial).kv.length, 50);  // too few to give up being a donor for
-    b.calibration->add("", b.estimate, 1.0, config);  // a loud sample: the guard falls under the estimate
+    // A sample loud on the next token: the estimate's bound falls under it.
+    b.calibration->add("", {.estimate = b.estimate, .kl = 1.0, .deviation = 1.0, .continuation_kl = 0.0}, config);
     expect_recomputed(b, 1);
   }
   Blended b = blended(1e9);
-  b.calibration->add("", 1.0, config.max_kl, config);  // the guard at 1.0: reuse allowed
+  // Both bounds at 1.0: reuse allowed.
+  b.calibration->add("", {.estimate = 1.0, .kl = config.max_kl, .deviation = 1.0, .continuation_kl = config.max_kl},
+                     config);
   expect_recomputed(b, 1);  // a near tie at any gap
 }
 

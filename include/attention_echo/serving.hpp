@@ -52,11 +52,20 @@ struct BlendConfig {
   // output error an estimate means depends on the model (the bundled model
   // kept next-token KL below 3e-6 at deviations up to 0.46; a
   // 260K-parameter model reached 1e-2 at 0.1), so the planner calibrates
-  // the estimate's bound at run time (BlendCalibration): the first blend,
-  // and every calibrate_every-th after it, is also computed exactly and
-  // served exactly, and the next-token KL between the two is measured.
+  // both bounds at run time (BlendCalibration): the first blend, and every
+  // calibrate_every-th after it, is also computed exactly and served
+  // exactly, and the KL between the two is measured, for the next token
+  // and over the prompt's last rows (the guard rows, which stand in for the
+  // tokens that will follow).
   double max_error = 0.2;
-  double max_kl = 1e-3;      // next-token KL (nats) the calibrated guard aims under
+  // Next-token KL (nats) the calibrated guard aims under.
+  double max_kl = 1e-3;
+  // Mean KL (nats) over the guard rows the calibrated guard aims under: the
+  // continuation's. A token's expected NLL increase is its KL when the
+  // exact model is right, so this is a perplexity change of 0.5%. Served
+  // blends sit under the bound, not at it: on unseen text at contexts 256 to
+  // 4096 their guard rows' mean KL averaged 1.5e-3 to 3e-3.
+  double max_continuation_kl = 5e-3;
   // A blend whose two most likely next tokens are closer in logit than
   // top1_sigmas times the change the guard lets through is computed
   // exactly, so that greedy decoding does not change: a logit perturbation
@@ -68,14 +77,38 @@ struct BlendConfig {
   int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
-// What K/V deviation costs a model in output error, from calibration blends
-// (BlendConfig::max_error). A sample bounds the guard at estimate *
-// sqrt(max_kl / KL) (KL grows about as the square of a small deviation); a
-// quiet one (KL under max_kl / 100) is taken at that floor, vouching for ten
-// times its estimate at most. The guard is min(max_error, the (n/10 + 1)-th
-// smallest bound) over n samples: the smallest while fewer than ten are in,
-// and then one prompt shape in ten may ask for less without refusing every
-// blend.
+// One calibration sample: an approximate prefill (a blend, or a prompt
+// served from a blend's K/V) measured against the exact one.
+struct CalibrationSample {
+  double estimate = 0.0;         // the guard's estimate (kv_blend.hpp: guard_estimate)
+  double kl = 0.0;               // next-token KL (nats), the last row's
+  double deviation = 0.0;        // the reused rows' K/V deviation (worst layer)
+  double continuation_kl = 0.0;  // mean KL (nats) over the guard rows
+};
+
+// What a blend must stay under to be served: its estimate (next-token
+// error) and its K/V deviation (the continuation's error).
+struct BlendGuard {
+  double estimate = 0.0;
+  double deviation = 0.0;
+};
+
+// What K/V deviation costs a model in output error, from calibration
+// samples (BlendConfig::max_error). Two errors, each bounded by what
+// predicts it: the next token's KL by the estimate (deviation weighed by
+// the next token's entropy), the guard rows' mean KL, the continuation's,
+// by the deviation alone. Over 194 blends on unseen text at contexts 256 to
+// 2048 (BENCHMARKS.md section 8) the next token's KL / estimate^2 had
+// medians from 8e-4 to 0.1 between prompt shapes (a RAG prompt's next
+// token is nearly certain) where the guard rows' KL / deviation^2 had 0.35
+// to 0.9 (0.56 in all, 90th percentile 2.8); RAG blends whose next token
+// was safe carried guard-row KL of 1e-2 to 3e-1 into their continuation
+// (NLL changes of 0.02 to 0.14 nats per token). A sample bounds each at value * sqrt(max_kl / KL) (KL grows
+// about as the square of a small deviation); a quiet one (KL under max_kl /
+// 100) is taken at that floor, vouching for ten times its value at most.
+// Each bound is min(max_error, the (n/10 + 1)-th smallest) over n samples:
+// the smallest while fewer than ten are in, and then one prompt shape in ten
+// may ask for less without refusing every blend.
 //
 // Per namespace. How much KL an estimate means varied by five orders of
 // magnitude between prompt shapes on unseen text (BENCHMARKS.md section 8:
@@ -83,14 +116,18 @@ struct BlendConfig {
 // estimates up to 0.11 where edited code reached 1.2e-3 at 0.056), and a
 // namespace is one application's traffic, its prompts of one shape. So a
 // namespace is guarded by its own samples once it has one, by every sample
-// of the model (calibrate()'s and every namespace's) before.
+// of the model (calibrate()'s and every namespace's) before. (Holding a
+// namespace to the stricter of its own and the model's until it had two or
+// three samples of its own was measured and dropped: BENCHMARKS.md section
+// 8.)
 //
 // Samples come from calibrate() (the model's only), from one served blend
-// in calibrate_every, and from every blend the guard refuses past layer 1
-// (finished and measured against the exact prefill that replaces it). The
+// in calibrate_every, from every blend the guard refuses past layer 1
+// (finished and measured against the exact prefill that replaces it), and
+// from prompts that reused a blend's K/V and were computed again. The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
-// A namespace's record (at most 32 estimates and its samples' bounds) lives
+// A namespace's record (at most 32 blends and its samples' bounds) lives
 // as long as the calibration: it is what the model was measured to do on
 // that traffic, so Planner::clear leaves it. One per model: planners of the
 // same model may share it. Thread-safe.
@@ -100,30 +137,31 @@ class BlendCalibration {
   // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);
   // A sample of the model in no namespace (calibrate()).
-  void add(double estimate, double kl, const BlendConfig& config);
+  void add(const CalibrationSample& sample, const BlendConfig& config);
   // A sample of a blend served in name_space.
-  void add(std::string_view name_space, double estimate, double kl, const BlendConfig& config);
-  double threshold(std::string_view name_space, const BlendConfig& config) const;
-  // Every blend's estimate (its worst layer), guarded or not.
-  void record_blend(std::string_view name_space, double estimate);
+  void add(std::string_view name_space, const CalibrationSample& sample, const BlendConfig& config);
+  BlendGuard threshold(std::string_view name_space, const BlendConfig& config) const;
+  // Every blend's estimate and deviation (its worst layer), guarded or not.
+  void record_blend(std::string_view name_space, double estimate, double deviation);
   // (refused + 1) / (n + 2) over the namespace's last n recorded blends,
-  // refused meaning an estimate above the namespace's guard now.
+  // refused meaning above the namespace's guard now.
   double refusal_rate(std::string_view name_space, const BlendConfig& config) const;
   long long samples() const;
 
  private:
   struct Samples {
-    std::vector<double> bounds;  // one per sample, ascending
-    void add(double bound);
-    double threshold(double max_error) const;
+    std::vector<double> estimate_bounds, deviation_bounds;  // one per sample each, ascending
+    void add(const CalibrationSample& sample, const BlendConfig& config);
+    BlendGuard threshold(double max_error) const;
+    std::size_t size() const { return estimate_bounds.size(); }
   };
   struct Namespace {
     Samples samples;
-    std::vector<double> recent;  // estimates of the last kRecentBlends blends, a ring
+    std::vector<BlendGuard> recent;  // estimate and deviation of the last kRecentBlends blends, a ring
     std::size_t next = 0;
   };
   static constexpr std::size_t kRecentBlends = 32;
-  double threshold_locked(std::string_view name_space, const BlendConfig& config) const;
+  BlendGuard threshold_locked(std::string_view name_space, const BlendConfig& config) const;
 
   mutable std::mutex mutex_;
   long long blends_since_sample_ = 0;
@@ -134,13 +172,6 @@ class BlendCalibration {
 // The shortest text Planner::calibrate takes: its blends must be long
 // enough for the planner to consider blending at all.
 inline constexpr int kMinCalibrationSample = 256;
-
-// One calibration blend: the guard's estimate and the next-token KL (nats)
-// the blend measured against computing the prompt exactly.
-struct CalibrationSample {
-  double estimate = 0.0;
-  double kl = 0.0;
-};
 
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;
@@ -172,11 +203,13 @@ struct PrefillReport {
   bool blend_rejected = false;   // the guard refused it; computed exactly instead
   // Also computed exactly (and served exactly): a calibration blend, or a
   // prompt that reused a blend's K/V computed again from its exact prefix
-  // (a near tie at the head). The next-token KL
-  // between the approximate and the exact prefill, in nats, for those and
-  // for a blend the guard refused past layer 1 (finished, not served).
+  // (past the guard now, or a near tie at the head). The KL between the
+  // approximate and the exact prefill, in nats, next-token and mean over
+  // the guard rows, for those and for a blend the guard refused past layer
+  // 1 (finished, not served).
   bool blend_calibration = false;
   double calibration_kl = 0.0;
+  double calibration_continuation_kl = 0.0;
   std::vector<EchoResult> echo;  // cache route: per layer
 };
 

@@ -201,6 +201,7 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["blend_rejected"] = r.blend_rejected;
   d["blend_calibration"] = r.blend_calibration;
   d["calibration_kl"] = r.calibration_kl;
+  d["calibration_continuation_kl"] = r.calibration_continuation_kl;
   d["estimated_error"] = r.estimated_error;
   return d;
 }
@@ -374,6 +375,8 @@ NB_MODULE(_core, m) {
               nb::dict d;
               d["estimate"] = s.estimate;
               d["kl"] = s.kl;
+              d["deviation"] = s.deviation;
+              d["continuation_kl"] = s.continuation_kl;
               out.append(d);
             }
             return out;

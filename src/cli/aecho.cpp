@@ -54,6 +54,7 @@ struct BenchArgs {
   double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
   double blend_max_error = ae::serving::BlendConfig{}.max_error;
   double blend_max_kl = ae::serving::BlendConfig{}.max_kl;
+  double blend_max_continuation_kl = ae::serving::BlendConfig{}.max_continuation_kl;
   std::string store;
 };
 
@@ -144,7 +145,8 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.blend = {.enabled = a.blend,
                    .recompute_ratio = a.recompute_ratio,
                    .max_error = a.blend_max_error,
-                   .max_kl = a.blend_max_kl};
+                   .max_kl = a.blend_max_kl,
+                   .max_continuation_kl = a.blend_max_continuation_kl};
   options.store_url = a.store;
   if (!a.store.empty()) {
     try {
@@ -197,8 +199,11 @@ int run_bench(const BenchArgs& a) {
       ae::bench::calibrate_blend(model, ae::bench::calibration_passages(heldout, tokenizer, context, a.seed), options);
   if (calibration.ran) {
     std::printf("blend guard calibrated before serving in %.2f s:", calibration.seconds);
-    for (const auto& s : calibration.samples) std::printf(" (estimate %.3f, KL %.1e)", s.estimate, s.kl);
-    std::printf(" -> threshold %.3f\n\n", calibration.threshold);
+    for (const auto& s : calibration.samples)
+      std::printf(" (estimate %.3f, KL %.1e; deviation %.3f, guard rows' KL %.1e)", s.estimate, s.kl, s.deviation,
+                  s.continuation_kl);
+    std::printf(" -> thresholds: estimate %.3f, deviation %.3f\n\n", calibration.threshold.estimate,
+                calibration.threshold.deviation);
     std::fflush(stdout);
   }
 
@@ -305,6 +310,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench.add_option("--blend-max-kl", bn.blend_max_kl,
                    "KV blend's calibrated guard: next-token KL (nats) it aims under")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench.add_option("--blend-max-continuation-kl", bn.blend_max_continuation_kl,
+                   "KV blend's calibrated guard: mean KL (nats) of the prompt's last rows it aims under")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   bench.add_option("--json", bn.json, "also write every figure as JSON to this file");

@@ -208,6 +208,7 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"blend_calibration", q.blend_calibration},
                    {"estimated_error", q.estimated_error},
                    {"calibration_kl", q.calibration_kl},
+                   {"calibration_continuation_kl", q.calibration_continuation_kl},
                    {"hidden_rel_error", q.hidden_rel_error},
                    {"kl", q.kl},
                    {"top1_agrees", q.top1_agrees},
@@ -374,7 +375,7 @@ class Bench {
     }
     m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
                              rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
-                             rep.estimated_error, rep.calibration_kl,
+                             rep.estimated_error, rep.calibration_kl, rep.calibration_continuation_kl,
                              f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change, 1e3 * s.prefill_s,
                              rep.reused_from_l2});
     SharedStoreReport& shared = report_.shared_store;
@@ -416,8 +417,16 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
 
 nlohmann::ordered_json to_json(const CalibrationReport& report) {
   nlohmann::ordered_json samples = nlohmann::ordered_json::array();
-  for (const serving::CalibrationSample& s : report.samples) samples.push_back({{"estimate", s.estimate}, {"kl", s.kl}});
-  return {{"ran", report.ran}, {"seconds", report.seconds}, {"samples", samples}, {"threshold", report.threshold}};
+  for (const serving::CalibrationSample& s : report.samples)
+    samples.push_back({{"estimate", s.estimate},
+                       {"kl", s.kl},
+                       {"deviation", s.deviation},
+                       {"continuation_kl", s.continuation_kl}});
+  return {{"ran", report.ran},
+          {"seconds", report.seconds},
+          {"samples", samples},
+          {"threshold", report.threshold.estimate},
+          {"deviation_threshold", report.threshold.deviation}};
 }
 
 ScenarioReport run_scenario(const llama::Model& model, const Scenario& scenario, const BenchOptions& options,

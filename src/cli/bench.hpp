@@ -112,7 +112,7 @@ struct ModeReport {
     int tokens = 0, reused = 0;
     int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
     bool blend_rejected = false, blend_calibration = false;
-    double estimated_error = 0.0, calibration_kl = 0.0;
+    double estimated_error = 0.0, calibration_kl = 0.0, calibration_continuation_kl = 0.0;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
     double nll_change = 0.0;  // continuation NLL (nats per token) minus no reuse's
@@ -157,7 +157,7 @@ struct CalibrationReport {
   bool ran = false;   // false: blending off, or the context too short to blend
   double seconds = 0.0;
   std::vector<serving::CalibrationSample> samples;
-  double threshold = 0.0;  // the guard's estimate threshold after it
+  serving::BlendGuard threshold;  // the guard's bounds after it
 };
 CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std::vector<int>> passages,
                                   const BenchOptions& options);

@@ -53,7 +53,7 @@ struct Deviation {
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, const KVState& donor, const TokenAlignment& alignment, KVState& kv,
-        const BlendConfig& options, double max_estimate)
+        const BlendConfig& options, const BlendGuard& guard)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
@@ -61,7 +61,8 @@ class Blend {
         align_(alignment),
         kv_(kv),
         opt_(options),
-        max_estimate_(max_estimate),
+        guard_(guard),
+        max_deviation_(std::min(options.max_error, guard.deviation)),
         T_(static_cast<int>(tokens.size())),
         skip_(kv.length),
         kvd_(c_.kv_dim()) {}
@@ -74,7 +75,7 @@ class Blend {
     e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
     out_.first_layer_rows = T_ - skip_;
     select(x);
-    if (out_.deviation > opt_.max_error) {
+    if (out_.deviation > max_deviation_) {
       out_.estimated_error = out_.deviation * std::sqrt(std::log(double(c_.vocab_size)));
       return finish_exactly(1, x, result);
     }
@@ -84,8 +85,7 @@ class Blend {
       if (!deep_layer(l) && refused_at < 0) refused_at = l;
     }
     head_of_guard_rows(result);
-    if (refused_at < 0 && (out_.estimated_error > max_estimate_ ||
-                           near_tie(result.logits, out_.estimated_error, max_estimate_, opt_)))
+    if (refused_at < 0 && refused(out_.estimated_error, out_.deviation, result.logits, guard_, opt_))
       refused_at = c_.n_layers;
     if (refused_at < 0) {
       kv_.length = T_;
@@ -95,7 +95,6 @@ class Blend {
     // Refused past layer 1, the blend is still finished (its selected rows
     // only) so that the exact prefill that follows measures what it would
     // have served: a calibration sample at the price of a few layers.
-    out_.refused_logits = std::move(result.logits);
     return finish_exactly(refused_at, x, result);
   }
 
@@ -103,13 +102,19 @@ class Blend {
   // The guard refused the donor at `layer`: every row on through layers
   // 1..L-1 exactly, from the layer-0 output x (exact, and kept for this),
   // overwriting the donor's and the selected rows' K/V. What the blend
-  // did past layer 0 is lost, the rest of its work is not.
+  // did past layer 0 is lost, the rest of its work is not. A blend that
+  // was finished is measured against the exact guard rows.
   BlendOutcome finish_exactly(int layer, std::vector<float>& x, llama::ForwardResult& result) {
     out_.stopped_at_layer = layer;
     out_.reused = 0;
     out_.recomputed = T_ - skip_;
     for (int l = 1; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
-    e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - 1) * c_.dim, 1, result);
+    const int rows = out_.guard_logits.empty() ? 1 : guard_rows(opt_, T_ - skip_);
+    e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - rows) * c_.dim, rows, result);
+    if (!out_.guard_logits.empty())
+      out_.refusal_sample =
+          measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits, c_.vocab_size);
+    keep_last_rows(result, 1, c_);
     kv_.length = T_;
     return out_;
   }
@@ -120,6 +125,7 @@ class Blend {
     const int rows = guard_rows(opt_, T_ - skip_);
     e_.head(x_.data() + (selected_.size() - rows) * c_.dim, rows, result);
     out_.estimated_error = guard_estimate(out_.deviation, result.logits, c_.vocab_size);
+    out_.guard_logits = result.logits;
     keep_last_rows(result, 1, c_);
   }
 
@@ -189,7 +195,7 @@ class Blend {
 
   // Layer l over the selected rows; the probes' fresh K/V against the
   // donor's they replace is the guard's sample for this layer. False once
-  // the worst layer's deviation so far is past max_error.
+  // the worst layer's deviation so far is past the guard's bound.
   bool deep_layer(int l) {
     std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
     for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
@@ -201,7 +207,7 @@ class Blend {
       sample.add(kv_.v(l, probes_[p]), &v[p * kvd_], kvd_);
     }
     out_.deviation = std::max(out_.deviation, sample.relative());
-    return out_.deviation <= opt_.max_error;
+    return out_.deviation <= max_deviation_;
   }
 
   Engine& e_;
@@ -211,7 +217,8 @@ class Blend {
   const TokenAlignment& align_;
   KVState& kv_;
   const BlendConfig& opt_;
-  const double max_estimate_;
+  const BlendGuard guard_;
+  const double max_deviation_;
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
   std::vector<int> selected_, probes_;
@@ -241,10 +248,18 @@ double guard_estimate(double deviation, std::span<const float> logits, int vocab
   return deviation * std::sqrt(std::max(mean, last));
 }
 
-double next_token_kl(std::span<const float> exact, std::span<const float> approximate) {
-  if (exact.empty() || approximate.size() != exact.size())
-    throw std::invalid_argument("approximate: one logit row the size of exact's needed");
-  return kl(log_softmax(exact), log_softmax(approximate));
+CalibrationSample measure_sample(double estimate, double deviation, std::span<const float> exact,
+                                 std::span<const float> approximate, int vocab) {
+  if (vocab < 1 || exact.empty() || exact.size() % static_cast<std::size_t>(vocab) != 0)
+    throw std::invalid_argument("exact: must hold one or more rows of vocab logits");
+  if (approximate.size() != exact.size()) throw std::invalid_argument("approximate: must hold as many rows as exact");
+  const std::size_t rows = exact.size() / static_cast<std::size_t>(vocab);
+  CalibrationSample sample{.estimate = estimate, .deviation = deviation};
+  for (std::size_t r = 0; r < rows; ++r) {
+    sample.kl = kl(log_softmax(exact.subspan(r * vocab, vocab)), log_softmax(approximate.subspan(r * vocab, vocab)));
+    sample.continuation_kl += sample.kl / static_cast<double>(rows);
+  }
+  return sample;
 }
 
 bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config) {
@@ -256,9 +271,15 @@ bool near_tie(std::span<const float> logits, double estimate, double guard, cons
   return top[0] - top[1] < config.top1_sigmas * 2.0 * std::sqrt(allowed_kl);
 }
 
+bool refused(double estimate, double deviation, std::span<const float> logits, const BlendGuard& guard,
+             const BlendConfig& config) {
+  return estimate > std::min(config.max_error, guard.estimate) ||
+         deviation > std::min(config.max_error, guard.deviation) || near_tie(logits, estimate, guard.estimate, config);
+}
+
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
-                           double max_estimate, llama::ForwardResult& result) {
+                           const BlendGuard& guard, llama::ForwardResult& result) {
   if (alignment.donor_position.size() != tokens.size())
     throw std::invalid_argument("alignment: one donor position per token needed");
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
@@ -267,8 +288,9 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
     throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
   if (options.recent_rows < 0) throw std::invalid_argument("recent_rows: must be non-negative");
-  if (std::isnan(max_estimate) || max_estimate < 0.0) throw std::invalid_argument("max_estimate: must be non-negative");
-  return Blend(engine, tokens, donor, alignment, kv, options, max_estimate).run(result);
+  if (!(guard.estimate >= 0.0 && guard.deviation >= 0.0))
+    throw std::invalid_argument("guard: bounds must be non-negative");
+  return Blend(engine, tokens, donor, alignment, kv, options, guard).run(result);
 }
 
 }  // namespace attention_echo::serving

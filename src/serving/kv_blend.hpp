@@ -28,11 +28,15 @@
 // nearly certain from hiding a deviation the tokens after it will read
 // (BENCHMARKS.md section 8). Above the guard's bound, past max_error
 // deeper, or with its top two next tokens nearly tied
-// (BlendConfig::top1_sigmas), the blend is refused: its last row's logits
-// go to BlendOutcome::refused_logits (a calibration sample) and the prompt
-// is computed exactly from layer 1 on: its work past layer 0 is lost.
+// (BlendConfig::top1_sigmas), the blend is refused and the prompt is
+// computed exactly from layer 1 on: its work past layer 0 is lost, but its
+// guard rows, measured against the exact ones, are a calibration sample.
+// The deviation is also held to the guard's deviation bound (the
+// continuation's error): every layer, and at layer 1 (where it is measured
+// over every reused row) a blend already past it is refused at once.
 #pragma once
 
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -53,22 +57,25 @@ struct BlendOutcome {
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
   int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: at the head)
-  // Refused past layer 1: the last row's logits of the blend finished anyway
-  // (what it would have served), to be measured against the exact result.
-  std::vector<float> refused_logits;
+  // The guard rows' logits ([rows, vocab]) of the blend, finished even when
+  // refused past layer 1: what it served, or would have.
+  std::vector<float> guard_logits;
+  // Refused past layer 1: the blend measured against the exact prefill
+  // that replaced it.
+  std::optional<CalibrationSample> refusal_sample;
 };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
 // exact) from `donor` (a stored prompt's K/V, KVBlockStore::state) aligned
 // by `alignment`, writing the donor's rows (K re-rotated where they moved)
 // into kv's own pages, keeping the logits of the last row in result. The
-// guard refuses an estimate above `max_estimate` (the calibrated bound,
-// BlendCalibration::threshold; config.max_error uncalibrated). Throws
+// guard refuses an estimate or deviation above `guard`'s (the calibrated
+// bounds, BlendCalibration::threshold) or config.max_error. Throws
 // std::invalid_argument on inconsistent arguments. Needs an engine of at
 // least two layers and 0 <= kv.length < tokens.size().
 BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, const llama::KVState& donor,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
-                           double max_estimate, llama::ForwardResult& result);
+                           const BlendGuard& guard, llama::ForwardResult& result);
 
 // Drops all but the last `rows` rows of a forward's hidden states and
 // logits (all kept when rows < 0).
@@ -83,14 +90,24 @@ int guard_rows(const BlendConfig& config, int computed_rows);
 // the last row's entropy)), entropies in nats.
 double guard_estimate(double deviation, std::span<const float> logits, int vocab);
 
-// KL(exact || approximate) of two rows' next-token distributions, nats.
-// Throws std::invalid_argument unless both are non-empty and of one size.
-double next_token_kl(std::span<const float> exact, std::span<const float> approximate);
+// The sample of an approximate prefill at `estimate` and `deviation`
+// whose guard rows' logits ([rows, vocab]) were `approximate` where the
+// exact prefill's were `exact`: KL(exact || approximate) of the last row
+// and its mean over the rows, nats. Throws std::invalid_argument unless
+// both hold the same one or more rows.
+CalibrationSample measure_sample(double estimate, double deviation, std::span<const float> exact,
+                                 std::span<const float> approximate, int vocab);
 
 // Whether the top two of a row's next-token logits are within reach of the
 // logit change a guard lets through at this estimate: a perturbation at KL
 // k moves them apart by about 2 sqrt(k), and an estimate e under guard g is
 // let through to KL max_kl (e / g)^2 (BlendConfig::top1_sigmas).
 bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config);
+
+// Whether an approximate prefill at `estimate` and `deviation` (its last
+// row's logits `logits`) must be computed exactly: past either of the
+// guard's bounds or config.max_error, or a near tie.
+bool refused(double estimate, double deviation, std::span<const float> logits, const BlendGuard& guard,
+             const BlendConfig& config);
 
 }  // namespace attention_echo::serving

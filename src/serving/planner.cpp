@@ -87,6 +87,7 @@ void validate_config(const PlannerConfig& c) {
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
   if (b.recent_rows < 0) throw std::invalid_argument("blend.recent_rows: must be non-negative");
   if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
+  if (!(b.max_continuation_kl > 0.0)) throw std::invalid_argument("blend.max_continuation_kl: must be positive");
   if (!(b.top1_sigmas >= 0.0)) throw std::invalid_argument("blend.top1_sigmas: must be non-negative");
   if (b.calibrate_every < 0) throw std::invalid_argument("blend.calibrate_every: must be non-negative");
   if (!c.store_url.empty()) {
@@ -112,9 +113,11 @@ std::size_t common_suffix(std::span<const int> a, std::span<const int> b) {
   return static_cast<std::size_t>(mismatch.first - a.rbegin());
 }
 
-// Where a calibration sample bounds the guard (BlendCalibration).
-double sample_bound(double estimate, double kl, const BlendConfig& config) {
-  return estimate * std::sqrt(config.max_kl / std::max(kl, config.max_kl / 100));
+// Where a calibration sample's `value` (estimate or deviation) bounds the
+// guard, given the KL it was measured at and the KL aimed under
+// (BlendCalibration).
+double sample_bound(double value, double kl, double target) {
+  return value * std::sqrt(target / std::max(kl, target / 100));
 }
 
 // Prompts a blend meets, made of passages (the first a shared head) whose
@@ -148,50 +151,55 @@ std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<in
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   if (config.calibrate_every == 0) return false;
-  return model_.bounds.empty() || blends_since_sample_++ + 1 >= config.calibrate_every;
+  return model_.size() == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
 
-void BlendCalibration::Samples::add(double bound) {
-  bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
+void BlendCalibration::Samples::add(const CalibrationSample& sample, const BlendConfig& config) {
+  auto insert = [](std::vector<double>& bounds, double bound) {
+    bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
+  };
+  insert(estimate_bounds, sample_bound(sample.estimate, sample.kl, config.max_kl));
+  insert(deviation_bounds, sample_bound(sample.deviation, sample.continuation_kl, config.max_continuation_kl));
 }
 
-double BlendCalibration::Samples::threshold(double max_error) const {
-  return bounds.empty() ? max_error : std::min(max_error, bounds[bounds.size() / 10]);
+BlendGuard BlendCalibration::Samples::threshold(double max_error) const {
+  if (estimate_bounds.empty()) return {max_error, max_error};
+  const std::size_t allowed = size() / 10;  // louder samples let through
+  return {std::min(max_error, estimate_bounds[allowed]), std::min(max_error, deviation_bounds[allowed])};
 }
 
-void BlendCalibration::add(double estimate, double kl, const BlendConfig& config) {
+void BlendCalibration::add(const CalibrationSample& sample, const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   blends_since_sample_ = 0;
-  model_.add(sample_bound(estimate, kl, config));
+  model_.add(sample, config);
 }
 
-void BlendCalibration::add(std::string_view name_space, double estimate, double kl, const BlendConfig& config) {
+void BlendCalibration::add(std::string_view name_space, const CalibrationSample& sample, const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   blends_since_sample_ = 0;
-  const double bound = sample_bound(estimate, kl, config);
-  model_.add(bound);
-  auto it = namespaces_.try_emplace(std::string(name_space)).first;
-  it->second.samples.add(bound);
+  model_.add(sample, config);
+  namespaces_.try_emplace(std::string(name_space)).first->second.samples.add(sample, config);
 }
 
-double BlendCalibration::threshold_locked(std::string_view name_space, const BlendConfig& config) const {
+BlendGuard BlendCalibration::threshold_locked(std::string_view name_space, const BlendConfig& config) const {
   const auto it = namespaces_.find(name_space);
-  const bool own = it != namespaces_.end() && !it->second.samples.bounds.empty();
+  const bool own = it != namespaces_.end() && it->second.samples.size() > 0;
   return (own ? it->second.samples : model_).threshold(config.max_error);
 }
 
-double BlendCalibration::threshold(std::string_view name_space, const BlendConfig& config) const {
+BlendGuard BlendCalibration::threshold(std::string_view name_space, const BlendConfig& config) const {
   std::lock_guard lock(mutex_);
   return threshold_locked(name_space, config);
 }
 
-void BlendCalibration::record_blend(std::string_view name_space, double estimate) {
+void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation) {
   std::lock_guard lock(mutex_);
   Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
+  const BlendGuard blend{estimate, deviation};
   if (n.recent.size() < kRecentBlends) {
-    n.recent.push_back(estimate);
+    n.recent.push_back(blend);
   } else {
-    n.recent[n.next] = estimate;
+    n.recent[n.next] = blend;
     n.next = (n.next + 1) % kRecentBlends;
   }
 }
@@ -200,15 +208,17 @@ double BlendCalibration::refusal_rate(std::string_view name_space, const BlendCo
   std::lock_guard lock(mutex_);
   const auto it = namespaces_.find(name_space);
   if (it == namespaces_.end()) return 0.5;
-  const double guard = threshold_locked(name_space, config);
+  const BlendGuard guard = threshold_locked(name_space, config);
   const auto& recent = it->second.recent;
-  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](double e) { return e > guard; });
+  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](const BlendGuard& b) {
+    return b.estimate > guard.estimate || b.deviation > guard.deviation;
+  });
   return (static_cast<double>(refused) + 1.0) / (static_cast<double>(recent.size()) + 2.0);
 }
 
 long long BlendCalibration::samples() const {
   std::lock_guard lock(mutex_);
-  return static_cast<long long>(model_.bounds.size());
+  return static_cast<long long>(model_.size());
 }
 
 struct Planner::Impl {
@@ -287,13 +297,13 @@ struct Planner::Impl {
   }
 
   // A blend's K/V reused as a prefix is held to the blend's rules: its
-  // deviation under max_error, the last recent_rows rows before the
-  // prompt's last computed, as a blend computes them, and its estimate
-  // under this prompt's next-token distribution within the namespace's
-  // guard now (recompute_exactly). What a reused blend costs the next
-  // token is not bounded by what it cost its own: on unseen code a blend
-  // served at next-token KL 2.2e-3 gave 5.5e-3 to a prompt that reused all
-  // of it but its last token.
+  // deviation under the namespace's guard now, the last recent_rows rows
+  // before the prompt's last computed, as a blend computes them, and its
+  // estimate under this prompt's next-token distribution within the guard
+  // (recompute_exactly). What a reused blend costs the next token is not
+  // bounded by what it cost its own: on unseen code a blend served at
+  // next-token KL 2.2e-3 gave 5.5e-3 to a prompt that reused all of it but
+  // its last token.
   // And it must be worth it: the prompt's own record becomes approximate,
   // never a donor, so fewer than kMinBlendRows rows past the exact prefix
   // are not taken (on near-dup traffic a new document's first prompt took
@@ -303,7 +313,8 @@ struct Planner::Impl {
                                      KVBlockStore::Prefix stored) {
     const int length = std::min(stored.length, static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows);
     KVBlockStore::Prefix exact = store.longest_prefix(ns, tokens, true);
-    if (stored.error > config.blend.max_error || length - exact.length < kMinBlendRows) return exact;
+    const double max_deviation = std::min(config.blend.max_error, calibration->threshold(ns, config.blend).deviation);
+    if (stored.error > max_deviation || length - exact.length < kMinBlendRows) return exact;
     stored.length = length;
     return stored;
   }
@@ -311,10 +322,9 @@ struct Planner::Impl {
   // Whether a prompt served from blended K/V (the plan's approximate
   // prefix; `estimate` its deviation's guard_estimate under this prompt's
   // guard rows, `logits` its last row's) is computed again from its exact
-  // prefix, as a blend would be: when the estimate is past the namespace's
-  // guard now (tighter, maybe, than when it was stored: the prompts that
-  // reuse it are not measured), or its two most likely next tokens are
-  // within the guard's reach of each other (BlendConfig::top1_sigmas).
+  // prefix, as a blend would be (kv_blend.hpp: refused), under the
+  // namespace's guard now (tighter, maybe, than when it was stored: the
+  // prompts that reuse it are not measured).
   // Not also one in calibrate_every: sharing the blends' count, that moved
   // their calibrations onto other requests, which on the bundled model
   // cost near-dup a full prefill (2.27 -> 1.91x exact prefix reuse), and
@@ -323,8 +333,16 @@ struct Planner::Impl {
   // at KL 9e-4 that flipped a near tie (top-1 15 of 16; a guard miss that
   // can happen without it too).
   bool recompute_exactly(const Plan& plan, double estimate, std::span<const float> logits) const {
-    const double guard = calibration->threshold(plan.name_space, config.blend);
-    return estimate > guard || near_tie(logits, estimate, guard, config.blend);
+    return refused(estimate, plan.reused_error, logits, calibration->threshold(plan.name_space, config.blend),
+                   config.blend);
+  }
+
+  // A measured sample of the plan's namespace, reported and calibrating
+  // its guard.
+  void add_sample(Plan& plan, const CalibrationSample& sample) {
+    plan.report.calibration_kl = sample.kl;
+    plan.report.calibration_continuation_kl = sample.continuation_kl;
+    calibration->add(plan.name_space, sample, config.blend);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
@@ -424,7 +442,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     const bool calibrate = m.calibration->next_blend_calibrates(m.config.blend);
     llama::KVState exact_prefix;
     if (calibrate) exact_prefix = plan.kv;
-    const double guard = m.calibration->threshold(plan.name_space, m.config.blend);
+    const BlendGuard guard = m.calibration->threshold(plan.name_space, m.config.blend);
     const double start = process_cpu_s();
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv,
@@ -434,7 +452,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
-    m.calibration->record_blend(plan.name_space, out.estimated_error);
+    m.calibration->record_blend(plan.name_space, out.estimated_error, out.deviation);
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
@@ -443,18 +461,17 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
       // the prompt is served (and stored) exact.
-      llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, keep_rows);
+      const int rows = guard_rows(m.config.blend, T - exact_prefix.length);
+      llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, rows);
       report.blend_calibration = true;
-      report.calibration_kl = next_token_kl(exact.logits, result.logits);
-      m.calibration->add(plan.name_space, out.estimated_error, report.calibration_kl, m.config.blend);
+      m.add_sample(plan, measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits,
+                                        m.model.vocab_size));
+      keep_last_rows(exact, keep_rows, m.model);
       plan.kv = std::move(exact_prefix);
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
       return exact;
     }
-    if (out.stopped_at_layer > 1) {
-      report.calibration_kl = next_token_kl(result.logits, out.refused_logits);
-      m.calibration->add(plan.name_space, out.estimated_error, report.calibration_kl, m.config.blend);
-    }
+    if (out.refusal_sample) m.add_sample(plan, *out.refusal_sample);
     m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.deviation : 0.0, report.reused);
     return result;
   }
@@ -470,15 +487,15 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
         guarded ? guard_estimate(plan.reused_error, last_logits(result, rows, m.model), m.model.vocab_size)
                 : plan.reused_error;
     if (guarded && m.recompute_exactly(plan, reused_estimate, last_logits(result, 1, m.model))) {
-      const auto approximate_row = last_logits(result, 1, m.model);
-      const std::vector<float> approximate(approximate_row.begin(), approximate_row.end());  // result is replaced
+      const auto approximate_rows = last_logits(result, rows, m.model);
+      const std::vector<float> approximate(approximate_rows.begin(), approximate_rows.end());  // result is replaced
       const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
       plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
       report.reused = plan.kv.length;
       result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
       report.blend_calibration = true;
-      report.calibration_kl = next_token_kl(last_logits(result, 1, m.model), approximate);
-      m.calibration->add(plan.name_space, reused_estimate, report.calibration_kl, m.config.blend);
+      m.add_sample(plan, measure_sample(reused_estimate, plan.reused_error, last_logits(result, rows, m.model),
+                                        approximate, m.model.vocab_size));
       plan.reused_exact = true;
       plan.reused_error = 0.0;
     }
@@ -526,10 +543,12 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
     const BlendOutcome out = blend_prefill(engine, prompt, donor_kv, align_tokens(prompt, donor, anchors), kv,
-                                           unguarded, INFINITY, blended);
-    const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, 1);
-    samples.push_back({out.estimated_error, next_token_kl(exact.logits, blended.logits)});
-    m.calibration->add(samples.back().estimate, samples.back().kl, m.config.blend);
+                                           unguarded, {INFINITY, INFINITY}, blended);
+    const int rows = guard_rows(m.config.blend, static_cast<int>(prompt.size()));
+    const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, rows);
+    samples.push_back(
+        measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits, m.model.vocab_size));
+    m.calibration->add(samples.back(), m.config.blend);
   }
   return samples;
 }

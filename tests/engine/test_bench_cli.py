@@ -51,6 +51,7 @@ def test_all_scenarios_table_and_json(tmp_path):
             assert q["route"] in ("reuse", "blend", "cache")
             assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
             assert math.isfinite(q["nll_change"])
+            assert q["calibration_kl"] >= 0 and q["calibration_continuation_kl"] >= 0
 
 
 @pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
@@ -58,7 +59,8 @@ def test_all_scenarios_table_and_json(tmp_path):
                                   ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"],
                                   ["--scenario", "rag", "--recompute-ratio", "2"],
                                   ["--scenario", "rag", "--blend-max-error", "-1"],
-                                  ["--scenario", "rag", "--blend-max-kl", "0"]])
+                                  ["--scenario", "rag", "--blend-max-kl", "0"],
+                                  ["--scenario", "rag", "--blend-max-continuation-kl", "-1"]])
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr

@@ -46,6 +46,7 @@ def test_calibration_before_serving(prompt):
     samples = server.calibrate(passages)
     assert len(samples) == 3
     assert all(s["estimate"] > 0 and s["kl"] >= 0 for s in samples)
+    assert all(s["deviation"] > 0 and s["continuation_kl"] >= 0 for s in samples)
     assert server.stored_prompts == 0
     with pytest.raises(ValueError, match="passages"):
         server.calibrate(passages[:2])
