@@ -26,8 +26,10 @@ class LlamaServer:
     ``blend``: reuse a similar stored prompt's K/V (CacheBlend's idea) where
     the planner's cost model says it pays; ``recompute_ratio`` of the aligned
     rows are recomputed per layer, and a blend whose K/V deviation or error
-    estimate (the deviation times the square root of the next-token entropy,
-    calibrated at run time) exceeds ``max_error`` is computed exactly instead.
+    estimate (the deviation times the square root of the next-token entropy)
+    exceeds its bound is computed exactly instead: ``max_error``, lowered at
+    run time by calibration on the next token's KL (the estimate) and on the
+    mean KL over the prompt's last rows (the deviation).
     """
 
     def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,
@@ -70,7 +72,8 @@ class LlamaServer:
         workload's text (a shared head first, then at least two more; 256
         tokens or more in all): blends of them in another order, with an
         edit and with an insertion, each also computed exactly. Returns each
-        blend's guard estimate and measured next-token KL (nats)."""
+        blend's guard estimate and measured next-token KL (nats), and its K/V
+        deviation and measured mean KL over the prompt's last rows."""
         if isinstance(passages, (str, bytes)) or not isinstance(passages, Sequence):
             raise TypeError(f"passages must be a sequence of token sequences, got {type(passages).__name__}")
         arrays = [_token_array(p, "passages") for p in passages]
