@@ -62,9 +62,9 @@ struct BlendConfig {
   double max_kl = 1e-3;
   // Mean KL (nats) over the guard rows the calibrated guard aims under: the
   // continuation's. A token's expected NLL increase is its KL when the
-  // exact model is right, so this is a perplexity change of 0.5%. Served
-  // blends sit under the bound, not at it: on unseen text at contexts 256 to
-  // 4096 their guard rows' mean KL averaged 1.5e-3 to 3e-3.
+  // exact model is right, so this is a perplexity change of 0.5%; served
+  // blends sit under the bound, not at it (1e-3 refused most blends of a
+  // new namespace: BENCHMARKS.md section 8).
   double max_continuation_kl = 5e-3;
   // A blend whose two most likely next tokens are closer in logit than
   // top1_sigmas times the change the guard lets through is computed
@@ -103,12 +103,14 @@ struct BlendGuard {
 // token is nearly certain) where the guard rows' KL / deviation^2 had 0.35
 // to 0.9 (0.56 in all, 90th percentile 2.8); RAG blends whose next token
 // was safe carried guard-row KL of 1e-2 to 3e-1 into their continuation
-// (NLL changes of 0.02 to 0.14 nats per token). A sample bounds each at value * sqrt(max_kl / KL) (KL grows
-// about as the square of a small deviation); a quiet one (KL under max_kl /
-// 100) is taken at that floor, vouching for ten times its value at most.
-// Each bound is min(max_error, the (n/10 + 1)-th smallest) over n samples:
-// the smallest while fewer than ten are in, and then one prompt shape in ten
-// may ask for less without refusing every blend.
+// (NLL changes of 0.02 to 0.14 nats per token). A sample bounds each at
+// value * sqrt(target / KL), the target being max_kl or
+// max_continuation_kl (KL grows about as the square of a small deviation);
+// a quiet one (KL under target / 100) is taken at that floor, vouching for
+// ten times its value at most. Each bound is min(max_error, the
+// (n/10 + 1)-th smallest) over n samples: the smallest while fewer than ten
+// are in, and then one prompt shape in ten may ask for less without
+// refusing every blend.
 //
 // Per namespace. How much KL an estimate means varied by five orders of
 // magnitude between prompt shapes on unseen text (BENCHMARKS.md section 8:
@@ -116,10 +118,12 @@ struct BlendGuard {
 // estimates up to 0.11 where edited code reached 1.2e-3 at 0.056), and a
 // namespace is one application's traffic, its prompts of one shape. So a
 // namespace is guarded by its own samples once it has one, by every sample
-// of the model (calibrate()'s and every namespace's) before. (Holding a
-// namespace to the stricter of its own and the model's until it had two or
-// three samples of its own was measured and dropped: BENCHMARKS.md section
-// 8.)
+// of the model (calibrate()'s and every namespace's) before. (Measured and
+// dropped, BENCHMARKS.md section 8: holding a namespace to the stricter of
+// its own and the model's bounds until it had two or three samples of its
+// own, which refused most blends of every new namespace; and guarding a
+// new namespace by calibrate()'s samples alone, which served moved-passage
+// blends other namespaces' samples had warned of, perplexity -0.75%.)
 //
 // Samples come from calibrate() (the model's only), from one served blend
 // in calibrate_every, from every blend the guard refuses past layer 1
