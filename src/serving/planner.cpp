@@ -313,7 +313,7 @@ struct Planner::Impl {
                                      KVBlockStore::Prefix stored) {
     const int length = std::min(stored.length, static_cast<int>(tokens.size()) - 1 - config.blend.recent_rows);
     KVBlockStore::Prefix exact = store.longest_prefix(ns, tokens, true);
-    const double max_deviation = std::min(config.blend.max_error, calibration->threshold(ns, config.blend).deviation);
+    const double max_deviation = calibration->threshold(ns, config.blend).deviation;  // at most max_error
     if (stored.error > max_deviation || length - exact.length < kMinBlendRows) return exact;
     stored.length = length;
     return stored;
