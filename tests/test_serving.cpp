@@ -512,6 +512,53 @@ TEST(BlendCalibration, RefusalRateFollowsTheCurrentGuard) {
   EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
 }
 
+// A namespace whose blends were refused is not given up for good: after
+// calibrate_every prompts in a row denied a blend by the refusal rate, one
+// is priced as if it would pass; a blend resets the count.
+TEST(BlendCalibration, ANamespacePricedOutOfBlendingTriesAgain) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3, .calibrate_every = 4};
+  serving::BlendCalibration calibration;
+  for (int i = 0; i < 2; ++i) calibration.record_blend("rag", 0.3, 0.0);  // past max_error
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.75, 1e-12);
+  for (int i = 0; i < 3; ++i) calibration.priced_out("rag");
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.75, 1e-12);
+  calibration.priced_out("rag");
+  EXPECT_EQ(calibration.refusal_rate("rag", config), 0.0);
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
+  calibration.record_blend("rag", 0.3, 0.0);  // tried, and refused again
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.8, 1e-12);
+  serving::BlendConfig never = config;
+  never.calibrate_every = 0;
+  for (int i = 0; i < 8; ++i) calibration.priced_out("rag");
+  EXPECT_NEAR(calibration.refusal_rate("rag", never), 0.8, 1e-12);
+}
+
+// The planner counts the prompts the refusal rate denied a blend, and
+// tries one again after calibrate_every of them.
+TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  constexpr int kEvery = 3;
+  serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = 1e-9, .calibrate_every = kEvery}});
+  const auto base = text_tokens(600, 9);
+  auto near = base;
+  near[50] = edited(near[50]);
+  auto first = store_then_blend(engine, planner, base, near).first;
+  ASSERT_TRUE(first.report.blend_rejected);  // every blend is past max_error
+  int denied = 0;
+  for (int i = 1; i < 20 && denied < kEvery; ++i) {
+    auto prompt = base;
+    prompt[50 + i] = edited(prompt[50 + i]);
+    serving::Plan plan = planner.plan(prompt);
+    denied = plan.route == serving::Plan::Route::kBlend ? 0 : denied + 1;
+    planner.execute(engine, prompt, plan);
+  }
+  ASSERT_EQ(denied, kEvery);
+  auto prompt = base;
+  prompt[300] = edited(prompt[300]);
+  EXPECT_EQ(planner.plan(prompt).route, serving::Plan::Route::kBlend);
+}
+
 // A blend the guard refuses past layer 1 is measured: its KL against the
 // exact prefill it was replaced by is reported and calibrates the guard.
 TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {

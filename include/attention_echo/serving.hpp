@@ -73,7 +73,11 @@ struct BlendConfig {
   // estimate e is let through to KL max_kl * (e / guard)^2. On unseen C
   // headers two blends at KL 5e-5 and 7e-5 flipped the top token. 0: off.
   double top1_sigmas = 3.0;
-  int calibrate_every = 32;  // 0: never calibrate while serving (guard at max_error alone)
+  // One served blend in calibrate_every is also computed exactly, a sample;
+  // a namespace priced out of blending tries one again after as many
+  // prompts (BlendCalibration::refusal_rate). 0: neither (the guard at
+  // max_error alone once calibrate() is done).
+  int calibrate_every = 32;
   int probe_rows = 16;  // reused rows the guard samples in every layer
 };
 
@@ -148,8 +152,14 @@ class BlendCalibration {
   // Every blend's estimate and deviation (its worst layer), guarded or not.
   void record_blend(std::string_view name_space, double estimate, double deviation);
   // (refused + 1) / (n + 2) over the namespace's last n recorded blends,
-  // refused meaning above the namespace's guard now.
+  // refused meaning above the namespace's guard now; 0 once calibrate_every
+  // prompts in a row were denied a blend by it (priced_out), so that one
+  // blend is tried: a namespace whose first blends were refused would
+  // otherwise never blend again, whatever its traffic or its guard became.
   double refusal_rate(std::string_view name_space, const BlendConfig& config) const;
+  // A prompt of the namespace was planned without a blend that would have
+  // been cheapest had it not been priced at the refusal rate.
+  void priced_out(std::string_view name_space);
   long long samples() const;
 
  private:
@@ -163,6 +173,7 @@ class BlendCalibration {
     Samples samples;
     std::vector<BlendGuard> recent;  // estimate and deviation of the last kRecentBlends blends, a ring
     std::size_t next = 0;
+    int priced_out = 0;  // prompts since the last blend (priced_out)
   };
   static constexpr std::size_t kRecentBlends = 32;
   BlendGuard threshold_locked(std::string_view name_space, const BlendConfig& config) const;

@@ -43,7 +43,7 @@ class CostModel {
   // is then lost; BlendCalibration::refusal_rate; a refusal at layer 1
   // costs only layer 1's projections). Where the guard keeps refusing (a
   // model or text whose calibration allows little deviation) blending is
-  // routed around after a few tries.
+  // routed around after a few tries, and tried again now and then.
   double expected_blend(const BlendShape& b, double refusal_rate) const;
 
  private:

@@ -195,6 +195,7 @@ BlendGuard BlendCalibration::threshold(std::string_view name_space, const BlendC
 void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation) {
   std::lock_guard lock(mutex_);
   Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
+  n.priced_out = 0;
   const BlendGuard blend{estimate, deviation};
   if (n.recent.size() < kRecentBlends) {
     n.recent.push_back(blend);
@@ -208,12 +209,18 @@ double BlendCalibration::refusal_rate(std::string_view name_space, const BlendCo
   std::lock_guard lock(mutex_);
   const auto it = namespaces_.find(name_space);
   if (it == namespaces_.end()) return 0.5;
+  if (config.calibrate_every > 0 && it->second.priced_out >= config.calibrate_every) return 0.0;
   const BlendGuard guard = threshold_locked(name_space, config);
   const auto& recent = it->second.recent;
   const auto refused = std::count_if(recent.begin(), recent.end(), [guard](const BlendGuard& b) {
     return b.estimate > guard.estimate || b.deviation > guard.deviation;
   });
   return (static_cast<double>(refused) + 1.0) / (static_cast<double>(recent.size()) + 2.0);
+}
+
+void BlendCalibration::priced_out(std::string_view name_space) {
+  std::lock_guard lock(mutex_);
+  ++namespaces_.try_emplace(std::string(name_space)).first->second.priced_out;
 }
 
 long long BlendCalibration::samples() const {
@@ -272,6 +279,7 @@ struct Planner::Impl {
     };
     std::shared_ptr<BlendPlan> best;
     std::optional<Choice> chosen;
+    bool priced_out = false;  // a blend cheaper than best_cost, but for the refusal rate
     const double refusal_rate = calibration->refusal_rate(name_space, b);
     for (const KVBlockStore::Similar& candidate : donors) {
       if (candidate.similarity < kDonorProfile) break;  // best first
@@ -287,12 +295,14 @@ struct Planner::Impl {
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
       const Choice choice{cost.expected_blend(shape, refusal_rate), 10 * aligned >= 9 * (reusable - skip),
                           common_suffix(tokens, donor->tokens)};
+      priced_out |= cost.blend(shape) < best_cost;
       if (choice.cost >= best_cost || (chosen && !choice.better_than(*chosen))) continue;
       chosen = choice;
       best = std::make_shared<BlendPlan>(
           BlendPlan{store.state(donor->blocks, static_cast<int>(donor->tokens.size())), std::move(a), shape});
     }
     if (chosen) best_cost = chosen->cost;
+    else if (priced_out) calibration->priced_out(name_space);
     return best;
   }
 
