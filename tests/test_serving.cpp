@@ -155,6 +155,37 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   EXPECT_EQ(kv.length, static_cast<int>(request.size()));
 }
 
+// The reused rows the last row attends to most are computed, whatever their
+// deviation: with nothing else recomputed, they bring the next token's
+// logits closer to the exact ones.
+TEST(KVBlend, TheRowsTheLastRowAttendsToMostAreRecomputed) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  Donor donor(engine, text_tokens(600, 4));
+  std::vector<int> request = donor.tokens;
+  request[40] = edited(request[40]);
+  const auto alignment = serving::align_tokens(request, donor.tokens);
+  const auto exact = last_logits(engine, request);
+  auto blend = [&](int attended) {
+    const serving::BlendConfig config{.enabled = true, .recompute_ratio = 0.0, .recent_rows = 0,
+                                      .attended_rows = attended, .max_error = INFINITY, .probe_rows = 0};
+    llama::KVState kv;
+    llama::ForwardResult result;
+    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, kUnguarded, result);
+    EXPECT_TRUE(out.blended);
+    return std::make_pair(out.recomputed, max_abs_diff(result.logits, exact));
+  };
+  const auto [none, none_error] = blend(0);
+  const auto [some, some_error] = blend(16);
+  EXPECT_EQ(some, none + 16);
+  EXPECT_LT(some_error, none_error);
+  serving::BlendConfig bad{.enabled = true, .attended_rows = -1};
+  llama::KVState kv;
+  llama::ForwardResult result;
+  EXPECT_THROW(serving::blend_prefill(engine, request, donor.rows(), alignment, kv, bad, kUnguarded, result),
+               std::invalid_argument);
+}
+
 // A finished blend whose top two next tokens are closer than the logit
 // change its estimate is allowed is computed exactly (here every blend with
 // a non-zero estimate: the check made absurdly wide); off, it is served.
@@ -685,6 +716,7 @@ TEST(Planner, BadInputThrowsAndStoresNothing) {
     }
   }
   EXPECT_THROW(serving::Planner(c, {.blend = {.recompute_ratio = 1.5}}), std::invalid_argument);
+  EXPECT_THROW(serving::Planner(c, {.blend = {.attended_rows = -1}}), std::invalid_argument);
   EXPECT_THROW(serving::Planner(c, {.blend = {.max_kl = 0.0}}), std::invalid_argument);
   EXPECT_THROW(serving::Planner(c, {.blend = {.top1_sigmas = -1.0}}), std::invalid_argument);
 }

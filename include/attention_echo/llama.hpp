@@ -216,8 +216,9 @@ class Engine {
                            const AttentionRoute& route);
   // The KV-blend tier's primitives. K and V of positions [t0, t1) of layer
   // `layer` from their hidden rows x [t1 - t0, dim] into kv, without the
-  // attention and MLP that would follow.
-  void project_kv(int layer, const float* x, int t0, int t1, KVState& kv);
+  // attention and MLP that would follow. Returns the last row's query
+  // [dim] (RoPE'd): what that row attends with.
+  std::vector<float> project_kv(int layer, const float* x, int t0, int t1, KVState& kv);
   // layer_forward for the rows at `positions` (ascending) only: x holds
   // their hidden rows [positions.size(), dim]; kv's layer must hold the K/V
   // of every other position below positions.back() (from any source) and

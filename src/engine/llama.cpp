@@ -384,9 +384,13 @@ EchoResult Engine::layer_forward(int layer, float* x, int t0, int t1, KVState& k
   return echo;
 }
 
-void Engine::project_kv(int layer, const float* x, int t0, int t1, KVState& kv) {
-  impl_->prepare(layer, t0, t1, kv);
-  impl_->project(layer, x, t1 - t0, [t0](int i) { return t0 + i; }, kv);
+std::vector<float> Engine::project_kv(int layer, const float* x, int t0, int t1, KVState& kv) {
+  Impl& e = *impl_;
+  e.prepare(layer, t0, t1, kv);
+  e.project(layer, x, t1 - t0, [t0](int i) { return t0 + i; }, kv);
+  const ModelConfig& c = e.m.config;
+  const float* last = e.qkv.data() + static_cast<std::size_t>(t1 - t0 - 1) * (c.dim + 2 * c.kv_dim());
+  return std::vector<float>(last, last + c.dim);
 }
 
 void Engine::layer_forward_rows(int layer, float* x, std::span<const int> positions, KVState& kv) {

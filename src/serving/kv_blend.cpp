@@ -146,9 +146,10 @@ class Blend {
 
   // Layer 1: project every row, rank the aligned ones by how far their
   // fresh K/V are from the donor's, keep the worst recompute_ratio of them,
-  // the unaligned rows, the recent rows, the last row and the guard's probes.
+  // the ones the last row attends to most, the unaligned rows, the recent
+  // rows, the last row and the guard's probes.
   void select(const std::vector<float>& x) {
-    e_.project_kv(1, x.data(), skip_, T_, kv_);
+    const std::vector<float> query = e_.project_kv(1, x.data(), skip_, T_, kv_);
     std::vector<std::pair<double, int>> ranked;
     std::vector<float> k(kvd_), v(kvd_);
     std::vector<Deviation> dev(T_ - skip_);
@@ -165,6 +166,7 @@ class Blend {
     std::vector<int> reused;
     for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
     std::sort(reused.begin(), reused.end());
+    recompute_most_attended(query, reused);
     Deviation first;  // layer 1 deviation of every reused row: measured, not sampled
     for (int i : reused) {
       is_selected_[i - skip_] = false;
@@ -181,6 +183,32 @@ class Blend {
     for (std::size_t s = 0; s < selected_.size(); ++s)
       std::memcpy(x_.data() + s * c_.dim, x.data() + static_cast<std::size_t>(selected_[s] - skip_) * c_.dim,
                   sizeof(float) * c_.dim);
+  }
+
+  // Drops from `reused` the attended_rows rows that the last row, by its
+  // layer-1 query, attends to most, summed over heads (they are computed).
+  void recompute_most_attended(const std::vector<float>& query, std::vector<int>& reused) const {
+    const auto n = static_cast<std::ptrdiff_t>(std::min<std::size_t>(opt_.attended_rows, reused.size()));
+    if (n == 0) return;
+    const int hd = c_.head_dim(), group = c_.n_heads / c_.n_kv_heads;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    std::vector<double> weight(T_ - skip_, 0.0);
+    std::vector<float> score(T_);
+    for (int h = 0; h < c_.n_heads; ++h) {
+      const float* q = query.data() + static_cast<std::size_t>(h) * hd;
+      for (int j = 0; j < T_; ++j)
+        score[j] = scale * std::inner_product(q, q + hd, kv_.k(1, j) + static_cast<std::size_t>(h / group) * hd, 0.0f);
+      const float max = *std::max_element(score.begin(), score.end());
+      double sum = 0.0;
+      for (float& s : score) sum += (s = std::exp(s - max));
+      for (int j = skip_; j < T_; ++j) weight[j - skip_] += score[j] / sum;
+    }
+    std::vector<int> by_weight = reused;
+    std::partial_sort(by_weight.begin(), by_weight.begin() + n, by_weight.end(),
+                      [&](int a, int b) { return weight[a - skip_] > weight[b - skip_]; });
+    std::vector<char> attended(T_ - skip_, 0);
+    for (auto p = by_weight.begin(); p != by_weight.begin() + n; ++p) attended[*p - skip_] = 1;
+    std::erase_if(reused, [&](int i) { return attended[i - skip_] != 0; });
   }
 
   // Evenly spread over the reused rows, the same ones every run.
@@ -288,6 +316,7 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
     throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
   if (options.recent_rows < 0) throw std::invalid_argument("recent_rows: must be non-negative");
+  if (options.attended_rows < 0) throw std::invalid_argument("attended_rows: must be non-negative");
   if (!(guard.estimate >= 0.0 && guard.deviation >= 0.0))
     throw std::invalid_argument("guard: bounds must be non-negative");
   return Blend(engine, tokens, donor, alignment, kv, options, guard).run(result);

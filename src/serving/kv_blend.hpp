@@ -6,7 +6,8 @@
 //   layer 0          every other row computed (its output feeds layer 1);
 //   layer 1          K/V of every other row projected, compared with the
 //                    donor's; the rows that deviate most (recompute_ratio of
-//                    the aligned ones), every unaligned row and the last
+//                    the aligned ones), the attended_rows ones the last row
+//                    attends to most, every unaligned row and the last
 //                    recent_rows + 1 rows go on ("selected");
 //   layers 2..L-1    selected rows computed, every other row's K/V taken
 //                    from the donor (K re-rotated where its position moved).

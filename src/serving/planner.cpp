@@ -86,6 +86,7 @@ void validate_config(const PlannerConfig& c) {
     throw std::invalid_argument("blend.max_error: must be non-negative (inf disables the guard)");
   if (b.probe_rows < 0) throw std::invalid_argument("blend.probe_rows: must be non-negative");
   if (b.recent_rows < 0) throw std::invalid_argument("blend.recent_rows: must be non-negative");
+  if (b.attended_rows < 0) throw std::invalid_argument("blend.attended_rows: must be non-negative");
   if (!(b.max_kl > 0.0)) throw std::invalid_argument("blend.max_kl: must be positive");
   if (!(b.max_continuation_kl > 0.0)) throw std::invalid_argument("blend.max_continuation_kl: must be positive");
   if (!(b.top1_sigmas >= 0.0)) throw std::invalid_argument("blend.top1_sigmas: must be non-negative");
@@ -290,7 +291,7 @@ struct Planner::Impl {
       for (int i = skip; i < reusable; ++i) aligned += a.donor_position[i] >= 0;
       if (aligned == 0) continue;
       const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
-                         std::min(b.probe_rows, aligned);
+                         std::min(b.probe_rows + b.attended_rows, aligned);
       if (reused <= 0) continue;
       CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
       const Choice choice{cost.expected_blend(shape, refusal_rate), 10 * aligned >= 9 * (reusable - skip),
