@@ -497,6 +497,19 @@ TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.05, 1e-12);
 }
 
+// A quiet sample says only that its bound lies above its floor: it never
+// bounds tighter than a loud sample allows, and binds only without one.
+TEST(BlendCalibration, AQuietSampleNeverBoundsTighterThanALoudOne) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add(next_token(0.001, 0.0), config);  // quiet: floor 0.01
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.01, 1e-12);
+  calibration.add(next_token(0.1, 1e-2), config);  // loud: 0.1 * sqrt(0.1)
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
+  calibration.add(next_token(0.02, 4e-3), config);  // loud: 0.01
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.01, 1e-12);
+}
+
 // The two bounds are calibrated apart, each on the error it predicts: a
 // blend whose next token was safe but whose guard rows were not bounds the
 // deviation, not the estimate.

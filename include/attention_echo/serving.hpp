@@ -121,7 +121,12 @@ struct BlendGuard {
 // ten times its value at most. Each bound is min(max_error, the
 // (n/10 + 1)-th smallest) over n samples: the smallest while fewer than ten
 // are in, and then one prompt shape in ten may ask for less without
-// refusing every blend.
+// refusing every blend. A quiet sample only says that its own bound lies
+// above its floor, so it ranks after every loud one: it never bounds tighter
+// than a loud sample allows (on unseen text a quiet startup sample at
+// deviation 0.0026 had set the deviation bound at 0.026, under the 0.065
+// a loud one allowed, and every moved-passage blend of a namespace was
+// refused; BENCHMARKS.md section 8).
 //
 // Per namespace. How much KL an estimate means varied by five orders of
 // magnitude between prompt shapes on unseen text (BENCHMARKS.md section 8:
@@ -170,11 +175,19 @@ class BlendCalibration {
   long long samples() const;
 
  private:
+  // One bound's samples: loud ones at value * sqrt(target / KL), quiet
+  // ones at their floor, each ascending.
+  struct Bounds {
+    std::vector<double> loud, quiet;
+    void add(double value, double kl, double target);
+    // The (rank + 1)-th smallest, quiet ones ranked after every loud one.
+    double ranked(std::size_t rank) const;
+  };
   struct Samples {
-    std::vector<double> estimate_bounds, deviation_bounds;  // one per sample each, ascending
+    Bounds estimate, deviation;
     void add(const CalibrationSample& sample, const BlendConfig& config);
     BlendGuard threshold(double max_error) const;
-    std::size_t size() const { return estimate_bounds.size(); }
+    std::size_t size() const { return estimate.loud.size() + estimate.quiet.size(); }
   };
   struct Namespace {
     Samples samples;

@@ -114,13 +114,6 @@ std::size_t common_suffix(std::span<const int> a, std::span<const int> b) {
   return static_cast<std::size_t>(mismatch.first - a.rbegin());
 }
 
-// Where a calibration sample's `value` (estimate or deviation) bounds the
-// guard, given the KL it was measured at and the KL aimed under
-// (BlendCalibration).
-double sample_bound(double value, double kl, double target) {
-  return value * std::sqrt(target / std::max(kl, target / 100));
-}
-
 // Prompts a blend meets, made of passages (the first a shared head) whose
 // concatenation is the donor: the rest reversed (moved chunks, as RAG
 // passages in another order), 8 tokens in the middle of one passage
@@ -155,18 +148,29 @@ bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   return model_.size() == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
 
+// Where a calibration sample's `value` (estimate or deviation) bounds the
+// guard, given the KL it was measured at and the KL aimed under.
+void BlendCalibration::Bounds::add(double value, double kl, double target) {
+  const bool quiet = kl < target / 100;
+  std::vector<double>& bounds = quiet ? this->quiet : loud;
+  const double bound = value * std::sqrt(target / std::max(kl, target / 100));
+  bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
+}
+
+double BlendCalibration::Bounds::ranked(std::size_t rank) const {
+  if (rank < loud.size()) return loud[rank];
+  return std::max(quiet[rank - loud.size()], loud.empty() ? 0.0 : loud.back());
+}
+
 void BlendCalibration::Samples::add(const CalibrationSample& sample, const BlendConfig& config) {
-  auto insert = [](std::vector<double>& bounds, double bound) {
-    bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
-  };
-  insert(estimate_bounds, sample_bound(sample.estimate, sample.kl, config.max_kl));
-  insert(deviation_bounds, sample_bound(sample.deviation, sample.continuation_kl, config.max_continuation_kl));
+  estimate.add(sample.estimate, sample.kl, config.max_kl);
+  deviation.add(sample.deviation, sample.continuation_kl, config.max_continuation_kl);
 }
 
 BlendGuard BlendCalibration::Samples::threshold(double max_error) const {
-  if (estimate_bounds.empty()) return {max_error, max_error};
+  if (size() == 0) return {max_error, max_error};
   const std::size_t allowed = size() / 10;  // louder samples let through
-  return {std::min(max_error, estimate_bounds[allowed]), std::min(max_error, deviation_bounds[allowed])};
+  return {std::min(max_error, estimate.ranked(allowed)), std::min(max_error, deviation.ranked(allowed))};
 }
 
 void BlendCalibration::add(const CalibrationSample& sample, const BlendConfig& config) {
