@@ -151,8 +151,7 @@ bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
 // Where a calibration sample's `value` (estimate or deviation) bounds the
 // guard, given the KL it was measured at and the KL aimed under.
 void BlendCalibration::Bounds::add(double value, double kl, double target) {
-  const bool quiet = kl < target / 100;
-  std::vector<double>& bounds = quiet ? this->quiet : loud;
+  std::vector<double>& bounds = kl < target / 100 ? quiet : loud;
   const double bound = value * std::sqrt(target / std::max(kl, target / 100));
   bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
 }
