@@ -116,6 +116,25 @@ TEST(KVBlend, RerotatedKeysEqualKeysComputedAtTheNewPosition) {
   EXPECT_THROW(engine.rerotate_k(row.data(), 0, c.seq_len), std::invalid_argument);
 }
 
+// A 600-token donor and the request that edits its row 40 (exact prefix
+// reuse keeps 40 rows), blended into fresh K/V.
+struct EarlyEdit {
+  ae::ThreadPool pool{2};
+  llama::Engine engine{model(), pool};
+  Donor donor{engine, text_tokens(600, 4)};
+  std::vector<int> request = [this] {
+    std::vector<int> r = donor.tokens;
+    r[40] = edited(r[40]);
+    return r;
+  }();
+  serving::TokenAlignment alignment = serving::align_tokens(request, donor.tokens);
+
+  serving::BlendOutcome blend(const serving::BlendConfig& config, const serving::BlendGuard& guard,
+                              llama::KVState& kv, llama::ForwardResult& result) {
+    return serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, guard, result);
+  }
+};
+
 TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -134,44 +153,33 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
 }
 
 TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
-  ae::ThreadPool pool(2);
-  llama::Engine engine(model(), pool);
-  Donor donor(engine, text_tokens(600, 4));
-  std::vector<int> request = donor.tokens;
-  request[40] = edited(request[40]);  // an edit early in the prompt: exact prefix reuse keeps 40 rows
-  const auto alignment = serving::align_tokens(request, donor.tokens);
+  EarlyEdit e;
   llama::KVState kv;
   llama::ForwardResult result;
   const serving::BlendConfig config{.enabled = true};
-  const auto out =
-      serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, kUnguarded, result);
+  const auto out = e.blend(config, kUnguarded, kv, result);
   ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
   EXPECT_GT(out.reused, 400);
   EXPECT_LE(out.deviation, config.max_error);
   EXPECT_EQ(out.estimated_error, serving::guard_estimate(out.deviation, result.logits, model().config().vocab_size));
   EXPECT_LE(out.estimated_error, config.max_error);
-  const auto exact = last_logits(engine, request);
+  const auto exact = last_logits(e.engine, e.request);
   EXPECT_EQ(argmax(result.logits), argmax(exact));
-  EXPECT_EQ(kv.length, static_cast<int>(request.size()));
+  EXPECT_EQ(kv.length, static_cast<int>(e.request.size()));
 }
 
 // The reused rows the last row attends to most are computed, whatever their
 // deviation: with nothing else recomputed, they bring the next token's
 // logits closer to the exact ones.
 TEST(KVBlend, TheRowsTheLastRowAttendsToMostAreRecomputed) {
-  ae::ThreadPool pool(2);
-  llama::Engine engine(model(), pool);
-  Donor donor(engine, text_tokens(600, 4));
-  std::vector<int> request = donor.tokens;
-  request[40] = edited(request[40]);
-  const auto alignment = serving::align_tokens(request, donor.tokens);
-  const auto exact = last_logits(engine, request);
+  EarlyEdit e;
+  const auto exact = last_logits(e.engine, e.request);
   auto blend = [&](int attended) {
     const serving::BlendConfig config{.enabled = true, .recompute_ratio = 0.0, .recent_rows = 0,
                                       .attended_rows = attended, .max_error = INFINITY, .probe_rows = 0};
     llama::KVState kv;
     llama::ForwardResult result;
-    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, kUnguarded, result);
+    const auto out = e.blend(config, kUnguarded, kv, result);
     EXPECT_TRUE(out.blended);
     return std::make_pair(out.recomputed, max_abs_diff(result.logits, exact));
   };
@@ -182,26 +190,20 @@ TEST(KVBlend, TheRowsTheLastRowAttendsToMostAreRecomputed) {
   serving::BlendConfig bad{.enabled = true, .attended_rows = -1};
   llama::KVState kv;
   llama::ForwardResult result;
-  EXPECT_THROW(serving::blend_prefill(engine, request, donor.rows(), alignment, kv, bad, kUnguarded, result),
-               std::invalid_argument);
+  EXPECT_THROW(e.blend(bad, kUnguarded, kv, result), std::invalid_argument);
 }
 
 // A finished blend whose top two next tokens are closer than the logit
 // change its estimate is allowed is computed exactly (here every blend with
 // a non-zero estimate: the check made absurdly wide); off, it is served.
 TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
-  ae::ThreadPool pool(2);
-  llama::Engine engine(model(), pool);
-  Donor donor(engine, text_tokens(600, 4));
-  std::vector<int> request = donor.tokens;
-  request[40] = edited(request[40]);
-  const auto alignment = serving::align_tokens(request, donor.tokens);
+  EarlyEdit e;
   auto blend = [&](double sigmas) {
     llama::KVState kv;
     llama::ForwardResult result;
     const serving::BlendConfig config{.enabled = true, .top1_sigmas = sigmas};
     const serving::BlendGuard guard{config.max_error, config.max_error};  // finite: a near tie is measured against it
-    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, config, guard, result);
+    const auto out = e.blend(config, guard, kv, result);
     return std::make_pair(out, result.logits);
   };
   const auto [strict, logits] = blend(1e9);
@@ -211,7 +213,7 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   ASSERT_TRUE(strict.refusal_sample.has_value());  // what it would have served, measured
   EXPECT_EQ(strict.refusal_sample->estimate, strict.estimated_error);
   EXPECT_GE(strict.refusal_sample->continuation_kl, 0.0);
-  EXPECT_LE(max_abs_diff(logits, last_logits(engine, request)), 1e-4);
+  EXPECT_LE(max_abs_diff(logits, last_logits(e.engine, e.request)), 1e-4);
   EXPECT_TRUE(blend(0.0).first.blended);
 }
 

@@ -25,7 +25,7 @@ namespace {
 constexpr int kDonorCandidates = 4;
 constexpr float kDonorProfile = 0.25f;
 // A blend recomputes layer 0 and layer 1's projections of every row past the
-// stored prefix, 16 probes and the last row, and pays a donor lookup and
+// stored prefix, 16 probes, 16 attended rows and the last row, and pays a donor lookup and
 // alignment; below this many rows to compute it cannot repay that, so it is
 // not even looked for (on a 260K-parameter model with 100-token prompts the
 // lookup alone cost ~5% of a prefill).
