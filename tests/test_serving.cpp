@@ -282,6 +282,16 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   EXPECT_TRUE(out.refusal_sample.has_value());  // finished anyway, measured
   EXPECT_GT(out.deviation, guard.max_error);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+  // Told to stop where it is refused: the same layer, served the same, unmeasured.
+  llama::KVState stopped_kv;
+  llama::ForwardResult stopped_result;
+  const auto stopped = serving::blend_prefill(engine, request, donor.rows(), alignment, stopped_kv, guard, kUnguarded,
+                                              stopped_result, serving::RefusedBlend::kStop);
+  EXPECT_FALSE(stopped.blended);
+  EXPECT_EQ(stopped.stopped_at_layer, out.stopped_at_layer);
+  EXPECT_FALSE(stopped.refusal_sample.has_value());
+  EXPECT_TRUE(stopped.guard_logits.empty());
+  EXPECT_LE(max_abs_diff(stopped_result.logits, last_logits(engine, request)), 1e-4);
 }
 
 // The engine's K/V pages: their size changes no bit of the logits, and a
@@ -605,8 +615,9 @@ TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {
   EXPECT_EQ(planner.plan(prompt).route, serving::Plan::Route::kBlend);
 }
 
-// A blend the guard refuses past layer 1 is measured: its KL against the
-// exact prefill it was replaced by is reported and calibrates the guard.
+// A blend the guard refuses past layer 1 is measured while its namespace
+// has no sample of its own: its KL against the exact prefill it was
+// replaced by is reported and calibrates the guard.
 TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -631,7 +642,19 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
   ASSERT_TRUE(report.blend_rejected);
   EXPECT_LE(max_abs_diff(logits, last_logits(engine, near)), 1e-4);  // served exactly
   EXPECT_EQ(calibration->samples(), 1);
+  EXPECT_EQ(calibration->samples(""), 1u);
   EXPECT_GT(report.calibration_kl, 0.0);
+  // The namespace has a sample now: its next refused blend stops where it
+  // is refused, served exactly and not measured.
+  auto next = base;
+  next[300] = edited(next[300]);
+  serving::Plan plan = guarded.plan(next);
+  ASSERT_EQ(plan.route, serving::Plan::Route::kBlend);
+  const auto next_logits = guarded.execute(engine, next, plan).logits;
+  ASSERT_TRUE(plan.report.blend_rejected);
+  EXPECT_LE(max_abs_diff(next_logits, last_logits(engine, next)), 1e-4);
+  EXPECT_EQ(plan.report.calibration_kl, 0.0);
+  EXPECT_EQ(calibration->samples(), 1);
 }
 
 // A blend's K/V reused as a prefix is held to the blend's rules: the rows

@@ -141,10 +141,17 @@ struct BlendGuard {
 // new namespace by calibrate()'s samples alone, which served moved-passage
 // blends other namespaces' samples had warned of, perplexity -0.75%.)
 //
-// Samples come from calibrate() (the model's only), from one served blend
-// in calibrate_every, from every blend the guard refuses past layer 1
-// (finished and measured against the exact prefill that replaces it), and
-// from prompts that reused a blend's K/V and were computed again. The
+// Samples come from calibrate() (the model's only), from one blend in
+// calibrate_every, from the blends the guard refuses past layer 1 while
+// their namespace has no sample of its own (finished and measured against
+// the exact prefill that replaces them; a refused blend of a namespace
+// with samples stops where it was refused unless it is the calibration
+// blend), and from prompts that reused a blend's K/V and were computed
+// again. Measuring every refused blend cost the remaining layers of each,
+// and its samples, all from blends past the bound, tightened it further:
+// on unseen RAG prompts with moved passages two refused blends' samples
+// refused a good one (0.93x exact prefix reuse, 1.27x stopping;
+// BENCHMARKS.md section 8). The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
 // A namespace's record (at most 32 blends and its samples' bounds) lives
@@ -173,6 +180,8 @@ class BlendCalibration {
   // been cheapest had it not been priced at the refusal rate.
   void priced_out(std::string_view name_space);
   long long samples() const;
+  // The namespace's own samples.
+  std::size_t samples(std::string_view name_space) const;
 
  private:
   // One bound's samples: loud ones at value * sqrt(target / KL), quiet

@@ -53,7 +53,7 @@ struct Deviation {
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, const KVState& donor, const TokenAlignment& alignment, KVState& kv,
-        const BlendConfig& options, const BlendGuard& guard)
+        const BlendConfig& options, const BlendGuard& guard, RefusedBlend refused)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
@@ -62,6 +62,7 @@ class Blend {
         kv_(kv),
         opt_(options),
         guard_(guard),
+        on_refusal_(refused),
         max_deviation_(std::min(options.max_error, guard.deviation)),
         T_(static_cast<int>(tokens.size())),
         skip_(kv.length),
@@ -82,7 +83,12 @@ class Blend {
     int refused_at = -1;
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
-      if (!deep_layer(l) && refused_at < 0) refused_at = l;
+      if (deep_layer(l) || refused_at >= 0) continue;
+      refused_at = l;
+      if (on_refusal_ == RefusedBlend::kStop) {
+        out_.estimated_error = out_.deviation * std::sqrt(std::log(double(c_.vocab_size)));
+        return finish_exactly(l, x, result);
+      }
     }
     head_of_guard_rows(result);
     if (refused_at < 0 && refused(out_.estimated_error, out_.deviation, result.logits, guard_, opt_))
@@ -92,9 +98,10 @@ class Blend {
       out_.blended = true;
       return out_;
     }
-    // Refused past layer 1, the blend is still finished (its selected rows
-    // only) so that the exact prefill that follows measures what it would
-    // have served: a calibration sample at the price of a few layers.
+    // Refused past layer 1 and kMeasure: the blend was finished (its
+    // selected rows only) so that the exact prefill that follows measures
+    // what it would have served, a calibration sample at the price of the
+    // layers after the refusal.
     return finish_exactly(refused_at, x, result);
   }
 
@@ -246,6 +253,7 @@ class Blend {
   KVState& kv_;
   const BlendConfig& opt_;
   const BlendGuard guard_;
+  const RefusedBlend on_refusal_;
   const double max_deviation_;
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
@@ -307,7 +315,7 @@ bool refused(double estimate, double deviation, std::span<const float> logits, c
 
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
-                           const BlendGuard& guard, llama::ForwardResult& result) {
+                           const BlendGuard& guard, llama::ForwardResult& result, RefusedBlend refused) {
   if (alignment.donor_position.size() != tokens.size())
     throw std::invalid_argument("alignment: one donor position per token needed");
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
@@ -319,7 +327,7 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (options.attended_rows < 0) throw std::invalid_argument("attended_rows: must be non-negative");
   if (!(guard.estimate >= 0.0 && guard.deviation >= 0.0))
     throw std::invalid_argument("guard: bounds must be non-negative");
-  return Blend(engine, tokens, donor, alignment, kv, options, guard).run(result);
+  return Blend(engine, tokens, donor, alignment, kv, options, guard, refused).run(result);
 }
 
 }  // namespace attention_echo::serving

@@ -30,8 +30,11 @@
 // (BENCHMARKS.md section 8). Above the guard's bound, past max_error
 // deeper, or with its top two next tokens nearly tied
 // (BlendConfig::top1_sigmas), the blend is refused and the prompt is
-// computed exactly from layer 1 on: its work past layer 0 is lost, but its
-// guard rows, measured against the exact ones, are a calibration sample.
+// computed exactly from layer 1 on: its work past layer 0 is lost. A blend
+// refused in a deep layer either stops there (RefusedBlend::kStop) or is
+// finished first so that its guard rows, measured against the exact ones,
+// are a calibration sample (kMeasure, at the price of the layers after
+// the refusal).
 // The deviation is also held to the guard's deviation bound (the
 // continuation's error): every layer, and at layer 1 (where it is measured
 // over every reused row) a blend already past it is refused at once.
@@ -51,20 +54,25 @@ namespace attention_echo::serving {
 struct BlendOutcome {
   bool blended = false;        // served from the donor (else computed exactly after layer 0)
   double deviation = 0;        // relative K/V deviation of the reused rows, worst layer (so far when stopped)
-  // guard_estimate; stopped at layer 1, before the head: the deviation
-  // times sqrt(ln vocab), the most any distribution makes of it.
+  // guard_estimate; stopped before the head: the deviation times
+  // sqrt(ln vocab), the most any distribution makes of it.
   double estimated_error = 0;
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
   int recomputed = 0;          // rows computed in the deep layers (selected + probes)
   int first_layer_rows = 0;    // rows computed in layer 0
   int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: at the head)
   // The guard rows' logits ([rows, vocab]) of the blend, finished even when
-  // refused past layer 1: what it served, or would have.
+  // refused past layer 1 with kMeasure: what it served, or would have.
   std::vector<float> guard_logits;
-  // Refused past layer 1: the blend measured against the exact prefill
-  // that replaced it.
+  // Refused past layer 1 with RefusedBlend::kMeasure: the blend measured
+  // against the exact prefill that replaced it.
   std::optional<CalibrationSample> refusal_sample;
 };
+
+// What a blend the guard refuses in a deep layer does: stop there, or be
+// finished (the selected rows only) and measured against the exact
+// prefill that replaces it (BlendOutcome::refusal_sample).
+enum class RefusedBlend { kStop, kMeasure };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
 // exact) from `donor` (a stored prompt's K/V, KVBlockStore::state) aligned
@@ -76,7 +84,8 @@ struct BlendOutcome {
 // least two layers and 0 <= kv.length < tokens.size().
 BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, const llama::KVState& donor,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
-                           const BlendGuard& guard, llama::ForwardResult& result);
+                           const BlendGuard& guard, llama::ForwardResult& result,
+                           RefusedBlend refused = RefusedBlend::kMeasure);
 
 // Drops all but the last `rows` rows of a forward's hidden states and
 // logits (all kept when rows < 0).

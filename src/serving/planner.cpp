@@ -232,6 +232,12 @@ long long BlendCalibration::samples() const {
   return static_cast<long long>(model_.size());
 }
 
+std::size_t BlendCalibration::samples(std::string_view name_space) const {
+  std::lock_guard lock(mutex_);
+  const auto it = namespaces_.find(name_space);
+  return it == namespaces_.end() ? 0 : it->second.samples.size();
+}
+
 struct Planner::Impl {
   llama::ModelConfig model;
   PlannerConfig config;
@@ -457,10 +463,13 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     llama::KVState exact_prefix;
     if (calibrate) exact_prefix = plan.kv;
     const BlendGuard guard = m.calibration->threshold(plan.name_space, m.config.blend);
+    const RefusedBlend on_refusal = calibrate || m.calibration->samples(plan.name_space) == 0
+                                        ? RefusedBlend::kMeasure
+                                        : RefusedBlend::kStop;
     const double start = process_cpu_s();
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv,
-                                           m.config.blend, guard, result);
+                                           m.config.blend, guard, result, on_refusal);
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
     report.blend_recomputed = out.recomputed;
