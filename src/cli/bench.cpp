@@ -352,8 +352,16 @@ class Bench {
     Plan plan;
     const Served s = serve_planned(exact_planner_, r, plan);
     add_timing(m, r, s);
-    add_fidelity(m, base, s);
     add_prefix_tier(m, r, s.reused);
+    m.per_request.push_back(detail("reuse", r, plan.report, add_fidelity(m, base, s), s));
+  }
+
+  static ModeReport::Request detail(const char* route, const ScenarioRequest& r, const serving::PrefillReport& rep,
+                                    const Fidelity& f, const Served& s) {
+    return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
+            rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
+            rep.calibration_continuation_kl, f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
+            1e3 * s.prefill_s, rep.reused_from_l2};
   }
 
   // AttentionEcho: whatever the planner chose; the bench counts which route
@@ -381,11 +389,7 @@ class Bench {
       add_prefix_tier(m, r, s.reused);
       m.reused_echoed += !plan.reused_exact;
     }
-    m.per_request.push_back({route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer,
-                             rep.blend_reused, rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration,
-                             rep.estimated_error, rep.calibration_kl, rep.calibration_continuation_kl,
-                             f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change, 1e3 * s.prefill_s,
-                             rep.reused_from_l2});
+    m.per_request.push_back(detail(route, r, rep, f, s));
     SharedStoreReport& shared = report_.shared_store;
     shared.prompt_tokens += static_cast<long long>(r.tokens.size());
     shared.reused_l1 += rep.reused - rep.reused_from_l2;

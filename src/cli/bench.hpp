@@ -105,8 +105,9 @@ struct ModeReport {
   double kl_sum = 0.0;
   double nll_sum = 0.0;  // continuation negative log-likelihood, nats
   long long nll_tokens = 0;
-  // Echo: every request as the planner served it, with the guard's estimate
-  // next to the error measured against no reuse.
+  // Echo and exact-prefix: every request as the planner served it, with
+  // the guard's estimate next to the error measured against no reuse (the
+  // two modes side by side, request by request).
   struct Request {
     std::string route;  // "reuse", "blend", "cache"
     int tokens = 0, reused = 0;

@@ -52,6 +52,9 @@ def test_all_scenarios_table_and_json(tmp_path):
             assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
             assert math.isfinite(q["nll_change"])
             assert q["calibration_kl"] >= 0 and q["calibration_continuation_kl"] >= 0
+        exact = s["modes"]["exact-prefix"]["requests_detail"]  # side by side with echo's
+        assert [q["tokens"] for q in exact] == [q["tokens"] for q in detail]
+        assert all(q["route"] == "reuse" and q["kl"] == 0 and q["prefill_ms"] > 0 for q in exact)
 
 
 @pytest.mark.parametrize("args", [["--scenario", "chat"], ["--scenario", "rag", "--mode", "fast"],
