@@ -148,10 +148,10 @@ struct BlendGuard {
 // with samples stops where it was refused unless it is the calibration
 // blend), and from prompts that reused a blend's K/V and were computed
 // again. Measuring every refused blend cost the remaining layers of each,
-// and its samples, all from blends past the bound, tightened it further:
-// on unseen RAG prompts with moved passages two refused blends' samples
-// refused a good one (0.93x exact prefix reuse, 1.27x stopping;
-// BENCHMARKS.md section 8). The
+// and while a namespace has fewer than ten samples its bound is their
+// smallest, so a sample can only tighten it: on unseen RAG prompts with
+// moved passages two refused blends' samples refused a good one (0.93x
+// exact prefix reuse; 1.28x stopping; BENCHMARKS.md section 8). The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
 // A namespace's record (at most 32 blends and its samples' bounds) lives
