@@ -77,7 +77,7 @@ class Blend {
     out_.first_layer_rows = T_ - skip_;
     select(x);
     if (out_.deviation > max_deviation_) {
-      out_.estimated_error = out_.deviation * std::sqrt(std::log(double(c_.vocab_size)));
+      out_.estimated_error = estimate_before_head();
       return finish_exactly(1, x, result);
     }
     int refused_at = -1;
@@ -86,7 +86,7 @@ class Blend {
       if (deep_layer(l) || refused_at >= 0) continue;
       refused_at = l;
       if (on_refusal_ == RefusedBlend::kStop) {
-        out_.estimated_error = out_.deviation * std::sqrt(std::log(double(c_.vocab_size)));
+        out_.estimated_error = estimate_before_head();
         return finish_exactly(l, x, result);
       }
     }
@@ -125,6 +125,10 @@ class Blend {
     kv_.length = T_;
     return out_;
   }
+
+  // Stopped before the head: the most any next-token distribution makes
+  // of the deviation (its entropy is at most ln vocab).
+  double estimate_before_head() const { return out_.deviation * std::sqrt(std::log(double(c_.vocab_size))); }
 
   // The guard rows (the tail of the selected ones) through the head: their
   // logits give the estimate, the last row's go to result.
