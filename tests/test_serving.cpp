@@ -82,9 +82,10 @@ struct Donor {
     engine.forward(tokens, kv, {});
     store.insert("", tokens, kv, false, 0.0);
   }
-  llama::KVState rows() {
+  // Its K/V as blend_prefill's only donor.
+  std::vector<llama::KVState> rows() {
     const serving::KVBlockStore::Record& r = *store.similar("", tokens, 1).front().record;
-    return store.state(r.blocks, static_cast<int>(r.tokens.size()));
+    return {store.state(r.blocks, static_cast<int>(r.tokens.size()))};
   }
 };
 
@@ -150,6 +151,46 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   ASSERT_TRUE(out.blended);
   EXPECT_EQ(out.reused, 0);
   EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
+}
+
+// Two donors, each holding part of the request in the request's own
+// context: the first its opening 300 tokens, the second all of it (and
+// more after). Merged, the opening comes from the first and the rest from
+// the second, so the blend reuses every row exactly.
+TEST(KVBlend, EachRowComesFromItsOwnDonor) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const std::vector<int> request = text_tokens(600, 6);
+  std::vector<int> first(request.begin(), request.begin() + 300), second = request;
+  const std::vector<int> other = text_tokens(200, 7);
+  first.insert(first.end(), other.begin(), other.end());
+  second.insert(second.end(), other.begin(), other.end());
+  Donor a(engine, first), b(engine, second);
+  const std::vector<serving::TokenAlignment> per_donor = {serving::align_tokens(request, a.tokens),
+                                                          serving::align_tokens(request, b.tokens)};
+  const serving::TokenAlignment merged = serving::merge_alignments(per_donor);
+  ASSERT_EQ(merged.donor[299], 0);
+  ASSERT_EQ(merged.donor[300], 1);
+  std::vector<llama::KVState> donors = a.rows();
+  donors.push_back(b.rows().front());
+  llama::KVState kv;
+  llama::ForwardResult result;
+  const serving::BlendConfig none{.enabled = true, .recompute_ratio = 0.0, .max_error = INFINITY};
+  const auto out = serving::blend_prefill(engine, request, donors, merged, kv, none, kUnguarded, result);
+  ASSERT_TRUE(out.blended);
+  EXPECT_GT(out.reused, 500);
+  EXPECT_LE(out.deviation, 1e-5);
+  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+  // An alignment naming a donor that is not there, or a row past a donor's end.
+  serving::TokenAlignment bad = merged;
+  bad.donor[400] = 2;
+  EXPECT_THROW(serving::blend_prefill(engine, request, donors, bad, kv, none, kUnguarded, result),
+               std::invalid_argument);
+  bad = merged;
+  bad.donor[400] = 0;
+  bad.donor_position[400] = 550;
+  EXPECT_THROW(serving::blend_prefill(engine, request, donors, bad, kv, none, kUnguarded, result),
+               std::invalid_argument);
 }
 
 TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {

@@ -149,6 +149,35 @@ TEST(TokenAlignment, MatchesTheBruteForceDefinition) {
   }
 }
 
+// Request A B C D against donors A B Y and Z B C D: A and B from the
+// first (B follows A there, as in the request), C and D from the second,
+// the only one holding them.
+TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
+  std::vector<std::vector<int>> p;
+  for (int i = 0; i < 6; ++i) p.push_back(random_tokens(64, 300 + i));
+  auto concat = [&](std::initializer_list<int> order) {
+    std::vector<int> out;
+    for (int i : order) out.insert(out.end(), p[i].begin(), p[i].end());
+    return out;
+  };
+  const auto req = concat({0, 1, 2, 3}), first = concat({0, 1, 4}), second = concat({5, 1, 2, 3});
+  const std::vector<TokenAlignment> per_donor = {align_tokens(req, first), align_tokens(req, second)};
+  const TokenAlignment m = merge_alignments(per_donor);
+  EXPECT_EQ(m.aligned, 256);
+  for (int i = 0; i < 256; ++i) {
+    ASSERT_EQ(m.donor[i], i < 128 ? 0 : 1) << "token " << i;
+    EXPECT_EQ(m.donor_position[i], i) << "token " << i;
+  }
+  EXPECT_EQ(m.exact_prefix, 256);
+  // Equal runs: the first donor, and no switching on a tie.
+  const std::vector<TokenAlignment> twice = {align_tokens(req, req), align_tokens(req, req)};
+  const TokenAlignment same = merge_alignments(twice);
+  EXPECT_TRUE(std::all_of(same.donor.begin(), same.donor.end(), [](int d) { return d == 0; }));
+  EXPECT_THROW(merge_alignments({}), std::invalid_argument);
+  const std::vector<TokenAlignment> mixed = {align_tokens(req, first), align_tokens(first, first)};
+  EXPECT_THROW(merge_alignments(mixed), std::invalid_argument);
+}
+
 TEST(TokenAlignment, UnrelatedTokensDoNotAlign) {
   const auto a = align_tokens(random_tokens(200, 5), random_tokens(200, 6));
   EXPECT_LT(a.aligned, 8);

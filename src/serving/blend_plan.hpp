@@ -1,7 +1,9 @@
 // What Planner::plan chose to blend from (Plan::blend, opaque in the public
-// header): the donor's K/V, its alignment to the prompt and the blend's
+// header): the donors' K/V, the prompt's alignment to them and the blend's
 // priced shape.
 #pragma once
+
+#include <vector>
 
 #include "attention_echo/llama.hpp"
 #include "serving/cost_model.hpp"
@@ -10,7 +12,7 @@
 namespace attention_echo::serving {
 
 struct BlendPlan {
-  llama::KVState donor;  // shares the donor record's blocks
+  std::vector<llama::KVState> donors;  // share the donor records' blocks; TokenAlignment::donor indexes them
   TokenAlignment alignment;
   CostModel::BlendShape shape;
 };

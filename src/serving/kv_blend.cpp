@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
+#include <string>
 
 namespace attention_echo::serving {
 namespace {
@@ -52,12 +53,13 @@ struct Deviation {
 
 class Blend {
  public:
-  Blend(Engine& engine, std::span<const int> tokens, const KVState& donor, const TokenAlignment& alignment, KVState& kv,
+  Blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors, const TokenAlignment& alignment,
+        KVState& kv,
         const BlendConfig& options, const BlendGuard& guard, RefusedBlend refused)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
-        donor_(donor),
+        donors_(donors),
         align_(alignment),
         kv_(kv),
         opt_(options),
@@ -140,11 +142,12 @@ class Blend {
     keep_last_rows(result, 1, c_);
   }
 
-  // The donor's K/V of row i in layer l, K rotated to position i.
+  // Row i's donor K/V in layer l, K rotated to position i.
   void donor_rows(int l, int i, float* k, float* v) const {
     const int j = align_.donor_position[i];
-    std::memcpy(k, donor_.k(l, j), sizeof(float) * kvd_);
-    std::memcpy(v, donor_.v(l, j), sizeof(float) * kvd_);
+    const KVState& donor = donors_[align_.donor[i]];
+    std::memcpy(k, donor.k(l, j), sizeof(float) * kvd_);
+    std::memcpy(v, donor.v(l, j), sizeof(float) * kvd_);
     if (j != i) e_.rerotate_k(k, j, i);
   }
 
@@ -252,7 +255,7 @@ class Blend {
   Engine& e_;
   const llama::ModelConfig& c_;
   std::span<const int> tokens_;
-  const KVState& donor_;
+  std::span<const KVState> donors_;
   const TokenAlignment& align_;
   KVState& kv_;
   const BlendConfig& opt_;
@@ -317,11 +320,15 @@ bool refused(double estimate, double deviation, std::span<const float> logits, c
          deviation > std::min(config.max_error, guard.deviation) || near_tie(logits, estimate, guard.estimate, config);
 }
 
-BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KVState& donor,
+BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,
                            const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
                            const BlendGuard& guard, llama::ForwardResult& result, RefusedBlend refused) {
-  if (alignment.donor_position.size() != tokens.size())
+  if (alignment.donor_position.size() != tokens.size() || alignment.donor.size() != tokens.size())
     throw std::invalid_argument("alignment: one donor position per token needed");
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    if (alignment.donor_position[i] >= 0 && (alignment.donor[i] < 0 || alignment.donor[i] >= std::ssize(donors) ||
+                                             alignment.donor_position[i] >= donors[alignment.donor[i]].length))
+      throw std::invalid_argument("alignment: token " + std::to_string(i) + " names a row no donor holds");
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
     throw std::invalid_argument("kv: must hold fewer rows than tokens");
   if (engine.config().n_layers < 2) throw std::invalid_argument("engine: blending needs at least two layers");
@@ -331,7 +338,7 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, const KV
   if (options.attended_rows < 0) throw std::invalid_argument("attended_rows: must be non-negative");
   if (!(guard.estimate >= 0.0 && guard.deviation >= 0.0))
     throw std::invalid_argument("guard: bounds must be non-negative");
-  return Blend(engine, tokens, donor, alignment, kv, options, guard, refused).run(result);
+  return Blend(engine, tokens, donors, alignment, kv, options, guard, refused).run(result);
 }
 
 }  // namespace attention_echo::serving

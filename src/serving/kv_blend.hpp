@@ -1,6 +1,7 @@
 // The KV-blend tier (CacheBlend's idea, with a measured guard): prefill a
-// prompt from the per-layer K/V of a similar stored request (the donor),
-// recomputing only what deviates.
+// prompt from the per-layer K/V of similar stored requests (the donors, each
+// token from the one sharing the longest context before it), recomputing
+// only what deviates.
 //
 //   rows [0, skip)   K/V from the store, exact, never recomputed;
 //   layer 0          every other row computed (its output feeds layer 1);
@@ -75,14 +76,15 @@ struct BlendOutcome {
 enum class RefusedBlend { kStop, kMeasure };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
-// exact) from `donor` (a stored prompt's K/V, KVBlockStore::state) aligned
-// by `alignment`, writing the donor's rows (K re-rotated where they moved)
+// exact) from `donors` (stored prompts' K/V, KVBlockStore::state) aligned
+// by `alignment` (TokenAlignment::donor indexes `donors`), writing the
+// donors' rows (K re-rotated where they moved)
 // into kv's own pages, keeping the logits of the last row in result. The
 // guard refuses an estimate or deviation above `guard`'s (the calibrated
 // bounds, BlendCalibration::threshold) or config.max_error. Throws
 // std::invalid_argument on inconsistent arguments. Needs an engine of at
 // least two layers and 0 <= kv.length < tokens.size().
-BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, const llama::KVState& donor,
+BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, std::span<const llama::KVState> donors,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            const BlendGuard& guard, llama::ForwardResult& result,
                            RefusedBlend refused = RefusedBlend::kMeasure);

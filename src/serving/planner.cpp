@@ -108,12 +108,6 @@ std::span<const float> last_logits(const llama::ForwardResult& r, int rows, cons
   return std::span<const float>(r.logits).last(static_cast<std::size_t>(rows) * c.vocab_size);
 }
 
-// How many tokens a and b end alike.
-std::size_t common_suffix(std::span<const int> a, std::span<const int> b) {
-  const auto mismatch = std::mismatch(a.rbegin(), a.rend(), b.rbegin(), b.rend());
-  return static_cast<std::size_t>(mismatch.first - a.rbegin());
-}
-
 // Prompts a blend meets, made of passages (the first a shared head) whose
 // concatenation is the donor: the rest reversed (moved chunks, as RAG
 // passages in another order), 8 tokens in the middle of one passage
@@ -265,55 +259,45 @@ struct Planner::Impl {
   }
 
   // The blend from the stored prompts most like this one, or null: one
-  // cheaper than best_cost (which it then lowers). Donors that cover 90% of
-  // the reusable rows cost about the same, and among them the one that
-  // agrees with the prompt over the longest run of tokens before its end is
-  // taken: every row after the last place the two differ carries K/V made
-  // in the donor's context, and the next token reads those rows most. On
-  // unseen code two prompts (edits at rows 198 and 1481) blended from a
+  // cheaper than best_cost (which it then lowers). Every candidate that
+  // aligns is a donor, each token taken from the one that shares the
+  // longest context before it (merge_alignments). With one donor per blend,
+  // two prompts of unseen code (edits at rows 198 and 1481) blended from a
   // donor whose own edited line sat 694 rows before the end both measured
-  // next-token KL 5.4e-3; the donor's edit, not theirs, made it.
+  // next-token KL 5.4e-3: the donor's edit, not theirs, made it. Rows past
+  // a donor's own edit now come from a donor without it where one is
+  // stored, and moved passages from a donor where they followed the same.
   std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip, std::string_view name_space,
-                                        const std::vector<KVBlockStore::Similar>& donors, double& best_cost) const {
+                                        const std::vector<KVBlockStore::Similar>& candidates,
+                                        double& best_cost) const {
     const int T = static_cast<int>(tokens.size());
     const BlendConfig& b = config.blend;
-    struct Choice {
-      double cost;
-      bool covers;       // aligns 90% of the reusable rows
-      std::size_t tail;  // tokens the prompt and donor end alike
-      bool better_than(const Choice& o) const {
-        if (covers != o.covers) return covers;
-        if (covers && tail != o.tail) return tail > o.tail;
-        return cost < o.cost;
-      }
-    };
-    std::shared_ptr<BlendPlan> best;
-    std::optional<Choice> chosen;
-    bool priced_out = false;  // a blend cheaper than best_cost, but for the refusal rate
-    const double refusal_rate = calibration->refusal_rate(name_space, b);
-    for (const KVBlockStore::Similar& candidate : donors) {
+    std::vector<TokenAlignment> alignments;
+    std::vector<llama::KVState> donors;
+    for (const KVBlockStore::Similar& candidate : candidates) {
       if (candidate.similarity < kDonorProfile) break;  // best first
       const KVBlockStore::Record* donor = candidate.record;
       TokenAlignment a = align_tokens(tokens, donor->tokens, donor->anchors);
-      const int reusable = T - 1 - b.recent_rows;  // the recent rows and the last are always computed
-      int aligned = 0;
-      for (int i = skip; i < reusable; ++i) aligned += a.donor_position[i] >= 0;
-      if (aligned == 0) continue;
-      const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
-                         std::min(b.probe_rows + b.attended_rows, aligned);
-      if (reused <= 0) continue;
-      CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-      const Choice choice{cost.expected_blend(shape, refusal_rate), 10 * aligned >= 9 * (reusable - skip),
-                          common_suffix(tokens, donor->tokens)};
-      priced_out |= cost.blend(shape) < best_cost;
-      if (choice.cost >= best_cost || (chosen && !choice.better_than(*chosen))) continue;
-      chosen = choice;
-      best = std::make_shared<BlendPlan>(
-          BlendPlan{store.state(donor->blocks, static_cast<int>(donor->tokens.size())), std::move(a), shape});
+      if (a.aligned == 0) continue;
+      alignments.push_back(std::move(a));
+      donors.push_back(store.state(donor->blocks, static_cast<int>(donor->tokens.size())));
     }
-    if (chosen) best_cost = chosen->cost;
-    else if (priced_out) calibration->priced_out(name_space);
-    return best;
+    if (alignments.empty()) return nullptr;
+    TokenAlignment merged = merge_alignments(alignments);
+    const int reusable = T - 1 - b.recent_rows;  // the recent rows and the last are always computed
+    int aligned = 0;
+    for (int i = skip; i < reusable; ++i) aligned += merged.donor_position[i] >= 0;
+    const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
+                       std::min(b.probe_rows + b.attended_rows, aligned);
+    if (reused <= 0) return nullptr;
+    const CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
+    const double expected = cost.expected_blend(shape, calibration->refusal_rate(name_space, b));
+    if (expected >= best_cost) {
+      if (cost.blend(shape) < best_cost) calibration->priced_out(name_space);  // but for the refusal rate
+      return nullptr;
+    }
+    best_cost = expected;
+    return std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape});
   }
 
   // A blend's K/V reused as a prefix is held to the blend's rules: its
@@ -468,7 +452,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
                                         : RefusedBlend::kStop;
     const double start = process_cpu_s();
     llama::ForwardResult result;
-    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donor, plan.blend->alignment, plan.kv,
+    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donors, plan.blend->alignment, plan.kv,
                                            m.config.blend, guard, result, on_refusal);
     report.blend_first_layer = out.first_layer_rows;
     report.blend_reused = out.reused;
@@ -565,7 +549,7 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
-    const BlendOutcome out = blend_prefill(engine, prompt, donor_kv, align_tokens(prompt, donor, anchors), kv,
+    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, align_tokens(prompt, donor, anchors), kv,
                                            unguarded, {INFINITY, INFINITY}, blended);
     const int rows = guard_rows(m.config.blend, static_cast<int>(prompt.size()));
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, rows);

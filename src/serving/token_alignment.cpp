@@ -32,6 +32,18 @@ bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int 
   return std::equal(a.begin() + i, a.begin() + i + k, b.begin() + j);
 }
 
+// The counts of an alignment from its donor positions.
+void count_aligned(TokenAlignment& a) {
+  const std::vector<int>& pos = a.donor_position;
+  const int T = static_cast<int>(pos.size());
+  for (int i = 0; i < T; ++i) {
+    if (pos[i] < 0) continue;
+    ++a.aligned;
+    a.moved += pos[i] != i;
+  }
+  while (a.exact_prefix < T && pos[a.exact_prefix] == a.exact_prefix) ++a.exact_prefix;
+}
+
 }  // namespace
 
 TokenAnchors index_anchors(std::span<const int> donor, int anchor) {
@@ -53,6 +65,7 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
   const int T = static_cast<int>(request.size()), Td = static_cast<int>(donor.size());
   TokenAlignment a;
   a.donor_position.assign(T, -1);
+  a.donor.assign(T, 0);
   std::vector<int>& pos = a.donor_position;
   // The donor is cold (one of thousands of stored prompts) and the walk
   // below touches its tokens and filter with a load per step: fetch them
@@ -94,13 +107,37 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
     for (int n = 0; n < anchor; ++n) pos[i + n] = best + n;
     i += anchor;
   }
-  for (int i = 0; i < T; ++i) {
-    if (pos[i] < 0) continue;
-    ++a.aligned;
-    a.moved += pos[i] != i;
-  }
-  while (a.exact_prefix < T && pos[a.exact_prefix] == a.exact_prefix) ++a.exact_prefix;
+  count_aligned(a);
   return a;
+}
+
+TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor) {
+  if (per_donor.empty()) throw std::invalid_argument("per_donor: no alignment to merge");
+  const std::size_t T = per_donor.front().donor_position.size();
+  for (const TokenAlignment& a : per_donor)
+    if (a.donor_position.size() != T) throw std::invalid_argument("per_donor: alignments of different requests");
+  TokenAlignment out;
+  out.donor_position.assign(T, -1);
+  out.donor.assign(T, 0);
+  std::vector<std::size_t> run_start(per_donor.size(), 0);  // per donor: where its run through token i began
+  int previous = -1;  // the previous token's donor
+  for (std::size_t i = 0; i < T; ++i) {
+    int best = -1;
+    for (std::size_t d = 0; d < per_donor.size(); ++d) {
+      const std::vector<int>& pos = per_donor[d].donor_position;
+      if (pos[i] < 0) continue;
+      if (i == 0 || pos[i - 1] < 0 || pos[i - 1] + 1 != pos[i]) run_start[d] = i;
+      const int candidate = static_cast<int>(d);
+      if (best < 0 || run_start[d] < run_start[best] || (run_start[d] == run_start[best] && candidate == previous))
+        best = candidate;
+    }
+    if (best < 0) continue;
+    out.donor_position[i] = per_donor[best].donor_position[i];
+    out.donor[i] = best;
+    previous = best;
+  }
+  count_aligned(out);
+  return out;
 }
 
 }  // namespace attention_echo::serving

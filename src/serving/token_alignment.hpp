@@ -5,7 +5,8 @@
 // deletions (runs resume after the edit) and chunks that moved (runs are
 // anchored by k-gram hashes at any donor position, the nearest to where the
 // previous run would continue winning), so RAG passages in another order
-// still align.
+// still align. Alignments against several donors merge into one that takes
+// each token from the donor sharing the longest context before it.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,7 @@ namespace attention_echo::serving {
 
 struct TokenAlignment {
   std::vector<int> donor_position;  // per request token: donor index or -1
+  std::vector<int> donor;           // per request token: which donor (merge_alignments' order; 0 for one)
   int aligned = 0;                  // tokens with a donor position
   int moved = 0;                    // aligned tokens whose position differs (K is re-rotated)
   int exact_prefix = 0;             // leading tokens aligned to the same position
@@ -52,5 +54,18 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
 inline TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor = 8) {
   return align_tokens(request, donor, index_anchors(donor, anchor));
 }
+
+// One request's alignments against several donors (align_tokens, in the
+// donors' order) as one: each token takes the donor whose run through it
+// began earliest, staying with the previous token's donor on a tie. A
+// reused row's K/V deviates most just past the place where its donor's
+// context stops being the request's and less the longer the shared run
+// before it (BENCHMARKS.md section 8), so the longest shared context is
+// the least deviation: RAG passages in a new order take each passage from
+// a donor where it followed the same one, and an edited file's rows past
+// one donor's own edit come from a donor without it. Throws
+// std::invalid_argument unless there is at least one alignment and all
+// are of the same request.
+TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor);
 
 }  // namespace attention_echo::serving
