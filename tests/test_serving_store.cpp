@@ -173,7 +173,15 @@ TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
   const std::vector<TokenAlignment> twice = {align_tokens(req, req), align_tokens(req, req)};
   const TokenAlignment same = merge_alignments(twice);
   EXPECT_TRUE(std::all_of(same.donor.begin(), same.donor.end(), [](int d) { return d == 0; }));
+  // A run shorter than min_run is not taken: 40 tokens of B alone.
+  std::vector<int> piece = concat({5});
+  std::copy(p[1].begin(), p[1].begin() + 40, piece.begin() + 10);
+  const std::vector<TokenAlignment> short_run = {align_tokens(piece, first)};
+  EXPECT_EQ(short_run.front().aligned, 40);
+  EXPECT_EQ(merge_alignments(short_run).aligned, 0);
+  EXPECT_EQ(merge_alignments(short_run, 40).aligned, 40);
   EXPECT_THROW(merge_alignments({}), std::invalid_argument);
+  EXPECT_THROW(merge_alignments(short_run, 0), std::invalid_argument);
   const std::vector<TokenAlignment> mixed = {align_tokens(req, first), align_tokens(first, first)};
   EXPECT_THROW(merge_alignments(mixed), std::invalid_argument);
 }

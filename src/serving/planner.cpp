@@ -549,8 +549,9 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
-    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, align_tokens(prompt, donor, anchors), kv,
-                                           unguarded, {INFINITY, INFINITY}, blended);
+    const std::vector<TokenAlignment> alignment = {align_tokens(prompt, donor, anchors)};
+    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, merge_alignments(alignment), kv, unguarded,
+                                           {INFINITY, INFINITY}, blended);
     const int rows = guard_rows(m.config.blend, static_cast<int>(prompt.size()));
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, rows);
     samples.push_back(

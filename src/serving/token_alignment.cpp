@@ -32,6 +32,23 @@ bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int 
   return std::equal(a.begin() + i, a.begin() + i + k, b.begin() + j);
 }
 
+// Per token: whether it lies in a run (tokens aligned to consecutive donor
+// positions) of at least min_run tokens.
+std::vector<char> in_long_run(const std::vector<int>& pos, int min_run) {
+  std::vector<char> out(pos.size(), 0);
+  for (std::size_t i = 0; i < pos.size();) {
+    if (pos[i] < 0) {
+      ++i;
+      continue;
+    }
+    std::size_t end = i + 1;
+    while (end < pos.size() && pos[end] >= 0 && pos[end] == pos[end - 1] + 1) ++end;
+    if (end - i >= static_cast<std::size_t>(min_run)) std::fill(out.begin() + i, out.begin() + end, 1);
+    i = end;
+  }
+  return out;
+}
+
 // The counts of an alignment from its donor positions.
 void count_aligned(TokenAlignment& a) {
   const std::vector<int>& pos = a.donor_position;
@@ -111,21 +128,24 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
   return a;
 }
 
-TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor) {
+TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int min_run) {
   if (per_donor.empty()) throw std::invalid_argument("per_donor: no alignment to merge");
+  if (min_run < 1) throw std::invalid_argument("min_run: must be at least 1");
   const std::size_t T = per_donor.front().donor_position.size();
   for (const TokenAlignment& a : per_donor)
     if (a.donor_position.size() != T) throw std::invalid_argument("per_donor: alignments of different requests");
   TokenAlignment out;
   out.donor_position.assign(T, -1);
   out.donor.assign(T, 0);
+  std::vector<std::vector<char>> usable;
+  for (const TokenAlignment& a : per_donor) usable.push_back(in_long_run(a.donor_position, min_run));
   std::vector<std::size_t> run_start(per_donor.size(), 0);  // per donor: where its run through token i began
   int previous = -1;  // the previous token's donor
   for (std::size_t i = 0; i < T; ++i) {
     int best = -1;
     for (std::size_t d = 0; d < per_donor.size(); ++d) {
       const std::vector<int>& pos = per_donor[d].donor_position;
-      if (pos[i] < 0) continue;
+      if (!usable[d][i]) continue;
       if (i == 0 || pos[i - 1] < 0 || pos[i - 1] + 1 != pos[i]) run_start[d] = i;
       const int candidate = static_cast<int>(d);
       if (best < 0 || run_start[d] < run_start[best] || (run_start[d] == run_start[best] && candidate == previous))

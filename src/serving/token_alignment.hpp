@@ -55,17 +55,27 @@ inline TokenAlignment align_tokens(std::span<const int> request, std::span<const
   return align_tokens(request, donor, index_anchors(donor, anchor));
 }
 
+// Runs shorter than this are not reused: every row of one lies within 64
+// rows past a break, where reused K/V deviates most (BENCHMARKS.md section
+// 8), and most are coincidences (on a byte-level model, 8 characters such
+// as "#define _" recur across unrelated C headers: one chatbot prompt
+// aligned 1889 of its 2618 rows to another header, 1568 of them in runs
+// under 64 tokens, and its blend measured guard-row KL 1.4e-2). One K/V
+// block.
+inline constexpr int kMinRun = 64;
+
 // One request's alignments against several donors (align_tokens, in the
-// donors' order) as one: each token takes the donor whose run through it
-// began earliest, staying with the previous token's donor on a tie. A
+// donors' order) as one, runs shorter than min_run dropped: each token
+// takes the donor whose run through it began earliest, staying with the
+// previous token's donor on a tie. A
 // reused row's K/V deviates most just past the place where its donor's
 // context stops being the request's and less the longer the shared run
 // before it (BENCHMARKS.md section 8), so the longest shared context is
 // the least deviation: RAG passages in a new order take each passage from
 // a donor where it followed the same one, and an edited file's rows past
 // one donor's own edit come from a donor without it. Throws
-// std::invalid_argument unless there is at least one alignment and all
-// are of the same request.
-TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor);
+// std::invalid_argument unless there is at least one alignment, all are
+// of the same request and min_run >= 1.
+TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int min_run = kMinRun);
 
 }  // namespace attention_echo::serving
