@@ -54,8 +54,7 @@ struct Deviation {
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors, const TokenAlignment& alignment,
-        KVState& kv,
-        const BlendConfig& options, const BlendGuard& guard, RefusedBlend refused)
+        KVState& kv, const BlendConfig& options, const BlendGuard& guard, RefusedBlend refused)
       : e_(engine),
         c_(engine.config()),
         tokens_(tokens),
