@@ -21,6 +21,19 @@ std::vector<int> random_tokens(int n, std::uint64_t seed, int vocab = 500) {
   return t;
 }
 
+// `count` random 64-token passages, concatenated in any order.
+struct Passages {
+  std::vector<std::vector<int>> text;
+  Passages(int count, std::uint64_t seed) {
+    for (int i = 0; i < count; ++i) text.push_back(random_tokens(64, seed + i));
+  }
+  std::vector<int> concat(std::initializer_list<int> order) const {
+    std::vector<int> out;
+    for (int i : order) out.insert(out.end(), text[i].begin(), text[i].end());
+    return out;
+  }
+};
+
 // Every aligned token really is the donor's token at that position.
 void expect_consistent(const TokenAlignment& a, const std::vector<int>& req, const std::vector<int>& donor) {
   int aligned = 0;
@@ -75,14 +88,8 @@ TEST(TokenAlignment, InsertionAndDeletionShiftTheRest) {
 
 TEST(TokenAlignment, MovedChunksAlignAtAnyPosition) {
   // Passages A B C D served as C A D B.
-  std::vector<std::vector<int>> p;
-  for (int i = 0; i < 4; ++i) p.push_back(random_tokens(64, 10 + i));
-  auto concat = [&](std::initializer_list<int> order) {
-    std::vector<int> out;
-    for (int i : order) out.insert(out.end(), p[i].begin(), p[i].end());
-    return out;
-  };
-  const auto donor = concat({0, 1, 2, 3}), req = concat({2, 0, 3, 1});
+  const Passages p(4, 10);
+  const auto donor = p.concat({0, 1, 2, 3}), req = p.concat({2, 0, 3, 1});
   const auto a = align_tokens(req, donor);
   expect_consistent(a, req, donor);
   EXPECT_EQ(a.aligned, 256);
@@ -153,14 +160,8 @@ TEST(TokenAlignment, MatchesTheBruteForceDefinition) {
 // first (B follows A there, as in the request), C and D from the second,
 // the only one holding them.
 TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
-  std::vector<std::vector<int>> p;
-  for (int i = 0; i < 6; ++i) p.push_back(random_tokens(64, 300 + i));
-  auto concat = [&](std::initializer_list<int> order) {
-    std::vector<int> out;
-    for (int i : order) out.insert(out.end(), p[i].begin(), p[i].end());
-    return out;
-  };
-  const auto req = concat({0, 1, 2, 3}), first = concat({0, 1, 4}), second = concat({5, 1, 2, 3});
+  const Passages p(6, 300);
+  const auto req = p.concat({0, 1, 2, 3}), first = p.concat({0, 1, 4}), second = p.concat({5, 1, 2, 3});
   const std::vector<TokenAlignment> per_donor = {align_tokens(req, first), align_tokens(req, second)};
   const TokenAlignment m = merge_alignments(per_donor);
   EXPECT_EQ(m.aligned, 256);
@@ -174,8 +175,8 @@ TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
   const TokenAlignment same = merge_alignments(twice);
   EXPECT_TRUE(std::all_of(same.donor.begin(), same.donor.end(), [](int d) { return d == 0; }));
   // A run shorter than min_run is not taken: 40 tokens of B alone.
-  std::vector<int> piece = concat({5});
-  std::copy(p[1].begin(), p[1].begin() + 40, piece.begin() + 10);
+  std::vector<int> piece = p.concat({5});
+  std::copy(p.text[1].begin(), p.text[1].begin() + 40, piece.begin() + 10);
   const std::vector<TokenAlignment> short_run = {align_tokens(piece, first)};
   EXPECT_EQ(short_run.front().aligned, 40);
   EXPECT_EQ(merge_alignments(short_run).aligned, 0);
