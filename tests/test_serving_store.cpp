@@ -187,6 +187,43 @@ TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
   EXPECT_THROW(merge_alignments(mixed), std::invalid_argument);
 }
 
+// The merge's definition by brute force: per token, among the donors
+// whose run through it (consecutive donor positions) is at least min_run
+// long, the one whose run began earliest, the earlier donor on a tie.
+TEST(TokenAlignment, MergeMatchesTheBruteForceDefinition) {
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 40; ++trial) {
+    const auto base = random_tokens(300, 700 + trial, 50);
+    std::vector<TokenAlignment> per_donor;
+    for (int d = 0; d < 1 + trial % 4; ++d) {
+      std::vector<int> donor = base;
+      for (int e = 0; e < 5; ++e) {
+        const std::size_t at = rng() % donor.size();
+        if (rng() % 2) donor[at] = static_cast<int>(rng() % 50);
+        else std::rotate(donor.begin(), donor.begin() + at, donor.end());
+      }
+      per_donor.push_back(align_tokens(base, donor));
+    }
+    const int min_run = 1 + trial % 40;
+    const TokenAlignment m = merge_alignments(per_donor, min_run);
+    for (std::size_t i = 0; i < base.size(); ++i) {
+      int want = -1;
+      std::size_t want_start = 0;
+      for (std::size_t d = 0; d < per_donor.size(); ++d) {
+        const auto& pos = per_donor[d].donor_position;
+        if (pos[i] < 0) continue;
+        std::size_t start = i, end = i + 1;
+        while (start > 0 && pos[start - 1] >= 0 && pos[start - 1] + 1 == pos[start]) --start;
+        while (end < pos.size() && pos[end] >= 0 && pos[end] == pos[end - 1] + 1) ++end;
+        if (static_cast<int>(end - start) < min_run) continue;
+        if (want < 0 || start < want_start) want = static_cast<int>(d), want_start = start;
+      }
+      ASSERT_EQ(m.donor_position[i], want < 0 ? -1 : per_donor[want].donor_position[i]) << "trial " << trial << " token " << i;
+      if (want >= 0) ASSERT_EQ(m.donor[i], want) << "trial " << trial << " token " << i;
+    }
+  }
+}
+
 TEST(TokenAlignment, UnrelatedTokensDoNotAlign) {
   const auto a = align_tokens(random_tokens(200, 5), random_tokens(200, 6));
   EXPECT_LT(a.aligned, 8);

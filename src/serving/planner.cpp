@@ -273,14 +273,13 @@ struct Planner::Impl {
     const int T = static_cast<int>(tokens.size());
     const BlendConfig& b = config.blend;
     std::vector<TokenAlignment> alignments;
-    std::vector<llama::KVState> donors;
+    std::vector<const KVBlockStore::Record*> records;
     for (const KVBlockStore::Similar& candidate : candidates) {
       if (candidate.similarity < kDonorProfile) break;  // best first
-      const KVBlockStore::Record* donor = candidate.record;
-      TokenAlignment a = align_tokens(tokens, donor->tokens, donor->anchors);
+      TokenAlignment a = align_tokens(tokens, candidate.record->tokens, candidate.record->anchors);
       if (a.aligned == 0) continue;
       alignments.push_back(std::move(a));
-      donors.push_back(store.state(donor->blocks, static_cast<int>(donor->tokens.size())));
+      records.push_back(candidate.record);
     }
     if (alignments.empty()) return nullptr;
     TokenAlignment merged = merge_alignments(alignments);
@@ -297,6 +296,8 @@ struct Planner::Impl {
       return nullptr;
     }
     best_cost = expected;
+    std::vector<llama::KVState> donors;
+    for (const KVBlockStore::Record* r : records) donors.push_back(store.state(r->blocks, static_cast<int>(r->tokens.size())));
     return std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape});
   }
 

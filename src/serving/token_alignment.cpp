@@ -32,33 +32,21 @@ bool same_run(std::span<const int> a, int i, std::span<const int> b, int j, int 
   return std::equal(a.begin() + i, a.begin() + i + k, b.begin() + j);
 }
 
-// Per token: whether it lies in a run (tokens aligned to consecutive donor
-// positions) of at least min_run tokens.
-std::vector<char> in_long_run(const std::vector<int>& pos, int min_run) {
-  std::vector<char> out(pos.size(), 0);
-  for (std::size_t i = 0; i < pos.size();) {
-    if (pos[i] < 0) {
-      ++i;
-      continue;
-    }
-    std::size_t end = i + 1;
-    while (end < pos.size() && pos[end] >= 0 && pos[end] == pos[end - 1] + 1) ++end;
-    if (end - i >= static_cast<std::size_t>(min_run)) std::fill(out.begin() + i, out.begin() + end, 1);
-    i = end;
-  }
-  return out;
-}
-
-// The counts of an alignment from its donor positions.
+// The counts of an alignment from its donor positions (in locals: through
+// the reference, every write could alias the positions, and the loop ran
+// at a fifth of the speed).
 void count_aligned(TokenAlignment& a) {
   const std::vector<int>& pos = a.donor_position;
   const int T = static_cast<int>(pos.size());
+  int aligned = 0, moved = 0, exact = 0;
   for (int i = 0; i < T; ++i) {
-    if (pos[i] < 0) continue;
-    ++a.aligned;
-    a.moved += pos[i] != i;
+    aligned += pos[i] >= 0;
+    moved += pos[i] >= 0 && pos[i] != i;
   }
-  while (a.exact_prefix < T && pos[a.exact_prefix] == a.exact_prefix) ++a.exact_prefix;
+  while (exact < T && pos[exact] == exact) ++exact;
+  a.aligned = aligned;
+  a.moved = moved;
+  a.exact_prefix = exact;
 }
 
 }  // namespace
@@ -134,27 +122,53 @@ TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int m
   const std::size_t T = per_donor.front().donor_position.size();
   for (const TokenAlignment& a : per_donor)
     if (a.donor_position.size() != T) throw std::invalid_argument("per_donor: alignments of different requests");
+  // The planner merges on every lookup, so by runs, not tokens: every
+  // donor's runs of min_run or more, [start, end), first[d] where donor d's
+  // begin; between two consecutive run boundaries (of any donor) the same
+  // run wins every token.
+  const int n = static_cast<int>(T), donors = static_cast<int>(per_donor.size());
+  struct Run {
+    int start, end;
+  };
+  std::vector<Run> runs;
+  std::vector<int> first(donors + 1, 0), cuts;
+  for (int d = 0; d < donors; ++d) {
+    first[d] = static_cast<int>(runs.size());
+    const int* pos = per_donor[d].donor_position.data();
+    for (int i = 0; i < n;) {
+      if (pos[i] < 0) {
+        ++i;
+        continue;
+      }
+      int end = i + 1;
+      while (end < n && pos[end] == pos[end - 1] + 1) ++end;  // an unaligned -1 never follows a position
+      if (end - i >= min_run) {
+        runs.push_back({i, end});
+        cuts.insert(cuts.end(), {i, end});
+      }
+      i = end;
+    }
+  }
+  first[donors] = static_cast<int>(runs.size());
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+
   TokenAlignment out;
   out.donor_position.assign(T, -1);
   out.donor.assign(T, 0);
-  std::vector<std::vector<char>> usable;
-  for (const TokenAlignment& a : per_donor) usable.push_back(in_long_run(a.donor_position, min_run));
-  std::vector<std::size_t> run_start(per_donor.size(), 0);  // per donor: where its run through token i began
-  int previous = -1;  // the previous token's donor
-  for (std::size_t i = 0; i < T; ++i) {
-    int best = -1;
-    for (std::size_t d = 0; d < per_donor.size(); ++d) {
-      const std::vector<int>& pos = per_donor[d].donor_position;
-      if (!usable[d][i]) continue;
-      if (i == 0 || pos[i - 1] < 0 || pos[i - 1] + 1 != pos[i]) run_start[d] = i;
-      const int candidate = static_cast<int>(d);
-      if (best < 0 || run_start[d] < run_start[best] || (run_start[d] == run_start[best] && candidate == previous))
-        best = candidate;
+  std::vector<int> current(first.begin(), first.end() - 1);  // per donor: its first run not yet behind us
+  for (std::size_t c = 0; c + 1 < cuts.size(); ++c) {
+    const int from = cuts[c], to = cuts[c + 1];
+    int best = -1;  // the covering run that began earliest; on a tie the earlier donor's
+    for (int d = 0; d < donors; ++d) {
+      while (current[d] < first[d + 1] && runs[current[d]].end <= from) ++current[d];
+      if (current[d] == first[d + 1] || runs[current[d]].start > from) continue;
+      if (best < 0 || runs[current[d]].start < runs[current[best]].start) best = d;
     }
     if (best < 0) continue;
-    out.donor_position[i] = per_donor[best].donor_position[i];
-    out.donor[i] = best;
-    previous = best;
+    const auto& pos = per_donor[best].donor_position;
+    std::copy(pos.begin() + from, pos.begin() + to, out.donor_position.begin() + from);
+    std::fill(out.donor.begin() + from, out.donor.begin() + to, best);
   }
   count_aligned(out);
   return out;

@@ -66,8 +66,8 @@ inline constexpr int kMinRun = 64;
 
 // One request's alignments against several donors (align_tokens, in the
 // donors' order) as one, runs shorter than min_run dropped: each token
-// takes the donor whose run through it began earliest, staying with the
-// previous token's donor on a tie. A
+// takes the donor whose run through it began earliest, the earlier donor
+// on a tie (so no token switches between runs that began together). A
 // reused row's K/V deviates most just past the place where its donor's
 // context stops being the request's and less the longer the shared run
 // before it (BENCHMARKS.md section 8), so the longest shared context is
