@@ -17,7 +17,7 @@
 namespace attention_echo::serving {
 
 struct TokenAlignment {
-  std::vector<int> donor_position;  // per request token: donor index or -1
+  std::vector<int> donor_position;  // per request token: its position in the donor, or -1
   std::vector<int> donor;           // per request token: which donor (merge_alignments' order; 0 for one)
   int aligned = 0;                  // tokens with a donor position
   int moved = 0;                    // aligned tokens whose position differs (K is re-rotated)
