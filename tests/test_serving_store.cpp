@@ -218,7 +218,8 @@ TEST(TokenAlignment, MergeMatchesTheBruteForceDefinition) {
         if (static_cast<int>(end - start) < min_run) continue;
         if (want < 0 || start < want_start) want = static_cast<int>(d), want_start = start;
       }
-      ASSERT_EQ(m.donor_position[i], want < 0 ? -1 : per_donor[want].donor_position[i]) << "trial " << trial << " token " << i;
+      ASSERT_EQ(m.donor_position[i], want < 0 ? -1 : per_donor[want].donor_position[i])
+          << "trial " << trial << " token " << i;
       if (want >= 0) ASSERT_EQ(m.donor[i], want) << "trial " << trial << " token " << i;
     }
   }

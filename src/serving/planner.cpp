@@ -297,7 +297,8 @@ struct Planner::Impl {
     }
     best_cost = expected;
     std::vector<llama::KVState> donors;
-    for (const KVBlockStore::Record* r : records) donors.push_back(store.state(r->blocks, static_cast<int>(r->tokens.size())));
+    for (const KVBlockStore::Record* r : records)
+      donors.push_back(store.state(r->blocks, static_cast<int>(r->tokens.size())));
     return std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape});
   }
 
@@ -550,9 +551,9 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
-    const std::vector<TokenAlignment> alignment = {align_tokens(prompt, donor, anchors)};
-    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, merge_alignments(alignment), kv, unguarded,
-                                           {INFINITY, INFINITY}, blended);
+    const TokenAlignment alignment = align_tokens(prompt, donor, anchors);
+    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, merge_alignments({&alignment, 1}), kv,
+                                           unguarded, {INFINITY, INFINITY}, blended);
     const int rows = guard_rows(m.config.blend, static_cast<int>(prompt.size()));
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, rows);
     samples.push_back(
