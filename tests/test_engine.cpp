@@ -606,3 +606,49 @@ TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   EXPECT_EQ(json.at("scenarios").at(0).at("scenario"), "chatbot");
   EXPECT_EQ(json.at("scenarios").at(0).at("modes").size(), 3u);
 }
+
+// Repeats time each request on more serving stacks; what is reported
+// (routes, reuse, fidelity) stays the first stack's, as with one.
+TEST(EngineBench, RepeatsReportTheFirstStacksServing) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 6, 3);
+  bench::BenchOptions options;
+  options.threads = 2;
+  options.repeats = 1;
+  const auto once = bench::run_scenario(model, scenario, options, {});
+  options.repeats = 3;
+  const auto thrice = bench::run_scenario(model, scenario, options, {});
+  for (std::size_t m = 0; m < 3; ++m) {
+    const auto &a = once.modes[m], &b = thrice.modes[m];
+    EXPECT_EQ(b.requests, 6) << a.name;
+    EXPECT_EQ(a.tokens_computed, b.tokens_computed) << a.name;
+    EXPECT_EQ(a.nll_sum, b.nll_sum) << a.name;
+    EXPECT_EQ(a.top1_agree, b.top1_agree) << a.name;
+    ASSERT_EQ(a.per_request.size(), b.per_request.size()) << a.name;
+    for (std::size_t i = 0; i < a.per_request.size(); ++i) {
+      EXPECT_EQ(a.per_request[i].reused, b.per_request[i].reused) << a.name << " request " << i;
+      EXPECT_EQ(b.per_request[i].repeats_on_another_route, 0) << a.name << " request " << i;  // exact reuse only
+    }
+  }
+}
+
+TEST(EngineBench, BadRepeatsAreRefusedByName) {
+  const llama::Model model(llama::load_llama2c(kModel));
+  const llama::Tokenizer tok(kTokenizer, 512);
+  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 2, 3);
+  auto refused = [&](int repeats, const std::string& store_url) {
+    bench::BenchOptions options;
+    options.repeats = repeats;
+    options.store_url = store_url;
+    try {
+      bench::run_scenario(model, scenario, options, {});
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind("repeats:", 0), 0u) << e.what();
+      return true;
+    }
+    return false;
+  };
+  EXPECT_TRUE(refused(0, ""));
+  EXPECT_TRUE(refused(2, "redis://127.0.0.1:1"));  // refused before any connection
+}

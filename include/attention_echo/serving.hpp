@@ -160,6 +160,13 @@ struct BlendGuard {
 // same model may share it. Thread-safe.
 class BlendCalibration {
  public:
+  BlendCalibration() = default;
+  // A snapshot of other's record that goes its own way from here: a second
+  // serving stack that must decide as the first one would (aecho bench's
+  // repeats).
+  BlendCalibration(const BlendCalibration& other);
+  BlendCalibration& operator=(const BlendCalibration&) = delete;
+
   // Whether the next blend should be a calibration one (none taken yet, or
   // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);

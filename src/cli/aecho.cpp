@@ -48,6 +48,7 @@ struct BenchArgs {
   int context = 0;  // 0: the model's, at most 4096
   int seed = 1;
   int threads = 0;
+  int repeats = ae::bench::kDefaultRepeats;  // 1 with --store unless given
   double max_error = ae::EchoConfig{}.max_error;
   double sparse_mass = ae::EchoConfig{}.sparse_mass;
   bool blend = true;
@@ -140,6 +141,7 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   ae::bench::BenchOptions options;
   options.mode = ae::parse_echo_mode(a.mode);
   options.threads = a.threads;
+  options.repeats = a.repeats;
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
   options.blend = {.enabled = a.blend,
@@ -148,6 +150,8 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
                    .max_kl = a.blend_max_kl,
                    .max_continuation_kl = a.blend_max_continuation_kl};
   options.store_url = a.store;
+  if (!a.store.empty() && a.repeats > 1)
+    throw CLI::ValidationError("--repeats", "must be 1 with --store (the serving stacks would share it)");
   if (!a.store.empty()) {
     try {
       ae::parse_l2_url(a.store, "--store");
@@ -190,9 +194,10 @@ int run_bench(const BenchArgs& a) {
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
   const std::string mode(ae::to_string(options.mode));
   std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
-              "  %d requests per scenario, %d threads, SIMD path %s\n\n",
+              "  %d requests per scenario, each timed on %d serving stacks, %d threads, SIMD path %s\n\n",
               model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
-              model.config().n_kv_heads, context, mode.c_str(), a.seed, a.requests, threads, ae::attention_isa());
+              model.config().n_kv_heads, context, mode.c_str(), a.seed, a.requests, options.repeats, threads,
+              ae::attention_isa());
   std::fflush(stdout);
 
   const ae::bench::CalibrationReport calibration =
@@ -217,7 +222,8 @@ int run_bench(const BenchArgs& a) {
   if (json.is_open()) {
     nlohmann::ordered_json meta = {{"model", model_path},     {"mode", mode},
                                          {"context", context},      {"seed", a.seed},
-                                         {"threads", threads},      {"attention_isa", ae::attention_isa()},
+                                         {"threads", threads},      {"repeats", options.repeats},
+                                         {"attention_isa", ae::attention_isa()},
                                          {"gemm_isa", ae::attention_isa()},
                                          {"blend_calibration", ae::bench::to_json(calibration)}};
     if (!a.store.empty()) meta["store"] = a.store;
@@ -291,6 +297,12 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(64, INT_MAX).description("INT >= 64"));
   bench.add_option("--seed", bn.seed, "workload seed")->check(CLI::NonNegativeNumber)->capture_default_str();
   add_threads(bench, bn.threads);
+  CLI::Option* repeats =
+      bench.add_option("--repeats", bn.repeats,
+                       "serving stacks each request is served on; its time in a mode is their median "
+                       "(1 with --store, which they would share)")
+          ->check(CLI::PositiveNumber)
+          ->capture_default_str();
   bench.add_option("--max-error", bn.max_error, "the cache's guard: max relative error of a served hit (inf: off)")
       ->capture_default_str();
   bench.add_option("--sparse-mass", bn.sparse_mass, "attention mass the sparse tier's kept tiles cover")
@@ -324,6 +336,7 @@ int main(int argc, char** argv) {
 
   try {
     app.parse(argc, argv);
+    if (!bn.store.empty() && repeats->count() == 0) bn.repeats = 1;
     if (generate.parsed()) return run_generate(gen);
     if (logits.parsed()) return run_logits(lg);
     return run_bench(bn);

@@ -1,7 +1,9 @@
 // The three-way serving benchmark. Each request is served by every mode back
-// to back, so the modes see the same machine state; only forward() calls on
-// the prompt are timed (time to first token). The continuation that scores
-// perplexity runs after the clock stops.
+// to back, so the modes see the same machine state, and that on each of
+// BenchOptions::repeats identical serving stacks; only the prompt is timed
+// (planning and forward(): time to first token), a request's time in a
+// mode being the median over the stacks. The continuation that scores
+// perplexity runs after the clock stops, on the first stack.
 #include <time.h>
 
 #include <algorithm>
@@ -51,10 +53,9 @@ double process_cpu_s() {
 }
 
 // Times `prompt` (planning, if any, and the forward over the prompt rows,
-// which leaves the prompt's K/V in kv) in wall and CPU time, then scores
-// the continuation.
+// which leaves the prompt's K/V in its KVState) in wall and CPU time.
 template <class Prompt>
-Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt prompt) {
+Served time_prompt(Engine& engine, Prompt prompt) {
   Served s;
   engine.timers() = {};
   const auto wall = std::chrono::steady_clock::now();
@@ -69,6 +70,11 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt promp
   s.logits = std::move(f.logits);
   s.echo = std::move(f.echo);
   s.layer_attention_cpu_s = std::move(f.attention_cpu_s);
+  return s;
+}
+
+// Scores the reference continuation after the prompt whose K/V is in kv.
+void score_continuation(Engine& engine, const ScenarioRequest& r, KVState& kv, Served& s) {
   // Continuation token i is predicted by the row before it.
   s.nll = -log_softmax(s.logits)[r.continuation[0]];
   const std::size_t rest = std::min<std::size_t>(r.continuation.size() - 1,
@@ -83,7 +89,27 @@ Served serve(Engine& engine, const ScenarioRequest& r, KVState& kv, Prompt promp
     }
   }
   s.nll_tokens = static_cast<int>(rest + 1);
-  return s;
+}
+
+// The first serving of a request, with the prompt times of the median one
+// by wall time (of an even count, the faster middle one): a slow spell of
+// the machine during one serving moves no request's time. Per-layer times
+// stay the first serving's, the ones its layers' tiers go with.
+Served with_median_time(std::vector<Served>& servings) {
+  std::vector<const Served*> by_time;
+  for (const Served& s : servings) by_time.push_back(&s);
+  const auto middle = by_time.begin() + static_cast<std::ptrdiff_t>((by_time.size() - 1) / 2);
+  std::nth_element(by_time.begin(), middle, by_time.end(),
+                   [](const Served* a, const Served* b) { return a->prefill_s < b->prefill_s; });
+  const Served& median = **middle;
+  const double prefill_s = median.prefill_s, attention_s = median.attention_s;
+  const double prefill_cpu_s = median.prefill_cpu_s, attention_cpu_s = median.attention_cpu_s;
+  Served first = std::move(servings.front());
+  first.prefill_s = prefill_s;
+  first.attention_s = attention_s;
+  first.prefill_cpu_s = prefill_cpu_s;
+  first.attention_cpu_s = attention_cpu_s;
+  return first;
 }
 
 // The measured error of one request against its no-reuse run.
@@ -214,7 +240,8 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"top1_agrees", q.top1_agrees},
                    {"nll_change", q.nll_change},
                    {"prefill_ms", q.prefill_ms},
-                   {"reused_from_l2", q.reused_from_l2}});
+                   {"reused_from_l2", q.reused_from_l2},
+                   {"repeats_on_another_route", q.repeats_on_another_route}});
   return out;
 }
 
@@ -272,22 +299,65 @@ nlohmann::ordered_json shared_store_json(const SharedStoreReport& s, const ModeR
 
 double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.nll_tokens) : 0.0; }
 
-// One scenario's serving state: an engine, the planner of the exact-prefix
-// mode (no cache, no blending: it always reuses the longest stored prefix),
-// and the cache and planner of echo mode (every route).
+// What serving a request changes: the echo cache, the planner of the
+// exact-prefix mode (no cache, no blending: it always reuses the longest
+// stored prefix) and echo mode's planner (every route).
+struct Stack {
+  Stack(const llama::Model& model, const BenchOptions& options,
+        std::shared_ptr<serving::BlendCalibration> calibration)
+      : cache(cache_config(model, options)),
+        exact(model.config()),
+        echo(model.config(), {.cache = &cache,
+                              .blend = options.blend,
+                              .calibration = std::move(calibration),
+                              .store_url = options.store_url,
+                              .model_fingerprint = model.fingerprint()}) {}
+
+  static EchoConfig cache_config(const llama::Model& model, const BenchOptions& options) {
+    EchoConfig config = options.cache;
+    config.per_layer = true;
+    config.mode = options.mode;
+    config.threads = options.threads;
+    config.max_prefix_length = model.config().seq_len;
+    config.store_url = options.store_url;
+    return config;
+  }
+
+  AttentionEchoCache cache;
+  serving::Planner exact, echo;
+};
+
+// One mode's servings of a request, one per stack.
+struct Servings {
+  std::vector<Served> served;
+  Plan plan;            // the first stack's, whose output is scored and reported
+  int other_route = 0;  // later stacks that planned the request another way
+};
+
+bool same_route(const Plan& a, const Plan& b) {
+  return a.route == b.route && a.report.reused == b.report.reused &&
+         a.report.blend_reused == b.report.blend_reused && a.report.blend_rejected == b.report.blend_rejected;
+}
+
+// One scenario's serving state: an engine and BenchOptions::repeats
+// stacks, each serving every request from the same history. The first
+// stack's copy of the blend calibration is the run's own (scenarios pass it
+// on); the others start from a snapshot of it. Their cost models learn
+// from their own measured times, so a stack can come to plan a request
+// another way; that is counted, not hidden.
 class Bench {
  public:
   Bench(const llama::Model& model, const Scenario& scenario, const BenchOptions& options)
-      : pool_(options.threads),
-        engine_(model, pool_),
-        cache_(cache_config(model, options)),
-        exact_planner_(model.config()),
-        echo_planner_(model.config(), {.cache = &cache_,
-                                       .blend = options.blend,
-                                       .calibration = options.calibration,
-                                       .store_url = options.store_url,
-                                       .model_fingerprint = model.fingerprint()}),
-        name_space_(scenario.name) {
+      : pool_(options.threads), engine_(model, pool_), name_space_(scenario.name) {
+    if (options.repeats < 1) throw std::invalid_argument("repeats: must be at least 1");
+    if (options.repeats > 1 && !options.store_url.empty())
+      throw std::invalid_argument("repeats: must be 1 with a shared store (the stacks would read each other's K/V)");
+    for (int i = 0; i < options.repeats; ++i) {
+      auto calibration = i == 0 || !options.calibration
+                             ? options.calibration
+                             : std::make_shared<serving::BlendCalibration>(*options.calibration);
+      stacks_.push_back(std::make_unique<Stack>(model, options, std::move(calibration)));
+    }
     report_.scenario = scenario.name;
     report_.description = scenario.description;
     report_.modes.resize(3);
@@ -300,77 +370,86 @@ class Bench {
   }
 
   void request(const ScenarioRequest& r) {
-    KVState kv;
-    const Served base = serve(engine_, r, kv, [&] { return engine_.forward(r.tokens, kv, {}); });
+    std::vector<Served> none;
+    Servings exact, echo;
+    for (std::size_t i = 0; i < stacks_.size(); ++i) {
+      Stack& stack = *stacks_[i];
+      KVState kv;
+      none.push_back(time_prompt(engine_, [&] { return engine_.forward(r.tokens, kv, {}); }));
+      if (i == 0) score_continuation(engine_, r, kv, none.back());
+      for (serving::Planner* planner : {&stack.exact, &stack.echo})
+        planner->observe(static_cast<int>(r.tokens.size()), none.back().prefill_cpu_s, none.back().attention_cpu_s);
+      // The two modes take turns going first, so that neither is always
+      // timed in the other's wake (caches, clocks); their ratio is what the
+      // targets are about.
+      if ((requests_ + i) % 2 == 0) {
+        serve_planned(stack.exact, r, exact);
+        serve_planned(stack.echo, r, echo);
+      } else {
+        serve_planned(stack.echo, r, echo);
+        serve_planned(stack.exact, r, exact);
+      }
+    }
+    ++requests_;
+    const Served base = with_median_time(none);
     add_timing(report_.modes[0], r, base);
     add_fidelity(report_.modes[0], base, base);
     report_.modes[0].miss += 1;
-    for (serving::Planner* planner : {&exact_planner_, &echo_planner_})
-      planner->observe(static_cast<int>(r.tokens.size()), base.prefill_cpu_s, base.attention_cpu_s);
-    // The two modes take turns going first, so that neither is always
-    // timed in the other's wake (caches, clocks); their ratio is what the
-    // targets are about.
-    if (requests_++ % 2 == 0) {
-      exact_prefix(r, base);
-      echo(r, base);
-    } else {
-      echo(r, base);
-      exact_prefix(r, base);
-    }
+    exact_prefix(r, base, exact);
+    echo_mode(r, base, echo);
   }
 
   ScenarioReport& report() {
-    report_.shared_store.kv_blocks = echo_planner_.l2_stats();
-    report_.shared_store.cache = cache_.l2_stats();
+    report_.shared_store.kv_blocks = stacks_.front()->echo.l2_stats();
+    report_.shared_store.cache = stacks_.front()->cache.l2_stats();
     return report_;
   }
 
  private:
-  static EchoConfig cache_config(const llama::Model& model, const BenchOptions& options) {
-    EchoConfig config = options.cache;
-    config.per_layer = true;
-    config.mode = options.mode;
-    config.threads = options.threads;
-    config.max_prefix_length = model.config().seq_len;
-    config.store_url = options.store_url;
-    return config;
-  }
-
-  // The request planned and executed by `planner`, both timed.
-  Served serve_planned(serving::Planner& planner, const ScenarioRequest& r, Plan& plan) {
-    Served s = serve(engine_, r, plan.kv, [&] {
+  // The request planned and executed by `planner`, both timed; the first
+  // stack's serving is also scored.
+  void serve_planned(serving::Planner& planner, const ScenarioRequest& r, Servings& servings) {
+    Plan plan;
+    Served s = time_prompt(engine_, [&] {
       plan = planner.plan(r.tokens, r.prefix_length, name_space_);
       return planner.execute(engine_, r.tokens, plan);
     });
     s.reused = plan.report.reused + plan.report.blend_reused;
-    return s;
+    if (servings.served.empty()) {
+      score_continuation(engine_, r, plan.kv, s);
+      servings.plan = std::move(plan);
+    } else {
+      servings.other_route += !same_route(servings.plan, plan);
+    }
+    servings.served.push_back(std::move(s));
   }
 
   // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
-  void exact_prefix(const ScenarioRequest& r, const Served& base) {
+  void exact_prefix(const ScenarioRequest& r, const Served& base, Servings& servings) {
     ModeReport& m = report_.modes[1];
-    Plan plan;
-    const Served s = serve_planned(exact_planner_, r, plan);
+    const Served s = with_median_time(servings.served);
     add_timing(m, r, s);
     add_prefix_tier(m, r, s.reused);
-    m.per_request.push_back(detail("reuse", r, plan.report, add_fidelity(m, base, s), s));
+    m.per_request.push_back(detail(m, "reuse", r, servings, add_fidelity(m, base, s), s));
   }
 
-  static ModeReport::Request detail(const char* route, const ScenarioRequest& r, const serving::PrefillReport& rep,
-                                    const Fidelity& f, const Served& s) {
+  static ModeReport::Request detail(ModeReport& m, const char* route, const ScenarioRequest& r,
+                                    const Servings& servings, const Fidelity& f, const Served& s) {
+    m.repeats_on_another_route += servings.other_route;
+    const serving::PrefillReport& rep = servings.plan.report;
     return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
             rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
             rep.calibration_continuation_kl, f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
-            1e3 * s.prefill_s, rep.reused_from_l2};
+            1e3 * s.prefill_s, rep.reused_from_l2, servings.other_route};
   }
 
   // AttentionEcho: whatever the planner chose; the bench counts which route
   // and what each tier served, and keeps every request's guard estimate
   // next to its measured error.
-  void echo(const ScenarioRequest& r, const Served& base) {
+  void echo_mode(const ScenarioRequest& r, const Served& base, Servings& servings) {
     ModeReport& m = report_.modes[2];
-    Plan plan;
-    const Served s = serve_planned(echo_planner_, r, plan);
+    const Plan& plan = servings.plan;
+    const Served s = with_median_time(servings.served);
     add_timing(m, r, s);
     const Fidelity f = add_fidelity(m, base, s);
     const serving::PrefillReport& rep = plan.report;
@@ -389,7 +468,7 @@ class Bench {
       add_prefix_tier(m, r, s.reused);
       m.reused_echoed += !plan.reused_exact;
     }
-    m.per_request.push_back(detail(route, r, rep, f, s));
+    m.per_request.push_back(detail(m, route, r, servings, f, s));
     SharedStoreReport& shared = report_.shared_store;
     shared.prompt_tokens += static_cast<long long>(r.tokens.size());
     shared.reused_l1 += rep.reused - rep.reused_from_l2;
@@ -399,8 +478,7 @@ class Bench {
 
   ThreadPool pool_;
   Engine engine_;
-  AttentionEchoCache cache_;
-  serving::Planner exact_planner_, echo_planner_;
+  std::vector<std::unique_ptr<Stack>> stacks_;
   std::string name_space_;
   ScenarioReport report_;
   int requests_ = 0;
@@ -501,6 +579,9 @@ std::string format_report(const ScenarioReport& r) {
     return m.name == "echo" ? std::to_string(m.routed_blend) + " (" + std::to_string(m.blend_rejected) + ")"
                             : std::string("-");
   });
+  row("repeats on another route", [](const ModeReport& m) {
+    return m.name == "none" ? std::string("-") : std::to_string(m.repeats_on_another_route);
+  });
   row("requests reusing echoed K/V", [](const ModeReport& m) {
     return m.name == "echo" ? std::to_string(m.reused_echoed) : std::string("-");
   });
@@ -551,6 +632,7 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
           {"routed_cache", m.routed_cache},
           {"reused_echoed_kv", m.reused_echoed},
           {"routed_blend", m.routed_blend},
+          {"repeats_on_another_route", m.repeats_on_another_route},
           {"blend_rejected", m.blend_rejected},
           {"kept_fraction", ratio_or_null(m.kept_fraction_sum, double(m.sparse_layer_hits))},
           {"layer_attention_speedup",

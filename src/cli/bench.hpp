@@ -47,6 +47,8 @@ const std::vector<std::string>& scenario_names();
 Scenario make_scenario(std::string_view name, std::string_view heldout, const llama::Tokenizer& tokenizer,
                        int context, int requests, std::uint64_t seed);
 
+inline constexpr int kDefaultRepeats = 3;
+
 struct BenchOptions {
   EchoMode mode = EchoMode::kSparse;
   int threads = 0;  // 0 = all hardware threads
@@ -61,6 +63,11 @@ struct BenchOptions {
   // "" for none, else "redis://HOST:PORT[?...]". Another process running the
   // same scenario reads what this one wrote.
   std::string store_url;
+  // Serving stacks (bench.cpp: Stack) every request is served on, each
+  // mode's prompt time being the median of theirs: one serving's time moves
+  // by a few percent on a shared machine, and a slow spell can add half. 1
+  // with a shared store, which the stacks would otherwise share.
+  int repeats = kDefaultRepeats;
 };
 
 // One serving strategy's totals over a scenario.
@@ -80,6 +87,9 @@ struct ModeReport {
   int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
   int routed_blend = 0, blend_rejected = 0;  // echo: KV-blend plans, and those the guard refused
   int reused_echoed = 0;                  // echo: skipped a prefix whose K/V was echoed
+  // Servings on later stacks (BenchOptions::repeats) planned another way
+  // than the first stack's, whose route, reuse and fidelity are reported.
+  int repeats_on_another_route = 0;
   double kept_fraction_sum = 0.0;         // over sparse layer hits
   long long sparse_layer_hits = 0;
   // Attention CPU seconds of cache-routed layers by tier, and of the same
@@ -119,6 +129,7 @@ struct ModeReport {
     double nll_change = 0.0;  // continuation NLL (nats per token) minus no reuse's
     double prefill_ms = 0.0;
     int reused_from_l2 = 0;  // of `reused`: tokens the shared L2 store gave
+    int repeats_on_another_route = 0;
   };
   std::vector<Request> per_request;
 };

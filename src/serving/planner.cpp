@@ -136,6 +136,13 @@ std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<in
 
 }  // namespace
 
+BlendCalibration::BlendCalibration(const BlendCalibration& other) {
+  std::lock_guard lock(other.mutex_);
+  blends_since_sample_ = other.blends_since_sample_;
+  model_ = other.model_;
+  namespaces_ = other.namespaces_;
+}
+
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   std::lock_guard lock(mutex_);
   if (config.calibrate_every == 0) return false;

@@ -32,7 +32,7 @@ def test_all_scenarios_table_and_json(tmp_path):
         assert "== " + name in r.stdout
     assert "3/3" in r.stderr  # the progress bar
     doc = json.loads(out.read_text())
-    assert doc["context"] == 128 and doc["threads"] == 2
+    assert doc["context"] == 128 and doc["threads"] == 2 and doc["repeats"] == 3
     assert [s["scenario"] for s in doc["scenarios"]] == names
     for s in doc["scenarios"]:
         assert set(s["modes"]) == {"none", "exact-prefix", "echo"}
@@ -52,6 +52,8 @@ def test_all_scenarios_table_and_json(tmp_path):
             assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
             assert math.isfinite(q["nll_change"])
             assert q["calibration_kl"] >= 0 and q["calibration_continuation_kl"] >= 0
+            assert 0 <= q["repeats_on_another_route"] <= 2  # of the two later stacks
+        assert echo["repeats_on_another_route"] == sum(q["repeats_on_another_route"] for q in detail)
         exact = s["modes"]["exact-prefix"]["requests_detail"]  # side by side with echo's
         assert [q["tokens"] for q in exact] == [q["tokens"] for q in detail]
         assert all(q["route"] == "reuse" and q["kl"] == 0 and q["prefill_ms"] > 0 for q in exact)
@@ -63,7 +65,9 @@ def test_all_scenarios_table_and_json(tmp_path):
                                   ["--scenario", "rag", "--recompute-ratio", "2"],
                                   ["--scenario", "rag", "--blend-max-error", "-1"],
                                   ["--scenario", "rag", "--blend-max-kl", "0"],
-                                  ["--scenario", "rag", "--blend-max-continuation-kl", "-1"]])
+                                  ["--scenario", "rag", "--blend-max-continuation-kl", "-1"],
+                                  ["--scenario", "rag", "--repeats", "0"],
+                                  ["--scenario", "rag", "--store", "redis://127.0.0.1:1", "--repeats", "2"]])
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
