@@ -21,8 +21,12 @@ Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
               builds' sparse kernels on the same plans ("compare i" rows,
               vs_ours = their time / ours), so two kernels are measured in
               one process
-  exact hit   the exact tier's copy of the prefix rows (p = T), and that copy
-              plus 512 suffix rows computed exactly
+  exact hit   the exact tier's copy of the prefix rows (p = T; with
+              --compare, other builds' copies in turns with ours), torch's
+              copy of the same bytes between contiguous tensors (what a copy
+              can do on this GPU), and that copy plus 512 suffix rows
+              computed exactly; --exact-hit-only: these rows and SDPA's
+              cuDNN miss (the fastest dense miss) alone
 Times are medians of CUDA-event-timed repeats after warm-up; TFLOP/s counts
 the causal attention's 2 * H * T^2 * D (sparse: the kept tiles' share).
 """
@@ -112,6 +116,38 @@ def interleaved_ms(fns, reps, rounds=3):
         for fn, t in zip(fns, times):
             t.append(median_ms(fn, reps))
     return [statistics.median(t) for t in times]
+
+
+def exact_hit(lib, others, q, k, v, out, reps, record, misses):
+    """The exact tier's hit at p = T: our copy of the cached rows (and each
+    --compare shim's, in turns), torch's contiguous copy of the same bytes,
+    and our copy plus 512 suffix rows on our kernel; each row's time against
+    every miss in `misses` (name -> ms) as <name>_over."""
+    T = q.shape[2]
+    cached = torch.randn_like(q)
+    sp, sh, st = view(cached)
+    op, oh, ot = view(out)
+
+    def copy(shim, rows):
+        return lambda: check(shim, shim.ae_copy_rows(sp, sh, st, op, oh, ot, 1, H, T, D, rows, stream()))
+
+    def over(ms):
+        return {f"{name}_over": miss / ms for name, miss in misses.items()}
+
+    gb = 2 * cached.numel() * cached.element_size() / 1e9  # read and written
+    times = interleaved_ms([copy(lib, T)] + [copy(other, T) for other in others] + [lambda: out.copy_(cached)], reps)
+    record(T, "exact hit: copy p=T rows", times[0], 0.0, tb_per_s=gb / times[0], **over(times[0]))
+    for i, ms in enumerate(times[1:-1]):
+        record(T, f"compare {i} copy p=T rows", ms, 0.0, tb_per_s=gb / ms, vs_ours=ms / times[0])
+    record(T, "torch copy_ (contiguous)", times[-1], 0.0, tb_per_s=gb / times[-1])
+    p = T - 512
+    suffix = problem_args(q[:, :, p:], k, v, out[:, :, p:], query_offset=p)
+
+    def copy_and_suffix():
+        copy(lib, p)()
+        check(lib, lib.ae_attention(*suffix, stream()))
+    ms = median_ms(copy_and_suffix, reps)
+    record(T, "exact hit: copy + 512 rows", ms, **over(ms))
 
 
 def random_kept(T, kept, generator):
@@ -225,8 +261,10 @@ def main():
     ap.add_argument("--capture-only", action="store_true", help="only our miss, the cuDNN miss and the capture rows")
     ap.add_argument("--no-sparse", dest="skip_sparse", action="store_true",
                     help="skip the sparse, flex and exact-hit rows")
+    ap.add_argument("--exact-hit-only", action="store_true",
+                    help="only SDPA's cuDNN miss and the exact-hit rows")
     ap.add_argument("--compare", metavar="SHIM", nargs="+", default=[],
-                    help="other builds' shims: their sparse kernels timed beside ours on the same plans")
+                    help="other builds' shims: their sparse kernels (and row copies) timed beside ours")
     ap.add_argument("--json")
     args = ap.parse_args()
     lib = load_shim(args.shim)
@@ -256,6 +294,14 @@ def main():
         v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         out = torch.empty_like(q)
         base = problem_args(q, k, v, out)
+        if args.exact_hit_only:
+            def sdpa_cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            cudnn_ms = median_ms(sdpa_cudnn, reps)
+            record(T, "sdpa cudnn", cudnn_ms)
+            exact_hit(lib, others, q, k, v, out, reps, record, {"sdpa_cudnn": cudnn_ms})
+            continue
 
         def ours():
             check(lib, lib.ae_attention(*base, stream()))
@@ -402,21 +448,8 @@ def main():
         for shim, plan in plans:
             shim.ae_plan_destroy(ctypes.c_void_p(plan))
 
-        cached = torch.randn_like(q)
-        sp, sh, st = view(cached)
-        op, oh, ot = view(out)
-        copy = lambda: check(lib, lib.ae_copy_rows(sp, sh, st, op, oh, ot, 1, H, T, D, T, stream()))
-        ms = median_ms(copy, reps)
-        record(T, "exact hit: copy p=T rows", ms, miss_over=miss / ms)
-        p = T - 512
-        suffix = problem_args(q[:, :, p:], k, v, out[:, :, p:], query_offset=p)
-
-        def exact_hit():
-            check(lib, lib.ae_copy_rows(sp, sh, st, op, oh, ot, 1, H, T, D, p, stream()))
-            check(lib, lib.ae_attention(*suffix, stream()))
-        ms = median_ms(exact_hit, reps)
-        record(T, "exact hit: copy + 512 rows", ms, miss_over=miss / ms)
-        del q, k, v, out, cached
+        exact_hit(lib, others, q, k, v, out, reps, record, {"miss": miss, "fastest_sdpa": fastest_sdpa})
+        del q, k, v, out
         torch.cuda.empty_cache()
 
     if args.json:

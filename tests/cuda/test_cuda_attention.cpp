@@ -362,6 +362,26 @@ TEST_F(CudaAttention, CopyRowsAnyStrides) {
       }
 }
 
+// Head-major on both sides (a head's rows one span): every piece of the
+// rows asked for, of every head, and nothing past them, for row counts
+// that leave a thread block part-full.
+TEST_F(CudaAttention, CopyRowsHeadMajorSpans) {
+  for (const int dim : {64, 128})
+    for (const int rows : {1, 127, 1000}) {
+      const int heads = 3, tokens = 1031;
+      Tensor src(heads, tokens, dim, DType::kBF16), dst(heads, tokens, dim, DType::kBF16);
+      std::mt19937 rng(rows);
+      src.fill(rng, 0.0f, 1.0f);
+      dst.poison();
+      copy_rows(src.view(), dst.mutable_view(), rows, nullptr);
+      const auto got = dst.download_bits(), want = src.download_bits();
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        const bool copied = static_cast<int>(i / dim % tokens) < rows;
+        ASSERT_EQ(got[i], copied ? want[i] : 0xffff) << "dim " << dim << " rows " << rows << " element " << i;
+      }
+    }
+}
+
 template <typename F>
 void expect_invalid(F&& call, const std::string& argument) {
   try {

@@ -253,16 +253,39 @@ __global__ void select_tiles_kernel(const float* mass, int tiles, double keep_ma
     }
 }
 
-// Rows [0, rows) of every head, 16 bytes a thread.
-__global__ void copy_rows_kernel(const uint4* src, std::int64_t src_head, std::int64_t src_token, uint4* dst,
-                                 std::int64_t dst_head, std::int64_t dst_token, int heads, int rows, int pieces) {
-  const std::int64_t total = static_cast<std::int64_t>(heads) * rows * pieces;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const int piece = static_cast<int>(i % pieces);
-    const std::int64_t hr = i / pieces;
-    const int r = static_cast<int>(hr % rows), h = static_cast<int>(hr / rows);
-    dst[h * dst_head + r * dst_token + piece] = src[h * src_head + r * src_token + piece];
+// Rows [0, rows) of one head (blockIdx.y) in 16-byte pieces. Each thread
+// moves kCopyUnroll pieces, every load before the first store, so that
+// enough bytes are in flight to keep HBM busy; the index math is 32-bit
+// (rows * pieces per head), and where both views keep a head's rows back
+// to back (kSpan: token stride = dim) a head is one span and needs none.
+// One piece a thread with 64-bit index division copied an 8k prefix's 64 MB
+// in 0.056 ms on an H200, 2.3 TB/s of its 4.8.
+constexpr int kCopyThreads = 256, kCopyUnroll = 4;
+
+template <bool kSpan>
+__device__ std::int64_t piece_offset(int i, int pieces, std::int64_t token_stride) {
+  if constexpr (kSpan) return i;
+  return static_cast<std::int64_t>(i / pieces) * token_stride + i % pieces;
+}
+
+template <bool kSpan>
+__global__ void __launch_bounds__(kCopyThreads)
+    copy_rows_kernel(const uint4* __restrict__ src, std::int64_t src_head, std::int64_t src_token,
+                     uint4* __restrict__ dst, std::int64_t dst_head, std::int64_t dst_token, int rows, int pieces) {
+  const int n = rows * pieces;
+  src += blockIdx.y * src_head;
+  dst += blockIdx.y * dst_head;
+  const int first = blockIdx.x * kCopyThreads * kCopyUnroll + static_cast<int>(threadIdx.x);
+  uint4 piece[kCopyUnroll];
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int i = first + u * kCopyThreads;
+    if (i < n) piece[u] = src[piece_offset<kSpan>(i, pieces, src_token)];
+  }
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int i = first + u * kCopyThreads;
+    if (i < n) dst[piece_offset<kSpan>(i, pieces, dst_token)] = piece[u];
   }
 }
 
@@ -639,11 +662,16 @@ void copy_rows(const DeviceHeads& src, const MutableDeviceHeads& dst, int rows, 
   if (rows < 0 || rows > src.tokens || rows > dst.tokens) throw_invalid("rows", "must be in [0, min(src, dst tokens)]");
   if (rows == 0) return;
   const int pieces = src.dim / 8;  // 16-byte pieces of a 2-byte row
-  const std::int64_t total = static_cast<std::int64_t>(src.heads) * rows * pieces;
-  const int blocks = static_cast<int>(std::min<std::int64_t>((total + 255) / 256, 132 * 16));
-  copy_rows_kernel<<<blocks, 256, 0, as_stream(stream)>>>(
-      static_cast<const uint4*>(src.data), src.head_stride / 8, src.token_stride / 8, static_cast<uint4*>(dst.data),
-      dst.head_stride / 8, dst.token_stride / 8, src.heads, rows, pieces);
+  if (static_cast<std::int64_t>(rows) * pieces > std::numeric_limits<int>::max() - kCopyThreads * kCopyUnroll)
+    throw_invalid("rows", "times dim / 8 must fit in an int");
+  if (src.heads > 65535) throw_invalid("src", "at most 65535 heads");
+  const int per_block = kCopyThreads * kCopyUnroll;
+  const dim3 grid((rows * pieces + per_block - 1) / per_block, src.heads);
+  const auto copy = src.token_stride == src.dim && dst.token_stride == dst.dim ? copy_rows_kernel<true>
+                                                                                : copy_rows_kernel<false>;
+  copy<<<grid, kCopyThreads, 0, as_stream(stream)>>>(static_cast<const uint4*>(src.data), src.head_stride / 8,
+                                                     src.token_stride / 8, static_cast<uint4*>(dst.data),
+                                                     dst.head_stride / 8, dst.token_stride / 8, rows, pieces);
   check_cuda(cudaGetLastError(), "copy kernel launch");
 }
 
