@@ -4,7 +4,8 @@
 # every scenario served with no reuse, exact prefix reuse and AttentionEcho,
 # once with the sparse echo tier and once with the dense one, then plots
 # speedup against fidelity. Extra arguments go to both `aecho bench` runs
-# (e.g. --requests 8).
+# (e.g. --requests 8, or --repeats 1: each request timed once, a third of
+# the time, its ratios then a few percent noisier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
