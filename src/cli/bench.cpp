@@ -379,10 +379,14 @@ class Bench {
       if (i == 0) score_continuation(engine_, r, kv, none.back());
       for (serving::Planner* planner : {&stack.exact, &stack.echo})
         planner->observe(static_cast<int>(r.tokens.size()), none.back().prefill_cpu_s, none.back().attention_cpu_s);
-      // The two modes take turns going first, so that neither is always
-      // timed in the other's wake (caches, clocks); their ratio is what the
-      // targets are about.
-      if ((requests_ + i) % 2 == 0) {
+      // The two modes take turns going first from request to request, so
+      // that neither is always timed in the other's wake (caches, clocks);
+      // their ratio is what the targets are about. Within a request the
+      // order is the same on every stack, which keeps a mode's servings
+      // apart (none, exact, echo, none, exact, echo, ...): with the order
+      // flipped between stacks, a slow spell of two servings' length could
+      // take two of one mode's three and so its median.
+      if (requests_ % 2 == 0) {
         serve_planned(stack.exact, r, exact);
         serve_planned(stack.echo, r, echo);
       } else {
