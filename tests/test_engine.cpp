@@ -531,6 +531,13 @@ std::string synthetic_heldout() {
   return text;
 }
 
+// The chatbot workload of `requests` requests at context 128, on the small
+// checkpoint's tokenizer.
+bench::Scenario small_chatbot(int requests) {
+  const llama::Tokenizer tok(kTokenizer, 512);
+  return bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, requests, 3);
+}
+
 }  // namespace
 
 TEST(EngineScenarios, DeterministicAndWithinTheContext) {
@@ -580,8 +587,7 @@ TEST(EngineScenarios, PlainTextIsOneDocument) {
 
 TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   const llama::Model model(llama::load_llama2c(kModel));
-  const llama::Tokenizer tok(kTokenizer, 512);
-  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 8, 3);
+  const auto scenario = small_chatbot(8);
   bench::BenchOptions options;
   options.threads = 2;
   int calls = 0;
@@ -611,8 +617,7 @@ TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
 // (routes, reuse, fidelity) stays the first stack's, as with one.
 TEST(EngineBench, RepeatsReportTheFirstStacksServing) {
   const llama::Model model(llama::load_llama2c(kModel));
-  const llama::Tokenizer tok(kTokenizer, 512);
-  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 6, 3);
+  const auto scenario = small_chatbot(6);
   bench::BenchOptions options;
   options.threads = 2;
   options.repeats = 1;
@@ -635,8 +640,7 @@ TEST(EngineBench, RepeatsReportTheFirstStacksServing) {
 
 TEST(EngineBench, BadRepeatsAreRefusedByName) {
   const llama::Model model(llama::load_llama2c(kModel));
-  const llama::Tokenizer tok(kTokenizer, 512);
-  const auto scenario = bench::make_scenario("chatbot", synthetic_heldout(), tok, 128, 2, 3);
+  const auto scenario = small_chatbot(2);
   auto refused = [&](int repeats, const std::string& store_url) {
     bench::BenchOptions options;
     options.repeats = repeats;

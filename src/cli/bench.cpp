@@ -431,15 +431,21 @@ class Bench {
   // vLLM/SGLang: skip the longest stored token prefix, compute the rest.
   void exact_prefix(const ScenarioRequest& r, const Served& base, Servings& servings) {
     ModeReport& m = report_.modes[1];
-    const Served s = with_median_time(servings.served);
-    add_timing(m, r, s);
+    const Served s = timed(m, r, servings);
     add_prefix_tier(m, r, s.reused);
-    m.per_request.push_back(detail(m, "reuse", r, servings, add_fidelity(m, base, s), s));
+    m.per_request.push_back(detail("reuse", r, servings, add_fidelity(m, base, s), s));
   }
 
-  static ModeReport::Request detail(ModeReport& m, const char* route, const ScenarioRequest& r,
-                                    const Servings& servings, const Fidelity& f, const Served& s) {
+  // The first stack's serving at the median time, counted into m.
+  static Served timed(ModeReport& m, const ScenarioRequest& r, Servings& servings) {
+    Served s = with_median_time(servings.served);
+    add_timing(m, r, s);
     m.repeats_on_another_route += servings.other_route;
+    return s;
+  }
+
+  static ModeReport::Request detail(const char* route, const ScenarioRequest& r, const Servings& servings,
+                                    const Fidelity& f, const Served& s) {
     const serving::PrefillReport& rep = servings.plan.report;
     return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
             rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
@@ -453,8 +459,7 @@ class Bench {
   void echo_mode(const ScenarioRequest& r, const Served& base, Servings& servings) {
     ModeReport& m = report_.modes[2];
     const Plan& plan = servings.plan;
-    const Served s = with_median_time(servings.served);
-    add_timing(m, r, s);
+    const Served s = timed(m, r, servings);
     const Fidelity f = add_fidelity(m, base, s);
     const serving::PrefillReport& rep = plan.report;
     const char* route = "reuse";
@@ -472,7 +477,7 @@ class Bench {
       add_prefix_tier(m, r, s.reused);
       m.reused_echoed += !plan.reused_exact;
     }
-    m.per_request.push_back(detail(m, route, r, servings, f, s));
+    m.per_request.push_back(detail(route, r, servings, f, s));
     SharedStoreReport& shared = report_.shared_store;
     shared.prompt_tokens += static_cast<long long>(r.tokens.size());
     shared.reused_l1 += rep.reused - rep.reused_from_l2;
