@@ -27,6 +27,12 @@ Shape: H = 32 query heads, Hkv = 8, D = 128, causal, bf16. Rows per T:
               can do on this GPU), and that copy plus 512 suffix rows
               computed exactly; --exact-hit-only: these rows and SDPA's
               cuDNN miss (the fastest dense miss) alone
+  flashinfer  --flashinfer-only: SDPA's cuDNN miss, then at each kept share
+              one random kept-tile table per kv head (the query heads of a
+              GQA group share it: FlashInfer's block-sparse prefill takes a
+              mask per kv head), served by our kernel, FlashInfer's
+              VariableBlockSparseAttentionWrapper (flashinfer-python, its
+              own backend choice) and FlexAttention, outputs compared
 Times are medians of CUDA-event-timed repeats after warm-up; TFLOP/s counts
 the causal attention's 2 * H * T^2 * D (sparse: the kept tiles' share).
 """
@@ -171,6 +177,61 @@ def random_kept(T, kept, generator):
     return table, offsets.to(torch.int32).contiguous(), cols.contiguous(), share
 
 
+def group_kept(T, kept, generator):
+    """random_kept's table drawn per kv head and shared by its GQA group's
+    query heads: (kv table [HKV, n, n], then random_kept's four results)."""
+    kv_table, _, _, _ = random_kept(T, kept, generator)
+    kv_table = kv_table[:HKV].contiguous()
+    table = kv_table.repeat_interleave(H // HKV, dim=0)
+    counts = table.sum(-1).flatten()
+    offsets = torch.zeros(H * (T // BLOCK) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts.cpu(), 0)
+    cols = table.nonzero()[:, 2].to(torch.int16).cpu()
+    n = T // BLOCK
+    share = table.sum().item() / (H * n * (n + 1) / 2)
+    return kv_table, table, offsets.to(torch.int32).contiguous(), cols.contiguous(), share
+
+
+def flashinfer_rows(lib, q, k, v, out, T, kepts, gen, flex, reps, record):
+    """--flashinfer-only's rows at one T (module docstring)."""
+    import flashinfer
+
+    def sdpa_cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    dense = median_ms(sdpa_cudnn, reps)
+    record(T, "sdpa cudnn", dense)
+    n = T // BLOCK
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+    sizes = torch.full((HKV, n), BLOCK, dtype=torch.int32, device="cuda")
+    base = problem_args(q, k, v, out)
+    for kept in kepts:
+        kv_table, table, offsets, cols, share = group_kept(T, kept, gen)
+        plan = lib.ae_plan_create(ctypes.c_void_p(offsets.data_ptr()), ctypes.c_void_p(cols.data_ptr()), H, n, BLOCK,
+                                  T, stream())
+        if not plan:
+            raise RuntimeError(lib.ae_last_error().decode())
+        ours = lambda: check(lib, lib.ae_sparse(*base, ctypes.c_void_p(plan), stream()))
+        wrapper = flashinfer.VariableBlockSparseAttentionWrapper(workspace)
+        wrapper.plan(kv_table, sizes, sizes, H, HKV, D, causal=True, q_data_type=torch.bfloat16)
+        fi = lambda: wrapper.run(q[0], k[0], v[0])
+        mask = flex_mask(table)
+        fl = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)
+        ours()
+        fi_out, fl_out = fi(), fl()
+        torch.cuda.synchronize()
+        fi_out = fi_out.reshape(q.shape) if fi_out.shape[0] == H else fi_out.transpose(0, 1).reshape(q.shape)
+        ref = fl_out.float()
+        ours_ms, fi_ms, fl_ms = (median_ms(f, reps) for f in (ours, fi, fl))
+        over = lambda ms: {"over_share_x_dense": ms / (share * dense)}
+        record(T, f"ours group kept {kept}", ours_ms, share, kept_share=share, vs_flashinfer=fi_ms / ours_ms,
+               vs_flex=fl_ms / ours_ms, diff_vs_flex=((out.float() - ref).norm() / ref.norm()).item(), **over(ours_ms))
+        record(T, f"flashinfer kept {kept}", fi_ms, share, kept_share=share, backend=wrapper._backend,
+               diff_vs_flex=((fi_out.float() - ref).norm() / ref.norm()).item(), **over(fi_ms))
+        record(T, f"flex group kept {kept}", fl_ms, share, kept_share=share, **over(fl_ms))
+        lib.ae_plan_destroy(ctypes.c_void_p(plan))
+
+
 def flex_mask(table):
     """FlexAttention's BlockMask for kept causal 128-tiles table [H, n, n]:
     the diagonal tiles partial (causal mask_mod), the kept tiles below it full,
@@ -263,6 +324,8 @@ def main():
                     help="skip the sparse, flex and exact-hit rows")
     ap.add_argument("--exact-hit-only", action="store_true",
                     help="only SDPA's cuDNN miss and the exact-hit rows")
+    ap.add_argument("--flashinfer-only", action="store_true",
+                    help="only SDPA's cuDNN miss and the sparse kernels against FlashInfer's on GQA-shared masks")
     ap.add_argument("--compare", metavar="SHIM", nargs="+", default=[],
                     help="other builds' shims: their sparse kernels (and row copies) timed beside ours")
     ap.add_argument("--json")
@@ -294,6 +357,9 @@ def main():
         v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         out = torch.empty_like(q)
         base = problem_args(q, k, v, out)
+        if args.flashinfer_only:
+            flashinfer_rows(lib, q, k, v, out, T, args.kept, gen, flex, reps, record)
+            continue
         if args.exact_hit_only:
             def sdpa_cudnn():
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
