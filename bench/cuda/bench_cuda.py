@@ -169,27 +169,27 @@ def random_kept(T, kept, generator):
     prob = max(0.0, (kept * total - n_forced) / (total - n_forced))
     table = (torch.rand(H, n, n, device="cuda", generator=generator) < prob) & causal
     table |= forced
+    return (table, *tile_set(table))
+
+
+def tile_set(table):
+    """TileSet's CSR arrays of a kept table [H, n, n] and its kept share of
+    the causal tiles: (offsets, cols, share)."""
+    n = table.shape[-1]
     counts = table.sum(-1).flatten()
     offsets = torch.zeros(H * n + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts.cpu(), 0)
     cols = table.nonzero()[:, 2].to(torch.int16).cpu()  # row-major order: ascending per (h, I)
-    share = table.sum().item() / (H * total)
-    return table, offsets.to(torch.int32).contiguous(), cols.contiguous(), share
+    share = table.sum().item() / (H * n * (n + 1) / 2)
+    return offsets.to(torch.int32).contiguous(), cols.contiguous(), share
 
 
 def group_kept(T, kept, generator):
     """random_kept's table drawn per kv head and shared by its GQA group's
     query heads: (kv table [HKV, n, n], then random_kept's four results)."""
-    kv_table, _, _, _ = random_kept(T, kept, generator)
-    kv_table = kv_table[:HKV].contiguous()
+    kv_table = random_kept(T, kept, generator)[0][:HKV].contiguous()
     table = kv_table.repeat_interleave(H // HKV, dim=0)
-    counts = table.sum(-1).flatten()
-    offsets = torch.zeros(H * (T // BLOCK) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts.cpu(), 0)
-    cols = table.nonzero()[:, 2].to(torch.int16).cpu()
-    n = T // BLOCK
-    share = table.sum().item() / (H * n * (n + 1) / 2)
-    return kv_table, table, offsets.to(torch.int32).contiguous(), cols.contiguous(), share
+    return (kv_table, table, *tile_set(table))
 
 
 def flashinfer_rows(lib, q, k, v, out, T, kepts, gen, flex, reps, record):
