@@ -1,6 +1,7 @@
 // The GGUF loader: load_gguf must throw std::runtime_error naming the file
 // or return weights whose sizes agree with their config; a small model that
-// loads is run for two tokens (see fuzz_run_model.hpp).
+// loads is run for two tokens (see fuzz_run_model.hpp), and a vocabulary it
+// carries becomes a tokenizer (or std::invalid_argument) that encodes text.
 #include <cstdint>
 #include <stdexcept>
 
@@ -17,5 +18,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return 0;
   }
   attention_echo::fuzzing::run_if_small(weights);
+  if (weights.vocabulary.pieces.empty()) return 0;
+  try {
+    const llama::Tokenizer tokenizer(weights.vocabulary);
+    tokenizer.encode("the theory, A\xc3\xa9");
+  } catch (const std::invalid_argument&) {
+  }
   return 0;
 }

@@ -260,6 +260,33 @@ TEST(EngineTokenizer, ByteVocabularyHasNoDummyPrefix) {
   EXPECT_NE(merged.encode("Echoes"), merged.encode("Echoes", {.bos = true, .eos = false, .dummy_prefix = false}));
 }
 
+// A GGUF file's vocabulary (Weights::vocabulary) as a tokenizer; the
+// end-to-end check against tokenizer.bin is tests/engine/test_gguf_quantized.py.
+TEST(EngineTokenizer, GgufVocabularyEncodesAndBadOnesAreRefusedByName) {
+  llama::Weights::Vocabulary v{.model = "llama",
+                               .pieces = {"", "", "", "a", "b", " ab", " ", " a"},
+                               .scores = {0, 0, 0, -1, -2, 5, -3, 1}};
+  EXPECT_EQ(llama::Tokenizer(v).encode("ab"), (std::vector<int>{1, 5}));
+  auto refused = [](llama::Weights::Vocabulary bad) {
+    try {
+      llama::Tokenizer t(bad);
+      ADD_FAILURE() << "accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("vocabulary"), std::string::npos) << e.what();
+    }
+  };
+  llama::Weights::Vocabulary bad = v;
+  bad.model = "gpt2";
+  refused(bad);
+  bad = v;
+  bad.scores.pop_back();
+  refused(bad);
+  bad = v;
+  bad.bos = 0;
+  refused(bad);
+  refused({.model = "llama", .pieces = {"", ""}, .scores = {0, 0}});
+}
+
 TEST(EngineGguf, SameWeightsGiveTheSameLogits) {
   const llama::Weights w = llama::load_llama2c(kModel);
   const std::string f32 = temp_path("model_f32.gguf"), f16 = temp_path("model_f16.gguf");

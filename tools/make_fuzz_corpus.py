@@ -10,7 +10,7 @@ import struct
 import sys
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from attention_echo import AttentionEchoCache, EchoConfig
 
@@ -102,6 +102,49 @@ def gguf(root, tmp):
     writer.close()
     write(root, "gguf_loader", "tiny_llama", open(path, "rb").read())
     os.remove(path)
+    write(root, "gguf_loader", "tiny_quantized_with_vocabulary", quantized_gguf(tmp))
+
+
+def quantized_gguf(tmp):
+    """32-wide matrices in Q8_0, Q4_1 and Q5_0 (legacy 32-value blocks) and
+    a SentencePiece vocabulary: seeds the dequantizers and the tokenizer
+    metadata reader."""
+    m = tiny_weights(dim=32, hidden=64)
+    dim, hidden, layers, heads, kv_heads, vocab, seq = m["config"]
+    path = os.path.join(tmp, "quantized.gguf")
+    writer = GGUFWriter(path, "llama")
+    writer.add_embedding_length(dim)
+    writer.add_block_count(layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_feed_forward_length(hidden)
+    writer.add_context_length(seq)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + ["\u2581t", "he", "\u2581the", "<0x41>"] + list("abcdefghi"))
+    writer.add_token_scores([float(-i) for i in range(vocab)])
+    writer.add_token_types([2, 3, 3] + [1, 1, 1, 6] + [1] * 9)
+    types = [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0]
+
+    def matrix(name, t):
+        qtype = types[len(name) % len(types)]
+        writer.add_tensor(name, quants.quantize(t, qtype), raw_dtype=qtype)
+
+    matrix("token_embd.weight", m["embed"])
+    names = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
+             "w2": "ffn_down", "w3": "ffn_up"}
+    for i, layer in enumerate(m["layers"]):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
+        for key, name in names.items():
+            matrix(f"blk.{i}.{name}.weight", layer[key])
+    writer.add_tensor("output_norm.weight", m["norm"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = open(path, "rb").read()
+    os.remove(path)
+    return data
 
 
 def tokenizer(root):

@@ -57,6 +57,19 @@ struct Weights {
   std::vector<Layer> layers;
   std::vector<float> final_norm;  // [dim]
   std::vector<float> classifier;  // [vocab, dim]; empty: tied to token_embedding
+  // The tokenizer a GGUF file carries (tokenizer.ggml.*). `model` is its
+  // kind ("llama": SentencePiece BPE, "gpt2": byte-level BPE, ...); pieces
+  // and scores are read for "llama" only, the one Tokenizer implements
+  // (pieces with SentencePiece's U+2581 read as a space, control and
+  // unknown tokens as empty pieces, which no text encodes to). Empty for
+  // llama2.c checkpoints, whose tokenizer.bin is a file of its own.
+  struct Vocabulary {
+    std::string model;
+    std::vector<std::string> pieces;
+    std::vector<float> scores;
+    int bos = 1, eos = 2;
+  };
+  Vocabulary vocabulary;
 };
 
 Weights load_llama2c(const std::string& path);
@@ -73,6 +86,10 @@ class Tokenizer {
   static constexpr int kEos = 2;
 
   Tokenizer(const std::string& path, int vocab_size);
+  // From a GGUF file's vocabulary (Weights::vocabulary); throws
+  // std::invalid_argument unless it is a "llama" one of at least 3 pieces
+  // with a score each, BOS and EOS at kBos and kEos (SentencePiece's ids).
+  explicit Tokenizer(const Weights::Vocabulary& vocabulary);
   ~Tokenizer();
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

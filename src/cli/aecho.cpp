@@ -1,6 +1,6 @@
 // aecho: run the engine from the command line.
-//   aecho generate --model M --tokenizer T [--prompt S] [--steps N] [--threads N]
-//   aecho logits   --model M (--tokens 1,2,3 | --tokenizer T --prompt S) --out FILE
+//   aecho generate --model M [--tokenizer T] [--prompt S] [--steps N] [--threads N]
+//   aecho logits   --model M (--tokens 1,2,3 | [--tokenizer T] --prompt S) --out FILE
 //   aecho bench    --scenario chatbot|rag|code|near-dup|all [--model M] [--store redis://H:P] ...
 // `aecho --help` and `aecho COMMAND --help` print the full usage.
 #include <CLI/CLI.hpp>
@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -59,10 +60,13 @@ struct BenchArgs {
   std::string store;
 };
 
+constexpr const char* kTokenizerHelp =
+    "llama2.c tokenizer.bin (default: the one a GGUF model carries, else tokenizer.bin beside the model)";
+
 constexpr const char* kBenchFooter =
     "Serves every request with no reuse, exact prefix reuse and AttentionEcho.\n"
-    "The model defaults to the bundled models/echo-llama-6m/model.bin, the tokenizer\n"
-    "and held-out text to tokenizer.bin and heldout.txt beside the model.\n"
+    "The model defaults to the bundled models/echo-llama-6m/model.bin, the held-out\n"
+    "text to heldout.txt beside the model.\n"
     "Held-out text: plain text, or documents each introduced by a line\n"
     "  #### FILE: name ####\n"
     "(names under pydoc_topics/ or ending in .txt are prose, the rest code);\n"
@@ -70,9 +74,38 @@ constexpr const char* kBenchFooter =
 
 int argmax(const float* v, int n) { return static_cast<int>(std::max_element(v, v + n) - v); }
 
+// The tokenizer of a model: `given` (a llama2.c tokenizer.bin) when not
+// empty, else the vocabulary its GGUF file carries, else tokenizer.bin
+// beside it.
+llama::Tokenizer model_tokenizer(const llama::Weights& w, const std::string& model_path, const std::string& given) {
+  if (!given.empty()) return llama::Tokenizer(given, w.config.vocab_size);
+  if (!w.vocabulary.pieces.empty()) return llama::Tokenizer(w.vocabulary);
+  if (!w.vocabulary.model.empty())
+    throw CLI::ValidationError("--tokenizer", model_path + " carries a '" + w.vocabulary.model +
+                                                  "' tokenizer, which aecho does not implement (it reads "
+                                                  "SentencePiece 'llama' ones): give a llama2.c tokenizer.bin");
+  return llama::Tokenizer((std::filesystem::path(model_path).parent_path() / "tokenizer.bin").string(),
+                          w.config.vocab_size);
+}
+
+struct LoadedModel {
+  llama::Model model;
+  std::optional<llama::Tokenizer> tokenizer;
+};
+
+// The model, and its tokenizer (model_tokenizer) when `tokenize`; the
+// checkpoint's fp32 weights are dropped once the model has repacked them.
+LoadedModel load_model(const std::string& model_path, const std::string& tokenizer_path, bool tokenize) {
+  const llama::Weights weights = llama::load_weights(model_path);
+  std::optional<llama::Tokenizer> tokenizer;
+  if (tokenize) tokenizer.emplace(model_tokenizer(weights, model_path, tokenizer_path));
+  return {llama::Model(weights), std::move(tokenizer)};
+}
+
 int run_generate(const GenerateArgs& a) {
-  const llama::Model model(llama::load_weights(a.model));
-  const llama::Tokenizer tokenizer(a.tokenizer, model.config().vocab_size);
+  const LoadedModel loaded = load_model(a.model, a.tokenizer, true);
+  const llama::Model& model = loaded.model;
+  const llama::Tokenizer& tokenizer = *loaded.tokenizer;
   ae::ThreadPool pool(a.threads);
   llama::Engine engine(model, pool);
   std::vector<int> tokens = tokenizer.encode(a.prompt);
@@ -94,9 +127,9 @@ int run_generate(const GenerateArgs& a) {
 
 int run_logits(const LogitsArgs& a) {
   if (a.tokens.empty() == a.prompt.empty()) throw CLI::ValidationError("--tokens/--prompt", "give one of them");
-  const llama::Model model(llama::load_weights(a.model));
-  const std::vector<int> tokens =
-      a.tokens.empty() ? llama::Tokenizer(a.tokenizer, model.config().vocab_size).encode(a.prompt) : a.tokens;
+  const LoadedModel loaded = load_model(a.model, a.tokenizer, a.tokens.empty());
+  const llama::Model& model = loaded.model;
+  const std::vector<int> tokens = a.tokens.empty() ? loaded.tokenizer->encode(a.prompt) : a.tokens;
   ae::ThreadPool pool(a.threads);
   llama::Engine engine(model, pool);
   llama::KVState kv;
@@ -176,7 +209,6 @@ int run_bench(const BenchArgs& a) {
   if (a.scenario != "all") names = {a.scenario};
   const std::string model_path = a.model.empty() ? bundled_model() : a.model;
   const auto dir = std::filesystem::path(model_path).parent_path();
-  const std::string tok_path = a.tokenizer.empty() ? (dir / "tokenizer.bin").string() : a.tokenizer;
   const std::string held_path = a.heldout.empty() ? (dir / "heldout.txt").string() : a.heldout;
 
   std::ofstream json;  // opened now: an unwritable path fails before the run, not after
@@ -185,8 +217,9 @@ int run_bench(const BenchArgs& a) {
     if (!json) throw std::runtime_error(a.json + ": cannot open for writing");
   }
 
-  const llama::Model model(llama::load_weights(model_path));
-  const llama::Tokenizer tokenizer(tok_path, model.config().vocab_size);
+  const LoadedModel loaded = load_model(model_path, a.tokenizer, true);
+  const llama::Model& model = loaded.model;
+  const llama::Tokenizer& tokenizer = *loaded.tokenizer;
   const std::string heldout = read_text(held_path);
   const int context = a.context > 0 ? a.context : std::min(model.config().seq_len, 4096);
   if (context > model.config().seq_len)
@@ -263,7 +296,7 @@ int main(int argc, char** argv) {
   GenerateArgs gen;
   CLI::App& generate = *app.add_subcommand("generate", "greedy decoding from a prompt");
   generate.add_option("--model", gen.model, "llama2.c .bin or GGUF checkpoint")->required();
-  generate.add_option("--tokenizer", gen.tokenizer, "llama2.c tokenizer.bin")->required();
+  generate.add_option("--tokenizer", gen.tokenizer, kTokenizerHelp);
   generate.add_option("--prompt", gen.prompt, "text to continue (default: empty)");
   generate.add_option("--steps", gen.steps, "tokens to generate")->check(CLI::PositiveNumber)->capture_default_str();
   add_threads(generate, gen.threads);
@@ -274,10 +307,9 @@ int main(int argc, char** argv) {
   CLI::Option* tokens = logits.add_option("--tokens", lg.tokens, "comma-separated token ids, e.g. 1,2,3")
                             ->delimiter(',')
                             ->expected(1, INT_MAX);
-  CLI::Option* prompt = logits.add_option("--prompt", lg.prompt, "text, encoded with --tokenizer");
-  CLI::Option* tokenizer = logits.add_option("--tokenizer", lg.tokenizer, "llama2.c tokenizer.bin");
+  CLI::Option* prompt = logits.add_option("--prompt", lg.prompt, "text, encoded with the model's tokenizer");
+  logits.add_option("--tokenizer", lg.tokenizer, kTokenizerHelp);
   tokens->excludes(prompt);
-  prompt->needs(tokenizer);
   logits.add_option("--out", lg.out, "output file")->required();
   add_threads(logits, lg.threads);
 
@@ -287,7 +319,7 @@ int main(int argc, char** argv) {
   CLI::App& bench = *app.add_subcommand("bench", "the serving benchmark on scenario workloads");
   bench.add_option("--scenario", bn.scenario, "workload")->required()->check(CLI::IsMember(scenarios));
   bench.add_option("--model", bn.model, "checkpoint (default: the bundled model)");
-  bench.add_option("--tokenizer", bn.tokenizer, "tokenizer (default: tokenizer.bin beside the model)");
+  bench.add_option("--tokenizer", bn.tokenizer, kTokenizerHelp);
   bench.add_option("--heldout", bn.heldout, "held-out text the requests are cut from (default: heldout.txt beside the model)");
   bench.add_option("--mode", bn.mode, "the echo cache's mode: off|sparse|dense (\"exact\" is accepted for off)")
       ->check(echo_mode_check())

@@ -6,12 +6,16 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <variant>
+#include <vector>
 
 #include "attention_echo/llama.hpp"
 #include "core/binary_reader.hpp"
+#include "engine/ggml_quants.hpp"
 
 namespace attention_echo::llama {
 namespace {
@@ -112,10 +116,11 @@ Weights parse_llama2c(const std::vector<char>& bytes, const std::string& path) {
 enum GgufType : std::uint32_t {
   kU8 = 0, kI8, kU16, kI16, kU32, kI32, kF32, kBool, kString, kArray, kU64, kI64, kF64
 };
-constexpr std::uint32_t kGgmlF32 = 0, kGgmlF16 = 1;
 
-// Metadata values the loader reads; everything else is skipped.
-using GgufValue = std::variant<std::monostate, std::uint64_t, std::int64_t, double, std::string>;
+// Metadata values: scalars, and arrays of strings or of numbers (the
+// tokenizer's pieces, scores and token types); nested arrays are refused.
+using GgufValue = std::variant<std::uint64_t, std::int64_t, double, std::string, std::vector<std::string>,
+                               std::vector<double>>;
 
 std::size_t scalar_size(std::uint32_t type, const std::string& path) {
   switch (type) {
@@ -125,6 +130,30 @@ std::size_t scalar_size(std::uint32_t type, const std::string& path) {
     case kU64: case kI64: case kF64: return 8;
     default: bad_file(path, "unknown GGUF metadata type " + std::to_string(type));
   }
+}
+
+GgufValue read_value(BinaryReader& r, std::uint32_t type, const std::string& path);
+
+GgufValue read_array(BinaryReader& r, const std::string& path) {
+  const auto elem = r.get<std::uint32_t>("array type");
+  const auto n = r.get<std::uint64_t>("array length");
+  if (elem == kArray) bad_file(path, "nested GGUF arrays are not supported");
+  // Every element takes at least its scalar's size (a string its 8-byte
+  // length): a longer array is a lie, refused before anything is allocated.
+  if (n > r.remaining() / (elem == kString ? 8 : scalar_size(elem, path)))
+    bad_file(path, "truncated file (metadata array)");
+  if (elem == kString) {
+    std::vector<std::string> strings(n);
+    for (std::string& s : strings) s = r.get_string("string");
+    return strings;
+  }
+  std::vector<double> numbers(n);
+  for (double& x : numbers)
+    x = std::visit([](auto v) -> double {
+      if constexpr (std::is_arithmetic_v<decltype(v)>) return static_cast<double>(v);
+      else return 0.0;
+    }, read_value(r, elem, path));
+  return numbers;
 }
 
 GgufValue read_value(BinaryReader& r, std::uint32_t type, const std::string& path) {
@@ -141,40 +170,9 @@ GgufValue read_value(BinaryReader& r, std::uint32_t type, const std::string& pat
     case kF64: return r.get<double>("f64");
     case kBool: return std::uint64_t{r.get<std::uint8_t>("bool")};
     case kString: return r.get_string("string");
-    case kArray: {
-      const auto elem = r.get<std::uint32_t>("array type");
-      const auto n = r.get<std::uint64_t>("array length");
-      if (elem == kString) {
-        for (std::uint64_t i = 0; i < n; ++i) r.get_string("string");
-      } else if (elem == kArray) {
-        bad_file(path, "nested GGUF arrays are not supported");
-      } else {
-        const std::size_t size = scalar_size(elem, path);
-        if (n > r.remaining() / size) bad_file(path, "truncated file (metadata array)");
-        r.take(n * size, "array");
-      }
-      return std::monostate{};
-    }
+    case kArray: return read_array(r, path);
     default: bad_file(path, "unknown GGUF metadata type " + std::to_string(type));
   }
-}
-
-float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-  float value;
-  if (exp == 0) {
-    value = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
-  } else if (exp == 31) {
-    value = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  } else {
-    const std::uint32_t bits = ((exp + 112) << 23) | (mant << 13);
-    std::memcpy(&value, &bits, 4);
-  }
-  std::uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  bits |= sign;
-  std::memcpy(&value, &bits, 4);
-  return value;
 }
 
 struct GgufTensor {
@@ -242,6 +240,15 @@ class GgufFile {
     if (auto* s = std::get_if<std::string>(&it->second)) return *s;
     bad_file(path_, "metadata " + key + " must be a string");
   }
+  // An array's values, null when the key is absent.
+  template <typename T>
+  const std::vector<T>* array_or_null(const std::string& key) const {
+    auto it = meta_.find(key);
+    if (it == meta_.end()) return nullptr;
+    if (auto* a = std::get_if<std::vector<T>>(&it->second)) return a;
+    bad_file(path_, "metadata " + key + (std::is_same_v<T, std::string> ? " must be an array of strings"
+                                                                         : " must be an array of numbers"));
+  }
   bool has_tensor(const std::string& name) const { return tensors_.count(name) != 0; }
   const GgufTensor* find(const std::string& name) const {
     auto it = tensors_.find(name);
@@ -256,24 +263,19 @@ class GgufFile {
     if (rows != 1 || t->dims.size() > 1) want.push_back(rows);
     if (t->dims != want)
       bad_file(path_, "tensor " + name + " has shape " + shape(t->dims) + ", expected " + shape(want));
-    const std::uint64_t n = rows * cols;
-    std::size_t elem;
-    if (t->type == kGgmlF32) elem = 4;
-    else if (t->type == kGgmlF16) elem = 2;
-    else bad_file(path_, "tensor " + name + " has ggml type " + std::to_string(t->type) + "; only F32 and F16 are supported");
-    if (t->offset > bytes_.size() - data_ || n * elem > bytes_.size() - data_ - t->offset)
+    const std::optional<GgmlType> type = ggml_type(t->type);
+    if (!type)
+      bad_file(path_, "tensor " + name + " has ggml type " + ggml_type_name(t->type) + " (" +
+                          std::to_string(t->type) + "); the loader decodes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
+                          "Q8_0 and Q2_K-Q6_K");
+    if (cols % type->block_values != 0)
+      bad_file(path_, "tensor " + name + ": rows of " + std::to_string(cols) + " values do not fill " + type->name +
+                          " blocks of " + std::to_string(type->block_values));
+    const std::uint64_t n = rows * cols, size = n / type->block_values * type->block_bytes;
+    if (t->offset > bytes_.size() - data_ || size > bytes_.size() - data_ - t->offset)
       bad_file(path_, "truncated file (tensor " + name + " runs past the end)");
-    const char* src = bytes_.data() + data_ + t->offset;
     std::vector<float> out(n);
-    if (elem == 4) {
-      std::memcpy(out.data(), src, n * 4);
-    } else {
-      for (std::uint64_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = half_to_float(h);
-      }
-    }
+    dequantize(t->type, reinterpret_cast<const unsigned char*>(bytes_.data() + data_ + t->offset), out.data(), n);
     return out;
   }
 
@@ -295,6 +297,41 @@ int checked_int(std::uint64_t value, const std::string& key, const std::string& 
   if (value > static_cast<std::uint64_t>(std::numeric_limits<int>::max()))
     bad_file(path, "metadata " + key + " is too large");
   return static_cast<int>(value);
+}
+
+// The tokenizer.ggml.* vocabulary: pieces and scores of a "llama"
+// (SentencePiece) one, the kind alone of any other.
+Weights::Vocabulary read_vocabulary(const GgufFile& f, int vocab_size, const std::string& path) {
+  Weights::Vocabulary v;
+  v.model = f.string_or("tokenizer.ggml.model", "");
+  if (v.model != "llama") return v;
+  const auto* tokens = f.array_or_null<std::string>("tokenizer.ggml.tokens");
+  const auto* scores = f.array_or_null<double>("tokenizer.ggml.scores");
+  const auto* types = f.array_or_null<double>("tokenizer.ggml.token_type");
+  if (!tokens || tokens->size() != static_cast<std::size_t>(vocab_size))
+    bad_file(path, "tokenizer.ggml.tokens must hold the model's " + std::to_string(vocab_size) + " tokens");
+  if ((scores && scores->size() != tokens->size()) || (types && types->size() != tokens->size()))
+    bad_file(path, "tokenizer.ggml.scores and token_type must hold one value per token");
+  auto id = [&](const char* key, int fallback) {
+    return checked_int(f.uint_or(key, static_cast<std::uint64_t>(fallback)), key, path);
+  };
+  v.bos = id("tokenizer.ggml.bos_token_id", v.bos);
+  v.eos = id("tokenizer.ggml.eos_token_id", v.eos);
+  constexpr std::string_view kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's word boundary
+  constexpr int kUnknown = 2, kControl = 3;              // llama.cpp's token types
+  for (std::size_t i = 0; i < tokens->size(); ++i) {
+    const bool special = types && ((*types)[i] == kUnknown || (*types)[i] == kControl);
+    const std::string_view text = special ? std::string_view() : std::string_view((*tokens)[i]);
+    std::string piece;
+    for (std::size_t at = 0; at < text.size();) {
+      const bool space = text.substr(at, kSpace.size()) == kSpace;
+      piece += space ? ' ' : text[at];
+      at += space ? kSpace.size() : 1;
+    }
+    v.pieces.push_back(std::move(piece));
+    v.scores.push_back(scores ? static_cast<float>((*scores)[i]) : 0.0f);
+  }
+  return v;
 }
 
 // GGUF llama tensors load unchanged: llama.cpp's converter already permuted
@@ -349,6 +386,7 @@ Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
   }
   w.final_norm = f.matrix("output_norm.weight", 1, d);
   if (f.has_tensor("output.weight")) w.classifier = f.matrix("output.weight", c.vocab_size, d);
+  w.vocabulary = read_vocabulary(f, c.vocab_size, path);
   return w;
 }
 

@@ -23,6 +23,27 @@ struct Tokenizer::Impl {
                                [&](int id, std::string_view p) { return std::string_view(pieces[id]) < p; });
     return it != sorted.end() && pieces[*it] == piece ? *it : -1;
   }
+
+  // Lookup tables over the pieces, built once they are read.
+  void index() {
+    const int vocab_size = static_cast<int>(pieces.size());
+    // Ids sorted by piece for binary search; stable so a duplicated piece
+    // resolves to its first id.
+    sorted.resize(vocab_size);
+    for (int i = 0; i < vocab_size; ++i) sorted[i] = i;
+    std::stable_sort(sorted.begin(), sorted.end(), [&](int a, int b) { return pieces[a] < pieces[b]; });
+    for (int b = 0; b < 256; ++b) {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "<0x%02X>", b);
+      int id = lookup(hex);
+      if (id < 0) id = lookup(std::string(1, static_cast<char>(b)));
+      byte_token[b] = id;
+    }
+    // Specials (<unk>, BOS, EOS) and byte tokens aside, is any piece longer
+    // than one byte?
+    for (int i = 3; i < vocab_size && !has_merges; ++i)
+      has_merges = pieces[i].size() > 1 && std::find(byte_token, byte_token + 256, i) == byte_token + 256;
+  }
 };
 
 Tokenizer::~Tokenizer() = default;
@@ -64,22 +85,24 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_
   }
   if (in.peek() != std::char_traits<char>::eof())
     fail("tokenizer has more than the model's " + std::to_string(vocab_size) + " tokens");
-  // Ids sorted by piece for binary search; stable so a duplicated piece
-  // resolves to its first id.
-  t.sorted.resize(vocab_size);
-  for (int i = 0; i < vocab_size; ++i) t.sorted[i] = i;
-  std::stable_sort(t.sorted.begin(), t.sorted.end(), [&](int a, int b) { return t.pieces[a] < t.pieces[b]; });
-  for (int b = 0; b < 256; ++b) {
-    char hex[8];
-    std::snprintf(hex, sizeof hex, "<0x%02X>", b);
-    int id = t.lookup(hex);
-    if (id < 0) id = t.lookup(std::string(1, static_cast<char>(b)));
-    t.byte_token[b] = id;
-  }
-  // Specials (<unk>, BOS, EOS) and byte tokens aside, is any piece longer
-  // than one byte?
-  for (int i = 3; i < vocab_size && !t.has_merges; ++i)
-    t.has_merges = t.pieces[i].size() > 1 && std::find(t.byte_token, t.byte_token + 256, i) == t.byte_token + 256;
+  t.index();
+}
+
+Tokenizer::Tokenizer(const Weights::Vocabulary& vocabulary) : impl_(std::make_unique<Impl>()) {
+  if (vocabulary.model != "llama")
+    throw std::invalid_argument("vocabulary: a '" + vocabulary.model +
+                                "' tokenizer; only SentencePiece ('llama') vocabularies are implemented");
+  if (vocabulary.pieces.size() < 3)
+    throw std::invalid_argument("vocabulary: needs at least 3 pieces (<unk>, BOS, EOS)");
+  if (vocabulary.scores.size() != vocabulary.pieces.size())
+    throw std::invalid_argument("vocabulary: one score per piece needed");
+  if (vocabulary.bos != kBos || vocabulary.eos != kEos)
+    throw std::invalid_argument("vocabulary: BOS / EOS are " + std::to_string(vocabulary.bos) + " / " +
+                                std::to_string(vocabulary.eos) + "; the tokenizer writes " + std::to_string(kBos) +
+                                " / " + std::to_string(kEos));
+  impl_->pieces = vocabulary.pieces;
+  impl_->scores = vocabulary.scores;
+  impl_->index();
 }
 
 std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
