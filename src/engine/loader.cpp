@@ -362,6 +362,13 @@ Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
           static_cast<std::uint64_t>(c.head_dim()))
     bad_file(path, "llama.rope.dimension_count must equal the head dimension (partial RoPE is not supported)");
   if (!(c.rope_theta > 0.0f) || !(c.norm_eps > 0.0f)) bad_file(path, "rope freq_base and rms epsilon must be positive");
+  // Variants of the llama architecture the engine would run with wrong
+  // numbers rather than fail: refused by name.
+  if (const std::string scaling = f.string_or("llama.rope.scaling.type", "none"); scaling != "none")
+    bad_file(path, "llama.rope.scaling.type '" + scaling + "' is not supported (plain RoPE only)");
+  if (f.has_tensor("rope_freqs.weight"))
+    bad_file(path, "rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported");
+  if (f.uint_or("llama.expert_count", 0) > 0) bad_file(path, "mixture-of-experts llama models are not supported");
   try {
     c.validate();
   } catch (const std::runtime_error& e) {
