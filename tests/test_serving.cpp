@@ -369,6 +369,54 @@ TEST(KVPages, PageSizeChangesNothingAndAPrefixCopiesOnlyThePageItWrites) {
   EXPECT_TRUE(bad.pages.empty());
 }
 
+// A page pool hands a dropped page's buffer out again (zeroed, or holding
+// the copied page), reserve() fills its free list, and a page that outlives
+// its pool is freed with it gone.
+TEST(KVPages, APoolReusesDroppedPages) {
+  auto pool = std::make_shared<llama::KVPagePool>(256);
+  auto page = pool->zeroed();
+  page->data[7] = 3.0f;
+  const float* buffer = page->data.data();
+  page.reset();
+  EXPECT_EQ(pool->free_pages(), 1u);
+  page = pool->zeroed();
+  EXPECT_EQ(page->data.data(), buffer);
+  EXPECT_EQ(page->data, std::vector<float>(256, 0.0f));
+  page->data[5] = 2.0f;
+  const auto copied = pool->copy(*page);
+  EXPECT_EQ(copied->data, page->data);
+  EXPECT_THROW(pool->copy(llama::KVPage{std::vector<float>(255)}), std::invalid_argument);
+  pool->reserve(4);
+  EXPECT_EQ(pool->free_pages(), 4u);
+  pool.reset();  // pages still held: freed when dropped, not returned
+  EXPECT_EQ(copied->data[5], 2.0f);
+  EXPECT_THROW(llama::KVPagePool(0), std::invalid_argument);
+}
+
+// A state takes its pages from its pool; one of another page size is
+// refused before anything changes. The planner's states share its store's
+// pool, and reserve_bytes fills it (within the store's budget).
+TEST(KVPages, StatesTakePagesFromTheStoresPool) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  const auto tokens = text_tokens(150, 25);
+  const llama::ModelConfig& c = model().config();
+  llama::KVState kv;
+  kv.pool = std::make_shared<llama::KVPagePool>(std::size_t{2} * c.n_layers * kv.page_tokens * c.kv_dim() + 1);
+  EXPECT_THROW(engine.forward(tokens, kv, {}), std::invalid_argument);
+  EXPECT_TRUE(kv.pages.empty());
+
+  const std::size_t page_bytes = sizeof(float) * 2 * c.n_layers * llama::KVState::kDefaultPageTokens * c.kv_dim();
+  serving::Planner planner(c, {.store_bytes = 8 * page_bytes, .reserve_bytes = 5 * page_bytes});
+  serving::Plan plan = planner.plan(tokens);
+  ASSERT_TRUE(plan.kv.pool);
+  EXPECT_EQ(plan.kv.pool->free_pages(), 5u);
+  planner.execute(engine, tokens, plan);
+  EXPECT_EQ(plan.kv.pool->free_pages(), 2u);  // 150 rows: three pages, now the store's blocks
+  EXPECT_THROW(serving::Planner(c, {.store_bytes = page_bytes, .reserve_bytes = 2 * page_bytes}),
+               std::invalid_argument);
+}
+
 // A stored prefix reaches the engine without a copy: the plan's pages are
 // the blocks the store kept, which are the pages the first prompt's forward
 // wrote; the prefix ends inside a block, which only the new prompt's copy

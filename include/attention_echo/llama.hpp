@@ -4,13 +4,14 @@
 // do), or AttentionEchoCache in every layer. Which one a prompt takes is the
 // serving module's choice (attention_echo/serving.hpp).
 //
-// Loads llama2.c checkpoints (legacy v0 .bin) and GGUF v2/v3 files (F32/F16,
-// llama architecture). Bad files throw std::runtime_error naming the file and
+// Loads llama2.c checkpoints (legacy v0 .bin) and GGUF v2/v3 files (llama
+// architecture; float and quantized tensors, dequantized at load). Bad files throw std::runtime_error naming the file and
 // what is wrong; bad arguments throw std::invalid_argument naming the argument.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -141,6 +142,39 @@ struct KVPage {
   std::vector<float> data;  // [2 * layers][page_tokens][kv_dim]
 };
 
+// Where K/V pages of one size come from: a free list that pages return to
+// when their last holder drops them (the store evicting, a request's state
+// going away), and reserve(), which writes pages in ahead of use, so that a
+// server takes its K/V memory at startup (as vLLM and llama.cpp allocate
+// their K/V cache) rather than inside the requests that first grow into it.
+// That growth is not free: on this project's VMs, whose host backs guest
+// memory lazily, a 4 KiB page the process had not touched cost 12-54 us to
+// write the first time, which added ~300 ms to each near-dup request while
+// the stores grew (README, "Things worth knowing"). Thread-safe. Create it
+// with std::make_shared: pages find their way back through a weak pointer,
+// and a page that outlives its pool is simply freed.
+class KVPagePool : public std::enable_shared_from_this<KVPagePool> {
+ public:
+  // Throws std::invalid_argument unless page_floats > 0.
+  explicit KVPagePool(std::size_t page_floats);
+  std::size_t page_floats() const { return page_floats_; }
+  // A zeroed page, or a copy of `page` (of this pool's size), reusing a
+  // free one when there is one.
+  std::shared_ptr<KVPage> zeroed();
+  std::shared_ptr<KVPage> copy(const KVPage& page);
+  // Grows the free list to at least `pages` pages, each written once.
+  void reserve(std::size_t pages);
+  std::size_t free_pages() const;
+
+ private:
+  std::shared_ptr<KVPage> wrap(std::vector<float> data);
+  std::vector<float> take();
+
+  const std::size_t page_floats_;
+  mutable std::mutex mutex_;
+  std::vector<std::vector<float>> free_;
+};
+
 // Per-layer K and V (K already rotated) of a sequence's first `length`
 // tokens, in pages of page_tokens positions that are shared, never copied:
 // a copy of the state, prefix(), and the serving store (which keeps the
@@ -160,6 +194,8 @@ struct KVState {
   int layers = 0;  // the pages' shape, set with the first page
   int kv_dim = 0;
   std::vector<std::shared_ptr<const KVPage>> pages;
+  // Where new pages come from (and copies of shared ones); null: the heap.
+  std::shared_ptr<KVPagePool> pool;
 
   // Row t of layer l's K or V, for t below pages.size() * page_tokens.
   const float* k(int layer, int t) const { return row(2 * layer, t); }
@@ -167,8 +203,9 @@ struct KVState {
   // Readies rows [t0, t1) for writing: pages up to row t1 are added (zeroed)
   // and each page the rows fall in that is shared is replaced by a copy of
   // its own. Sets layers and kv_dim with the first page. Throws
-  // std::invalid_argument("kv: ...") when the state's shape or page_tokens
-  // does not fit, or rows before t0 are missing; nothing changes then.
+  // std::invalid_argument("kv: ...") when the state's shape, page_tokens or
+  // pool's page size does not fit, or rows before t0 are missing; nothing
+  // changes then.
   void make_writable(int t0, int t1, int model_layers, int model_kv_dim);
   // Row t of layer l's K or V to write into: only rows the last
   // make_writable covered, before the state is copied or shared again.

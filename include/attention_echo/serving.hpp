@@ -226,6 +226,10 @@ inline constexpr int kMinCalibrationSample = 256;
 
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;
+  // K/V memory the planner writes in at construction (at most store_bytes),
+  // as a server takes its K/V cache at startup: the store's pages then come
+  // from memory the process already holds (llama::KVPagePool).
+  std::size_t reserve_bytes = 0;
   // K/V block size of the store, which is the page size of the plans' K/V
   // (llama::KVState): a positive multiple of 64. Stored blocks go to the
   // engine as they are, and its pages to the store, without a copy.

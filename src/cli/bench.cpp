@@ -302,16 +302,26 @@ double ppl(const ModeReport& m) { return m.nll_tokens ? std::exp(m.nll_sum / m.n
 // What serving a request changes: the echo cache, the planner of the
 // exact-prefix mode (no cache, no blending: it always reuses the longest
 // stored prefix) and echo mode's planner (every route).
+// Both planners write `reserve_bytes` of K/V pages in at construction, as
+// a server takes its K/V memory at startup, so that neither mode's requests
+// pay for the process growing into memory it never held (KVPagePool).
 struct Stack {
   Stack(const llama::Model& model, const BenchOptions& options,
-        std::shared_ptr<serving::BlendCalibration> calibration)
+        std::shared_ptr<serving::BlendCalibration> calibration, std::size_t reserve_bytes)
       : cache(cache_config(model, options)),
-        exact(model.config()),
-        echo(model.config(), {.cache = &cache,
+        exact(model.config(), exact_config(reserve_bytes)),
+        echo(model.config(), {.reserve_bytes = reserve_bytes,
+                              .cache = &cache,
                               .blend = options.blend,
                               .calibration = std::move(calibration),
                               .store_url = options.store_url,
                               .model_fingerprint = model.fingerprint()}) {}
+
+  static serving::PlannerConfig exact_config(std::size_t reserve_bytes) {
+    serving::PlannerConfig config;
+    config.reserve_bytes = reserve_bytes;
+    return config;
+  }
 
   static EchoConfig cache_config(const llama::Model& model, const BenchOptions& options) {
     EchoConfig config = options.cache;
@@ -339,6 +349,16 @@ bool same_route(const Plan& a, const Plan& b) {
          a.report.blend_reused == b.report.blend_reused && a.report.blend_rejected == b.report.blend_rejected;
 }
 
+// The most K/V the scenario's prompts can leave in a planner's store (every
+// prompt's pages, none shared), within the store's budget.
+std::size_t kv_bytes_to_store(const llama::ModelConfig& c, const Scenario& scenario) {
+  const serving::PlannerConfig defaults;
+  const std::size_t page_bytes = sizeof(float) * 2 * c.n_layers * defaults.block_tokens * c.kv_dim();
+  std::size_t pages = 0;
+  for (const ScenarioRequest& r : scenario.requests) pages += (r.tokens.size() + defaults.block_tokens - 1) / defaults.block_tokens;
+  return std::min(pages * page_bytes, defaults.store_bytes / page_bytes * page_bytes);
+}
+
 // One scenario's serving state: an engine and BenchOptions::repeats
 // stacks, each serving every request from the same history. The first
 // stack's copy of the blend calibration is the run's own (scenarios pass it
@@ -352,12 +372,15 @@ class Bench {
     if (options.repeats < 1) throw std::invalid_argument("repeats: must be at least 1");
     if (options.repeats > 1 && !options.store_url.empty())
       throw std::invalid_argument("repeats: must be 1 with a shared store (the stacks would read each other's K/V)");
+    const auto start = std::chrono::steady_clock::now();
+    report_.kv_reserved_bytes = kv_bytes_to_store(model.config(), scenario);
     for (int i = 0; i < options.repeats; ++i) {
       auto calibration = i == 0 || !options.calibration
                              ? options.calibration
                              : std::make_shared<serving::BlendCalibration>(*options.calibration);
-      stacks_.push_back(std::make_unique<Stack>(model, options, std::move(calibration)));
+      stacks_.push_back(std::make_unique<Stack>(model, options, std::move(calibration), report_.kv_reserved_bytes));
     }
+    report_.stacks_setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     report_.scenario = scenario.name;
     report_.description = scenario.description;
     report_.modes.resize(3);
@@ -555,7 +578,8 @@ std::string format_report(const ScenarioReport& r) {
   const ModeReport& base = r.modes[0];
   const int n = base.requests;
   out << "== " << r.scenario << ": " << r.description << "\n   " << n << " requests, prompt " << r.mean_prompt_tokens
-      << " tokens on average, shared context " << r.mean_prefix_tokens << "\n";
+      << " tokens on average, shared context " << r.mean_prefix_tokens << "\n   K/V pages reserved before serving: "
+      << (r.kv_reserved_bytes >> 20) << " MiB per planner, stacks set up in " << r.stacks_setup_s << " s\n";
   char line[256];
   auto row = [&](const char* label, auto cell) {
     std::snprintf(line, sizeof line, "  %-28s", label);
@@ -663,6 +687,8 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
                          {"requests", base.requests},
                          {"mean_prompt_tokens", r.mean_prompt_tokens},
                          {"mean_prefix_tokens", r.mean_prefix_tokens},
+                         {"kv_reserved_bytes", r.kv_reserved_bytes},
+                         {"stacks_setup_s", r.stacks_setup_s},
                          {"modes", std::move(modes)}});
     if (r.shared_store.enabled) scenarios.back()["shared_store"] = shared_store_json(r.shared_store, r.modes[2]);
   }

@@ -152,6 +152,10 @@ struct ScenarioReport {
   std::string description;
   int mean_prompt_tokens = 0;
   int mean_prefix_tokens = 0;
+  // K/V pages each planner wrote in before the first request (the most the
+  // prompts can store), and how long setting the stacks up took with it.
+  std::size_t kv_reserved_bytes = 0;
+  double stacks_setup_s = 0.0;
   std::vector<ModeReport> modes;  // none, exact-prefix, echo
   SharedStoreReport shared_store;
 };

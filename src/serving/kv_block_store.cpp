@@ -138,6 +138,12 @@ KVBlockStore::KVBlockStore(Shape shape, std::size_t max_bytes)
   if (shape.block_tokens <= 0 || shape.block_tokens % kKeyChunk != 0)
     throw std::invalid_argument("shape.block_tokens: must be a positive multiple of " + std::to_string(kKeyChunk) +
                                 " (the engine's page size)");
+  pages_ = std::make_shared<llama::KVPagePool>(std::size_t{2} * shape.layers * shape.block_tokens * shape.kv_dim);
+}
+
+void KVBlockStore::reserve(std::size_t bytes) {
+  if (bytes > max_bytes_) throw std::invalid_argument("bytes: more than the store's budget");
+  pages_->reserve(bytes / (pages_->page_floats() * sizeof(float)));
 }
 
 llama::KVState KVBlockStore::state(std::span<const Block> blocks, int rows) const {
@@ -148,6 +154,7 @@ llama::KVState KVBlockStore::state(std::span<const Block> blocks, int rows) cons
   kv.page_tokens = shape_.block_tokens;
   kv.layers = shape_.layers;
   kv.kv_dim = shape_.kv_dim;
+  kv.pool = pages_;
   kv.pages.assign(blocks.begin(), blocks.begin() + (rows + shape_.block_tokens - 1) / shape_.block_tokens);
   return kv;
 }

@@ -64,8 +64,13 @@ class KVBlockStore {
 
   const Shape& shape() const { return shape_; }
   // The first `rows` rows of a block list (a Prefix's or a Record's) as a
-  // KVState that shares the blocks as its pages.
+  // KVState that shares the blocks as its pages and takes new pages from
+  // the store's page pool, so that the blocks it evicts are the pages the
+  // next prompts write.
   llama::KVState state(std::span<const Block> blocks, int rows) const;
+  // Writes `bytes` of pages into the page pool ahead of use (see
+  // llama::KVPagePool). Throws std::invalid_argument beyond the budget.
+  void reserve(std::size_t bytes);
 
   // Where a stored prefix's rows live: row t of the prefix is row
   // t % block_tokens of blocks[t / block_tokens].
@@ -125,6 +130,7 @@ class KVBlockStore {
   Shape shape_;
   std::size_t max_bytes_;
   std::uint64_t evictions_ = 0;
+  std::shared_ptr<llama::KVPagePool> pages_;
   std::unique_ptr<Impl> impl_;
 };
 

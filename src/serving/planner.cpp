@@ -76,6 +76,7 @@ double qkv_share(const llama::ModelConfig& c) {
 }
 
 void validate_config(const PlannerConfig& c) {
+  if (c.reserve_bytes > c.store_bytes) throw std::invalid_argument("reserve_bytes: must be at most store_bytes");
   if (c.block_tokens < 1 || c.block_tokens % kKeyChunk != 0)
     throw std::invalid_argument("block_tokens: must be a positive multiple of " + std::to_string(kKeyChunk) +
                                 " (the engine's page size)");
@@ -253,7 +254,9 @@ struct Planner::Impl {
         store({m.n_layers, m.kv_dim(), c.block_tokens}, c.store_bytes),
         cost(cache_prior(c.cache)),
         calibration(c.calibration ? c.calibration : std::make_shared<BlendCalibration>()),
-        l2(make_l2(config, store.shape())) {}
+        l2(make_l2(config, store.shape())) {
+    store.reserve(config.reserve_bytes);
+  }
 
   void validate_tokens(std::span<const int> tokens, const std::string& name = "tokens") const {
     if (tokens.empty()) throw std::invalid_argument(name + ": empty");
@@ -401,7 +404,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   Plan plan;
   plan.name_space = std::string(name_space);
   plan.prefix_length = prefix_length;
-  plan.kv.page_tokens = m.config.block_tokens;  // the store keeps the pages the forward writes
+  plan.kv = m.store.state({}, 0);  // the store's page size and pool: it keeps the pages the forward writes
 
   KVBlockStore::Prefix stored = m.store.longest_prefix(name_space, tokens);
   const auto [l2_from, l2_to] = m.fill_from_l2(name_space, tokens, stored);
