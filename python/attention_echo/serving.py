@@ -30,19 +30,24 @@ class LlamaServer:
     exceeds its bound is computed exactly instead: ``max_error``, lowered at
     run time by calibration on the next token's KL (the estimate) and on the
     mean KL over the prompt's last rows (the deviation).
+
+    ``store_bytes`` bounds the K/V store; ``reserve_bytes`` of it (at most
+    ``store_bytes``) is written in at construction, as a server takes its
+    K/V memory at startup, so that requests do not pay for the process
+    growing into memory it never held.
     """
 
     def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,
-                 max_error: float = 0.2, store_bytes: int = 512 << 20) -> None:
+                 max_error: float = 0.2, store_bytes: int = 512 << 20, reserve_bytes: int = 0) -> None:
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__}")
-        for name, value in (("threads", threads), ("store_bytes", store_bytes)):
+        for name, value in (("threads", threads), ("store_bytes", store_bytes), ("reserve_bytes", reserve_bytes)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
         self._server = _core.LlamaServer(path, threads, bool(blend), float(recompute_ratio), float(max_error),
-                                         store_bytes)
+                                         store_bytes, reserve_bytes)
 
     @property
     def vocab_size(self) -> int:

@@ -334,14 +334,15 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](LlamaServer* self, const std::string& path, int threads, bool blend, double recompute_ratio,
-             double max_error, std::size_t store_bytes) {
+             double max_error, std::size_t store_bytes, std::size_t reserve_bytes) {
             ae::serving::PlannerConfig config;
             config.store_bytes = store_bytes;
+            config.reserve_bytes = reserve_bytes;
             config.blend = {.enabled = blend, .recompute_ratio = recompute_ratio, .max_error = max_error};
             nb::gil_scoped_release release;
             new (self) LlamaServer(path, threads, config);
           },
-          "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a)
+          "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a, "reserve_bytes"_a)
       .def_prop_ro("vocab_size", [](const LlamaServer& s) { return s.model.config().vocab_size; })
       .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
       .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })

@@ -63,6 +63,14 @@ def test_namespaces_do_not_share(prompt):
     assert report["reused"] == 0 and report["route"] == "reuse"
 
 
+def test_reserved_store_serves_the_same(prompt):
+    plain = LlamaServer(MODEL, threads=1)
+    reserved = LlamaServer(MODEL, threads=1, store_bytes=64 << 20, reserve_bytes=16 << 20)
+    for server in (plain, reserved):
+        server.prefill(prompt)
+    np.testing.assert_array_equal(reserved.prefill(prompt)[0], plain.prefill(prompt)[0])
+
+
 def test_bad_input_raises_and_stores_nothing():
     server = LlamaServer(MODEL, threads=1)
     with pytest.raises(ValueError, match="tokens"):
@@ -77,6 +85,10 @@ def test_bad_input_raises_and_stores_nothing():
         server.prefill([1, 2], namespace=3)
     with pytest.raises(ValueError, match="recompute_ratio"):
         LlamaServer(MODEL, recompute_ratio=2.0)
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        LlamaServer(MODEL, store_bytes=1 << 20, reserve_bytes=2 << 20)
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        LlamaServer(MODEL, reserve_bytes=-1)
     with pytest.raises((ValueError, RuntimeError), match="nope"):
         LlamaServer("/nope/model.bin")
     assert server.stored_prompts == 0
