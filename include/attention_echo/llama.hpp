@@ -5,8 +5,9 @@
 // serving module's choice (attention_echo/serving.hpp).
 //
 // Loads llama2.c checkpoints (legacy v0 .bin) and GGUF v2/v3 files (llama
-// architecture; float and quantized tensors, dequantized at load). Bad files throw std::runtime_error naming the file and
-// what is wrong; bad arguments throw std::invalid_argument naming the argument.
+// architecture; float and quantized tensors, dequantized at load). Bad files
+// throw std::runtime_error naming the file and what is wrong; bad arguments
+// throw std::invalid_argument naming the argument.
 #pragma once
 
 #include <cstdint>

@@ -37,8 +37,9 @@ void KVState::make_writable(int t0, int t1, int model_layers, int model_kv_dim) 
       pages[p] = pool ? pool->copy(*pages[p]) : std::make_shared<KVPage>(*pages[p]);
     }
   }
-  // Every page is made non-const (make_shared<KVPage>) and is now this
-  // state's alone, so writable_k/v writing through it is defined.
+  // Every page is made non-const (make_shared<KVPage>, or the pool's new
+  // KVPage) and is now this state's alone, so writable_k/v writing through
+  // it is defined.
 }
 
 KVState KVState::prefix(int tokens) const {
