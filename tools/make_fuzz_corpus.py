@@ -79,7 +79,20 @@ def llama2c(root):
 
 
 def gguf(root, tmp):
-    m = tiny_weights()
+    write(root, "gguf_loader", "tiny_llama", tiny_gguf(tmp, tiny_weights()))
+    # 32-wide matrices in Q8_0, Q4_1 and Q5_0 (legacy 32-value blocks) and a
+    # SentencePiece vocabulary: seeds the dequantizers and the tokenizer
+    # metadata reader.
+    types = [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0]
+    vocabulary = (["<unk>", "<s>", "</s>", "\u2581t", "he", "\u2581the", "<0x41>"] + list("abcdefghi"),
+                  [float(-i) for i in range(16)], [2, 3, 3, 1, 1, 1, 6] + [1] * 9)
+    write(root, "gguf_loader", "tiny_quantized_with_vocabulary",
+          tiny_gguf(tmp, tiny_weights(dim=32, hidden=64), lambda name: types[len(name) % len(types)], vocabulary))
+
+
+def tiny_gguf(tmp, m, quantize_as=None, vocabulary=None):
+    """tiny_weights m as the bytes of a GGUF file: matrices F32, or in the
+    type quantize_as(name) picks; a (tokens, scores, types) vocabulary."""
     dim, hidden, layers, heads, kv_heads, vocab, seq = m["config"]
     path = os.path.join(tmp, "tiny.gguf")
     writer = GGUFWriter(path, "llama")
@@ -89,55 +102,26 @@ def gguf(root, tmp):
     writer.add_head_count_kv(kv_heads)
     writer.add_feed_forward_length(hidden)
     writer.add_context_length(seq)
-    writer.add_tensor("token_embd.weight", m["embed"])
+    if vocabulary:
+        tokens, scores, types = vocabulary
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+
+    def tensor(name, t):
+        if quantize_as is None or t.ndim == 1:
+            writer.add_tensor(name, t)
+        else:
+            writer.add_tensor(name, quants.quantize(t, quantize_as(name)), raw_dtype=quantize_as(name))
+
+    tensor("token_embd.weight", m["embed"])
     names = {"attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
              "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
     for i, layer in enumerate(m["layers"]):
         for key, name in names.items():
-            writer.add_tensor(f"blk.{i}.{name}.weight", layer[key])
-    writer.add_tensor("output_norm.weight", m["norm"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    write(root, "gguf_loader", "tiny_llama", open(path, "rb").read())
-    os.remove(path)
-    write(root, "gguf_loader", "tiny_quantized_with_vocabulary", quantized_gguf(tmp))
-
-
-def quantized_gguf(tmp):
-    """32-wide matrices in Q8_0, Q4_1 and Q5_0 (legacy 32-value blocks) and
-    a SentencePiece vocabulary: seeds the dequantizers and the tokenizer
-    metadata reader."""
-    m = tiny_weights(dim=32, hidden=64)
-    dim, hidden, layers, heads, kv_heads, vocab, seq = m["config"]
-    path = os.path.join(tmp, "quantized.gguf")
-    writer = GGUFWriter(path, "llama")
-    writer.add_embedding_length(dim)
-    writer.add_block_count(layers)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_feed_forward_length(hidden)
-    writer.add_context_length(seq)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(["<unk>", "<s>", "</s>"] + ["\u2581t", "he", "\u2581the", "<0x41>"] + list("abcdefghi"))
-    writer.add_token_scores([float(-i) for i in range(vocab)])
-    writer.add_token_types([2, 3, 3] + [1, 1, 1, 6] + [1] * 9)
-    types = [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0]
-
-    def matrix(name, t):
-        qtype = types[len(name) % len(types)]
-        writer.add_tensor(name, quants.quantize(t, qtype), raw_dtype=qtype)
-
-    matrix("token_embd.weight", m["embed"])
-    names = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "w1": "ffn_gate",
-             "w2": "ffn_down", "w3": "ffn_up"}
-    for i, layer in enumerate(m["layers"]):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", layer["attn_norm"])
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", layer["ffn_norm"])
-        for key, name in names.items():
-            matrix(f"blk.{i}.{name}.weight", layer[key])
-    writer.add_tensor("output_norm.weight", m["norm"])
+            tensor(f"blk.{i}.{name}.weight", layer[key])
+    tensor("output_norm.weight", m["norm"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
