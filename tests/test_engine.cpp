@@ -638,6 +638,12 @@ TEST(EngineBench, ExactReuseIsLosslessAndTiersAddUp) {
   EXPECT_EQ(json.begin().key(), "k");  // the run's fields first
   EXPECT_EQ(json.at("scenarios").at(0).at("scenario"), "chatbot");
   EXPECT_EQ(json.at("scenarios").at(0).at("modes").size(), 3u);
+  // Every prompt's pages reserved in each planner before the first request.
+  std::size_t pages = 0;
+  for (const auto& r : scenario.requests) pages += (r.tokens.size() + 63) / 64;
+  const auto& c = model.config();
+  EXPECT_EQ(report.kv_reserved_bytes, pages * sizeof(float) * 2 * c.n_layers * 64 * c.kv_dim());
+  EXPECT_EQ(json.at("scenarios").at(0).at("kv_reserved_bytes"), report.kv_reserved_bytes);
 }
 
 // Repeats time each request on more serving stacks; what is reported
