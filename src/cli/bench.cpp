@@ -353,9 +353,10 @@ bool same_route(const Plan& a, const Plan& b) {
 // prompt's pages, none shared), within the store's budget.
 std::size_t kv_bytes_to_store(const llama::ModelConfig& c, const Scenario& scenario) {
   const serving::PlannerConfig defaults;
-  const std::size_t page_bytes = sizeof(float) * 2 * c.n_layers * defaults.block_tokens * c.kv_dim();
+  const std::size_t block = defaults.block_tokens;
+  const std::size_t page_bytes = sizeof(float) * 2 * c.n_layers * block * c.kv_dim();
   std::size_t pages = 0;
-  for (const ScenarioRequest& r : scenario.requests) pages += (r.tokens.size() + defaults.block_tokens - 1) / defaults.block_tokens;
+  for (const ScenarioRequest& r : scenario.requests) pages += (r.tokens.size() + block - 1) / block;
   return std::min(pages * page_bytes, defaults.store_bytes / page_bytes * page_bytes);
 }
 
