@@ -15,6 +15,24 @@ constexpr std::uint32_t kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5
 constexpr int kQK = 32;    // values in a legacy block
 constexpr int kQKK = 256;  // values in a k-quant super-block
 
+float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  float value;
+  if (exp == 0) {
+    value = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
+  } else if (exp == 31) {
+    value = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    const std::uint32_t bits = ((exp + 112) << 23) | (mant << 13);
+    std::memcpy(&value, &bits, 4);
+  }
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  bits |= sign;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
 float f16_at(const unsigned char* p) {
   std::uint16_t h;
   std::memcpy(&h, p, 2);
@@ -176,24 +194,6 @@ std::optional<Decoder> decoder(std::uint32_t id) {
 }
 
 }  // namespace
-
-float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-  float value;
-  if (exp == 0) {
-    value = std::ldexp(static_cast<float>(mant), -24);  // zero or subnormal
-  } else if (exp == 31) {
-    value = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
-  } else {
-    const std::uint32_t bits = ((exp + 112) << 23) | (mant << 13);
-    std::memcpy(&value, &bits, 4);
-  }
-  std::uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  bits |= sign;
-  std::memcpy(&value, &bits, 4);
-  return value;
-}
 
 std::optional<GgmlType> ggml_type(std::uint32_t id) {
   if (auto d = decoder(id)) return d->type;

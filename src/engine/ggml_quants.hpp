@@ -34,6 +34,4 @@ const char* ggml_type_name(std::uint32_t id);
 // block_values; src holds values / block_values blocks) into dst.
 void dequantize(std::uint32_t id, const unsigned char* src, float* dst, std::size_t values);
 
-float half_to_float(std::uint16_t h);
-
 }  // namespace attention_echo::llama
