@@ -561,7 +561,7 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
   planner.execute(engine, near, plan);
   EXPECT_FALSE(plan.report.blend_calibration);
   EXPECT_THROW(planner.calibrate(engine, std::span(passages).first(2)), std::invalid_argument);
-  const std::vector<std::vector<int>> short_text = {text_tokens(20, 3), text_tokens(100, 4), text_tokens(20, 5)};
+  const std::vector<std::vector<int>> short_text = {text_tokens(20, 3), text_tokens(60, 4), text_tokens(20, 5)};
   EXPECT_THROW(planner.calibrate(engine, short_text), std::invalid_argument);
   serving::Planner off(model().config());
   EXPECT_THROW(off.calibrate(engine, passages), std::invalid_argument);

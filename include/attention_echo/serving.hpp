@@ -221,8 +221,13 @@ class BlendCalibration {
 };
 
 // The shortest text Planner::calibrate takes: its blends must be long
-// enough for the planner to consider blending at all.
-inline constexpr int kMinCalibrationSample = 256;
+// enough for the planner to consider blending at all (kMinBlendRows). A
+// model whose context is 256 tokens (llama2.c's stories15M) blends prompts
+// of 128-224 rows; with a floor of 256 its guard was never calibrated
+// before serving, and the first blend a workload planned was computed
+// twice to calibrate it (1.6-1.7 prefills of its request: echo 0.93x
+// exact prefix reuse on three texts at 256 tokens, BENCHMARKS.md 10).
+inline constexpr int kMinCalibrationSample = 128;
 
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;

@@ -524,7 +524,10 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   CalibrationReport report;
   std::size_t tokens = 0;
   for (const auto& p : passages) tokens += p.size();
-  if (!options.blend.enabled || tokens < serving::kMinCalibrationSample) return report;  // too short to blend
+  // Too short to blend, or (contexts near 128 tokens) longer than the model reads.
+  if (!options.blend.enabled || tokens < serving::kMinCalibrationSample ||
+      tokens > static_cast<std::size_t>(model.config().seq_len))
+    return report;
   ThreadPool pool(options.threads);
   llama::Engine engine(model, pool);
   serving::PlannerConfig config;  // calibration only: no cache, no shared store

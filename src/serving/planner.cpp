@@ -30,7 +30,7 @@ constexpr float kDonorProfile = 0.25f;
 // not even looked for (on a 260K-parameter model with 100-token prompts the
 // lookup alone cost ~5% of a prefill).
 constexpr int kMinBlendRows = 128;
-static_assert(kMinCalibrationSample >= 2 * kMinBlendRows, "calibration blends must be long enough to be planned");
+static_assert(kMinCalibrationSample >= kMinBlendRows, "calibration blends must be long enough to be planned");
 // The cache route is priced only for prompts with a stored neighbour at
 // least this similar in token profile: a first-seen prompt would only pay
 // the cache's capture cost (the sparse tier's first pass records tile mass
