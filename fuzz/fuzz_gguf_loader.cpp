@@ -21,7 +21,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (weights.vocabulary.pieces.empty()) return 0;
   try {
     const llama::Tokenizer tokenizer(weights.vocabulary);
-    tokenizer.encode("the theory, A\xc3\xa9");
+    for (int id : tokenizer.encode("the theory, A\xc3\xa9 42 \xff\r\n  x's")) tokenizer.decode(-1, id);
   } catch (const std::invalid_argument&) {
   }
   return 0;

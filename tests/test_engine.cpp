@@ -276,7 +276,7 @@ TEST(EngineTokenizer, GgufVocabularyEncodesAndBadOnesAreRefusedByName) {
     }
   };
   llama::Weights::Vocabulary bad = v;
-  bad.model = "gpt2";
+  bad.model = "bert";
   refused(bad);
   bad = v;
   bad.scores.pop_back();
@@ -285,6 +285,54 @@ TEST(EngineTokenizer, GgufVocabularyEncodesAndBadOnesAreRefusedByName) {
   bad.bos = 0;
   refused(bad);
   refused({.model = "llama", .pieces = {"", ""}, .scores = {0, 0}});
+}
+
+// A "gpt2" (byte-level BPE) vocabulary: GPT-2's byte alphabet (printable
+// Latin-1 as itself, the rest from U+0100: " " is "\u0120"), merges by
+// rank; the end-to-end check against Hugging Face's tokenizers is
+// tests/engine/test_gguf_byte_level_bpe.py.
+TEST(EngineTokenizer, ByteLevelVocabularyMergesByRankAndBadOnesAreRefusedByName) {
+  auto alphabet = [](int b) {
+    const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+    int cp = b;
+    if (!printable) {
+      cp = 256;
+      for (int c = 0; c < b; ++c) cp += !((c >= 0x21 && c <= 0x7E) || (c >= 0xA1 && c <= 0xAC) || c >= 0xAE);
+    }
+    std::string s;
+    if (cp < 0x80) s += static_cast<char>(cp);
+    else s += {static_cast<char>(0xC0 | cp >> 6), static_cast<char>(0x80 | (cp & 0x3F))};
+    return s;
+  };
+  llama::Weights::Vocabulary v{.model = "gpt2", .pre = "gpt2", .bos = 256, .eos = 256, .add_bos = false};
+  for (int b = 0; b < 256; ++b) v.pieces.push_back(alphabet(b));
+  v.pieces.push_back("");  // 256: a control token
+  const std::string space = alphabet(' ');
+  for (const std::string& piece : {std::string("ab"), space + "ab", std::string("bc")}) v.pieces.push_back(piece);  // 257-259
+  v.merges = {"b c", "a b", space + " ab"};  // "bc" outranks "ab"
+  const llama::Tokenizer tok(v);
+  EXPECT_EQ(tok.encode("ab abc"), (std::vector<int>{257, ' ', 'a', 259}));  // " abc": "bc" first, then no " a"
+  EXPECT_EQ(tok.encode("ab ab"), (std::vector<int>{257, 258}));
+  EXPECT_EQ(tok.encode("ab", {.bos = true, .eos = true}), (std::vector<int>{256, 257, 256}));
+  EXPECT_EQ(tok.decode(-1, 258), " ab");
+  EXPECT_EQ(tok.decode(-1, 256), "");
+  auto refused = [](llama::Weights::Vocabulary bad, const std::string& named) {
+    try {
+      llama::Tokenizer t(bad);
+      ADD_FAILURE() << "accepted";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(named), std::string::npos) << e.what();
+    }
+  };
+  llama::Weights::Vocabulary bad = v;
+  bad.pre = "deepseek-coder";
+  refused(bad, "pre-tokenizer 'deepseek-coder'");
+  bad = v;
+  bad.eos = 260;
+  refused(bad, "EOS id 260");
+  bad = v;
+  bad.pieces[0x41] = "";
+  refused(bad, "byte 65 has no token");
 }
 
 TEST(EngineGguf, SameWeightsGiveTheSameLogits) {

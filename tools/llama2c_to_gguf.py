@@ -44,12 +44,13 @@ def vocabulary_of(tokenizer_path, vocab):
 
 
 def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_model="llama", encode=quantize,
-               metadata=()):
+               metadata=(), merges=None, bos=1, eos=2):
     """Checkpoint c (llama_reference) as a GGUF file: the first `layers`
     layers (all by default), matrices through encode(matrix, qtype), a
-    vocabulary (pieces, scores, types) if given, and (key, string) pairs of
-    further metadata. Returns a float64 checkpoint of what the file decodes
-    to."""
+    vocabulary (pieces, scores, types) if given, with its BOS / EOS ids
+    (None: not written) and a byte-level one's merges ("left right"), and
+    (key, value) pairs of further metadata (str, bool or int). Returns a
+    float64 checkpoint of what the file decodes to."""
     layers = c.n_layers if layers is None else layers
     w = GGUFWriter(str(path), "llama")
     w.add_context_length(c.seq_len)
@@ -62,15 +63,20 @@ def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_mod
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     for key, value in metadata:
-        w.add_string(key, value)
+        add = w.add_string if isinstance(value, str) else w.add_bool if isinstance(value, bool) else w.add_uint32
+        add(key, value)
     if vocabulary is not None:
         pieces, scores, types = vocabulary
         w.add_tokenizer_model(tokenizer_model)
         w.add_token_list(pieces)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
+        if merges is not None:
+            w.add_token_merges(merges)
+        if bos is not None:
+            w.add_bos_token_id(bos)
+        if eos is not None:
+            w.add_eos_token_id(eos)
     ref = llama_reference.Checkpoint()
     for key in ("dim", "hidden", "n_heads", "n_kv_heads", "vocab", "seq_len", "head_dim", "shared"):
         setattr(ref, key, getattr(c, key))

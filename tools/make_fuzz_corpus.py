@@ -88,11 +88,22 @@ def gguf(root, tmp):
                   [float(-i) for i in range(16)], [2, 3, 3, 1, 1, 1, 6] + [1] * 9)
     write(root, "gguf_loader", "tiny_quantized_with_vocabulary",
           tiny_gguf(tmp, tiny_weights(dim=32, hidden=64), lambda name: types[len(name) % len(types)], vocabulary))
+    # A byte-level BPE ("gpt2") vocabulary: GPT-2's 256-letter byte alphabet,
+    # four merged tokens and their merges; seeds the byte-level tokenizer.
+    alphabet = [chr(b) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or b >= 0xAE else None for b in range(256)]
+    spare = iter(range(256, 512))
+    alphabet = [c if c is not None else chr(next(spare)) for c in alphabet]
+    tokens = alphabet + ["th", "\u0120th", "the", "\u0120the"]
+    merges = ["t h", "\u0120 th", "th e", "\u0120th e"]
+    write(root, "gguf_loader", "tiny_byte_level_vocabulary",
+          tiny_gguf(tmp, tiny_weights(vocab=len(tokens)), vocabulary=(tokens, [0.0] * len(tokens), [1] * len(tokens)),
+                    tokenizer_model="gpt2", merges=merges, pre="gpt2"))
 
 
-def tiny_gguf(tmp, m, quantize_as=None, vocabulary=None):
+def tiny_gguf(tmp, m, quantize_as=None, vocabulary=None, tokenizer_model="llama", merges=None, pre=None):
     """tiny_weights m as the bytes of a GGUF file: matrices F32, or in the
-    type quantize_as(name) picks; a (tokens, scores, types) vocabulary."""
+    type quantize_as(name) picks; a (tokens, scores, types) vocabulary of
+    the kind tokenizer_model, with merges and a pre-tokenizer if given."""
     dim, hidden, layers, heads, kv_heads, vocab, seq = m["config"]
     path = os.path.join(tmp, "tiny.gguf")
     writer = GGUFWriter(path, "llama")
@@ -104,10 +115,14 @@ def tiny_gguf(tmp, m, quantize_as=None, vocabulary=None):
     writer.add_context_length(seq)
     if vocabulary:
         tokens, scores, types = vocabulary
-        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_model(tokenizer_model)
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
+        if merges is not None:
+            writer.add_token_merges(merges)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
 
     def tensor(name, t):
         if quantize_as is None or t.ndim == 1:

@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 need_apt=()
 # clang + libclang-rt-14-dev: the libFuzzer targets (tools/fuzz.sh; bookworm's
 # clang is 14, its fuzzer and sanitizer runtimes are in libclang-rt-14-dev).
-# redis-server + libhiredis-dev: the shared L2 store and its tests.
+# redis-server + libhiredis-dev: the shared L2 store and its tests. libicu-dev:
+# Unicode classes for byte-level BPE tokenizers (GGUF "gpt2" vocabularies).
 for pkg in g++ cmake ninja-build libgtest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev python3-venv \
-           clang libclang-rt-14-dev redis-server libhiredis-dev; do
+           clang libclang-rt-14-dev redis-server libhiredis-dev libicu-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -60,16 +60,20 @@ struct Weights {
   std::vector<float> final_norm;  // [dim]
   std::vector<float> classifier;  // [vocab, dim]; empty: tied to token_embedding
   // The tokenizer a GGUF file carries (tokenizer.ggml.*). `model` is its
-  // kind ("llama": SentencePiece BPE, "gpt2": byte-level BPE, ...); pieces
-  // and scores are read for "llama" only, the one Tokenizer implements
-  // (pieces with SentencePiece's U+2581 read as a space, control and
-  // unknown tokens as empty pieces, which no text encodes to). Empty for
-  // llama2.c checkpoints, whose tokenizer.bin is a file of its own.
+  // kind; the rest is read for the two Tokenizer implements: "llama"
+  // (SentencePiece BPE: pieces with U+2581 read as a space, and scores) and
+  // "gpt2" (byte-level BPE: pieces in GPT-2's byte alphabet as stored,
+  // merges, the pre-tokenizer's name). Control and unknown tokens are
+  // empty pieces, which no text encodes to. Empty for llama2.c
+  // checkpoints, whose tokenizer.bin is a file of its own.
   struct Vocabulary {
     std::string model;
     std::vector<std::string> pieces;
     std::vector<float> scores;
-    int bos = 1, eos = 2;
+    std::vector<std::string> merges;  // "gpt2": "left right", highest priority first
+    std::string pre;                  // "gpt2": tokenizer.ggml.pre
+    int bos = 1, eos = 2;             // -1: none
+    bool add_bos = true;              // tokenizer.ggml.add_bos_token
   };
   Vocabulary vocabulary;
 };
@@ -81,31 +85,38 @@ Weights load_weights(const std::string& path);
 
 // llama2.c tokenizer.bin: sentencepiece-style BPE that merges the adjacent
 // pair with the highest vocabulary score until none is left, bytes that no
-// piece covers fall back to <0xXX> tokens.
+// piece covers fall back to <0xXX> tokens. A GGUF file's vocabulary is
+// either that ("llama") or GPT-2-style byte-level BPE ("gpt2",
+// engine/byte_level_bpe.hpp).
 class Tokenizer {
  public:
-  static constexpr int kBos = 1;
+  static constexpr int kBos = 1;  // SentencePiece's ids, llama2.c's
   static constexpr int kEos = 2;
 
   Tokenizer(const std::string& path, int vocab_size);
   // From a GGUF file's vocabulary (Weights::vocabulary); throws
-  // std::invalid_argument unless it is a "llama" one of at least 3 pieces
-  // with a score each, BOS and EOS at kBos and kEos (SentencePiece's ids).
+  // std::invalid_argument naming what is wrong: a "llama" one needs at
+  // least 3 pieces with a score each and BOS / EOS at kBos / kEos; a
+  // "gpt2" one a token for every byte, BOS / EOS inside the vocabulary or
+  // none, and a pre-tokenizer it implements; other kinds are refused.
   explicit Tokenizer(const Weights::Vocabulary& vocabulary);
   ~Tokenizer();
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
   struct EncodeOptions {
-    bool bos = true;
+    bool bos = true;  // where the vocabulary has one
     bool eos = false;
-    bool dummy_prefix = true;  // llama2.c prepends " " to non-empty text
+    bool dummy_prefix = true;  // llama2.c prepends " " to non-empty text (SentencePiece only)
   };
   std::vector<int> encode(std::string_view text, const EncodeOptions& options) const;
-  // BOS, then the text; with llama2.c's dummy prefix only where the
+  // The text as the model reads a prompt: BOS where the vocabulary adds one
+  // (always for llama2.c's), and llama2.c's dummy prefix only where the
   // vocabulary has merged pieces (sentencepiece-trained): a pure byte
   // vocabulary was trained on raw bytes, without one.
   std::vector<int> encode(std::string_view text) const;
+  int bos() const;  // -1: none
+  int eos() const;
   // Text of `token` following `previous` (the leading space after BOS is dropped).
   std::string decode(int previous, int token) const;
   int vocab_size() const;

@@ -42,6 +42,10 @@ struct LogitsArgs {
   int threads = 0;
 };
 
+struct TokenizeArgs {
+  std::string model, tokenizer, prompt;
+};
+
 struct BenchArgs {
   std::string scenario, model, tokenizer, heldout, json;
   std::string mode = "sparse";
@@ -83,7 +87,7 @@ llama::Tokenizer model_tokenizer(const llama::Weights& w, const std::string& mod
   if (!w.vocabulary.model.empty())
     throw CLI::ValidationError("--tokenizer", model_path + " carries a '" + w.vocabulary.model +
                                                   "' tokenizer, which aecho does not implement (it reads "
-                                                  "SentencePiece 'llama' ones): give a llama2.c tokenizer.bin");
+                                                  "'llama' and 'gpt2' ones): give a llama2.c tokenizer.bin");
   return llama::Tokenizer((std::filesystem::path(model_path).parent_path() / "tokenizer.bin").string(),
                           w.config.vocab_size);
 }
@@ -109,13 +113,15 @@ int run_generate(const GenerateArgs& a) {
   ae::ThreadPool pool(a.threads);
   llama::Engine engine(model, pool);
   std::vector<int> tokens = tokenizer.encode(a.prompt);
+  if (tokens.empty()) throw CLI::ValidationError("--prompt", "empty, and this vocabulary starts no prompt with BOS");
   llama::KVState kv;
   // Greedy decoding: prefill the prompt, then one token at a time.
   llama::ForwardResult r = engine.forward(tokens, kv, {});
-  for (std::size_t i = 1; i < tokens.size(); ++i) std::cout << tokenizer.decode(tokens[i - 1], tokens[i]);
+  for (std::size_t i = tokens[0] == tokenizer.bos() ? 1 : 0; i < tokens.size(); ++i)
+    std::cout << tokenizer.decode(i > 0 ? tokens[i - 1] : -1, tokens[i]);
   for (int s = 0; s < a.steps; ++s) {
     const int next = argmax(r.logits.data(), model.config().vocab_size);
-    if (next == llama::Tokenizer::kBos || next == llama::Tokenizer::kEos) break;
+    if (next == tokenizer.bos() || next == tokenizer.eos()) break;
     std::cout << tokenizer.decode(tokens.back(), next) << std::flush;
     tokens.push_back(next);
     if (kv.length == model.config().seq_len) break;
@@ -137,6 +143,15 @@ int run_logits(const LogitsArgs& a) {
   std::ofstream out(a.out, std::ios::binary);
   out.write(reinterpret_cast<const char*>(r.logits.data()), static_cast<std::streamsize>(r.logits.size() * sizeof(float)));
   if (!out) throw std::runtime_error(a.out + ": write failed");
+  return 0;
+}
+
+// The prompt's token ids as the model reads it, comma-separated on stdout.
+int run_tokenize(const TokenizeArgs& a) {
+  const llama::Weights weights = llama::load_weights(a.model);
+  const std::vector<int> ids = model_tokenizer(weights, a.model, a.tokenizer).encode(a.prompt);
+  for (std::size_t i = 0; i < ids.size(); ++i) std::cout << (i ? "," : "") << ids[i];
+  std::cout << "\n";
   return 0;
 }
 
@@ -313,6 +328,12 @@ int main(int argc, char** argv) {
   logits.add_option("--out", lg.out, "output file")->required();
   add_threads(logits, lg.threads);
 
+  TokenizeArgs tk;
+  CLI::App& tokenize = *app.add_subcommand("tokenize", "print a prompt's token ids as the model reads it");
+  tokenize.add_option("--model", tk.model, "llama2.c .bin or GGUF checkpoint")->required();
+  tokenize.add_option("--tokenizer", tk.tokenizer, kTokenizerHelp);
+  tokenize.add_option("--prompt", tk.prompt, "text")->required();
+
   BenchArgs bn;
   std::vector<std::string> scenarios = ae::bench::scenario_names();
   scenarios.push_back("all");
@@ -371,6 +392,7 @@ int main(int argc, char** argv) {
     if (!bn.store.empty() && repeats->count() == 0) bn.repeats = 1;
     if (generate.parsed()) return run_generate(gen);
     if (logits.parsed()) return run_logits(lg);
+    if (tokenize.parsed()) return run_tokenize(tk);
     return run_bench(bn);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);

@@ -300,11 +300,13 @@ int checked_int(std::uint64_t value, const std::string& key, const std::string& 
 }
 
 // The tokenizer.ggml.* vocabulary: pieces and scores of a "llama"
-// (SentencePiece) one, the kind alone of any other.
+// (SentencePiece) one, pieces and merges of a "gpt2" (byte-level BPE) one,
+// the kind alone of any other.
 Weights::Vocabulary read_vocabulary(const GgufFile& f, int vocab_size, const std::string& path) {
   Weights::Vocabulary v;
   v.model = f.string_or("tokenizer.ggml.model", "");
-  if (v.model != "llama") return v;
+  const bool byte_level = v.model == "gpt2";
+  if (v.model != "llama" && !byte_level) return v;
   const auto* tokens = f.array_or_null<std::string>("tokenizer.ggml.tokens");
   const auto* scores = f.array_or_null<double>("tokenizer.ggml.scores");
   const auto* types = f.array_or_null<double>("tokenizer.ggml.token_type");
@@ -313,15 +315,28 @@ Weights::Vocabulary read_vocabulary(const GgufFile& f, int vocab_size, const std
   if ((scores && scores->size() != tokens->size()) || (types && types->size() != tokens->size()))
     bad_file(path, "tokenizer.ggml.scores and token_type must hold one value per token");
   auto id = [&](const char* key, int fallback) {
-    return checked_int(f.uint_or(key, static_cast<std::uint64_t>(fallback)), key, path);
+    constexpr std::uint64_t kAbsent = std::numeric_limits<std::uint64_t>::max();
+    const std::uint64_t value = f.uint_or(key, kAbsent);
+    return value == kAbsent ? fallback : checked_int(value, key, path);
   };
-  v.bos = id("tokenizer.ggml.bos_token_id", v.bos);
-  v.eos = id("tokenizer.ggml.eos_token_id", v.eos);
+  // A byte-level vocabulary has no fixed BOS / EOS and adds no BOS unless
+  // it says so (llama.cpp's defaults for "gpt2").
+  v.bos = id("tokenizer.ggml.bos_token_id", byte_level ? -1 : v.bos);
+  v.eos = id("tokenizer.ggml.eos_token_id", byte_level ? -1 : v.eos);
+  v.add_bos = f.uint_or("tokenizer.ggml.add_bos_token", byte_level ? 0 : 1) != 0;
+  constexpr int kUnknown = 2, kControl = 3;  // llama.cpp's token types
+  auto special = [&](std::size_t i) { return types && ((*types)[i] == kUnknown || (*types)[i] == kControl); };
+  if (byte_level) {
+    const auto* merges = f.array_or_null<std::string>("tokenizer.ggml.merges");
+    if (!merges) bad_file(path, "tokenizer.ggml.merges is missing (a 'gpt2' vocabulary needs its merges)");
+    v.merges = *merges;
+    v.pre = f.string_or("tokenizer.ggml.pre", "default");
+    for (std::size_t i = 0; i < tokens->size(); ++i) v.pieces.push_back(special(i) ? std::string() : (*tokens)[i]);
+    return v;
+  }
   constexpr std::string_view kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's word boundary
-  constexpr int kUnknown = 2, kControl = 3;              // llama.cpp's token types
   for (std::size_t i = 0; i < tokens->size(); ++i) {
-    const bool special = types && ((*types)[i] == kUnknown || (*types)[i] == kControl);
-    const std::string_view text = special ? std::string_view() : std::string_view((*tokens)[i]);
+    const std::string_view text = special(i) ? std::string_view() : std::string_view((*tokens)[i]);
     std::string piece;
     for (std::size_t at = 0; at < text.size();) {
       const bool space = text.substr(at, kSpace.size()) == kSpace;

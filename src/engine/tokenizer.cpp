@@ -4,14 +4,19 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <optional>
 #include <queue>
 #include <stdexcept>
 
 #include "attention_echo/llama.hpp"
+#include "engine/byte_level_bpe.hpp"
 
 namespace attention_echo::llama {
 
 struct Tokenizer::Impl {
+  std::optional<ByteLevelBpe> byte_level;  // a "gpt2" vocabulary; the rest is SentencePiece's
+  int bos = kBos, eos = kEos;
+  bool add_bos = true;
   std::vector<std::string> pieces;
   std::vector<float> scores;
   std::vector<int> sorted;  // ids ordered by piece, for lookup
@@ -53,8 +58,11 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 int Tokenizer::vocab_size() const { return static_cast<int>(impl_->pieces.size()); }
 
 std::vector<int> Tokenizer::encode(std::string_view text) const {
-  return encode(text, {.bos = true, .eos = false, .dummy_prefix = impl_->has_merges});
+  return encode(text, {.bos = impl_->add_bos, .eos = false, .dummy_prefix = impl_->has_merges});
 }
+
+int Tokenizer::bos() const { return impl_->bos; }
+int Tokenizer::eos() const { return impl_->eos; }
 
 Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_unique<Impl>()) {
   Impl& t = *impl_;
@@ -89,9 +97,22 @@ Tokenizer::Tokenizer(const std::string& path, int vocab_size) : impl_(std::make_
 }
 
 Tokenizer::Tokenizer(const Weights::Vocabulary& vocabulary) : impl_(std::make_unique<Impl>()) {
+  if (vocabulary.model == "gpt2") {
+    const int n = static_cast<int>(vocabulary.pieces.size());
+    for (const auto& [name, id] : {std::pair{"BOS", vocabulary.bos}, std::pair{"EOS", vocabulary.eos}})
+      if (id < -1 || id >= n)
+        throw std::invalid_argument(std::string("vocabulary: ") + name + " id " + std::to_string(id) +
+                                    " is outside the " + std::to_string(n) + " tokens");
+    impl_->byte_level.emplace(vocabulary.pieces, vocabulary.merges, pre_tokenizer_named(vocabulary.pre));
+    impl_->pieces = vocabulary.pieces;
+    impl_->bos = vocabulary.bos;
+    impl_->eos = vocabulary.eos;
+    impl_->add_bos = vocabulary.add_bos && vocabulary.bos >= 0;
+    return;
+  }
   if (vocabulary.model != "llama")
     throw std::invalid_argument("vocabulary: a '" + vocabulary.model +
-                                "' tokenizer; only SentencePiece ('llama') vocabularies are implemented");
+                                "' tokenizer; SentencePiece ('llama') and byte-level BPE ('gpt2') are implemented");
   if (vocabulary.pieces.size() < 3)
     throw std::invalid_argument("vocabulary: needs at least 3 pieces (<unk>, BOS, EOS)");
   if (vocabulary.scores.size() != vocabulary.pieces.size())
@@ -107,6 +128,13 @@ Tokenizer::Tokenizer(const Weights::Vocabulary& vocabulary) : impl_(std::make_un
 
 std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
   const Impl& t = *impl_;
+  if (t.byte_level) {
+    std::vector<int> tokens;
+    if (options.bos && t.bos >= 0) tokens.push_back(t.bos);
+    t.byte_level->encode(text, tokens);
+    if (options.eos && t.eos >= 0) tokens.push_back(t.eos);
+    return tokens;
+  }
   // Symbols as a doubly linked list over the initial code points.
   struct Symbol {
     int token;
@@ -185,6 +213,7 @@ std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& o
 
 std::string Tokenizer::decode(int previous, int token) const {
   if (token < 0 || token >= vocab_size()) throw std::invalid_argument("token: id " + std::to_string(token) + " is out of range");
+  if (impl_->byte_level) return impl_->byte_level->decode(token);
   std::string_view piece = impl_->pieces[token];
   if (previous == kBos && !piece.empty() && piece[0] == ' ') piece.remove_prefix(1);
   unsigned byte = 0;
