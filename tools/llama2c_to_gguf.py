@@ -44,13 +44,14 @@ def vocabulary_of(tokenizer_path, vocab):
 
 
 def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_model="llama", encode=quantize,
-               metadata=(), merges=None, bos=1, eos=2):
+               metadata=(), merges=None, bos=1, eos=2, rope_factors=None):
     """Checkpoint c (llama_reference) as a GGUF file: the first `layers`
     layers (all by default), matrices through encode(matrix, qtype), a
     vocabulary (pieces, scores, types) if given, with its BOS / EOS ids
     (None: not written) and a byte-level one's merges ("left right"), and
-    (key, value) pairs of further metadata (str, bool or int). Returns a
-    float64 checkpoint of what the file decodes to."""
+    (key, value) pairs of further metadata (str, bool or int), and RoPE
+    frequency divisors [head_dim/2] as rope_freqs.weight if given. Returns
+    a float64 checkpoint of what the file decodes to."""
     layers = c.n_layers if layers is None else layers
     w = GGUFWriter(str(path), "llama")
     w.add_context_length(c.seq_len)
@@ -113,6 +114,8 @@ def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_mod
     for key, tensors in per_layer.items():
         setattr(ref, key, torch.stack(tensors))
     ref.rms_final = vector("output_norm.weight", c.rms_final)
+    if rope_factors is not None:
+        ref.rope_factors = vector("rope_freqs.weight", torch.as_tensor(rope_factors, dtype=torch.float32))
     ref.wcls = ref.tok if c.shared else matrix("output.weight", c.wcls)
     w.write_header_to_file()
     w.write_kv_data_to_file()

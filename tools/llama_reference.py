@@ -103,11 +103,14 @@ def rmsnorm(x, w, eps=1e-5):
     return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, pos0=0):
-    """x: [T, H, hd]; rotate interleaved pairs (2i, 2i+1)."""
+def rope(x, pos0=0, factors=None):
+    """x: [T, H, hd]; rotate interleaved pairs (2i, 2i+1); frequencies
+    divided by factors [hd/2] if given (GGUF rope_freqs.weight)."""
     T, H, hd = x.shape
     i = torch.arange(0, hd, 2, dtype=torch.float64)
     freq = 1.0 / (10000.0 ** (i / hd))
+    if factors is not None:
+        freq = freq / torch.as_tensor(factors, dtype=torch.float64)
     ang = torch.outer(torch.arange(pos0, pos0 + T, dtype=torch.float64), freq)  # [T, hd/2]
     cos = torch.cos(ang).to(x.dtype)[:, None, :]
     sin = torch.sin(ang).to(x.dtype)[:, None, :]
@@ -131,8 +134,9 @@ def forward(c, tokens, on_qkv=None):
     mask = torch.full((T, T), float("-inf"), dtype=c.dtype).triu(1)
     for l in range(c.n_layers):
         h = rmsnorm(x, c.rms_att[l])
-        q = rope((h @ c.wq[l].T).view(T, H, hd))
-        k = rope((h @ c.wk[l].T).view(T, Hkv, hd))
+        factors = getattr(c, "rope_factors", None)
+        q = rope((h @ c.wq[l].T).view(T, H, hd), factors=factors)
+        k = rope((h @ c.wk[l].T).view(T, Hkv, hd), factors=factors)
         v = (h @ c.wv[l].T).view(T, Hkv, hd)
         if on_qkv is not None:
             on_qkv(l, q, k, v)

@@ -59,6 +59,9 @@ struct Weights {
   std::vector<Layer> layers;
   std::vector<float> final_norm;  // [dim]
   std::vector<float> classifier;  // [vocab, dim]; empty: tied to token_embedding
+  // [head_dim / 2] divisors of RoPE's frequencies (GGUF rope_freqs.weight,
+  // how llama.cpp stores Llama 3.1's long-context scaling); empty: plain RoPE.
+  std::vector<float> rope_freq_factors;
   // The tokenizer a GGUF file carries (tokenizer.ggml.*). `model` is its
   // kind; the rest is read for the two Tokenizer implements: "llama"
   // (SentencePiece BPE: pieces with U+2581 read as a space, and scores) and

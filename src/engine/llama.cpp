@@ -172,15 +172,18 @@ PackedLayer pack_layer(const Weights::Layer& l, const ModelConfig& c) {
   return p;
 }
 
-// cos/sin of pos * theta^(-2i/D), [seq_len, D/2]. Angles in double: at
+// cos/sin of pos * theta^(-2i/D) / factor_i, [seq_len, D/2] (factors:
+// Weights::rope_freq_factors, 1 where there are none). Angles in double: at
 // position 4096 a float product is already ~1e-4 rad off.
-void rope_tables(const ModelConfig& c, std::vector<float>& cos, std::vector<float>& sin) {
+void rope_tables(const ModelConfig& c, const std::vector<float>& factors, std::vector<float>& cos,
+                 std::vector<float>& sin) {
   const int half = c.head_dim() / 2;
   cos.resize(static_cast<std::size_t>(c.seq_len) * half);
   sin.resize(cos.size());
   for (int pos = 0; pos < c.seq_len; ++pos)
     for (int i = 0; i < half; ++i) {
-      const double angle = pos * std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim());
+      const double factor = factors.empty() ? 1.0 : factors[i];
+      const double angle = pos * std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim()) / factor;
       cos[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::cos(angle));
       sin[static_cast<std::size_t>(pos) * half + i] = static_cast<float>(std::sin(angle));
     }
@@ -222,6 +225,7 @@ std::uint64_t weights_fingerprint(const Weights& w) {
       add(*m);
   add(w.final_norm);
   add(w.classifier);
+  if (!w.rope_freq_factors.empty()) add(w.rope_freq_factors);  // fingerprints of plain-RoPE models unchanged
   return h;
 }
 
@@ -242,7 +246,8 @@ Model::Model(const Weights& w) : packed_(std::make_unique<Packed>()) {
   m.final_norm = w.final_norm;
   m.classifier = pack(w.classifier.empty() ? w.token_embedding.data() : w.classifier.data(), c.vocab_size, c.dim);
   for (const auto& l : w.layers) m.layers.push_back(pack_layer(l, c));
-  rope_tables(c, m.rope_cos, m.rope_sin);
+  if (!w.rope_freq_factors.empty()) check_size(w.rope_freq_factors, static_cast<std::size_t>(c.head_dim() / 2), "rope_freq_factors");
+  rope_tables(c, w.rope_freq_factors, m.rope_cos, m.rope_sin);
   m.fingerprint = weights_fingerprint(w);
 }
 

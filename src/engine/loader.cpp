@@ -381,8 +381,6 @@ Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
   // numbers rather than fail: refused by name.
   if (const std::string scaling = f.string_or("llama.rope.scaling.type", "none"); scaling != "none")
     bad_file(path, "llama.rope.scaling.type '" + scaling + "' is not supported (plain RoPE only)");
-  if (f.has_tensor("rope_freqs.weight"))
-    bad_file(path, "rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported");
   if (f.uint_or("llama.expert_count", 0) > 0) bad_file(path, "mixture-of-experts llama models are not supported");
   try {
     c.validate();
@@ -408,6 +406,11 @@ Weights parse_gguf(const std::vector<char>& bytes, const std::string& path) {
   }
   w.final_norm = f.matrix("output_norm.weight", 1, d);
   if (f.has_tensor("output.weight")) w.classifier = f.matrix("output.weight", c.vocab_size, d);
+  if (f.has_tensor("rope_freqs.weight")) {
+    w.rope_freq_factors = f.matrix("rope_freqs.weight", 1, static_cast<std::uint64_t>(c.head_dim() / 2));
+    for (float factor : w.rope_freq_factors)
+      if (!(factor > 0.0f) || !std::isfinite(factor)) bad_file(path, "rope_freqs.weight must be positive and finite");
+  }
   w.vocabulary = read_vocabulary(f, c.vocab_size, path);
   return w;
 }

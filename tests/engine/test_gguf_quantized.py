@@ -112,6 +112,23 @@ def test_unimplemented_gguf_tokenizer_is_named(tmp_path):
     assert aecho_logits(path, tmp_path, "--tokens", "1,5,9").size == 3 * c.vocab
 
 
+def test_rope_frequency_factors_are_applied(tmp_path):
+    """rope_freqs.weight (how llama.cpp stores Llama 3.1's RoPE scaling)
+    divides RoPE's frequencies: the logits are the reference's with them,
+    and far from its without them."""
+    c = llama_reference.load_checkpoint(os.path.join(AIDREAMS, "aidreams260K.bin"), torch.float32)
+    factors = np.random.default_rng(3).uniform(1.0, 8.0, c.head_dim // 2).astype(np.float32)
+    path = tmp_path / "model.gguf"
+    ref = llama2c_to_gguf.write_gguf(path, c, rope_factors=factors)
+    tokens = [1] + [int(t) for t in np.random.default_rng(4).integers(3, c.vocab, 100)]
+    want = llama_reference.forward(ref, tokens).numpy()
+    got = aecho_logits(path, tmp_path, "--tokens", ",".join(map(str, tokens))).reshape(want.shape)
+    scale = max(1.0, np.abs(want).max())
+    assert np.abs(got - want).max() / scale <= TOLERANCE
+    del ref.rope_factors
+    assert np.abs(got - llama_reference.forward(ref, tokens).numpy()).max() / scale > 100 * TOLERANCE
+
+
 def test_rope_scaling_is_refused_not_ignored(tmp_path):
     c = llama_reference.load_checkpoint(os.path.join(AIDREAMS, "aidreams260K.bin"), torch.float32)
     path = tmp_path / "model.gguf"
