@@ -255,16 +255,13 @@ void ByteLevelBpe::encode_word(std::string_view word, std::vector<int>& out) con
 }
 
 std::string ByteLevelBpe::decode(int token) const {
-  const std::string& text = tokens_.at(static_cast<std::size_t>(token));
+  const std::string_view text = tokens_.at(static_cast<std::size_t>(token));
+  const std::vector<CodePoint> cps = code_points(text);
+  const auto& of = byte_alphabet().of;
   std::string out;
-  const auto* s = reinterpret_cast<const std::uint8_t*>(text.data());
-  const auto n = static_cast<std::int32_t>(text.size());
-  for (std::int32_t i = 0; i < n;) {
-    const std::int32_t begin = i;
-    UChar32 c;
-    U8_NEXT(s, i, n, c);
-    const std::string_view piece(text.data() + begin, static_cast<std::size_t>(i - begin));
-    const auto& of = byte_alphabet().of;
+  for (std::size_t i = 0; i < cps.size(); ++i) {
+    const std::size_t end = i + 1 < cps.size() ? cps[i + 1].begin : text.size();
+    const std::string_view piece = text.substr(cps[i].begin, end - cps[i].begin);
     const auto byte = std::find(std::begin(of), std::end(of), piece);
     if (byte != std::end(of))
       out += static_cast<char>(byte - std::begin(of));
