@@ -533,16 +533,26 @@ TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
 }
 
 // Calibrated before serving: the samples are measured (estimate and KL of
-// a blend against the exact prefill), nothing is stored, and the first blend
-// served is an ordinary one.
+// a blend against the exact prefill), so is what a blend costs next to its
+// rows, nothing is stored, and the first blend served is an ordinary one.
 TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
-  serving::Planner planner(model().config(), {.blend = {.enabled = true}});
+  const auto calibration = std::make_shared<serving::BlendCalibration>();
+  serving::Planner planner(model().config(), {.blend = {.enabled = true}, .calibration = calibration});
   const std::vector<std::vector<int>> passages = {text_tokens(20, 3), text_tokens(100, 4), text_tokens(100, 5),
                                                   text_tokens(100, 6)};
+  EXPECT_EQ(calibration->blend_cost_factor(), 1.0);  // nothing measured
   const auto samples = planner.calibrate(engine, passages);
   ASSERT_EQ(samples.size(), 3u);
+  const double factor = calibration->blend_cost_factor();
+  EXPECT_NE(factor, 1.0);  // measured: a mean of timed ratios, clamped to [0.5, 4]
+  EXPECT_GE(factor, 0.5);
+  EXPECT_LE(factor, 4.0);
+  EXPECT_EQ(serving::BlendCalibration(*calibration).blend_cost_factor(), factor);
+  EXPECT_THROW(calibration->set_blend_cost_factor(0.0), std::invalid_argument);
+  EXPECT_THROW(calibration->set_blend_cost_factor(NAN), std::invalid_argument);
+  EXPECT_EQ(calibration->blend_cost_factor(), factor);
   for (const auto& s : samples) {
     EXPECT_GT(s.estimate, 0.0);
     EXPECT_GE(s.kl, 0.0);

@@ -186,6 +186,15 @@ class BlendCalibration {
   // A prompt of the namespace was planned without a blend that would have
   // been cheapest had it not been priced at the refusal rate.
   void priced_out(std::string_view name_space);
+  // What blends cost next to what the planner's row counts predict
+  // (measured / modelled time; 1 until calibrate() measured it): the price
+  // of a blend before a planner has timed its own. The modelled time leaves
+  // out what a blend does besides computing rows (alignment, donor pages,
+  // re-rotation, selection, the guard), which on the bundled model is
+  // nothing at 4096 tokens and a quarter of a blend at 256-512, where it
+  // had made the first blends of every namespace look cheap enough to try.
+  void set_blend_cost_factor(double factor);
+  double blend_cost_factor() const;
   long long samples() const;
   // The namespace's own samples.
   std::size_t samples(std::string_view name_space) const;
@@ -216,6 +225,7 @@ class BlendCalibration {
 
   mutable std::mutex mutex_;
   long long blends_since_sample_ = 0;
+  double blend_cost_factor_ = 1.0;
   Samples model_;
   std::map<std::string, Namespace, std::less<>> namespaces_;
 };

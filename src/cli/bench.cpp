@@ -538,6 +538,7 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   report.samples = planner.calibrate(engine, passages);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.threshold = options.calibration->threshold({}, options.blend);  // no namespace has samples yet: the model's
+  report.blend_cost_factor = options.calibration->blend_cost_factor();
   report.ran = true;
   return report;
 }
@@ -553,7 +554,8 @@ nlohmann::ordered_json to_json(const CalibrationReport& report) {
           {"seconds", report.seconds},
           {"samples", samples},
           {"threshold", report.threshold.estimate},
-          {"deviation_threshold", report.threshold.deviation}};
+          {"deviation_threshold", report.threshold.deviation},
+          {"blend_cost_factor", report.blend_cost_factor}};
 }
 
 ScenarioReport run_scenario(const llama::Model& model, const Scenario& scenario, const BenchOptions& options,

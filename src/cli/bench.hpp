@@ -174,6 +174,7 @@ struct CalibrationReport {
   double seconds = 0.0;
   std::vector<serving::CalibrationSample> samples;
   serving::BlendGuard threshold;  // the guard's bounds after it
+  double blend_cost_factor = 1.0;  // serving::BlendCalibration::blend_cost_factor after it
 };
 CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std::vector<int>> passages,
                                   const BenchOptions& options);

@@ -38,13 +38,13 @@ double modelled_blend(double per_row, double per_pair, const CostModel::BlendSha
 
 }  // namespace
 
-double CostModel::blend(const BlendShape& b) const {
-  const double factor = blends_ ? blend_factor_sum_ / blends_ : 1.0;
+double CostModel::blend(const BlendShape& b, double prior_factor) const {
+  const double factor = blends_ ? blend_factor() : prior_factor;
   return factor * modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
 }
 
-double CostModel::expected_blend(const BlendShape& b, double refusal_rate) const {
-  return blend(b) + refusal_rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
+double CostModel::expected_blend(const BlendShape& b, double refusal_rate, double prior_factor) const {
+  return blend(b, prior_factor) + refusal_rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
 }
 
 void CostModel::observe_blend(const BlendShape& b, double total_s) {

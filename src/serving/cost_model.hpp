@@ -35,16 +35,20 @@ class CostModel {
     int T = 0, L = 0, selected = 0, layers = 1;
     double qkv_share = 0.25;
   };
-  double blend(const BlendShape& b) const;
+  // prior_factor: measured / modelled time of blends before this model
+  // has measured any of its own (BlendCalibration::blend_cost_factor).
+  double blend(const BlendShape& b, double prior_factor = 1.0) const;
   // What a blend measured against what blend() predicted for it.
   void observe_blend(const BlendShape& b, double total_s);
+  // The mean measured / modelled time over observed blends; 0 before any.
+  double blend_factor() const { return blends_ ? blend_factor_sum_ / blends_ : 0.0; }
   // What a blend is expected to cost: itself, plus layers 1..L-1 of every
   // row at the rate the guard refuses past layer 1 (its work past layer 0
   // is then lost; BlendCalibration::refusal_rate; a refusal at layer 1
   // costs only layer 1's projections). Where the guard keeps refusing (a
   // model or text whose calibration allows little deviation) blending is
   // routed around after a few tries, and tried again now and then.
-  double expected_blend(const BlendShape& b, double refusal_rate) const;
+  double expected_blend(const BlendShape& b, double refusal_rate, double prior_factor = 1.0) const;
 
  private:
   // Causal (row, key) pairs of rows [a, b).

@@ -140,6 +140,7 @@ std::vector<std::vector<int>> calibration_prompts(std::span<const std::vector<in
 BlendCalibration::BlendCalibration(const BlendCalibration& other) {
   std::lock_guard lock(other.mutex_);
   blends_since_sample_ = other.blends_since_sample_;
+  blend_cost_factor_ = other.blend_cost_factor_;
   model_ = other.model_;
   namespaces_ = other.namespaces_;
 }
@@ -229,6 +230,18 @@ void BlendCalibration::priced_out(std::string_view name_space) {
   ++namespaces_.try_emplace(std::string(name_space)).first->second.priced_out;
 }
 
+void BlendCalibration::set_blend_cost_factor(double factor) {
+  if (!(factor > 0.0) || !std::isfinite(factor))
+    throw std::invalid_argument("factor: must be positive and finite, got " + std::to_string(factor));
+  std::lock_guard lock(mutex_);
+  blend_cost_factor_ = factor;
+}
+
+double BlendCalibration::blend_cost_factor() const {
+  std::lock_guard lock(mutex_);
+  return blend_cost_factor_;
+}
+
 long long BlendCalibration::samples() const {
   std::lock_guard lock(mutex_);
   return static_cast<long long>(model_.size());
@@ -300,9 +313,10 @@ struct Planner::Impl {
                        std::min(b.probe_rows + b.attended_rows, aligned);
     if (reused <= 0) return nullptr;
     const CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
-    const double expected = cost.expected_blend(shape, calibration->refusal_rate(name_space, b));
+    const double prior = calibration->blend_cost_factor();
+    const double expected = cost.expected_blend(shape, calibration->refusal_rate(name_space, b), prior);
     if (expected >= best_cost) {
-      if (cost.blend(shape) < best_cost) calibration->priced_out(name_space);  // but for the refusal rate
+      if (cost.blend(shape, prior) < best_cost) calibration->priced_out(name_space);  // but for the refusal rate
       return nullptr;
     }
     best_cost = expected;
@@ -553,23 +567,38 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   if (!m.config.blend.enabled) throw std::invalid_argument("calibrate: blending is off in this planner");
   llama::KVState donor_kv;
   donor_kv.page_tokens = m.config.block_tokens;
-  engine.forward(donor, donor_kv, {}, 1);
+  // Every forward and blend is timed, for the cost model and the blends'
+  // cost factor (BlendCalibration::blend_cost_factor).
+  auto timed_forward = [&](std::span<const int> tokens, llama::KVState& kv, int keep_rows) {
+    engine.timers() = {};
+    llama::ForwardResult r = engine.forward(tokens, kv, {}, keep_rows);
+    m.cost.observe(static_cast<int>(tokens.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+    return r;
+  };
+  timed_forward(donor, donor_kv, 1);
   const TokenAnchors anchors = index_anchors(donor);
   BlendConfig unguarded = m.config.blend;  // measure every sample, however far off
   unguarded.max_error = INFINITY;
   std::vector<CalibrationSample> samples;
+  std::vector<std::pair<CostModel::BlendShape, double>> blend_times;  // CPU seconds
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
+    const int T = static_cast<int>(prompt.size());
+    const double start = process_cpu_s();
     const TokenAlignment alignment = align_tokens(prompt, donor, anchors);
     const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, merge_alignments({&alignment, 1}), kv,
                                            unguarded, {INFINITY, INFINITY}, blended);
-    const int rows = guard_rows(m.config.blend, static_cast<int>(prompt.size()));
-    const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, rows);
+    blend_times.emplace_back(CostModel::BlendShape{T, 0, out.recomputed, m.model.n_layers, qkv_share(m.model)},
+                             process_cpu_s() - start);
+    const llama::ForwardResult exact = timed_forward(prompt, exact_kv, guard_rows(m.config.blend, T));
     samples.push_back(
         measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits, m.model.vocab_size));
     m.calibration->add(samples.back(), m.config.blend);
   }
+  // Priced once every forward is in (the row and pair rates they fit).
+  for (const auto& [shape, seconds] : blend_times) m.cost.observe_blend(shape, seconds);
+  if (m.cost.blend_factor() > 0.0) m.calibration->set_blend_cost_factor(m.cost.blend_factor());
   return samples;
 }
 
