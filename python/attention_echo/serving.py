@@ -74,7 +74,7 @@ class LlamaServer:
 
     def calibrate(self, passages: Sequence[Sequence[int]]) -> List[dict]:
         """Calibrates the blend guard before serving, from ``passages`` of the
-        workload's text (a shared head first, then at least two more; 256
+        workload's text (a shared head first, then at least two more; 128
         tokens or more in all): blends of them in another order, with an
         edit and with an insertion, each also computed exactly. Returns each
         blend's guard estimate and measured next-token KL (nats), and its K/V
