@@ -2,11 +2,13 @@
 // isolation, the guard, thread safety, snapshots and bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <thread>
 
 #include "attention_echo/attention.hpp"
@@ -125,6 +127,35 @@ TEST(Cache, ExactTierIsBitIdentical) {
   EXPECT_EQ(r.compute_mode(), "exact");
   EXPECT_EQ(r.estimated_error, 0.0);
   EXPECT_EQ(a.out, first);
+}
+
+// Overflowing logits (q and k up to 1e38, scale 1e38: scores +-inf, and NaN
+// where they meet) are garbage in, but the same garbage on a hit: the rows
+// after the prefix, computed in blocks that start at another row (and so
+// walk other key chunks), are bit-identical to the miss's. Found by
+// fuzz_cache_request (this shape: 2 heads over 1 kv head, 68 tokens, dim 2,
+// prefix 1), where an exact hit read 0 for rows a miss read as NaN.
+TEST(Cache, ExactTierIsBitIdenticalWhenLogitsOverflow) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> exponent(30.0f, 38.0f);
+  auto wild = [&] { return (rng() % 2 ? 1.0f : -1.0f) * std::pow(10.0f, exponent(rng)); };
+  int overflowing = 0;
+  for (int round = 0; round < 50; ++round) {
+    EchoConfig config = small_config(EchoMode::kOff);
+    config.block_size = 64;
+    AttentionEchoCache cache(config);
+    Qkv a = make_qkv(2, 1, 68, 2, 100 + round);
+    for (std::vector<float>* x : {&a.q, &a.k}) std::generate(x->begin(), x->end(), wild);
+    EchoRequest request = request_for(a, 1, true);
+    request.scale = 1e38f;
+    call(cache, a, request);
+    const std::vector<float> first = a.out;
+    overflowing += !std::isfinite((a.q[0] * a.k[0] + a.q[1] * a.k[1]) * *request.scale);
+    std::fill(a.out.begin(), a.out.end(), -1.0f);
+    ASSERT_EQ(call(cache, a, request).tier, Tier::kExact);
+    ASSERT_EQ(std::memcmp(a.out.data(), first.data(), first.size() * sizeof(float)), 0) << "round " << round;
+  }
+  EXPECT_GT(overflowing, 10);  // row 0's logit alone overflowed in that many rounds
 }
 
 TEST(Cache, ExactTierMissesWhenKeysDiffer) {

@@ -259,12 +259,21 @@ class TileLoop {
       if (mask) mask_keys(chunk, r);
       const Reg m_old = V::load(max_ + r);
       Reg m_chain[kChains] = {m_old, m_old, m_old, m_old};
-      for (int j = 0; j < keys; ++j) m_chain[j % kChains] = V::max(m_chain[j % kChains], V::load(s_ + j * rows_ + r));
+      // The score second: max gives its second operand when either is NaN,
+      // so a NaN score (an overflowed q.k) is passed over, the max is never
+      // NaN, and it does not depend on which masked keys follow in a chain
+      // (exp2 then makes that score's p exactly 0, as a masked key's).
+      for (int j = 0; j < keys; ++j) m_chain[j % kChains] = V::max(V::load(s_ + j * rows_ + r), m_chain[j % kChains]);
       const Reg m = V::max(V::max(m_chain[0], m_chain[1]), V::max(m_chain[2], m_chain[3]));
       // A row that has seen no key yet keeps m = -inf; 0 stands in for it so
-      // that 2^(-inf - 0) = 0 rather than NaN.
+      // that 2^(-inf - 0) = 0 rather than NaN. Where the max did not move,
+      // alpha is 1 exactly, also at m = +inf (where 2^(inf - inf) would zero
+      // the row): a chunk a row cannot see leaves it as it was, which keeps
+      // rows bit-identical across blocks even when their logits overflow
+      // (found by fuzz_cache_request: an exact hit's rows past the prefix,
+      // blocked from another row, read 0 where a miss read NaN).
       const Reg m_ref = V::finite_or_zero(m);
-      const Reg alpha = exp2<V>(V::sub(m_old, m_ref));
+      const Reg alpha = V::one_where_equal(exp2<V>(V::sub(m_old, m_ref)), m, m_old);
       Reg total = V::zero();
       for (int g = 0; g < kChunk / kSegment; ++g) {
         const Reg segment = exponentiate(g * kSegment, keys, r, m_ref);

@@ -46,6 +46,10 @@ struct Avx2 {
   static reg keep_below(reg s, reg key_end, float key) {
     return _mm256_blendv_ps(set1(-__builtin_inff()), s, _mm256_cmp_ps(set1(key), key_end, _CMP_LT_OQ));
   }
+  // r, and 1 where a == b.
+  static reg one_where_equal(reg r, reg a, reg b) {
+    return _mm256_blendv_ps(r, set1(1.0f), _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+  }
   static reg finite_or_zero(reg m) {
     return _mm256_andnot_ps(_mm256_cmp_ps(m, set1(-__builtin_inff()), _CMP_EQ_OQ), m);
   }

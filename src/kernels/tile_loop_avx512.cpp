@@ -44,6 +44,10 @@ struct Avx512 {
   static reg keep_below(reg s, reg key_end, float key) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(set1(key), key_end, _CMP_LT_OQ), set1(-__builtin_inff()), s);
   }
+  // r, and 1 where a == b.
+  static reg one_where_equal(reg r, reg a, reg b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), r, set1(1.0f));
+  }
   static reg finite_or_zero(reg m) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, set1(-__builtin_inff()), _CMP_EQ_OQ), m, zero());
   }

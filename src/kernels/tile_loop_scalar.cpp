@@ -39,6 +39,8 @@ struct Scalar {
   }
   static reg zero_below(reg r, reg x, float limit) { return x >= limit ? r : 0.0f; }
   static reg keep_below(reg s, reg key_end, float key) { return key < key_end ? s : -__builtin_inff(); }
+  // r, and 1 where a == b.
+  static reg one_where_equal(reg r, reg a, reg b) { return a == b ? 1.0f : r; }
   static reg finite_or_zero(reg m) { return m == -__builtin_inff() ? 0.0f : m; }
   static void transpose(const float* const* rows, int d, float scale, float* dst, int) { *dst = rows[0][d] * scale; }
 };
