@@ -129,6 +129,14 @@ class Tokenizer {
   std::unique_ptr<Impl> impl_;
 };
 
+// The tokenizer of the model read from model_path: tokenizer_path (a
+// llama2.c tokenizer.bin) when not empty, else the vocabulary its GGUF file
+// carries, else tokenizer.bin beside it. Throws std::invalid_argument
+// naming a vocabulary kind that is not implemented, std::runtime_error
+// when a tokenizer.bin is missing or broken.
+Tokenizer model_tokenizer(const Weights& weights, const std::string& model_path,
+                          const std::string& tokenizer_path = {});
+
 // Weights repacked for the engine's GEMM.
 class Model {
  public:

@@ -72,6 +72,20 @@ class LlamaServer:
         namespace = namespace_in(namespace)
         return self._server.prefill(_token_array(tokens, "tokens"), namespace)
 
+    def tokenize(self, text: str) -> np.ndarray:
+        """``text`` as the model reads a prompt (int32 ids, BOS first where its
+        vocabulary adds one), with the model's own tokenizer: a GGUF file's
+        vocabulary (SentencePiece or byte-level BPE), else ``tokenizer.bin``
+        beside the model. ValueError when the model has none."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._server.tokenize(text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (BOS, EOS and control tokens read as
+        nothing; bytes that are not UTF-8 as U+FFFD)."""
+        return self._server.decode(_token_array(tokens, "tokens")).decode("utf-8", errors="replace")
+
     def calibrate(self, passages: Sequence[Sequence[int]]) -> List[dict]:
         """Calibrates the blend guard before serving, from ``passages`` of the
         workload's text (a shared head first, then at least two more; 128

@@ -162,10 +162,11 @@ nb::dict l2_stats_dict(const ae::L2Stats& s) {
   return d;
 }
 
-nb::ndarray<nb::numpy, float, nb::ndim<1>> to_numpy(std::vector<float>&& v) {
-  auto* owned = new std::vector<float>(std::move(v));
-  nb::capsule deleter(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-  return nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {owned->size()}, deleter);
+template <class T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> to_numpy(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  nb::capsule deleter(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T, nb::ndim<1>>(owned->data(), {owned->size()}, deleter);
 }
 
 // One pool (all hardware threads) for module-level attention(); never
@@ -184,8 +185,26 @@ struct LlamaServer {
   ae::ThreadPool pool;
   ae::llama::Engine engine;
   ae::serving::Planner planner;
+  // The model's tokenizer (llama::model_tokenizer), or why there is none:
+  // a model without one still serves token ids.
+  std::optional<ae::llama::Tokenizer> tokenizer;
+  std::string no_tokenizer;
+
   LlamaServer(const std::string& path, int threads, const ae::serving::PlannerConfig& config)
-      : model(ae::llama::load_weights(path)), pool(threads), engine(model, pool), planner(model.config(), config) {}
+      : LlamaServer(ae::llama::load_weights(path), path, threads, config) {}
+  LlamaServer(const ae::llama::Weights& weights, const std::string& path, int threads,
+              const ae::serving::PlannerConfig& config)
+      : model(weights), pool(threads), engine(model, pool), planner(model.config(), config) {
+    try {
+      tokenizer.emplace(ae::llama::model_tokenizer(weights, path));
+    } catch (const std::exception& e) {
+      no_tokenizer = e.what();
+    }
+  }
+  const ae::llama::Tokenizer& tokens() const {
+    if (!tokenizer) throw std::invalid_argument("this model has no tokenizer: " + no_tokenizer);
+    return *tokenizer;
+  }
 };
 
 nb::dict prefill_report(const ae::serving::Plan& plan) {
@@ -363,6 +382,26 @@ NB_MODULE(_core, m) {
             return nb::make_tuple(to_numpy(std::move(result.logits)), prefill_report(plan));
           },
           "tokens"_a.noconvert(), "namespace"_a)
+      .def(
+          "tokenize",
+          [](const LlamaServer& self, const std::string& text) {
+            std::vector<int> ids = self.tokens().encode(text);
+            return to_numpy(std::vector<std::int32_t>(ids.begin(), ids.end()));
+          },
+          "text"_a)
+      .def(
+          "decode",
+          [](const LlamaServer& self, Tokens tokens) {
+            const ae::llama::Tokenizer& tokenizer = self.tokens();
+            std::string text;
+            for (std::size_t i = 0; i < tokens.shape(0); ++i) {
+              const int id = tokens.data()[i];
+              const std::string piece = tokenizer.decode(i > 0 ? tokens.data()[i - 1] : -1, id);  // checks the id
+              if (id != tokenizer.bos() && id != tokenizer.eos()) text += piece;
+            }
+            return nb::bytes(text.data(), text.size());
+          },
+          "tokens"_a.noconvert())
       .def(
           "calibrate",
           [](LlamaServer& self, const std::vector<std::vector<int>>& passages) {

@@ -78,18 +78,13 @@ constexpr const char* kBenchFooter =
 
 int argmax(const float* v, int n) { return static_cast<int>(std::max_element(v, v + n) - v); }
 
-// The tokenizer of a model: `given` (a llama2.c tokenizer.bin) when not
-// empty, else the vocabulary its GGUF file carries, else tokenizer.bin
-// beside it.
-llama::Tokenizer model_tokenizer(const llama::Weights& w, const std::string& model_path, const std::string& given) {
-  if (!given.empty()) return llama::Tokenizer(given, w.config.vocab_size);
-  if (!w.vocabulary.pieces.empty()) return llama::Tokenizer(w.vocabulary);
-  if (!w.vocabulary.model.empty())
-    throw CLI::ValidationError("--tokenizer", model_path + " carries a '" + w.vocabulary.model +
-                                                  "' tokenizer, which aecho does not implement (it reads "
-                                                  "'llama' and 'gpt2' ones): give a llama2.c tokenizer.bin");
-  return llama::Tokenizer((std::filesystem::path(model_path).parent_path() / "tokenizer.bin").string(),
-                          w.config.vocab_size);
+// llama::model_tokenizer, its errors naming the flag that would mend them.
+llama::Tokenizer cli_tokenizer(const llama::Weights& w, const std::string& model_path, const std::string& given) {
+  try {
+    return llama::model_tokenizer(w, model_path, given);
+  } catch (const std::invalid_argument& e) {
+    throw CLI::ValidationError("--tokenizer", e.what());
+  }
 }
 
 struct LoadedModel {
@@ -97,12 +92,12 @@ struct LoadedModel {
   std::optional<llama::Tokenizer> tokenizer;
 };
 
-// The model, and its tokenizer (model_tokenizer) when `tokenize`; the
+// The model, and its tokenizer (cli_tokenizer) when `tokenize`; the
 // checkpoint's fp32 weights are dropped once the model has repacked them.
 LoadedModel load_model(const std::string& model_path, const std::string& tokenizer_path, bool tokenize) {
   const llama::Weights weights = llama::load_weights(model_path);
   std::optional<llama::Tokenizer> tokenizer;
-  if (tokenize) tokenizer.emplace(model_tokenizer(weights, model_path, tokenizer_path));
+  if (tokenize) tokenizer.emplace(cli_tokenizer(weights, model_path, tokenizer_path));
   return {llama::Model(weights), std::move(tokenizer)};
 }
 
@@ -149,7 +144,7 @@ int run_logits(const LogitsArgs& a) {
 // The prompt's token ids as the model reads it, comma-separated on stdout.
 int run_tokenize(const TokenizeArgs& a) {
   const llama::Weights weights = llama::load_weights(a.model);
-  const std::vector<int> ids = model_tokenizer(weights, a.model, a.tokenizer).encode(a.prompt);
+  const std::vector<int> ids = cli_tokenizer(weights, a.model, a.tokenizer).encode(a.prompt);
   for (std::size_t i = 0; i < ids.size(); ++i) std::cout << (i ? "," : "") << ids[i];
   std::cout << "\n";
   return 0;

@@ -3,6 +3,7 @@
 // document is O(n log n) rather than O(n^2).
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <queue>
@@ -220,6 +221,17 @@ std::string Tokenizer::decode(int previous, int token) const {
   if (piece.size() == 6 && std::sscanf(std::string(piece).c_str(), "<0x%02X>", &byte) == 1)
     return std::string(1, static_cast<char>(byte));
   return std::string(piece);
+}
+
+Tokenizer model_tokenizer(const Weights& weights, const std::string& model_path, const std::string& tokenizer_path) {
+  if (!tokenizer_path.empty()) return Tokenizer(tokenizer_path, weights.config.vocab_size);
+  if (!weights.vocabulary.pieces.empty()) return Tokenizer(weights.vocabulary);
+  if (!weights.vocabulary.model.empty())
+    throw std::invalid_argument("tokenizer: " + model_path + " carries a '" + weights.vocabulary.model +
+                                "' tokenizer, which is not implemented ('llama' and 'gpt2' are): give a llama2.c "
+                                "tokenizer.bin");
+  return Tokenizer((std::filesystem::path(model_path).parent_path() / "tokenizer.bin").string(),
+                   weights.config.vocab_size);
 }
 
 }  // namespace attention_echo::llama

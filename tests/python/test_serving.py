@@ -92,3 +92,26 @@ def test_bad_input_raises_and_stores_nothing():
     with pytest.raises((ValueError, RuntimeError), match="nope"):
         LlamaServer("/nope/model.bin")
     assert server.stored_prompts == 0
+
+
+def test_text_through_the_models_own_tokenizer(tmp_path):
+    server = LlamaServer(MODEL, threads=2)
+    text = "def f(x):\n    return x  # naïve ✓"
+    ids = server.tokenize(text)
+    assert ids.dtype == np.int32
+    # The bundled vocabulary is bytes (id 3 + b) after BOS.
+    assert ids.tolist() == [1] + [b + 3 for b in text.encode()]
+    assert server.decode(ids) == text
+    logits, report = server.prefill(ids)
+    assert logits.shape == (server.vocab_size,) and report["reused"] == 0
+    with pytest.raises(TypeError, match="text"):
+        server.tokenize(b"bytes")
+    with pytest.raises(ValueError, match="out of range"):
+        server.decode([server.vocab_size])
+    # A checkpoint without a tokenizer beside it serves token ids; text is refused, saying why.
+    alone = tmp_path / "model.bin"
+    alone.write_bytes(open(MODEL, "rb").read())
+    bare = LlamaServer(str(alone), threads=1)
+    assert bare.prefill(ids)[0].shape == (bare.vocab_size,)
+    with pytest.raises(ValueError, match="no tokenizer.*tokenizer.bin"):
+        bare.tokenize(text)
