@@ -43,6 +43,20 @@ def vocabulary_of(tokenizer_path, vocab):
     return [p.replace(b" ", "\u2581".encode()) for p in pieces], scores, types
 
 
+def add_vocabulary(w, vocabulary, model="llama", merges=None, pre=None):
+    """A (pieces, scores, types) vocabulary of kind `model` into GGUFWriter w,
+    with a byte-level one's merges and pre-tokenizer if given."""
+    pieces, scores, types = vocabulary
+    w.add_tokenizer_model(model)
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+
+
 def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_model="llama", encode=quantize,
                metadata=(), merges=None, bos=1, eos=2, rope_factors=None):
     """Checkpoint c (llama_reference) as a GGUF file: the first `layers`
@@ -67,13 +81,7 @@ def write_gguf(path, c, qtype=Q.F32, layers=None, vocabulary=None, tokenizer_mod
         add = w.add_string if isinstance(value, str) else w.add_bool if isinstance(value, bool) else w.add_uint32
         add(key, value)
     if vocabulary is not None:
-        pieces, scores, types = vocabulary
-        w.add_tokenizer_model(tokenizer_model)
-        w.add_token_list(pieces)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        if merges is not None:
-            w.add_token_merges(merges)
+        add_vocabulary(w, vocabulary, tokenizer_model, merges)
         if bos is not None:
             w.add_bos_token_id(bos)
         if eos is not None:

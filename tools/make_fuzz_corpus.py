@@ -1,6 +1,7 @@
 """Writes the seed corpus of the fuzz targets (fuzz/corpus/<target>/): a few
 small valid inputs per target, which the fuzzer mutates. Deterministic;
-needs the installed attention_echo package (snapshots) and gguf (GGUF).
+needs the installed attention_echo package (snapshots), gguf and torch (GGUF,
+through tools/llama2c_to_gguf.py).
 
     .venv/bin/python tools/make_fuzz_corpus.py [fuzz/corpus]
 """
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
+import llama2c_to_gguf  # tools/, beside this script
 from attention_echo import AttentionEchoCache, EchoConfig
 
 HEADER = 28  # snapshot magic, version, body size, checksum (src/cache/snapshot.cpp)
@@ -114,15 +116,7 @@ def tiny_gguf(tmp, m, quantize_as=None, vocabulary=None, tokenizer_model="llama"
     writer.add_feed_forward_length(hidden)
     writer.add_context_length(seq)
     if vocabulary:
-        tokens, scores, types = vocabulary
-        writer.add_tokenizer_model(tokenizer_model)
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        if merges is not None:
-            writer.add_token_merges(merges)
-        if pre is not None:
-            writer.add_tokenizer_pre(pre)
+        llama2c_to_gguf.add_vocabulary(writer, vocabulary, tokenizer_model, merges, pre)
 
     def tensor(name, t):
         if quantize_as is None or t.ndim == 1:
