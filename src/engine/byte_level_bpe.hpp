@@ -38,6 +38,7 @@ class ByteLevelBpe {
   void encode(std::string_view text, std::vector<int>& out) const;
   // The bytes of `token` (its text as it is where it is not in the byte alphabet).
   std::string decode(int token) const;
+  int size() const { return static_cast<int>(tokens_.size()); }
 
  private:
   void encode_word(std::string_view word, std::vector<int>& out) const;

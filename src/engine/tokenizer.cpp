@@ -18,7 +18,7 @@ struct Tokenizer::Impl {
   std::optional<ByteLevelBpe> byte_level;  // a "gpt2" vocabulary; the rest is SentencePiece's
   int bos = kBos, eos = kEos;
   bool add_bos = true;
-  std::vector<std::string> pieces;
+  std::vector<std::string> pieces;  // SentencePiece's (byte_level holds its own)
   std::vector<float> scores;
   std::vector<int> sorted;  // ids ordered by piece, for lookup
   int byte_token[256];      // -1: no token for that byte
@@ -56,7 +56,9 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-int Tokenizer::vocab_size() const { return static_cast<int>(impl_->pieces.size()); }
+int Tokenizer::vocab_size() const {
+  return impl_->byte_level ? impl_->byte_level->size() : static_cast<int>(impl_->pieces.size());
+}
 
 std::vector<int> Tokenizer::encode(std::string_view text) const {
   return encode(text, {.bos = impl_->add_bos, .eos = false, .dummy_prefix = impl_->has_merges});
@@ -105,7 +107,6 @@ Tokenizer::Tokenizer(const Weights::Vocabulary& vocabulary) : impl_(std::make_un
         throw std::invalid_argument(std::string("vocabulary: ") + name + " id " + std::to_string(id) +
                                     " is outside the " + std::to_string(n) + " tokens");
     impl_->byte_level.emplace(vocabulary.pieces, vocabulary.merges, pre_tokenizer_named(vocabulary.pre));
-    impl_->pieces = vocabulary.pieces;
     impl_->bos = vocabulary.bos;
     impl_->eos = vocabulary.eos;
     impl_->add_bos = vocabulary.add_bos && vocabulary.bos >= 0;
