@@ -43,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -58,6 +59,9 @@ VOCAB = 259
 
 # ----------------------------------------------------------------- data
 def load_split(folder, split):
+    ids = os.path.join(folder, split + ".ids")
+    if os.path.exists(ids):  # tools/prepare_doc_corpus.py: already tokenized
+        return np.fromfile(ids, dtype="<u2").astype(np.int32)
     data = np.fromfile(os.path.join(folder, split + ".bytes"), dtype=np.uint8)
     idx = np.fromfile(os.path.join(folder, split + ".idx"), dtype="<i8")
     n_docs = idx.size - 1
@@ -179,7 +183,16 @@ def export_llama2c(model, path):
         w(sin)
 
 
-def export_tokenizer(path):
+def vocab_size(data_dir):
+    manifest = os.path.join(data_dir, "manifest.json")
+    return json.load(open(manifest)).get("vocab", VOCAB) if os.path.exists(manifest) else VOCAB
+
+
+def export_tokenizer(path, data_dir):
+    given = os.path.join(data_dir, "tokenizer.bin")
+    if os.path.exists(given):  # the corpus's own vocabulary
+        shutil.copyfile(given, path)
+        return
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [bytes([b]) for b in range(256)]
     assert len(pieces) == VOCAB
     with open(path, "wb") as f:
@@ -272,7 +285,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test config")
     ap.add_argument("--verify", metavar="MODEL_DIR", help="verify an export with tools/llama_reference.py")
     a = ap.parse_args()
-    a.vocab = VOCAB
+    a.vocab = vocab_size(a.data)
 
     if a.verify:
         verify(a.verify, a.data, a.verify_windows)
@@ -410,9 +423,9 @@ def main():
         "torch": torch.__version__, "compiled": compiled,
     })
     export_llama2c(model, os.path.join(a.out, "model.bin"))
-    export_tokenizer(os.path.join(a.out, "tokenizer.bin"))
+    export_tokenizer(os.path.join(a.out, "tokenizer.bin"), a.data)
     # golden logits for a short fixed prompt (fp32 GPU), for engine tests
-    prompt = [BOS] + [b + BYTE0 for b in b"def main():\n    print('hello')\n"]
+    prompt = [BOS] + [b + BYTE0 for b in b"def main():\n    print('hello')\n"] if a.vocab == VOCAB else held[:32].tolist()
     with torch.no_grad():
         lg = model(torch.tensor([prompt], device=device))[0].double().cpu()
     log["golden_prompt"] = prompt

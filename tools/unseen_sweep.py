@@ -11,7 +11,8 @@ Texts (tools/unseen_heldout.py, written into --out once): `mixed` (C headers
 and licence texts, seed 3), `python` (this interpreter's site-packages; run
 it with the venv's python to get more than the standard library's) and
 `headers` (served with bench --seed 7). With two builds each text is served
-by both in turn, so a slow spell of the machine hits both alike. BENCH ARGS
+by both in turn, so a slow spell of the machine hits both alike. --text
+NAME=PATH adds a text of your own (a second model's held-out text). BENCH ARGS
 go to every run (e.g. `--repeats 1` for a quick pass: about 10 minutes a
 build on a 2-core machine, timer noise a few % a scenario). Runs one bench
 at a time: nothing else should run beside it.
@@ -78,6 +79,8 @@ def short_misses(line):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the texts, JSON results and logs")
+    parser.add_argument("--text", action="append", default=[], metavar="NAME=PATH",
+                        help="serve this text too (e.g. a second model's own held-out text)")
     parser.add_argument("aecho", nargs="+", help="one or two aecho binaries")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -88,8 +91,9 @@ def main():
     args.aecho = [os.path.abspath(a) for a in args.aecho]
     os.makedirs(args.out, exist_ok=True)
     table = {b: [] for b in range(len(args.aecho))}
-    for name, kind, extra in TEXTS:
-        heldout = text_path(args.out, name, kind)
+    texts = [(name, text_path(args.out, name, kind), extra) for name, kind, extra in TEXTS]
+    texts += [(name, os.path.abspath(path), []) for name, _, path in (t.partition("=") for t in args.text)]
+    for name, heldout, extra in texts:
         for b, aecho in enumerate(args.aecho):
             result = os.path.join(args.out, f"{name}-{b}.json")
             with open(os.path.join(args.out, f"{name}-{b}.log"), "w") as log:
