@@ -71,3 +71,14 @@ def test_all_scenarios_table_and_json(tmp_path):
 def test_bad_options_are_usage_errors(args):
     r = bench(*args)
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_missing_heldout_names_the_option(tmp_path):
+    """A model without heldout.txt beside it (models/echo-llama-doc ships
+    none) needs --heldout, and the error says so before any work."""
+    model = os.path.join(ROOT, "models", "echo-llama-doc", "model.q8_0.gguf")
+    r = subprocess.run([aecho_binary(), "bench", "--scenario", "rag", "--model", model], capture_output=True, text=True)
+    assert r.returncode == 2 and "--heldout" in r.stderr and "no held-out text beside the model" in r.stderr
+    r = subprocess.run([aecho_binary(), "bench", "--scenario", "rag", "--heldout", str(tmp_path / "none.txt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "none.txt does not exist" in r.stderr
