@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Corpus and tokenizer for a second evaluation model, unlike the bundled one
-in every way the planner could have been tuned to: English documentation
-(man pages' troff source, less the 16k generated gcloud pages, /usr/share/doc's READMEs and changelogs, Vim's help)
-instead of Python source, and a SentencePiece BPE vocabulary (4096 pieces,
-byte fallback, trained the way llama2.c's train_vocab does) instead of bytes.
+"""Corpus and tokenizer for a second evaluation model (models/echo-llama-doc),
+unlike the bundled one in every way the planner could have been tuned to:
+English documentation (man pages' troff source less the 16k generated gcloud
+pages, /usr/share/doc's READMEs and changelogs, Vim's help) instead of Python
+source, and a SentencePiece BPE vocabulary (4096 pieces, byte fallback,
+trained the way llama2.c's train_vocab does) instead of bytes.
 
     .venv/bin/pip install sentencepiece   # this tool's own dependency
     .venv/bin/python tools/prepare_doc_corpus.py --out data_doc

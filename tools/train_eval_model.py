@@ -38,6 +38,11 @@ Exact retraining steps (from the repository root):
      "heldout_first_windows_ppl_fp32" of train_log.json to ~1e-4 relative).
 
 Tiny CPU smoke test: python3 tools/train_eval_model.py --tiny --out /tmp/t
+
+--data may also be a tokenized corpus (tools/prepare_doc_corpus.py: token ids
+in {train,heldout}.ids, the vocabulary size in manifest.json, its
+tokenizer.bin copied to the output); models/echo-llama-doc/README.md has the
+command that trained the second evaluation model on one.
 """
 import argparse
 import json
