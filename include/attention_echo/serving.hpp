@@ -239,6 +239,11 @@ class BlendCalibration {
 // exact prefix reuse on three texts at 256 tokens, BENCHMARKS.md 10).
 inline constexpr int kMinCalibrationSample = 128;
 
+// The fewest layers a model needs to blend: a blend runs layer 0 over every
+// row and reuses K/V from layer 1 on, so a one-layer model has nothing to
+// reuse. Planners of shallower models never plan a blend.
+inline constexpr int kMinBlendLayers = 2;
+
 struct PlannerConfig {
   std::size_t store_bytes = std::size_t{512} << 20;
   // K/V memory the planner writes in at construction (at most store_bytes),

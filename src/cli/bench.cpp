@@ -524,8 +524,10 @@ CalibrationReport calibrate_blend(const llama::Model& model, std::span<const std
   CalibrationReport report;
   std::size_t tokens = 0;
   for (const auto& p : passages) tokens += p.size();
-  // Too short to blend, or (contexts near 128 tokens) longer than the model reads.
-  if (!options.blend.enabled || tokens < serving::kMinCalibrationSample ||
+  // A model that cannot blend, too short to blend, or (contexts near 128
+  // tokens) longer than the model reads.
+  if (!options.blend.enabled || model.config().n_layers < serving::kMinBlendLayers ||
+      tokens < serving::kMinCalibrationSample ||
       tokens > static_cast<std::size_t>(model.config().seq_len))
     return report;
   ThreadPool pool(options.threads);

@@ -330,7 +330,8 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::spa
       throw std::invalid_argument("alignment: token " + std::to_string(i) + " names a row no donor holds");
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
     throw std::invalid_argument("kv: must hold fewer rows than tokens");
-  if (engine.config().n_layers < 2) throw std::invalid_argument("engine: blending needs at least two layers");
+  if (engine.config().n_layers < kMinBlendLayers)
+    throw std::invalid_argument("engine: blending needs at least " + std::to_string(kMinBlendLayers) + " layers");
   if (!(options.recompute_ratio >= 0.0 && options.recompute_ratio <= 1.0))
     throw std::invalid_argument("recompute_ratio: must be in [0, 1]");
   if (options.recent_rows < 0) throw std::invalid_argument("recent_rows: must be non-negative");

@@ -83,7 +83,7 @@ enum class RefusedBlend { kStop, kMeasure };
 // guard refuses an estimate or deviation above `guard`'s (the calibrated
 // bounds, BlendCalibration::threshold) or config.max_error. Throws
 // std::invalid_argument on inconsistent arguments. Needs an engine of at
-// least two layers and 0 <= kv.length < tokens.size().
+// least kMinBlendLayers layers and 0 <= kv.length < tokens.size().
 BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, std::span<const llama::KVState> donors,
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            const BlendGuard& guard, llama::ForwardResult& result,

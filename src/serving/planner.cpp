@@ -434,7 +434,7 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   // blending on it is never priced: a blend reuses what the cache would
   // (a similar prompt's work) and saves the projections and MLP too, while
   // the cache's first use of any prompt is a miss that pays its capture.
-  const bool blend = m.config.blend.enabled && T - L >= kMinBlendRows;
+  const bool blend = m.config.blend.enabled && m.model.n_layers >= kMinBlendLayers && T - L >= kMinBlendRows;
   const bool cache = m.config.cache && !m.config.blend.enabled && L < prefix_length;
   const auto neighbours = cache || blend ? m.store.similar(name_space, tokens, kDonorCandidates)
                                          : std::vector<KVBlockStore::Similar>{};
@@ -565,6 +565,9 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   if (donor.size() < kMinCalibrationSample)
     throw std::invalid_argument("passages: need at least " + std::to_string(kMinCalibrationSample) + " tokens in all");
   if (!m.config.blend.enabled) throw std::invalid_argument("calibrate: blending is off in this planner");
+  if (m.model.n_layers < kMinBlendLayers)
+    throw std::invalid_argument("calibrate: a model of " + std::to_string(m.model.n_layers) +
+                                " layer(s) cannot blend (kMinBlendLayers)");
   llama::KVState donor_kv;
   donor_kv.page_tokens = m.config.block_tokens;
   // Every forward and blend is timed, for the cost model and the blends'

@@ -82,3 +82,25 @@ def test_missing_heldout_names_the_option(tmp_path):
     r = subprocess.run([aecho_binary(), "bench", "--scenario", "rag", "--heldout", str(tmp_path / "none.txt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "none.txt does not exist" in r.stderr
+
+
+def test_a_one_layer_model_is_served_without_blends(tmp_path):
+    """A blend reuses K/V from layer 1 on, so a one-layer model cannot
+    blend: aecho bench skips its calibration and serves it by exact prefix
+    reuse (it had stopped at calibrate()'s blend)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    import llama2c_to_gguf  # tools/, on the path through test_engine_vs_torch
+    from test_engine_vs_torch import llama_reference
+    c = llama_reference.load_checkpoint(os.path.join(ROOT, "models", "echo-llama-6m", "model.bin"), torch.float32)
+    model = tmp_path / "one_layer.gguf"
+    llama2c_to_gguf.write_gguf(model, c, layers=1)
+    out = tmp_path / "bench.json"
+    r = subprocess.run([aecho_binary(), "bench", "--scenario", "near-dup", "--model", str(model), "--tokenizer",
+                        os.path.join(ROOT, "models", "echo-llama-6m", "tokenizer.bin"), "--heldout", HELDOUT,
+                        "--context", "512", "--requests", "4", "--repeats", "1", "--threads", "2", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert not doc["blend_calibration"]["ran"]
+    assert doc["scenarios"][0]["modes"]["echo"]["routed_blend"] == 0
