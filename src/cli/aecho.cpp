@@ -220,9 +220,10 @@ int run_bench(const BenchArgs& a) {
   const std::string model_path = a.model.empty() ? bundled_model() : a.model;
   const auto dir = std::filesystem::path(model_path).parent_path();
   const std::string held_path = a.heldout.empty() ? (dir / "heldout.txt").string() : a.heldout;
-  if (!std::filesystem::exists(held_path))
-    throw CLI::ValidationError("--heldout", held_path + " does not exist" +
-                                                (a.heldout.empty() ? " (no held-out text beside the model)" : ""));
+  if (!std::filesystem::exists(held_path)) {
+    const char* why = a.heldout.empty() ? " (no held-out text beside the model)" : "";
+    throw CLI::ValidationError("--heldout", held_path + " does not exist" + why);
+  }
 
   std::ofstream json;  // opened now: an unwritable path fails before the run, not after
   if (!a.json.empty()) {
