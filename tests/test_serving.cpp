@@ -53,6 +53,12 @@ std::vector<int> text_tokens(int n, std::uint64_t seed) {
 // Another ordinary token than t (ids 0-2 are <unk>, BOS, EOS).
 int edited(int t) { return 3 + (t - 3 + 1) % (model().config().vocab_size - 3); }
 
+constexpr serving::BlendSelection kSelections[] = {serving::BlendSelection::kRunStart,
+                                                   serving::BlendSelection::kDeviation};
+const char* name(serving::BlendSelection s) {
+  return s == serving::BlendSelection::kRunStart ? "run start" : "deviation";
+}
+
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
 // base stored exactly in `planner` (its cost model taught by a measured
@@ -144,13 +150,17 @@ TEST(KVBlend, RecomputeRatioOneReproducesTheFullPrefill) {
   request[150] = edited(request[150]);
   request.insert(request.begin() + 200, {request[10], request[11]});
   const auto alignment = serving::align_tokens(request, donor.tokens);
-  llama::KVState kv;
-  llama::ForwardResult result;
-  const serving::BlendConfig all{.enabled = true, .recompute_ratio = 1.0, .max_error = INFINITY};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, kUnguarded, result);
-  ASSERT_TRUE(out.blended);
-  EXPECT_EQ(out.reused, 0);
-  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    llama::KVState kv;
+    llama::ForwardResult result;
+    const serving::BlendConfig all{
+        .enabled = true, .selection = selection, .recompute_ratio = 1.0, .max_error = INFINITY};
+    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, all, kUnguarded, result);
+    ASSERT_TRUE(out.blended);
+    EXPECT_EQ(out.reused, 0);
+    EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-5);
+  }
 }
 
 // Two donors, each holding part of the request in the request's own
@@ -175,12 +185,18 @@ TEST(KVBlend, EachRowComesFromItsOwnDonor) {
   donors.push_back(b.rows().front());
   llama::KVState kv;
   llama::ForwardResult result;
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    const serving::BlendConfig none{
+        .enabled = true, .selection = selection, .recompute_ratio = 0.0, .max_error = INFINITY};
+    const auto out = serving::blend_prefill(engine, request, donors, merged, kv, none, kUnguarded, result);
+    ASSERT_TRUE(out.blended);
+    EXPECT_GT(out.reused, 500);
+    EXPECT_LE(out.deviation, 1e-5);
+    EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
+    kv = {};
+  }
   const serving::BlendConfig none{.enabled = true, .recompute_ratio = 0.0, .max_error = INFINITY};
-  const auto out = serving::blend_prefill(engine, request, donors, merged, kv, none, kUnguarded, result);
-  ASSERT_TRUE(out.blended);
-  EXPECT_GT(out.reused, 500);
-  EXPECT_LE(out.deviation, 1e-5);
-  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
   // An alignment naming a donor that is not there, or a row past a donor's end.
   serving::TokenAlignment bad = merged;
   bad.donor[400] = 2;
@@ -195,18 +211,74 @@ TEST(KVBlend, EachRowComesFromItsOwnDonor) {
 
 TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   EarlyEdit e;
+  const auto exact = last_logits(e.engine, e.request);
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    llama::KVState kv;
+    llama::ForwardResult result;
+    const serving::BlendConfig config{.enabled = true, .selection = selection};
+    const auto out = e.blend(config, kUnguarded, kv, result);
+    ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
+    EXPECT_GT(out.reused, 400);
+    EXPECT_EQ(out.first_layer_rows, selection == serving::BlendSelection::kDeviation ? 600 : 0);
+    EXPECT_LE(out.deviation, config.max_error);
+    EXPECT_EQ(out.estimated_error, serving::guard_estimate(out.deviation, result.logits, model().config().vocab_size));
+    EXPECT_LE(out.estimated_error, config.max_error);
+    EXPECT_EQ(argmax(result.logits), argmax(exact));
+    EXPECT_EQ(kv.length, static_cast<int>(e.request.size()));
+  }
+}
+
+// kAuto: run starts for an edited prompt, CacheBlend's deviation ranking
+// (layer 0 over every row) for one whose passages moved.
+TEST(KVBlend, AutoSelectionRanksByDeviationOnlyWhereTextMoved) {
+  EarlyEdit e;
+  using serving::BlendSelection;
+  EXPECT_EQ(serving::resolve_selection(BlendSelection::kAuto, e.alignment), BlendSelection::kRunStart);
+  std::vector<int> swapped(e.donor.tokens.begin() + 300, e.donor.tokens.end());
+  swapped.insert(swapped.end(), e.donor.tokens.begin(), e.donor.tokens.begin() + 300);
+  const auto moved = serving::align_tokens(swapped, e.donor.tokens);
+  EXPECT_EQ(serving::resolve_selection(BlendSelection::kAuto, moved), BlendSelection::kDeviation);
+  EXPECT_EQ(serving::resolve_selection(BlendSelection::kRunStart, moved), BlendSelection::kRunStart);
   llama::KVState kv;
   llama::ForwardResult result;
-  const serving::BlendConfig config{.enabled = true};
+  const serving::BlendConfig config{.enabled = true, .max_error = INFINITY};
+  const auto out =
+      serving::blend_prefill(e.engine, swapped, e.donor.rows(), moved, kv, config, kUnguarded, result);
+  EXPECT_TRUE(out.blended);
+  EXPECT_EQ(out.first_layer_rows, 600);
+  llama::KVState edited_kv;
+  EXPECT_EQ(e.blend(config, kUnguarded, edited_kv, result).first_layer_rows, 0);
+}
+
+// Run-start selection: layer 0's K/V of every row are projected, so they
+// are exact; the rows just past the edit are computed in every layer, and
+// the rows before it, whose context is the donor's, are not.
+TEST(KVBlend, RunStartRecomputesTheRowsNearestTheEdit) {
+  EarlyEdit e;
+  ASSERT_EQ(e.alignment.donor_position[41], 41);
+  llama::KVState exact;
+  e.engine.forward(e.request, exact, {});
+  llama::KVState kv;
+  llama::ForwardResult result;
+  // 5% of the 598 aligned rows before the last: rows 41..70. No probes,
+  // attended or recent rows to blur the picture.
+  const serving::BlendConfig config{.enabled = true, .recompute_ratio = 0.05, .recent_rows = 0,
+                                    .attended_rows = 0, .max_error = INFINITY, .probe_rows = 0};
   const auto out = e.blend(config, kUnguarded, kv, result);
-  ASSERT_TRUE(out.blended) << "estimate " << out.estimated_error;
-  EXPECT_GT(out.reused, 400);
-  EXPECT_LE(out.deviation, config.max_error);
-  EXPECT_EQ(out.estimated_error, serving::guard_estimate(out.deviation, result.logits, model().config().vocab_size));
-  EXPECT_LE(out.estimated_error, config.max_error);
-  const auto exact = last_logits(e.engine, e.request);
-  EXPECT_EQ(argmax(result.logits), argmax(exact));
-  EXPECT_EQ(kv.length, static_cast<int>(e.request.size()));
+  ASSERT_TRUE(out.blended);
+  EXPECT_EQ(out.recomputed, 30 + 2);  // and the edited row and the last
+  const int kvd = model().config().kv_dim(), deep = model().config().n_layers - 1;
+  auto row_error = [&](int layer, int row) {
+    double worst = 0.0;
+    for (int d = 0; d < kvd; ++d)
+      worst = std::max(worst, double(std::fabs(kv.k(layer, row)[d] - exact.k(layer, row)[d])));
+    return worst;
+  };
+  for (int row = 0; row < 600; ++row) ASSERT_LE(row_error(0, row), 1e-4) << "row " << row;
+  for (int row = 0; row < 40; ++row) ASSERT_LE(row_error(deep, row), 1e-4) << "row " << row;
+  for (int row = 41; row < 71; ++row) EXPECT_LE(row_error(deep, row), 1e-3) << "row " << row;
+  EXPECT_GT(row_error(deep, 71), 1e-3);  // the first row left to its donor: its context held the old token
 }
 
 // The reused rows the last row attends to most are computed, whatever their
@@ -215,19 +287,23 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
 TEST(KVBlend, TheRowsTheLastRowAttendsToMostAreRecomputed) {
   EarlyEdit e;
   const auto exact = last_logits(e.engine, e.request);
-  auto blend = [&](int attended) {
-    const serving::BlendConfig config{.enabled = true, .recompute_ratio = 0.0, .recent_rows = 0,
-                                      .attended_rows = attended, .max_error = INFINITY, .probe_rows = 0};
-    llama::KVState kv;
-    llama::ForwardResult result;
-    const auto out = e.blend(config, kUnguarded, kv, result);
-    EXPECT_TRUE(out.blended);
-    return std::make_pair(out.recomputed, max_abs_diff(result.logits, exact));
-  };
-  const auto [none, none_error] = blend(0);
-  const auto [some, some_error] = blend(16);
-  EXPECT_EQ(some, none + 16);
-  EXPECT_LT(some_error, none_error);
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    auto blend = [&](int attended) {
+      const serving::BlendConfig config{.enabled = true, .selection = selection, .recompute_ratio = 0.0,
+                                        .recent_rows = 0, .attended_rows = attended, .max_error = INFINITY,
+                                        .probe_rows = 0};
+      llama::KVState kv;
+      llama::ForwardResult result;
+      const auto out = e.blend(config, kUnguarded, kv, result);
+      EXPECT_TRUE(out.blended);
+      return std::make_pair(out.recomputed, max_abs_diff(result.logits, exact));
+    };
+    const auto [none, none_error] = blend(0);
+    const auto [some, some_error] = blend(16);
+    EXPECT_EQ(some, none + 16);
+    EXPECT_LT(some_error, none_error);
+  }
   serving::BlendConfig bad{.enabled = true, .attended_rows = -1};
   llama::KVState kv;
   llama::ForwardResult result;
@@ -316,23 +392,30 @@ TEST(KVBlend, UnrelatedDonorIsRefusedByTheGuardAndServedExactly) {
   // Their K/V deviate from the exact ones by about 0.19-0.24 (relative, the
   // deep layers' probes, with and without recent rows recomputed): a guard
   // at half of that must refuse the donor.
-  const serving::BlendConfig guard{.enabled = true, .max_error = 0.1};
-  const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, kUnguarded, result);
-  EXPECT_FALSE(out.blended);
-  EXPECT_GT(out.stopped_at_layer, 1);  // its layer-1 deviation is small: the deep layers' probes refuse it
-  EXPECT_TRUE(out.refusal_sample.has_value());  // finished anyway, measured
-  EXPECT_GT(out.deviation, guard.max_error);
-  EXPECT_LE(max_abs_diff(result.logits, last_logits(engine, request)), 1e-4);
-  // Told to stop where it is refused: the same layer, served the same, unmeasured.
-  llama::KVState stopped_kv;
-  llama::ForwardResult stopped_result;
-  const auto stopped = serving::blend_prefill(engine, request, donor.rows(), alignment, stopped_kv, guard, kUnguarded,
-                                              stopped_result, serving::RefusedBlend::kStop);
-  EXPECT_FALSE(stopped.blended);
-  EXPECT_EQ(stopped.stopped_at_layer, out.stopped_at_layer);
-  EXPECT_FALSE(stopped.refusal_sample.has_value());
-  EXPECT_TRUE(stopped.guard_logits.empty());
-  EXPECT_LE(max_abs_diff(stopped_result.logits, last_logits(engine, request)), 1e-4);
+  const auto exact = last_logits(engine, request);
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    const serving::BlendConfig guard{.enabled = true, .selection = selection, .max_error = 0.1};
+    llama::KVState kv;
+    llama::ForwardResult result;
+    const auto out = serving::blend_prefill(engine, request, donor.rows(), alignment, kv, guard, kUnguarded, result);
+    EXPECT_FALSE(out.blended);
+    // Its layer-1 deviation is small: the deep layers' probes refuse it.
+    EXPECT_GT(out.stopped_at_layer, 1);
+    EXPECT_TRUE(out.refusal_sample.has_value());  // finished anyway, measured
+    EXPECT_GT(out.deviation, guard.max_error);
+    EXPECT_LE(max_abs_diff(result.logits, exact), 1e-4);
+    // Told to stop where it is refused: the same layer, served the same, unmeasured.
+    llama::KVState stopped_kv;
+    llama::ForwardResult stopped_result;
+    const auto stopped = serving::blend_prefill(engine, request, donor.rows(), alignment, stopped_kv, guard,
+                                                kUnguarded, stopped_result, serving::RefusedBlend::kStop);
+    EXPECT_FALSE(stopped.blended);
+    EXPECT_EQ(stopped.stopped_at_layer, out.stopped_at_layer);
+    EXPECT_FALSE(stopped.refusal_sample.has_value());
+    EXPECT_TRUE(stopped.guard_logits.empty());
+    EXPECT_LE(max_abs_diff(stopped_result.logits, exact), 1e-4);
+  }
 }
 
 // The engine's K/V pages: their size changes no bit of the logits, and a

@@ -98,6 +98,25 @@ TEST(TokenAlignment, MovedChunksAlignAtAnyPosition) {
   EXPECT_EQ(a.donor_position[255], 127); // B's last
 }
 
+// Edits shift text by a few tokens; moved passages, or a long insertion,
+// move it.
+TEST(TokenAlignment, MovesTextTellsMovedPassagesFromEdits) {
+  const auto donor = random_tokens(300, 4);
+  EXPECT_FALSE(moves_text(align_tokens(donor, donor)));
+  auto edited = donor;
+  edited[100] = 9999;
+  edited.insert(edited.begin() + 150, {7001, 7002, 7003});
+  edited.erase(edited.begin() + 200, edited.begin() + 210);
+  EXPECT_FALSE(moves_text(align_tokens(edited, donor)));
+  auto long_insertion = donor;
+  const auto other = random_tokens(100, 5, 400);
+  long_insertion.insert(long_insertion.begin() + 150, other.begin(), other.end());
+  EXPECT_TRUE(moves_text(align_tokens(long_insertion, donor)));
+  EXPECT_FALSE(moves_text(align_tokens(long_insertion, donor), 100));
+  const Passages p(4, 10);
+  EXPECT_TRUE(moves_text(align_tokens(p.concat({2, 0, 3, 1}), p.concat({0, 1, 2, 3}))));
+}
+
 // The alignment's definition by brute force: a run continues while tokens
 // match; a broken run restarts at the donor position whose next `anchor`
 // tokens match, nearest to the last run's offset (the lower position on a

@@ -34,19 +34,37 @@
 
 namespace attention_echo::serving {
 
+// How a blend chooses the aligned rows it recomputes (kv_blend.hpp).
+enum class BlendSelection {
+  // kRunStart for a prompt whose aligned text sits where it sat in its
+  // donors but for edits (serving::moves_text), kDeviation where text moved.
+  kAuto,
+  // The rows nearest the start of their aligned run, where the donor's
+  // context stops being the prompt's and reused K/V deviate most. Layer 0's
+  // K/V of every row are projected (a token and its position make them),
+  // its attention and MLP run for the selected rows only. Moved passages
+  // deviate throughout, not just where they begin: on unseen text at 1024
+  // tokens their continuations' perplexity moved by up to 1.6%
+  // (BENCHMARKS.md section 12).
+  kRunStart,
+  // CacheBlend's: layer 0 over every row, then the rows whose layer-1 K/V
+  // deviate most from the donor's (HKVD). Costs a layer of every row more.
+  kDeviation,
+};
+
 struct BlendConfig {
   bool enabled = false;
-  // Aligned rows recomputed per layer past the first, those whose K/V
-  // deviates most from the donor's (CacheBlend's HKVD). Changed tokens and
-  // the last recent_rows + 1 rows are always recomputed.
+  BlendSelection selection = BlendSelection::kAuto;
+  // Aligned rows recomputed in every layer (chosen by `selection`).
+  // Changed tokens and the last recent_rows + 1 rows are always recomputed.
   double recompute_ratio = 0.15;
   // The rows just before the last, recomputed whatever their deviation: the
   // next token leans on them most, and a deviation there is what a global
   // estimate misses (on unseen C headers, a blend at estimate 0.054 reached
   // next-token KL 1.8e-2 with 0 of them; 2.8e-4 with 16).
   int recent_rows = 16;
-  // The reused rows the last row attends to most (layer 1, every head),
-  // recomputed whatever their deviation: the next token reads them most,
+  // The reused rows the last row attends to most (every head, in layer 0
+  // with kRunStart, 1 with kDeviation), recomputed whatever their deviation: the next token reads them most,
   // and the donor's context left in them is what the guard's evenly
   // spread probes miss (on near-dup traffic blends at estimates 0.02-0.07
   // reached next-token KL 1e-3 to 4.5e-2 with none; BENCHMARKS.md
@@ -142,7 +160,7 @@ struct BlendGuard {
 // blends other namespaces' samples had warned of, perplexity -0.75%.)
 //
 // Samples come from calibrate() (the model's only), from one blend in
-// calibrate_every, from the blends the guard refuses past layer 1 while
+// calibrate_every, from the blends the guard refuses while
 // their namespace has no sample of its own (finished and measured against
 // the exact prefill that replaces them; a refused blend of a namespace
 // with samples stops where it was refused unless it is the calibration
@@ -239,9 +257,9 @@ class BlendCalibration {
 // exact prefix reuse on three texts at 256 tokens, BENCHMARKS.md 10).
 inline constexpr int kMinCalibrationSample = 128;
 
-// The fewest layers a model needs to blend: a blend runs layer 0 over every
-// row and reuses K/V from layer 1 on, so a one-layer model has nothing to
-// reuse. Planners of shallower models never plan a blend.
+// The fewest layers a model needs to blend: a blend computes layer 0's K/V
+// of every row and reuses K/V from layer 1 on, so a one-layer model has
+// nothing to reuse. Planners of shallower models never plan a blend.
 inline constexpr int kMinBlendLayers = 2;
 
 struct PlannerConfig {
@@ -271,8 +289,9 @@ struct PrefillReport {
   int reused = 0;               // leading tokens whose K/V came from the store
   int reused_from_l2 = 0;       // of those, tokens the shared L2 store gave (another process computed)
   bool reused_exact = true;     // false: those came from a blended or echoed forward
-  // Blend: rows (past `reused`) computed in layer 0, and in the deeper
-  // layers those taken from the donor and those recomputed.
+  // Blend: rows (past `reused`) run through layer 0 besides the
+  // recomputed ones (kDeviation's every row; 0 with kRunStart), and those
+  // taken from the donor and those recomputed in every other layer.
   int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
   double estimated_error = 0.0;  // guard estimate (blend), or the reused K/V's
   bool blend_rejected = false;   // the guard refused it; computed exactly instead

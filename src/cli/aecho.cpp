@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -46,6 +47,17 @@ struct TokenizeArgs {
   std::string model, tokenizer, prompt;
 };
 
+const std::map<std::string, ae::serving::BlendSelection> kBlendSelections = {
+    {"auto", ae::serving::BlendSelection::kAuto},
+    {"run-start", ae::serving::BlendSelection::kRunStart},
+    {"deviation", ae::serving::BlendSelection::kDeviation}};
+
+std::string selection_name(ae::serving::BlendSelection selection) {
+  for (const auto& [name, value] : kBlendSelections)
+    if (value == selection) return name;
+  throw std::logic_error("selection_name: unnamed BlendSelection");
+}
+
 struct BenchArgs {
   std::string scenario, model, tokenizer, heldout, json;
   std::string mode = "sparse";
@@ -58,6 +70,7 @@ struct BenchArgs {
   double sparse_mass = ae::EchoConfig{}.sparse_mass;
   bool blend = true;
   double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
+  ae::serving::BlendSelection blend_selection = ae::serving::BlendConfig{}.selection;
   double blend_max_error = ae::serving::BlendConfig{}.max_error;
   double blend_max_kl = ae::serving::BlendConfig{}.max_kl;
   double blend_max_continuation_kl = ae::serving::BlendConfig{}.max_continuation_kl;
@@ -188,6 +201,7 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
   options.blend = {.enabled = a.blend,
+                   .selection = a.blend_selection,
                    .recompute_ratio = a.recompute_ratio,
                    .max_error = a.blend_max_error,
                    .max_kl = a.blend_max_kl,
@@ -272,6 +286,7 @@ int run_bench(const BenchArgs& a) {
                                          {"threads", threads},      {"repeats", options.repeats},
                                          {"attention_isa", ae::attention_isa()},
                                          {"gemm_isa", ae::attention_isa()},
+                                         {"blend_selection", selection_name(options.blend.selection)},
                                          {"blend_calibration", ae::bench::to_json(calibration)}};
     if (!a.store.empty()) meta["store"] = a.store;
     json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
@@ -363,6 +378,10 @@ int main(int argc, char** argv) {
   bench.add_option("--recompute-ratio", bn.recompute_ratio, "KV blend: aligned rows recomputed per layer")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
+  bench.add_option("--blend-selection", bn.blend_selection,
+                   "KV blend: the rows recomputed, by run start, deviation, or auto (run start unless text moved)")
+      ->transform(CLI::CheckedTransformer(kBlendSelections))
+      ->default_str(selection_name(bn.blend_selection));
   bench.add_option("--blend-max-error", bn.blend_max_error,
                    "KV blend's guard: max K/V deviation of reused rows and max estimate (inf: off)")
       ->check(CLI::Validator(

@@ -30,10 +30,12 @@ namespace {
 double modelled_blend(double per_row, double per_pair, const CostModel::BlendShape& b,
                       double (*pairs)(int, int)) {
   const int n = b.T - b.L;
-  const double first = per_row * n + per_pair * pairs(b.L, b.T);
   // Selected rows sit anywhere in [L, T): their keys average (L + T) / 2.
   const double deep = per_row * b.selected + per_pair * b.selected * 0.5 * (b.L + b.T);
-  return (first + b.qkv_share * per_row * n + (b.layers - 1) * deep) / b.layers;
+  const double projections = b.qkv_share * per_row * n;
+  if (!b.first_layer_all) return (projections + b.layers * deep) / b.layers;
+  const double first = per_row * n + per_pair * pairs(b.L, b.T);
+  return (first + projections + (b.layers - 1) * deep) / b.layers;
 }
 
 }  // namespace
@@ -44,7 +46,8 @@ double CostModel::blend(const BlendShape& b, double prior_factor) const {
 }
 
 double CostModel::expected_blend(const BlendShape& b, double refusal_rate, double prior_factor) const {
-  return blend(b, prior_factor) + refusal_rate * reuse(b.T, b.L) * (b.layers - 1) / b.layers;
+  const int exact_layers = b.first_layer_all ? b.layers - 1 : b.layers;  // kDeviation keeps layer 0's output
+  return blend(b, prior_factor) + refusal_rate * reuse(b.T, b.L) * exact_layers / b.layers;
 }
 
 void CostModel::observe_blend(const BlendShape& b, double total_s) {

@@ -28,12 +28,14 @@ class CostModel {
   // Every row through the layers, the prefix block through the cache.
   double cache(int T, int p) const;
 
-  // A blend past L stored rows: layer 0 over [L, T), layer 1's projections
-  // of those rows, then `selected` rows in every layer past the first.
+  // A blend past L stored rows: the QKV projections of [L, T) in one layer,
+  // `selected` rows in every layer, and with first_layer_all
+  // (BlendSelection::kDeviation) the rest of [L, T) through layer 0 as well.
   // qkv_share: the QKV projection's part of a row's linear cost.
   struct BlendShape {
     int T = 0, L = 0, selected = 0, layers = 1;
     double qkv_share = 0.25;
+    bool first_layer_all = false;
   };
   // prior_factor: measured / modelled time of blends before this model
   // has measured any of its own (BlendCalibration::blend_cost_factor).
@@ -42,10 +44,10 @@ class CostModel {
   void observe_blend(const BlendShape& b, double total_s);
   // The mean measured / modelled time over observed blends; 0 before any.
   double blend_factor() const { return blends_ ? blend_factor_sum_ / blends_ : 0.0; }
-  // What a blend is expected to cost: itself, plus layers 1..L-1 of every
-  // row at the rate the guard refuses past layer 1 (its work past layer 0
-  // is then lost; BlendCalibration::refusal_rate; a refusal at layer 1
-  // costs only layer 1's projections). Where the guard keeps refusing (a
+  // What a blend is expected to cost: itself, plus the exact prefill that
+  // replaces it at the rate the guard refuses (BlendCalibration::
+  // refusal_rate): every layer of every row, or layers 1..L-1 with
+  // first_layer_all (layer 0's output is kept). Where the guard keeps refusing (a
   // model or text whose calibration allows little deviation) blending is
   // routed around after a few tries, and tried again now and then.
   double expected_blend(const BlendShape& b, double refusal_rate, double prior_factor = 1.0) const;

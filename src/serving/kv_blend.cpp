@@ -65,6 +65,7 @@ class Blend {
         guard_(guard),
         on_refusal_(refused),
         max_deviation_(std::min(options.max_error, guard.deviation)),
+        selection_(resolve_selection(options.selection, alignment)),
         T_(static_cast<int>(tokens.size())),
         skip_(kv.length),
         kvd_(c_.kv_dim()) {}
@@ -73,14 +74,20 @@ class Blend {
     // Rows past the skip, all of this prompt's own pages (the page where
     // the stored prefix ends is copied here, if shared).
     kv_.make_writable(skip_, T_, c_.n_layers, kvd_);
-    std::vector<float> x = e_.embed(tokens_.subspan(skip_));
-    e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
-    out_.first_layer_rows = T_ - skip_;
-    select(x);
-    if (out_.deviation > max_deviation_) {
-      out_.estimated_error = estimate_before_head();
-      return finish_exactly(1, x, result);
+    std::vector<float> x;  // layer 0's output of every row (kDeviation only)
+    if (selection_ == BlendSelection::kDeviation) {
+      x = e_.embed(tokens_.subspan(skip_));
+      e_.layer_forward(0, x.data(), skip_, T_, kv_, {});
+      out_.first_layer_rows = T_ - skip_;
+      select_by_deviation(x);
+      if (out_.deviation > max_deviation_) {
+        out_.estimated_error = estimate_before_head();
+        return finish_exactly(1, x, result);
+      }
+    } else {
+      select_by_run_start();
     }
+    // Layer 0 is done and layer 1's K/V of every reused row are in place.
     int refused_at = -1;
     for (int l = 1; l < c_.n_layers; ++l) {
       if (l >= 2) donor_layer(l);
@@ -99,10 +106,10 @@ class Blend {
       out_.blended = true;
       return out_;
     }
-    // Refused past layer 1 and kMeasure: the blend was finished (its
-    // selected rows only) so that the exact prefill that follows measures
-    // what it would have served, a calibration sample at the price of the
-    // layers after the refusal.
+    // Refused and kMeasure: the blend was finished (its selected rows only)
+    // so that the exact prefill that follows measures what it would have
+    // served, a calibration sample at the price of the layers after the
+    // refusal.
     return finish_exactly(refused_at, x, result);
   }
 
@@ -116,7 +123,9 @@ class Blend {
     out_.stopped_at_layer = layer;
     out_.reused = 0;
     out_.recomputed = T_ - skip_;
-    for (int l = 1; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
+    const int from = x.empty() ? 0 : 1;  // kRunStart has no layer-0 output of every row
+    if (x.empty()) x = e_.embed(tokens_.subspan(skip_));
+    for (int l = from; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
     const int rows = out_.guard_logits.empty() ? 1 : guard_rows(opt_, T_ - skip_);
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - rows) * c_.dim, rows, result);
     if (!out_.guard_logits.empty())
@@ -161,7 +170,7 @@ class Blend {
   // fresh K/V are from the donor's, keep the worst recompute_ratio of them,
   // the ones the last row attends to most, the unaligned rows, the recent
   // rows, the last row and the guard's probes.
-  void select(const std::vector<float>& x) {
+  void select_by_deviation(const std::vector<float>& x) {
     const std::vector<float> query = e_.project_kv(1, x.data(), skip_, T_, kv_);
     std::vector<std::pair<double, int>> ranked;
     std::vector<float> k(kvd_), v(kvd_);
@@ -179,28 +188,108 @@ class Blend {
     std::vector<int> reused;
     for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
     std::sort(reused.begin(), reused.end());
-    recompute_most_attended(query, reused);
+    recompute_most_attended(1, query, reused);
     Deviation first;  // layer 1 deviation of every reused row: measured, not sampled
     for (int i : reused) {
-      is_selected_[i - skip_] = false;
       first.diff2 += dev[i - skip_].diff2;
       first.norm2 += dev[i - skip_].norm2;
     }
-    pick_probes(reused);
     out_.deviation = first.relative();
+    keep_selected(reused);
+    gather(x, selected_, x_);
+  }
+
+  // Layer 0's K/V of every row (exact: a token and its position make
+  // them), then the aligned rows nearest the start of their run, the
+  // recompute_ratio of them, the unaligned rows, the recent rows, the last
+  // row and the guard's probes through layer 0; then the rows the last row
+  // attends to most in layer 1 (its query there against the donors' K it
+  // will read), through layer 0 too. Layer 0 attends too locally to tell
+  // them: chosen by its query they brought the next token no closer.
+  void select_by_run_start() {
+    const std::vector<float> embedded = e_.embed(tokens_.subspan(skip_));
+    e_.project_kv(0, embedded.data(), skip_, T_, kv_);
+    // (rows since the run began, row); a run from both starts has the
+    // donor's context, exact, and comes last.
+    std::vector<std::pair<int, int>> ranked;
+    int run_start = 0;
+    for (int i = 0; i < T_ - 1 - opt_.recent_rows; ++i) {
+      const int j = align_.donor_position[i];
+      if (j < 0) continue;
+      if (i == 0 || j == 0 || align_.donor_position[i - 1] != j - 1 || align_.donor[i - 1] != align_.donor[i])
+        run_start = i;
+      const bool exact_context = run_start == 0 && align_.donor_position[0] == 0;
+      if (i >= skip_) ranked.emplace_back(i - run_start + (exact_context ? T_ : 0), i);
+    }
+    std::stable_sort(ranked.begin(), ranked.end(), [](auto a, auto b) { return a.first < b.first; });
+    const auto keep = static_cast<std::size_t>(std::ceil(opt_.recompute_ratio * double(ranked.size())));
+    std::vector<int> reused;
+    for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
+    std::sort(reused.begin(), reused.end());
+    is_selected_.assign(T_ - skip_, true);
+    keep_selected(reused);
+    through_first_layer(embedded, selected_, x_);
+    for (int i = skip_; i < T_; ++i)  // the selected ones are computed over
+      if (align_.donor_position[i] >= 0) donor_rows(1, i, kv_.writable_k(1, i), kv_.writable_v(1, i));
+    const std::vector<float> query =
+        e_.project_kv(1, x_.data() + (selected_.size() - 1) * c_.dim, T_ - 1, T_, kv_);
+    std::erase_if(reused, [&](int i) { return is_selected_[i - skip_] != 0; });  // the probes
+    std::vector<int> attended = reused;
+    recompute_most_attended(1, query, reused);
+    std::erase_if(attended, [&](int i) { return std::binary_search(reused.begin(), reused.end(), i); });
+    if (attended.empty()) return;
+    std::vector<float> attended_x;
+    through_first_layer(embedded, attended, attended_x);
+    merge_selected(attended, attended_x);
+  }
+
+  // The hidden states of `rows` out of those of every row past the skip.
+  void gather(const std::vector<float>& every_row, const std::vector<int>& rows, std::vector<float>& x) const {
+    x.resize(rows.size() * c_.dim);
+    for (std::size_t s = 0; s < rows.size(); ++s)
+      std::memcpy(x.data() + s * c_.dim, every_row.data() + static_cast<std::size_t>(rows[s] - skip_) * c_.dim,
+                  sizeof(float) * c_.dim);
+  }
+
+  // The rows (ascending) from their embeddings through layer 0, into x.
+  void through_first_layer(const std::vector<float>& embedded, const std::vector<int>& rows, std::vector<float>& x) {
+    gather(embedded, rows, x);
+    e_.layer_forward_rows(0, x.data(), rows, kv_);
+  }
+
+  // More rows (ascending, with their hidden states) into the selected ones.
+  void merge_selected(const std::vector<int>& rows, const std::vector<float>& x) {
+    std::vector<int> merged;
+    std::vector<float> merged_x;
+    merged_x.reserve(x_.size() + x.size());
+    std::size_t a = 0, b = 0;
+    while (a < selected_.size() || b < rows.size()) {
+      const bool from_rows = a == selected_.size() || (b < rows.size() && rows[b] < selected_[a]);
+      const float* h = from_rows ? x.data() + b * c_.dim : x_.data() + a * c_.dim;
+      merged.push_back(from_rows ? rows[b++] : selected_[a++]);
+      merged_x.insert(merged_x.end(), h, h + c_.dim);
+      is_selected_[merged.back() - skip_] = true;
+    }
+    selected_ = std::move(merged);
+    x_ = std::move(merged_x);
+    out_.recomputed = static_cast<int>(selected_.size());
+    out_.reused = T_ - skip_ - out_.recomputed;
+  }
+
+  // Every row past the skip but `reused` (and the probes picked among them)
+  // is selected.
+  void keep_selected(const std::vector<int>& reused) {
+    for (int i : reused) is_selected_[i - skip_] = false;
+    pick_probes(reused);
     for (int i = skip_; i < T_; ++i)
       if (is_selected_[i - skip_]) selected_.push_back(i);
     out_.recomputed = static_cast<int>(selected_.size());
     out_.reused = T_ - skip_ - out_.recomputed;
-    x_.resize(selected_.size() * c_.dim);
-    for (std::size_t s = 0; s < selected_.size(); ++s)
-      std::memcpy(x_.data() + s * c_.dim, x.data() + static_cast<std::size_t>(selected_[s] - skip_) * c_.dim,
-                  sizeof(float) * c_.dim);
   }
 
   // Drops from `reused` the attended_rows rows that the last row, by its
-  // layer-1 query, attends to most, summed over heads (they are computed).
-  void recompute_most_attended(const std::vector<float>& query, std::vector<int>& reused) const {
+  // query in `layer`, attends to most, summed over heads (they are computed).
+  void recompute_most_attended(int layer, const std::vector<float>& query, std::vector<int>& reused) const {
     const auto n = static_cast<std::ptrdiff_t>(std::min<std::size_t>(opt_.attended_rows, reused.size()));
     if (n == 0) return;
     const int hd = c_.head_dim(), group = c_.n_heads / c_.n_kv_heads;
@@ -210,7 +299,10 @@ class Blend {
     for (int h = 0; h < c_.n_heads; ++h) {
       const float* q = query.data() + static_cast<std::size_t>(h) * hd;
       for (int j = 0; j < T_; ++j)
-        score[j] = scale * std::inner_product(q, q + hd, kv_.k(1, j) + static_cast<std::size_t>(h / group) * hd, 0.0f);
+        score[j] = has_key(layer, j) ? scale * std::inner_product(q, q + hd, kv_.k(layer, j) +
+                                                                               static_cast<std::size_t>(h / group) * hd,
+                                                                  0.0f)
+                                     : -INFINITY;
       const float max = *std::max_element(score.begin(), score.end());
       double sum = 0.0;
       for (float& s : score) sum += (s = std::exp(s - max));
@@ -222,6 +314,13 @@ class Blend {
     std::vector<char> attended(T_ - skip_, 0);
     for (auto p = by_weight.begin(); p != by_weight.begin() + n; ++p) attended[*p - skip_] = 1;
     std::erase_if(reused, [&](int i) { return attended[i - skip_] != 0; });
+  }
+
+  // Whether row j's K in `layer` is written when the attended rows are
+  // chosen: with kRunStart, layer 1's unaligned rows are not yet.
+  bool has_key(int layer, int j) const {
+    return selection_ == BlendSelection::kDeviation || layer == 0 || j < skip_ || j == T_ - 1 ||
+           align_.donor_position[j] >= 0;
   }
 
   // Evenly spread over the reused rows, the same ones every run.
@@ -241,7 +340,7 @@ class Blend {
     std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
     for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
     e_.layer_forward_rows(l, x_.data(), selected_, kv_);
-    if (l < 2) return true;
+    if (l == 1 && selection_ == BlendSelection::kDeviation) return true;  // measured over every reused row
     Deviation sample;
     for (std::size_t p = 0; p < probes_.size(); ++p) {
       sample.add(kv_.k(l, probes_[p]), &k[p * kvd_], kvd_);
@@ -261,6 +360,7 @@ class Blend {
   const BlendGuard guard_;
   const RefusedBlend on_refusal_;
   const double max_deviation_;
+  const BlendSelection selection_;  // never kAuto
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
   std::vector<int> selected_, probes_;
@@ -269,6 +369,11 @@ class Blend {
 };
 
 }  // namespace
+
+BlendSelection resolve_selection(BlendSelection selection, const TokenAlignment& alignment) {
+  if (selection != BlendSelection::kAuto) return selection;
+  return moves_text(alignment) ? BlendSelection::kDeviation : BlendSelection::kRunStart;
+}
 
 void keep_last_rows(llama::ForwardResult& result, int rows, const llama::ModelConfig& c) {
   if (rows < 0 || result.logits.size() <= static_cast<std::size_t>(rows) * c.vocab_size) return;

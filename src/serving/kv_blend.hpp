@@ -1,25 +1,42 @@
 // The KV-blend tier (CacheBlend's idea, with a measured guard): prefill a
 // prompt from the per-layer K/V of similar stored requests (the donors, each
 // token from the one sharing the longest context before it), recomputing
-// only what deviates.
+// only what deviates. Rows [0, skip) hold K/V from the store, exact, never
+// recomputed. The rows past them that are computed in every layer (the
+// "selected") are chosen one of two ways (BlendSelection):
 //
-//   rows [0, skip)   K/V from the store, exact, never recomputed;
-//   layer 0          every other row computed (its output feeds layer 1);
-//   layer 1          K/V of every other row projected, compared with the
-//                    donor's; the rows that deviate most (recompute_ratio of
-//                    the aligned ones), the attended_rows ones the last row
-//                    attends to most, every unaligned row and the last
-//                    recent_rows + 1 rows go on ("selected");
-//   layers 2..L-1    selected rows computed, every other row's K/V taken
-//                    from the donor (K re-rotated where its position moved).
+// kRunStart (kAuto's where no text moved):
+//   layer 0          K/V of every row projected: they depend on the token
+//                    and its position alone, so they are exact;
+//   selected         the aligned rows nearest the start of their run (the
+//                    recompute_ratio of them), the attended_rows ones the
+//                    last row attends to most in layer 0, every unaligned
+//                    row and the last recent_rows + 1 rows;
+//   layers 0..L-1    the selected rows computed from their embeddings,
+//                    every other row's K/V taken from the donor (K
+//                    re-rotated where its position moved).
+// kDeviation (CacheBlend's selection; kAuto's where text moved):
+//   layer 0          every row computed (its output feeds layer 1);
+//   layer 1          K/V of every row projected, compared with the donor's;
+//                    the rows that deviate most (recompute_ratio of the
+//                    aligned ones), the attended_rows the last row attends
+//                    to most in layer 1, every unaligned row and the last
+//                    recent_rows + 1 rows go on;
+//   layers 2..L-1    as above.
+// A reused row's K/V deviate most just past where its donor's context
+// stops being the prompt's (merge_alignments), so the rows nearest a run's
+// start are mostly the ones CacheBlend's ranking would pick, without
+// running layer 0 over every row to rank them: that layer was a third to a
+// half of a blend's work (BENCHMARKS.md section 12).
 //
 // The guard: a deterministic sample of the reused rows is computed along
 // with the selected ones; the relative L2 deviation of their fresh K/V from
-// the donor's, worst layer, is the request's K/V deviation (layer 1 is
-// measured over every reused row). Above max_error at layer 1 (where
-// unrelated donors show) the prefill goes on exactly from the layer-0
-// output it already has, wasting only layer 1's projections. Otherwise the
-// blend is finished and its error estimate is the deviation times the
+// the donor's, worst layer, is the request's K/V deviation (with
+// kDeviation, layer 1 is measured over every reused row, and a blend above
+// max_error there, where unrelated donors show, goes on exactly from the
+// layer-0 output it already has, wasting only layer 1's projections).
+// Otherwise the blend is finished and its error estimate is the deviation
+// times the
 // square root of a next-token entropy (nats): the larger of the last row's
 // and the mean over the guard rows (the prompt's last recent_rows + 1,
 // computed in full by every blend, standing in for the tokens that will
@@ -31,14 +48,13 @@
 // (BENCHMARKS.md section 8). Above the guard's bound, past max_error
 // deeper, or with its top two next tokens nearly tied
 // (BlendConfig::top1_sigmas), the blend is refused and the prompt is
-// computed exactly from layer 1 on: its work past layer 0 is lost. A blend
-// refused in a deep layer either stops there (RefusedBlend::kStop) or is
+// computed exactly (from layer 1 on with kDeviation): its work past layer 0
+// is lost. A blend refused in a deep layer either stops there (RefusedBlend::kStop) or is
 // finished first so that its guard rows, measured against the exact ones,
 // are a calibration sample (kMeasure, at the price of the layers after
 // the refusal).
 // The deviation is also held to the guard's deviation bound (the
-// continuation's error): every layer, and at layer 1 (where it is measured
-// over every reused row) a blend already past it is refused at once.
+// continuation's error) in every layer.
 #pragma once
 
 #include <optional>
@@ -59,14 +75,15 @@ struct BlendOutcome {
   // sqrt(ln vocab), the most any distribution makes of it.
   double estimated_error = 0;
   int reused = 0;              // rows whose K/V came from the donor in the deep layers
-  int recomputed = 0;          // rows computed in the deep layers (selected + probes)
-  int first_layer_rows = 0;    // rows computed in layer 0
+  int recomputed = 0;          // rows computed in every layer (selected + probes)
+  int first_layer_rows = 0;    // rows run through layer 0 to select them (kDeviation's every row; else 0)
   int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: at the head)
   // The guard rows' logits ([rows, vocab]) of the blend, finished even when
-  // refused past layer 1 with kMeasure: what it served, or would have.
+  // refused with kMeasure (but at kDeviation's layer 1): what it served, or
+  // would have.
   std::vector<float> guard_logits;
-  // Refused past layer 1 with RefusedBlend::kMeasure: the blend measured
-  // against the exact prefill that replaced it.
+  // Refused with RefusedBlend::kMeasure (but at kDeviation's layer 1): the
+  // blend measured against the exact prefill that replaced it.
   std::optional<CalibrationSample> refusal_sample;
 };
 
@@ -88,6 +105,10 @@ BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, s
                            const TokenAlignment& alignment, llama::KVState& kv, const BlendConfig& config,
                            const BlendGuard& guard, llama::ForwardResult& result,
                            RefusedBlend refused = RefusedBlend::kMeasure);
+
+// The selection a blend of this alignment makes: `selection`, kAuto
+// resolved (BlendSelection::kAuto).
+BlendSelection resolve_selection(BlendSelection selection, const TokenAlignment& alignment);
 
 // Drops all but the last `rows` rows of a forward's hidden states and
 // logits (all kept when rows < 0).

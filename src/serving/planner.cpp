@@ -24,8 +24,9 @@ namespace {
 // blend from it, and aligning it would cost a failed lookup per token.
 constexpr int kDonorCandidates = 4;
 constexpr float kDonorProfile = 0.25f;
-// A blend recomputes layer 0 and layer 1's projections of every row past the
-// stored prefix, 16 probes, 16 attended rows and the last row, and pays a donor lookup and
+// A blend projects one layer's K/V of every row past the stored prefix
+// (kDeviation: runs layer 0 over them too), computes 16 recent rows, 16
+// probes, 16 attended rows and the last row, and pays a donor lookup and
 // alignment; below this many rows to compute it cannot repay that, so it is
 // not even looked for (on a 260K-parameter model with 100-token prompts the
 // lookup alone cost ~5% of a prefill).
@@ -281,6 +282,11 @@ struct Planner::Impl {
         throw std::invalid_argument(name + ": id " + std::to_string(t) + " is outside the vocabulary");
   }
 
+  CostModel::BlendShape blend_shape(int T, int skip, int selected, const TokenAlignment& alignment) const {
+    const bool first_layer_all = resolve_selection(config.blend.selection, alignment) == BlendSelection::kDeviation;
+    return {T, skip, selected, model.n_layers, qkv_share(model), first_layer_all};
+  }
+
   // The blend from the stored prompts most like this one, or null: one
   // cheaper than best_cost (which it then lowers). Every candidate that
   // aligns is a donor, each token taken from the one that shares the
@@ -311,8 +317,14 @@ struct Planner::Impl {
     for (int i = skip; i < reusable; ++i) aligned += merged.donor_position[i] >= 0;
     const int reused = aligned - static_cast<int>(std::ceil(b.recompute_ratio * aligned)) -
                        std::min(b.probe_rows + b.attended_rows, aligned);
-    if (reused <= 0) return nullptr;
-    const CostModel::BlendShape shape{T, skip, T - skip - reused, model.n_layers, qkv_share(model)};
+    // A prompt mostly new is computed exactly: blended, its record would be
+    // approximate, never a donor, and the prompts that repeat its new text
+    // would find none. On unseen Python at full context a run-start blend
+    // reusing 454 of 3162 rows saved 21 ms of 469 (4%), and the five later
+    // variants of its document, left without a donor, blended at 420-450 ms
+    // instead of ~80 (BENCHMARKS.md section 12).
+    if (2 * reused < T - skip) return nullptr;
+    const CostModel::BlendShape shape = blend_shape(T, skip, T - skip - reused, merged);
     const double prior = calibration->blend_cost_factor();
     const double expected = cost.expected_blend(shape, calibration->refusal_rate(name_space, b), prior);
     if (expected >= best_cost) {
@@ -589,10 +601,10 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     llama::ForwardResult blended;
     const int T = static_cast<int>(prompt.size());
     const double start = process_cpu_s();
-    const TokenAlignment alignment = align_tokens(prompt, donor, anchors);
-    const BlendOutcome out = blend_prefill(engine, prompt, {&donor_kv, 1}, merge_alignments({&alignment, 1}), kv,
-                                           unguarded, {INFINITY, INFINITY}, blended);
-    blend_times.emplace_back(CostModel::BlendShape{T, 0, out.recomputed, m.model.n_layers, qkv_share(m.model)},
+    const TokenAlignment alignment = merge_alignments(std::vector{align_tokens(prompt, donor, anchors)});
+    const BlendOutcome out =
+        blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
+    blend_times.emplace_back(m.blend_shape(T, 0, out.recomputed, alignment),
                              process_cpu_s() - start);
     const llama::ForwardResult exact = timed_forward(prompt, exact_kv, guard_rows(m.config.blend, T));
     samples.push_back(

@@ -174,4 +174,15 @@ TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int m
   return out;
 }
 
+bool moves_text(const TokenAlignment& alignment, int max_shift) {
+  int offset = 0;
+  for (std::size_t i = 0; i < alignment.donor_position.size(); ++i) {
+    if (alignment.donor_position[i] < 0) continue;
+    const int here = alignment.donor_position[i] - static_cast<int>(i);
+    if (std::abs(here - offset) > max_shift) return true;
+    offset = here;
+  }
+  return false;
+}
+
 }  // namespace attention_echo::serving

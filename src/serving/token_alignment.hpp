@@ -78,4 +78,11 @@ inline constexpr int kMinRun = 64;
 // of the same request and min_run >= 1.
 TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int min_run = kMinRun);
 
+// Whether the alignment moves text: some aligned token's offset (donor
+// position minus request position) differs from the aligned token's before
+// it (or, for the first, from 0) by more than max_shift tokens, as passages
+// in another order do and an edit of up to max_shift inserted or deleted
+// tokens does not.
+bool moves_text(const TokenAlignment& alignment, int max_shift = kMinRun);
+
 }  // namespace attention_echo::serving
