@@ -25,7 +25,10 @@ class LlamaServer:
 
     ``blend``: reuse a similar stored prompt's K/V (CacheBlend's idea) where
     the planner's cost model says it pays; ``recompute_ratio`` of the aligned
-    rows are recomputed per layer, and a blend whose K/V deviation or error
+    rows are recomputed in every layer (``blend_selection``: ``"run-start"``,
+    those nearest the start of their aligned run; ``"deviation"``,
+    CacheBlend's, layer 0 over every row and then those whose K/V deviate
+    most; ``"auto"``, run start unless passages moved), and a blend whose K/V deviation or error
     estimate (the deviation times the square root of the next-token entropy)
     exceeds its bound is computed exactly instead: ``max_error``, lowered at
     run time by calibration on the next token's KL (the estimate) and on the
@@ -38,7 +41,8 @@ class LlamaServer:
     """
 
     def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,
-                 max_error: float = 0.2, store_bytes: int = 512 << 20, reserve_bytes: int = 0) -> None:
+                 max_error: float = 0.2, store_bytes: int = 512 << 20, reserve_bytes: int = 0,
+                 blend_selection: str = "auto") -> None:
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__}")
         for name, value in (("threads", threads), ("store_bytes", store_bytes), ("reserve_bytes", reserve_bytes)):
@@ -46,8 +50,10 @@ class LlamaServer:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
+        if not isinstance(blend_selection, str):
+            raise TypeError(f"blend_selection must be a str, got {type(blend_selection).__name__}")
         self._server = _core.LlamaServer(path, threads, bool(blend), float(recompute_ratio), float(max_error),
-                                         store_bytes, reserve_bytes)
+                                         store_bytes, reserve_bytes, blend_selection)
 
     @property
     def vocab_size(self) -> int:

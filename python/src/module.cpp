@@ -176,6 +176,14 @@ ae::ThreadPool& shared_pool() {
   return *pool;
 }
 
+// serving::BlendSelection by the names `aecho bench --blend-selection` takes.
+ae::serving::BlendSelection parse_blend_selection(const std::string& name) {
+  if (name == "auto") return ae::serving::BlendSelection::kAuto;
+  if (name == "run-start") return ae::serving::BlendSelection::kRunStart;
+  if (name == "deviation") return ae::serving::BlendSelection::kDeviation;
+  throw std::invalid_argument("blend_selection: unknown '" + name + "' (auto, run-start, deviation)");
+}
+
 }  // namespace
 
 // A llama2.c/GGUF model prefilled through the serving planner: the model,
@@ -353,15 +361,19 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](LlamaServer* self, const std::string& path, int threads, bool blend, double recompute_ratio,
-             double max_error, std::size_t store_bytes, std::size_t reserve_bytes) {
+             double max_error, std::size_t store_bytes, std::size_t reserve_bytes, const std::string& selection) {
             ae::serving::PlannerConfig config;
             config.store_bytes = store_bytes;
             config.reserve_bytes = reserve_bytes;
-            config.blend = {.enabled = blend, .recompute_ratio = recompute_ratio, .max_error = max_error};
+            config.blend = {.enabled = blend,
+                            .selection = parse_blend_selection(selection),
+                            .recompute_ratio = recompute_ratio,
+                            .max_error = max_error};
             nb::gil_scoped_release release;
             new (self) LlamaServer(path, threads, config);
           },
-          "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a, "reserve_bytes"_a)
+          "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a, "reserve_bytes"_a,
+          "blend_selection"_a)
       .def_prop_ro("vocab_size", [](const LlamaServer& s) { return s.model.config().vocab_size; })
       .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
       .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })

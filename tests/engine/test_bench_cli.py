@@ -33,6 +33,7 @@ def test_all_scenarios_table_and_json(tmp_path):
     assert "3/3" in r.stderr  # the progress bar
     doc = json.loads(out.read_text())
     assert doc["context"] == 128 and doc["threads"] == 2 and doc["repeats"] == 3
+    assert doc["blend_selection"] == "auto"
     assert [s["scenario"] for s in doc["scenarios"]] == names
     for s in doc["scenarios"]:
         assert set(s["modes"]) == {"none", "exact-prefix", "echo"}
@@ -63,6 +64,7 @@ def test_all_scenarios_table_and_json(tmp_path):
                                   ["--scenario", "rag", "--requests", "0"], ["--scenario", "rag", "--bogus", "1"],
                                   ["--scenario", "rag", "--sparse-mass", "2"], ["--scenario", "rag", "--max-error", "x"],
                                   ["--scenario", "rag", "--recompute-ratio", "2"],
+                                  ["--scenario", "rag", "--blend-selection", "hkvd"],
                                   ["--scenario", "rag", "--blend-max-error", "-1"],
                                   ["--scenario", "rag", "--blend-max-kl", "0"],
                                   ["--scenario", "rag", "--blend-max-continuation-kl", "-1"],

@@ -40,6 +40,20 @@ def test_repeat_skips_and_near_duplicate_blends(prompt):
     assert int(np.argmax(logits)) == int(np.argmax(exact))
 
 
+@pytest.mark.parametrize("selection", ["run-start", "deviation"])
+def test_blend_selection(prompt, selection):
+    """An early edit blends either way; only the deviation ranking runs
+    layer 0 over every row past the stored prefix."""
+    server = LlamaServer(MODEL, threads=2, blend_selection=selection)
+    server.prefill(prompt)
+    near = list(prompt)
+    near[30] = 3 + (near[30] - 3 + 1) % 256
+    _, report = server.prefill(near)
+    assert report["route"] == "blend" and not report["blend_rejected"]
+    computed = len(near) - report["reused"]
+    assert report["blend_first_layer_rows"] == (computed if selection == "deviation" else 0)
+
+
 def test_calibration_before_serving(prompt):
     server = LlamaServer(MODEL, threads=2)
     passages = [prompt[:40], prompt[40:300], prompt[300:560], prompt[560:820]]
@@ -85,6 +99,10 @@ def test_bad_input_raises_and_stores_nothing():
         server.prefill([1, 2], namespace=3)
     with pytest.raises(ValueError, match="recompute_ratio"):
         LlamaServer(MODEL, recompute_ratio=2.0)
+    with pytest.raises(ValueError, match="blend_selection"):
+        LlamaServer(MODEL, blend_selection="hkvd")
+    with pytest.raises(TypeError, match="blend_selection"):
+        LlamaServer(MODEL, blend_selection=1)
     with pytest.raises(ValueError, match="reserve_bytes"):
         LlamaServer(MODEL, store_bytes=1 << 20, reserve_bytes=2 << 20)
     with pytest.raises(ValueError, match="reserve_bytes"):
