@@ -63,8 +63,8 @@ struct BlendConfig {
   // estimate misses (on unseen C headers, a blend at estimate 0.054 reached
   // next-token KL 1.8e-2 with 0 of them; 2.8e-4 with 16).
   int recent_rows = 16;
-  // The reused rows the last row attends to most (every head, in layer 0
-  // with kRunStart, 1 with kDeviation), recomputed whatever their deviation: the next token reads them most,
+  // The reused rows the last row attends to most (layer 1, every head),
+  // recomputed whatever their deviation: the next token reads them most,
   // and the donor's context left in them is what the guard's evenly
   // spread probes miss (on near-dup traffic blends at estimates 0.02-0.07
   // reached next-token KL 1e-3 to 4.5e-2 with none; BENCHMARKS.md

@@ -10,8 +10,9 @@
 //                    and its position alone, so they are exact;
 //   selected         the aligned rows nearest the start of their run (the
 //                    recompute_ratio of them), the attended_rows ones the
-//                    last row attends to most in layer 0, every unaligned
-//                    row and the last recent_rows + 1 rows;
+//                    last row attends to most in layer 1 (its query
+//                    against the donors' K), every unaligned row and the
+//                    last recent_rows + 1 rows;
 //   layers 0..L-1    the selected rows computed from their embeddings,
 //                    every other row's K/V taken from the donor (K
 //                    re-rotated where its position moved).
@@ -24,10 +25,11 @@
 //                    recent_rows + 1 rows go on;
 //   layers 2..L-1    as above.
 // A reused row's K/V deviate most just past where its donor's context
-// stops being the prompt's (merge_alignments), so the rows nearest a run's
-// start are mostly the ones CacheBlend's ranking would pick, without
-// running layer 0 over every row to rank them: that layer was a third to a
-// half of a blend's work (BENCHMARKS.md section 12).
+// stops being the prompt's (merge_alignments), so after an edit the rows
+// nearest a run's start are mostly the ones CacheBlend's ranking would
+// pick, without running layer 0 over every row to rank them (a third of a
+// blend at 1024 tokens); a moved passage's rows deviate throughout, so
+// there the ranking is worth its layer (BENCHMARKS.md section 12).
 //
 // The guard: a deterministic sample of the reused rows is computed along
 // with the selected ones; the relative L2 deviation of their fresh K/V from
@@ -36,25 +38,24 @@
 // max_error there, where unrelated donors show, goes on exactly from the
 // layer-0 output it already has, wasting only layer 1's projections).
 // Otherwise the blend is finished and its error estimate is the deviation
-// times the
-// square root of a next-token entropy (nats): the larger of the last row's
-// and the mean over the guard rows (the prompt's last recent_rows + 1,
-// computed in full by every blend, standing in for the tokens that will
-// follow). A logit perturbation costs KL in proportion to the
-// distribution's spread (KL ~ Var_p(delta) / 2), so the last row's entropy
-// makes the estimate rank the next token's KL, which the deviation alone
-// barely did; the guard rows' mean keeps a prompt whose next token is
-// nearly certain from hiding a deviation the tokens after it will read
+// times the square root of a next-token entropy (nats): the larger of the
+// last row's and the mean over the guard rows (the prompt's last
+// recent_rows + 1, computed in full by every blend, standing in for the
+// tokens that will follow). A logit perturbation costs KL in proportion to
+// the distribution's spread (KL ~ Var_p(delta) / 2), so the last row's
+// entropy makes the estimate rank the next token's KL, which the deviation
+// alone barely did; the guard rows' mean keeps a prompt whose next token
+// is nearly certain from hiding a deviation the tokens after it will read
 // (BENCHMARKS.md section 8). Above the guard's bound, past max_error
 // deeper, or with its top two next tokens nearly tied
 // (BlendConfig::top1_sigmas), the blend is refused and the prompt is
-// computed exactly (from layer 1 on with kDeviation): its work past layer 0
-// is lost. A blend refused in a deep layer either stops there (RefusedBlend::kStop) or is
-// finished first so that its guard rows, measured against the exact ones,
-// are a calibration sample (kMeasure, at the price of the layers after
-// the refusal).
-// The deviation is also held to the guard's deviation bound (the
-// continuation's error) in every layer.
+// computed exactly (from layer 1 on with kDeviation): its work past layer
+// 0 is lost. A blend refused in a deep layer either stops there
+// (RefusedBlend::kStop) or is finished first so that its guard rows,
+// measured against the exact ones, are a calibration sample (kMeasure, at
+// the price of the layers after the refusal). The deviation is also held
+// to the guard's deviation bound (the continuation's error) in every
+// layer.
 #pragma once
 
 #include <optional>
