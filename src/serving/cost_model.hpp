@@ -47,9 +47,10 @@ class CostModel {
   // What a blend is expected to cost: itself, plus the exact prefill that
   // replaces it at the rate the guard refuses (BlendCalibration::
   // refusal_rate): every layer of every row, or layers 1..L-1 with
-  // first_layer_all (layer 0's output is kept). Where the guard keeps refusing (a
-  // model or text whose calibration allows little deviation) blending is
-  // routed around after a few tries, and tried again now and then.
+  // first_layer_all (layer 0's output is kept). Where the guard keeps
+  // refusing (a model or text whose calibration allows little deviation)
+  // blending is routed around after a few tries, and tried again now and
+  // then.
   double expected_blend(const BlendShape& b, double refusal_rate, double prior_factor = 1.0) const;
 
  private:

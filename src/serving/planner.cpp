@@ -604,8 +604,7 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     const TokenAlignment alignment = merge_alignments(std::vector{align_tokens(prompt, donor, anchors)});
     const BlendOutcome out =
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
-    blend_times.emplace_back(m.blend_shape(T, 0, out.recomputed, alignment),
-                             process_cpu_s() - start);
+    blend_times.emplace_back(m.blend_shape(T, 0, out.recomputed, alignment), process_cpu_s() - start);
     const llama::ForwardResult exact = timed_forward(prompt, exact_kv, guard_rows(m.config.blend, T));
     samples.push_back(
         measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits, m.model.vocab_size));
