@@ -188,7 +188,7 @@ class Blend {
     std::vector<int> reused;
     for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
     std::sort(reused.begin(), reused.end());
-    recompute_most_attended(1, query, reused);
+    recompute_most_attended(query, reused);
     Deviation first;  // layer 1 deviation of every reused row: measured, not sampled
     for (int i : reused) {
       first.diff2 += dev[i - skip_].diff2;
@@ -209,9 +209,20 @@ class Blend {
   void select_by_run_start() {
     const std::vector<float> embedded = e_.embed(tokens_.subspan(skip_));
     e_.project_kv(0, embedded.data(), skip_, T_, kv_);
-    // (rows since the run began, row); a run from both starts has the
-    // donor's context, exact, and comes last.
-    std::vector<std::pair<int, int>> ranked;
+    std::vector<int> reused = reused_by_run_start();
+    is_selected_.assign(T_ - skip_, true);
+    keep_selected(reused);
+    through_first_layer(embedded, selected_, x_);
+    std::erase_if(reused, [&](int i) { return is_selected_[i - skip_] != 0; });  // the probes
+    add_most_attended(embedded, std::move(reused));
+  }
+
+  // The aligned rows past the skip but the last recent_rows + 1, less the
+  // recompute_ratio of them nearest the start of their run (a run that
+  // starts at both prompts' first token has the donor's context, exact,
+  // and comes last); ascending.
+  std::vector<int> reused_by_run_start() const {
+    std::vector<std::pair<int, int>> ranked;  // (rows since the run began, row)
     int run_start = 0;
     for (int i = 0; i < T_ - 1 - opt_.recent_rows; ++i) {
       const int j = align_.donor_position[i];
@@ -226,16 +237,20 @@ class Blend {
     std::vector<int> reused;
     for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
     std::sort(reused.begin(), reused.end());
-    is_selected_.assign(T_ - skip_, true);
-    keep_selected(reused);
-    through_first_layer(embedded, selected_, x_);
-    for (int i = skip_; i < T_; ++i)  // the selected ones are computed over
+    return reused;
+  }
+
+  // Of `reused`, the rows the last row attends to most in layer 1 (its
+  // query against the donors' K, which it will read) join the selected
+  // rows, through layer 0. Every aligned row's layer-1 K/V are the donors'
+  // from here on; the selected rows' are computed over them.
+  void add_most_attended(const std::vector<float>& embedded, std::vector<int> reused) {
+    for (int i = skip_; i < T_; ++i)
       if (align_.donor_position[i] >= 0) donor_rows(1, i, kv_.writable_k(1, i), kv_.writable_v(1, i));
     const std::vector<float> query =
         e_.project_kv(1, x_.data() + (selected_.size() - 1) * c_.dim, T_ - 1, T_, kv_);
-    std::erase_if(reused, [&](int i) { return is_selected_[i - skip_] != 0; });  // the probes
     std::vector<int> attended = reused;
-    recompute_most_attended(1, query, reused);
+    recompute_most_attended(query, reused);
     std::erase_if(attended, [&](int i) { return std::binary_search(reused.begin(), reused.end(), i); });
     if (attended.empty()) return;
     std::vector<float> attended_x;
@@ -288,8 +303,8 @@ class Blend {
   }
 
   // Drops from `reused` the attended_rows rows that the last row, by its
-  // query in `layer`, attends to most, summed over heads (they are computed).
-  void recompute_most_attended(int layer, const std::vector<float>& query, std::vector<int>& reused) const {
+  // layer-1 query, attends to most, summed over heads (they are computed).
+  void recompute_most_attended(const std::vector<float>& query, std::vector<int>& reused) const {
     const auto n = static_cast<std::ptrdiff_t>(std::min<std::size_t>(opt_.attended_rows, reused.size()));
     if (n == 0) return;
     const int hd = c_.head_dim(), group = c_.n_heads / c_.n_kv_heads;
@@ -298,11 +313,10 @@ class Blend {
     std::vector<float> score(T_);
     for (int h = 0; h < c_.n_heads; ++h) {
       const float* q = query.data() + static_cast<std::size_t>(h) * hd;
-      for (int j = 0; j < T_; ++j)
-        score[j] = has_key(layer, j) ? scale * std::inner_product(q, q + hd, kv_.k(layer, j) +
-                                                                               static_cast<std::size_t>(h / group) * hd,
-                                                                  0.0f)
-                                     : -INFINITY;
+      for (int j = 0; j < T_; ++j) {
+        const float* k = kv_.k(1, j) + static_cast<std::size_t>(h / group) * hd;
+        score[j] = has_key(j) ? scale * std::inner_product(q, q + hd, k, 0.0f) : -INFINITY;
+      }
       const float max = *std::max_element(score.begin(), score.end());
       double sum = 0.0;
       for (float& s : score) sum += (s = std::exp(s - max));
@@ -316,11 +330,10 @@ class Blend {
     std::erase_if(reused, [&](int i) { return attended[i - skip_] != 0; });
   }
 
-  // Whether row j's K in `layer` is written when the attended rows are
-  // chosen: with kRunStart, layer 1's unaligned rows are not yet.
-  bool has_key(int layer, int j) const {
-    return selection_ == BlendSelection::kDeviation || layer == 0 || j < skip_ || j == T_ - 1 ||
-           align_.donor_position[j] >= 0;
+  // Whether row j's layer-1 K is written when the attended rows are
+  // chosen: with kRunStart, the unaligned rows' are not yet.
+  bool has_key(int j) const {
+    return selection_ == BlendSelection::kDeviation || j < skip_ || j == T_ - 1 || align_.donor_position[j] >= 0;
   }
 
   // Evenly spread over the reused rows, the same ones every run.
