@@ -2,9 +2,11 @@
 // stored prompts, blending on: the longest stored prefix (chained block
 // hashes), donor candidates (token-profile index), token alignment of up to
 // four donors and the cost comparison, plus copying the chosen prefix's K/V
-// out of the store. The K/V are tiny (a one-layer model of dim 2 with
-// random weights) so that 1e4 prompts of 512 tokens fit in memory; lookup
-// cost does not depend on the K/V width except for that final copy.
+// out of the store. The K/V are tiny (a model of dim 2 with random
+// weights, and of two layers: serving::kMinBlendLayers, the fewest a
+// planner plans blends for) so that 1e4 prompts of 512 tokens fit in
+// memory; lookup cost does not depend on the K/V width except for that
+// final copy.
 //
 // Prompts come in families of near-duplicates (100 base texts, 4 tokens
 // substituted, a unique 32-token tail), as in the near-dup scenario; each
@@ -37,8 +39,8 @@ constexpr int kTokens = 512, kFamilies = 100, kVocab = 4096, kQueries = 500;
 
 llama::Weights tiny_model() {
   llama::Weights w;
-  w.config = {.dim = 2, .hidden_dim = 2, .n_layers = 1, .n_heads = 1, .n_kv_heads = 1, .vocab_size = kVocab,
-              .seq_len = 1024};
+  w.config = {.dim = 2, .hidden_dim = 2, .n_layers = serving::kMinBlendLayers, .n_heads = 1, .n_kv_heads = 1,
+              .vocab_size = kVocab, .seq_len = 1024};
   std::mt19937 rng(1);
   std::normal_distribution<float> n(0.0f, 0.5f);
   auto fill = [&](std::size_t size) {
@@ -47,7 +49,8 @@ llama::Weights tiny_model() {
     return v;
   };
   w.token_embedding = fill(kVocab * 2);
-  w.layers.push_back({fill(2), fill(4), fill(4), fill(4), fill(4), fill(2), fill(4), fill(4), fill(4)});
+  for (int l = 0; l < w.config.n_layers; ++l)
+    w.layers.push_back({fill(2), fill(4), fill(4), fill(4), fill(4), fill(2), fill(4), fill(4), fill(4)});
   w.final_norm = fill(2);
   return w;
 }
