@@ -52,6 +52,13 @@ enum class BlendSelection {
   kDeviation,
 };
 
+// "auto", "run-start", "deviation" (the `aecho bench --blend-selection`
+// and Python `blend_selection` names).
+std::string_view to_string(BlendSelection selection);
+// The selection so named; std::invalid_argument naming blend_selection for
+// any other text.
+BlendSelection parse_blend_selection(std::string_view text);
+
 struct BlendConfig {
   bool enabled = false;
   BlendSelection selection = BlendSelection::kAuto;

@@ -176,14 +176,6 @@ ae::ThreadPool& shared_pool() {
   return *pool;
 }
 
-// serving::BlendSelection by the names `aecho bench --blend-selection` takes.
-ae::serving::BlendSelection parse_blend_selection(const std::string& name) {
-  if (name == "auto") return ae::serving::BlendSelection::kAuto;
-  if (name == "run-start") return ae::serving::BlendSelection::kRunStart;
-  if (name == "deviation") return ae::serving::BlendSelection::kDeviation;
-  throw std::invalid_argument("blend_selection: unknown '" + name + "' (auto, run-start, deviation)");
-}
-
 }  // namespace
 
 // A llama2.c/GGUF model prefilled through the serving planner: the model,
@@ -366,7 +358,7 @@ NB_MODULE(_core, m) {
             config.store_bytes = store_bytes;
             config.reserve_bytes = reserve_bytes;
             config.blend = {.enabled = blend,
-                            .selection = parse_blend_selection(selection),
+                            .selection = ae::serving::parse_blend_selection(selection),
                             .recompute_ratio = recompute_ratio,
                             .max_error = max_error};
             nb::gil_scoped_release release;

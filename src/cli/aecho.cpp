@@ -12,7 +12,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -47,17 +46,6 @@ struct TokenizeArgs {
   std::string model, tokenizer, prompt;
 };
 
-const std::map<std::string, ae::serving::BlendSelection> kBlendSelections = {
-    {"auto", ae::serving::BlendSelection::kAuto},
-    {"run-start", ae::serving::BlendSelection::kRunStart},
-    {"deviation", ae::serving::BlendSelection::kDeviation}};
-
-std::string selection_name(ae::serving::BlendSelection selection) {
-  for (const auto& [name, value] : kBlendSelections)
-    if (value == selection) return name;
-  throw std::logic_error("selection_name: unnamed BlendSelection");
-}
-
 struct BenchArgs {
   std::string scenario, model, tokenizer, heldout, json;
   std::string mode = "sparse";
@@ -70,7 +58,7 @@ struct BenchArgs {
   double sparse_mass = ae::EchoConfig{}.sparse_mass;
   bool blend = true;
   double recompute_ratio = ae::serving::BlendConfig{}.recompute_ratio;
-  ae::serving::BlendSelection blend_selection = ae::serving::BlendConfig{}.selection;
+  std::string blend_selection{ae::serving::to_string(ae::serving::BlendConfig{}.selection)};
   double blend_max_error = ae::serving::BlendConfig{}.max_error;
   double blend_max_kl = ae::serving::BlendConfig{}.max_kl;
   double blend_max_continuation_kl = ae::serving::BlendConfig{}.max_continuation_kl;
@@ -201,7 +189,7 @@ ae::bench::BenchOptions bench_options(const BenchArgs& a) {
   options.cache.max_error = a.max_error;
   options.cache.sparse_mass = a.sparse_mass;
   options.blend = {.enabled = a.blend,
-                   .selection = a.blend_selection,
+                   .selection = ae::serving::parse_blend_selection(a.blend_selection),
                    .recompute_ratio = a.recompute_ratio,
                    .max_error = a.blend_max_error,
                    .max_kl = a.blend_max_kl,
@@ -286,7 +274,7 @@ int run_bench(const BenchArgs& a) {
                                          {"threads", threads},      {"repeats", options.repeats},
                                          {"attention_isa", ae::attention_isa()},
                                          {"gemm_isa", ae::attention_isa()},
-                                         {"blend_selection", selection_name(options.blend.selection)},
+                                         {"blend_selection", ae::serving::to_string(options.blend.selection)},
                                          {"blend_calibration", ae::bench::to_json(calibration)}};
     if (!a.store.empty()) meta["store"] = a.store;
     json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
@@ -296,17 +284,20 @@ int run_bench(const BenchArgs& a) {
 }
 
 // The names the library's parse_echo_mode accepts.
-CLI::Validator echo_mode_check() {
+// Accepts what `parse` (one of the library's name parsers) accepts; its
+// error is the message.
+template <typename Parse>
+CLI::Validator parse_check(Parse parse, std::string description) {
   return CLI::Validator(
-      [](std::string& text) {
+      [parse](std::string& text) {
         try {
-          ae::parse_echo_mode(text);
+          parse(text);
           return std::string();
         } catch (const std::invalid_argument& e) {
           return std::string(e.what());
         }
       },
-      "MODE");
+      std::move(description));
 }
 
 void add_threads(CLI::App& cmd, int& threads) {
@@ -357,7 +348,7 @@ int main(int argc, char** argv) {
   bench.add_option("--tokenizer", bn.tokenizer, kTokenizerHelp);
   bench.add_option("--heldout", bn.heldout, "held-out text the requests are cut from (default: heldout.txt beside the model)");
   bench.add_option("--mode", bn.mode, "the echo cache's mode: off|sparse|dense (\"exact\" is accepted for off)")
-      ->check(echo_mode_check())
+      ->check(parse_check(ae::parse_echo_mode, "MODE"))
       ->capture_default_str();
   bench.add_option("--requests", bn.requests, "requests per scenario")->check(CLI::PositiveNumber)->capture_default_str();
   bench.add_option("--context", bn.context, "prompt plus continuation tokens (default: the model's, at most 4096)")
@@ -380,8 +371,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench.add_option("--blend-selection", bn.blend_selection,
                    "KV blend: the rows recomputed, by run start, deviation, or auto (run start unless text moved)")
-      ->transform(CLI::CheckedTransformer(kBlendSelections))
-      ->default_str(selection_name(bn.blend_selection));
+      ->check(parse_check(ae::serving::parse_blend_selection, "SELECTION"))
+      ->capture_default_str();
   bench.add_option("--blend-max-error", bn.blend_max_error,
                    "KV blend's guard: max K/V deviation of reused rows and max estimate (inf: off)")
       ->check(CLI::Validator(

@@ -383,6 +383,21 @@ class Blend {
 
 }  // namespace
 
+std::string_view to_string(BlendSelection selection) {
+  switch (selection) {
+    case BlendSelection::kAuto: return "auto";
+    case BlendSelection::kRunStart: return "run-start";
+    case BlendSelection::kDeviation: return "deviation";
+  }
+  return "unknown";
+}
+
+BlendSelection parse_blend_selection(std::string_view text) {
+  for (BlendSelection s : {BlendSelection::kAuto, BlendSelection::kRunStart, BlendSelection::kDeviation})
+    if (text == to_string(s)) return s;
+  throw std::invalid_argument("blend_selection: unknown '" + std::string(text) + "' (auto, run-start, deviation)");
+}
+
 BlendSelection resolve_selection(BlendSelection selection, const TokenAlignment& alignment) {
   if (selection != BlendSelection::kAuto) return selection;
   return moves_text(alignment) ? BlendSelection::kDeviation : BlendSelection::kRunStart;
