@@ -747,6 +747,8 @@ TEST(BlendCalibration, RefusalRateFollowsTheCurrentGuard) {
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 1.0 / 6.0, 1e-12);
   calibration.record_blend("rag", 0.0, 0.3);  // past the deviation bound
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 2.0 / 7.0, 1e-12);
+  calibration.record_blend("rag", 0.0, 0.0, true);  // under both bounds, refused for a near tie
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 3.0 / 8.0, 1e-12);
   EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
 }
 

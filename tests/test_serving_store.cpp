@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "serving/cost_model.hpp"
 #include "serving/kv_block_store.hpp"
 #include "serving/token_alignment.hpp"
 
@@ -395,6 +396,42 @@ TEST(TokenProfile, SimilarRequestsScoreHigherThanUnrelatedOnes) {
   const auto ka = token_profile(a);
   EXPECT_GT(cosine(ka, token_profile(near)), 0.95);
   EXPECT_LT(cosine(ka, token_profile(far)), 0.4);
+}
+
+// A CostModel whose rates are 1 CPU second per row (no attention).
+CostModel rows_at_one_second() {
+  CostModel cost(1.0);
+  cost.observe(100, 100.0, 0.0);
+  return cost;
+}
+
+TEST(CostModel, BlendsArePricedByTheirOwnSelectionsMeasuredFactor) {
+  CostModel cost = rows_at_one_second();
+  const CostModel::BlendShape run_start{400, 0, 100, 4, 0.0, false};
+  CostModel::BlendShape deviation = run_start;
+  deviation.first_layer_all = true;
+  const double modelled_run_start = cost.blend(run_start), modelled_deviation = cost.blend(deviation);
+  EXPECT_DOUBLE_EQ(cost.blend(run_start, 1.5), 1.5 * modelled_run_start);  // the prior before any was measured
+
+  cost.observe_blend(run_start, 2.0 * modelled_run_start, 0.0);  // no wall time: its CPU time
+  EXPECT_DOUBLE_EQ(cost.blend(run_start, 1.5), 2.0 * modelled_run_start);
+  EXPECT_DOUBLE_EQ(cost.blend(deviation, 1.5), 2.0 * modelled_deviation);  // none of its own yet: the other's
+  cost.observe_blend(deviation, 1.2 * modelled_deviation, 0.0);
+  EXPECT_DOUBLE_EQ(cost.blend(deviation, 1.5), 1.2 * modelled_deviation);
+  EXPECT_DOUBLE_EQ(cost.blend(run_start, 1.5), 2.0 * modelled_run_start);
+  EXPECT_DOUBLE_EQ(cost.blend_factor(), 1.6);  // both, for calibrate()'s prior
+}
+
+TEST(CostModel, ABlendCostsItsWallTimeAtTheCoresExactForwardsKeepBusy) {
+  CostModel cost = rows_at_one_second();
+  const CostModel::BlendShape shape{400, 0, 100, 4, 0.0, false};
+  const double modelled = cost.blend(shape);
+  cost.observe_parallelism(20.0, 10.0);  // exact forwards keep two cores busy
+  cost.observe_parallelism(-1.0, 5.0);   // not a measurement: ignored
+  // The blend's CPU time says as modelled; its wall time says it kept only
+  // one core busy, idling the other: twice the price.
+  cost.observe_blend(shape, modelled, modelled);
+  EXPECT_DOUBLE_EQ(cost.blend(shape), 2.0 * modelled);
 }
 
 }  // namespace

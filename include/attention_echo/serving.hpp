@@ -200,10 +200,14 @@ class BlendCalibration {
   // A sample of a blend served in name_space.
   void add(std::string_view name_space, const CalibrationSample& sample, const BlendConfig& config);
   BlendGuard threshold(std::string_view name_space, const BlendConfig& config) const;
-  // Every blend's estimate and deviation (its worst layer), guarded or not.
-  void record_blend(std::string_view name_space, double estimate, double deviation);
+  // Every blend's estimate and deviation (its worst layer), guarded or not,
+  // and whether the guard refused it for a near tie of its next tokens
+  // (BlendConfig::top1_sigmas).
+  void record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie = false);
   // (refused + 1) / (n + 2) over the namespace's last n recorded blends,
-  // refused meaning above the namespace's guard now; 0 once calibrate_every
+  // refused meaning above the namespace's guard now, or at a near tie (a
+  // property of the prompt, not of the guard: on the bundled model at 512
+  // tokens near ties refused 2 of near-dup's 15 blends); 0 once calibrate_every
   // prompts in a row were denied a blend by it (priced_out), so that one
   // blend is tried: a namespace whose first blends were refused would
   // otherwise never blend again, whatever its traffic or its guard became.
@@ -241,7 +245,11 @@ class BlendCalibration {
   };
   struct Namespace {
     Samples samples;
-    std::vector<BlendGuard> recent;  // estimate and deviation of the last kRecentBlends blends, a ring
+    struct Blend {
+      double estimate, deviation;
+      bool near_tie;
+    };
+    std::vector<Blend> recent;  // the last kRecentBlends blends, a ring
     std::size_t next = 0;
     int priced_out = 0;  // prompts since the last blend (priced_out)
   };

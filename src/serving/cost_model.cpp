@@ -41,8 +41,24 @@ double modelled_blend(double per_row, double per_pair, const CostModel::BlendSha
 }  // namespace
 
 double CostModel::blend(const BlendShape& b, double prior_factor) const {
-  const double factor = blends_ ? blend_factor() : prior_factor;
+  // This selection's measured factor, else the other's (this machine's
+  // load, not calibrate()'s), else the prior.
+  const int own = b.first_layer_all, other = 1 - own;
+  const double factor = blends_[own]    ? blend_factor_sum_[own] / blends_[own]
+                        : blends_[other] ? blend_factor_sum_[other] / blends_[other]
+                                         : prior_factor;
   return factor * modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
+}
+
+double CostModel::blend_factor() const {
+  const int n = blends_[0] + blends_[1];
+  return n ? (blend_factor_sum_[0] + blend_factor_sum_[1]) / n : 0.0;
+}
+
+void CostModel::observe_parallelism(double cpu_s, double wall_s) {
+  if (!(cpu_s > 0) || !(wall_s > 0)) return;
+  exact_cpu_s_ += cpu_s;
+  exact_wall_s_ += wall_s;
 }
 
 double CostModel::expected_blend(const BlendShape& b, double refusal_rate, double prior_factor) const {
@@ -50,11 +66,14 @@ double CostModel::expected_blend(const BlendShape& b, double refusal_rate, doubl
   return blend(b, prior_factor) + refusal_rate * reuse(b.T, b.L) * exact_layers / b.layers;
 }
 
-void CostModel::observe_blend(const BlendShape& b, double total_s) {
+void CostModel::observe_blend(const BlendShape& b, double cpu_s, double wall_s) {
   const double modelled = modelled_blend(per_row(), per_pair(), b, &CostModel::pairs);
   if (modelled <= 0) return;
-  blend_factor_sum_ += std::clamp(total_s / modelled, 0.5, 4.0);
-  ++blends_;
+  // Its wall time at the exact forwards' parallelism: CPU seconds as the
+  // rates count them, idle cores included.
+  const double cost = exact_wall_s_ > 0 && wall_s > 0 ? wall_s * exact_cpu_s_ / exact_wall_s_ : cpu_s;
+  blend_factor_sum_[b.first_layer_all] += std::clamp(cost / modelled, 0.5, 4.0);
+  ++blends_[b.first_layer_all];
 }
 
 }  // namespace attention_echo::serving

@@ -9,7 +9,13 @@
 //
 // Blends are priced from the same fits by what they compute, times a
 // correction learned from blends measured so far (overheads the row counts
-// miss: donor copies, re-rotation, the guard).
+// miss: donor copies, re-rotation, the guard), one per selection (kRunStart
+// and kDeviation blends do different work besides their rows). A blend is
+// measured by its wall time at the cores exact forwards keep busy, not by
+// its CPU time: its serial parts (selection, donor copies, the guard) leave
+// cores idle, which CPU time does not see and time to first token does (on
+// a 2-core EPYC at 512 tokens blends ran at 1.7 cores where exact forwards
+// ran at 1.97, so CPU time priced them 12-15% low; BENCHMARKS.md section 13).
 #pragma once
 
 namespace attention_echo::serving {
@@ -21,6 +27,9 @@ class CostModel {
   explicit CostModel(double prior) : prior_(prior) {}
   // A forward over `rows` rows without reuse.
   void observe(int rows, double total_s, double attention_s);
+  // A forward that computed rows exactly, in CPU and wall seconds: how many
+  // cores such forwards keep busy.
+  void observe_parallelism(double cpu_s, double wall_s);
   // A cache-routed forward over T rows with shared context p.
   void observe_cache(int T, int p, double attention_s);
   // Reuse the L stored rows, compute [L, T) exactly.
@@ -40,10 +49,12 @@ class CostModel {
   // prior_factor: measured / modelled time of blends before this model
   // has measured any of its own (BlendCalibration::blend_cost_factor).
   double blend(const BlendShape& b, double prior_factor = 1.0) const;
-  // What a blend measured against what blend() predicted for it.
-  void observe_blend(const BlendShape& b, double total_s);
-  // The mean measured / modelled time over observed blends; 0 before any.
-  double blend_factor() const { return blends_ ? blend_factor_sum_ / blends_ : 0.0; }
+  // What a blend measured (CPU and wall seconds) against what blend()
+  // predicted for it.
+  void observe_blend(const BlendShape& b, double cpu_s, double wall_s);
+  // The mean measured / modelled time over observed blends of both
+  // selections; 0 before any.
+  double blend_factor() const;
   // What a blend is expected to cost: itself, plus the exact prefill that
   // replaces it at the rate the guard refuses (BlendCalibration::
   // refusal_rate): every layer of every row, or layers 1..L-1 with
@@ -63,8 +74,10 @@ class CostModel {
   double prior_;
   double cache_factor_sum_ = 0;
   int cache_requests_ = 0;
-  double blend_factor_sum_ = 0;  // measured / modelled, over observed blends
-  int blends_ = 0;
+  // Measured / modelled, over observed blends, by BlendShape::first_layer_all.
+  double blend_factor_sum_[2] = {0, 0};
+  int blends_[2] = {0, 0};
+  double exact_cpu_s_ = 0, exact_wall_s_ = 0;  // exact forwards' (observe_parallelism)
 };
 
 }  // namespace attention_echo::serving

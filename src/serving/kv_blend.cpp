@@ -99,8 +99,10 @@ class Blend {
       }
     }
     head_of_guard_rows(result);
-    if (refused_at < 0 && refused(out_.estimated_error, out_.deviation, result.logits, guard_, opt_))
+    if (refused_at < 0 && refused(out_.estimated_error, out_.deviation, result.logits, guard_, opt_)) {
       refused_at = c_.n_layers;
+      out_.near_tie = near_tie(result.logits, out_.estimated_error, guard_.estimate, opt_);
+    }
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;

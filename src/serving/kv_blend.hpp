@@ -79,6 +79,7 @@ struct BlendOutcome {
   int recomputed = 0;          // rows computed in every layer (selected + probes)
   int first_layer_rows = 0;    // rows run through layer 0 to select them (kDeviation's every row; else 0)
   int stopped_at_layer = -1;   // where the guard refused the donor (n_layers: at the head)
+  bool near_tie = false;       // refused at the head for its top two next tokens (near_tie)
   // The guard rows' logits ([rows, vocab]) of the blend, finished even when
   // refused with kMeasure (but at kDeviation's layer 1): what it served, or
   // would have.

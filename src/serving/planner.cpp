@@ -1,6 +1,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <optional>
 #include <stdexcept>
@@ -69,6 +70,17 @@ double process_cpu_s() {
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
+
+// CPU (every thread of the process) and wall seconds since it started.
+class Stopwatch {
+ public:
+  double cpu_s() const { return process_cpu_s() - cpu_; }
+  double wall_s() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_).count(); }
+
+ private:
+  double cpu_ = process_cpu_s();
+  std::chrono::steady_clock::time_point wall_ = std::chrono::steady_clock::now();
+};
 
 // The QKV projection's share of a row's linear (non-attention) FLOPs.
 double qkv_share(const llama::ModelConfig& c) {
@@ -200,11 +212,11 @@ BlendGuard BlendCalibration::threshold(std::string_view name_space, const BlendC
   return threshold_locked(name_space, config);
 }
 
-void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation) {
+void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie) {
   std::lock_guard lock(mutex_);
   Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
   n.priced_out = 0;
-  const BlendGuard blend{estimate, deviation};
+  const Namespace::Blend blend{estimate, deviation, near_tie};
   if (n.recent.size() < kRecentBlends) {
     n.recent.push_back(blend);
   } else {
@@ -220,8 +232,8 @@ double BlendCalibration::refusal_rate(std::string_view name_space, const BlendCo
   if (config.calibrate_every > 0 && it->second.priced_out >= config.calibrate_every) return 0.0;
   const BlendGuard guard = threshold_locked(name_space, config);
   const auto& recent = it->second.recent;
-  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](const BlendGuard& b) {
-    return b.estimate > guard.estimate || b.deviation > guard.deviation;
+  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](const Namespace::Blend& b) {
+    return b.estimate > guard.estimate || b.deviation > guard.deviation || b.near_tie;
   });
   return (static_cast<double>(refused) + 1.0) / (static_cast<double>(recent.size()) + 2.0);
 }
@@ -488,7 +500,7 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     const RefusedBlend on_refusal = calibrate || m.calibration->samples(plan.name_space) == 0
                                         ? RefusedBlend::kMeasure
                                         : RefusedBlend::kStop;
-    const double start = process_cpu_s();
+    const Stopwatch timer;
     llama::ForwardResult result;
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donors, plan.blend->alignment, plan.kv,
                                            m.config.blend, guard, result, on_refusal);
@@ -497,11 +509,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
-    m.calibration->record_blend(plan.name_space, out.estimated_error, out.deviation);
+    m.calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie);
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
-      m.cost.observe_blend(done, process_cpu_s() - start);
+      m.cost.observe_blend(done, timer.cpu_s(), timer.wall_s());
     }
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
@@ -525,7 +537,11 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     const bool guarded = !plan.reused_exact && m.config.blend.enabled;
     const int rows = guard_rows(m.config.blend, T - plan.kv.length);
     const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    const llama::Timers before = engine.timers();
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
+    if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
+      m.cost.observe_parallelism(engine.timers().total_cpu_s - before.total_cpu_s,
+                                 engine.timers().total_s - before.total_s);
     // Blended K/V: its deviation's estimate under this prompt's guard rows;
     // echoed K/V (the cache's, blending off): the echo's estimate, stored.
     const double reused_estimate =
@@ -587,7 +603,9 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   auto timed_forward = [&](std::span<const int> tokens, llama::KVState& kv, int keep_rows) {
     engine.timers() = {};
     llama::ForwardResult r = engine.forward(tokens, kv, {}, keep_rows);
-    m.cost.observe(static_cast<int>(tokens.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+    const llama::Timers& t = engine.timers();
+    m.cost.observe(static_cast<int>(tokens.size()), t.total_cpu_s, t.attention_cpu_s);
+    m.cost.observe_parallelism(t.total_cpu_s, t.total_s);
     return r;
   };
   timed_forward(donor, donor_kv, 1);
@@ -595,23 +613,27 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
   BlendConfig unguarded = m.config.blend;  // measure every sample, however far off
   unguarded.max_error = INFINITY;
   std::vector<CalibrationSample> samples;
-  std::vector<std::pair<CostModel::BlendShape, double>> blend_times;  // CPU seconds
+  struct BlendTime {
+    CostModel::BlendShape shape;
+    double cpu_s, wall_s;
+  };
+  std::vector<BlendTime> blend_times;
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
     const int T = static_cast<int>(prompt.size());
-    const double start = process_cpu_s();
+    const Stopwatch timer;
     const TokenAlignment alignment = merge_alignments(std::vector{align_tokens(prompt, donor, anchors)});
     const BlendOutcome out =
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
-    blend_times.emplace_back(m.blend_shape(T, 0, out.recomputed, alignment), process_cpu_s() - start);
+    blend_times.push_back({m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s()});
     const llama::ForwardResult exact = timed_forward(prompt, exact_kv, guard_rows(m.config.blend, T));
     samples.push_back(
         measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits, m.model.vocab_size));
     m.calibration->add(samples.back(), m.config.blend);
   }
   // Priced once every forward is in (the row and pair rates they fit).
-  for (const auto& [shape, seconds] : blend_times) m.cost.observe_blend(shape, seconds);
+  for (const BlendTime& b : blend_times) m.cost.observe_blend(b.shape, b.cpu_s, b.wall_s);
   if (m.cost.blend_factor() > 0.0) m.calibration->set_blend_cost_factor(m.cost.blend_factor());
   return samples;
 }
