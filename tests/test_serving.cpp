@@ -330,8 +330,13 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   ASSERT_TRUE(strict.refusal_sample.has_value());  // what it would have served, measured
   EXPECT_EQ(strict.refusal_sample->estimate, strict.estimated_error);
   EXPECT_GE(strict.refusal_sample->continuation_kl, 0.0);
+  EXPECT_TRUE(strict.near_tie);  // counted as refused in its namespace's refusal rate
+  ASSERT_FALSE(strict.probes.empty());  // measured at the probes too
+  EXPECT_EQ(strict.probe_logits.size(), strict.probes.size() * static_cast<std::size_t>(model().config().vocab_size));
   EXPECT_LE(max_abs_diff(logits, last_logits(e.engine, e.request)), 1e-4);
-  EXPECT_TRUE(blend(0.0).first.blended);
+  const auto served = blend(0.0).first;
+  EXPECT_TRUE(served.blended);
+  EXPECT_FALSE(served.near_tie);
 }
 
 // The estimate is the deviation weighed by the next-token entropy: the
@@ -352,9 +357,9 @@ TEST(KVBlend, TheEstimateWeighsTheDeviationByNextTokenEntropy) {
   EXPECT_THROW(serving::guard_estimate(0.1, std::vector<float>(V + 1, 0.0f), V), std::invalid_argument);
 }
 
-// A sample's next-token KL is the last row's, its continuation KL the mean
-// over the guard rows.
-TEST(KVBlend, ASampleMeasuresTheLastRowAndTheGuardRowsMean) {
+// A sample's next-token KL is the last row's, its continuation KL the
+// larger of the means over the guard rows and over the probes.
+TEST(KVBlend, ASampleMeasuresTheLastRowAndTheGuardRowsAndProbesMeans) {
   constexpr int V = 8;
   const std::vector<float> uniform(V, 0.0f);
   std::vector<float> certain(V, -100.0f);
@@ -367,6 +372,14 @@ TEST(KVBlend, ASampleMeasuresTheLastRowAndTheGuardRowsMean) {
   EXPECT_EQ(s.deviation, 0.2);
   EXPECT_NEAR(s.kl, 0.0, 1e-12);
   EXPECT_NEAR(s.continuation_kl, std::log(double(V)) / 2, 1e-9);
+  // Probes off by more than the guard rows: the continuation's KL is theirs.
+  const std::vector<float> probes_exact = certain, probes_approximate = uniform;  // one probe, off by ln V
+  const auto p = serving::measure_sample(0.1, 0.2, exact, approximate, V, probes_exact, probes_approximate);
+  EXPECT_NEAR(p.kl, 0.0, 1e-12);
+  EXPECT_NEAR(p.continuation_kl, std::log(double(V)), 1e-9);
+  EXPECT_NEAR(serving::measure_sample(0.1, 0.2, exact, approximate, V, uniform, uniform).continuation_kl,
+              std::log(double(V)) / 2, 1e-9);  // probes exact: the guard rows' mean
+  EXPECT_THROW(serving::measure_sample(0.1, 0.2, exact, approximate, V, probes_exact, {}), std::invalid_argument);
   EXPECT_THROW(serving::measure_sample(0.1, 0.2, exact, uniform, V), std::invalid_argument);
   EXPECT_THROW(serving::measure_sample(0.1, 0.2, std::vector<float>(V + 1), std::vector<float>(V + 1), V),
                std::invalid_argument);

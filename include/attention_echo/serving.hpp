@@ -87,13 +87,12 @@ struct BlendConfig {
   // both bounds at run time (BlendCalibration): the first blend, and every
   // calibrate_every-th after it, is also computed exactly and served
   // exactly, and the KL between the two is measured, for the next token
-  // and over the prompt's last rows (the guard rows, which stand in for the
-  // tokens that will follow).
+  // and for the tokens that will follow (CalibrationSample::continuation_kl).
   double max_error = 0.2;
   // Next-token KL (nats) the calibrated guard aims under.
   double max_kl = 1e-3;
-  // Mean KL (nats) over the guard rows the calibrated guard aims under: the
-  // continuation's. A token's expected NLL increase is its KL when the
+  // The continuation's KL (nats; CalibrationSample::continuation_kl) the
+  // calibrated guard aims under. A token's expected NLL increase is its KL when the
   // exact model is right, so this is a perplexity change of 0.5%; served
   // blends sit under the bound, not at it (1e-3 refused most blends of a
   // new namespace: BENCHMARKS.md section 8).
@@ -119,7 +118,11 @@ struct CalibrationSample {
   double estimate = 0.0;         // the guard's estimate (kv_blend.hpp: guard_estimate)
   double kl = 0.0;               // next-token KL (nats), the last row's
   double deviation = 0.0;        // the reused rows' K/V deviation (worst layer)
-  double continuation_kl = 0.0;  // mean KL (nats) over the guard rows
+  // The tokens that will follow, nats: the larger of the mean KL over the
+  // guard rows (the prompt's last) and over the probes (reused rows,
+  // computed), which read the reused K/V as a continuation does
+  // (kv_blend.hpp: measure_sample).
+  double continuation_kl = 0.0;
 };
 
 // What a blend must stay under to be served: its estimate (next-token
@@ -132,8 +135,8 @@ struct BlendGuard {
 // What K/V deviation costs a model in output error, from calibration
 // samples (BlendConfig::max_error). Two errors, each bounded by what
 // predicts it: the next token's KL by the estimate (deviation weighed by
-// the next token's entropy), the guard rows' mean KL, the continuation's,
-// by the deviation alone. Over 194 blends on unseen text at contexts 256 to
+// the next token's entropy), the continuation's KL (the guard rows' and
+// the probes') by the deviation alone. Over 194 blends on unseen text at contexts 256 to
 // 2048 (BENCHMARKS.md section 8) the next token's KL / estimate^2 had
 // medians from 8e-4 to 0.1 between prompt shapes (a RAG prompt's next
 // token is nearly certain) where the guard rows' KL / deviation^2 had 0.35
@@ -313,8 +316,8 @@ struct PrefillReport {
   // Also computed exactly (and served exactly): a calibration blend, or a
   // prompt that reused a blend's K/V computed again from its exact prefix
   // (past the guard now, or a near tie at the head). The KL between the
-  // approximate and the exact prefill, in nats, next-token and mean over
-  // the guard rows, for those and for a blend the guard refused past layer
+  // approximate and the exact prefill, in nats, next-token and the
+  // continuation's (CalibrationSample), for those and for a blend the guard refused past layer
   // 1 (finished, not served).
   bool blend_calibration = false;
   double calibration_kl = 0.0;

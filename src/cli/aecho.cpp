@@ -254,7 +254,7 @@ int run_bench(const BenchArgs& a) {
   if (calibration.ran) {
     std::printf("blend guard calibrated before serving in %.2f s:", calibration.seconds);
     for (const auto& s : calibration.samples)
-      std::printf(" (estimate %.3f, KL %.1e; deviation %.3f, guard rows' KL %.1e)", s.estimate, s.kl, s.deviation,
+      std::printf(" (estimate %.3f, KL %.1e; deviation %.3f, continuation KL %.1e)", s.estimate, s.kl, s.deviation,
                   s.continuation_kl);
     std::printf(" -> thresholds: estimate %.3f, deviation %.3f; a blend costs %.2fx what its rows predict\n\n",
                 calibration.threshold.estimate, calibration.threshold.deviation, calibration.blend_cost_factor);

@@ -128,11 +128,13 @@ class Blend {
     const int from = x.empty() ? 0 : 1;  // kRunStart has no layer-0 output of every row
     if (x.empty()) x = e_.embed(tokens_.subspan(skip_));
     for (int l = from; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
-    const int rows = out_.guard_logits.empty() ? 1 : guard_rows(opt_, T_ - skip_);
+    const bool measured = !out_.guard_logits.empty();
+    const int rows = measured ? guard_rows(opt_, T_ - skip_) : 1;
+    if (measured)
+      out_.refusal_sample = measure_sample(out_.estimated_error, out_.deviation, exact_logits(x, guard_positions(rows)),
+                                           out_.guard_logits, c_.vocab_size, exact_logits(x, out_.probes),
+                                           out_.probe_logits);
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - rows) * c_.dim, rows, result);
-    if (!out_.guard_logits.empty())
-      out_.refusal_sample =
-          measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits, c_.vocab_size);
     keep_last_rows(result, 1, c_);
     kv_.length = T_;
     return out_;
@@ -143,13 +145,44 @@ class Blend {
   double estimate_before_head() const { return out_.deviation * std::sqrt(std::log(double(c_.vocab_size))); }
 
   // The guard rows (the tail of the selected ones) through the head: their
-  // logits give the estimate, the last row's go to result.
+  // logits give the estimate, the last row's go to result. The probes'
+  // logits too, for a calibration sample.
   void head_of_guard_rows(llama::ForwardResult& result) {
     const int rows = guard_rows(opt_, T_ - skip_);
     e_.head(x_.data() + (selected_.size() - rows) * c_.dim, rows, result);
     out_.estimated_error = guard_estimate(out_.deviation, result.logits, c_.vocab_size);
     out_.guard_logits = result.logits;
     keep_last_rows(result, 1, c_);
+    std::vector<float> probes_x;
+    for (int i : out_.probes) {
+      const auto s = std::lower_bound(selected_.begin(), selected_.end(), i) - selected_.begin();
+      probes_x.insert(probes_x.end(), x_.begin() + s * c_.dim, x_.begin() + (s + 1) * c_.dim);
+    }
+    out_.probe_logits = head_logits(probes_x);
+  }
+
+  // Final norm and classifier of hidden rows [n, dim].
+  std::vector<float> head_logits(const std::vector<float>& x) {
+    if (x.empty()) return {};
+    llama::ForwardResult r;
+    e_.head(x.data(), static_cast<int>(x.size() / c_.dim), r);
+    return std::move(r.logits);
+  }
+
+  // The exact logits at `positions` from x, every row past the skip.
+  std::vector<float> exact_logits(const std::vector<float>& x, const std::vector<int>& positions) {
+    std::vector<float> rows;
+    for (int i : positions)
+      rows.insert(rows.end(), x.begin() + static_cast<std::ptrdiff_t>(i - skip_) * c_.dim,
+                  x.begin() + static_cast<std::ptrdiff_t>(i - skip_ + 1) * c_.dim);
+    return head_logits(rows);
+  }
+
+  // The last `rows` positions.
+  std::vector<int> guard_positions(int rows) const {
+    std::vector<int> positions(rows);
+    std::iota(positions.begin(), positions.end(), T_ - rows);
+    return positions;
   }
 
   // Row i's donor K/V in layer l, K rotated to position i.
@@ -344,7 +377,7 @@ class Blend {
     for (int p = 0; p < n; ++p) {
       const int i = reused[(2 * p + 1) * reused.size() / (2 * n)];
       is_selected_[i - skip_] = true;
-      probes_.push_back(i);
+      out_.probes.push_back(i);
     }
   }
 
@@ -352,14 +385,15 @@ class Blend {
   // donor's they replace is the guard's sample for this layer. False once
   // the worst layer's deviation so far is past the guard's bound.
   bool deep_layer(int l) {
-    std::vector<float> k(kvd_ * probes_.size()), v(kvd_ * probes_.size());
-    for (std::size_t p = 0; p < probes_.size(); ++p) donor_rows(l, probes_[p], &k[p * kvd_], &v[p * kvd_]);
+    const std::vector<int>& probes = out_.probes;
+    std::vector<float> k(kvd_ * probes.size()), v(kvd_ * probes.size());
+    for (std::size_t p = 0; p < probes.size(); ++p) donor_rows(l, probes[p], &k[p * kvd_], &v[p * kvd_]);
     e_.layer_forward_rows(l, x_.data(), selected_, kv_);
     if (l == 1 && selection_ == BlendSelection::kDeviation) return true;  // measured over every reused row
     Deviation sample;
-    for (std::size_t p = 0; p < probes_.size(); ++p) {
-      sample.add(kv_.k(l, probes_[p]), &k[p * kvd_], kvd_);
-      sample.add(kv_.v(l, probes_[p]), &v[p * kvd_], kvd_);
+    for (std::size_t p = 0; p < probes.size(); ++p) {
+      sample.add(kv_.k(l, probes[p]), &k[p * kvd_], kvd_);
+      sample.add(kv_.v(l, probes[p]), &v[p * kvd_], kvd_);
     }
     out_.deviation = std::max(out_.deviation, sample.relative());
     return out_.deviation <= max_deviation_;
@@ -378,7 +412,7 @@ class Blend {
   const BlendSelection selection_;  // never kAuto
   const int T_, skip_, kvd_;
   std::vector<char> is_selected_;  // by row - skip
-  std::vector<int> selected_, probes_;
+  std::vector<int> selected_;
   std::vector<float> x_;  // hidden states of the selected rows
   BlendOutcome out_;
 };
@@ -425,18 +459,47 @@ double guard_estimate(double deviation, std::span<const float> logits, int vocab
   return deviation * std::sqrt(std::max(mean, last));
 }
 
+namespace {
+
+// KL(exact || approximate) of each row, nats.
+std::vector<double> row_kls(std::span<const float> exact, std::span<const float> approximate, int vocab) {
+  std::vector<double> kls(exact.size() / static_cast<std::size_t>(vocab));
+  for (std::size_t r = 0; r < kls.size(); ++r)
+    kls[r] = kl(log_softmax(exact.subspan(r * vocab, vocab)), log_softmax(approximate.subspan(r * vocab, vocab)));
+  return kls;
+}
+
+double mean(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+}
+
+}  // namespace
+
 CalibrationSample measure_sample(double estimate, double deviation, std::span<const float> exact,
-                                 std::span<const float> approximate, int vocab) {
+                                 std::span<const float> approximate, int vocab, std::span<const float> exact_probes,
+                                 std::span<const float> approximate_probes) {
   if (vocab < 1 || exact.empty() || exact.size() % static_cast<std::size_t>(vocab) != 0)
     throw std::invalid_argument("exact: must hold one or more rows of vocab logits");
   if (approximate.size() != exact.size()) throw std::invalid_argument("approximate: must hold as many rows as exact");
-  const std::size_t rows = exact.size() / static_cast<std::size_t>(vocab);
-  CalibrationSample sample{.estimate = estimate, .deviation = deviation};
-  for (std::size_t r = 0; r < rows; ++r) {
-    sample.kl = kl(log_softmax(exact.subspan(r * vocab, vocab)), log_softmax(approximate.subspan(r * vocab, vocab)));
-    sample.continuation_kl += sample.kl / static_cast<double>(rows);
+  if (exact_probes.size() % static_cast<std::size_t>(vocab) != 0)
+    throw std::invalid_argument("exact_probes: must hold rows of vocab logits");
+  if (approximate_probes.size() != exact_probes.size())
+    throw std::invalid_argument("approximate_probes: must hold as many rows as exact_probes");
+  const std::vector<double> guard = row_kls(exact, approximate, vocab);
+  return {.estimate = estimate,
+          .kl = guard.back(),
+          .deviation = deviation,
+          .continuation_kl = std::max(mean(guard), mean(row_kls(exact_probes, approximate_probes, vocab)))};
+}
+
+std::vector<float> logits_at(std::span<const float> logits, std::span<const int> positions, int first, int vocab) {
+  std::vector<float> rows;
+  rows.reserve(positions.size() * static_cast<std::size_t>(vocab));
+  for (int i : positions) {
+    const auto row = logits.subspan(static_cast<std::size_t>(i - first) * vocab, vocab);
+    rows.insert(rows.end(), row.begin(), row.end());
   }
-  return sample;
+  return rows;
 }
 
 bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config) {

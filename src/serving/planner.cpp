@@ -391,6 +391,14 @@ struct Planner::Impl {
                    config.blend);
   }
 
+  // A served blend's sample: `out` against the exact logits of every row
+  // from `first` on (a prompt of T rows).
+  CalibrationSample measure_blend(const BlendOutcome& out, std::span<const float> exact, int first, int T) const {
+    const int V = model.vocab_size, rows = guard_rows(config.blend, T - first);
+    return measure_sample(out.estimated_error, out.deviation, exact.last(static_cast<std::size_t>(rows) * V),
+                          out.guard_logits, V, logits_at(exact, out.probes, first, V), out.probe_logits);
+  }
+
   // A measured sample of the plan's namespace, reported and calibrating
   // its guard.
   void add_sample(Plan& plan, const CalibrationSample& sample) {
@@ -518,11 +526,10 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     if (out.blended && calibrate) {
       // Also computed exactly: the measured KL calibrates the guard, and
       // the prompt is served (and stored) exact.
-      const int rows = guard_rows(m.config.blend, T - exact_prefix.length);
-      llama::ForwardResult exact = engine.forward(tokens.subspan(exact_prefix.length), exact_prefix, {}, rows);
+      const int skip = exact_prefix.length;
+      llama::ForwardResult exact = engine.forward(tokens.subspan(skip), exact_prefix, {}, T - skip);
       report.blend_calibration = true;
-      m.add_sample(plan, measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits,
-                                        m.model.vocab_size));
+      m.add_sample(plan, m.measure_blend(out, exact.logits, skip, T));
       keep_last_rows(exact, keep_rows, m.model);
       plan.kv = std::move(exact_prefix);
       m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
@@ -598,26 +605,19 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
                                 " layer(s) cannot blend (kMinBlendLayers)");
   llama::KVState donor_kv;
   donor_kv.page_tokens = m.config.block_tokens;
-  // Every forward and blend is timed, for the cost model and the blends'
-  // cost factor (BlendCalibration::blend_cost_factor).
-  auto timed_forward = [&](std::span<const int> tokens, llama::KVState& kv, int keep_rows) {
-    engine.timers() = {};
-    llama::ForwardResult r = engine.forward(tokens, kv, {}, keep_rows);
-    const llama::Timers& t = engine.timers();
-    m.cost.observe(static_cast<int>(tokens.size()), t.total_cpu_s, t.attention_cpu_s);
-    m.cost.observe_parallelism(t.total_cpu_s, t.total_s);
-    return r;
-  };
-  timed_forward(donor, donor_kv, 1);
+  // The donor's forward and every blend are timed, for the cost model and
+  // the blends' cost factor (BlendCalibration::blend_cost_factor); not the
+  // exact forwards the blends are measured against, which keep every row's
+  // logits (the probes' among them), as no prefill does.
+  engine.timers() = {};
+  engine.forward(donor, donor_kv, {}, 1);
+  const llama::Timers& timers = engine.timers();
+  m.cost.observe(static_cast<int>(donor.size()), timers.total_cpu_s, timers.attention_cpu_s);
+  m.cost.observe_parallelism(timers.total_cpu_s, timers.total_s);
   const TokenAnchors anchors = index_anchors(donor);
   BlendConfig unguarded = m.config.blend;  // measure every sample, however far off
   unguarded.max_error = INFINITY;
   std::vector<CalibrationSample> samples;
-  struct BlendTime {
-    CostModel::BlendShape shape;
-    double cpu_s, wall_s;
-  };
-  std::vector<BlendTime> blend_times;
   for (const std::vector<int>& prompt : calibration_prompts(passages)) {
     llama::KVState kv, exact_kv;
     llama::ForwardResult blended;
@@ -626,14 +626,11 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     const TokenAlignment alignment = merge_alignments(std::vector{align_tokens(prompt, donor, anchors)});
     const BlendOutcome out =
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
-    blend_times.push_back({m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s()});
-    const llama::ForwardResult exact = timed_forward(prompt, exact_kv, guard_rows(m.config.blend, T));
-    samples.push_back(
-        measure_sample(out.estimated_error, out.deviation, exact.logits, out.guard_logits, m.model.vocab_size));
+    m.cost.observe_blend(m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s());
+    const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, T);  // every row: the probes'
+    samples.push_back(m.measure_blend(out, exact.logits, 0, T));
     m.calibration->add(samples.back(), m.config.blend);
   }
-  // Priced once every forward is in (the row and pair rates they fit).
-  for (const BlendTime& b : blend_times) m.cost.observe_blend(b.shape, b.cpu_s, b.wall_s);
   if (m.cost.blend_factor() > 0.0) m.calibration->set_blend_cost_factor(m.cost.blend_factor());
   return samples;
 }
