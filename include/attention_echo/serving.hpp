@@ -92,8 +92,9 @@ struct BlendConfig {
   // Next-token KL (nats) the calibrated guard aims under.
   double max_kl = 1e-3;
   // The continuation's KL (nats; CalibrationSample::continuation_kl) the
-  // calibrated guard aims under. A token's expected NLL increase is its KL when the
-  // exact model is right, so this is a perplexity change of 0.5%; served
+  // calibrated guard aims under. A token's expected NLL increase is its KL
+  // when the exact model is right, so this is a perplexity change of 0.5%
+  // (at the probes' measured ratio, about 0.3%: BENCHMARKS.md 13); served
   // blends sit under the bound, not at it (1e-3 refused most blends of a
   // new namespace: BENCHMARKS.md section 8).
   double max_continuation_kl = 5e-3;
@@ -136,10 +137,11 @@ struct BlendGuard {
 // samples (BlendConfig::max_error). Two errors, each bounded by what
 // predicts it: the next token's KL by the estimate (deviation weighed by
 // the next token's entropy), the continuation's KL (the guard rows' and
-// the probes') by the deviation alone. Over 194 blends on unseen text at contexts 256 to
-// 2048 (BENCHMARKS.md section 8) the next token's KL / estimate^2 had
-// medians from 8e-4 to 0.1 between prompt shapes (a RAG prompt's next
-// token is nearly certain) where the guard rows' KL / deviation^2 had 0.35
+// the probes') by the deviation alone. Over 194 blends on unseen text at
+// contexts 256 to 2048 (BENCHMARKS.md section 8) the next token's KL /
+// estimate^2 had medians from 8e-4 to 0.1 between prompt shapes (a RAG
+// prompt's next token is nearly certain) where the guard rows' KL /
+// deviation^2 had 0.35
 // to 0.9 (0.56 in all, 90th percentile 2.8); RAG blends whose next token
 // was safe carried guard-row KL of 1e-2 to 3e-1 into their continuation
 // (NLL changes of 0.02 to 0.14 nats per token). A sample bounds each at
@@ -317,8 +319,8 @@ struct PrefillReport {
   // prompt that reused a blend's K/V computed again from its exact prefix
   // (past the guard now, or a near tie at the head). The KL between the
   // approximate and the exact prefill, in nats, next-token and the
-  // continuation's (CalibrationSample), for those and for a blend the guard refused past layer
-  // 1 (finished, not served).
+  // continuation's (CalibrationSample), for those and for a blend the guard
+  // refused past layer 1 (finished, not served).
   bool blend_calibration = false;
   double calibration_kl = 0.0;
   double calibration_continuation_kl = 0.0;

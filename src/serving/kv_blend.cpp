@@ -128,13 +128,11 @@ class Blend {
     const int from = x.empty() ? 0 : 1;  // kRunStart has no layer-0 output of every row
     if (x.empty()) x = e_.embed(tokens_.subspan(skip_));
     for (int l = from; l < c_.n_layers; ++l) e_.layer_forward(l, x.data(), skip_, T_, kv_, {});
-    const bool measured = !out_.guard_logits.empty();
-    const int rows = measured ? guard_rows(opt_, T_ - skip_) : 1;
-    if (measured)
-      out_.refusal_sample = measure_sample(out_.estimated_error, out_.deviation, exact_logits(x, guard_positions(rows)),
-                                           out_.guard_logits, c_.vocab_size, exact_logits(x, out_.probes),
-                                           out_.probe_logits);
+    const int rows = out_.guard_logits.empty() ? 1 : guard_rows(opt_, T_ - skip_);
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - rows) * c_.dim, rows, result);
+    if (!out_.guard_logits.empty())
+      out_.refusal_sample = measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits,
+                                           c_.vocab_size, exact_logits(x, out_.probes), out_.probe_logits);
     keep_last_rows(result, 1, c_);
     kv_.length = T_;
     return out_;
@@ -178,12 +176,6 @@ class Blend {
     return head_logits(rows);
   }
 
-  // The last `rows` positions.
-  std::vector<int> guard_positions(int rows) const {
-    std::vector<int> positions(rows);
-    std::iota(positions.begin(), positions.end(), T_ - rows);
-    return positions;
-  }
 
   // Row i's donor K/V in layer l, K rotated to position i.
   void donor_rows(int l, int i, float* k, float* v) const {

@@ -53,9 +53,9 @@
 // 0 is lost. A blend refused in a deep layer either stops there
 // (RefusedBlend::kStop) or is finished first so that its guard rows and
 // probes, measured against the exact ones, are a calibration sample
-// (kMeasure, at the price of the layers after the refusal). The deviation is also held
-// to the guard's deviation bound (the continuation's error) in every
-// layer.
+// (kMeasure, at the price of the layers after the refusal). The deviation
+// is also held to the guard's deviation bound (the continuation's error)
+// in every layer.
 #pragma once
 
 #include <optional>
