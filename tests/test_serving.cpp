@@ -337,6 +337,16 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   const auto served = blend(0.0).first;
   EXPECT_TRUE(served.blended);
   EXPECT_FALSE(served.near_tie);
+  EXPECT_FALSE(served.probe_logits.empty());  // kMeasure: the caller may measure it
+  // Served, and never to be measured: its probes skip the classifier.
+  llama::KVState kv;
+  llama::ForwardResult result;
+  const serving::BlendConfig config{.enabled = true, .top1_sigmas = 0.0};
+  const auto unmeasured = serving::blend_prefill(e.engine, e.request, e.donor.rows(), e.alignment, kv, config,
+                                                 {config.max_error, config.max_error}, result,
+                                                 serving::RefusedBlend::kStop);
+  EXPECT_TRUE(unmeasured.blended);
+  EXPECT_TRUE(unmeasured.probe_logits.empty());
 }
 
 // The estimate is the deviation weighed by the next-token entropy: the

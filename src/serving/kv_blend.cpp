@@ -103,6 +103,9 @@ class Blend {
       refused_at = c_.n_layers;
       out_.near_tie = near_tie(result.logits, out_.estimated_error, guard_.estimate, opt_);
     }
+    // Only a blend that may be measured (refused, or one the caller
+    // measures) pays for its probes through the classifier.
+    if (refused_at >= 0 || on_refusal_ == RefusedBlend::kMeasure) out_.probe_logits = probe_logits();
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;
@@ -143,20 +146,24 @@ class Blend {
   double estimate_before_head() const { return out_.deviation * std::sqrt(std::log(double(c_.vocab_size))); }
 
   // The guard rows (the tail of the selected ones) through the head: their
-  // logits give the estimate, the last row's go to result. The probes'
-  // logits too, for a calibration sample.
+  // logits give the estimate, the last row's go to result.
   void head_of_guard_rows(llama::ForwardResult& result) {
     const int rows = guard_rows(opt_, T_ - skip_);
     e_.head(x_.data() + (selected_.size() - rows) * c_.dim, rows, result);
     out_.estimated_error = guard_estimate(out_.deviation, result.logits, c_.vocab_size);
     out_.guard_logits = result.logits;
     keep_last_rows(result, 1, c_);
+  }
+
+  // The blend's logits at its probes (selected rows), for a calibration
+  // sample.
+  std::vector<float> probe_logits() {
     std::vector<float> probes_x;
     for (int i : out_.probes) {
       const auto s = std::lower_bound(selected_.begin(), selected_.end(), i) - selected_.begin();
       probes_x.insert(probes_x.end(), x_.begin() + s * c_.dim, x_.begin() + (s + 1) * c_.dim);
     }
-    out_.probe_logits = head_logits(probes_x);
+    return head_logits(probes_x);
   }
 
   // Final norm and classifier of hidden rows [n, dim].

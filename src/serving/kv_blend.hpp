@@ -85,7 +85,8 @@ struct BlendOutcome {
   // would have.
   std::vector<float> guard_logits;
   // The probes (reused rows the guard computes in every layer; ascending)
-  // and, with guard_logits, the blend's logits at them ([probes, vocab]).
+  // and, where the blend may be measured (refused, or RefusedBlend::
+  // kMeasure), the blend's logits at them ([probes, vocab]).
   std::vector<int> probes;
   std::vector<float> probe_logits;
   // Refused with RefusedBlend::kMeasure (but at kDeviation's layer 1): the
