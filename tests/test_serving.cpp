@@ -630,6 +630,12 @@ TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
     const auto exact = last_logits(engine, near);
     EXPECT_EQ(plan.report.blend_calibration, round == 0);
     EXPECT_FALSE(plan.report.blend_rejected);
+    // Served: under the bounds it was held to, which it reports.
+    EXPECT_EQ(plan.report.blend_refused_at_layer, -1);
+    EXPECT_GT(plan.report.blend_deviation, 0.0);
+    EXPECT_LE(plan.report.blend_deviation, plan.report.blend_bounds.deviation);
+    EXPECT_LE(plan.report.estimated_error, plan.report.blend_bounds.estimate);
+    EXPECT_LE(plan.report.blend_bounds.deviation, 0.2);  // max_error's default
     if (round == 0) {
       EXPECT_LE(max_abs_diff(logits, exact), 1e-4);  // served exact
       EXPECT_GE(plan.report.calibration_kl, 0.0);
@@ -847,6 +853,13 @@ TEST(Planner, ARefusedBlendIsMeasuredAndCalibrates) {
                             .calibration = calibration});
   const auto [report, logits] = blend_once(guarded);
   ASSERT_TRUE(report.blend_rejected);
+  // Where, and by how much: past a bound of at most max_error.
+  EXPECT_GE(report.blend_refused_at_layer, 2);
+  EXPECT_LE(report.blend_refused_at_layer, model().config().n_layers);
+  EXPECT_LE(report.blend_bounds.estimate, estimate / 2);
+  EXPECT_LE(report.blend_bounds.deviation, estimate / 2);
+  EXPECT_TRUE(report.blend_deviation > report.blend_bounds.deviation ||
+              report.estimated_error > report.blend_bounds.estimate);
   EXPECT_LE(max_abs_diff(logits, last_logits(engine, near)), 1e-4);  // served exactly
   EXPECT_EQ(calibration->samples(), 1);
   EXPECT_EQ(calibration->samples(""), 1u);

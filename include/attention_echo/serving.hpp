@@ -315,6 +315,15 @@ struct PrefillReport {
   int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
   double estimated_error = 0.0;  // guard estimate (blend), or the reused K/V's
   bool blend_rejected = false;   // the guard refused it; computed exactly instead
+  // Blend: its K/V deviation (worst layer computed: up to the refusal where
+  // a refused blend stopped, every layer where it was finished to be
+  // measured), the bounds the guard held its estimate and deviation to (at
+  // most max_error), and the layer it refused the blend at (-1: not
+  // refused; n_layers: at the head), so that a refusal's margin shows per
+  // request.
+  double blend_deviation = 0.0;
+  BlendGuard blend_bounds;
+  int blend_refused_at_layer = -1;
   // Also computed exactly (and served exactly): a calibration blend, or a
   // prompt that reused a blend's K/V computed again from its exact prefix
   // (past the guard now, or a near tie at the head). The KL between the

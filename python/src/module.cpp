@@ -222,6 +222,10 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["calibration_kl"] = r.calibration_kl;
   d["calibration_continuation_kl"] = r.calibration_continuation_kl;
   d["estimated_error"] = r.estimated_error;
+  d["blend_deviation"] = r.blend_deviation;
+  d["guard_estimate_bound"] = r.blend_bounds.estimate;
+  d["guard_deviation_bound"] = r.blend_bounds.deviation;
+  d["blend_refused_at_layer"] = r.blend_refused_at_layer;
   return d;
 }
 

@@ -223,7 +223,10 @@ nlohmann::ordered_json layers_json(const std::vector<ModeReport::Layer>& layers)
 
 nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& requests) {
   nlohmann::ordered_json out = nlohmann::ordered_json::array();
-  for (const auto& q : requests)
+  for (const auto& q : requests) {
+    // The guard's view of a blend: null for a request that was not one.
+    const bool blend = q.route == "blend";
+    auto blend_only = [blend](auto value) { return blend ? nlohmann::ordered_json(value) : nlohmann::ordered_json(); };
     out.push_back({{"route", q.route},
                    {"tokens", q.tokens},
                    {"reused", q.reused},
@@ -233,6 +236,10 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"blend_rejected", q.blend_rejected},
                    {"blend_calibration", q.blend_calibration},
                    {"estimated_error", q.estimated_error},
+                   {"blend_deviation", blend_only(q.blend_deviation)},
+                   {"guard_estimate_bound", blend_only(q.blend_bounds.estimate)},
+                   {"guard_deviation_bound", blend_only(q.blend_bounds.deviation)},
+                   {"blend_refused_at_layer", blend_only(q.blend_refused_at_layer)},
                    {"calibration_kl", q.calibration_kl},
                    {"calibration_continuation_kl", q.calibration_continuation_kl},
                    {"hidden_rel_error", q.hidden_rel_error},
@@ -242,6 +249,7 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"prefill_ms", q.prefill_ms},
                    {"reused_from_l2", q.reused_from_l2},
                    {"repeats_on_another_route", q.repeats_on_another_route}});
+  }
   return out;
 }
 
@@ -473,7 +481,8 @@ class Bench {
     const serving::PrefillReport& rep = servings.plan.report;
     return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
             rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
-            rep.calibration_continuation_kl, f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
+            rep.calibration_continuation_kl, rep.blend_deviation, rep.blend_bounds, rep.blend_refused_at_layer,
+            f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
             1e3 * s.prefill_s, rep.reused_from_l2, servings.other_route};
   }
 

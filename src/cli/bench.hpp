@@ -124,6 +124,9 @@ struct ModeReport {
     int blend_first_layer = 0, blend_reused = 0, blend_recomputed = 0;
     bool blend_rejected = false, blend_calibration = false;
     double estimated_error = 0.0, calibration_kl = 0.0, calibration_continuation_kl = 0.0;
+    double blend_deviation = 0.0;  // with the bounds and the refusal layer (PrefillReport)
+    serving::BlendGuard blend_bounds;
+    int blend_refused_at_layer = -1;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
     double nll_change = 0.0;  // continuation NLL (nats per token) minus no reuse's

@@ -517,6 +517,10 @@ llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int
     report.blend_recomputed = out.recomputed;
     report.estimated_error = out.estimated_error;
     report.blend_rejected = !out.blended;
+    report.blend_deviation = out.deviation;
+    report.blend_bounds = {std::min(m.config.blend.max_error, guard.estimate),
+                           std::min(m.config.blend.max_error, guard.deviation)};
+    report.blend_refused_at_layer = out.stopped_at_layer;
     m.calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie);
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;

@@ -53,6 +53,15 @@ def test_all_scenarios_table_and_json(tmp_path):
             assert q["estimated_error"] >= 0 and q["hidden_rel_error"] >= 0
             assert math.isfinite(q["nll_change"])
             assert q["calibration_kl"] >= 0 and q["calibration_continuation_kl"] >= 0
+            guard = ("blend_deviation", "guard_estimate_bound", "guard_deviation_bound", "blend_refused_at_layer")
+            if q["route"] != "blend":
+                assert all(q[k] is None for k in guard)
+            elif q["blend_rejected"]:  # refused where it was past a bound
+                assert q["blend_refused_at_layer"] >= 1
+            else:
+                assert q["blend_refused_at_layer"] == -1
+                assert q["blend_deviation"] <= q["guard_deviation_bound"]
+                assert q["estimated_error"] <= q["guard_estimate_bound"]
             assert 0 <= q["repeats_on_another_route"] <= 2  # of the two later stacks
         assert echo["repeats_on_another_route"] == sum(q["repeats_on_another_route"] for q in detail)
         exact = s["modes"]["exact-prefix"]["requests_detail"]  # side by side with echo's

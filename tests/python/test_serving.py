@@ -36,7 +36,9 @@ def test_repeat_skips_and_near_duplicate_blends(prompt):
     exact, _ = plain.prefill(near)
     assert report["route"] == "blend"
     assert report["blend_reused_rows"] > len(prompt) // 2
-    assert 0 <= report["estimated_error"] <= 0.2
+    assert 0 <= report["estimated_error"] <= report["guard_estimate_bound"] <= 0.2
+    assert 0 < report["blend_deviation"] <= report["guard_deviation_bound"] <= 0.2
+    assert report["blend_refused_at_layer"] == -1
     assert int(np.argmax(logits)) == int(np.argmax(exact))
 
 
