@@ -106,7 +106,7 @@ def main():
     table = {b: [] for b in range(len(args.aecho))}
     texts = [(name, text_path(args.out, name, kind), seed) for name, kind, seed in TEXTS]
     texts += [(name, os.path.abspath(path), 1) for name, _, path in (t.partition("=") for t in args.text)]
-    runs = [(f"{name}" if args.seeds == 1 else f"{name}-s{seed + s}", heldout, seed + s)
+    runs = [(name if args.seeds == 1 else f"{name}-s{seed + s}", heldout, seed + s)
             for name, heldout, seed in texts for s in range(args.seeds)]
     for name, heldout, seed in runs:
         for b, aecho in enumerate(args.aecho):
