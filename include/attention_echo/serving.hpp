@@ -101,9 +101,11 @@ struct BlendConfig {
   // A blend whose two most likely next tokens are closer in logit than
   // top1_sigmas times the change the guard lets through is computed
   // exactly, so that greedy decoding does not change: a logit perturbation
-  // at KL k moves the top two apart by about 2 sqrt(k), and a blend at
-  // estimate e is let through to KL max_kl * (e / guard)^2. On unseen C
-  // headers two blends at KL 5e-5 and 7e-5 flipped the top token. 0: off.
+  // at KL k moves the top two apart by about 2 sqrt(k), and a guarded blend
+  // is let through to KL max_kl (3 sigmas at 1e-3: a gap under 0.19). On
+  // unseen C headers two blends at KL 5e-5 and 7e-5 flipped the top token;
+  // scaled by the estimate (max_kl (e / guard)^2) the check let one at
+  // 4.7e-4 flip it (BENCHMARKS.md section 14). 0: off.
   double top1_sigmas = 3.0;
   // One served blend in calibrate_every is also computed exactly, a sample;
   // a namespace priced out of blending tries one again after as many

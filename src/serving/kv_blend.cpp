@@ -101,7 +101,7 @@ class Blend {
     head_of_guard_rows(result);
     if (refused_at < 0 && refused(out_.estimated_error, out_.deviation, result.logits, guard_, opt_)) {
       refused_at = c_.n_layers;
-      out_.near_tie = near_tie(result.logits, out_.estimated_error, guard_.estimate, opt_);
+      out_.near_tie = near_tie(result.logits, guard_.estimate, opt_);
     }
     // Only a blend that may be measured (refused, or one the caller
     // measures) pays for its probes through the classifier.
@@ -501,19 +501,18 @@ std::vector<float> logits_at(std::span<const float> logits, std::span<const int>
   return rows;
 }
 
-bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config) {
+bool near_tie(std::span<const float> logits, double guard, const BlendConfig& config) {
   if (logits.size() < 2 || !std::isfinite(guard) || guard <= 0.0) return false;
   std::array<float, 2> top{-INFINITY, -INFINITY};
   for (float l : logits)
     if (l > top[1]) top = l > top[0] ? std::array<float, 2>{l, top[0]} : std::array<float, 2>{top[0], l};
-  const double allowed_kl = config.max_kl * std::pow(estimate / guard, 2);
-  return top[0] - top[1] < config.top1_sigmas * 2.0 * std::sqrt(allowed_kl);
+  return top[0] - top[1] < config.top1_sigmas * 2.0 * std::sqrt(config.max_kl);
 }
 
 bool refused(double estimate, double deviation, std::span<const float> logits, const BlendGuard& guard,
              const BlendConfig& config) {
   return estimate > std::min(config.max_error, guard.estimate) ||
-         deviation > std::min(config.max_error, guard.deviation) || near_tie(logits, estimate, guard.estimate, config);
+         deviation > std::min(config.max_error, guard.deviation) || near_tie(logits, guard.estimate, config);
 }
 
 BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,

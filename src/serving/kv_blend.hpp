@@ -155,10 +155,13 @@ CalibrationSample measure_sample(double estimate, double deviation, std::span<co
 std::vector<float> logits_at(std::span<const float> logits, std::span<const int> positions, int first, int vocab);
 
 // Whether the top two of a row's next-token logits are within reach of the
-// logit change a guard lets through at this estimate: a perturbation at KL
-// k moves them apart by about 2 sqrt(k), and an estimate e under guard g is
-// let through to KL max_kl (e / g)^2 (BlendConfig::top1_sigmas).
-bool near_tie(std::span<const float> logits, double estimate, double guard, const BlendConfig& config);
+// logit change a guarded blend may make: a perturbation at KL k moves them
+// apart by about 2 sqrt(k), and a blend under a finite guard is let through
+// up to KL max_kl (BlendConfig::top1_sigmas). Not max_kl (e / g)^2, what
+// estimate e under guard g predicts: a guard set by a quiet sample (ten
+// times its estimate) let a blend through at 50 times the KL it predicted,
+// and that blend flipped a top-1 (BENCHMARKS.md section 14).
+bool near_tie(std::span<const float> logits, double guard, const BlendConfig& config);
 
 // Whether an approximate prefill at `estimate` and `deviation` (its last
 // row's logits `logits`) must be computed exactly: past either of the
