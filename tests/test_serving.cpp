@@ -311,8 +311,8 @@ TEST(KVBlend, TheRowsTheLastRowAttendsToMostAreRecomputed) {
 }
 
 // A finished blend whose top two next tokens are closer than the logit
-// change its estimate is allowed is computed exactly (here every blend with
-// a non-zero estimate: the check made absurdly wide); off, it is served.
+// change a guarded blend may make is computed exactly (here every blend:
+// the check made absurdly wide); off, it is served.
 TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   EarlyEdit e;
   auto blend = [&](double sigmas) {
