@@ -669,6 +669,10 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
     EXPECT_GT(s.estimate, 0.0);
     EXPECT_GE(s.kl, 0.0);
   }
+  // Moved passages, an edit, an insertion: pooled by the rows they recompute.
+  EXPECT_EQ(samples[0].selection, serving::BlendSelection::kDeviation);
+  EXPECT_EQ(samples[1].selection, serving::BlendSelection::kRunStart);
+  EXPECT_EQ(samples[2].selection, serving::BlendSelection::kRunStart);
   EXPECT_EQ(planner.stored_prompts(), 0u);
   const auto base = text_tokens(600, 9);
   engine.timers() = {};
@@ -690,26 +694,34 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
 }
 
 // A sample of the next-token error alone (its continuation quiet).
-serving::CalibrationSample next_token(double estimate, double kl) {
-  return {.estimate = estimate, .kl = kl, .deviation = 0.0, .continuation_kl = 0.0};
+serving::CalibrationSample next_token(double estimate, double kl,
+                                      serving::BlendSelection selection = serving::BlendSelection::kRunStart) {
+  return {.estimate = estimate, .kl = kl, .deviation = 0.0, .continuation_kl = 0.0, .selection = selection};
 }
 
-// The guard is the smallest bound while fewer than ten samples are in, then
-// the (n/10 + 1)-th smallest: one prompt shape in ten may ask for less.
-TEST(BlendCalibration, OneLoudSampleInTenDoesNotSetTheGuard) {
+// The guard is where the samples' mean KL meets the target,
+// sqrt(target * sum estimate^2 / sum KL), not the loudest sample's bound:
+// per-sample KL is too noisy for one sample to set it.
+TEST(BlendCalibration, SamplesArePooled) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
   EXPECT_EQ(calibration.threshold({}, config).estimate, 0.2);
-  calibration.add(next_token(0.1, 1e-2), config);   // bound 0.1 * sqrt(0.1)
-  calibration.add(next_token(0.05, 1e-8), config);  // quiet: taken at KL 1e-5, bound 0.5
+  calibration.add(next_token(0.1, 1e-2), config);  // alone: 0.1 * sqrt(1e-3 / 1e-2)
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
-  for (int i = 0; i < 7; ++i) calibration.add(next_token(0.05, 1e-8), config);
-  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);  // 9 samples
-  calibration.add(next_token(0.05, 1e-8), config);
-  EXPECT_EQ(calibration.threshold({}, config).estimate, 0.2);  // 10: the one loud sample is the tenth allowed
-  calibration.add(next_token(0.05, 1e-2), config);  // a second loud one, lower: bound 0.05 * sqrt(0.1)
-  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
-  EXPECT_EQ(calibration.samples(), 11);
+  calibration.add(next_token(0.1, 1e-4), config);
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, std::sqrt(1e-3 * 0.02 / 1.01e-2), 1e-12);
+  EXPECT_EQ(calibration.samples(), 2);
+}
+
+// Moved text deviates otherwise than text in place: each selection's
+// samples are pooled apart and the tighter pool bounds.
+TEST(BlendCalibration, EachSelectionIsPooledApart) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add(next_token(0.1, 1e-3), config);  // bound 0.1
+  calibration.add(next_token(0.05, 1e-2, serving::BlendSelection::kDeviation), config);
+  // 0.05 * sqrt(0.1), where one pool of both would allow 0.034.
+  EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.05 * std::sqrt(0.1), 1e-12);
 }
 
 // A quiet sample vouches for ten times its estimate, no more.
@@ -720,16 +732,17 @@ TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.05, 1e-12);
 }
 
-// A quiet sample says only that its bound lies above its floor: it never
-// bounds tighter than a loud sample allows, and binds only without one.
-TEST(BlendCalibration, AQuietSampleNeverBoundsTighterThanALoudOne) {
+// A quiet sample says only that its bound lies above its floor: a
+// selection with quiet samples alone never bounds tighter than another's
+// loud one, and binds only without one.
+TEST(BlendCalibration, AQuietPoolNeverBoundsTighterThanALoudOne) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
   serving::BlendCalibration calibration;
   calibration.add(next_token(0.001, 0.0), config);  // quiet: floor 0.01
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.01, 1e-12);
-  calibration.add(next_token(0.1, 1e-2), config);  // loud: 0.1 * sqrt(0.1)
+  calibration.add(next_token(0.1, 1e-2, serving::BlendSelection::kDeviation), config);  // loud: 0.1 * sqrt(0.1)
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.1 * std::sqrt(0.1), 1e-12);
-  calibration.add(next_token(0.02, 4e-3), config);  // loud: 0.01
+  calibration.add(next_token(0.02, 4e-3), config);  // the quiet pool turns loud: sqrt(1e-3 * 4.01e-4 / 4.01e-3)
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.01, 1e-12);
 }
 
@@ -755,10 +768,11 @@ TEST(BlendCalibration, ANamespaceIsGuardedByItsOwnSamplesOnceItHasThem) {
   EXPECT_NEAR(calibration.threshold("rag", config).estimate, 0.01, 1e-12);
   calibration.add("rag", next_token(0.08, 1e-7), config);  // quiet: bound 0.8
   EXPECT_EQ(calibration.threshold("rag", config).estimate, 0.2);
-  calibration.add("code", next_token(0.05, 4e-3), config);  // bound 0.025
+  calibration.add("code", next_token(0.05, 4e-3), config);  // alone: 0.025
   calibration.add("code", next_token(0.02, 1e-6), config);
-  EXPECT_NEAR(calibration.threshold("code", config).estimate, 0.025, 1e-12);
-  EXPECT_NEAR(calibration.threshold("chat", config).estimate, 0.01, 1e-12);  // no samples: the model's (all of them)
+  EXPECT_NEAR(calibration.threshold("code", config).estimate, std::sqrt(1e-3 * 2.9e-3 / 4.01e-3), 1e-12);
+  // No samples: the model's, all four pooled.
+  EXPECT_NEAR(calibration.threshold("chat", config).estimate, std::sqrt(1e-3 * 0.0193 / 0.10402), 1e-12);
   EXPECT_EQ(calibration.samples(), 4);
 }
 

@@ -18,6 +18,7 @@
 // independent of how many prompts are stored; a byte budget with LRU.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cmath>
 #include <map>
@@ -126,6 +127,10 @@ struct CalibrationSample {
   // computed), which read the reused K/V as a continuation does
   // (kv_blend.hpp: measure_sample).
   double continuation_kl = 0.0;
+  // How the blend chose the rows it recomputed (never kAuto): samples are
+  // pooled by it (BlendCalibration). A prompt served from a blend's K/V
+  // and computed again counts as kRunStart.
+  BlendSelection selection = BlendSelection::kRunStart;
 };
 
 // What a blend must stay under to be served: its estimate (next-token
@@ -146,19 +151,20 @@ struct BlendGuard {
 // deviation^2 had 0.35
 // to 0.9 (0.56 in all, 90th percentile 2.8); RAG blends whose next token
 // was safe carried guard-row KL of 1e-2 to 3e-1 into their continuation
-// (NLL changes of 0.02 to 0.14 nats per token). A sample bounds each at
-// value * sqrt(target / KL), the target being max_kl or
-// max_continuation_kl (KL grows about as the square of a small deviation);
-// a quiet one (KL under target / 100) is taken at that floor, vouching for
-// ten times its value at most. Each bound is min(max_error, the
-// (n/10 + 1)-th smallest) over n samples: the smallest while fewer than ten
-// are in, and then one prompt shape in ten may ask for less without
-// refusing every blend. A quiet sample only says that its own bound lies
-// above its floor, so it ranks after every loud one: it never bounds tighter
-// than a loud sample allows (on unseen text a quiet startup sample at
-// deviation 0.0026 had set the deviation bound at 0.026, under the 0.065
-// a loud one allowed, and every moved-passage blend of a namespace was
-// refused; BENCHMARKS.md section 8).
+// (NLL changes of 0.02 to 0.14 nats per token). KL grows about as the
+// square of a small deviation, so samples bound each at
+// sqrt(target * sum value^2 / sum KL), the value at which their mean KL
+// meets the target (max_kl or max_continuation_kl): a ratio estimator, over
+// the samples of one selection (text in place and moved text deviate
+// differently: BlendSelection), the smallest of the two. Per-sample KL is
+// heavy-tailed (one sample's 16 probes read 1e-11 to 1), so the smallest
+// per-sample bound, the guard before, was the noisiest sample's
+// (BENCHMARKS.md section 15). A quiet sample (KL under target / 100) is
+// taken at that floor, vouching for ten times its value at most; a
+// selection with only quiet samples bounds only where no other has a loud
+// one (on unseen text a quiet startup sample at deviation 0.0026 had set
+// the deviation bound at 0.026, under the 0.065 a loud one allowed, and
+// every moved-passage blend of a namespace was refused; section 8).
 //
 // Per namespace. How much KL an estimate means varied by five orders of
 // magnitude between prompt shapes on unseen text (BENCHMARKS.md section 8:
@@ -180,10 +186,9 @@ struct BlendGuard {
 // with samples stops where it was refused unless it is the calibration
 // blend), and from prompts that reused a blend's K/V and were computed
 // again. Measuring every refused blend cost the remaining layers of each,
-// and while a namespace has fewer than ten samples its bound is their
-// smallest, so a sample can only tighten it: on unseen RAG prompts with
-// moved passages two refused blends' samples refused a good one (0.93x
-// exact prefix reuse; 1.28x stopping; BENCHMARKS.md section 8). The
+// and refused blends' samples are the loud ones: on unseen RAG prompts
+// with moved passages two refused blends' samples refused a good one
+// (0.93x exact prefix reuse; 1.28x stopping; BENCHMARKS.md section 8). The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
 // A namespace's record (at most 32 blends and its samples' bounds) lives
@@ -236,19 +241,24 @@ class BlendCalibration {
   std::size_t samples(std::string_view name_space) const;
 
  private:
-  // One bound's samples: loud ones at value * sqrt(target / KL), quiet
-  // ones at their floor, each ascending.
-  struct Bounds {
-    std::vector<double> loud, quiet;
+  // One bound's samples of one selection, pooled: sums of value^2 and of
+  // KL, each KL taken at target / 100 at least (a quiet sample).
+  struct Pool {
+    double value2 = 0.0, kl = 0.0;
+    std::size_t size = 0;
+    bool loud = false;  // holds a sample at KL target / 100 or more
     void add(double value, double kl, double target);
-    // The (rank + 1)-th smallest, quiet ones ranked after every loud one.
-    double ranked(std::size_t rank) const;
+    // sqrt(target * sum value^2 / sum KL): where their mean KL meets target.
+    double bound(double target) const { return std::sqrt(target * value2 / kl); }
   };
+  // The bound of a bound's pools: the smallest loud one's, the smallest
+  // quiet one's without a loud one (a quiet pool bounds only from below).
+  static double pooled_bound(const std::array<Pool, 2>& pools, double target);
   struct Samples {
-    Bounds estimate, deviation;
+    std::array<Pool, 2> estimate, deviation;  // [0] kRunStart, [1] kDeviation
     void add(const CalibrationSample& sample, const BlendConfig& config);
-    BlendGuard threshold(double max_error) const;
-    std::size_t size() const { return estimate.loud.size() + estimate.quiet.size(); }
+    BlendGuard threshold(const BlendConfig& config) const;
+    std::size_t size() const { return estimate[0].size + estimate[1].size; }
   };
   struct Namespace {
     Samples samples;

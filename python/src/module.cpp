@@ -425,6 +425,7 @@ NB_MODULE(_core, m) {
               d["kl"] = s.kl;
               d["deviation"] = s.deviation;
               d["continuation_kl"] = s.continuation_kl;
+              d["selection"] = std::string(ae::serving::to_string(s.selection));
               out.append(d);
             }
             return out;

@@ -560,7 +560,8 @@ nlohmann::ordered_json to_json(const CalibrationReport& report) {
     samples.push_back({{"estimate", s.estimate},
                        {"kl", s.kl},
                        {"deviation", s.deviation},
-                       {"continuation_kl", s.continuation_kl}});
+                       {"continuation_kl", s.continuation_kl},
+                       {"selection", serving::to_string(s.selection)}});
   return {{"ran", report.ran},
           {"seconds", report.seconds},
           {"samples", samples},

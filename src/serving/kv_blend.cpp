@@ -74,6 +74,7 @@ class Blend {
     // Rows past the skip, all of this prompt's own pages (the page where
     // the stored prefix ends is copied here, if shared).
     kv_.make_writable(skip_, T_, c_.n_layers, kvd_);
+    out_.selection = selection_;
     std::vector<float> x;  // layer 0's output of every row (kDeviation only)
     if (selection_ == BlendSelection::kDeviation) {
       x = e_.embed(tokens_.subspan(skip_));
@@ -136,6 +137,7 @@ class Blend {
     if (!out_.guard_logits.empty())
       out_.refusal_sample = measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits,
                                            c_.vocab_size, exact_logits(x, out_.probes), out_.probe_logits);
+    if (out_.refusal_sample) out_.refusal_sample->selection = selection_;
     keep_last_rows(result, 1, c_);
     kv_.length = T_;
     return out_;

@@ -71,6 +71,7 @@ namespace attention_echo::serving {
 
 struct BlendOutcome {
   bool blended = false;        // served from the donor (else computed exactly after layer 0)
+  BlendSelection selection = BlendSelection::kRunStart;  // the one it ran (never kAuto)
   double deviation = 0;        // relative K/V deviation of the reused rows, worst layer (so far when stopped)
   // guard_estimate; stopped before the head: the deviation times
   // sqrt(ln vocab), the most any distribution makes of it.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <vector>
@@ -164,28 +165,34 @@ bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
   return model_.size() == 0 || blends_since_sample_++ + 1 >= config.calibrate_every;
 }
 
-// Where a calibration sample's `value` (estimate or deviation) bounds the
-// guard, given the KL it was measured at and the KL aimed under.
-void BlendCalibration::Bounds::add(double value, double kl, double target) {
-  std::vector<double>& bounds = kl < target / 100 ? quiet : loud;
-  const double bound = value * std::sqrt(target / std::max(kl, target / 100));
-  bounds.insert(std::upper_bound(bounds.begin(), bounds.end(), bound), bound);
+void BlendCalibration::Pool::add(double value, double sample_kl, double target) {
+  value2 += value * value;
+  kl += std::max(sample_kl, target / 100);
+  ++size;
+  loud = loud || sample_kl >= target / 100;
 }
 
-double BlendCalibration::Bounds::ranked(std::size_t rank) const {
-  if (rank < loud.size()) return loud[rank];
-  return std::max(quiet[rank - loud.size()], loud.empty() ? 0.0 : loud.back());
+double BlendCalibration::pooled_bound(const std::array<Pool, 2>& pools, double target) {
+  double loud = std::numeric_limits<double>::infinity(), quiet = loud;
+  for (const Pool& pool : pools) {
+    if (pool.size == 0) continue;
+    double& smallest = pool.loud ? loud : quiet;
+    smallest = std::min(smallest, pool.bound(target));
+  }
+  return std::isfinite(loud) ? loud : quiet;
 }
 
 void BlendCalibration::Samples::add(const CalibrationSample& sample, const BlendConfig& config) {
-  estimate.add(sample.estimate, sample.kl, config.max_kl);
-  deviation.add(sample.deviation, sample.continuation_kl, config.max_continuation_kl);
+  const std::size_t pool = sample.selection == BlendSelection::kDeviation;
+  estimate[pool].add(sample.estimate, sample.kl, config.max_kl);
+  deviation[pool].add(sample.deviation, sample.continuation_kl, config.max_continuation_kl);
 }
 
-BlendGuard BlendCalibration::Samples::threshold(double max_error) const {
-  if (size() == 0) return {max_error, max_error};
-  const std::size_t allowed = size() / 10;  // louder samples let through
-  return {std::min(max_error, estimate.ranked(allowed)), std::min(max_error, deviation.ranked(allowed))};
+BlendGuard BlendCalibration::Samples::threshold(const BlendConfig& config) const {
+  const double cap = config.max_error;
+  if (size() == 0) return {cap, cap};
+  return {std::min(cap, pooled_bound(estimate, config.max_kl)),
+          std::min(cap, pooled_bound(deviation, config.max_continuation_kl))};
 }
 
 void BlendCalibration::add(const CalibrationSample& sample, const BlendConfig& config) {
@@ -204,7 +211,7 @@ void BlendCalibration::add(std::string_view name_space, const CalibrationSample&
 BlendGuard BlendCalibration::threshold_locked(std::string_view name_space, const BlendConfig& config) const {
   const auto it = namespaces_.find(name_space);
   const bool own = it != namespaces_.end() && it->second.samples.size() > 0;
-  return (own ? it->second.samples : model_).threshold(config.max_error);
+  return (own ? it->second.samples : model_).threshold(config);
 }
 
 BlendGuard BlendCalibration::threshold(std::string_view name_space, const BlendConfig& config) const {
@@ -395,8 +402,11 @@ struct Planner::Impl {
   // from `first` on (a prompt of T rows).
   CalibrationSample measure_blend(const BlendOutcome& out, std::span<const float> exact, int first, int T) const {
     const int V = model.vocab_size, rows = guard_rows(config.blend, T - first);
-    return measure_sample(out.estimated_error, out.deviation, exact.last(static_cast<std::size_t>(rows) * V),
-                          out.guard_logits, V, logits_at(exact, out.probes, first, V), out.probe_logits);
+    CalibrationSample sample =
+        measure_sample(out.estimated_error, out.deviation, exact.last(static_cast<std::size_t>(rows) * V),
+                       out.guard_logits, V, logits_at(exact, out.probes, first, V), out.probe_logits);
+    sample.selection = out.selection;
+    return sample;
   }
 
   // A measured sample of the plan's namespace, reported and calibrating

@@ -63,6 +63,8 @@ def test_calibration_before_serving(prompt):
     assert len(samples) == 3
     assert all(s["estimate"] > 0 and s["kl"] >= 0 for s in samples)
     assert all(s["deviation"] > 0 and s["continuation_kl"] >= 0 for s in samples)
+    # moved passages, an edit, an insertion: pooled by the rows they recompute
+    assert [s["selection"] for s in samples] == ["deviation", "run-start", "run-start"]
     assert server.stored_prompts == 0
     with pytest.raises(ValueError, match="passages"):
         server.calibrate(passages[:2])
