@@ -191,7 +191,7 @@ struct BlendGuard {
 // (0.93x exact prefix reuse; 1.28x stopping; BENCHMARKS.md section 8). The
 // estimates of each namespace's recent blends give the rate at which the
 // current guard would refuse its next one, which the planner prices in.
-// A namespace's record (at most 32 blends and its samples' bounds) lives
+// A namespace's record (at most 32 blends and its pooled samples) lives
 // as long as the calibration: it is what the model was measured to do on
 // that traffic, so Planner::clear leaves it. One per model: planners of the
 // same model may share it. Thread-safe.
