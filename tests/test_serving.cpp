@@ -724,6 +724,33 @@ TEST(BlendCalibration, EachSelectionIsPooledApart) {
   EXPECT_NEAR(calibration.threshold({}, config).estimate, 0.05 * std::sqrt(0.1), 1e-12);
 }
 
+// A sample that no blend could have measured is refused, and nothing of it
+// is kept.
+TEST(BlendCalibration, BadSamplesAreRefusedAndChangeNothing) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.add("rag", next_token(0.1, 1e-2), config);
+  const double bound = calibration.threshold("rag", config).estimate;
+  auto expect_refused = [&](const serving::CalibrationSample& bad, const std::string& argument) {
+    for (const std::string_view ns : {std::string_view{}, std::string_view{"rag"}}) {
+      try {
+        ns.empty() ? calibration.add(bad, config) : calibration.add(ns, bad, config);
+        ADD_FAILURE() << "accepted a sample with a bad " << argument;
+      } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find(argument), std::string::npos) << e.what();
+      }
+    }
+  };
+  expect_refused(next_token(0.1, -1e-3), "sample.kl");
+  expect_refused(next_token(NAN, 1e-3), "sample.estimate");
+  expect_refused({.estimate = 0.1, .kl = 1e-3, .deviation = INFINITY}, "sample.deviation");
+  expect_refused({.estimate = 0.1, .kl = 1e-3, .continuation_kl = -1.0}, "sample.continuation_kl");
+  expect_refused(next_token(0.1, 1e-3, serving::BlendSelection::kAuto), "sample.selection");
+  EXPECT_EQ(calibration.samples(), 1);
+  EXPECT_EQ(calibration.samples("rag"), 1u);
+  EXPECT_EQ(calibration.threshold("rag", config).estimate, bound);
+}
+
 // A quiet sample vouches for ten times its estimate, no more.
 TEST(BlendCalibration, AQuietSampleBoundsAtTenTimesItsEstimate) {
   const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};

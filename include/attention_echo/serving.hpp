@@ -207,7 +207,9 @@ class BlendCalibration {
   // Whether the next blend should be a calibration one (none taken yet, or
   // calibrate_every blends since the last), counting it.
   bool next_blend_calibrates(const BlendConfig& config);
-  // A sample of the model in no namespace (calibrate()).
+  // A sample of the model in no namespace (calibrate()). Both add()s throw
+  // std::invalid_argument, adding nothing, for a negative or non-finite
+  // value or a kAuto selection.
   void add(const CalibrationSample& sample, const BlendConfig& config);
   // A sample of a blend served in name_space.
   void add(std::string_view name_space, const CalibrationSample& sample, const BlendConfig& config);

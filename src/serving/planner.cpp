@@ -195,13 +195,28 @@ BlendGuard BlendCalibration::Samples::threshold(const BlendConfig& config) const
           std::min(cap, pooled_bound(deviation, config.max_continuation_kl))};
 }
 
+namespace {
+
+void validate_sample(const CalibrationSample& s) {
+  for (const auto& [value, name] : {std::pair{s.estimate, "sample.estimate"}, {s.kl, "sample.kl"},
+                                    {s.deviation, "sample.deviation"}, {s.continuation_kl, "sample.continuation_kl"}})
+    if (!(value >= 0.0) || !std::isfinite(value))
+      throw std::invalid_argument(std::string(name) + ": must be non-negative and finite, got " + std::to_string(value));
+  if (s.selection == BlendSelection::kAuto)
+    throw std::invalid_argument("sample.selection: the selection the blend ran, kRunStart or kDeviation, not kAuto");
+}
+
+}  // namespace
+
 void BlendCalibration::add(const CalibrationSample& sample, const BlendConfig& config) {
+  validate_sample(sample);
   std::lock_guard lock(mutex_);
   blends_since_sample_ = 0;
   model_.add(sample, config);
 }
 
 void BlendCalibration::add(std::string_view name_space, const CalibrationSample& sample, const BlendConfig& config) {
+  validate_sample(sample);
   std::lock_guard lock(mutex_);
   blends_since_sample_ = 0;
   model_.add(sample, config);
@@ -414,7 +429,9 @@ struct Planner::Impl {
   void add_sample(Plan& plan, const CalibrationSample& sample) {
     plan.report.calibration_kl = sample.kl;
     plan.report.calibration_continuation_kl = sample.continuation_kl;
-    calibration->add(plan.name_space, sample, config.blend);
+    // K/V of unknown error (echoed by a cache whose guard is off: NaN)
+    // is measured and reported but calibrates nothing.
+    if (std::isfinite(sample.estimate)) calibration->add(plan.name_space, sample, config.blend);
   }
 
   // Into the store, and exact K/V of the rows from `computed_from` on (the
