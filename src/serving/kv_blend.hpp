@@ -53,9 +53,10 @@
 // 0 is lost. A blend refused in a deep layer either stops there
 // (RefusedBlend::kStop) or is finished first so that its guard rows and
 // probes, measured against the exact ones, are a calibration sample
-// (kMeasure, at the price of the layers after the refusal). The deviation
-// is also held to the guard's deviation bound (the continuation's error)
-// in every layer.
+// (kMeasure, at the price of the layers after the refusal, unless its
+// deviation reaches three times its bound: past that a sample only ever
+// confirmed the refusal). The deviation is also held to the guard's
+// deviation bound (the continuation's error) in every layer.
 #pragma once
 
 #include <optional>
@@ -90,14 +91,16 @@ struct BlendOutcome {
   // kMeasure), the blend's logits at them ([probes, vocab]).
   std::vector<int> probes;
   std::vector<float> probe_logits;
-  // Refused with RefusedBlend::kMeasure (but at kDeviation's layer 1): the
-  // blend measured against the exact prefill that replaced it.
+  // Refused with RefusedBlend::kMeasure (but at kDeviation's layer 1, or
+  // with its deviation three times its bound): the blend measured against
+  // the exact prefill that replaced it.
   std::optional<CalibrationSample> refusal_sample;
 };
 
 // What a blend the guard refuses in a deep layer does: stop there, or be
 // finished (the selected rows only) and measured against the exact
-// prefill that replaces it (BlendOutcome::refusal_sample).
+// prefill that replaces it (BlendOutcome::refusal_sample), stopping in a
+// later layer where its deviation reaches three times its bound.
 enum class RefusedBlend { kStop, kMeasure };
 
 // Prefills `tokens` into kv (kv must hold exactly the first `skip` rows,
