@@ -382,19 +382,19 @@ class Blend {
     }
   }
 
-  // Layer l over the selected rows; the probes' fresh K/V against the
-  // donor's they replace is the guard's sample for this layer. False once
-  // the worst layer's deviation so far is past the guard's bound.
   // Whether a refused blend is still worth finishing to measure it: its
   // KL grows as the deviation squared, so one at kMeasurableReach times
   // its bound is predicted at 9 times the KL target, and a sample that far
   // off tells the guard nothing a refusal does not. Over the sweeps of
   // BENCHMARKS.md section 16 (four texts, two models, 512-4096 tokens) none
   // of the refused blends measured at 3 or more times their bound came under
-  // the target, and measuring each cost 20-30% of an exact prefill.
+  // the target, and finishing each cost a further 10-20% of an exact prefill.
   bool worth_measuring() const { return out_.deviation <= kMeasurableReach * max_deviation_; }
   static constexpr double kMeasurableReach = 3.0;
 
+  // Layer l over the selected rows; the probes' fresh K/V against the
+  // donor's they replace is the guard's sample for this layer. False once
+  // the worst layer's deviation so far is past the guard's bound.
   bool deep_layer(int l) {
     const std::vector<int>& probes = out_.probes;
     std::vector<float> k(kvd_ * probes.size()), v(kvd_ * probes.size());
