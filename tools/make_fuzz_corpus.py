@@ -33,6 +33,15 @@ def cache_request(root):
         write(root, "cache_request", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
+def token_alignment(root):
+    # Any bytes are a request and its donors (fuzz_token_alignment.cpp reads
+    # its sizes from the end, its tokens from the front); sizes from a
+    # request of a few tokens to one of hundreds with several donors.
+    rng = np.random.default_rng(3)
+    for size in (32, 256, 1024, 4096):
+        write(root, "token_alignment", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
 def snapshot(root, tmp):
     # The shape fuzz_snapshot.cpp serves: H=2, Hkv=1, T=24, D=8, prefix 16,
     # embeddings 16x8, tokens 0..15; one cache per approximate mode.
@@ -157,6 +166,7 @@ def main():
     tmp = os.path.join(root, ".tmp")
     os.makedirs(tmp, exist_ok=True)
     cache_request(root)
+    token_alignment(root)
     snapshot(root, tmp)
     llama2c(root)
     gguf(root, tmp)
