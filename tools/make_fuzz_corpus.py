@@ -33,13 +33,13 @@ def cache_request(root):
         write(root, "cache_request", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
-def token_alignment(root):
-    # Any bytes are a request and its donors (fuzz_token_alignment.cpp reads
-    # its sizes from the end, its tokens from the front); sizes from a
-    # request of a few tokens to one of hundreds with several donors.
-    rng = np.random.default_rng(3)
+def random_inputs(root, target, seed):
+    # Any bytes are an input of the targets built on FuzzedDataProvider
+    # (their sizes and choices read from the end, tokens from the front):
+    # from a few operations to hundreds.
+    rng = np.random.default_rng(seed)
     for size in (32, 256, 1024, 4096):
-        write(root, "token_alignment", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        write(root, target, f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
 def snapshot(root, tmp):
@@ -166,7 +166,8 @@ def main():
     tmp = os.path.join(root, ".tmp")
     os.makedirs(tmp, exist_ok=True)
     cache_request(root)
-    token_alignment(root)
+    random_inputs(root, "token_alignment", 3)
+    random_inputs(root, "kv_block_store", 4)
     snapshot(root, tmp)
     llama2c(root)
     gguf(root, tmp)
