@@ -33,13 +33,14 @@ def cache_request(root):
         write(root, "cache_request", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
-def random_inputs(root, target, seed):
+def random_inputs(root, target, seed, sizes=(32, 256, 1024, 4096)):
     # Any bytes are an input of the targets built on FuzzedDataProvider
     # (their sizes and choices read from the end, tokens from the front):
     # from a few operations to hundreds.
     rng = np.random.default_rng(seed)
-    for size in (32, 256, 1024, 4096):
-        write(root, target, f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    for i, size in enumerate(sizes):
+        name = f"random_{size}" if sizes.count(size) == 1 else f"random_{size}_{i}"
+        write(root, target, name, rng.integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
 def snapshot(root, tmp):
@@ -168,6 +169,9 @@ def main():
     cache_request(root)
     random_inputs(root, "token_alignment", 3)
     random_inputs(root, "kv_block_store", 4)
+    # The planner's config is read first (from the end), and mutations seldom
+    # reach it: a dozen seeds, a dozen configs.
+    random_inputs(root, "planner", 5, sizes=(256, 512, 1024, 2048) * 3)
     snapshot(root, tmp)
     llama2c(root)
     gguf(root, tmp)
