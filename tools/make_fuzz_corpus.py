@@ -25,18 +25,10 @@ def write(root, target, name, data):
         f.write(data)
 
 
-def cache_request(root):
-    # Any bytes are a request (fuzz_cache_request.cpp consumes them); a few
-    # lengths seed shapes from small to the largest the target builds.
-    rng = np.random.default_rng(1)
-    for size in (16, 64, 512, 4096):
-        write(root, "cache_request", f"random_{size}", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
-
-
 def random_inputs(root, target, seed, sizes=(32, 256, 1024, 4096)):
-    # Any bytes are an input of the targets built on FuzzedDataProvider
-    # (their sizes and choices read from the end, tokens from the front):
-    # from a few operations to hundreds.
+    # Any bytes are an input of these targets (they read shapes, choices
+    # and values from whatever they get): sizes from a small request or a
+    # few operations to the largest they build.
     rng = np.random.default_rng(seed)
     for i, size in enumerate(sizes):
         name = f"random_{size}" if sizes.count(size) == 1 else f"random_{size}_{i}"
@@ -166,7 +158,7 @@ def main():
     root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "fuzz", "corpus")
     tmp = os.path.join(root, ".tmp")
     os.makedirs(tmp, exist_ok=True)
-    cache_request(root)
+    random_inputs(root, "cache_request", 1, sizes=(16, 64, 512, 4096))
     random_inputs(root, "token_alignment", 3)
     random_inputs(root, "kv_block_store", 4)
     # The planner's config is read first (from the end), and mutations seldom
