@@ -169,7 +169,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       const std::vector<float> reference = engine.forward(tokens, kv, {}).logits;
       float scale = 1.0f;
       for (float x : reference) scale = std::max(scale, std::fabs(x));
-      for (int v = 0; v < c.vocab_size; ++v) require(std::fabs(served.logits[v] - reference[v]) <= 1e-3f * scale);
+      // Exact routes read 1e-5 of the scale or closer; a served blend on
+      // this model is past 1e-4 within a minute of fuzzing.
+      for (int v = 0; v < c.vocab_size; ++v) require(std::fabs(served.logits[v] - reference[v]) <= 1e-4f * scale);
     }
     prompts.push_back(std::move(tokens));
   }
