@@ -13,12 +13,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "serving/kv_block_store.hpp"
+#include "fuzz_require.hpp"
 
 namespace {
 
@@ -27,9 +27,7 @@ namespace llama = attention_echo::llama;
 
 constexpr int kBlock = 64;
 
-void require(bool condition) {
-  if (!condition) std::abort();
-}
+using attention_echo::fuzzing::require;
 
 // Row t's K as an exact forward of tokens[0..t] writes it here: exactly
 // representable, never 0 (a zeroed page), approximate rows half off.

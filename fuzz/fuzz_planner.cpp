@@ -26,15 +26,14 @@
 #include "attention_echo/llama.hpp"
 #include "attention_echo/serving.hpp"
 #include "attention_echo/thread_pool.hpp"
+#include "fuzz_require.hpp"
 
 namespace {
 
 namespace llama = attention_echo::llama;
 namespace serving = attention_echo::serving;
 
-void require(bool condition) {
-  if (!condition) std::abort();
-}
+using attention_echo::fuzzing::require;
 
 const llama::Model& tiny_model() {
   static const auto model = [] {

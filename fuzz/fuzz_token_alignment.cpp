@@ -10,18 +10,16 @@
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 #include "serving/token_alignment.hpp"
+#include "fuzz_require.hpp"
 
 namespace {
 
 using attention_echo::serving::TokenAlignment;
 
-void require(bool condition) {
-  if (!condition) std::abort();
-}
+using attention_echo::fuzzing::require;
 
 void check_counts(const TokenAlignment& a, std::size_t T) {
   require(a.donor_position.size() == T && a.donor.size() == T);
