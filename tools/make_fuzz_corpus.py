@@ -161,6 +161,7 @@ def main():
     random_inputs(root, "cache_request", 1, sizes=(16, 64, 512, 4096))
     random_inputs(root, "token_alignment", 3)
     random_inputs(root, "kv_block_store", 4)
+    random_inputs(root, "kv_l2", 6)
     # The planner's config is read first (from the end), and mutations seldom
     # reach it: a dozen seeds, a dozen configs.
     random_inputs(root, "planner", 5, sizes=(256, 512, 1024, 2048) * 3)
