@@ -461,6 +461,122 @@ struct Planner::Impl {
     store.insert(ns, tokens.first(exact.length), store.state(exact.blocks, exact.length), false, 0.0);
     return {first * B, exact.length};
   }
+
+  // The blend route: blend_prefill under the namespace's guard, measured
+  // now and then (calibrate_every, or refused while its namespace has no
+  // sample of its own), the prompt stored approximate where served.
+  llama::ForwardResult execute_blend(llama::Engine& engine, std::span<const int> tokens, Plan& plan) {
+    PrefillReport& report = plan.report;
+    const bool calibrate = calibration->next_blend_calibrates(config.blend);
+    llama::KVState exact_prefix;
+    if (calibrate) exact_prefix = plan.kv;
+    const BlendGuard guard = calibration->threshold(plan.name_space, config.blend);
+    const RefusedBlend on_refusal = calibrate || calibration->samples(plan.name_space) == 0 ? RefusedBlend::kMeasure
+                                                                                           : RefusedBlend::kStop;
+    const Stopwatch timer;
+    llama::ForwardResult result;
+    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donors, plan.blend->alignment, plan.kv,
+                                           config.blend, guard, result, on_refusal);
+    report_blend(report, out, guard);
+    calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie);
+    if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
+      CostModel::BlendShape done = plan.blend->shape;
+      done.selected = out.recomputed;
+      cost.observe_blend(done, timer.cpu_s(), timer.wall_s());
+    }
+    if (out.blended && calibrate)
+      return serve_calibration_blend(engine, tokens, plan, out, std::move(exact_prefix));
+    if (out.refusal_sample) add_sample(plan, *out.refusal_sample);
+    store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.deviation : 0.0, report.reused);
+    return result;
+  }
+
+  void report_blend(PrefillReport& report, const BlendOutcome& out, const BlendGuard& guard) const {
+    report.blend_first_layer = out.first_layer_rows;
+    report.blend_reused = out.reused;
+    report.blend_recomputed = out.recomputed;
+    report.estimated_error = out.estimated_error;
+    report.blend_rejected = !out.blended;
+    report.blend_deviation = out.deviation;
+    report.blend_bounds = {std::min(config.blend.max_error, guard.estimate),
+                           std::min(config.blend.max_error, guard.deviation)};
+    report.blend_refused_at_layer = out.stopped_at_layer;
+  }
+
+  // A served blend that calibrates: the prompt is also computed exactly
+  // from `exact_prefix`, the measured KL calibrates the guard, and the
+  // prompt is served (and stored) exact.
+  llama::ForwardResult serve_calibration_blend(llama::Engine& engine, std::span<const int> tokens, Plan& plan,
+                                     const BlendOutcome& out, llama::KVState exact_prefix) {
+    const int T = static_cast<int>(tokens.size()), skip = exact_prefix.length;
+    llama::ForwardResult exact = engine.forward(tokens.subspan(skip), exact_prefix, {}, T - skip);
+    plan.report.blend_calibration = true;
+    add_sample(plan, measure_blend(out, exact.logits, skip, T));
+    keep_last_rows(exact, 1, model);
+    plan.kv = std::move(exact_prefix);
+    store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, plan.report.reused);
+    return exact;
+  }
+
+  // The reuse route: the rows past the stored prefix through the engine.
+  // Approximate K/V reused (a blend's) is held to the blend's guard under
+  // this prompt's guard rows, and computed again from the exact prefix
+  // past it (recompute_exactly).
+  llama::ForwardResult execute_forward(llama::Engine& engine, std::span<const int> tokens, Plan& plan,
+                                       int keep_rows) {
+    PrefillReport& report = plan.report;
+    const int T = static_cast<int>(tokens.size());
+    const bool guarded = !plan.reused_exact && config.blend.enabled;
+    const int rows = guard_rows(config.blend, T - plan.kv.length);
+    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    const llama::Timers before = engine.timers();
+    llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
+    if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
+      cost.observe_parallelism(engine.timers().total_cpu_s - before.total_cpu_s,
+                               engine.timers().total_s - before.total_s);
+    // Blended K/V: its deviation's estimate under this prompt's guard rows;
+    // echoed K/V (the cache's, blending off): the echo's estimate, stored.
+    const double reused_estimate =
+        guarded ? guard_estimate(plan.reused_error, last_logits(result, rows, model), model.vocab_size)
+                : plan.reused_error;
+    if (guarded && recompute_exactly(plan, reused_estimate, last_logits(result, 1, model))) {
+      const auto approximate_rows = last_logits(result, rows, model);
+      const std::vector<float> approximate(approximate_rows.begin(), approximate_rows.end());  // result is replaced
+      const KVBlockStore::Prefix exact = store.longest_prefix(plan.name_space, tokens, true);
+      plan.kv = store.state(exact.blocks, std::min(exact.length, T - 1));
+      report.reused = plan.kv.length;
+      result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
+      report.blend_calibration = true;
+      add_sample(plan, measure_sample(reused_estimate, plan.reused_error, last_logits(result, rows, model),
+                                      approximate, model.vocab_size));
+      plan.reused_exact = true;
+      plan.reused_error = 0.0;
+    }
+    report.reused_exact = plan.reused_exact;
+    if (!plan.reused_exact) report.estimated_error = reused_estimate;
+    store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error, report.reused);
+    keep_last_rows(result, keep_rows, model);
+    return result;
+  }
+
+  // The cache route: every row through the engine, each layer's prefix
+  // block through the attention cache.
+  llama::ForwardResult execute_cache(llama::Engine& engine, std::span<const int> tokens, Plan& plan, int keep_rows) {
+    if (!config.cache) throw std::invalid_argument("plan: routed through the cache, but this planner has none");
+    if (plan.kv.length != 0) throw std::invalid_argument("plan: a cache-routed plan starts from empty K/V");
+    const int T = static_cast<int>(tokens.size()), p = plan.prefix_length;
+    const llama::AttentionRoute route{config.cache, p, tokens.first(p), plan.name_space};
+    llama::ForwardResult result = engine.forward(tokens, plan.kv, route, keep_rows);
+    if (found_candidate(result.echo)) cost.observe_cache(T, p, attention_cpu_s(result));
+    PrefillReport& report = plan.report;
+    report.reused_exact = every_layer_exact(result.echo);
+    report.echo = result.echo;
+    for (const EchoResult& e : result.echo)
+      if (e.tier == Tier::kSparse || e.tier == Tier::kDense)
+        report.estimated_error = std::max(report.estimated_error, e.estimated_error);
+    store_prompt(plan.name_space, tokens, plan.kv, report.reused_exact, report.estimated_error, 0);
+    return result;
+  }
 };
 
 Planner::Planner(const llama::ModelConfig& model, PlannerConfig config)
@@ -524,98 +640,12 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
 
 llama::ForwardResult Planner::execute(llama::Engine& engine, std::span<const int> tokens, Plan& plan, int keep_rows) {
   Impl& m = *impl_;
-  const int T = static_cast<int>(tokens.size()), p = plan.prefix_length;
-  PrefillReport& report = plan.report;
-  report.reused = plan.kv.length;
-  if (plan.route == Plan::Route::kBlend && keep_rows == 1) {
-    const bool calibrate = m.calibration->next_blend_calibrates(m.config.blend);
-    llama::KVState exact_prefix;
-    if (calibrate) exact_prefix = plan.kv;
-    const BlendGuard guard = m.calibration->threshold(plan.name_space, m.config.blend);
-    const RefusedBlend on_refusal = calibrate || m.calibration->samples(plan.name_space) == 0
-                                        ? RefusedBlend::kMeasure
-                                        : RefusedBlend::kStop;
-    const Stopwatch timer;
-    llama::ForwardResult result;
-    const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donors, plan.blend->alignment, plan.kv,
-                                           m.config.blend, guard, result, on_refusal);
-    report.blend_first_layer = out.first_layer_rows;
-    report.blend_reused = out.reused;
-    report.blend_recomputed = out.recomputed;
-    report.estimated_error = out.estimated_error;
-    report.blend_rejected = !out.blended;
-    report.blend_deviation = out.deviation;
-    report.blend_bounds = {std::min(m.config.blend.max_error, guard.estimate),
-                           std::min(m.config.blend.max_error, guard.deviation)};
-    report.blend_refused_at_layer = out.stopped_at_layer;
-    m.calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie);
-    if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
-      CostModel::BlendShape done = plan.blend->shape;
-      done.selected = out.recomputed;
-      m.cost.observe_blend(done, timer.cpu_s(), timer.wall_s());
-    }
-    if (out.blended && calibrate) {
-      // Also computed exactly: the measured KL calibrates the guard, and
-      // the prompt is served (and stored) exact.
-      const int skip = exact_prefix.length;
-      llama::ForwardResult exact = engine.forward(tokens.subspan(skip), exact_prefix, {}, T - skip);
-      report.blend_calibration = true;
-      m.add_sample(plan, m.measure_blend(out, exact.logits, skip, T));
-      keep_last_rows(exact, keep_rows, m.model);
-      plan.kv = std::move(exact_prefix);
-      m.store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, report.reused);
-      return exact;
-    }
-    if (out.refusal_sample) m.add_sample(plan, *out.refusal_sample);
-    m.store_prompt(plan.name_space, tokens, plan.kv, !out.blended, out.blended ? out.deviation : 0.0, report.reused);
-    return result;
-  }
-  if (plan.route != Plan::Route::kCache) {
-    // Approximate K/V reused: the guard rows' logits too, for its estimate.
-    const bool guarded = !plan.reused_exact && m.config.blend.enabled;
-    const int rows = guard_rows(m.config.blend, T - plan.kv.length);
-    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
-    const llama::Timers before = engine.timers();
-    llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
-    if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
-      m.cost.observe_parallelism(engine.timers().total_cpu_s - before.total_cpu_s,
-                                 engine.timers().total_s - before.total_s);
-    // Blended K/V: its deviation's estimate under this prompt's guard rows;
-    // echoed K/V (the cache's, blending off): the echo's estimate, stored.
-    const double reused_estimate =
-        guarded ? guard_estimate(plan.reused_error, last_logits(result, rows, m.model), m.model.vocab_size)
-                : plan.reused_error;
-    if (guarded && m.recompute_exactly(plan, reused_estimate, last_logits(result, 1, m.model))) {
-      const auto approximate_rows = last_logits(result, rows, m.model);
-      const std::vector<float> approximate(approximate_rows.begin(), approximate_rows.end());  // result is replaced
-      const KVBlockStore::Prefix exact = m.store.longest_prefix(plan.name_space, tokens, true);
-      plan.kv = m.store.state(exact.blocks, std::min(exact.length, T - 1));
-      report.reused = plan.kv.length;
-      result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
-      report.blend_calibration = true;
-      m.add_sample(plan, measure_sample(reused_estimate, plan.reused_error, last_logits(result, rows, m.model),
-                                        approximate, m.model.vocab_size));
-      plan.reused_exact = true;
-      plan.reused_error = 0.0;
-    }
-    report.reused_exact = plan.reused_exact;
-    if (!plan.reused_exact) report.estimated_error = reused_estimate;
-    m.store_prompt(plan.name_space, tokens, plan.kv, plan.reused_exact, plan.reused_error, report.reused);
-    keep_last_rows(result, keep_rows, m.model);
-    return result;
-  }
-  if (!m.config.cache) throw std::invalid_argument("plan: routed through the cache, but this planner has none");
-  if (plan.kv.length != 0) throw std::invalid_argument("plan: a cache-routed plan starts from empty K/V");
-  const llama::AttentionRoute route{m.config.cache, p, tokens.first(p), plan.name_space};
-  llama::ForwardResult result = engine.forward(tokens, plan.kv, route, keep_rows);
-  if (found_candidate(result.echo)) m.cost.observe_cache(T, p, attention_cpu_s(result));
-  const bool exact = every_layer_exact(result.echo);
-  report.reused_exact = exact;
-  report.echo = result.echo;
-  for (const EchoResult& e : result.echo)
-    if (e.tier == Tier::kSparse || e.tier == Tier::kDense) report.estimated_error = std::max(report.estimated_error, e.estimated_error);
-  m.store_prompt(plan.name_space, tokens, plan.kv, exact, report.estimated_error, 0);
-  return result;
+  plan.report.reused = plan.kv.length;
+  // A blend keeps one row's logits; asked for more, the plan's exact
+  // prefix is computed on (plan() handed it over as plan.kv).
+  if (plan.route == Plan::Route::kBlend && keep_rows == 1) return m.execute_blend(engine, tokens, plan);
+  if (plan.route != Plan::Route::kCache) return m.execute_forward(engine, tokens, plan, keep_rows);
+  return m.execute_cache(engine, tokens, plan, keep_rows);
 }
 
 std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
