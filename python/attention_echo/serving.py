@@ -38,11 +38,18 @@ class LlamaServer:
     ``store_bytes``) is written in at construction, as a server takes its
     K/V memory at startup, so that requests do not pay for the process
     growing into memory it never held.
+
+    ``store_url`` (``"redis://HOST:PORT[?deadline_ms=3&...]"``) shares the
+    exact K/V blocks every replica of this model computes through a Redis
+    server: a prompt whose stored prefix ends early here reads the blocks
+    that follow from there (``report["reused_from_l2"]`` rows), each
+    checked, within the lookup deadline; blended K/V never leave the
+    process. ``l2_stats`` counts what the store did.
     """
 
     def __init__(self, path: str, *, threads: int = 0, blend: bool = True, recompute_ratio: float = 0.15,
                  max_error: float = 0.2, store_bytes: int = 512 << 20, reserve_bytes: int = 0,
-                 blend_selection: str = "auto") -> None:
+                 blend_selection: str = "auto", store_url: str = "") -> None:
         if not isinstance(path, str):
             raise TypeError(f"path must be a str, got {type(path).__name__}")
         for name, value in (("threads", threads), ("store_bytes", store_bytes), ("reserve_bytes", reserve_bytes)):
@@ -50,10 +57,11 @@ class LlamaServer:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
-        if not isinstance(blend_selection, str):
-            raise TypeError(f"blend_selection must be a str, got {type(blend_selection).__name__}")
+        for name, value in (("blend_selection", blend_selection), ("store_url", store_url)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
         self._server = _core.LlamaServer(path, threads, bool(blend), float(recompute_ratio), float(max_error),
-                                         store_bytes, reserve_bytes, blend_selection)
+                                         store_bytes, reserve_bytes, blend_selection, store_url)
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +74,12 @@ class LlamaServer:
     @property
     def stored_prompts(self) -> int:
         return self._server.stored_prompts
+
+    @property
+    def l2_stats(self) -> dict:
+        """The shared store's counters (``store_url``; zeros without one):
+        lookups, hits, misses, rejected, timeouts, errors, writes, ..."""
+        return self._server.l2_stats()
 
     def clear(self, namespace: str) -> None:
         """Drops one namespace's stored K/V (a tenant leaving); the others keep theirs."""

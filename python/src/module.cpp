@@ -194,12 +194,18 @@ struct LlamaServer {
       : LlamaServer(ae::llama::load_weights(path), path, threads, config) {}
   LlamaServer(const ae::llama::Weights& weights, const std::string& path, int threads,
               const ae::serving::PlannerConfig& config)
-      : model(weights), pool(threads), engine(model, pool), planner(model.config(), config) {
+      : model(weights), pool(threads), engine(model, pool), planner(model.config(), keyed_by(config, model)) {
     try {
       tokenizer.emplace(ae::llama::model_tokenizer(weights, path));
     } catch (const std::exception& e) {
       no_tokenizer = e.what();
     }
+  }
+  // K/V blocks in a shared store are keyed by the model's fingerprint, so
+  // replicas of one model share them and other models never read them.
+  static ae::serving::PlannerConfig keyed_by(ae::serving::PlannerConfig config, const ae::llama::Model& model) {
+    if (!config.store_url.empty()) config.model_fingerprint = model.fingerprint();
+    return config;
   }
   const ae::llama::Tokenizer& tokens() const {
     if (!tokenizer) throw std::invalid_argument("this model has no tokenizer: " + no_tokenizer);
@@ -226,6 +232,7 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["guard_estimate_bound"] = r.blend_bounds.estimate;
   d["guard_deviation_bound"] = r.blend_bounds.deviation;
   d["blend_refused_at_layer"] = r.blend_refused_at_layer;
+  d["reused_from_l2"] = r.reused_from_l2;
   return d;
 }
 
@@ -357,10 +364,12 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](LlamaServer* self, const std::string& path, int threads, bool blend, double recompute_ratio,
-             double max_error, std::size_t store_bytes, std::size_t reserve_bytes, const std::string& selection) {
+             double max_error, std::size_t store_bytes, std::size_t reserve_bytes, const std::string& selection,
+             const std::string& store_url) {
             ae::serving::PlannerConfig config;
             config.store_bytes = store_bytes;
             config.reserve_bytes = reserve_bytes;
+            config.store_url = store_url;
             config.blend = {.enabled = blend,
                             .selection = ae::serving::parse_blend_selection(selection),
                             .recompute_ratio = recompute_ratio,
@@ -369,10 +378,11 @@ NB_MODULE(_core, m) {
             new (self) LlamaServer(path, threads, config);
           },
           "path"_a, "threads"_a, "blend"_a, "recompute_ratio"_a, "max_error"_a, "store_bytes"_a, "reserve_bytes"_a,
-          "blend_selection"_a)
+          "blend_selection"_a, "store_url"_a)
       .def_prop_ro("vocab_size", [](const LlamaServer& s) { return s.model.config().vocab_size; })
       .def_prop_ro("context_length", [](const LlamaServer& s) { return s.model.config().seq_len; })
       .def_prop_ro("stored_prompts", [](const LlamaServer& s) { return s.planner.stored_prompts(); })
+      .def("l2_stats", [](const LlamaServer& s) { return l2_stats_dict(s.planner.l2_stats()); })
       .def(
           "clear_namespace", [](LlamaServer& self, const std::string& name_space) { self.planner.clear(name_space); },
           "namespace"_a, nb::call_guard<nb::gil_scoped_release>())

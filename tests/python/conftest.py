@@ -3,6 +3,11 @@
 sources in python/attention_echo are never on sys.path."""
 
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -73,3 +78,30 @@ def make_emb():
         return rng.standard_normal((P, E)).astype(np.float32)
 
     return make
+
+
+@pytest.fixture
+def redis_url():
+    """A real redis-server (127.0.0.1, a free port, no persistence) for the
+    test, as a store_url; skipped where it is not installed (tools/setup.sh
+    installs it)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", d, "--loglevel", "warning", "--logfile", f"{d}/redis.log"])
+        try:
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                    break
+                except OSError:
+                    time.sleep(0.025)
+            yield f"redis://127.0.0.1:{port}?deadline_ms=5000&write_timeout_ms=5000"
+        finally:
+            server.kill()
+            server.wait()

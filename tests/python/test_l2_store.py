@@ -1,41 +1,10 @@
-"""The shared L2 store from Python: EchoConfig.store_url, AttentionEchoCache.l2_stats.
-Runs a real redis-server (127.0.0.1, a free port, no persistence); skipped
-where it is not installed (tools/setup.sh installs it)."""
-
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
+"""The shared L2 store from Python: EchoConfig.store_url, AttentionEchoCache.l2_stats,
+on a real redis-server (conftest.py's redis_url)."""
 
 import numpy as np
 import pytest
 
 from attention_echo import AttentionEchoCache, EchoConfig
-
-
-@pytest.fixture
-def redis_url():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", d, "--loglevel", "warning", "--logfile", f"{d}/redis.log"])
-        try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.025)
-            yield f"redis://127.0.0.1:{port}?deadline_ms=5000&write_timeout_ms=5000"
-        finally:
-            server.kill()
-            server.wait()
 
 
 def test_a_second_cache_is_served_what_the_first_computed(make_qkv, make_emb, redis_url):

@@ -111,6 +111,10 @@ def test_bad_input_raises_and_stores_nothing():
         LlamaServer(MODEL, store_bytes=1 << 20, reserve_bytes=2 << 20)
     with pytest.raises(ValueError, match="reserve_bytes"):
         LlamaServer(MODEL, reserve_bytes=-1)
+    with pytest.raises(ValueError, match="^store_url"):
+        LlamaServer(MODEL, store_url="http://127.0.0.1:6379")
+    with pytest.raises(TypeError, match="store_url"):
+        LlamaServer(MODEL, store_url=6379)
     with pytest.raises((ValueError, RuntimeError), match="nope"):
         LlamaServer("/nope/model.bin")
     assert server.stored_prompts == 0
@@ -137,3 +141,20 @@ def test_text_through_the_models_own_tokenizer(tmp_path):
     assert bare.prefill(ids)[0].shape == (bare.vocab_size,)
     with pytest.raises(ValueError, match="no tokenizer.*tokenizer.bin"):
         bare.tokenize(text)
+
+
+def test_replicas_share_exact_blocks_through_redis(prompt, redis_url):
+    """A second server of the same model reads the K/V blocks the first
+    computed from the shared store and serves the same logits."""
+    try:
+        first = LlamaServer(MODEL, threads=2, store_url=redis_url)
+    except RuntimeError as e:  # a build without Redis (AE_REDIS=OFF)
+        pytest.skip(str(e))
+    logits, report = first.prefill(prompt)
+    blocks = len(prompt) // 64  # full blocks of the store's 64 tokens
+    assert report["reused_from_l2"] == 0 and first.l2_stats["writes"] == blocks
+    second = LlamaServer(MODEL, threads=2, store_url=redis_url)
+    again, report = second.prefill(prompt)
+    assert report["reused"] == report["reused_from_l2"] == blocks * 64 and report["reused_exact"]
+    assert second.l2_stats["hits"] == blocks and second.l2_stats["rejected"] == 0
+    np.testing.assert_allclose(again, logits, atol=1e-4)
