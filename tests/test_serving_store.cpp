@@ -251,6 +251,16 @@ TEST(TokenAlignment, UnrelatedTokensDoNotAlign) {
   EXPECT_THROW(align_tokens(random_tokens(5, 1), random_tokens(5, 1), 0), std::invalid_argument);
 }
 
+TEST(TokenAlignment, KgramsOfAnotherRequestOrAnchorAreRefused) {
+  const auto request = random_tokens(100, 1), donor = random_tokens(100, 2);
+  const TokenAnchors anchors = index_anchors(donor);
+  EXPECT_EQ(align_tokens(request, request_kgrams(request), donor, anchors).donor_position,
+            align_tokens(request, donor).donor_position);
+  EXPECT_THROW(align_tokens(request, request_kgrams(request, 4), donor, anchors), std::invalid_argument);
+  EXPECT_THROW(align_tokens(request, request_kgrams(random_tokens(90, 1)), donor, anchors), std::invalid_argument);
+  EXPECT_THROW(request_kgrams(request, 0), std::invalid_argument);
+}
+
 // A request's K/V as the engine leaves it, in pages of the test store's
 // shape (2 layers, kv_dim 4, 64 tokens): K of layer l, row t, element d is
 // l * 1e4 + t + 0.1 d + salt; V depends on the token id instead.

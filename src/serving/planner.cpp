@@ -337,9 +337,12 @@ struct Planner::Impl {
     const BlendConfig& b = config.blend;
     std::vector<TokenAlignment> alignments;
     std::vector<const KVBlockStore::Record*> records;
+    std::optional<RequestKgrams> kgrams;
     for (const KVBlockStore::Similar& candidate : candidates) {
       if (candidate.similarity < kDonorProfile) break;  // best first
-      TokenAlignment a = align_tokens(tokens, candidate.record->tokens, candidate.record->anchors);
+      const TokenAnchors& anchors = candidate.record->anchors;
+      if (!kgrams || kgrams->anchor != anchors.anchor) kgrams = request_kgrams(tokens, anchors.anchor);
+      TokenAlignment a = align_tokens(tokens, *kgrams, candidate.record->tokens, anchors);
       if (a.aligned == 0) continue;
       alignments.push_back(std::move(a));
       records.push_back(candidate.record);
@@ -684,7 +687,8 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     llama::ForwardResult blended;
     const int T = static_cast<int>(prompt.size());
     const Stopwatch timer;
-    const TokenAlignment alignment = merge_alignments(std::vector{align_tokens(prompt, donor, anchors)});
+    const TokenAlignment alignment =
+        merge_alignments(std::vector{align_tokens(prompt, request_kgrams(prompt, anchors.anchor), donor, anchors)});
     const BlendOutcome out =
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
     m.cost.observe_blend(m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s());

@@ -11,19 +11,20 @@ namespace {
 
 constexpr std::uint64_t kBase = 0x100000001b3ULL;
 
-// Polynomial hashes of every k-gram of `tokens`, rolled in O(n).
-std::vector<std::pair<std::uint64_t, int>> kgram_hashes(std::span<const int> tokens, int k) {
-  std::vector<std::pair<std::uint64_t, int>> out;
+// Polynomial hashes of every k-gram of `tokens` (from each position), rolled
+// in O(n).
+std::vector<std::uint64_t> kgram_hashes(std::span<const int> tokens, int k) {
+  std::vector<std::uint64_t> out;
   if (static_cast<int>(tokens.size()) < k) return out;
   std::uint64_t top = 1;  // kBase^(k-1)
   for (int j = 1; j < k; ++j) top *= kBase;
   std::uint64_t h = 0;
   for (int j = 0; j < k; ++j) h = h * kBase + static_cast<std::uint32_t>(tokens[j]);
   out.reserve(tokens.size() - k + 1);
-  out.emplace_back(h, 0);
+  out.push_back(h);
   for (std::size_t i = k; i < tokens.size(); ++i) {
     h = (h - top * static_cast<std::uint32_t>(tokens[i - k])) * kBase + static_cast<std::uint32_t>(tokens[i]);
-    out.emplace_back(h, static_cast<int>(i - k + 1));
+    out.push_back(h);
   }
   return out;
 }
@@ -53,7 +54,10 @@ void count_aligned(TokenAlignment& a) {
 
 TokenAnchors index_anchors(std::span<const int> donor, int anchor) {
   if (anchor < 1) throw std::invalid_argument("anchor: must be at least 1");
-  TokenAnchors index{anchor, kgram_hashes(donor, anchor), {}};
+  TokenAnchors index{anchor, {}, {}};
+  const std::vector<std::uint64_t> hashes = kgram_hashes(donor, anchor);
+  index.sorted.reserve(hashes.size());
+  for (std::size_t at = 0; at < hashes.size(); ++at) index.sorted.emplace_back(hashes[at], static_cast<int>(at));
   std::sort(index.sorted.begin(), index.sorted.end());
   if (index.sorted.empty()) return index;
   index.filter.assign(std::bit_ceil(std::max<std::size_t>(1, index.sorted.size() / 4)), 0);  // 16 bits each
@@ -64,8 +68,17 @@ TokenAnchors index_anchors(std::span<const int> donor, int anchor) {
   return index;
 }
 
-TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, const TokenAnchors& index) {
+RequestKgrams request_kgrams(std::span<const int> request, int anchor) {
+  if (anchor < 1) throw std::invalid_argument("anchor: must be at least 1");
+  return {anchor, kgram_hashes(request, anchor)};
+}
+
+TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
+                            const TokenAnchors& index) {
   const int anchor = index.anchor;
+  const std::size_t kgram_count = request.size() >= std::size_t(anchor) ? request.size() - anchor + 1 : 0;
+  if (kgrams.anchor != anchor || kgrams.hashes.size() != kgram_count)
+    throw std::invalid_argument("kgrams: not a request of this length's k-grams at the donor's anchor length");
   const auto& anchors = index.sorted;
   const int T = static_cast<int>(request.size()), Td = static_cast<int>(donor.size());
   TokenAlignment a;
@@ -78,7 +91,7 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
   for (std::size_t w = 0; w < index.filter.size(); w += 64 / sizeof(std::uint64_t))
     __builtin_prefetch(&index.filter[w]);
   for (std::size_t t = 0; t < donor.size(); t += 64 / sizeof(int)) __builtin_prefetch(&donor[t]);
-  const auto request_hashes = kgram_hashes(request, anchor);
+  const std::vector<std::uint64_t>& request_hashes = kgrams.hashes;
 
   int offset = 0;  // donor - request position of the last run
   for (int i = 0; i < T;) {
@@ -93,8 +106,8 @@ TokenAlignment align_tokens(std::span<const int> request, std::span<const int> d
     const int resume = i + offset;  // the run resuming at the old offset is the nearest there can be
     if (i + anchor <= T && resume >= 0 && resume + anchor <= Td && same_run(request, i, donor, resume, anchor)) {
       best = resume;
-    } else if (i + anchor <= T && index.may_hold(request_hashes[i].first)) {
-      const std::uint64_t h = request_hashes[i].first;
+    } else if (i + anchor <= T && index.may_hold(request_hashes[i])) {
+      const std::uint64_t h = request_hashes[i];
       auto it = std::lower_bound(anchors.begin(), anchors.end(), std::make_pair(h, -1));
       for (; it != anchors.end() && it->first == h; ++it)
         if (same_run(request, i, donor, it->second, anchor) &&

@@ -50,9 +50,23 @@ struct TokenAnchors {
 // Throws std::invalid_argument for anchor < 1.
 TokenAnchors index_anchors(std::span<const int> donor, int anchor = 8);
 
-TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, const TokenAnchors& anchors);
+// A request's side of the anchors: the hash of its `anchor` tokens from
+// every position (request length - anchor + 1 of them, or none), hashed
+// once however many donors the request is aligned against (the planner
+// aligns up to four per lookup).
+struct RequestKgrams {
+  int anchor = 8;
+  std::vector<std::uint64_t> hashes;
+};
+// Throws std::invalid_argument for anchor < 1.
+RequestKgrams request_kgrams(std::span<const int> request, int anchor = 8);
+
+// Throws std::invalid_argument when `kgrams` are not the request's at the
+// donor index's anchor length.
+TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
+                            const TokenAnchors& anchors);
 inline TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor = 8) {
-  return align_tokens(request, donor, index_anchors(donor, anchor));
+  return align_tokens(request, request_kgrams(request, anchor), donor, index_anchors(donor, anchor));
 }
 
 // Runs shorter than this are not reused: every row of one lies within 64
