@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "serving/kv_block_store.hpp"
+#include "fuzz_prompts.hpp"
 #include "fuzz_require.hpp"
 
 namespace {
@@ -75,17 +76,9 @@ void check_lookup(serving::KVBlockStore& store, const Reference& ref, const std:
   check_rows(p.blocks, p.length, tokens, p.approximate);
 }
 
-// A prompt: a prefix of an earlier one (shared blocks, a prefix ending
-// mid-block) and tokens of its own, over a small alphabet.
+// Prompts of up to 200 tokens of their own, over 4 token ids.
 std::vector<int> next_prompt(FuzzedDataProvider& in, const std::vector<std::vector<int>>& earlier) {
-  std::vector<int> tokens;
-  if (!earlier.empty() && in.ConsumeBool()) {
-    const auto& base = earlier[in.ConsumeIntegralInRange<std::size_t>(0, earlier.size() - 1)];
-    tokens.assign(base.begin(), base.begin() + in.ConsumeIntegralInRange<std::size_t>(0, base.size()));
-  }
-  const int own = in.ConsumeIntegralInRange(tokens.empty() ? 1 : 0, 200);
-  for (int n = 0; n < own; ++n) tokens.push_back(in.ConsumeIntegralInRange(0, 3));
-  return tokens;
+  return attention_echo::fuzzing::next_prompt(in, earlier, 200, 4);
 }
 
 void insert(serving::KVBlockStore& store, Reference& ref, const std::string& ns, const std::vector<int>& tokens,

@@ -25,6 +25,7 @@
 #include "core/binary_writer.hpp"
 #include "core/checksum.hpp"
 #include "core/l2_key.hpp"
+#include "fuzz_prompts.hpp"
 #include "fuzz_require.hpp"
 #include "serving/kv_block_store.hpp"
 #include "serving/kv_l2.hpp"
@@ -198,19 +199,6 @@ class FaultyStore final : public ae::L2Store {
   std::uint64_t rejected_ = 0;
 };
 
-// A prompt: a prefix of an earlier one and tokens of its own, over a small
-// alphabet (so prompts share blocks).
-std::vector<int> next_prompt(FuzzedDataProvider& in, const std::vector<std::vector<int>>& earlier) {
-  std::vector<int> tokens;
-  if (!earlier.empty() && in.ConsumeBool()) {
-    const auto& base = earlier[in.ConsumeIntegralInRange<std::size_t>(0, earlier.size() - 1)];
-    tokens.assign(base.begin(), base.begin() + in.ConsumeIntegralInRange<std::size_t>(0, base.size()));
-  }
-  const int own = in.ConsumeIntegralInRange(tokens.empty() ? 1 : 0, 300);
-  for (int n = 0; n < own; ++n) tokens.push_back(in.ConsumeIntegralInRange(0, 2));
-  return tokens;
-}
-
 struct Fixture {
   explicit Fixture(FuzzedDataProvider& in) : store(std::make_shared<FaultyStore>(in)) {
     for (const Writer& w : kWriters) {
@@ -249,7 +237,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (int op = 0; op < 32 && in.remaining_bytes() > 0; ++op) {
     const int w = in.ConsumeIntegralInRange(0, 2);
     const std::string& ns = kSpaces[in.ConsumeIntegralInRange(0, 4)];
-    prompts.push_back(next_prompt(in, prompts));
+    prompts.push_back(ae::fuzzing::next_prompt(in, prompts, 300, 3));
     const std::vector<int>& tokens = prompts.back();
     const int blocks = static_cast<int>(tokens.size()) / kBlock;
     const int first = in.ConsumeIntegralInRange(0, blocks);
