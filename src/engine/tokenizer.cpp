@@ -14,6 +14,18 @@
 
 namespace attention_echo::llama {
 
+namespace {
+
+// A piece of the text being encoded: a node of a doubly linked list over
+// the text's code points, merged pairwise into longer pieces.
+struct Symbol {
+  int token;
+  int prev, next;
+  std::size_t begin, end;  // byte range in the source text
+};
+
+}  // namespace
+
 struct Tokenizer::Impl {
   std::optional<ByteLevelBpe> byte_level;  // a "gpt2" vocabulary; the rest is SentencePiece's
   int bos = kBos, eos = kEos;
@@ -28,6 +40,75 @@ struct Tokenizer::Impl {
     auto it = std::lower_bound(sorted.begin(), sorted.end(), piece,
                                [&](int id, std::string_view p) { return std::string_view(pieces[id]) < p; });
     return it != sorted.end() && pieces[*it] == piece ? *it : -1;
+  }
+
+  // One symbol per code point of `source` that has a piece, else one per
+  // byte (byte-fallback pieces), linked in order.
+  std::vector<Symbol> initial_symbols(const std::string& source) const {
+    std::vector<Symbol> symbols;
+    for (std::size_t i = 0; i < source.size();) {
+      // One UTF-8 code point: a lead byte and up to three continuation bytes.
+      std::size_t n = 1;
+      while (n < 4 && i + n < source.size() && (static_cast<unsigned char>(source[i + n]) & 0xC0) == 0x80) ++n;
+      const int id = lookup(std::string_view(source).substr(i, n));
+      if (id >= 0) {
+        symbols.push_back({id, 0, 0, i, i + n});
+      } else {
+        for (std::size_t b = i; b < i + n; ++b) {
+          const int byte_id = byte_token[static_cast<unsigned char>(source[b])];
+          if (byte_id < 0)
+            throw std::invalid_argument("text: byte " + std::to_string(static_cast<unsigned char>(source[b])) +
+                                        " has no token in this vocabulary");
+          symbols.push_back({byte_id, 0, 0, b, b + 1});
+        }
+      }
+      i += n;
+    }
+    const int n = static_cast<int>(symbols.size());
+    for (int i = 0; i < n; ++i) {
+      symbols[i].prev = i - 1;
+      symbols[i].next = i + 1 < n ? i + 1 : -1;
+    }
+    return symbols;
+  }
+
+  // Merges neighbours into the pieces they spell, best score first,
+  // leftmost first on ties (run.c's order). A candidate is stale once
+  // either symbol merged with something else.
+  void merge(std::vector<Symbol>& symbols, const std::string& source) const {
+    struct Pair {
+      float score;
+      std::size_t begin;  // of the left symbol: the tie-break
+      int left, right, token;
+      std::size_t left_end, right_end;
+      bool operator<(const Pair& o) const { return score != o.score ? score < o.score : begin > o.begin; }
+    };
+    const int n = static_cast<int>(symbols.size());
+    std::priority_queue<Pair> heap;
+    std::vector<bool> dead(n, false);
+    auto consider = [&](int left) {
+      if (left < 0 || symbols[left].next < 0) return;
+      const Symbol& a = symbols[left];
+      const Symbol& b = symbols[a.next];
+      const int id = lookup(std::string_view(source).substr(a.begin, b.end - a.begin));
+      if (id >= 0) heap.push({scores[id], a.begin, left, a.next, id, a.end, b.end});
+    };
+    for (int i = 0; i < n; ++i) consider(i);
+    while (!heap.empty()) {
+      const Pair p = heap.top();
+      heap.pop();
+      Symbol& a = symbols[p.left];
+      const Symbol& b = symbols[p.right];
+      if (dead[p.left] || dead[p.right] || a.next != p.right || a.end != p.left_end || b.end != p.right_end)
+        continue;
+      a.token = p.token;
+      a.end = b.end;
+      a.next = b.next;
+      if (b.next >= 0) symbols[b.next].prev = p.left;
+      dead[p.right] = true;
+      consider(a.prev);
+      consider(p.left);
+    }
   }
 
   // Lookup tables over the pieces, built once they are read.
@@ -130,85 +211,20 @@ Tokenizer::Tokenizer(const Weights::Vocabulary& vocabulary) : impl_(std::make_un
 
 std::vector<int> Tokenizer::encode(std::string_view text, const EncodeOptions& options) const {
   const Impl& t = *impl_;
+  std::vector<int> tokens;
   if (t.byte_level) {
-    std::vector<int> tokens;
     if (options.bos && t.bos >= 0) tokens.push_back(t.bos);
     t.byte_level->encode(text, tokens);
     if (options.eos && t.eos >= 0) tokens.push_back(t.eos);
     return tokens;
   }
-  // Symbols as a doubly linked list over the initial code points.
-  struct Symbol {
-    int token;
-    int prev, next;
-    std::size_t begin, end;  // byte range in `source`
-  };
   std::string source;
   if (options.dummy_prefix && !text.empty()) source = " ";
   source += text;
-  std::vector<Symbol> symbols;
-  for (std::size_t i = 0; i < source.size();) {
-    // One UTF-8 code point: a lead byte and up to three continuation bytes.
-    std::size_t n = 1;
-    while (n < 4 && i + n < source.size() && (static_cast<unsigned char>(source[i + n]) & 0xC0) == 0x80) ++n;
-    const int id = t.lookup(std::string_view(source).substr(i, n));
-    if (id >= 0) {
-      symbols.push_back({id, 0, 0, i, i + n});
-    } else {
-      for (std::size_t b = i; b < i + n; ++b) {
-        const int byte_id = t.byte_token[static_cast<unsigned char>(source[b])];
-        if (byte_id < 0)
-          throw std::invalid_argument("text: byte " + std::to_string(static_cast<unsigned char>(source[b])) +
-                                      " has no token in this vocabulary");
-        symbols.push_back({byte_id, 0, 0, b, b + 1});
-      }
-    }
-    i += n;
-  }
-  const int n = static_cast<int>(symbols.size());
-  for (int i = 0; i < n; ++i) {
-    symbols[i].prev = i - 1;
-    symbols[i].next = i + 1 < n ? i + 1 : -1;
-  }
-
-  // Candidate merges, best score first, leftmost first on ties (run.c's
-  // order). An entry is stale once either symbol merged with something else.
-  struct Pair {
-    float score;
-    std::size_t begin;  // of the left symbol: the tie-break
-    int left, right, token;
-    std::size_t left_end, right_end;
-    bool operator<(const Pair& o) const { return score != o.score ? score < o.score : begin > o.begin; }
-  };
-  std::priority_queue<Pair> heap;
-  std::vector<bool> dead(n, false);
-  auto consider = [&](int left) {
-    if (left < 0 || symbols[left].next < 0) return;
-    const Symbol& a = symbols[left];
-    const Symbol& b = symbols[a.next];
-    const int id = t.lookup(std::string_view(source).substr(a.begin, b.end - a.begin));
-    if (id >= 0) heap.push({t.scores[id], a.begin, left, a.next, id, a.end, b.end});
-  };
-  for (int i = 0; i < n; ++i) consider(i);
-  while (!heap.empty()) {
-    const Pair p = heap.top();
-    heap.pop();
-    Symbol& a = symbols[p.left];
-    const Symbol& b = symbols[p.right];
-    if (dead[p.left] || dead[p.right] || a.next != p.right || a.end != p.left_end || b.end != p.right_end)
-      continue;
-    a.token = p.token;
-    a.end = b.end;
-    a.next = b.next;
-    if (b.next >= 0) symbols[b.next].prev = p.left;
-    dead[p.right] = true;
-    consider(a.prev);
-    consider(p.left);
-  }
-
-  std::vector<int> tokens;
+  std::vector<Symbol> symbols = t.initial_symbols(source);
+  t.merge(symbols, source);
   if (options.bos) tokens.push_back(kBos);
-  for (int i = n > 0 ? 0 : -1; i >= 0; i = symbols[i].next) tokens.push_back(symbols[i].token);
+  for (int i = symbols.empty() ? -1 : 0; i >= 0; i = symbols[i].next) tokens.push_back(symbols[i].token);
   if (options.eos) tokens.push_back(kEos);
   return tokens;
 }
