@@ -114,6 +114,70 @@ struct KVBlockStore::Impl {
     }
   }
 
+  // Walks (and extends) the record's chain of blocks: a block already
+  // stored is shared, a fresh one is kv's own page (also where it replaces
+  // an approximate block with an exact one). Adds the fresh blocks' bytes
+  // to stored.bytes; returns the bytes of every block the record uses,
+  // shared or not. Changes nothing in the store.
+  std::size_t chain_blocks(StoredRecord& stored, const llama::KVState& kv, int block_tokens) const {
+    Record& rec = stored.record;
+    const std::span<const int> tokens = rec.tokens;
+    std::size_t total = stored.bytes;
+    std::uint64_t parent = namespace_root(rec.name_space);
+    for (int t0 = 0; t0 < static_cast<int>(tokens.size()); t0 += block_tokens) {
+      const auto part = tokens.subspan(t0, std::min<std::size_t>(block_tokens, tokens.size() - t0));
+      const std::uint64_t h = chain(parent, part);
+      const auto it = nodes.find(h);
+      const bool replace = it != nodes.end() && it->second.approximate && !rec.approximate;
+      if (it == nodes.end() || replace) {
+        rec.blocks.push_back(kv.pages[t0 / block_tokens]);
+        if (!replace) stored.bytes += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
+      } else {
+        rec.blocks.push_back(it->second.block);
+      }
+      total += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
+      stored.chain.push_back(h);
+      parent = h;
+    }
+    return total;
+  }
+
+  // Links a chained record's nodes (nothing here can throw but
+  // allocation), registers an exact one as a donor and puts it first in
+  // the LRU order; the caller evicts past the budget.
+  void commit(StoredRecord stored, double error, int block_tokens) {
+    Record& rec = stored.record;
+    std::uint64_t parent = namespace_root(rec.name_space);
+    for (std::size_t b = 0; b < stored.chain.size(); ++b) {
+      const std::uint64_t h = stored.chain[b];
+      auto [it, added] = nodes.try_emplace(h);
+      Node& node = it->second;
+      if (added) {
+        const std::size_t t0 = b * block_tokens;
+        node.tokens.assign(rec.tokens.begin() + t0, rec.tokens.begin() + std::min(t0 + block_tokens, rec.tokens.size()));
+        node.parent = parent;
+        link(node, block_tokens);
+      }
+      if (added || (node.approximate && !rec.approximate)) {
+        node.block = rec.blocks[b];
+        node.approximate = rec.approximate;
+        node.error = error;
+      }
+      ++node.refs;
+      parent = h;
+    }
+    rec.id = next_id++;
+    for (const std::uint64_t h : stored.chain) nodes.at(h).owner = rec.id;
+    if (!rec.approximate) {
+      auto d = donors.find(rec.name_space);
+      if (d == donors.end()) d = donors.emplace(rec.name_space, index::SemanticIndex(128)).first;
+      d->second.add(rec.id, token_profile(rec.tokens));
+    }
+    bytes += stored.bytes;
+    lru.push_front(std::move(stored));
+    by_id[lru.front().record.id] = lru.begin();
+  }
+
   // Removes a record, and the blocks no other record uses (children first:
   // a child's records are a subset of its parent's).
   void remove(std::list<StoredRecord>::iterator it, int block_tokens) {
@@ -227,8 +291,6 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
     throw std::invalid_argument("kv: fewer rows than tokens");
   if (kv.page_tokens != B || kv.layers != shape_.layers || kv.kv_dim != shape_.kv_dim)
     throw std::invalid_argument("kv: pages of another shape than the store's blocks");
-  Impl& m = *impl_;
-  const std::uint64_t root = namespace_root(name_space);
   Impl::StoredRecord stored;
   Record& rec = stored.record;
   rec.name_space = std::string(name_space);
@@ -236,60 +298,10 @@ bool KVBlockStore::insert(std::string_view name_space, std::span<const int> toke
   rec.approximate = approximate;
   if (!approximate) rec.anchors = index_anchors(tokens);
   stored.bytes = tokens.size() * sizeof(int) + rec.anchors.bytes();
-
-  // Walk (and extend) the chain; fresh blocks are kv's own pages.
-  std::size_t total = stored.bytes;  // every block it uses, shared or not
-  std::uint64_t parent = root;
-  for (int t0 = 0; t0 < static_cast<int>(tokens.size()); t0 += B) {
-    const auto part = tokens.subspan(t0, std::min<std::size_t>(B, tokens.size() - t0));
-    const std::uint64_t h = chain(parent, part);
-    auto it = m.nodes.find(h);
-    const bool replace = it != m.nodes.end() && it->second.approximate && !approximate;
-    if (it == m.nodes.end() || replace) {
-      rec.blocks.push_back(kv.pages[t0 / B]);
-      if (!replace) stored.bytes += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
-    } else {
-      rec.blocks.push_back(it->second.block);
-    }
-    total += rec.blocks.back()->data.size() * sizeof(float) + part.size() * sizeof(int);
-    stored.chain.push_back(h);
-    parent = h;
-  }
-  if (total > max_bytes_) return false;
-
-  // Commit: link nodes (nothing above can throw past this point but
-  // allocation), then evict least recently used records past the budget.
-  parent = root;
-  for (std::size_t b = 0; b < stored.chain.size(); ++b) {
-    const std::uint64_t h = stored.chain[b];
-    auto [it, added] = m.nodes.try_emplace(h);
-    Node& node = it->second;
-    if (added) {
-      const int t0 = static_cast<int>(b) * B;
-      node.tokens.assign(tokens.begin() + t0, tokens.begin() + std::min<int>(t0 + B, tokens.size()));
-      node.parent = parent;
-      m.link(node, B);
-    }
-    if (added || (node.approximate && !approximate)) {
-      node.block = rec.blocks[b];
-      node.approximate = approximate;
-      node.error = error;
-    }
-    ++node.refs;
-    parent = h;
-  }
-  rec.id = m.next_id++;
-  for (std::size_t b = 0; b < stored.chain.size(); ++b) m.nodes.at(stored.chain[b]).owner = rec.id;
-  if (!approximate) {
-    auto donors = m.donors.find(rec.name_space);
-    if (donors == m.donors.end()) donors = m.donors.emplace(rec.name_space, index::SemanticIndex(128)).first;
-    donors->second.add(rec.id, token_profile(rec.tokens));
-  }
-  m.bytes += stored.bytes;
-  m.lru.push_front(std::move(stored));
-  m.by_id[rec.id] = m.lru.begin();
-  while (m.bytes > max_bytes_ && m.lru.size() > 1) {
-    m.remove(std::prev(m.lru.end()), B);
+  if (impl_->chain_blocks(stored, kv, B) > max_bytes_) return false;
+  impl_->commit(std::move(stored), error, B);
+  while (impl_->bytes > max_bytes_ && impl_->lru.size() > 1) {
+    impl_->remove(std::prev(impl_->lru.end()), B);
     ++evictions_;
   }
   return true;
