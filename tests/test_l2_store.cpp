@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
@@ -89,6 +91,71 @@ TEST(L2Url, ACacheWithoutAStoreCountsNothing) {
   call(cache, x, request_for(x, 48, true));
   EXPECT_EQ(cache.l2_stats().lookups, 0u);
   EXPECT_EQ(cache.l2_stats().writes, 0u);
+}
+
+// A store of the caller's own: values in a map, counted as RedisStore counts.
+class MapStore final : public L2Store {
+ public:
+  std::vector<std::optional<std::string>> get(std::span<const std::string> keys) override {
+    std::vector<std::optional<std::string>> out;
+    for (const std::string& key : keys) {
+      ++lookups_;
+      const auto it = values.find(key);
+      out.push_back(it == values.end() ? std::nullopt : std::optional(it->second));
+      found_ += it != values.end();
+    }
+    return out;
+  }
+  std::size_t put(std::span<const L2Write> items) override {
+    for (const L2Write& w : items) values[w.key] = w.value;
+    writes_ += items.size();
+    return items.size();
+  }
+  void reject() override { ++rejected_; }
+  L2Stats stats() const override {
+    return {.lookups = lookups_, .hits = found_ - rejected_, .misses = lookups_ - found_, .rejected = rejected_,
+            .writes = writes_};
+  }
+  std::map<std::string, std::string> values;
+
+ private:
+  std::uint64_t lookups_ = 0, found_ = 0, rejected_ = 0, writes_ = 0;
+};
+
+TEST(L2Url, ACacheTakesAStoreOfTheCallersOwn) {
+  auto store = std::make_shared<MapStore>();
+  Qkv x = make_qkv(4, 2, 96, 32, 1);
+  const EchoRequest r = request_for(x, 64, true);
+  const auto reference = computed(x, r);
+  AttentionEchoCache a(config_for(""), store);
+  EXPECT_EQ(call(a, x, r).tier, Tier::kNone);
+  ASSERT_EQ(store->values.size(), 1u);
+
+  AttentionEchoCache b(config_for(""), store);  // empty L1, the same store
+  std::fill(x.out.begin(), x.out.end(), 0.0f);
+  EXPECT_EQ(call(b, x, r).tier, Tier::kExact);
+  EXPECT_LT(rel_l2(x.out, reference), 1e-6);
+  EXPECT_EQ(b.l2_stats().hits, 1u);
+
+  store->values.begin()->second.back() ^= 1;  // a flipped bit: rejected, computed
+  AttentionEchoCache c(config_for(""), store);
+  std::fill(x.out.begin(), x.out.end(), 0.0f);
+  EXPECT_EQ(call(c, x, r).tier, Tier::kNone);
+  EXPECT_LT(rel_l2(x.out, reference), 1e-6);
+  EXPECT_EQ(c.l2_stats().rejected, 1u);
+
+  try {
+    AttentionEchoCache both(config_for("redis://127.0.0.1:6379"), store);
+    ADD_FAILURE() << "a store and a store_url were both accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("store_url", 0), 0u) << e.what();
+  }
+  try {
+    AttentionEchoCache none(config_for(""), nullptr);
+    ADD_FAILURE() << "a null store was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("store", 0), 0u) << e.what();
+  }
 }
 
 // ---- a cache on a real server -------------------------------------------------

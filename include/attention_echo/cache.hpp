@@ -87,6 +87,11 @@ struct CacheStats {
 class AttentionEchoCache {
  public:
   explicit AttentionEchoCache(EchoConfig config = {});
+  // A cache whose shared L2 store is `store` (connect_redis's, or the
+  // caller's own L2Store) instead of one config.store_url names. Throws
+  // std::invalid_argument naming store_url when it is set too, or store
+  // when it is null.
+  AttentionEchoCache(EchoConfig config, std::shared_ptr<L2Store> store);
   ~AttentionEchoCache();
   AttentionEchoCache(const AttentionEchoCache&) = delete;
   AttentionEchoCache& operator=(const AttentionEchoCache&) = delete;

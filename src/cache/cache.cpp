@@ -61,16 +61,18 @@ bool can_capture(const Call& call, const ReuseTier& tier) {
   return tier.match() == cache::Match::kTokens ? !call.tokens.empty() : !call.key.empty();
 }
 
-std::optional<cache::L2Entries> make_l2(const EchoConfig& config, const cache::TierSet& tiers) {
-  if (config.store_url.empty()) return std::nullopt;
-  return cache::L2Entries(connect_redis(parse_l2_url(config.store_url)), config, tiers);
+std::optional<cache::L2Entries> make_l2(const EchoConfig& config, const cache::TierSet& tiers,
+                                        std::shared_ptr<L2Store> store) {
+  if (!store && !config.store_url.empty()) store = connect_redis(parse_l2_url(config.store_url));
+  if (!store) return std::nullopt;
+  return cache::L2Entries(std::move(store), config, tiers);
 }
 
 }  // namespace
 
 // ---- the call, step by step -------------------------------------------------
 
-AttentionEchoCache::Impl::Impl(EchoConfig c)
+AttentionEchoCache::Impl::Impl(EchoConfig c, std::shared_ptr<L2Store> shared)
     : config((c.validate(), c)),
       tiers(config),
       guard(config.max_error, static_cast<int>(config.verify_rows)),
@@ -78,7 +80,7 @@ AttentionEchoCache::Impl::Impl(EchoConfig c)
       keyer(static_cast<int>(config.hash_dim)),
       store(config.eviction_policy, static_cast<std::size_t>(config.capacity),
             static_cast<std::size_t>(config.max_bytes), static_cast<std::size_t>(config.device_max_bytes)),
-      l2(make_l2(config, tiers)) {}
+      l2(make_l2(config, tiers, std::move(shared))) {}
 
 const kernels::Backend& AttentionEchoCache::Impl::backend_for(Device device, void* stream,
                                                               std::unique_ptr<kernels::Backend>& made) const {
@@ -328,7 +330,13 @@ EchoResult AttentionEchoCache::Impl::run(const AnyHeadsView& q, const AnyHeadsVi
 
 // ---- public surface -----------------------------------------------------------
 
-AttentionEchoCache::AttentionEchoCache(EchoConfig config) : impl_(std::make_unique<Impl>(std::move(config))) {}
+AttentionEchoCache::AttentionEchoCache(EchoConfig config) : impl_(std::make_unique<Impl>(std::move(config), nullptr)) {}
+
+AttentionEchoCache::AttentionEchoCache(EchoConfig config, std::shared_ptr<L2Store> store) {
+  if (!store) throw_invalid("store", "must not be null (without one: the constructor taking only a config)");
+  if (!config.store_url.empty()) throw_invalid("store_url", "must be empty when a store is given");
+  impl_ = std::make_unique<Impl>(std::move(config), std::move(store));
+}
 AttentionEchoCache::~AttentionEchoCache() = default;
 
 EchoResult AttentionEchoCache::attention_with_echo(const HeadsView& q, const HeadsView& k, const HeadsView& v,

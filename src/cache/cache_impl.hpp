@@ -32,7 +32,8 @@ struct AttentionEchoCache::Impl {
     const cache::TierPayload* part;                 // the tier's own
   };
 
-  explicit Impl(EchoConfig config);
+  // store: the shared L2 store, else the one config.store_url names, if any.
+  Impl(EchoConfig config, std::shared_ptr<L2Store> store);
 
   EchoResult run(const AnyHeadsView& q, const AnyHeadsView& k, const AnyHeadsView& v,
                  const MutableAnyHeadsView& out, const EchoRequest& request);
