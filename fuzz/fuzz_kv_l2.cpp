@@ -25,6 +25,7 @@
 #include "core/binary_writer.hpp"
 #include "core/checksum.hpp"
 #include "core/l2_key.hpp"
+#include "fuzz_faulty_store.hpp"
 #include "fuzz_prompts.hpp"
 #include "fuzz_require.hpp"
 #include "serving/kv_block_store.hpp"
@@ -36,6 +37,8 @@ namespace ae = attention_echo;
 namespace llama = ae::llama;
 namespace serving = ae::serving;
 
+using ae::fuzzing::FaultyStore;
+using ae::fuzzing::Met;
 using ae::fuzzing::require;
 
 constexpr int kBlock = 64;
@@ -89,9 +92,6 @@ class ExactKV {
   std::vector<std::uint32_t> prefix_;  // a hash of tokens [0, t] per t
 };
 
-// What a fetch met at one key.
-enum class Met { kIntact, kAbsent, kAltered };
-
 // What the block a fetch asks for at one key should hold.
 struct Wanted {
   std::vector<int> tokens;
@@ -99,113 +99,47 @@ struct Wanted {
   serving::KVBlockStore::Shape shape;
 };
 
-// An in-memory L2Store whose reads and writes the input disturbs.
-class FaultyStore final : public ae::L2Store {
- public:
-  explicit FaultyStore(FuzzedDataProvider& in) : in_(in) {}
-
-  std::vector<Wanted> wanted;  // per key of the next get(), for forged values
-  std::vector<Met> met;        // per key of the last get()
-
-  std::vector<std::optional<std::string>> get(std::span<const std::string> keys) override {
-    std::vector<std::optional<std::string>> out(keys.size());
-    met.assign(keys.size(), Met::kAbsent);
-    for (std::size_t i = 0; i < keys.size(); ++i) {
-      const auto it = values_.find(keys[i]);
-      if (it == values_.end()) continue;
-      const int fault = in_.ConsumeIntegralInRange(0, 9);
-      if (fault == 9) break;  // the deadline: nothing from here on
-      if (fault == 1) {       // evicted
-        values_.erase(it);
-        continue;
-      }
-      out[i] = disturbed(fault, it->second, keys[i], i);
-    }
-    return out;
-  }
-
-  std::size_t put(std::span<const ae::L2Write> items) override {
-    if (in_.ConsumeBool()) return 0;  // the write timed out
-    for (const ae::L2Write& w : items) values_[w.key] = w.value;
-    return items.size();
-  }
-
-  void reject() override { ++rejected_; }
-  ae::L2Stats stats() const override { return {.rejected = rejected_}; }
-
- private:
-  // The value at key i as read back under `fault`; met[i] says whether it
-  // is still the one written.
-  std::string disturbed(int fault, std::string value, const std::string& key, std::size_t i) {
-    met[i] = Met::kAltered;
-    switch (fault) {
-      case 2: {  // bits flipped in one byte
-        const std::size_t at = in_.ConsumeIntegralInRange<std::size_t>(0, value.size() - 1);
-        value[at] = static_cast<char>(value[at] ^ in_.ConsumeIntegralInRange(1, 255));
-        return value;
-      }
-      case 3:  // cut short
-        value.resize(in_.ConsumeIntegralInRange<std::size_t>(0, value.size() - 1));
-        return value;
-      case 4: {  // run on
-        const std::string more = in_.ConsumeBytesAsString(in_.ConsumeIntegralInRange(1, 16));
-        if (more.empty()) met[i] = Met::kIntact;  // the input ran out
-        return value + more;
-      }
-      case 5: {  // another key's value
-        auto other = values_.begin();
-        std::advance(other, in_.ConsumeIntegralInRange<std::size_t>(0, values_.size() - 1));
-        if (other->first == key) met[i] = Met::kIntact;
-        return other->second;
-      }
-      case 6: return forged(key, i);
-      default: met[i] = Met::kIntact; return value;
-    }
-  }
-
-  // A value with a valid checksum whose fields are each the right one or
-  // the input's: intact only if every one came out right.
-  std::string forged(const std::string& key, std::size_t i) {
-    const Wanted& w = wanted[i];
-    bool right = true;
-    auto field = [&](auto correct, auto other) {
-      const auto value = in_.ConsumeBool() ? correct : other;
-      right = right && value == correct;
-      return value;
-    };
-    ae::BinaryWriter body;
-    body.put_string(field(key, in_.ConsumeRandomLengthString(64)));
-    for (int correct : {w.shape.layers, w.shape.kv_dim, w.shape.block_tokens})
-      body.put<std::int32_t>(field(correct, in_.ConsumeIntegral<std::int32_t>()));
-    std::vector<std::int32_t> tokens(w.tokens.begin(), w.tokens.end());
-    if (in_.ConsumeBool())
-      tokens[in_.ConsumeIntegralInRange<std::size_t>(0, tokens.size() - 1)] = in_.ConsumeIntegral<std::int32_t>();
-    right = right && std::equal(tokens.begin(), tokens.end(), w.tokens.begin());
-    body.put_vector(tokens);
-    std::vector<float> page = w.page;
-    page.resize(field(page.size(), in_.ConsumeIntegralInRange<std::size_t>(0, 2 * page.size())), 1.0f);
-    body.put_vector(page);
-    const std::string bytes = body.bytes() + field(std::string(), in_.ConsumeBytesAsString(8));
-    ae::BinaryWriter value;
-    value.put<std::uint32_t>(field(ae::kL2Format, in_.ConsumeIntegral<std::uint32_t>()));
-    value.put<std::uint64_t>(ae::fnv1a(bytes));
-    value.put_raw(bytes);
-    if (right) met[i] = Met::kIntact;
-    return value.bytes();
-  }
-
-  FuzzedDataProvider& in_;
-  std::map<std::string, std::string> values_;
-  std::uint64_t rejected_ = 0;
-};
+// A value for `key` with a valid checksum whose fields are each the right
+// one (w's) or the input's: intact only if every one came out right.
+std::string forged(FuzzedDataProvider& in, const Wanted& w, const std::string& key, bool& intact) {
+  bool right = true;
+  auto field = [&](auto correct, auto other) {
+    const auto value = in.ConsumeBool() ? correct : other;
+    right = right && value == correct;
+    return value;
+  };
+  ae::BinaryWriter body;
+  body.put_string(field(key, in.ConsumeRandomLengthString(64)));
+  for (int correct : {w.shape.layers, w.shape.kv_dim, w.shape.block_tokens})
+    body.put<std::int32_t>(field(correct, in.ConsumeIntegral<std::int32_t>()));
+  std::vector<std::int32_t> tokens(w.tokens.begin(), w.tokens.end());
+  if (in.ConsumeBool())
+    tokens[in.ConsumeIntegralInRange<std::size_t>(0, tokens.size() - 1)] = in.ConsumeIntegral<std::int32_t>();
+  right = right && std::equal(tokens.begin(), tokens.end(), w.tokens.begin());
+  body.put_vector(tokens);
+  std::vector<float> page = w.page;
+  page.resize(field(page.size(), in.ConsumeIntegralInRange<std::size_t>(0, 2 * page.size())), 1.0f);
+  body.put_vector(page);
+  const std::string bytes = body.bytes() + field(std::string(), in.ConsumeBytesAsString(8));
+  ae::BinaryWriter value;
+  value.put<std::uint32_t>(field(ae::kL2Format, in.ConsumeIntegral<std::uint32_t>()));
+  value.put<std::uint64_t>(ae::fnv1a(bytes));
+  value.put_raw(bytes);
+  intact = right;
+  return value.bytes();
+}
 
 struct Fixture {
-  explicit Fixture(FuzzedDataProvider& in) : store(std::make_shared<FaultyStore>(in)) {
+  explicit Fixture(FuzzedDataProvider& in)
+      : store(std::make_shared<FaultyStore>(in, [this, &in](const std::string& key, std::size_t i, bool& intact) {
+          return forged(in, wanted[i], key, intact);
+        })) {
     for (const Writer& w : kWriters) {
       l2.emplace_back(store, w.model_fingerprint, w.shape);
       hashing.emplace_back(w.shape, std::size_t{1} << 20);
     }
   }
+  std::vector<Wanted> wanted;  // per key of the next get(), for forged values
   std::shared_ptr<FaultyStore> store;
   std::vector<serving::KVBlocksL2> l2;
   std::vector<serving::KVBlockStore> hashing;  // block_hashes only
@@ -214,9 +148,9 @@ struct Fixture {
 void fetch(Fixture& f, int w, const std::string& ns, const std::vector<int>& tokens, int first) {
   const auto hashes = f.hashing[w].block_hashes(ns, tokens);
   const ExactKV exact(w, ns, tokens);
-  f.store->wanted.clear();
+  f.wanted.clear();
   for (std::size_t b = first; b < hashes.size(); ++b)
-    f.store->wanted.push_back({std::vector<int>(tokens.begin() + b * kBlock, tokens.begin() + (b + 1) * kBlock),
+    f.wanted.push_back({std::vector<int>(tokens.begin() + b * kBlock, tokens.begin() + (b + 1) * kBlock),
                                exact.page(static_cast<int>(b)), kWriters[w].shape});
   f.store->met.clear();
   const std::uint64_t rejected = f.store->stats().rejected;
@@ -225,7 +159,7 @@ void fetch(Fixture& f, int w, const std::string& ns, const std::vector<int>& tok
   const std::size_t run = std::find_if(met.begin(), met.end(), [](Met m) { return m != Met::kIntact; }) - met.begin();
   require(blocks.size() == run);
   require(f.store->stats().rejected - rejected == (run < met.size() && met[run] == Met::kAltered ? 1u : 0u));
-  for (std::size_t i = 0; i < blocks.size(); ++i) require(blocks[i]->data == f.store->wanted[i].page);
+  for (std::size_t i = 0; i < blocks.size(); ++i) require(blocks[i]->data == f.wanted[i].page);
 }
 
 }  // namespace

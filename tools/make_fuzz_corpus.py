@@ -162,6 +162,7 @@ def main():
     random_inputs(root, "token_alignment", 3)
     random_inputs(root, "kv_block_store", 4)
     random_inputs(root, "kv_l2", 6)
+    random_inputs(root, "cache_l2", 7)
     # The planner's config is read first (from the end), and mutations seldom
     # reach it: a dozen seeds, a dozen configs.
     random_inputs(root, "planner", 5, sizes=(256, 512, 1024, 2048) * 3)
