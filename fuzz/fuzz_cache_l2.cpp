@@ -14,13 +14,11 @@
 // refused by the guard.
 #include <fuzzer/FuzzedDataProvider.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <memory>
-#include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -110,7 +108,8 @@ struct Fixture {
     config.block_size = in.ConsumeBool() ? 32 : 64;
     config.per_layer = in.ConsumeBool();
     config.max_prefix_length = 128;
-    for (std::size_t c = 0; c < std::size(kModelOf); ++c) caches.push_back(std::make_unique<ae::AttentionEchoCache>(config, store));
+    for (std::size_t c = 0; c < std::size(kModelOf); ++c)
+      caches.push_back(std::make_unique<ae::AttentionEchoCache>(config, store));
   }
   ae::EchoConfig config;
   std::shared_ptr<FaultyStore> store;
@@ -169,7 +168,8 @@ void call(Fixture& f, int c, const std::string& ns, const std::vector<int>& prom
     const bool other_model = by_tokens && met == Met::kIntact && writer != f.model_of.end() && writer->second != model;
     const bool refused = met == Met::kAltered || other_model;
     require(f.store->stats().rejected - rejected == (refused ? 1u : 0u));
-    if (met == Met::kIntact && !refused) require(by_tokens ? r.tier == ae::Tier::kExact : r.tier != ae::Tier::kNone || r.rejected);
+    if (met == Met::kIntact && !refused)
+      require(by_tokens ? r.tier == ae::Tier::kExact : r.tier != ae::Tier::kNone || r.rejected);
   }
   for (const auto& [key, value] : f.store->values()) {
     const auto was = before.find(key);

@@ -153,8 +153,8 @@ struct KVBlockStore::Impl {
       auto [it, added] = nodes.try_emplace(h);
       Node& node = it->second;
       if (added) {
-        const std::size_t t0 = b * block_tokens;
-        node.tokens.assign(rec.tokens.begin() + t0, rec.tokens.begin() + std::min(t0 + block_tokens, rec.tokens.size()));
+        const std::size_t t0 = b * block_tokens, t1 = std::min(t0 + block_tokens, rec.tokens.size());
+        node.tokens.assign(rec.tokens.begin() + t0, rec.tokens.begin() + t1);
         node.parent = parent;
         link(node, block_tokens);
       }
