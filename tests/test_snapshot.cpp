@@ -253,6 +253,29 @@ TEST(Snapshot, ASparsePayloadWithABadTileBlockIsRefused) {
   std::remove(path.c_str());
 }
 
+// A prefix near INT_MAX made the tile count overflow before the shape check
+// refused it (fuzz_snapshot; UBSan stops this test without the fix).
+TEST(Snapshot, ASparsePayloadUnderAHugePrefixIsRefused) {
+  AttentionEchoCache source(config_for(EchoMode::kSparse));
+  Qkv x = make_qkv(kH, kHkv, kT, kD, 5);
+  call(source, x, request_for(x, kP));
+  const std::string path = temp_path("huge_prefix.bin");
+  source.save(path);
+  std::string bytes = read_bytes(path);
+  // The entry as in ASparsePayloadWithABadTileBlockIsRefused, up to its prefix.
+  const std::size_t prefix_at = kBodyAt + 20 + 8 + 16 + 1 + 8 + (8 + 128 * 4) + 8 + 8;
+  std::int32_t prefix = 0;
+  std::memcpy(&prefix, bytes.data() + prefix_at, 4);
+  ASSERT_EQ(prefix, kP);  // the layout above is right
+  prefix = std::numeric_limits<std::int32_t>::max();
+  std::memcpy(bytes.data() + prefix_at, &prefix, 4);
+  fix_checksum(bytes);
+  write_bytes(path, bytes);
+  AttentionEchoCache cache(config_for(EchoMode::kSparse));
+  expect_refused(cache, path, "tile set shape");
+  std::remove(path.c_str());
+}
+
 // Entries record their head shape and, for the exact tier, a fingerprint
 // of the keys: a snapshot of another model loads, and never serves it.
 TEST(Snapshot, EntriesOfAnotherModelOrShapeNeverServe) {

@@ -35,8 +35,10 @@ double kept_fraction(const kernels::TileSet& kept, int rows) {
 
 std::string tile_set_problem(const kernels::TileSet& t, const KeySpace& space, int prefix) {
   // The block first: the tile count divides by it (a block of 0 in a file
-  // was a division by zero, found by fuzz_snapshot).
-  if ((t.block != 32 && t.block != 64) || t.heads != space.heads || t.tiles != (prefix + t.block - 1) / t.block)
+  // was a division by zero, found by fuzz_snapshot). The count in 64 bits:
+  // a file's prefix near INT_MAX overflowed it (fuzz_snapshot again).
+  if ((t.block != 32 && t.block != 64) || t.heads != space.heads ||
+      t.tiles != (std::int64_t{prefix} + t.block - 1) / t.block)
     return "tile set shape";
   if (t.offsets.size() != static_cast<std::size_t>(t.heads) * t.tiles + 1 || t.offsets.front() != 0 ||
       t.offsets.back() != t.cols.size())
