@@ -13,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -226,54 +227,51 @@ TEST(Snapshot, ForeignFilesAreRefusedNamingWhatDiffers) {
   std::remove(bad.c_str());
 }
 
-// Found by fuzz_snapshot: a sparse payload whose tile block is 0 (under a
-// valid checksum) divided by zero in validation. Any block but 32 or 64 is
-// refused.
-TEST(Snapshot, ASparsePayloadWithABadTileBlockIsRefused) {
+// Where a snapshot of one sparse entry (namespace "", a key, no tokens)
+// holds two i32 fields. Body: hash_dim, fingerprint, count; the entry:
+// namespace, 4 shape ints, mask, uses, key (128 floats), tokens (none),
+// k fingerprint, prefix, payload count; the payload: tier, section length,
+// then its tile block.
+constexpr std::size_t kSparsePrefixAt = kBodyAt + 20 + 8 + 16 + 1 + 8 + (8 + 128 * 4) + 8 + 8;
+constexpr std::size_t kSparseTileBlockAt = kSparsePrefixAt + 4 + 4 + 1 + 8;
+
+// Saves such a snapshot, checks that the i32 at `at` is `saved` (the layout
+// above is right), and requires each of `bad` written there (under a valid
+// checksum) to be refused for `why`.
+void expect_sparse_field_refused(std::size_t at, std::int32_t saved, std::initializer_list<std::int32_t> bad,
+                                 const std::string& why) {
   AttentionEchoCache source(config_for(EchoMode::kSparse));
   Qkv x = make_qkv(kH, kHkv, kT, kD, 5);
-  call(source, x, request_for(x, kP));  // one entry: namespace "", a key, no tokens, a sparse payload
-  const std::string path = temp_path("bad_block.bin");
+  call(source, x, request_for(x, kP));
+  const std::string path = temp_path("sparse_field.bin");
   source.save(path);
   std::string bytes = read_bytes(path);
-  // Body: hash_dim, fingerprint, count; the entry: namespace, 4 shape ints,
-  // mask, uses, key (128 floats), tokens (none), k fingerprint, prefix,
-  // payload count; the payload: tier, section length, then its tile block.
-  const std::size_t block_at = kBodyAt + 20 + 8 + 16 + 1 + 8 + (8 + 128 * 4) + 8 + 8 + 4 + 4 + 1 + 8;
-  std::int32_t block = 0;
-  std::memcpy(&block, bytes.data() + block_at, 4);
-  ASSERT_EQ(block, 32);  // the layout above is right
-  for (std::int32_t bad : {0, -1, 33, std::numeric_limits<std::int32_t>::max()}) {
-    std::memcpy(bytes.data() + block_at, &bad, 4);
+  std::int32_t field = 0;
+  std::memcpy(&field, bytes.data() + at, 4);
+  ASSERT_EQ(field, saved);
+  for (std::int32_t value : bad) {
+    std::memcpy(bytes.data() + at, &value, 4);
     fix_checksum(bytes);
     write_bytes(path, bytes);
     AttentionEchoCache cache(config_for(EchoMode::kSparse));
-    expect_refused(cache, path, "tile set shape");
+    expect_refused(cache, path, why);
   }
   std::remove(path.c_str());
 }
 
-// A prefix near INT_MAX made the tile count overflow before the shape check
-// refused it (fuzz_snapshot; UBSan stops this test without the fix).
+// Found by fuzz_snapshot: a sparse payload whose tile block is 0 (under a
+// valid checksum) divided by zero in validation. Any block but 32 or 64 is
+// refused.
+TEST(Snapshot, ASparsePayloadWithABadTileBlockIsRefused) {
+  expect_sparse_field_refused(kSparseTileBlockAt, 32, {0, -1, 33, std::numeric_limits<std::int32_t>::max()},
+                              "tile set shape");
+}
+
+// Found by fuzz_snapshot: a prefix near INT_MAX made the tile count
+// overflow before the shape check refused it (UBSan stops this test
+// without the fix).
 TEST(Snapshot, ASparsePayloadUnderAHugePrefixIsRefused) {
-  AttentionEchoCache source(config_for(EchoMode::kSparse));
-  Qkv x = make_qkv(kH, kHkv, kT, kD, 5);
-  call(source, x, request_for(x, kP));
-  const std::string path = temp_path("huge_prefix.bin");
-  source.save(path);
-  std::string bytes = read_bytes(path);
-  // The entry as in ASparsePayloadWithABadTileBlockIsRefused, up to its prefix.
-  const std::size_t prefix_at = kBodyAt + 20 + 8 + 16 + 1 + 8 + (8 + 128 * 4) + 8 + 8;
-  std::int32_t prefix = 0;
-  std::memcpy(&prefix, bytes.data() + prefix_at, 4);
-  ASSERT_EQ(prefix, kP);  // the layout above is right
-  prefix = std::numeric_limits<std::int32_t>::max();
-  std::memcpy(bytes.data() + prefix_at, &prefix, 4);
-  fix_checksum(bytes);
-  write_bytes(path, bytes);
-  AttentionEchoCache cache(config_for(EchoMode::kSparse));
-  expect_refused(cache, path, "tile set shape");
-  std::remove(path.c_str());
+  expect_sparse_field_refused(kSparsePrefixAt, kP, {std::numeric_limits<std::int32_t>::max()}, "tile set shape");
 }
 
 // Entries record their head shape and, for the exact tier, a fingerprint
