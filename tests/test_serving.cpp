@@ -229,6 +229,48 @@ TEST(KVBlend, NearDuplicateBlendsWithSmallMeasuredError) {
   }
 }
 
+// A screen measures the probes a blend would, on the exact prefill's K/V;
+// with neither probes nor attended rows, kDeviation's screen is its
+// blend's layer-1 deviation, which both compute from exact rows.
+TEST(KVBlend, AScreenReadsTheBlendsProbesOffTheExactPrefill) {
+  EarlyEdit e;
+  const int T = static_cast<int>(e.request.size()), V = model().config().vocab_size;
+  llama::KVState exact;
+  const auto full = e.engine.forward(e.request, exact, {}, T);
+  for (const serving::BlendSelection selection : kSelections) {
+    SCOPED_TRACE(name(selection));
+    for (const int probes : {16, 0}) {
+      const serving::BlendConfig config{
+          .enabled = true, .selection = selection, .attended_rows = 0, .max_error = INFINITY, .probe_rows = probes};
+      const auto guard_rows = std::span(full.logits).last(std::size_t(serving::guard_rows(config, T)) * V);
+      const auto screened =
+          serving::screen_blend(e.engine, e.donor.rows(), e.alignment, 0, exact, guard_rows, config);
+      llama::KVState kv;
+      llama::ForwardResult result;
+      const auto out = e.blend(config, kUnguarded, kv, result);
+      EXPECT_EQ(screened.selection, selection);
+      EXPECT_EQ(screened.probes, out.probes);
+      EXPECT_EQ(screened.estimate, serving::guard_estimate(screened.deviation, guard_rows, V));
+      if (probes == 0 && selection == serving::BlendSelection::kDeviation)
+        EXPECT_NEAR(screened.deviation, out.deviation, 1e-5 * out.deviation);
+      else if (probes > 0)
+        EXPECT_GT(screened.deviation, 0.0);
+    }
+  }
+  // A prompt its donor holds whole reads no deviation.
+  const serving::BlendConfig config{.enabled = true};
+  llama::KVState donor_kv;
+  const auto donor_logits = e.engine.forward(e.donor.tokens, donor_kv, {}, T);
+  const auto same = serving::align_tokens(e.donor.tokens, e.donor.tokens);
+  const auto rows = std::span(donor_logits.logits).last(std::size_t(serving::guard_rows(config, T)) * V);
+  EXPECT_EQ(serving::screen_blend(e.engine, e.donor.rows(), same, 0, donor_kv, rows, config).deviation, 0.0);
+  EXPECT_THROW(serving::screen_blend(e.engine, e.donor.rows(), same, T, donor_kv, rows, config),
+               std::invalid_argument);
+  const auto shorter = serving::align_tokens(std::span(e.donor.tokens).first(T - 1), e.donor.tokens);
+  EXPECT_THROW(serving::screen_blend(e.engine, e.donor.rows(), shorter, 0, donor_kv, rows, config),
+               std::invalid_argument);
+}
+
 // kAuto: run starts for an edited prompt, CacheBlend's deviation ranking
 // (layer 0 over every row) for one whose passages moved.
 TEST(KVBlend, AutoSelectionRanksByDeviationOnlyWhereTextMoved) {
@@ -831,7 +873,9 @@ TEST(BlendCalibration, RefusalRateFollowsTheCurrentGuard) {
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 2.0 / 7.0, 1e-12);
   calibration.record_blend("rag", 0.0, 0.0, true);  // under both bounds, refused for a near tie
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 3.0 / 8.0, 1e-12);
-  EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
+  // A new namespace: rag's first verdict, refused under the guard it had,
+  // passes under rag's guard now.
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 1.0 / 3.0, 1e-12);
 }
 
 // A namespace whose blends were refused is not given up for good: after
@@ -846,13 +890,36 @@ TEST(BlendCalibration, ANamespacePricedOutOfBlendingTriesAgain) {
   EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.75, 1e-12);
   calibration.priced_out("rag");
   EXPECT_EQ(calibration.refusal_rate("rag", config), 0.0);
-  EXPECT_NEAR(calibration.refusal_rate("code", config), 0.5, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 2.0 / 3.0, 1e-12);  // rag's first verdict, refused
+  calibration.record_screen("rag", 0.3, 0.0);  // a screen is not a try
+  EXPECT_EQ(calibration.refusal_rate("rag", config), 0.0);
   calibration.record_blend("rag", 0.3, 0.0);  // tried, and refused again
-  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.8, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 5.0 / 6.0, 1e-12);
   serving::BlendConfig never = config;
   never.calibrate_every = 0;
   for (int i = 0; i < 8; ++i) calibration.priced_out("rag");
-  EXPECT_NEAR(calibration.refusal_rate("rag", never), 0.8, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("rag", never), 5.0 / 6.0, 1e-12);
+}
+
+// A namespace with no blend or screen of its own is priced at the odds of
+// the model's namespaces' first verdicts (each under its namespace's
+// guard now); its own, screened or tried, take over from its first.
+TEST(BlendCalibration, ANewNamespaceIsPricedAtTheModelsFirstVerdicts) {
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.5, 1e-12);
+  calibration.priced_out("rag");  // a namespace with no verdict yet
+  EXPECT_NEAR(calibration.refusal_rate("rag", config), 0.5, 1e-12);
+  calibration.record_blend("rag", 0.3, 0.0);  // past max_error
+  calibration.record_blend("rag", 0.01, 0.0);  // a later verdict: not the model's
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 2.0 / 3.0, 1e-12);
+  calibration.record_screen("code", 0.01, 0.0);
+  EXPECT_NEAR(calibration.refusal_rate("code", config), 1.0 / 3.0, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("chat", config), 2.0 / 4.0, 1e-12);
+  calibration.record_screen("near-dup", 0.01, 0.0, /*near_tie=*/true);
+  EXPECT_NEAR(calibration.refusal_rate("chat", config), 3.0 / 5.0, 1e-12);
+  const serving::BlendCalibration copy(calibration);  // the first verdicts go with it
+  EXPECT_NEAR(copy.refusal_rate("chat", config), 3.0 / 5.0, 1e-12);
 }
 
 // The planner counts the prompts the refusal rate denied a blend, and
@@ -874,6 +941,9 @@ TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {
     serving::Plan plan = planner.plan(prompt);
     denied = plan.route == serving::Plan::Route::kBlend ? 0 : denied + 1;
     planner.execute(engine, prompt, plan);
+    // Denied, it was screened, read past max_error; that is not a try.
+    EXPECT_EQ(plan.report.blend_screened, plan.route != serving::Plan::Route::kBlend);
+    if (plan.report.blend_screened) EXPECT_TRUE(plan.report.screened_refused);
   }
   ASSERT_EQ(denied, kEvery);
   auto prompt = base;

@@ -190,8 +190,14 @@ struct BlendGuard {
 // with moved passages two refused blends' samples refused a good one
 // (0.93x exact prefix reuse; 1.28x stopping; BENCHMARKS.md section 8). The
 // estimates of each namespace's recent blends give the rate at which the
-// current guard would refuse its next one, which the planner prices in.
-// A namespace's record (at most 32 blends and its pooled samples) lives
+// current guard would refuse its next one, which the planner prices in,
+// and its recent screens (a blend priced out, read off the prompt's exact
+// prefill: screen_blend) count with them. A namespace with neither is
+// priced at the odds of the model's namespaces' first verdicts: on unseen
+// text at 512-1024 tokens most first blends were refused, and each one
+// tried cost more than its namespace's 16 prompts repaid (BENCHMARKS.md
+// sections 14-18, 21).
+// A namespace's record (at most 32 blends or screens and its pooled samples) lives
 // as long as the calibration: it is what the model was measured to do on
 // that traffic, so Planner::clear leaves it. One per model: planners of the
 // same model may share it. Thread-safe.
@@ -218,13 +224,19 @@ class BlendCalibration {
   // and whether the guard refused it for a near tie of its next tokens
   // (BlendConfig::top1_sigmas).
   void record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie = false);
-  // (refused + 1) / (n + 2) over the namespace's last n recorded blends,
-  // refused meaning above the namespace's guard now, or at a near tie (a
-  // property of the prompt, not of the guard: on the bundled model at 512
-  // tokens near ties refused 2 of near-dup's 15 blends); 0 once calibrate_every
-  // prompts in a row were denied a blend by it (priced_out), so that one
-  // blend is tried: a namespace whose first blends were refused would
-  // otherwise never blend again, whatever its traffic or its guard became.
+  // A screened blend's (ScreenedBlend, the prompt's exact next-token
+  // logits for near_tie), counted as a blend is but not as a try: the
+  // namespace's count of prompts priced out goes on.
+  void record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie = false);
+  // (refused + 1) / (n + 2) over the namespace's last n recorded blends and
+  // screens, refused meaning above the namespace's guard now, or at a near
+  // tie (a property of the prompt, not of the guard: on the bundled model
+  // at 512 tokens near ties refused 2 of near-dup's 15 blends); with none,
+  // the same over the first verdicts of the model's last 32 namespaces; 0
+  // once calibrate_every prompts in a row were denied a blend by it
+  // (priced_out), so that one blend is tried: a namespace whose first
+  // blends were refused and that has no screens to read would otherwise
+  // never blend again, whatever its traffic or its guard became.
   double refusal_rate(std::string_view name_space, const BlendConfig& config) const;
   // A prompt of the namespace was planned without a blend that would have
   // been cheapest had it not been priced at the refusal rate.
@@ -268,18 +280,28 @@ class BlendCalibration {
       double estimate, deviation;
       bool near_tie;
     };
-    std::vector<Blend> recent;  // the last kRecentBlends blends, a ring
+    std::vector<Blend> recent;  // the last kRecentBlends blends and screens, a ring
     std::size_t next = 0;
     int priced_out = 0;  // prompts since the last blend (priced_out)
   };
+  struct FirstVerdict {
+    std::string name_space;
+    Namespace::Blend blend;
+  };
   static constexpr std::size_t kRecentBlends = 32;
   BlendGuard threshold_locked(std::string_view name_space, const BlendConfig& config) const;
+  // Into the namespace's ring, and the model's first verdicts if its first.
+  void record_locked(std::string_view name_space, const Namespace::Blend& blend);
+  // Whether `blend` is past `guard`, or was at a near tie.
+  static bool refused(const Namespace::Blend& blend, const BlendGuard& guard);
 
   mutable std::mutex mutex_;
   long long blends_since_sample_ = 0;
   double blend_cost_factor_ = 1.0;
   Samples model_;
   std::map<std::string, Namespace, std::less<>> namespaces_;
+  std::vector<FirstVerdict> first_verdicts_;  // the last kRecentBlends namespaces' first, a ring
+  std::size_t next_first_ = 0;
 };
 
 // The shortest text Planner::calibrate takes: its blends must be long
@@ -347,6 +369,13 @@ struct PrefillReport {
   bool blend_calibration = false;
   double calibration_kl = 0.0;
   double calibration_continuation_kl = 0.0;
+  // Priced out of a blend and computed exactly: what the blend would have
+  // measured, read off the exact prefill (screen_blend: the probes'
+  // deviation, worst layer, and its guard estimate), and whether the guard
+  // then would have refused it.
+  bool blend_screened = false;
+  double screened_estimate = 0.0, screened_deviation = 0.0;
+  bool screened_refused = false;
   std::vector<EchoResult> echo;  // cache route: per layer
 };
 
@@ -361,6 +390,9 @@ struct Plan {
   bool reused_exact = true;
   double reused_error = 0.0;
   std::shared_ptr<const BlendPlan> blend;  // kBlend only
+  // kReuse from exact K/V, a blend priced out by its refusal rate alone:
+  // screened after the exact prefill (BlendCalibration::record_screen).
+  std::shared_ptr<const BlendPlan> screen;
   PrefillReport report;    // filled by execute
 };
 

@@ -232,6 +232,10 @@ nb::dict prefill_report(const ae::serving::Plan& plan) {
   d["guard_estimate_bound"] = r.blend_bounds.estimate;
   d["guard_deviation_bound"] = r.blend_bounds.deviation;
   d["blend_refused_at_layer"] = r.blend_refused_at_layer;
+  d["blend_screened"] = r.blend_screened;
+  d["screened_estimate"] = r.screened_estimate;
+  d["screened_deviation"] = r.screened_deviation;
+  d["screened_refused"] = r.screened_refused;
   d["reused_from_l2"] = r.reused_from_l2;
   return d;
 }

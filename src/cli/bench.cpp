@@ -227,6 +227,9 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
     // The guard's view of a blend: null for a request that was not one.
     const bool blend = q.route == "blend";
     auto blend_only = [blend](auto value) { return blend ? nlohmann::ordered_json(value) : nlohmann::ordered_json(); };
+    auto screened_only = [&q](auto value) {
+      return q.blend_screened ? nlohmann::ordered_json(value) : nlohmann::ordered_json();
+    };
     out.push_back({{"route", q.route},
                    {"tokens", q.tokens},
                    {"reused", q.reused},
@@ -240,6 +243,9 @@ nlohmann::ordered_json requests_json(const std::vector<ModeReport::Request>& req
                    {"guard_estimate_bound", blend_only(q.blend_bounds.estimate)},
                    {"guard_deviation_bound", blend_only(q.blend_bounds.deviation)},
                    {"blend_refused_at_layer", blend_only(q.blend_refused_at_layer)},
+                   {"blend_screened", q.blend_screened},
+                   {"screened_deviation", screened_only(q.screened_deviation)},
+                   {"screened_refused", screened_only(q.screened_refused)},
                    {"calibration_kl", q.calibration_kl},
                    {"calibration_continuation_kl", q.calibration_continuation_kl},
                    {"hidden_rel_error", q.hidden_rel_error},
@@ -482,7 +488,7 @@ class Bench {
     return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
             rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
             rep.calibration_continuation_kl, rep.blend_deviation, rep.blend_bounds, rep.blend_refused_at_layer,
-            f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
+            rep.blend_screened, rep.screened_refused, rep.screened_deviation, f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
             1e3 * s.prefill_s, rep.reused_from_l2, servings.other_route};
   }
 
@@ -508,6 +514,8 @@ class Bench {
     } else {
       ++m.routed_skip;
       add_prefix_tier(m, r, s.reused);
+      m.blend_screened += rep.blend_screened;
+      m.screened_refused += rep.screened_refused;
       m.reused_echoed += !plan.reused_exact;
     }
     m.per_request.push_back(detail(route, r, servings, f, s));
@@ -630,6 +638,10 @@ std::string format_report(const ScenarioReport& r) {
     return m.name == "echo" ? std::to_string(m.routed_blend) + " (" + std::to_string(m.blend_rejected) + ")"
                             : std::string("-");
   });
+  row("blends screened (refused)", [](const ModeReport& m) {
+    return m.name == "echo" ? std::to_string(m.blend_screened) + " (" + std::to_string(m.screened_refused) + ")"
+                            : std::string("-");
+  });
   row("repeats on another route", [](const ModeReport& m) {
     return m.name == "none" ? std::string("-") : std::to_string(m.repeats_on_another_route);
   });
@@ -685,6 +697,8 @@ nlohmann::ordered_json reports_to_json(const std::vector<ScenarioReport>& report
           {"routed_blend", m.routed_blend},
           {"repeats_on_another_route", m.repeats_on_another_route},
           {"blend_rejected", m.blend_rejected},
+          {"blend_screened", m.blend_screened},
+          {"screened_refused", m.screened_refused},
           {"kept_fraction", ratio_or_null(m.kept_fraction_sum, double(m.sparse_layer_hits))},
           {"layer_attention_speedup",
            {{"sparse", ratio_or_null(m.sparse_layer_base_s, m.sparse_layer_s)},

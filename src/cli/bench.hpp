@@ -86,6 +86,8 @@ struct ModeReport {
   double exact = 0, partial = 0, sparse = 0, dense = 0, miss = 0, rejected = 0;
   int routed_skip = 0, routed_cache = 0;  // echo: which way requests went
   int routed_blend = 0, blend_rejected = 0;  // echo: KV-blend plans, and those the guard refused
+  // echo: prompts priced out of a blend and screened, and those whose screen read past the guard
+  int blend_screened = 0, screened_refused = 0;
   int reused_echoed = 0;                  // echo: skipped a prefix whose K/V was echoed
   // Servings on later stacks (BenchOptions::repeats) planned another way
   // than the first stack's, whose route, reuse and fidelity are reported.
@@ -127,6 +129,8 @@ struct ModeReport {
     double blend_deviation = 0.0;  // with the bounds and the refusal layer (PrefillReport)
     serving::BlendGuard blend_bounds;
     int blend_refused_at_layer = -1;
+    bool blend_screened = false, screened_refused = false;  // with the screen's deviation (PrefillReport)
+    double screened_deviation = 0.0;
     double hidden_rel_error = 0.0, kl = 0.0;
     bool top1_agrees = true;
     double nll_change = 0.0;  // continuation NLL (nats per token) minus no reuse's

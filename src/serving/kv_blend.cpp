@@ -51,6 +51,90 @@ struct Deviation {
   double relative() const { return norm2 > 0.0 ? std::sqrt(diff2 / norm2) : std::sqrt(diff2); }
 };
 
+// Row i's donor K/V in layer l, K rotated to position i.
+void donor_rows(const Engine& engine, std::span<const KVState> donors, const TokenAlignment& alignment, int l, int i,
+                float* k, float* v) {
+  const int j = alignment.donor_position[i];
+  const KVState& donor = donors[alignment.donor[i]];
+  const int kvd = engine.config().kv_dim();
+  std::memcpy(k, donor.k(l, j), sizeof(float) * kvd);
+  std::memcpy(v, donor.v(l, j), sizeof(float) * kvd);
+  if (j != i) engine.rerotate_k(k, j, i);
+}
+
+// The aligned rows in [skip, T) but the last recent_rows + 1, ranked by
+// how far their layer-1 K/V in kv are from the donor's (worst first), and
+// each one's deviation (by row - skip).
+struct LayerOneDeviations {
+  std::vector<std::pair<double, int>> ranked;  // (squared distance, row)
+  std::vector<Deviation> by_row;
+  // The deviation of `rows` (in [skip, T)) together.
+  Deviation of(const std::vector<int>& rows, int skip) const {
+    Deviation d;
+    for (int i : rows) {
+      d.diff2 += by_row[i - skip].diff2;
+      d.norm2 += by_row[i - skip].norm2;
+    }
+    return d;
+  }
+};
+LayerOneDeviations layer_one_deviations(const Engine& engine, std::span<const KVState> donors,
+                                        const TokenAlignment& alignment, const KVState& kv, int skip, int T,
+                                        const BlendConfig& options) {
+  const int kvd = engine.config().kv_dim();
+  LayerOneDeviations d;
+  d.by_row.resize(T - skip);
+  std::vector<float> k(kvd), v(kvd);
+  for (int i = skip; i < T - 1 - options.recent_rows; ++i) {
+    if (alignment.donor_position[i] < 0) continue;
+    donor_rows(engine, donors, alignment, 1, i, k.data(), v.data());
+    d.by_row[i - skip].add(kv.k(1, i), k.data(), kvd);
+    d.by_row[i - skip].add(kv.v(1, i), v.data(), kvd);
+    d.ranked.emplace_back(d.by_row[i - skip].diff2, i);
+  }
+  std::sort(d.ranked.begin(), d.ranked.end(), std::greater<>());
+  return d;
+}
+
+// The rows of `ranked` (best first) past the recompute_ratio of them:
+// those reused; ascending.
+template <typename Rank>
+std::vector<int> past_recompute_ratio(const std::vector<std::pair<Rank, int>>& ranked, const BlendConfig& options) {
+  const auto keep = static_cast<std::size_t>(std::ceil(options.recompute_ratio * double(ranked.size())));
+  std::vector<int> reused;
+  for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
+  std::sort(reused.begin(), reused.end());
+  return reused;
+}
+
+// The aligned rows in [skip, T) but the last recent_rows + 1, less the
+// recompute_ratio of them nearest the start of their run (a run that
+// starts at both prompts' first token has the donor's context, exact,
+// and comes last); ascending.
+std::vector<int> reused_by_run_start(const TokenAlignment& alignment, int skip, int T, const BlendConfig& options) {
+  std::vector<std::pair<int, int>> ranked;  // (rows since the run began, row)
+  int run_start = 0;
+  for (int i = 0; i < T - 1 - options.recent_rows; ++i) {
+    const int j = alignment.donor_position[i];
+    if (j < 0) continue;
+    if (i == 0 || j == 0 || alignment.donor_position[i - 1] != j - 1 || alignment.donor[i - 1] != alignment.donor[i])
+      run_start = i;
+    const bool exact_context = run_start == 0 && alignment.donor_position[0] == 0;
+    if (i >= skip) ranked.emplace_back(i - run_start + (exact_context ? T : 0), i);
+  }
+  std::stable_sort(ranked.begin(), ranked.end(), [](auto a, auto b) { return a.first < b.first; });
+  return past_recompute_ratio(ranked, options);
+}
+
+// The guard's probes among `reused` (ascending): probe_rows of them, evenly
+// spread, the same ones every run.
+std::vector<int> spread_probes(const std::vector<int>& reused, const BlendConfig& options) {
+  const int n = std::min<int>(options.probe_rows, static_cast<int>(reused.size()));
+  std::vector<int> probes;
+  for (int p = 0; p < n; ++p) probes.push_back(reused[(2 * p + 1) * reused.size() / (2 * n)]);
+  return probes;
+}
+
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors, const TokenAlignment& alignment,
@@ -186,13 +270,8 @@ class Blend {
   }
 
 
-  // Row i's donor K/V in layer l, K rotated to position i.
   void donor_rows(int l, int i, float* k, float* v) const {
-    const int j = align_.donor_position[i];
-    const KVState& donor = donors_[align_.donor[i]];
-    std::memcpy(k, donor.k(l, j), sizeof(float) * kvd_);
-    std::memcpy(v, donor.v(l, j), sizeof(float) * kvd_);
-    if (j != i) e_.rerotate_k(k, j, i);
+    serving::donor_rows(e_, donors_, align_, l, i, k, v);
   }
 
   // Every aligned row past the skip gets the donor's K/V for layer l.
@@ -208,29 +287,11 @@ class Blend {
   // rows, the last row and the guard's probes.
   void select_by_deviation(const std::vector<float>& x) {
     const std::vector<float> query = e_.project_kv(1, x.data(), skip_, T_, kv_);
-    std::vector<std::pair<double, int>> ranked;
-    std::vector<float> k(kvd_), v(kvd_);
-    std::vector<Deviation> dev(T_ - skip_);
-    for (int i = skip_; i < T_ - 1 - opt_.recent_rows; ++i) {
-      if (align_.donor_position[i] < 0) continue;
-      donor_rows(1, i, k.data(), v.data());
-      dev[i - skip_].add(kv_.k(1, i), k.data(), kvd_);
-      dev[i - skip_].add(kv_.v(1, i), v.data(), kvd_);
-      ranked.emplace_back(dev[i - skip_].diff2, i);
-    }
-    std::sort(ranked.begin(), ranked.end(), std::greater<>());
+    const LayerOneDeviations dev = layer_one_deviations(e_, donors_, align_, kv_, skip_, T_, opt_);
     is_selected_.assign(T_ - skip_, true);
-    const auto keep = static_cast<std::size_t>(std::ceil(opt_.recompute_ratio * double(ranked.size())));
-    std::vector<int> reused;
-    for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
-    std::sort(reused.begin(), reused.end());
+    std::vector<int> reused = past_recompute_ratio(dev.ranked, opt_);
     recompute_most_attended(query, reused);
-    Deviation first;  // layer 1 deviation of every reused row: measured, not sampled
-    for (int i : reused) {
-      first.diff2 += dev[i - skip_].diff2;
-      first.norm2 += dev[i - skip_].norm2;
-    }
-    out_.deviation = first.relative();
+    out_.deviation = dev.of(reused, skip_).relative();  // every reused row's: measured, not sampled
     keep_selected(reused);
     gather(x, selected_, x_);
   }
@@ -245,35 +306,12 @@ class Blend {
   void select_by_run_start() {
     const std::vector<float> embedded = e_.embed(tokens_.subspan(skip_));
     e_.project_kv(0, embedded.data(), skip_, T_, kv_);
-    std::vector<int> reused = reused_by_run_start();
+    std::vector<int> reused = reused_by_run_start(align_, skip_, T_, opt_);
     is_selected_.assign(T_ - skip_, true);
     keep_selected(reused);
     through_first_layer(embedded, selected_, x_);
     std::erase_if(reused, [&](int i) { return is_selected_[i - skip_] != 0; });  // the probes
     add_most_attended(embedded, std::move(reused));
-  }
-
-  // The aligned rows past the skip but the last recent_rows + 1, less the
-  // recompute_ratio of them nearest the start of their run (a run that
-  // starts at both prompts' first token has the donor's context, exact,
-  // and comes last); ascending.
-  std::vector<int> reused_by_run_start() const {
-    std::vector<std::pair<int, int>> ranked;  // (rows since the run began, row)
-    int run_start = 0;
-    for (int i = 0; i < T_ - 1 - opt_.recent_rows; ++i) {
-      const int j = align_.donor_position[i];
-      if (j < 0) continue;
-      if (i == 0 || j == 0 || align_.donor_position[i - 1] != j - 1 || align_.donor[i - 1] != align_.donor[i])
-        run_start = i;
-      const bool exact_context = run_start == 0 && align_.donor_position[0] == 0;
-      if (i >= skip_) ranked.emplace_back(i - run_start + (exact_context ? T_ : 0), i);
-    }
-    std::stable_sort(ranked.begin(), ranked.end(), [](auto a, auto b) { return a.first < b.first; });
-    const auto keep = static_cast<std::size_t>(std::ceil(opt_.recompute_ratio * double(ranked.size())));
-    std::vector<int> reused;
-    for (std::size_t r = keep; r < ranked.size(); ++r) reused.push_back(ranked[r].second);
-    std::sort(reused.begin(), reused.end());
-    return reused;
   }
 
   // Of `reused`, the rows the last row attends to most in layer 1 (its
@@ -372,14 +410,9 @@ class Blend {
     return selection_ == BlendSelection::kDeviation || j < skip_ || j == T_ - 1 || align_.donor_position[j] >= 0;
   }
 
-  // Evenly spread over the reused rows, the same ones every run.
   void pick_probes(const std::vector<int>& reused) {
-    const int n = std::min<int>(opt_.probe_rows, static_cast<int>(reused.size()));
-    for (int p = 0; p < n; ++p) {
-      const int i = reused[(2 * p + 1) * reused.size() / (2 * n)];
-      is_selected_[i - skip_] = true;
-      out_.probes.push_back(i);
-    }
+    out_.probes = spread_probes(reused, opt_);
+    for (int i : out_.probes) is_selected_[i - skip_] = true;
   }
 
   // Whether a refused blend is still worth finishing to measure it: its
@@ -527,15 +560,23 @@ bool refused(double estimate, double deviation, std::span<const float> logits, c
          deviation > std::min(config.max_error, guard.deviation) || near_tie(logits, guard.estimate, config);
 }
 
-BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,
-                           const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
-                           const BlendGuard& guard, llama::ForwardResult& result, RefusedBlend refused) {
-  if (alignment.donor_position.size() != tokens.size() || alignment.donor.size() != tokens.size())
+namespace {
+
+void validate_alignment(const TokenAlignment& alignment, std::size_t tokens, std::span<const KVState> donors) {
+  if (alignment.donor_position.size() != tokens || alignment.donor.size() != tokens)
     throw std::invalid_argument("alignment: one donor position per token needed");
-  for (std::size_t i = 0; i < tokens.size(); ++i)
+  for (std::size_t i = 0; i < tokens; ++i)
     if (alignment.donor_position[i] >= 0 && (alignment.donor[i] < 0 || alignment.donor[i] >= std::ssize(donors) ||
                                              alignment.donor_position[i] >= donors[alignment.donor[i]].length))
       throw std::invalid_argument("alignment: token " + std::to_string(i) + " names a row no donor holds");
+}
+
+}  // namespace
+
+BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,
+                           const TokenAlignment& alignment, KVState& kv, const BlendConfig& options,
+                           const BlendGuard& guard, llama::ForwardResult& result, RefusedBlend refused) {
+  validate_alignment(alignment, tokens.size(), donors);
   if (kv.length < 0 || kv.length >= static_cast<int>(tokens.size()))
     throw std::invalid_argument("kv: must hold fewer rows than tokens");
   if (engine.config().n_layers < kMinBlendLayers)
@@ -547,6 +588,42 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::spa
   if (!(guard.estimate >= 0.0 && guard.deviation >= 0.0))
     throw std::invalid_argument("guard: bounds must be non-negative");
   return Blend(engine, tokens, donors, alignment, kv, options, guard, refused).run(result);
+}
+
+ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors, const TokenAlignment& alignment,
+                           int skip, const KVState& kv, std::span<const float> guard_logits,
+                           const BlendConfig& options) {
+  validate_alignment(alignment, static_cast<std::size_t>(kv.length), donors);
+  if (skip < 0 || skip >= kv.length) throw std::invalid_argument("skip: must be in [0, kv.length)");
+  const llama::ModelConfig& c = engine.config();
+  if (c.n_layers < kMinBlendLayers)
+    throw std::invalid_argument("engine: blending needs at least " + std::to_string(kMinBlendLayers) + " layers");
+  ScreenedBlend s;
+  s.selection = resolve_selection(options.selection, alignment);
+  std::vector<int> reused;
+  int from = 1;
+  if (s.selection == BlendSelection::kDeviation) {
+    const LayerOneDeviations dev = layer_one_deviations(engine, donors, alignment, kv, skip, kv.length, options);
+    reused = past_recompute_ratio(dev.ranked, options);
+    s.deviation = dev.of(reused, skip).relative();
+    from = 2;
+  } else {
+    reused = reused_by_run_start(alignment, skip, kv.length, options);
+  }
+  const int kvd = c.kv_dim();
+  std::vector<float> k(kvd), v(kvd);
+  s.probes = spread_probes(reused, options);
+  for (int l = from; l < c.n_layers; ++l) {
+    Deviation layer;
+    for (int i : s.probes) {
+      donor_rows(engine, donors, alignment, l, i, k.data(), v.data());
+      layer.add(kv.k(l, i), k.data(), kvd);
+      layer.add(kv.v(l, i), v.data(), kvd);
+    }
+    s.deviation = std::max(s.deviation, layer.relative());
+  }
+  s.estimate = guard_estimate(s.deviation, guard_logits, c.vocab_size);
+  return s;
 }
 
 }  // namespace attention_echo::serving

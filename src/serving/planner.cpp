@@ -157,6 +157,8 @@ BlendCalibration::BlendCalibration(const BlendCalibration& other) {
   blend_cost_factor_ = other.blend_cost_factor_;
   model_ = other.model_;
   namespaces_ = other.namespaces_;
+  first_verdicts_ = other.first_verdicts_;
+  next_first_ = other.next_first_;
 }
 
 bool BlendCalibration::next_blend_calibrates(const BlendConfig& config) {
@@ -234,30 +236,58 @@ BlendGuard BlendCalibration::threshold(std::string_view name_space, const BlendC
   return threshold_locked(name_space, config);
 }
 
+namespace {
+
+// Into a ring of at most `capacity` items whose oldest is at `next`.
+template <typename T>
+void push_ring(std::vector<T>& ring, std::size_t& next, T item, std::size_t capacity) {
+  if (ring.size() < capacity) {
+    ring.push_back(std::move(item));
+  } else {
+    ring[next] = std::move(item);
+    next = (next + 1) % capacity;
+  }
+}
+
+}  // namespace
+
+void BlendCalibration::record_locked(std::string_view name_space, const Namespace::Blend& blend) {
+  Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
+  if (n.recent.empty())
+    push_ring(first_verdicts_, next_first_, FirstVerdict{std::string(name_space), blend}, kRecentBlends);
+  push_ring(n.recent, n.next, blend, kRecentBlends);
+}
+
 void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie) {
   std::lock_guard lock(mutex_);
-  Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
-  n.priced_out = 0;
-  const Namespace::Blend blend{estimate, deviation, near_tie};
-  if (n.recent.size() < kRecentBlends) {
-    n.recent.push_back(blend);
-  } else {
-    n.recent[n.next] = blend;
-    n.next = (n.next + 1) % kRecentBlends;
-  }
+  record_locked(name_space, {estimate, deviation, near_tie});
+  namespaces_.find(name_space)->second.priced_out = 0;
+}
+
+void BlendCalibration::record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie) {
+  std::lock_guard lock(mutex_);
+  record_locked(name_space, {estimate, deviation, near_tie});
+}
+
+bool BlendCalibration::refused(const Namespace::Blend& blend, const BlendGuard& guard) {
+  return blend.estimate > guard.estimate || blend.deviation > guard.deviation || blend.near_tie;
 }
 
 double BlendCalibration::refusal_rate(std::string_view name_space, const BlendConfig& config) const {
   std::lock_guard lock(mutex_);
   const auto it = namespaces_.find(name_space);
-  if (it == namespaces_.end()) return 0.5;
-  if (config.calibrate_every > 0 && it->second.priced_out >= config.calibrate_every) return 0.0;
-  const BlendGuard guard = threshold_locked(name_space, config);
-  const auto& recent = it->second.recent;
-  const auto refused = std::count_if(recent.begin(), recent.end(), [guard](const Namespace::Blend& b) {
-    return b.estimate > guard.estimate || b.deviation > guard.deviation || b.near_tie;
-  });
-  return (static_cast<double>(refused) + 1.0) / (static_cast<double>(recent.size()) + 2.0);
+  if (it != namespaces_.end() && config.calibrate_every > 0 && it->second.priced_out >= config.calibrate_every)
+    return 0.0;
+  double n = 0, refusals = 0;
+  if (it != namespaces_.end() && !it->second.recent.empty()) {
+    const BlendGuard guard = threshold_locked(name_space, config);
+    for (const Namespace::Blend& b : it->second.recent) refusals += refused(b, guard);
+    n = static_cast<double>(it->second.recent.size());
+  } else {
+    for (const FirstVerdict& f : first_verdicts_) refusals += refused(f.blend, threshold_locked(f.name_space, config));
+    n = static_cast<double>(first_verdicts_.size());
+  }
+  return (refusals + 1.0) / (n + 2.0);
 }
 
 void BlendCalibration::priced_out(std::string_view name_space) {
@@ -321,8 +351,15 @@ struct Planner::Impl {
     return {T, skip, selected, model.n_layers, qkv_share(model), first_layer_all};
   }
 
-  // The blend from the stored prompts most like this one, or null: one
-  // cheaper than best_cost (which it then lowers). Every candidate that
+  // A blend of this prompt, priced: what it is expected to cost at its
+  // namespace's refusal rate, and what it would cost if sure to be served.
+  struct BlendCandidate {
+    std::shared_ptr<BlendPlan> plan;
+    double expected = 0, served = 0;
+  };
+
+  // The blend from the stored prompts most like this one, if any aligns
+  // with enough of it. Every candidate that
   // aligns is a donor, each token taken from the one that shares the
   // longest context before it (merge_alignments). With one donor per blend,
   // two prompts of unseen code (edits at rows 198 and 1481) blended from a
@@ -330,9 +367,8 @@ struct Planner::Impl {
   // next-token KL 5.4e-3: the donor's edit, not theirs, made it. Rows past
   // a donor's own edit now come from a donor without it where one is
   // stored, and moved passages from a donor where they followed the same.
-  std::shared_ptr<BlendPlan> best_blend(std::span<const int> tokens, int skip, std::string_view name_space,
-                                        const std::vector<KVBlockStore::Similar>& candidates,
-                                        double& best_cost) const {
+  std::optional<BlendCandidate> blend_candidate(std::span<const int> tokens, int skip, std::string_view name_space,
+                                                const std::vector<KVBlockStore::Similar>& candidates) const {
     const int T = static_cast<int>(tokens.size());
     const BlendConfig& b = config.blend;
     std::vector<TokenAlignment> alignments;
@@ -347,7 +383,7 @@ struct Planner::Impl {
       alignments.push_back(std::move(a));
       records.push_back(candidate.record);
     }
-    if (alignments.empty()) return nullptr;
+    if (alignments.empty()) return std::nullopt;
     TokenAlignment merged = merge_alignments(alignments);
     const int reusable = T - 1 - b.recent_rows;  // the recent rows and the last are always computed
     int aligned = 0;
@@ -360,19 +396,33 @@ struct Planner::Impl {
     // reusing 454 of 3162 rows saved 21 ms of 469 (4%), and the five later
     // variants of its document, left without a donor, blended at 420-450 ms
     // instead of ~80 (BENCHMARKS.md section 12).
-    if (2 * reused < T - skip) return nullptr;
+    if (2 * reused < T - skip) return std::nullopt;
     const CostModel::BlendShape shape = blend_shape(T, skip, T - skip - reused, merged);
     const double prior = calibration->blend_cost_factor();
-    const double expected = cost.expected_blend(shape, calibration->refusal_rate(name_space, b), prior);
-    if (expected >= best_cost) {
-      if (cost.blend(shape, prior) < best_cost) calibration->priced_out(name_space);  // but for the refusal rate
-      return nullptr;
-    }
-    best_cost = expected;
     std::vector<llama::KVState> donors;
     for (const KVBlockStore::Record* r : records)
       donors.push_back(store.state(r->blocks, static_cast<int>(r->tokens.size())));
-    return std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape});
+    return BlendCandidate{std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape}),
+                          cost.expected_blend(shape, calibration->refusal_rate(name_space, b), prior),
+                          cost.blend(shape, prior)};
+  }
+
+  // A prompt priced out of its blend (plan.screen), computed exactly: what
+  // the blend would have measured, read off the exact K/V and the guard
+  // rows' logits, into its namespace's record and the report.
+  void screen(const llama::Engine& engine, Plan& plan, const llama::ForwardResult& result) const {
+    const BlendPlan& b = *plan.screen;
+    const int rows = guard_rows(config.blend, plan.kv.length - plan.report.reused);
+    const ScreenedBlend s = screen_blend(engine, b.donors, b.alignment, plan.report.reused, plan.kv,
+                                         last_logits(result, rows, model), config.blend);
+    const BlendGuard guard = calibration->threshold(plan.name_space, config.blend);
+    const auto last = last_logits(result, 1, model);
+    calibration->record_screen(plan.name_space, s.estimate, s.deviation, near_tie(last, guard.estimate, config.blend));
+    PrefillReport& report = plan.report;
+    report.blend_screened = true;
+    report.screened_estimate = s.estimate;
+    report.screened_deviation = s.deviation;
+    report.screened_refused = refused(s.estimate, s.deviation, last, guard, config.blend);
   }
 
   // A blend's K/V reused as a prefix is held to the blend's rules: its
@@ -531,12 +581,13 @@ struct Planner::Impl {
     const int T = static_cast<int>(tokens.size());
     const bool guarded = !plan.reused_exact && config.blend.enabled;
     const int rows = guard_rows(config.blend, T - plan.kv.length);
-    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    const int keep = (guarded || plan.screen) && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
     const llama::Timers before = engine.timers();
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
     if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
       cost.observe_parallelism(engine.timers().total_cpu_s - before.total_cpu_s,
                                engine.timers().total_s - before.total_s);
+    if (plan.screen) screen(engine, plan, result);
     // Blended K/V: its deviation's estimate under this prompt's guard rows;
     // echoed K/V (the cache's, blending off): the echo's estimate, stored.
     const double reused_estimate =
@@ -624,12 +675,19 @@ Plan Planner::plan(std::span<const int> tokens, int prefix_length, std::string_v
   if (blend) {
     const KVBlockStore::Prefix exact = stored.approximate ? m.store.longest_prefix(name_space, tokens, true) : stored;
     const int skip = std::min(exact.length, T - 1);
-    if (auto chosen = m.best_blend(tokens, skip, name_space, neighbours, best)) {
-      plan.route = Plan::Route::kBlend;
-      plan.blend = std::move(chosen);
-      plan.kv = m.store.state(exact.blocks, skip);
-      count_l2();
-      return plan;
+    if (auto candidate = m.blend_candidate(tokens, skip, name_space, neighbours)) {
+      if (candidate->expected < best) {
+        plan.route = Plan::Route::kBlend;
+        plan.blend = std::move(candidate->plan);
+        plan.kv = m.store.state(exact.blocks, skip);
+        count_l2();
+        return plan;
+      }
+      if (candidate->served < best) {  // priced out by its refusal rate alone
+        m.calibration->priced_out(name_space);
+        // Screened where the prompt is computed from exact K/V alone.
+        if (!stored.approximate) plan.screen = std::move(candidate->plan);
+      }
     }
   }
   if (plan.route == Plan::Route::kReuse && L > 0) {
