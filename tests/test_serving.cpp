@@ -951,6 +951,36 @@ TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {
   EXPECT_EQ(planner.plan(prompt).route, serving::Plan::Route::kBlend);
 }
 
+// Where the model's namespaces' first blends were refused, a new
+// namespace's first blend is priced out and screened; a screen the guard
+// passes brings its next blend in.
+TEST(Planner, AFirstBlendPricedOutIsScreenedAndAPassingScreenBringsTheNext) {
+  ae::ThreadPool pool(2);
+  llama::Engine engine(model(), pool);
+  auto calibration = std::make_shared<serving::BlendCalibration>();
+  for (const char* other : {"a", "b", "c", "d"}) calibration->record_blend(other, 1e9, 1e9);  // refusal odds 5/6
+  serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = 1.0}, .calibration = calibration});
+  const auto base = text_tokens(600, 9);
+  engine.timers() = {};
+  last_logits(engine, base);
+  planner.observe(static_cast<int>(base.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
+  serving::Plan seed = planner.plan(base);
+  planner.execute(engine, base, seed);
+  auto near = base;
+  near[50] = edited(near[50]);
+  serving::Plan screened = planner.plan(near);
+  ASSERT_EQ(screened.route, serving::Plan::Route::kReuse);
+  const auto exact = planner.execute(engine, near, screened).logits;
+  EXPECT_EQ(exact, last_logits(engine, near));  // served exactly
+  ASSERT_TRUE(screened.report.blend_screened);
+  EXPECT_FALSE(screened.report.screened_refused);
+  EXPECT_GT(screened.report.screened_deviation, 0.0);
+  EXPECT_NEAR(calibration->refusal_rate("", {.enabled = true, .max_error = 1.0}), 1.0 / 3.0, 1e-12);
+  auto next = base;
+  next[300] = edited(next[300]);
+  EXPECT_EQ(planner.plan(next).route, serving::Plan::Route::kBlend);
+}
+
 // A blend the guard refuses past layer 1 is measured while its namespace
 // has no sample of its own: its KL against the exact prefill it was
 // replaced by is reported and calibrates the guard.
