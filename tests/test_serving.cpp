@@ -922,6 +922,19 @@ TEST(BlendCalibration, ANewNamespaceIsPricedAtTheModelsFirstVerdicts) {
   EXPECT_NEAR(copy.refusal_rate("chat", config), 3.0 / 5.0, 1e-12);
 }
 
+// Moved text and text in place are priced apart: a namespace whose first
+// blend would move passages is priced at the first verdicts of such blends.
+TEST(BlendCalibration, FirstVerdictsArePricedBySelection) {
+  using serving::BlendSelection;
+  const serving::BlendConfig config{.enabled = true, .max_error = 0.2, .max_kl = 1e-3};
+  serving::BlendCalibration calibration;
+  calibration.record_blend("rag", 0.3, 0.0, false, BlendSelection::kDeviation);  // refused
+  calibration.record_screen("code", 0.01, 0.0, false, BlendSelection::kRunStart);
+  EXPECT_NEAR(calibration.refusal_rate("rag-shuffled", config, BlendSelection::kDeviation), 2.0 / 3.0, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("chat-edit", config, BlendSelection::kRunStart), 1.0 / 3.0, 1e-12);
+  EXPECT_NEAR(calibration.refusal_rate("rag", config, BlendSelection::kRunStart), 2.0 / 3.0, 1e-12);  // its own
+}
+
 // The planner counts the prompts the refusal rate denied a blend, and
 // tries one again after calibrate_every of them.
 TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {

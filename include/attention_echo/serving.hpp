@@ -223,21 +223,26 @@ class BlendCalibration {
   // Every blend's estimate and deviation (its worst layer), guarded or not,
   // and whether the guard refused it for a near tie of its next tokens
   // (BlendConfig::top1_sigmas).
-  void record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie = false);
+  void record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie = false,
+                    BlendSelection selection = BlendSelection::kRunStart);
   // A screened blend's (ScreenedBlend, the prompt's exact next-token
   // logits for near_tie), counted as a blend is but not as a try: the
   // namespace's count of prompts priced out goes on.
-  void record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie = false);
+  void record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie = false,
+                     BlendSelection selection = BlendSelection::kRunStart);
   // (refused + 1) / (n + 2) over the namespace's last n recorded blends and
   // screens, refused meaning above the namespace's guard now, or at a near
   // tie (a property of the prompt, not of the guard: on the bundled model
   // at 512 tokens near ties refused 2 of near-dup's 15 blends); with none,
-  // the same over the first verdicts of the model's last 32 namespaces; 0
+  // the same over the first verdicts of the model's last 32 namespaces
+  // whose first blend ran (or was screened with) `selection` (moved text
+  // and text in place differ: BlendSelection, and the guard's pools); 0
   // once calibrate_every prompts in a row were denied a blend by it
   // (priced_out), so that one blend is tried: a namespace whose first
   // blends were refused and that has no screens to read would otherwise
   // never blend again, whatever its traffic or its guard became.
-  double refusal_rate(std::string_view name_space, const BlendConfig& config) const;
+  double refusal_rate(std::string_view name_space, const BlendConfig& config,
+                      BlendSelection selection = BlendSelection::kRunStart) const;
   // A prompt of the namespace was planned without a blend that would have
   // been cheapest had it not been priced at the refusal rate.
   void priced_out(std::string_view name_space);
@@ -286,12 +291,13 @@ class BlendCalibration {
   };
   struct FirstVerdict {
     std::string name_space;
+    BlendSelection selection;
     Namespace::Blend blend;
   };
   static constexpr std::size_t kRecentBlends = 32;
   BlendGuard threshold_locked(std::string_view name_space, const BlendConfig& config) const;
   // Into the namespace's ring, and the model's first verdicts if its first.
-  void record_locked(std::string_view name_space, const Namespace::Blend& blend);
+  void record_locked(std::string_view name_space, const Namespace::Blend& blend, BlendSelection selection);
   // Whether `blend` is past `guard`, or was at a near tie.
   static bool refused(const Namespace::Blend& blend, const BlendGuard& guard);
 

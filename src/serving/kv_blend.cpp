@@ -78,6 +78,7 @@ struct LayerOneDeviations {
     return d;
   }
 };
+
 LayerOneDeviations layer_one_deviations(const Engine& engine, std::span<const KVState> donors,
                                         const TokenAlignment& alignment, const KVState& kv, int skip, int T,
                                         const BlendConfig& options) {
@@ -96,8 +97,8 @@ LayerOneDeviations layer_one_deviations(const Engine& engine, std::span<const KV
   return d;
 }
 
-// The rows of `ranked` (best first) past the recompute_ratio of them:
-// those reused; ascending.
+// The rows of `ranked` (those to recompute first, first) past the
+// recompute_ratio of them: those reused; ascending.
 template <typename Rank>
 std::vector<int> past_recompute_ratio(const std::vector<std::pair<Rank, int>>& ranked, const BlendConfig& options) {
   const auto keep = static_cast<std::size_t>(std::ceil(options.recompute_ratio * double(ranked.size())));
@@ -270,6 +271,7 @@ class Blend {
   }
 
 
+  // Row i's donor K/V in layer l, K rotated to position i.
   void donor_rows(int l, int i, float* k, float* v) const {
     serving::donor_rows(e_, donors_, align_, l, i, k, v);
   }
@@ -591,7 +593,7 @@ BlendOutcome blend_prefill(Engine& engine, std::span<const int> tokens, std::spa
 }
 
 ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors, const TokenAlignment& alignment,
-                           int skip, const KVState& kv, std::span<const float> guard_logits,
+                           int skip, const KVState& kv, std::span<const float> logits,
                            const BlendConfig& options) {
   validate_alignment(alignment, static_cast<std::size_t>(kv.length), donors);
   if (skip < 0 || skip >= kv.length) throw std::invalid_argument("skip: must be in [0, kv.length)");
@@ -622,7 +624,7 @@ ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors
     }
     s.deviation = std::max(s.deviation, layer.relative());
   }
-  s.estimate = guard_estimate(s.deviation, guard_logits, c.vocab_size);
+  s.estimate = guard_estimate(s.deviation, logits, c.vocab_size);
   return s;
 }
 

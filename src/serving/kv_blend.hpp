@@ -121,30 +121,31 @@ BlendOutcome blend_prefill(llama::Engine& engine, std::span<const int> tokens, s
 // exact prefill instead: its probes' exact K/V (every layer from 1; with
 // kDeviation, layer 1's of every reused row, then the probes from layer 2)
 // against the donors' K/V they would have replaced, and that deviation's
-// guard estimate under the exact guard rows' logits. A screen costs a few
-// rows of arithmetic where a blend costs a tenth to a half of a prefill,
-// and it reads conservatively: a blend's fresh rows attend to the donor's
-// K/V and drift toward it, so a served blend's probes deviate 1.2-1.4
-// times less than the same rows computed exactly (over 95 first blends of
-// four texts at 512-4096 tokens, [deviation within the guard] matched the
-// blend's verdict 91 times; BENCHMARKS.md section 21). kDeviation's screen
+// guard estimate under exact logits of the prompt's last rows. A screen
+// costs a few rows of arithmetic where a blend costs a tenth to a half of
+// a prefill, and it reads conservatively: a blend's fresh rows attend to
+// the donor's K/V and drift toward it, so a served blend's probes deviate
+// 1.2-1.4 times less than the same rows computed exactly (over 95 first
+// blends of four texts at 512-4096 tokens, [deviation within the guard]
+// matched the blend's verdict 91 times; BENCHMARKS.md section 21). kDeviation's screen
 // keeps among the reused rows the attended_rows a blend would recompute
 // (finding them takes layer 1's query of the last row, which a finished
 // prefill no longer has).
 struct ScreenedBlend {
   BlendSelection selection = BlendSelection::kRunStart;  // never kAuto
   double deviation = 0;  // relative, worst layer
-  double estimate = 0;   // guard_estimate(deviation, guard rows' logits)
+  double estimate = 0;   // guard_estimate(deviation, logits)
   std::vector<int> probes;  // ascending: the blend's (BlendOutcome::probes), kDeviation's as noted
 };
 
 // kv: the prompt's exact K/V, every row (tokens past `skip` computed);
-// alignment and donors as blend_prefill takes them; guard_logits: the
-// exact logits of the prompt's guard rows ([rows, vocab]). Throws
-// std::invalid_argument on inconsistent arguments.
+// alignment and donors as blend_prefill takes them; logits: the exact
+// logits of the prompt's last rows ([rows, vocab]: its guard rows, or only
+// the last) the estimate is taken under. Throws std::invalid_argument on
+// inconsistent arguments.
 ScreenedBlend screen_blend(const llama::Engine& engine, std::span<const llama::KVState> donors,
                            const TokenAlignment& alignment, int skip, const llama::KVState& kv,
-                           std::span<const float> guard_logits, const BlendConfig& config);
+                           std::span<const float> logits, const BlendConfig& config);
 
 // The selection a blend of this alignment makes: `selection`, kAuto
 // resolved (BlendSelection::kAuto).

@@ -251,29 +251,33 @@ void push_ring(std::vector<T>& ring, std::size_t& next, T item, std::size_t capa
 
 }  // namespace
 
-void BlendCalibration::record_locked(std::string_view name_space, const Namespace::Blend& blend) {
+void BlendCalibration::record_locked(std::string_view name_space, const Namespace::Blend& blend,
+                                     BlendSelection selection) {
   Namespace& n = namespaces_.try_emplace(std::string(name_space)).first->second;
   if (n.recent.empty())
-    push_ring(first_verdicts_, next_first_, FirstVerdict{std::string(name_space), blend}, kRecentBlends);
+    push_ring(first_verdicts_, next_first_, FirstVerdict{std::string(name_space), selection, blend}, kRecentBlends);
   push_ring(n.recent, n.next, blend, kRecentBlends);
 }
 
-void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie) {
+void BlendCalibration::record_blend(std::string_view name_space, double estimate, double deviation, bool near_tie,
+                                    BlendSelection selection) {
   std::lock_guard lock(mutex_);
-  record_locked(name_space, {estimate, deviation, near_tie});
+  record_locked(name_space, {estimate, deviation, near_tie}, selection);
   namespaces_.find(name_space)->second.priced_out = 0;
 }
 
-void BlendCalibration::record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie) {
+void BlendCalibration::record_screen(std::string_view name_space, double estimate, double deviation, bool near_tie,
+                                     BlendSelection selection) {
   std::lock_guard lock(mutex_);
-  record_locked(name_space, {estimate, deviation, near_tie});
+  record_locked(name_space, {estimate, deviation, near_tie}, selection);
 }
 
 bool BlendCalibration::refused(const Namespace::Blend& blend, const BlendGuard& guard) {
   return blend.estimate > guard.estimate || blend.deviation > guard.deviation || blend.near_tie;
 }
 
-double BlendCalibration::refusal_rate(std::string_view name_space, const BlendConfig& config) const {
+double BlendCalibration::refusal_rate(std::string_view name_space, const BlendConfig& config,
+                                      BlendSelection selection) const {
   std::lock_guard lock(mutex_);
   const auto it = namespaces_.find(name_space);
   if (it != namespaces_.end() && config.calibrate_every > 0 && it->second.priced_out >= config.calibrate_every)
@@ -284,8 +288,11 @@ double BlendCalibration::refusal_rate(std::string_view name_space, const BlendCo
     for (const Namespace::Blend& b : it->second.recent) refusals += refused(b, guard);
     n = static_cast<double>(it->second.recent.size());
   } else {
-    for (const FirstVerdict& f : first_verdicts_) refusals += refused(f.blend, threshold_locked(f.name_space, config));
-    n = static_cast<double>(first_verdicts_.size());
+    for (const FirstVerdict& f : first_verdicts_) {
+      if (f.selection != selection) continue;
+      refusals += refused(f.blend, threshold_locked(f.name_space, config));
+      ++n;
+    }
   }
   return (refusals + 1.0) / (n + 2.0);
 }
@@ -399,25 +406,28 @@ struct Planner::Impl {
     if (2 * reused < T - skip) return std::nullopt;
     const CostModel::BlendShape shape = blend_shape(T, skip, T - skip - reused, merged);
     const double prior = calibration->blend_cost_factor();
+    const double refusal_rate = calibration->refusal_rate(name_space, b, resolve_selection(b.selection, merged));
     std::vector<llama::KVState> donors;
     for (const KVBlockStore::Record* r : records)
       donors.push_back(store.state(r->blocks, static_cast<int>(r->tokens.size())));
     return BlendCandidate{std::make_shared<BlendPlan>(BlendPlan{std::move(donors), std::move(merged), shape}),
-                          cost.expected_blend(shape, calibration->refusal_rate(name_space, b), prior),
+                          cost.expected_blend(shape, refusal_rate, prior),
                           cost.blend(shape, prior)};
   }
 
   // A prompt priced out of its blend (plan.screen), computed exactly: what
-  // the blend would have measured, read off the exact K/V and the guard
-  // rows' logits, into its namespace's record and the report.
+  // the blend would have measured, read off the exact K/V, its estimate
+  // under the last row's logits (the guard rows' would cost the classifier
+  // on 16 more rows: on a 32000-token vocabulary, stories15M's, as much as
+  // 25 prompt rows), into its namespace's record and the report.
   void screen(const llama::Engine& engine, Plan& plan, const llama::ForwardResult& result) const {
     const BlendPlan& b = *plan.screen;
-    const int rows = guard_rows(config.blend, plan.kv.length - plan.report.reused);
-    const ScreenedBlend s = screen_blend(engine, b.donors, b.alignment, plan.report.reused, plan.kv,
-                                         last_logits(result, rows, model), config.blend);
-    const BlendGuard guard = calibration->threshold(plan.name_space, config.blend);
     const auto last = last_logits(result, 1, model);
-    calibration->record_screen(plan.name_space, s.estimate, s.deviation, near_tie(last, guard.estimate, config.blend));
+    const ScreenedBlend s =
+        screen_blend(engine, b.donors, b.alignment, plan.report.reused, plan.kv, last, config.blend);
+    const BlendGuard guard = calibration->threshold(plan.name_space, config.blend);
+    calibration->record_screen(plan.name_space, s.estimate, s.deviation, near_tie(last, guard.estimate, config.blend),
+                               s.selection);
     PrefillReport& report = plan.report;
     report.blend_screened = true;
     report.screened_estimate = s.estimate;
@@ -531,7 +541,7 @@ struct Planner::Impl {
     const BlendOutcome out = blend_prefill(engine, tokens, plan.blend->donors, plan.blend->alignment, plan.kv,
                                            config.blend, guard, result, on_refusal);
     report_blend(report, out, guard);
-    calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie);
+    calibration->record_blend(plan.name_space, out.estimated_error, out.deviation, out.near_tie, out.selection);
     if (out.blended) {  // priced by the rows it computed (the plan's count was estimated before the ranking)
       CostModel::BlendShape done = plan.blend->shape;
       done.selected = out.recomputed;
@@ -581,7 +591,7 @@ struct Planner::Impl {
     const int T = static_cast<int>(tokens.size());
     const bool guarded = !plan.reused_exact && config.blend.enabled;
     const int rows = guard_rows(config.blend, T - plan.kv.length);
-    const int keep = (guarded || plan.screen) && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
     const llama::Timers before = engine.timers();
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
     if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
