@@ -39,6 +39,7 @@ def test_repeat_skips_and_near_duplicate_blends(prompt):
     assert 0 <= report["estimated_error"] <= report["guard_estimate_bound"] <= 0.2
     assert 0 < report["blend_deviation"] <= report["guard_deviation_bound"] <= 0.2
     assert report["blend_refused_at_layer"] == -1
+    assert not report["blend_screened"]  # tried, not screened
     assert int(np.argmax(logits)) == int(np.argmax(exact))
 
 
