@@ -61,17 +61,22 @@ const char* name(serving::BlendSelection s) {
 
 int argmax(const std::vector<float>& v) { return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin()); }
 
-// base stored exactly in `planner` (its cost model taught by a measured
-// forward, as a server's would be, so a test holds at any speed, sanitizers
-// included), then near planned, expected to blend, and executed.
-std::pair<serving::Plan, std::vector<float>> store_then_blend(llama::Engine& engine, serving::Planner& planner,
-                                                              const std::vector<int>& base,
-                                                              const std::vector<int>& near) {
+// base stored exactly in `planner`, its cost model taught by a measured
+// forward, as a server's would be, so a test holds at any speed,
+// sanitizers included.
+void store_exactly(llama::Engine& engine, serving::Planner& planner, const std::vector<int>& base) {
   engine.timers() = {};
   last_logits(engine, base);
   planner.observe(static_cast<int>(base.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
   serving::Plan seed = planner.plan(base);
   planner.execute(engine, base, seed);
+}
+
+// base stored exactly, then near planned, expected to blend, and executed.
+std::pair<serving::Plan, std::vector<float>> store_then_blend(llama::Engine& engine, serving::Planner& planner,
+                                                              const std::vector<int>& base,
+                                                              const std::vector<int>& near) {
+  store_exactly(engine, planner, base);
   serving::Plan plan = planner.plan(near);
   EXPECT_EQ(plan.route, serving::Plan::Route::kBlend);
   auto logits = planner.execute(engine, near, plan).logits;
@@ -668,13 +673,7 @@ TEST(Planner, FirstBlendCalibratesTheGuardAndIsServedExactly) {
   llama::Engine engine(model(), pool);
   serving::Planner planner(model().config(), {.blend = {.enabled = true}});
   const auto base = text_tokens(600, 9);
-  // The cost model learns from a measured forward, as a server's would (so
-  // the test holds at any speed, sanitizers included).
-  engine.timers() = {};
-  last_logits(engine, base);
-  planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
-  serving::Plan seed = planner.plan(base);
-  planner.execute(engine, base, seed);
+  store_exactly(engine, planner, base);
   for (int round = 0; round < 2; ++round) {
     auto near = base;
     near[50 + round] = edited(near[50 + round]);
@@ -729,11 +728,7 @@ TEST(Planner, CalibrationBeforeServingSparesTheFirstBlend) {
   EXPECT_EQ(samples[2].selection, serving::BlendSelection::kRunStart);
   EXPECT_EQ(planner.stored_prompts(), 0u);
   const auto base = text_tokens(600, 9);
-  engine.timers() = {};
-  last_logits(engine, base);
-  planner.observe(600, engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
-  serving::Plan seed = planner.plan(base);
-  planner.execute(engine, base, seed);
+  store_exactly(engine, planner, base);
   auto near = base;
   near[50] = edited(near[50]);
   serving::Plan plan = planner.plan(near);
@@ -972,13 +967,10 @@ TEST(Planner, AFirstBlendPricedOutIsScreenedAndAPassingScreenBringsTheNext) {
   llama::Engine engine(model(), pool);
   auto calibration = std::make_shared<serving::BlendCalibration>();
   for (const char* other : {"a", "b", "c", "d"}) calibration->record_blend(other, 1e9, 1e9);  // refusal odds 5/6
-  serving::Planner planner(model().config(), {.blend = {.enabled = true, .max_error = 1.0}, .calibration = calibration});
+  const serving::BlendConfig blend{.enabled = true, .max_error = 1.0};
+  serving::Planner planner(model().config(), {.blend = blend, .calibration = calibration});
   const auto base = text_tokens(600, 9);
-  engine.timers() = {};
-  last_logits(engine, base);
-  planner.observe(static_cast<int>(base.size()), engine.timers().total_cpu_s, engine.timers().attention_cpu_s);
-  serving::Plan seed = planner.plan(base);
-  planner.execute(engine, base, seed);
+  store_exactly(engine, planner, base);
   auto near = base;
   near[50] = edited(near[50]);
   serving::Plan screened = planner.plan(near);
@@ -988,7 +980,7 @@ TEST(Planner, AFirstBlendPricedOutIsScreenedAndAPassingScreenBringsTheNext) {
   ASSERT_TRUE(screened.report.blend_screened);
   EXPECT_FALSE(screened.report.screened_refused);
   EXPECT_GT(screened.report.screened_deviation, 0.0);
-  EXPECT_NEAR(calibration->refusal_rate("", {.enabled = true, .max_error = 1.0}), 1.0 / 3.0, 1e-12);
+  EXPECT_NEAR(calibration->refusal_rate("", blend), 1.0 / 3.0, 1e-12);
   auto next = base;
   next[300] = edited(next[300]);
   EXPECT_EQ(planner.plan(next).route, serving::Plan::Route::kBlend);

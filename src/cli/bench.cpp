@@ -488,8 +488,8 @@ class Bench {
     return {route, static_cast<int>(r.tokens.size()), rep.reused, rep.blend_first_layer, rep.blend_reused,
             rep.blend_recomputed, rep.blend_rejected, rep.blend_calibration, rep.estimated_error, rep.calibration_kl,
             rep.calibration_continuation_kl, rep.blend_deviation, rep.blend_bounds, rep.blend_refused_at_layer,
-            rep.blend_screened, rep.screened_refused, rep.screened_deviation, f.hidden_rel_error, f.kl, f.top1_agrees, f.nll_change,
-            1e3 * s.prefill_s, rep.reused_from_l2, servings.other_route};
+            rep.blend_screened, rep.screened_refused, rep.screened_deviation, f.hidden_rel_error, f.kl,
+            f.top1_agrees, f.nll_change, 1e3 * s.prefill_s, rep.reused_from_l2, servings.other_route};
   }
 
   // AttentionEcho: whatever the planner chose; the bench counts which route
