@@ -193,14 +193,14 @@ struct BlendGuard {
 // current guard would refuse its next one, which the planner prices in,
 // and its recent screens (a blend priced out, read off the prompt's exact
 // prefill: screen_blend) count with them. A namespace with neither is
-// priced at the odds of the model's namespaces' first verdicts: on unseen
-// text at 512-1024 tokens most first blends were refused, and each one
-// tried cost more than its namespace's 16 prompts repaid (BENCHMARKS.md
-// sections 14-18, 21).
-// A namespace's record (at most 32 blends or screens and its pooled samples) lives
-// as long as the calibration: it is what the model was measured to do on
-// that traffic, so Planner::clear leaves it. One per model: planners of the
-// same model may share it. Thread-safe.
+// priced at the odds of the model's namespaces' first verdicts of its
+// selection: on unseen text at 512-1024 tokens most first blends were
+// refused, and each one tried cost more than its namespace's 16 prompts
+// repaid (BENCHMARKS.md sections 14-18, 21-22). A namespace's record (at
+// most 32 blends or screens and its pooled samples) lives as long as the
+// calibration: it is what the model was measured to do on that traffic,
+// so Planner::clear leaves it. One per model: planners of the same model
+// may share it. Thread-safe.
 class BlendCalibration {
  public:
   BlendCalibration() = default;
@@ -377,8 +377,8 @@ struct PrefillReport {
   double calibration_continuation_kl = 0.0;
   // Priced out of a blend and computed exactly: what the blend would have
   // measured, read off the exact prefill (screen_blend: the probes'
-  // deviation, worst layer, and its guard estimate), and whether the guard
-  // then would have refused it.
+  // deviation, worst layer, and its guard estimate under the last row's
+  // logits), and whether the guard then would have refused it.
   bool blend_screened = false;
   double screened_estimate = 0.0, screened_deviation = 0.0;
   bool screened_refused = false;

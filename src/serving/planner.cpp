@@ -418,8 +418,9 @@ struct Planner::Impl {
   // A prompt priced out of its blend (plan.screen), computed exactly: what
   // the blend would have measured, read off the exact K/V, its estimate
   // under the last row's logits (the guard rows' would cost the classifier
-  // on 16 more rows: on a 32000-token vocabulary, stories15M's, as much as
-  // 25 prompt rows), into its namespace's record and the report.
+  // on 16 more rows: on stories15M's 32000-token vocabulary the
+  // multiply-adds of 25 prompt rows), into its namespace's record and the
+  // report.
   void screen(const llama::Engine& engine, Plan& plan, const llama::ForwardResult& result) const {
     const BlendPlan& b = *plan.screen;
     const auto last = last_logits(result, 1, model);
