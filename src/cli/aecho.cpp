@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -171,6 +172,23 @@ std::string read_text(const std::string& path) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// The CPU's model name (Linux's /proc/cpuinfo; "unknown" elsewhere): every
+// figure is quoted with the machine it was measured on.
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos)
+      return line.substr(line.find_first_not_of(" \t", line.find(':') + 1));
+  return "unknown";
+}
+
+std::string utc_now() {
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return text;
+}
+
 void progress_bar(const std::string& label, int done, int total) {
   constexpr int kWidth = 30;
   const int filled = done * kWidth / total;
@@ -242,11 +260,14 @@ int run_bench(const BenchArgs& a) {
     throw CLI::ValidationError("--context", "must be at most the model's " + std::to_string(model.config().seq_len));
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
   const std::string mode(ae::to_string(options.mode));
+  const std::string cpu = cpu_model(), started = utc_now();
+  const unsigned hardware_threads = std::thread::hardware_concurrency();
   std::printf("aecho bench: %s (dim %d, %d layers, %d/%d heads), context %d, echo mode %s, seed %d,\n"
-              "  %d requests per scenario, each timed on %d serving stacks, %d threads, SIMD path %s\n\n",
+              "  %d requests per scenario, each timed on %d serving stacks, %d threads, SIMD path %s\n"
+              "  %s, %u hardware threads, started %s\n\n",
               model_path.c_str(), model.config().dim, model.config().n_layers, model.config().n_heads,
               model.config().n_kv_heads, context, mode.c_str(), a.seed, a.requests, options.repeats, threads,
-              ae::attention_isa());
+              ae::attention_isa(), cpu.c_str(), hardware_threads, started.c_str());
   std::fflush(stdout);
 
   const ae::bench::CalibrationReport calibration =
@@ -275,7 +296,9 @@ int run_bench(const BenchArgs& a) {
                                          {"attention_isa", ae::attention_isa()},
                                          {"gemm_isa", ae::attention_isa()},
                                          {"blend_selection", ae::serving::to_string(options.blend.selection)},
-                                         {"blend_calibration", ae::bench::to_json(calibration)}};
+                                         {"blend_calibration", ae::bench::to_json(calibration)},
+                                         {"machine", {{"cpu", cpu}, {"hardware_threads", hardware_threads}}},
+                                         {"started_utc", started}};
     if (!a.store.empty()) meta["store"] = a.store;
     json << ae::bench::reports_to_json(reports, meta).dump() << "\n";
     if (!json.flush()) throw std::runtime_error(a.json + ": write failed");

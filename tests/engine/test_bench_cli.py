@@ -34,6 +34,9 @@ def test_all_scenarios_table_and_json(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["context"] == 128 and doc["threads"] == 2 and doc["repeats"] == 3
     assert doc["blend_selection"] == "auto"
+    # Every figure carries the machine it was measured on, and when.
+    assert doc["machine"]["cpu"] and doc["machine"]["hardware_threads"] >= 1
+    assert doc["started_utc"].endswith("Z")
     assert [s["scenario"] for s in doc["scenarios"]] == names
     for s in doc["scenarios"]:
         assert set(s["modes"]) == {"none", "exact-prefix", "echo"}
