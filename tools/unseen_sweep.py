@@ -31,7 +31,7 @@ from collections import namedtuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = os.path.join(ROOT, "..", "shared", "tools", "check_bench.py")
-Row = namedtuple("Row", "scenario ratio blends refused")  # ratio: echo / exact-prefix
+Row = namedtuple("Row", "scenario ratio blends refused screens screens_refused")  # ratio: echo / exact-prefix
 TEXTS = [  # name, unseen_heldout.py kind (None: the bundled text), bench seed
     ("bundled", None, 1),
     ("mixed", "mixed", 1),
@@ -60,7 +60,8 @@ def summary(path):
         echo, exact = s["modes"]["echo"], s["modes"]["exact-prefix"]
         detail = echo["requests_detail"]
         rows.append(Row(s["scenario"], echo["prefill_speedup"] / exact["prefill_speedup"],
-                        sum(q["route"] == "blend" for q in detail), sum(q["blend_rejected"] for q in detail)))
+                        sum(q["route"] == "blend" for q in detail), sum(q["blend_rejected"] for q in detail),
+                        echo.get("blend_screened", 0), echo.get("screened_refused", 0)))
     missed, fidelity = "", 0
     if os.path.exists(CHECK):
         r = subprocess.run([sys.executable, CHECK, path], capture_output=True, text=True)
@@ -123,16 +124,24 @@ def main():
     print("\n| build | text | " + " | ".join(scenarios) + " | blends (refused) | check_bench |")
     print("|---" * (len(scenarios) + 4) + "|")
     for b, results in table.items():
-        logs, fidelity_misses = [], 0
+        fidelity_misses = 0
         for name, rows, missed, fidelity in results:
-            logs += [math.log(r.ratio) for r in rows]
             fidelity_misses += fidelity
             blends, refused = sum(r.blends for r in rows), sum(r.refused for r in rows)
             print(f"| {b} | {name} | " + " | ".join(f"{r.ratio:.2f}" for r in rows) +
                   f" | {blends} ({refused}) | {missed} |")
+        every = [r for _, rows, _, _ in results for r in rows]
+        logs = [math.log(r.ratio) for r in every]
         under = sum(log < math.log(0.97) for log in logs)
         print(f"build {b} ({args.aecho[b]}): geomean {math.exp(sum(logs) / len(logs)):.3f}x over {len(logs)} runs, "
-              f"{under} under 0.97x, {fidelity_misses} fidelity misses")
+              f"{under} under 0.97x, {fidelity_misses} fidelity misses; blends {sum(r.blends for r in every)} "
+              f"({sum(r.refused for r in every)} refused), screens {sum(r.screens for r in every)} "
+              f"({sum(r.screens_refused for r in every)} refused)")
+        # Per scenario: which workloads carry the geomean and the runs under the floor.
+        for scenario in scenarios:
+            mine = [math.log(r.ratio) for r in every if r.scenario == scenario]
+            print(f"  {scenario}: geomean {math.exp(sum(mine) / len(mine)):.3f}x, "
+                  f"{sum(log < math.log(0.97) for log in mine)} of {len(mine)} under 0.97x")
 
 
 if __name__ == "__main__":
