@@ -1,17 +1,20 @@
 // L2Store on one Redis server through hiredis's blocking API. Every
 // operation gets a time budget (the lookup deadline, or the write timeout):
 // the connect and every socket read and write get what is left of it
-// (redisConnectWithTimeout, redisSetTimeout) and the read and write loops
+// (redisConnectWithTimeout, poll) and the read and write loops
 // stop when it is spent, so a stopped server, or a value too large to
 // arrive in time, costs a request at most its budget. A failure (a timeout
 // too: a half-read reply cannot be resumed) drops every pooled connection
 // (they point at the same server) and closes the store for a backoff that
 // doubles per failure; the first connection after it counts as a reconnect.
 #include <hiredis/hiredis.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/time.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <atomic>
 #include <chrono>
 #include <mutex>
@@ -199,16 +202,30 @@ class RedisStore final : public L2Store {
 
   // hiredis's own blocking calls bound each socket wait, not their sum (a
   // large value arrives in many reads): these loops check the deadline
-  // between socket operations and give each what is left of it.
-  static bool wait_budget(redisContext* c, Clock::time_point deadline) {
-    const Clock::duration left = deadline - Clock::now();
-    return left > Clock::duration::zero() && redisSetTimeout(c, to_timeval(left)) == REDIS_OK;
+  // between socket operations and wait for the socket with what is left of
+  // it. The wait is poll(2), not the socket timeouts alone: the kernel
+  // counts SO_RCVTIMEO in scheduler ticks, so a wait can end up to a tick
+  // early (counted as an error, not a timeout: the likely cause of a CI
+  // failure on 2026-12-06 that did not reproduce here) or late (a 3 ms
+  // lookup on a stopped server took a median 8.0 ms on the Intel VM, 3.2 ms
+  // with poll), where poll's timer does not end early. The socket timeouts stay as the bound of a
+  // blocking send that poll found room for but not for all of it.
+  static bool wait_for(redisContext* c, short events, Clock::time_point deadline) {
+    for (;;) {
+      const Clock::duration left = deadline - Clock::now();
+      if (left <= Clock::duration::zero() || redisSetTimeout(c, to_timeval(left)) != REDIS_OK) return false;
+      const auto ms = std::chrono::ceil<std::chrono::milliseconds>(left).count();
+      pollfd p{c->fd, events, 0};
+      const int ready = poll(&p, 1, static_cast<int>(std::min<long long>(ms, INT_MAX)));
+      if (ready > 0) return true;
+      if (ready < 0 && errno != EINTR) return false;
+    }
   }
 
   static bool flush(redisContext* c, Clock::time_point deadline) {
     int done = 0;
     while (!done)
-      if (!wait_budget(c, deadline) || redisBufferWrite(c, &done) == REDIS_ERR) return false;
+      if (!wait_for(c, POLLOUT, deadline) || redisBufferWrite(c, &done) == REDIS_ERR) return false;
     return true;
   }
 
@@ -217,7 +234,7 @@ class RedisStore final : public L2Store {
       void* reply = nullptr;
       if (redisGetReplyFromReader(c, &reply) == REDIS_ERR) return nullptr;
       if (reply) return Reply(static_cast<redisReply*>(reply));
-      if (!wait_budget(c, deadline) || redisBufferRead(c) == REDIS_ERR) return nullptr;
+      if (!wait_for(c, POLLIN, deadline) || redisBufferRead(c) == REDIS_ERR) return nullptr;
     }
   }
 
