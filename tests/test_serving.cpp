@@ -309,7 +309,8 @@ TEST(KVBlend, AShadowBlendMeasuresWhatTheBlendWould) {
     const auto blend = serving::measure_sample(out.estimated_error, out.deviation, std::span(full.logits).last(rows),
                                                out.guard_logits, V, serving::logits_at(full.logits, out.probes, 0, V),
                                                out.probe_logits);
-    const auto shadow = serving::shadow_blend(e.engine, c.tokens, e.donor.rows(), c.alignment, 0, exact, config);
+    const auto shadow = serving::shadow_blend(e.engine, c.tokens, e.donor.rows(), c.alignment, 0, exact,
+                                              std::span(full.logits).last(rows), config);
     EXPECT_EQ(shadow.probes, out.probes);
     EXPECT_EQ(shadow.sample.selection, out.selection);
     EXPECT_GT(blend.continuation_kl, 0.0);
@@ -321,16 +322,21 @@ TEST(KVBlend, AShadowBlendMeasuresWhatTheBlendWould) {
   // A prompt its donor holds whole: nothing deviates, the shadow is exact.
   const serving::BlendConfig config{.enabled = true};
   llama::KVState donor_kv;
-  const int T = static_cast<int>(e.donor.tokens.size());
-  e.engine.forward(e.donor.tokens, donor_kv, {}, 1);
+  const int T = static_cast<int>(e.donor.tokens.size()), G = serving::guard_rows(config, T);
+  const auto guard_logits = e.engine.forward(e.donor.tokens, donor_kv, {}, G).logits;
   const auto same = serving::align_tokens(e.donor.tokens, e.donor.tokens);
-  const auto whole = serving::shadow_blend(e.engine, e.donor.tokens, e.donor.rows(), same, 0, donor_kv, config);
+  const auto whole =
+      serving::shadow_blend(e.engine, e.donor.tokens, e.donor.rows(), same, 0, donor_kv, guard_logits, config);
   EXPECT_EQ(whole.sample.deviation, 0.0);
   EXPECT_LT(whole.sample.continuation_kl, 1e-9);
-  EXPECT_THROW(serving::shadow_blend(e.engine, e.donor.tokens, e.donor.rows(), same, T, donor_kv, config),
-               std::invalid_argument);
+  EXPECT_THROW(
+      serving::shadow_blend(e.engine, e.donor.tokens, e.donor.rows(), same, T, donor_kv, guard_logits, config),
+      std::invalid_argument);
   EXPECT_THROW(serving::shadow_blend(e.engine, std::span(e.donor.tokens).first(T - 1), e.donor.rows(), same, 0,
-                                     donor_kv, config),
+                                     donor_kv, guard_logits, config),
+               std::invalid_argument);
+  EXPECT_THROW(serving::shadow_blend(e.engine, e.donor.tokens, e.donor.rows(), same, 0, donor_kv,
+                                     std::span(guard_logits).last(V), config),
                std::invalid_argument);
 }
 
@@ -1018,8 +1024,9 @@ TEST(Planner, APlannerThatStoppedBlendingTriesAgain) {
 }
 
 // Where the model's namespaces' first blends were refused, a new
-// namespace's first blend is priced out and screened; a screen the guard
-// passes brings its next blend in.
+// namespace's first blend is priced out and screened: with no sample of its
+// own, by a shadow blend, whose sample then guards the namespace. A screen
+// the guard passes brings its next blend in.
 TEST(Planner, AFirstBlendPricedOutIsScreenedAndAPassingScreenBringsTheNext) {
   ae::ThreadPool pool(2);
   llama::Engine engine(model(), pool);
@@ -1038,6 +1045,8 @@ TEST(Planner, AFirstBlendPricedOutIsScreenedAndAPassingScreenBringsTheNext) {
   ASSERT_TRUE(screened.report.blend_screened);
   EXPECT_FALSE(screened.report.screened_refused);
   EXPECT_GT(screened.report.screened_deviation, 0.0);
+  EXPECT_GT(screened.report.calibration_continuation_kl, 0.0);  // measured: the shadow's sample
+  EXPECT_EQ(calibration->samples(""), 1u);
   EXPECT_NEAR(calibration->refusal_rate("", blend), 1.0 / 3.0, 1e-12);
   auto next = base;
   next[300] = edited(next[300]);

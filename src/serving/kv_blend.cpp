@@ -642,12 +642,16 @@ ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors
 namespace attention_echo::serving {
 
 ShadowBlend shadow_blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,
-                         const TokenAlignment& alignment, int skip, const KVState& kv, const BlendConfig& options) {
+                         const TokenAlignment& alignment, int skip, const KVState& kv,
+                         std::span<const float> guard_logits, const BlendConfig& options) {
   const int T = static_cast<int>(tokens.size());
   validate_alignment(alignment, tokens.size(), donors);
   if (kv.length != T) throw std::invalid_argument("kv: must hold every row of the prompt, exact");
   if (skip < 0 || skip >= T) throw std::invalid_argument("skip: must be in [0, tokens.size())");
   const llama::ModelConfig& c = engine.config();
+  const std::size_t V = c.vocab_size;
+  if (guard_logits.size() != static_cast<std::size_t>(guard_rows(options, T - skip)) * V)
+    throw std::invalid_argument("guard_logits: must hold the exact logits of the prompt's guard rows");
   if (c.n_layers < kMinBlendLayers)
     throw std::invalid_argument("engine: blending needs at least " + std::to_string(kMinBlendLayers) + " layers");
   const int kvd = c.kv_dim();
@@ -687,18 +691,20 @@ ShadowBlend shadow_blend(Engine& engine, std::span<const int> tokens, std::span<
     }, reused);
   }
 
-  // The probes and the guard rows through every layer twice: over the exact
-  // K/V, and over the reused rows' donor K/V (the other selected rows'
-  // exact K/V standing in for what the blend would compute of them).
+  // The probes through every layer over the exact K/V, for their exact
+  // logits; then they and the guard rows over the reused rows' donor K/V
+  // (the other selected rows' exact K/V standing in for what the blend
+  // would compute of them).
   std::vector<int> rows = s.probes;
   for (int i = T - guard_rows(options, T - skip); i < T; ++i) rows.push_back(i);
   std::vector<int> row_tokens;
   for (int i : rows) row_tokens.push_back(tokens[i]);
-  std::vector<float> exact = engine.embed(row_tokens), blended = exact;
+  std::vector<float> blended = engine.embed(row_tokens);
+  std::vector<float> exact(blended.begin(), blended.begin() + static_cast<std::ptrdiff_t>(s.probes.size() * c.dim));
   std::vector<float> k(kvd), v(kvd);
   const int first_donor_layer = by_deviation ? 2 : 1;
   for (int l = 0; l < c.n_layers; ++l) {
-    engine.layer_forward_rows(l, exact.data(), rows, scratch);
+    if (!s.probes.empty()) engine.layer_forward_rows(l, exact.data(), s.probes, scratch);
     if (l >= first_donor_layer)
       for (int i : reused) donor_rows(engine, donors, alignment, l, i, scratch.writable_k(l, i), scratch.writable_v(l, i));
     engine.layer_forward_rows(l, blended.data(), rows, scratch);
@@ -712,13 +718,14 @@ ShadowBlend shadow_blend(Engine& engine, std::span<const int> tokens, std::span<
     deviation = std::max(deviation, layer.relative());
   }
   llama::ForwardResult exact_head, blended_head;
-  engine.head(exact.data(), static_cast<int>(rows.size()), exact_head);
+  if (!s.probes.empty()) engine.head(exact.data(), static_cast<int>(s.probes.size()), exact_head);
   engine.head(blended.data(), static_cast<int>(rows.size()), blended_head);
-  const std::size_t V = c.vocab_size, P = s.probes.size() * V;
-  const std::span<const float> e(exact_head.logits), b(blended_head.logits);
+  const std::size_t P = s.probes.size() * V;
+  const std::span<const float> b(blended_head.logits);
   const double estimate = guard_estimate(deviation, b.subspan(P), c.vocab_size);
   const BlendSelection selection = s.sample.selection;
-  s.sample = measure_sample(estimate, deviation, e.subspan(P), b.subspan(P), c.vocab_size, e.first(P), b.first(P));
+  s.sample =
+      measure_sample(estimate, deviation, guard_logits, b.subspan(P), c.vocab_size, exact_head.logits, b.first(P));
   s.sample.selection = selection;
   s.last_logits.assign(b.end() - static_cast<std::ptrdiff_t>(V), b.end());
   return s;
