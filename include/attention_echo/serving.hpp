@@ -378,10 +378,7 @@ struct PrefillReport {
   // Priced out of a blend and computed exactly: what the blend would have
   // measured, read off the exact prefill (screen_blend: the probes'
   // deviation, worst layer, and its guard estimate under the last row's
-  // logits; while the namespace has no calibration sample of its own, the
-  // blend simulated on it, shadow_blend, whose measured KLs are reported
-  // in calibration_kl and calibration_continuation_kl and calibrate the
-  // namespace), and whether the guard then would have refused it.
+  // logits), and whether the guard then would have refused it.
   bool blend_screened = false;
   double screened_estimate = 0.0, screened_deviation = 0.0;
   bool screened_refused = false;

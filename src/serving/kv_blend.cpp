@@ -136,38 +136,6 @@ std::vector<int> spread_probes(const std::vector<int>& reused, const BlendConfig
   return probes;
 }
 
-// Drops from `reused` the attended_rows rows that the last row, by its layer-1
-// query, attends to most, summed over heads (they are computed); key(j) is
-// row j's layer-1 K, or null where it has none yet.
-template <typename Key>
-void drop_most_attended(const llama::ModelConfig& c, std::span<const float> query, int skip, int T, int attended_rows,
-                        Key key, std::vector<int>& reused) {
-  const auto n = static_cast<std::ptrdiff_t>(std::min<std::size_t>(attended_rows, reused.size()));
-  if (n == 0) return;
-  const int hd = c.head_dim(), group = c.n_heads / c.n_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  std::vector<double> weight(T - skip, 0.0);
-  std::vector<float> score(T);
-  for (int h = 0; h < c.n_heads; ++h) {
-    const float* q = query.data() + static_cast<std::size_t>(h) * hd;
-    for (int j = 0; j < T; ++j) {
-      const float* k = key(j);
-      score[j] = k ? scale * std::inner_product(q, q + hd, k + static_cast<std::size_t>(h / group) * hd, 0.0f)
-                   : -INFINITY;
-    }
-    const float max = *std::max_element(score.begin(), score.end());
-    double sum = 0.0;
-    for (float& s : score) sum += (s = std::exp(s - max));
-    for (int j = skip; j < T; ++j) weight[j - skip] += score[j] / sum;
-  }
-  std::vector<int> by_weight = reused;
-  std::partial_sort(by_weight.begin(), by_weight.begin() + n, by_weight.end(),
-                    [&](int a, int b) { return weight[a - skip] > weight[b - skip]; });
-  std::vector<char> attended(T - skip, 0);
-  for (auto p = by_weight.begin(); p != by_weight.begin() + n; ++p) attended[*p - skip] = 1;
-  std::erase_if(reused, [&](int i) { return attended[i - skip] != 0; });
-}
-
 class Blend {
  public:
   Blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors, const TokenAlignment& alignment,
@@ -410,9 +378,32 @@ class Blend {
     out_.reused = T_ - skip_ - out_.recomputed;
   }
 
+  // Drops from `reused` the attended_rows rows that the last row, by its
+  // layer-1 query, attends to most, summed over heads (they are computed).
   void recompute_most_attended(const std::vector<float>& query, std::vector<int>& reused) const {
-    drop_most_attended(c_, query, skip_, T_, opt_.attended_rows, [&](int j) { return has_key(j) ? kv_.k(1, j) : nullptr; },
-                       reused);
+    const auto n = static_cast<std::ptrdiff_t>(std::min<std::size_t>(opt_.attended_rows, reused.size()));
+    if (n == 0) return;
+    const int hd = c_.head_dim(), group = c_.n_heads / c_.n_kv_heads;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    std::vector<double> weight(T_ - skip_, 0.0);
+    std::vector<float> score(T_);
+    for (int h = 0; h < c_.n_heads; ++h) {
+      const float* q = query.data() + static_cast<std::size_t>(h) * hd;
+      for (int j = 0; j < T_; ++j) {
+        const float* k = kv_.k(1, j) + static_cast<std::size_t>(h / group) * hd;
+        score[j] = has_key(j) ? scale * std::inner_product(q, q + hd, k, 0.0f) : -INFINITY;
+      }
+      const float max = *std::max_element(score.begin(), score.end());
+      double sum = 0.0;
+      for (float& s : score) sum += (s = std::exp(s - max));
+      for (int j = skip_; j < T_; ++j) weight[j - skip_] += score[j] / sum;
+    }
+    std::vector<int> by_weight = reused;
+    std::partial_sort(by_weight.begin(), by_weight.begin() + n, by_weight.end(),
+                      [&](int a, int b) { return weight[a - skip_] > weight[b - skip_]; });
+    std::vector<char> attended(T_ - skip_, 0);
+    for (auto p = by_weight.begin(); p != by_weight.begin() + n; ++p) attended[*p - skip_] = 1;
+    std::erase_if(reused, [&](int i) { return attended[i - skip_] != 0; });
   }
 
   // Whether row j's layer-1 K is written when the attended rows are
@@ -634,100 +625,6 @@ ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors
     s.deviation = std::max(s.deviation, layer.relative());
   }
   s.estimate = guard_estimate(s.deviation, logits, c.vocab_size);
-  return s;
-}
-
-}  // namespace attention_echo::serving
-
-namespace attention_echo::serving {
-
-ShadowBlend shadow_blend(Engine& engine, std::span<const int> tokens, std::span<const KVState> donors,
-                         const TokenAlignment& alignment, int skip, const KVState& kv,
-                         std::span<const float> guard_logits, const BlendConfig& options) {
-  const int T = static_cast<int>(tokens.size());
-  validate_alignment(alignment, tokens.size(), donors);
-  if (kv.length != T) throw std::invalid_argument("kv: must hold every row of the prompt, exact");
-  if (skip < 0 || skip >= T) throw std::invalid_argument("skip: must be in [0, tokens.size())");
-  const llama::ModelConfig& c = engine.config();
-  const std::size_t V = c.vocab_size;
-  if (guard_logits.size() != static_cast<std::size_t>(guard_rows(options, T - skip)) * V)
-    throw std::invalid_argument("guard_logits: must hold the exact logits of the prompt's guard rows");
-  if (c.n_layers < kMinBlendLayers)
-    throw std::invalid_argument("engine: blending needs at least " + std::to_string(kMinBlendLayers) + " layers");
-  const int kvd = c.kv_dim();
-  ShadowBlend s;
-  s.sample.selection = resolve_selection(options.selection, alignment);
-  const bool by_deviation = s.sample.selection == BlendSelection::kDeviation;
-  KVState scratch = kv;
-  scratch.make_writable(skip, T, c.n_layers, kvd);
-
-  // The last row's layer-1 query (its layer-0 output is exact).
-  std::vector<float> last = engine.embed(tokens.subspan(T - 1));
-  const std::vector<int> last_row{T - 1};
-  engine.layer_forward_rows(0, last.data(), last_row, scratch);
-  const std::vector<float> query = engine.project_kv(1, last.data(), T - 1, T, scratch);
-
-  // The blend's reused rows and probes, chosen as Blend chooses them.
-  std::vector<int> reused;
-  double deviation = 0.0;
-  if (by_deviation) {
-    const LayerOneDeviations dev = layer_one_deviations(engine, donors, alignment, kv, skip, T, options);
-    reused = past_recompute_ratio(dev.ranked, options);
-    drop_most_attended(c, query, skip, T, options.attended_rows, [&](int j) { return kv.k(1, j); }, reused);
-    deviation = dev.of(reused, skip).relative();
-    s.probes = spread_probes(reused, options);
-    std::erase_if(reused, [&](int i) { return std::binary_search(s.probes.begin(), s.probes.end(), i); });
-  } else {
-    reused = reused_by_run_start(alignment, skip, T, options);
-    s.probes = spread_probes(reused, options);
-    std::erase_if(reused, [&](int i) { return std::binary_search(s.probes.begin(), s.probes.end(), i); });
-    std::vector<float> donor_k(static_cast<std::size_t>(T - skip) * kvd), v(kvd);
-    for (int i = skip; i < T; ++i)
-      if (alignment.donor_position[i] >= 0)
-        donor_rows(engine, donors, alignment, 1, i, &donor_k[static_cast<std::size_t>(i - skip) * kvd], v.data());
-    drop_most_attended(c, query, skip, T, options.attended_rows, [&](int j) -> const float* {
-      if (j < skip || j == T - 1) return scratch.k(1, j);
-      return alignment.donor_position[j] >= 0 ? &donor_k[static_cast<std::size_t>(j - skip) * kvd] : nullptr;
-    }, reused);
-  }
-
-  // The probes through every layer over the exact K/V, for their exact
-  // logits; then they and the guard rows over the reused rows' donor K/V
-  // (the other selected rows' exact K/V standing in for what the blend
-  // would compute of them).
-  std::vector<int> rows = s.probes;
-  for (int i = T - guard_rows(options, T - skip); i < T; ++i) rows.push_back(i);
-  std::vector<int> row_tokens;
-  for (int i : rows) row_tokens.push_back(tokens[i]);
-  std::vector<float> blended = engine.embed(row_tokens);
-  std::vector<float> exact(blended.begin(), blended.begin() + static_cast<std::ptrdiff_t>(s.probes.size() * c.dim));
-  std::vector<float> k(kvd), v(kvd);
-  const int first_donor_layer = by_deviation ? 2 : 1;
-  for (int l = 0; l < c.n_layers; ++l) {
-    if (!s.probes.empty()) engine.layer_forward_rows(l, exact.data(), s.probes, scratch);
-    if (l >= first_donor_layer)
-      for (int i : reused) donor_rows(engine, donors, alignment, l, i, scratch.writable_k(l, i), scratch.writable_v(l, i));
-    engine.layer_forward_rows(l, blended.data(), rows, scratch);
-    if (l < first_donor_layer) continue;
-    Deviation layer;
-    for (int i : s.probes) {
-      donor_rows(engine, donors, alignment, l, i, k.data(), v.data());
-      layer.add(scratch.k(l, i), k.data(), kvd);
-      layer.add(scratch.v(l, i), v.data(), kvd);
-    }
-    deviation = std::max(deviation, layer.relative());
-  }
-  llama::ForwardResult exact_head, blended_head;
-  if (!s.probes.empty()) engine.head(exact.data(), static_cast<int>(s.probes.size()), exact_head);
-  engine.head(blended.data(), static_cast<int>(rows.size()), blended_head);
-  const std::size_t P = s.probes.size() * V;
-  const std::span<const float> b(blended_head.logits);
-  const double estimate = guard_estimate(deviation, b.subspan(P), c.vocab_size);
-  const BlendSelection selection = s.sample.selection;
-  s.sample =
-      measure_sample(estimate, deviation, guard_logits, b.subspan(P), c.vocab_size, exact_head.logits, b.first(P));
-  s.sample.selection = selection;
-  s.last_logits.assign(b.end() - static_cast<std::ptrdiff_t>(V), b.end());
   return s;
 }
 

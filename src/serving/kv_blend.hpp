@@ -147,29 +147,6 @@ ScreenedBlend screen_blend(const llama::Engine& engine, std::span<const llama::K
                            const TokenAlignment& alignment, int skip, const llama::KVState& kv,
                            std::span<const float> logits, const BlendConfig& config);
 
-// A blend of a prompt simulated on its exact prefill, measured: the
-// blend's probes and guard rows (chosen as blend_prefill chooses them)
-// computed through every layer over the reused rows' donor K/V, the other
-// selected rows' exact K/V standing in for what the blend would compute of
-// them, and again over the exact K/V. What the blend would have served
-// there against the exact prefill is a calibration sample, for the price
-// of those rows (the probes twice) through the model where a tried blend
-// costs a tenth to a half of a prefill and, refused, the prefill after it.
-struct ShadowBlend {
-  CalibrationSample sample;        // estimate, deviation, KLs and selection, as a measured blend's
-  std::vector<int> probes;         // ascending
-  std::vector<float> last_logits;  // the simulated blend's last row ([vocab]), for refused()
-};
-
-// kv: the prompt's exact K/V, every row; guard_logits: the exact logits
-// of its guard rows ([guard_rows(config, T - skip), vocab]); tokens,
-// donors, alignment as blend_prefill takes them; skip: the rows a blend
-// would take from the exact stored prefix. Throws std::invalid_argument on
-// inconsistent arguments.
-ShadowBlend shadow_blend(llama::Engine& engine, std::span<const int> tokens, std::span<const llama::KVState> donors,
-                         const TokenAlignment& alignment, int skip, const llama::KVState& kv,
-                         std::span<const float> guard_logits, const BlendConfig& config);
-
 // The selection a blend of this alignment makes: `selection`, kAuto
 // resolved (BlendSelection::kAuto).
 BlendSelection resolve_selection(BlendSelection selection, const TokenAlignment& alignment);

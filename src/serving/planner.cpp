@@ -416,31 +416,16 @@ struct Planner::Impl {
   }
 
   // A prompt priced out of its blend (plan.screen), computed exactly: what
-  // the blend would have measured, into its namespace's record and the
-  // report. While the namespace has no sample of its own, the blend is
-  // simulated on the exact K/V (shadow_blend) and its sample calibrates the
-  // namespace as a tried blend's would; after that it is read off the exact
-  // K/V (screen_blend), its estimate under the last row's logits (the guard
-  // rows' would cost the classifier on 16 more rows: on stories15M's
-  // 32000-token vocabulary the multiply-adds of 25 prompt rows).
-  void screen(llama::Engine& engine, std::span<const int> tokens, Plan& plan, const llama::ForwardResult& result,
-              bool shadow_it) {
+  // the blend would have measured, read off the exact K/V, its estimate
+  // under the last row's logits (the guard rows' would cost the classifier
+  // on 16 more rows: on stories15M's 32000-token vocabulary the
+  // multiply-adds of 25 prompt rows), into its namespace's record and the
+  // report.
+  void screen(const llama::Engine& engine, Plan& plan, const llama::ForwardResult& result) const {
     const BlendPlan& b = *plan.screen;
-    ScreenedBlend s;
-    std::vector<float> last;
-    if (shadow_it) {
-      const int T = static_cast<int>(tokens.size());
-      ShadowBlend shadow = shadow_blend(engine, tokens, b.donors, b.alignment, plan.report.reused, plan.kv,
-                                        last_logits(result, guard_rows(config.blend, T - plan.report.reused), model),
-                                        config.blend);
-      add_sample(plan, shadow.sample);
-      s = {shadow.sample.selection, shadow.sample.deviation, shadow.sample.estimate, std::move(shadow.probes)};
-      last = std::move(shadow.last_logits);
-    } else {
-      const auto exact_last = last_logits(result, 1, model);
-      last.assign(exact_last.begin(), exact_last.end());
-      s = screen_blend(engine, b.donors, b.alignment, plan.report.reused, plan.kv, last, config.blend);
-    }
+    const auto last = last_logits(result, 1, model);
+    const ScreenedBlend s =
+        screen_blend(engine, b.donors, b.alignment, plan.report.reused, plan.kv, last, config.blend);
     const BlendGuard guard = calibration->threshold(plan.name_space, config.blend);
     calibration->record_screen(plan.name_space, s.estimate, s.deviation, near_tie(last, guard.estimate, config.blend),
                                s.selection);
@@ -607,16 +592,13 @@ struct Planner::Impl {
     const int T = static_cast<int>(tokens.size());
     const bool guarded = !plan.reused_exact && config.blend.enabled;
     const int rows = guard_rows(config.blend, T - plan.kv.length);
-    // A prompt screened while its namespace has no sample of its own is
-    // shadowed (screen), which needs its guard rows' exact logits.
-    const bool shadow = plan.screen && calibration->samples(plan.name_space) == 0;
-    const int keep = (guarded || shadow) && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
+    const int keep = guarded && keep_rows >= 0 ? std::max(keep_rows, rows) : keep_rows;
     const llama::Timers before = engine.timers();
     llama::ForwardResult result = engine.forward(tokens.subspan(plan.kv.length), plan.kv, {}, keep);
     if (T - report.reused >= kMinBlendRows)  // as long as the forwards blends are priced against
       cost.observe_parallelism(engine.timers().total_cpu_s - before.total_cpu_s,
                                engine.timers().total_s - before.total_s);
-    if (plan.screen) screen(engine, tokens, plan, result, shadow);
+    if (plan.screen) screen(engine, plan, result);
     // Blended K/V: its deviation's estimate under this prompt's guard rows;
     // echoed K/V (the cache's, blending off): the echo's estimate, stored.
     const double reused_estimate =
