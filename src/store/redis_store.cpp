@@ -13,10 +13,10 @@
 #include <sys/time.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <climits>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <climits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -202,14 +202,14 @@ class RedisStore final : public L2Store {
 
   // hiredis's own blocking calls bound each socket wait, not their sum (a
   // large value arrives in many reads): these loops check the deadline
-  // between socket operations and wait for the socket with what is left of
-  // it. The wait is poll(2), not the socket timeouts alone: the kernel
-  // counts SO_RCVTIMEO in scheduler ticks, so a wait can end up to a tick
-  // early (counted as an error, not a timeout: the likely cause of a CI
-  // failure on 2026-12-06 that did not reproduce here) or late (a 3 ms
-  // lookup on a stopped server took a median 8.0 ms on the Intel VM, 3.2 ms
-  // with poll), where poll's timer does not end early. The socket timeouts stay as the bound of a
-  // blocking send that poll found room for but not for all of it.
+  // between socket operations and wait for the socket, with poll(2), for
+  // what is left of it. The socket timeouts alone count in scheduler
+  // ticks: a wait could end a tick early (counted as an error, not a
+  // timeout: the likely cause of a CI failure on 2026-12-06 that did not
+  // reproduce here) or late (a 3 ms lookup on a stopped server took a
+  // median 8.0 ms on the Intel VM; 3.2 ms with poll, whose timer does not
+  // end early). They stay set, as the bound of a blocking send that poll
+  // found room for but not for all of it.
   static bool wait_for(redisContext* c, short events, Clock::time_point deadline) {
     for (;;) {
       const Clock::duration left = deadline - Clock::now();
