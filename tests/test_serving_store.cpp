@@ -261,6 +261,19 @@ TEST(TokenAlignment, KgramsOfAnotherRequestOrAnchorAreRefused) {
   EXPECT_THROW(request_kgrams(request, 0), std::invalid_argument);
 }
 
+// The anchor filter never hides a k-gram the donor holds and lets few of
+// those it lacks through to the binary search (a single bit per k-gram let
+// 6% through).
+TEST(TokenAlignment, AnchorFilterHasNoFalseNegativesAndFewFalsePositives) {
+  const auto donor = random_tokens(4000, 21, 1 << 20);
+  const TokenAnchors anchors = index_anchors(donor);
+  for (const auto& [hash, at] : anchors.sorted) ASSERT_TRUE(anchors.may_hold(hash)) << "k-gram at " << at;
+  const RequestKgrams other = request_kgrams(random_tokens(20000, 22, 1 << 20));
+  const auto passed = std::count_if(other.hashes.begin(), other.hashes.end(),
+                                    [&](std::uint64_t h) { return anchors.may_hold(h); });
+  EXPECT_LT(static_cast<double>(passed) / static_cast<double>(other.hashes.size()), 0.02);
+}
+
 // A request's K/V as the engine leaves it, in pages of the test store's
 // shape (2 layers, kv_dim 4, 64 tokens): K of layer l, row t, element d is
 // l * 1e4 + t + 0.1 d + salt; V depends on the token id instead.

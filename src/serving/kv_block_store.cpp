@@ -170,7 +170,7 @@ struct KVBlockStore::Impl {
     for (const std::uint64_t h : stored.chain) nodes.at(h).owner = rec.id;
     if (!rec.approximate) {
       auto d = donors.find(rec.name_space);
-      if (d == donors.end()) d = donors.emplace(rec.name_space, index::SemanticIndex(128)).first;
+      if (d == donors.end()) d = donors.emplace(rec.name_space, index::SemanticIndex(kProfileDim)).first;
       d->second.add(rec.id, token_profile(rec.tokens));
     }
     bytes += stored.bytes;

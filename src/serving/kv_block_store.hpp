@@ -42,7 +42,8 @@ namespace attention_echo::serving {
 // token trigrams, unit norm, so the cosine of two profiles measures how many
 // token runs the requests share, which is what blending can reuse. O(T), no
 // model call.
-std::vector<float> token_profile(std::span<const int> tokens, int dim = 128);
+inline constexpr int kProfileDim = 128;
+std::vector<float> token_profile(std::span<const int> tokens, int dim = kProfileDim);
 
 // A stored block: the K/V rows of every layer for block_tokens positions
 // (llama::KVPage's layout), shared with the states that use it.
