@@ -381,6 +381,8 @@ struct Planner::Impl {
     std::vector<TokenAlignment> alignments;
     std::vector<const KVBlockStore::Record*> records;
     std::optional<RequestKgrams> kgrams;
+    for (const KVBlockStore::Similar& candidate : candidates)
+      if (candidate.similarity >= kDonorProfile) prefetch_donor(candidate.record->tokens, candidate.record->anchors);
     for (const KVBlockStore::Similar& candidate : candidates) {
       if (candidate.similarity < kDonorProfile) break;  // best first
       const TokenAnchors& anchors = candidate.record->anchors;

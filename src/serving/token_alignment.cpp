@@ -101,6 +101,12 @@ RequestKgrams request_kgrams(std::span<const int> request, int anchor) {
   return {anchor, kgram_hashes(request, anchor)};
 }
 
+void prefetch_donor(std::span<const int> donor, const TokenAnchors& anchors) {
+  for (std::size_t w = 0; w < anchors.filter.size(); w += 64 / sizeof(std::uint64_t))
+    __builtin_prefetch(&anchors.filter[w]);
+  for (std::size_t t = 0; t < donor.size(); t += 64 / sizeof(int)) __builtin_prefetch(&donor[t]);
+}
+
 TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
                             const TokenAnchors& index) {
   const int anchor = index.anchor;
@@ -113,12 +119,7 @@ TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& k
   a.donor_position.assign(T, -1);
   a.donor.assign(T, 0);
   std::vector<int>& pos = a.donor_position;
-  // The donor is cold (one of thousands of stored prompts) and the walk
-  // below touches its tokens and filter with a load per step: fetch them
-  // all at once rather than miss per step.
-  for (std::size_t w = 0; w < index.filter.size(); w += 64 / sizeof(std::uint64_t))
-    __builtin_prefetch(&index.filter[w]);
-  for (std::size_t t = 0; t < donor.size(); t += 64 / sizeof(int)) __builtin_prefetch(&donor[t]);
+  prefetch_donor(donor, index);
   const std::vector<std::uint64_t>& request_hashes = kgrams.hashes;
 
   int offset = 0;  // donor - request position of the last run

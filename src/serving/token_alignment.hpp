@@ -69,6 +69,13 @@ struct RequestKgrams {
 // Throws std::invalid_argument for anchor < 1.
 RequestKgrams request_kgrams(std::span<const int> request, int anchor = 8);
 
+// Starts fetching what aligning against a donor reads (its tokens and
+// anchor filter) into the cache. A donor is cold, one of thousands of
+// stored prompts, and the walk reads its tokens and filter a load per step:
+// align_tokens fetches them all at once rather than miss per step, and a
+// caller aligning several donors fetches them all before the first.
+void prefetch_donor(std::span<const int> donor, const TokenAnchors& anchors);
+
 // Throws std::invalid_argument when `kgrams` are not the request's at the
 // donor index's anchor length.
 TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
