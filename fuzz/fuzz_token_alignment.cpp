@@ -106,13 +106,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
 
   std::vector<TokenAlignment> per_donor;
+  std::vector<std::vector<serving::AlignedRun>> runs;
   for (const std::vector<int>& donor : donors) {
-    TokenAlignment a = serving::align_tokens(request, donor, anchor);
+    runs.push_back(serving::align_runs(request, donor, anchor));
+    TokenAlignment a = serving::to_alignment(runs.back(), static_cast<int>(request.size()));
     check_counts(a, request.size());
     check_tokens(a, request, {donor});
     per_donor.push_back(std::move(a));
   }
-  const TokenAlignment merged = serving::merge_alignments(per_donor, min_run);
+  const TokenAlignment merged = serving::merge_alignments(runs, static_cast<int>(request.size()), min_run);
   check_counts(merged, request.size());
   check_tokens(merged, request, donors);
   check_merge(merged, per_donor, min_run);

@@ -181,9 +181,9 @@ TEST(KVBlend, EachRowComesFromItsOwnDonor) {
   first.insert(first.end(), other.begin(), other.end());
   second.insert(second.end(), other.begin(), other.end());
   Donor a(engine, first), b(engine, second);
-  const std::vector<serving::TokenAlignment> per_donor = {serving::align_tokens(request, a.tokens),
-                                                          serving::align_tokens(request, b.tokens)};
-  const serving::TokenAlignment merged = serving::merge_alignments(per_donor);
+  const std::vector<std::vector<serving::AlignedRun>> per_donor = {serving::align_runs(request, a.tokens),
+                                                                    serving::align_runs(request, b.tokens)};
+  const serving::TokenAlignment merged = serving::merge_alignments(per_donor, static_cast<int>(request.size()));
   ASSERT_EQ(merged.donor[299], 0);
   ASSERT_EQ(merged.donor[300], 1);
   std::vector<llama::KVState> donors = a.rows();

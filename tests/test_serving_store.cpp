@@ -182,8 +182,8 @@ TEST(TokenAlignment, MatchesTheBruteForceDefinition) {
 TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
   const Passages p(6, 300);
   const auto req = p.concat({0, 1, 2, 3}), first = p.concat({0, 1, 4}), second = p.concat({5, 1, 2, 3});
-  const std::vector<TokenAlignment> per_donor = {align_tokens(req, first), align_tokens(req, second)};
-  const TokenAlignment m = merge_alignments(per_donor);
+  const std::vector<std::vector<AlignedRun>> per_donor = {align_runs(req, first), align_runs(req, second)};
+  const TokenAlignment m = merge_alignments(per_donor, 256);
   EXPECT_EQ(m.aligned, 256);
   for (int i = 0; i < 256; ++i) {
     ASSERT_EQ(m.donor[i], i < 128 ? 0 : 1) << "token " << i;
@@ -191,20 +191,41 @@ TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
   }
   EXPECT_EQ(m.exact_prefix, 256);
   // Equal runs: the first donor, and no switching on a tie.
-  const std::vector<TokenAlignment> twice = {align_tokens(req, req), align_tokens(req, req)};
-  const TokenAlignment same = merge_alignments(twice);
+  const std::vector<std::vector<AlignedRun>> twice = {align_runs(req, req), align_runs(req, req)};
+  const TokenAlignment same = merge_alignments(twice, 256);
   EXPECT_TRUE(std::all_of(same.donor.begin(), same.donor.end(), [](int d) { return d == 0; }));
   // A run shorter than min_run is not taken: 40 tokens of B alone.
   std::vector<int> piece = p.concat({5});
   std::copy(p.text[1].begin(), p.text[1].begin() + 40, piece.begin() + 10);
-  const std::vector<TokenAlignment> short_run = {align_tokens(piece, first)};
-  EXPECT_EQ(short_run.front().aligned, 40);
-  EXPECT_EQ(merge_alignments(short_run).aligned, 0);
-  EXPECT_EQ(merge_alignments(short_run, 40).aligned, 40);
-  EXPECT_THROW(merge_alignments({}), std::invalid_argument);
-  EXPECT_THROW(merge_alignments(short_run, 0), std::invalid_argument);
-  const std::vector<TokenAlignment> mixed = {align_tokens(req, first), align_tokens(first, first)};
-  EXPECT_THROW(merge_alignments(mixed), std::invalid_argument);
+  const std::vector<std::vector<AlignedRun>> short_run = {align_runs(piece, first)};
+  EXPECT_EQ(to_alignment(short_run.front(), 64).aligned, 40);
+  EXPECT_EQ(merge_alignments(short_run, 64).aligned, 0);
+  EXPECT_EQ(merge_alignments(short_run, 64, 40).aligned, 40);
+  EXPECT_THROW(merge_alignments({}, 64), std::invalid_argument);
+  EXPECT_THROW(merge_alignments(short_run, 64, 0), std::invalid_argument);
+  // Runs past the request, overlapping, empty or out of order.
+  EXPECT_THROW(merge_alignments(short_run, 49), std::invalid_argument);
+  for (const std::vector<AlignedRun>& bad : {std::vector<AlignedRun>{{0, 10, 0}, {5, 20, 30}},
+                                             std::vector<AlignedRun>{{4, 4, 0}},
+                                             std::vector<AlignedRun>{{20, 30, 0}, {0, 10, 0}},
+                                             std::vector<AlignedRun>{{0, 10, -1}}})
+    EXPECT_THROW(merge_alignments(std::vector<std::vector<AlignedRun>>{bad}, 64), std::invalid_argument);
+}
+
+// The runs are the alignment's: to_alignment of align_runs is align_tokens,
+// and two runs never join at one offset (the first would have gone on).
+TEST(TokenAlignment, RunsAreTheAlignmentsRuns) {
+  const Passages p(5, 40);
+  const auto donor = p.concat({0, 1, 2, 3}), req = p.concat({2, 3, 0, 4, 1});
+  const std::vector<AlignedRun> runs = align_runs(req, donor);
+  EXPECT_EQ(to_alignment(runs, static_cast<int>(req.size())).donor_position, align_tokens(req, donor).donor_position);
+  ASSERT_EQ(runs.size(), 3u);
+  EXPECT_EQ(runs[0], (AlignedRun{0, 128, 128}));
+  EXPECT_EQ(runs[1], (AlignedRun{128, 192, 0}));
+  EXPECT_EQ(runs[2], (AlignedRun{256, 320, 64}));
+  for (std::size_t r = 1; r < runs.size(); ++r)
+    EXPECT_FALSE(runs[r].start == runs[r - 1].end &&
+                 runs[r].donor_start - runs[r].start == runs[r - 1].donor_start - runs[r - 1].start);
 }
 
 // The merge's definition by brute force: per token, among the donors
@@ -215,6 +236,7 @@ TEST(TokenAlignment, MergeMatchesTheBruteForceDefinition) {
   for (int trial = 0; trial < 40; ++trial) {
     const auto base = random_tokens(300, 700 + trial, 50);
     std::vector<TokenAlignment> per_donor;
+    std::vector<std::vector<AlignedRun>> runs;
     for (int d = 0; d < 1 + trial % 4; ++d) {
       std::vector<int> donor = base;
       for (int e = 0; e < 5; ++e) {
@@ -222,10 +244,11 @@ TEST(TokenAlignment, MergeMatchesTheBruteForceDefinition) {
         if (rng() % 2) donor[at] = static_cast<int>(rng() % 50);
         else std::rotate(donor.begin(), donor.begin() + at, donor.end());
       }
-      per_donor.push_back(align_tokens(base, donor));
+      runs.push_back(align_runs(base, donor));
+      per_donor.push_back(to_alignment(runs.back(), static_cast<int>(base.size())));
     }
     const int min_run = 1 + trial % 40;
-    const TokenAlignment m = merge_alignments(per_donor, min_run);
+    const TokenAlignment m = merge_alignments(runs, static_cast<int>(base.size()), min_run);
     for (std::size_t i = 0; i < base.size(); ++i) {
       int want = -1;
       std::size_t want_start = 0;

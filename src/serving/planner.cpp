@@ -378,7 +378,7 @@ struct Planner::Impl {
                                                 const std::vector<KVBlockStore::Similar>& candidates) const {
     const int T = static_cast<int>(tokens.size());
     const BlendConfig& b = config.blend;
-    std::vector<TokenAlignment> alignments;
+    std::vector<std::vector<AlignedRun>> alignments;
     std::vector<const KVBlockStore::Record*> records;
     std::optional<RequestKgrams> kgrams;
     for (const KVBlockStore::Similar& candidate : candidates)
@@ -387,13 +387,13 @@ struct Planner::Impl {
       if (candidate.similarity < kDonorProfile) break;  // best first
       const TokenAnchors& anchors = candidate.record->anchors;
       if (!kgrams || kgrams->anchor != anchors.anchor) kgrams = request_kgrams(tokens, anchors.anchor);
-      TokenAlignment a = align_tokens(tokens, *kgrams, candidate.record->tokens, anchors);
-      if (a.aligned == 0) continue;
+      std::vector<AlignedRun> a = align_runs(tokens, *kgrams, candidate.record->tokens, anchors);
+      if (a.empty()) continue;
       alignments.push_back(std::move(a));
       records.push_back(candidate.record);
     }
     if (alignments.empty()) return std::nullopt;
-    TokenAlignment merged = merge_alignments(alignments);
+    TokenAlignment merged = merge_alignments(alignments, T);
     const int reusable = T - 1 - b.recent_rows;  // the recent rows and the last are always computed
     int aligned = 0;
     for (int i = skip; i < reusable; ++i) aligned += merged.donor_position[i] >= 0;
@@ -758,8 +758,9 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
     llama::ForwardResult blended;
     const int T = static_cast<int>(prompt.size());
     const Stopwatch timer;
-    const TokenAlignment alignment =
-        merge_alignments(std::vector{align_tokens(prompt, request_kgrams(prompt, anchors.anchor), donor, anchors)});
+    const std::vector<std::vector<AlignedRun>> runs = {
+        align_runs(prompt, request_kgrams(prompt, anchors.anchor), donor, anchors)};
+    const TokenAlignment alignment = merge_alignments(runs, T);
     const BlendOutcome out =
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
     m.cost.observe_blend(m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s());

@@ -49,21 +49,6 @@ int match_length(const int* a, const int* b, int n) {
   return m;
 }
 
-// Where the run of consecutive donor positions through pos[i] >= 0 ends:
-// the first k > i whose offset pos[k] - k differs from pos[i] - i (an
-// unaligned -1 past i always does). Sixteen at a time, as match_length.
-int run_end(const int* pos, int i, int n) {
-  const int offset = pos[i] - i;
-  int k = i + 1;
-  for (; k + 16 <= n; k += 16) {
-    int diff = 0;
-    for (int j = 0; j < 16; ++j) diff |= (pos[k + j] - (k + j)) ^ offset;
-    if (diff != 0) break;
-  }
-  while (k < n && pos[k] - k == offset) ++k;
-  return k;
-}
-
 // The counts of an alignment from its donor positions, kept in locals:
 // through the reference every write could alias the positions, so the
 // compiler kept nothing in registers (a quarter of a merge's time).
@@ -107,29 +92,25 @@ void prefetch_donor(std::span<const int> donor, const TokenAnchors& anchors) {
   for (std::size_t t = 0; t < donor.size(); t += 64 / sizeof(int)) __builtin_prefetch(&donor[t]);
 }
 
-TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
-                            const TokenAnchors& index) {
+std::vector<AlignedRun> align_runs(std::span<const int> request, const RequestKgrams& kgrams,
+                                   std::span<const int> donor, const TokenAnchors& index) {
   const int anchor = index.anchor;
   const std::size_t kgram_count = request.size() >= std::size_t(anchor) ? request.size() - anchor + 1 : 0;
   if (kgrams.anchor != anchor || kgrams.hashes.size() != kgram_count)
     throw std::invalid_argument("kgrams: not a request of this length's k-grams at the donor's anchor length");
   const auto& anchors = index.sorted;
   const int T = static_cast<int>(request.size()), Td = static_cast<int>(donor.size());
-  TokenAlignment a;
-  a.donor_position.assign(T, -1);
-  a.donor.assign(T, 0);
-  std::vector<int>& pos = a.donor_position;
   prefetch_donor(donor, index);
   const std::vector<std::uint64_t>& request_hashes = kgrams.hashes;
 
+  std::vector<AlignedRun> runs;
   int offset = 0;  // donor - request position of the last run
   for (int i = 0; i < T;) {
     // Continue the current run while tokens keep matching.
-    if (i > 0 && pos[i - 1] >= 0) {
-      const int from = pos[i - 1] + 1;
-      const int run = from < Td ? match_length(request.data() + i, donor.data() + from, std::min(T - i, Td - from)) : 0;
-      std::iota(pos.begin() + i, pos.begin() + i + run, from);
-      i += run;
+    if (!runs.empty() && runs.back().end == i) {
+      const int from = runs.back().donor_start + (i - runs.back().start);
+      i += from < Td ? match_length(request.data() + i, donor.data() + from, std::min(T - i, Td - from)) : 0;
+      runs.back().end = i;
       if (i == T) break;
     }
     // Then anchor a new run: the matching k-gram nearest to the old offset.
@@ -151,54 +132,61 @@ TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& k
     }
     offset = best - i;
     // Take matching tokens just before the anchor too (the k-gram at those
-    // positions straddled the edit).
-    for (int b = i - 1, j = best - 1; b >= 0 && j >= 0 && pos[b] < 0 && request[b] == donor[j]; --b, --j) pos[b] = j;
-    for (int n = 0; n < anchor; ++n) pos[i + n] = best + n;
+    // positions straddled the edit), back to where the last run ended.
+    const int floor = runs.empty() ? 0 : runs.back().end;
+    int start = i, donor_start = best;
+    while (start > floor && donor_start > 0 && request[start - 1] == donor[donor_start - 1]) --start, --donor_start;
+    runs.push_back({start, i + anchor, donor_start});
     i += anchor;
   }
+  return runs;
+}
+
+TokenAlignment to_alignment(std::span<const AlignedRun> runs, int tokens) {
+  TokenAlignment a;
+  a.donor_position.assign(tokens, -1);
+  a.donor.assign(tokens, 0);
+  for (const AlignedRun& r : runs)
+    std::iota(a.donor_position.begin() + r.start, a.donor_position.begin() + r.end, r.donor_start);
   count_aligned(a);
   return a;
 }
 
-TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int min_run) {
+TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
+                            const TokenAnchors& anchors) {
+  return to_alignment(align_runs(request, kgrams, donor, anchors), static_cast<int>(request.size()));
+}
+
+TokenAlignment merge_alignments(std::span<const std::vector<AlignedRun>> per_donor, int tokens, int min_run) {
   if (per_donor.empty()) throw std::invalid_argument("per_donor: no alignment to merge");
   if (min_run < 1) throw std::invalid_argument("min_run: must be at least 1");
-  const std::size_t T = per_donor.front().donor_position.size();
-  for (const TokenAlignment& a : per_donor)
-    if (a.donor_position.size() != T) throw std::invalid_argument("per_donor: alignments of different requests");
+  for (const std::vector<AlignedRun>& runs : per_donor)
+    for (std::size_t r = 0; r < runs.size(); ++r)
+      if (runs[r].start < (r ? runs[r - 1].end : 0) || runs[r].end <= runs[r].start || runs[r].end > tokens ||
+          runs[r].donor_start < 0)
+        throw std::invalid_argument("per_donor: runs must be ascending, disjoint, non-empty and within tokens");
   // The planner merges on every lookup, so by runs, not tokens: every
-  // donor's runs of min_run or more as [start, end), donor d's from
-  // runs[first[d]] on; between two consecutive run boundaries (of any
-  // donor) the same run wins every token.
-  const int n = static_cast<int>(T), donors = static_cast<int>(per_donor.size());
-  struct Run {
-    int start, end;
-  };
-  std::vector<Run> runs;
+  // donor's runs of min_run or more, donor d's from runs[first[d]] on;
+  // between two consecutive run boundaries (of any donor) the same run
+  // wins every token.
+  const int donors = static_cast<int>(per_donor.size());
+  std::vector<AlignedRun> runs;
   std::vector<int> first(donors + 1, 0), cuts;
   for (int d = 0; d < donors; ++d) {
     first[d] = static_cast<int>(runs.size());
-    const int* pos = per_donor[d].donor_position.data();
-    for (int i = 0; i < n;) {
-      if (pos[i] < 0) {
-        ++i;
-        continue;
+    for (const AlignedRun& r : per_donor[d])
+      if (r.end - r.start >= min_run) {
+        runs.push_back(r);
+        cuts.insert(cuts.end(), {r.start, r.end});
       }
-      const int end = run_end(pos, i, n);
-      if (end - i >= min_run) {
-        runs.push_back({i, end});
-        cuts.insert(cuts.end(), {i, end});
-      }
-      i = end;
-    }
   }
   first[donors] = static_cast<int>(runs.size());
   std::sort(cuts.begin(), cuts.end());
   cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
 
   TokenAlignment out;
-  out.donor_position.assign(T, -1);
-  out.donor.assign(T, 0);
+  out.donor_position.assign(tokens, -1);
+  out.donor.assign(tokens, 0);
   std::vector<int> current(first.begin(), first.end() - 1);  // per donor: its first run not yet behind us
   for (std::size_t c = 0; c + 1 < cuts.size(); ++c) {
     const int from = cuts[c], to = cuts[c + 1];
@@ -209,8 +197,9 @@ TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int m
       if (best < 0 || runs[current[d]].start < runs[current[best]].start) best = d;
     }
     if (best < 0) continue;
-    const auto& pos = per_donor[best].donor_position;
-    std::copy(pos.begin() + from, pos.begin() + to, out.donor_position.begin() + from);
+    const AlignedRun& run = runs[current[best]];
+    std::iota(out.donor_position.begin() + from, out.donor_position.begin() + to,
+              run.donor_start + (from - run.start));
     std::fill(out.donor.begin() + from, out.donor.begin() + to, best);
   }
   count_aligned(out);

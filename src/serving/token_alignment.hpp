@@ -76,8 +76,27 @@ RequestKgrams request_kgrams(std::span<const int> request, int anchor = 8);
 // caller aligning several donors fetches them all before the first.
 void prefetch_donor(std::span<const int> donor, const TokenAnchors& anchors);
 
-// Throws std::invalid_argument when `kgrams` are not the request's at the
-// donor index's anchor length.
+// Request tokens [start, end) that equal the donor's from donor_start on.
+struct AlignedRun {
+  int start = 0;
+  int end = 0;
+  int donor_start = 0;
+  friend bool operator==(const AlignedRun&, const AlignedRun&) = default;
+};
+
+// The request's runs in the donor, ascending and disjoint (two may touch,
+// at different donor offsets). Throws std::invalid_argument when `kgrams`
+// are not the request's at the donor index's anchor length.
+std::vector<AlignedRun> align_runs(std::span<const int> request, const RequestKgrams& kgrams,
+                                   std::span<const int> donor, const TokenAnchors& anchors);
+inline std::vector<AlignedRun> align_runs(std::span<const int> request, std::span<const int> donor, int anchor = 8) {
+  return align_runs(request, request_kgrams(request, anchor), donor, index_anchors(donor, anchor));
+}
+
+// One donor's runs as an alignment of a request of `tokens` tokens.
+TokenAlignment to_alignment(std::span<const AlignedRun> runs, int tokens);
+
+// align_runs as an alignment (to_alignment).
 TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& kgrams, std::span<const int> donor,
                             const TokenAnchors& anchors);
 inline TokenAlignment align_tokens(std::span<const int> request, std::span<const int> donor, int anchor = 8) {
@@ -93,8 +112,9 @@ inline TokenAlignment align_tokens(std::span<const int> request, std::span<const
 // block.
 inline constexpr int kMinRun = 64;
 
-// One request's alignments against several donors (align_tokens, in the
-// donors' order) as one, runs shorter than min_run dropped: each token
+// One request's runs in several donors (align_runs, in the donors' order)
+// as one alignment of its `tokens` tokens, runs shorter than min_run
+// dropped: each token
 // takes the donor whose run through it began earliest, the earlier donor
 // on a tie (so no token switches between runs that began together). A
 // reused row's K/V deviates most just past the place where its donor's
@@ -102,10 +122,14 @@ inline constexpr int kMinRun = 64;
 // before it (BENCHMARKS.md section 8), so the longest shared context is
 // the least deviation: RAG passages in a new order take each passage from
 // a donor where it followed the same one, and an edited file's rows past
-// one donor's own edit come from a donor without it. Throws
-// std::invalid_argument unless there is at least one alignment, all are
-// of the same request and min_run >= 1.
-TokenAlignment merge_alignments(std::span<const TokenAlignment> per_donor, int min_run = kMinRun);
+// one donor's own edit come from a donor without it. It works on runs, not
+// tokens, since the planner merges on every lookup (per-token alignments
+// and a scan for their runs were a quarter of one; BENCHMARKS.md section
+// 5). Throws std::invalid_argument unless there is at least one donor's
+// runs, each donor's are ascending, disjoint, non-empty and within
+// [0, tokens), and min_run >= 1.
+TokenAlignment merge_alignments(std::span<const std::vector<AlignedRun>> per_donor, int tokens,
+                                int min_run = kMinRun);
 
 // Whether the alignment moves text: some aligned token's offset (donor
 // position minus request position) differs from the aligned token's before
