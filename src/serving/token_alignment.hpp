@@ -123,9 +123,9 @@ inline constexpr int kMinRun = 64;
 // the least deviation: RAG passages in a new order take each passage from
 // a donor where it followed the same one, and an edited file's rows past
 // one donor's own edit come from a donor without it. It works on runs, not
-// tokens, since the planner merges on every lookup (per-token alignments
-// and a scan for their runs were a quarter of one; BENCHMARKS.md section
-// 5). Throws std::invalid_argument unless there is at least one donor's
+// tokens, since the planner merges on every lookup (aligning four donors
+// per token and merging them were 28% of one at 1e4 stored prompts, the
+// merge's scan for runs about half its part; BENCHMARKS.md section 5). Throws std::invalid_argument unless there is at least one donor's
 // runs, each donor's are ascending, disjoint, non-empty and within
 // [0, tokens), and min_run >= 1.
 TokenAlignment merge_alignments(std::span<const std::vector<AlignedRun>> per_donor, int tokens,
