@@ -210,6 +210,8 @@ TEST(TokenAlignment, MergedTakesEachTokenFromTheLongestSharedRun) {
                                              std::vector<AlignedRun>{{20, 30, 0}, {0, 10, 0}},
                                              std::vector<AlignedRun>{{0, 10, -1}}})
     EXPECT_THROW(merge_alignments(std::vector<std::vector<AlignedRun>>{bad}, 64), std::invalid_argument);
+  EXPECT_THROW(merge_alignments(short_run, -1), std::invalid_argument);
+  EXPECT_THROW(to_alignment(short_run.front(), 49), std::invalid_argument);
 }
 
 // The runs are the alignment's: to_alignment of align_runs is align_tokens,

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <numeric>
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 namespace attention_echo::serving {
@@ -47,6 +48,16 @@ int match_length(const int* a, const int* b, int n) {
   }
   while (m < n && a[m] == b[m]) ++m;
   return m;
+}
+
+void check_runs(std::span<const AlignedRun> runs, int tokens, const char* what) {
+  if (tokens < 0) throw std::invalid_argument("tokens: must be non-negative");
+  for (std::size_t r = 0; r < runs.size(); ++r)
+    if (runs[r].start < (r ? runs[r - 1].end : 0) || runs[r].end <= runs[r].start || runs[r].end > tokens ||
+        runs[r].donor_start < 0)
+      throw std::invalid_argument(std::string(what) +
+                                  ": runs must be ascending, disjoint, non-empty, within tokens and at donor "
+                                  "positions >= 0");
 }
 
 // The counts of an alignment from its donor positions, kept in locals:
@@ -143,6 +154,7 @@ std::vector<AlignedRun> align_runs(std::span<const int> request, const RequestKg
 }
 
 TokenAlignment to_alignment(std::span<const AlignedRun> runs, int tokens) {
+  check_runs(runs, tokens, "runs");
   TokenAlignment a;
   a.donor_position.assign(tokens, -1);
   a.donor.assign(tokens, 0);
@@ -160,14 +172,9 @@ TokenAlignment align_tokens(std::span<const int> request, const RequestKgrams& k
 TokenAlignment merge_alignments(std::span<const std::vector<AlignedRun>> per_donor, int tokens, int min_run) {
   if (per_donor.empty()) throw std::invalid_argument("per_donor: no alignment to merge");
   if (min_run < 1) throw std::invalid_argument("min_run: must be at least 1");
-  for (const std::vector<AlignedRun>& runs : per_donor)
-    for (std::size_t r = 0; r < runs.size(); ++r)
-      if (runs[r].start < (r ? runs[r - 1].end : 0) || runs[r].end <= runs[r].start || runs[r].end > tokens ||
-          runs[r].donor_start < 0)
-        throw std::invalid_argument("per_donor: runs must be ascending, disjoint, non-empty and within tokens");
-  // The planner merges on every lookup, so by runs, not tokens: every
-  // donor's runs of min_run or more, donor d's from runs[first[d]] on;
-  // between two consecutive run boundaries (of any donor) the same run
+  for (const std::vector<AlignedRun>& runs : per_donor) check_runs(runs, tokens, "per_donor");
+  // Every donor's runs of min_run or more, donor d's from runs[first[d]]
+  // on; between two consecutive run boundaries (of any donor) the same run
   // wins every token.
   const int donors = static_cast<int>(per_donor.size());
   std::vector<AlignedRun> runs;

@@ -72,7 +72,7 @@ RequestKgrams request_kgrams(std::span<const int> request, int anchor = 8);
 // Starts fetching what aligning against a donor reads (its tokens and
 // anchor filter) into the cache. A donor is cold, one of thousands of
 // stored prompts, and the walk reads its tokens and filter a load per step:
-// align_tokens fetches them all at once rather than miss per step, and a
+// align_runs fetches them all at once rather than miss per step, and a
 // caller aligning several donors fetches them all before the first.
 void prefetch_donor(std::span<const int> donor, const TokenAnchors& anchors);
 
@@ -93,7 +93,9 @@ inline std::vector<AlignedRun> align_runs(std::span<const int> request, std::spa
   return align_runs(request, request_kgrams(request, anchor), donor, index_anchors(donor, anchor));
 }
 
-// One donor's runs as an alignment of a request of `tokens` tokens.
+// One donor's runs as an alignment of a request of `tokens` tokens. Throws
+// std::invalid_argument unless the runs are ascending, disjoint, non-empty,
+// within [0, tokens) and at donor positions >= 0.
 TokenAlignment to_alignment(std::span<const AlignedRun> runs, int tokens);
 
 // align_runs as an alignment (to_alignment).
@@ -114,20 +116,20 @@ inline constexpr int kMinRun = 64;
 
 // One request's runs in several donors (align_runs, in the donors' order)
 // as one alignment of its `tokens` tokens, runs shorter than min_run
-// dropped: each token
-// takes the donor whose run through it began earliest, the earlier donor
-// on a tie (so no token switches between runs that began together). A
-// reused row's K/V deviates most just past the place where its donor's
-// context stops being the request's and less the longer the shared run
-// before it (BENCHMARKS.md section 8), so the longest shared context is
+// dropped: each token takes the donor whose run through it began earliest,
+// the earlier donor on a tie (so no token switches between runs that began
+// together). A reused row's K/V deviates most just past the place where its
+// donor's context stops being the request's and less the longer the shared
+// run before it (BENCHMARKS.md section 8), so the longest shared context is
 // the least deviation: RAG passages in a new order take each passage from
 // a donor where it followed the same one, and an edited file's rows past
-// one donor's own edit come from a donor without it. It works on runs, not
-// tokens, since the planner merges on every lookup (aligning four donors
-// per token and merging them were 28% of one at 1e4 stored prompts, the
-// merge's scan for runs about half its part; BENCHMARKS.md section 5). Throws std::invalid_argument unless there is at least one donor's
-// runs, each donor's are ascending, disjoint, non-empty and within
-// [0, tokens), and min_run >= 1.
+// one donor's own edit come from a donor without it. It takes runs, not
+// per-token alignments: the planner merges on every lookup, and aligning
+// four donors per token and merging them were 28% of one at 1e4 stored
+// prompts, the merge's scan for runs about half of its part (BENCHMARKS.md
+// section 5). Throws std::invalid_argument unless there is at least one
+// donor's runs, each donor's are valid runs of `tokens` (to_alignment) and
+// min_run >= 1.
 TokenAlignment merge_alignments(std::span<const std::vector<AlignedRun>> per_donor, int tokens,
                                 int min_run = kMinRun);
 
