@@ -24,9 +24,12 @@ Exact retraining steps (from the repository root):
      step, independent of GPU speed (same seed 1234; GPU kernels are not
      bitwise deterministic, so the weights will differ slightly):
        python3 tools/train_eval_model.py --data data_build --out OUTDIR --max-steps 16726 --split-mb 15
-     The device tool of this workplace copies data_build/ with
-     carry=["data_build"]; OUTDIR then holds model.bin (split into
-     model.bin.part* if --split-mb is given), tokenizer.bin, train_log.json.
+     The device tool of this workplace carries at most 64 MiB with the
+     tree, which the tree (~35 MB) plus data_build/ (31 MB) exceeds: carry it
+     packed (`tar czf .dev_carry/data_build.tgz data_build`, 7.6 MB, in a
+     folder .git/info/exclude ignores; carry=[".dev_carry"]) and unpack it
+     there first. OUTDIR then holds model.bin (split into model.bin.part*
+     if --split-mb is given), tokenizer.bin, train_log.json.
   3. reassemble if split, and copy:
        cat OUTDIR/model.bin.part* > models/echo-llama-6m/model.bin
        cp OUTDIR/tokenizer.bin OUTDIR/train_log.json models/echo-llama-6m/
