@@ -186,10 +186,12 @@ ByteLevelBpe::ByteLevelBpe(const std::vector<std::string>& tokens, const std::ve
   for (std::size_t i = 0; i < tokens.size(); ++i)
     if (!tokens[i].empty()) ids_.try_emplace(tokens[i], static_cast<int>(i));  // the first of duplicates
   const ByteAlphabet& alphabet = byte_alphabet();
+  // Some vocabularies leave out bytes valid UTF-8 text never holds (SmolLM2's
+  // lacks 192, 193, 245-255 and a few control bytes): such a byte is refused
+  // when a text holds it, not when the model loads.
   for (int b = 0; b < 256; ++b) {
     const auto it = ids_.find(alphabet.of[b]);
-    if (it == ids_.end()) throw std::invalid_argument("vocabulary: byte " + std::to_string(b) + " has no token");
-    byte_token_[b] = it->second;
+    byte_token_[b] = it == ids_.end() ? -1 : it->second;
   }
   for (std::size_t rank = 0; rank < merges.size(); ++rank) {
     const std::string& m = merges[rank];
@@ -223,7 +225,12 @@ void ByteLevelBpe::encode_word(std::string_view word, std::vector<int>& out) con
   };
   const int n = static_cast<int>(word.size());
   std::vector<Symbol> symbols(n);
-  for (int i = 0; i < n; ++i) symbols[i] = {byte_token_[static_cast<unsigned char>(word[i])], i - 1, i + 1 < n ? i + 1 : -1};
+  for (int i = 0; i < n; ++i) {
+    const auto byte = static_cast<unsigned char>(word[i]);
+    if (byte_token_[byte] < 0)
+      throw std::invalid_argument("text: byte " + std::to_string(byte) + " has no token in this vocabulary");
+    symbols[i] = {byte_token_[byte], i - 1, i + 1 < n ? i + 1 : -1};
+  }
   struct Pair {
     int rank, left, right, left_token, right_token;
     bool operator<(const Pair& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }

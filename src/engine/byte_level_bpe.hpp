@@ -33,8 +33,9 @@ class ByteLevelBpe {
   // tokens: the vocabulary as stored (in GPT-2's byte alphabet); an empty
   // token is never produced (control tokens). merges: "left right" pairs,
   // highest priority first; a pair whose parts or result are not tokens is
-  // skipped. Throws std::invalid_argument if some byte has no token.
+  // skipped. A byte with no token is refused by encode().
   ByteLevelBpe(const std::vector<std::string>& tokens, const std::vector<std::string>& merges, PreTokenizer pre);
+  // Throws std::invalid_argument naming a byte of `text` that has no token.
   void encode(std::string_view text, std::vector<int>& out) const;
   // The bytes of `token` (its text as it is where it is not in the byte alphabet).
   std::string decode(int token) const;
@@ -50,7 +51,7 @@ class ByteLevelBpe {
   std::vector<std::string> tokens_;
   std::unordered_map<std::string, int> ids_;               // token text -> id
   std::unordered_map<std::uint64_t, Merge> merges_;        // (left id << 32 | right id) -> merge
-  int byte_token_[256];
+  int byte_token_[256];  // -1: no token for that byte
 };
 
 }  // namespace attention_echo::llama
