@@ -379,21 +379,15 @@ TEST(KVBlend, NearTieAtTheHeadIsComputedExactly) {
   EXPECT_GE(strict.refusal_sample->continuation_kl, 0.0);
   EXPECT_TRUE(strict.near_tie);  // counted as refused in its namespace's refusal rate
   ASSERT_FALSE(strict.probes.empty());  // measured at the probes too
-  EXPECT_EQ(strict.probe_logits.size(), strict.probes.size() * static_cast<std::size_t>(model().config().vocab_size));
+  const auto& c = model().config();
+  EXPECT_EQ(strict.probe_hidden.size(), strict.probes.size() * static_cast<std::size_t>(c.dim));
   EXPECT_LE(max_abs_diff(logits, last_logits(e.engine, e.request)), 1e-4);
   const auto served = blend(0.0).first;
   EXPECT_TRUE(served.blended);
   EXPECT_FALSE(served.near_tie);
-  EXPECT_FALSE(served.probe_logits.empty());  // kMeasure: the caller may measure it
-  // Served, and never to be measured: its probes skip the classifier.
-  llama::KVState kv;
-  llama::ForwardResult result;
-  const serving::BlendConfig config{.enabled = true, .top1_sigmas = 0.0};
-  const auto unmeasured = serving::blend_prefill(e.engine, e.request, e.donor.rows(), e.alignment, kv, config,
-                                                 {config.max_error, config.max_error}, result,
-                                                 serving::RefusedBlend::kStop);
-  EXPECT_TRUE(unmeasured.blended);
-  EXPECT_TRUE(unmeasured.probe_logits.empty());
+  // A caller that measures a served blend takes its probes through the head.
+  EXPECT_EQ(serving::probe_logits(e.engine, served).size(),
+            served.probes.size() * static_cast<std::size_t>(c.vocab_size));
 }
 
 // The estimate is the deviation weighed by the next-token entropy: the

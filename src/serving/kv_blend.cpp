@@ -24,6 +24,14 @@ std::vector<double> log_softmax(std::span<const float> logits) {
   return out;
 }
 
+// Final norm and classifier of hidden rows [n, dim].
+std::vector<float> head_logits(Engine& engine, const std::vector<float>& x) {
+  if (x.empty()) return {};
+  llama::ForwardResult r;
+  engine.head(x.data(), static_cast<int>(x.size() / engine.config().dim), r);
+  return std::move(r.logits);
+}
+
 double entropy(const std::vector<double>& log_p) {
   double h = 0.0;
   for (double l : log_p) h -= std::exp(l) * l;
@@ -189,9 +197,7 @@ class Blend {
       refused_at = c_.n_layers;
       out_.near_tie = near_tie(result.logits, guard_.estimate, opt_);
     }
-    // Only a blend that may be measured (refused, or one the caller
-    // measures) pays for its probes through the classifier.
-    if (refused_at >= 0 || on_refusal_ == RefusedBlend::kMeasure) out_.probe_logits = probe_logits();
+    out_.probe_hidden = probe_hidden();
     if (refused_at < 0) {
       kv_.length = T_;
       out_.blended = true;
@@ -220,8 +226,9 @@ class Blend {
     const int rows = out_.guard_logits.empty() ? 1 : guard_rows(opt_, T_ - skip_);
     e_.head(x.data() + static_cast<std::size_t>(T_ - skip_ - rows) * c_.dim, rows, result);
     if (!out_.guard_logits.empty())
-      out_.refusal_sample = measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits,
-                                           c_.vocab_size, exact_logits(x, out_.probes), out_.probe_logits);
+      out_.refusal_sample =
+          measure_sample(out_.estimated_error, out_.deviation, result.logits, out_.guard_logits, c_.vocab_size,
+                         exact_logits(x, out_.probes), head_logits(e_, out_.probe_hidden));
     if (out_.refusal_sample) out_.refusal_sample->selection = selection_;
     keep_last_rows(result, 1, c_);
     kv_.length = T_;
@@ -242,23 +249,14 @@ class Blend {
     keep_last_rows(result, 1, c_);
   }
 
-  // The blend's logits at its probes (selected rows), for a calibration
-  // sample.
-  std::vector<float> probe_logits() {
+  // The blend's final hidden rows at its probes (selected rows).
+  std::vector<float> probe_hidden() const {
     std::vector<float> probes_x;
     for (int i : out_.probes) {
       const auto s = std::lower_bound(selected_.begin(), selected_.end(), i) - selected_.begin();
       probes_x.insert(probes_x.end(), x_.begin() + s * c_.dim, x_.begin() + (s + 1) * c_.dim);
     }
-    return head_logits(probes_x);
-  }
-
-  // Final norm and classifier of hidden rows [n, dim].
-  std::vector<float> head_logits(const std::vector<float>& x) {
-    if (x.empty()) return {};
-    llama::ForwardResult r;
-    e_.head(x.data(), static_cast<int>(x.size() / c_.dim), r);
-    return std::move(r.logits);
+    return probes_x;
   }
 
   // The exact logits at `positions` from x, every row past the skip.
@@ -267,7 +265,7 @@ class Blend {
     for (int i : positions)
       rows.insert(rows.end(), x.begin() + static_cast<std::ptrdiff_t>(i - skip_) * c_.dim,
                   x.begin() + static_cast<std::ptrdiff_t>(i - skip_ + 1) * c_.dim);
-    return head_logits(rows);
+    return head_logits(e_, rows);
   }
 
 
@@ -626,6 +624,10 @@ ScreenedBlend screen_blend(const Engine& engine, std::span<const KVState> donors
   }
   s.estimate = guard_estimate(s.deviation, logits, c.vocab_size);
   return s;
+}
+
+std::vector<float> probe_logits(Engine& engine, const BlendOutcome& out) {
+  return head_logits(engine, out.probe_hidden);
 }
 
 }  // namespace attention_echo::serving

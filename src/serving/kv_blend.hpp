@@ -87,15 +87,22 @@ struct BlendOutcome {
   // would have.
   std::vector<float> guard_logits;
   // The probes (reused rows the guard computes in every layer; ascending)
-  // and, where the blend may be measured (refused, or RefusedBlend::
-  // kMeasure), the blend's logits at them ([probes, vocab]).
+  // and the blend's final hidden rows at them ([probes, dim]) where it ran
+  // to the head: probe_logits() of a blend that is measured. Hidden rows,
+  // not logits: the classifier's pass for them cost a served blend ~12 of
+  // ~300 ms on SmolLM2-135M at 800 tokens (vocab 49152: 113 MB of weights
+  // streamed for 16 rows), for nothing unless it is measured.
   std::vector<int> probes;
-  std::vector<float> probe_logits;
+  std::vector<float> probe_hidden;
   // Refused with RefusedBlend::kMeasure (but at kDeviation's layer 1, or
   // with its deviation three times its bound): the blend measured against
   // the exact prefill that replaced it.
   std::optional<CalibrationSample> refusal_sample;
 };
+
+// The blend's logits at its probes ([probes, vocab]; empty where it
+// stopped before the head).
+std::vector<float> probe_logits(llama::Engine& engine, const BlendOutcome& out);
 
 // What a blend the guard refuses in a deep layer does: stop there, or be
 // finished (the selected rows only) and measured against the exact

@@ -481,11 +481,12 @@ struct Planner::Impl {
 
   // A served blend's sample: `out` against the exact logits of every row
   // from `first` on (a prompt of T rows).
-  CalibrationSample measure_blend(const BlendOutcome& out, std::span<const float> exact, int first, int T) const {
+  CalibrationSample measure_blend(llama::Engine& engine, const BlendOutcome& out, std::span<const float> exact,
+                                  int first, int T) const {
     const int V = model.vocab_size, rows = guard_rows(config.blend, T - first);
     CalibrationSample sample =
         measure_sample(out.estimated_error, out.deviation, exact.last(static_cast<std::size_t>(rows) * V),
-                       out.guard_logits, V, logits_at(exact, out.probes, first, V), out.probe_logits);
+                       out.guard_logits, V, logits_at(exact, out.probes, first, V), probe_logits(engine, out));
     sample.selection = out.selection;
     return sample;
   }
@@ -577,7 +578,7 @@ struct Planner::Impl {
     const int T = static_cast<int>(tokens.size()), skip = exact_prefix.length;
     llama::ForwardResult exact = engine.forward(tokens.subspan(skip), exact_prefix, {}, T - skip);
     plan.report.blend_calibration = true;
-    add_sample(plan, measure_blend(out, exact.logits, skip, T));
+    add_sample(plan, measure_blend(engine, out, exact.logits, skip, T));
     keep_last_rows(exact, 1, model);
     plan.kv = std::move(exact_prefix);
     store_prompt(plan.name_space, tokens, plan.kv, true, 0.0, plan.report.reused);
@@ -765,7 +766,7 @@ std::vector<CalibrationSample> Planner::calibrate(llama::Engine& engine,
         blend_prefill(engine, prompt, {&donor_kv, 1}, alignment, kv, unguarded, {INFINITY, INFINITY}, blended);
     m.cost.observe_blend(m.blend_shape(T, 0, out.recomputed, alignment), timer.cpu_s(), timer.wall_s());
     const llama::ForwardResult exact = engine.forward(prompt, exact_kv, {}, T);  // every row: the probes'
-    samples.push_back(m.measure_blend(out, exact.logits, 0, T));
+    samples.push_back(m.measure_blend(engine, out, exact.logits, 0, T));
     m.calibration->add(samples.back(), m.config.blend);
   }
   if (m.cost.blend_factor() > 0.0) m.calibration->set_blend_cost_factor(m.cost.blend_factor());
